@@ -1,0 +1,37 @@
+# Two commands a newcomer needs: `make train` and `make test`. Both set up .venv first (idempotent).
+SHARED_DATA := ../shared/data/cifar10-train-jpg.tar.gz
+VENV   ?= .venv
+PYTHON ?= python3
+DATA   ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),cifar10)
+RECIPE ?= seed-cnn
+OUT    ?= runs/$(RECIPE)
+ARGS   ?=
+TEST_DATA ?= $(wildcard $(SHARED_DATA))
+BIN := $(VENV)/bin
+
+.PHONY: setup train test lint format bench
+
+setup: $(BIN)/cifarlab
+
+# Reinstalls only when the project's requirements change; a second `make setup` takes seconds.
+$(BIN)/cifarlab: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+train: setup
+	$(BIN)/cifarlab train --recipe $(RECIPE) --data $(DATA) --out $(OUT) $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: lint
+	CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/speed.py --data $(DATA)

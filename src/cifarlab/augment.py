@@ -1,0 +1,153 @@
+"""Batched augmentation on the training device, with per-sample randomness from one generator.
+
+torchvision's v2 transforms draw one set of parameters per call, i.e. per batch; these draw
+per image without a Python loop, which is why they are written here. The policy
+augmentations (AutoAugment, RandAugment, TrivialAugmentWide) do come from torchvision and
+run per image on uint8 tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cifarlab.config import TrainConfig
+
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def random_crop(x: torch.Tensor, padding: int, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of a padded batch back to its size (the padding is `mode`)."""
+    n, _c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor(_GRAY, device=x.device, dtype=x.dtype)[None, :, None, None]
+    return (x * weights).sum(1, keepdim=True)
+
+
+def _factor(n: int, strength: float, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, device=like.device, generator=gen, dtype=like.dtype)
+    return (1 - strength + 2 * strength * u)[:, None, None, None]
+
+
+def color_jitter(
+    x: torch.Tensor, brightness: float, contrast: float, saturation: float, gen
+) -> torch.Tensor:
+    """torchvision's ColorJitter maths (factors uniform in [1-s, 1+s]) per image, on [0, 1] floats."""
+    n = x.shape[0]
+    if brightness:
+        x = (x * _factor(n, brightness, x, gen)).clamp(0, 1)
+    if contrast:
+        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.lerp(mean.expand_as(x), x, _factor(n, contrast, x, gen)).clamp(0, 1)
+    if saturation:
+        x = torch.lerp(_gray(x).expand_as(x), x, _factor(n, saturation, x, gen)).clamp(0, 1)
+    return x
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero one `size`x`size` square per image (centre anywhere, square may leave the image)."""
+    n, _c, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1), device=x.device, generator=gen)
+    cx = torch.randint(0, w, (n, 1), device=x.device, generator=gen)
+    ys = torch.arange(h, device=x.device)[None, :]
+    xs = torch.arange(w, device=x.device)[None, :]
+    in_y = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)
+    in_x = (xs >= cx - size // 2) & (xs < cx - size // 2 + size)
+    mask = in_y[:, :, None] & in_x[:, None, :]
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def _policy(name: str):
+    from torchvision.transforms import v2
+
+    return {
+        "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+        "randaugment": v2.RandAugment,
+        "trivialaugment": v2.TrivialAugmentWide,
+    }[name]()
+
+
+@dataclass
+class Normalize:
+    mean: list[float]
+    std: list[float]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype)[None, :, None, None]
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype)[None, :, None, None]
+        return (x - mean) / std
+
+
+class BatchAugment:
+    """uint8 NCHW batch -> augmented, normalised float batch, as the config asks."""
+
+    def __init__(self, config: TrainConfig, normalize: Normalize):
+        self.c = config
+        self.normalize = normalize
+        self.policy = _policy(config.policy) if config.policy != "none" else None
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        c = self.c
+        if self.policy is not None:  # per image by design: each draws its own operations
+            x = torch.stack([self.policy(img) for img in x])
+        x = x.float().div_(255)
+        if c.crop_padding:
+            x = random_crop(x, c.crop_padding, c.padding_mode, gen)
+        if c.flip:
+            x = random_flip(x, gen)
+        if c.jitter_brightness or c.jitter_contrast or c.jitter_saturation:
+            x = color_jitter(x, c.jitter_brightness, c.jitter_contrast, c.jitter_saturation, gen)
+        x = self.normalize(x)
+        if c.cutout:
+            x = cutout(x, c.cutout, gen)
+        return x
+
+
+# --- Mixup / CutMix: soft targets -----------------------------------------------------------
+
+
+def mix_batch(
+    x: torch.Tensor, targets: torch.Tensor, config: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix on a batch with (N, K) probability targets; returns both mixed.
+
+    One lambda per batch from Beta(alpha, alpha), images paired with the batch reversed (as timm).
+    CutMix's lambda is corrected to the area actually pasted. `rng` is a host generator so
+    drawing lambda never waits for the device.
+    """
+    use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
+    if not (use_mixup or use_cutmix) or rng.random() >= config.mix_prob:
+        return x, targets
+    cut = use_cutmix and (not use_mixup or rng.random() < config.switch_prob)
+    lam = float(rng.beta(*(2 * [config.cutmix_alpha if cut else config.mixup_alpha])))
+    partner = x.flip(0)
+    if cut:
+        h, w = x.shape[2:]
+        ch, cw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = torch.lerp(partner, x, lam)
+    return x, torch.lerp(targets.flip(0), targets, lam)

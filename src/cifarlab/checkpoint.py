@@ -1,0 +1,66 @@
+"""Checkpoints: atomic writes (temp file, fsync, rename) and safe loading (`weights_only=True`)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifarlab.errors import UserError
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write `obj` so that `path` holds either the old file or the complete new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint dict; files that would run code on load are refused."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise UserError(
+            f"{path}: refused to load, it holds more than tensors and plain data ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
+    return ckpt
+
+
+def resolve_checkpoint(path_or_run: str | Path, prefer: str = "best.pt") -> Path:
+    """A run directory means its `best.pt` (else `last.pt`); a file is taken as it is."""
+    path = Path(path_or_run)
+    if path.is_dir():
+        for name in (prefer, "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(
+            f"{path}: no {prefer} or last.pt in this run directory; has it trained an epoch?"
+        )
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or checkpoint")
+    return path

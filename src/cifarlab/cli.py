@@ -1,0 +1,132 @@
+"""The `cifarlab` command: parse, validate, call. Exit codes: 0 done, 1 failed, 2 bad input, 130/143 stopped."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from cifarlab.errors import Interrupted, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other bad input
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data", help="cifar10, cifar100, a class folder, or a .tar/.tar.gz/.zip of one"
+    )
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument(
+        "--recipe", default="seed-cnn", help="recipe name (see `cifarlab recipes`) or YAML file"
+    )
+    p.add_argument(
+        "--data-root",
+        help="where datasets and caches live (default $CIFARLAB_DATA or ~/.cache/cifarlab)",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--subset", type=int, help="keep a stratified subset of N training images")
+    p.add_argument(
+        "--val-size", type=int, help="validation images held out from train (default 5000)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, epoch lines only")
+
+
+def _config_from_args(args) -> object:
+    from cifarlab.config import apply_overrides, load_recipe, parse_set_options
+
+    config = load_recipe(args.recipe)
+    flags = {
+        "data": args.data, "data_root": args.data_root, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "seed": args.seed, "subset": args.subset, "val_size": args.val_size,
+    }  # fmt: skip
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.no_progress:
+        overrides["progress"] = False
+    config = apply_overrides(config, overrides, where="command line")
+    return apply_overrides(config, parse_set_options(args.set), where="--set")
+
+
+def cmd_train(args) -> int:
+    from cifarlab.models import MODELS
+    from cifarlab.train import train
+
+    config = _config_from_args(args)
+    if config.model not in MODELS:
+        raise UserError(f"unknown model '{config.model}'; valid models: {', '.join(MODELS)}")
+    result = train(config, args.out, resume=args.resume)
+    print(
+        f"done: best val acc {result.best_val_acc:.2%}, final {result.final_val_acc:.2%}, "
+        f"{result.seconds:.0f}s; run in {result.run_dir}"
+    )
+    return 0
+
+
+def cmd_models(_args) -> int:
+    from cifarlab.models import MODELS
+
+    width = max(map(len, MODELS))
+    for name, spec in MODELS.items():
+        print(f"{name:<{width}}  {spec.about}")
+    return 0
+
+
+def cmd_recipes(_args) -> int:
+    from cifarlab.config import list_recipes
+
+    recipes = list_recipes()
+    width = max(map(len, recipes))
+    for name, about in recipes.items():
+        print(f"{name:<{width}}  {about}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cifarlab", description="Train, analyse and compare small-image classifiers."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _train_args(sub.add_parser("train", help="train a model into a run directory"))
+    sub.add_parser("models", help="list the models")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "models": cmd_models, "recipes": cmd_recipes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug or not hasattr(exc, "exit_code"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The one typed training config, recipe loading, overrides and their validation.
+
+A recipe is a YAML file of overrides on `TrainConfig`'s defaults. Every override is checked
+against its field's type and limits, and an unknown key fails with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from cifarlab.errors import UserError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on ---
+    data: str = "cifar10"  # cifar10 | cifar100 | folder | .tar/.tar.gz/.zip of a folder
+    data_root: str = (
+        ""  # where torchvision datasets and caches live ("" = $CIFARLAB_DATA or ~/.cache/cifarlab)
+    )
+    image_size: int = field(default=32, metadata=_range(8, 1024))  # pixels, square
+    val_size: int = field(default=5000, metadata=_range(0))  # images held out from train
+    subset: int = field(default=0, metadata=_range(0))  # keep N training images (0 = all)
+    classes: list[str] = field(default_factory=list)  # train on these classes only ([] = all)
+    on_bad_image: str = field(default="error", metadata=_choice("error", "skip"))
+
+    # --- model ---
+    model: str = "cnn"
+    width: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # channel multiplier
+
+    # --- optimisation ---
+    epochs: int = field(default=100, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))
+    lr: float = field(
+        default=0.1, metadata=_range(0.0, lo_open=True)
+    )  # peak lr for this batch size
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    nesterov: bool = False
+    weight_decay: float = field(default=5e-4, metadata=_range(0.0))
+    no_decay_norm_bias: bool = False  # no weight decay on BatchNorm and bias parameters
+    schedule: str = field(default="cosine", metadata=_choice("cosine", "onecycle", "constant"))
+    warmup_epochs: float = field(default=0.0, metadata=_range(0.0))
+    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    ema: bool = False  # evaluate and keep an exponential moving average of the weights
+    ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0, lo_open=True))  # per step
+
+    # --- data pipeline and augmentation ---
+    loader: str = field(default="device", metadata=_choice("device", "torchvision"))
+    crop_padding: int = field(default=4, metadata=_range(0))  # random-crop padding, 0 = no crop
+    padding_mode: str = field(default="reflect", metadata=_choice("reflect", "zeros"))
+    flip: bool = True
+    jitter_brightness: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    jitter_contrast: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    jitter_saturation: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    cutout: int = field(default=0, metadata=_range(0))  # side of the square cut out, pixels
+    policy: str = field(
+        default="none", metadata=_choice("none", "autoaugment", "randaugment", "trivialaugment")
+    )
+    mixup_alpha: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
+    cutmix_alpha: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
+    mix_prob: float = field(default=1.0, metadata=_range(0.0, 1.0))  # share of batches mixed
+    switch_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))  # CutMix share when both on
+    workers: int = field(default=2, metadata=_range(0))  # DataLoader workers (torchvision loader)
+
+    # --- hardware ---
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = field(default=0, metadata=_range(0))  # CPU threads, 0 = all cores
+    amp: str = field(default="auto", metadata=_choice("auto", "bf16", "fp16", "off"))
+    channels_last: str = field(default="auto", metadata=_choice("auto", "on", "off"))
+    compile: bool = False
+
+    # --- run control ---
+    seed: int = 0
+    save_every_steps: int = field(default=0, metadata=_range(0))  # mid-epoch last.pt, 0 = off
+    on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))
+    eval_batch_size: int = field(default=500, metadata=_range(1))
+    progress: bool = True
+    tensorboard: bool = False
+    recipe: str = "default"  # the recipe these settings came from (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = get_type_hints(TrainConfig)
+
+
+def default_data_root() -> Path:
+    root = os.environ.get("CIFARLAB_DATA") or Path.home() / ".cache" / "cifarlab"
+    return Path(root).expanduser()
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Check `value` against the type of field `key`; strings from the command line are parsed."""
+    kind = _TYPES[key]
+    bad = f"{where}: '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}"
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, bool):
+            return value
+        raise UserError(bad)
+    if kind is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise UserError(bad) from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(bad)
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(bad) from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(bad)
+        return float(value)
+    if kind == list[str]:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(bad)
+        return value
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _check_limits(key: str, value: Any, where: str) -> None:
+    meta = FIELDS[key].metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(
+            f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}"
+        )
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise UserError(f"{where}: '{key}' must be {op} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise UserError(f"{where}: '{key}' must be <= {hi}, got {value}")
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfig:
+    """A copy of `config` with `overrides` applied, each checked against its field."""
+    values = config.to_dict()
+    for key, value in overrides.items():
+        if key not in FIELDS:
+            raise UserError(f"{where}: unknown config key '{key}'{_closest(key)}")
+        value = _coerce(key, value, where)
+        _check_limits(key, value, where)
+        values[key] = value
+    return TrainConfig(**values)
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` strings to a dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set label_smoothing=0.1")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = raw if value is None else value
+    return out
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names and the first line of each file's description."""
+    out = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def recipe_path(name_or_file: str) -> Path:
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist")
+        return path
+    shipped = RECIPE_DIR / f"{name_or_file}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(list_recipes())
+        raise UserError(
+            f"unknown recipe '{name_or_file}'; valid recipes: {names} (or a .yaml path)"
+        )
+    return shipped
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(name_or_file: str) -> TrainConfig:
+    path = recipe_path(name_or_file)
+    overrides = read_yaml_mapping(path)
+    overrides.setdefault("recipe", path.stem)
+    return apply_overrides(TrainConfig(), overrides, where=str(path))
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load_config_file(path: Path) -> TrainConfig:
+    """A run's saved `config.yaml`, validated like a recipe."""
+    return apply_overrides(TrainConfig(), read_yaml_mapping(path), where=str(path))

@@ -1,0 +1,41 @@
+"""Decoding one image file to a square uint8 RGB array, the same way for training and prediction."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+class BadImage(Exception):
+    """A file that is not a readable image; the message names the file and the reason."""
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def decode_image(source: Path | bytes, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 RGB. Grayscale, palette and RGBA become RGB (alpha on white)."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            elif img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            return np.asarray(img, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).split("\n")[0] or type(exc).__name__
+        raise BadImage(f"{name}: not a readable image ({reason})") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"{name}: image too large ({exc})") from None

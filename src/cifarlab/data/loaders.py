@@ -1,0 +1,145 @@
+"""Batch iterators for training and evaluation.
+
+`DeviceBatches` (the default) keeps the uint8 dataset on the training device and augments a
+whole batch at a time: no worker processes, no per-image Python. `TorchvisionBatches` is the
+lesson's per-sample `DataLoader` pipeline, kept for comparison (`loader: torchvision`).
+
+Every random draw of step `s` of epoch `e` comes from generators seeded by (seed, e, s), so a
+run resumed mid-epoch sees exactly the batches and augmentations the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cifarlab.augment import BatchAugment, Normalize
+from cifarlab.config import TrainConfig
+from cifarlab.data.sources import ImageSet
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    return int(
+        np.random.SeedSequence([seed, epoch, step]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step_seed(seed, epoch, -1 % 2**31))
+    return torch.randperm(n, generator=gen)
+
+
+@dataclass
+class StepRandom:
+    """The generators of one training step: per-image draws on the device, per-batch on the host."""
+
+    gen: torch.Generator
+    rng: np.random.Generator
+
+    @classmethod
+    def for_step(cls, seed: int, epoch: int, step: int, device: torch.device) -> StepRandom:
+        s = step_seed(seed, epoch, step)
+        torch.manual_seed(s)  # dropout and the torchvision policies draw from the global generator
+        return cls(torch.Generator(device=device).manual_seed(s), np.random.default_rng(s))
+
+
+def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+class DeviceBatches:
+    def __init__(
+        self, data: ImageSet, config: TrainConfig, device: torch.device, augment: BatchAugment
+    ):
+        self.images = to_device_uint8(data.images, device)
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.config, self.device, self.augment = config, device, augment
+        self.batch_size = min(config.batch_size, len(data))
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size  # drop_last: every step sees a full batch
+
+    def epoch(
+        self, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]:
+        order = epoch_order(len(self.labels), self.config.seed, epoch).to(self.device)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            rand = StepRandom.for_step(self.config.seed, epoch, step, self.device)
+            yield self.augment(self.images[idx], rand.gen), self.labels[idx], rand
+
+
+class _LessonDataset(torch.utils.data.Dataset):
+    def __init__(self, data: ImageSet, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.data.images[i])), int(self.data.labels[i])
+
+
+def lesson_transform(config: TrainConfig, normalize: Normalize):
+    """The seed lesson's per-sample torchvision pipeline, with this config's strengths."""
+    from torchvision import transforms as T
+
+    steps = []
+    if config.crop_padding:
+        mode = "reflect" if config.padding_mode == "reflect" else "constant"
+        steps.append(T.RandomCrop(config.image_size, config.crop_padding, padding_mode=mode))
+    if config.flip:
+        steps.append(T.RandomHorizontalFlip())
+    if config.jitter_brightness or config.jitter_contrast or config.jitter_saturation:
+        steps.append(
+            T.ColorJitter(
+                config.jitter_brightness, config.jitter_contrast, config.jitter_saturation
+            )
+        )
+    steps += [T.ToTensor(), T.Normalize(normalize.mean, normalize.std)]
+    return T.Compose(steps)
+
+
+class TorchvisionBatches:
+    """The lesson's pipeline: PIL per sample in DataLoader workers. Slower; kept to compare against."""
+
+    def __init__(
+        self, data: ImageSet, config: TrainConfig, device: torch.device, normalize: Normalize
+    ):
+        self.dataset = _LessonDataset(data, lesson_transform(config, normalize))
+        self.config, self.device = config, device
+        self.batch_size = min(config.batch_size, len(data))
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def epoch(
+        self, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]:
+        order = epoch_order(len(self.dataset), self.config.seed, epoch)
+        order = order[start_step * self.batch_size : len(self) * self.batch_size].tolist()
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for step, (x, y) in enumerate(loader, start=start_step):
+            rand = StepRandom.for_step(self.config.seed, epoch, step, self.device)
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), rand
+
+
+def eval_batches(
+    images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-order, unaugmented, normalised batches of a device-resident uint8 set."""
+    for start in range(0, len(labels), batch_size):
+        x = images[start : start + batch_size].float().div_(255)
+        yield normalize(x), labels[start : start + batch_size]

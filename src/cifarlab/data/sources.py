@@ -1,0 +1,265 @@
+"""Data sources -> uint8 image arrays: torchvision's CIFAR pickles, class folders, archives.
+
+Decoded arrays are cached (see `cache.py`) so only the first run pays for decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from tqdm import tqdm
+
+from cifarlab.data import cache
+from cifarlab.data.archive import extract_archive, is_archive
+from cifarlab.data.images import BadImage, decode_image, is_image_name
+from cifarlab.errors import UserError
+
+
+@dataclass
+class ImageSet:
+    """Images as (N, H, W, 3) uint8 with int64 labels indexing `classes`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    paths: list[str] = field(default_factory=list)  # source file of each image, where known
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> ImageSet:
+        paths = [self.paths[i] for i in index] if self.paths else []
+        return ImageSet(self.images[index], self.labels[index], self.classes, paths)
+
+
+@dataclass
+class SourceData:
+    train: ImageSet
+    test: ImageSet | None
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
+
+
+# --- torchvision's CIFAR pickles -------------------------------------------------------------
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR batches hold only dicts, lists, bytes, str, ints and numpy arrays; refuse the rest."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a CIFAR pickle batch ({exc})") from None
+
+
+def _cifar_dataset_class(name: str):
+    from torchvision import datasets
+
+    return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+
+
+def _load_cifar(name: str, root: Path) -> SourceData:
+    """torchvision's layout (`cifar-10-batches-py/`), downloaded by torchvision when missing.
+
+    The pickles are read here rather than through `datasets.CIFAR10`, which insists on the
+    md5 of the official files; this accepts any batch in the same format (and our tests').
+    """
+    ds = _cifar_dataset_class(name)
+    folder = root / ds.base_folder
+    if not folder.is_dir():
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
+        except Exception as exc:
+            raise UserError(
+                f"{name} is not in {folder} and could not be downloaded ({type(exc).__name__}); "
+                f"put torchvision's '{ds.base_folder}' folder under {root} (--data-root), "
+                "or pass a local folder or archive with --data"
+            ) from None
+    meta = _read_batch(folder / ds.meta["filename"])
+    classes = list(meta[ds.meta["key"]])
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def read(files: list) -> ImageSet:
+        images, labels = [], []
+        for fname, _md5 in files:
+            path = folder / fname
+            if not path.is_file():
+                raise UserError(f"{path} is missing; the {name} folder is incomplete")
+            batch = _read_batch(path)
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch[label_key])
+        hwc = np.concatenate(images).transpose(0, 2, 3, 1).copy()
+        return ImageSet(hwc, np.asarray(labels, dtype=np.int64), classes)
+
+    return SourceData(read(ds.train_list), read(ds.test_list))
+
+
+# --- class folders and archives --------------------------------------------------------------
+
+
+def _find_layout(root: Path) -> tuple[Path, Path | None]:
+    """(train folder, test folder or None) for `root/train/<class>`, `root/<class>`, or one wrapper folder."""
+    for _ in range(2):
+        if (root / "train").is_dir():
+            test = root / "test"
+            return root / "train", (test if test.is_dir() else None)
+        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+        dirs = [p for p in entries if p.is_dir()]
+        if len(dirs) == 1 and len(entries) == 1:
+            root = dirs[0]  # an archive often wraps everything in one top folder
+            continue
+        break
+    return root, None
+
+
+def _list_class_folder(
+    folder: Path, on_bad: str
+) -> tuple[list[str], list[Path], list[int], list[str]]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(
+            f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
+        )
+    files, labels, skipped, kept = [], [], [], []
+    for name in classes:
+        members = sorted(
+            p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
+        images = [p for p in members if is_image_name(p)]
+        skipped += [f"{p}: not an image file" for p in members if not is_image_name(p)]
+        if not images:
+            if on_bad == "error":
+                raise UserError(
+                    f"{folder / name}: class folder holds no images; add images or remove it"
+                )
+            skipped.append(f"{folder / name}: empty class folder, class dropped")
+            continue
+        kept.append(name)
+        files += images
+        labels += [len(kept) - 1] * len(images)
+    if skipped and on_bad == "error":
+        raise UserError(f"{skipped[0]} (set on_bad_image=skip to skip such files)")
+    return kept, files, labels, skipped
+
+
+def _decode_all(
+    files: list[Path], size: int, on_bad: str, desc: str
+) -> tuple[np.ndarray, list[int], list[str]]:
+    out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
+    good, skipped = [], []
+
+    def work(i: int) -> tuple[int, str | None]:
+        try:
+            out[i] = decode_image(files[i], size)
+            return i, None
+        except BadImage as exc:
+            return i, str(exc)
+
+    threads = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        results = pool.map(work, range(len(files)), chunksize=256)
+        for i, err in tqdm(
+            results, total=len(files), desc=desc, unit="img", leave=False, mininterval=1
+        ):
+            if err is None:
+                good.append(i)
+            elif on_bad == "error":
+                raise UserError(f"{err} (set on_bad_image=skip to skip unreadable images)")
+            else:
+                skipped.append(err)
+    return out, good, skipped
+
+
+def _load_folder_split(
+    folder: Path, size: int, on_bad: str, desc: str
+) -> tuple[ImageSet, list[str]]:
+    classes, files, labels, skipped = _list_class_folder(folder, on_bad)
+    images, good, bad = _decode_all(files, size, on_bad, desc)
+    if not good:
+        raise UserError(f"{folder}: none of its {len(files)} images could be read")
+    idx = np.asarray(good, dtype=np.int64)
+    root = folder.parent
+    paths = [str(files[i].relative_to(root)) for i in good]
+    return ImageSet(
+        images[idx], np.asarray(labels, dtype=np.int64)[idx], classes, paths
+    ), skipped + bad
+
+
+def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
+    train_dir, test_dir = _find_layout(root)
+    train, skipped = _load_folder_split(train_dir, size, on_bad, "decoding train")
+    test = None
+    if test_dir is not None:
+        test, bad = _load_folder_split(test_dir, size, on_bad, "decoding test")
+        skipped += bad
+        if test.classes != train.classes:
+            only_train = sorted(set(train.classes) - set(test.classes))
+            only_test = sorted(set(test.classes) - set(train.classes))
+            raise UserError(
+                f"{root}: train and test classes differ (only in train: {only_train}, "
+                f"only in test: {only_test}); make both folders hold the same class folders"
+            )
+    return SourceData(train, test, skipped)
+
+
+def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> SourceData:
+    """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode)."""
+    if src in ("cifar10", "cifar100"):
+        data = _load_cifar(src, root / src)
+        if size != 32:
+            data = SourceData(_resize(data.train, size), data.test and _resize(data.test, size))
+        return data
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise UserError(f"--data {src}: no such file or folder (and not cifar10/cifar100)")
+    key = cache.source_key(path, size, on_bad)
+    cached = cache.load(root, key)
+    if cached is not None:
+        return cached
+    if path.is_dir():
+        data = _load_folder(path, size, on_bad)
+    elif is_archive(path):
+        folder = extract_archive(path, root / "extracted" / key)
+        data = _load_folder(folder, size, on_bad)
+    else:
+        raise UserError(
+            f"--data {src}: expected a folder, a .tar/.tar.gz/.zip archive, cifar10 or cifar100"
+        )
+    cache.save(root, key, data)
+    return data
+
+
+def _resize(ds: ImageSet, size: int) -> ImageSet:
+    from PIL import Image
+
+    out = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+            for im in ds.images
+        ]
+    )
+    return ImageSet(out, ds.labels, ds.classes, ds.paths)

@@ -1,0 +1,15 @@
+"""The errors cifarlab reports to a person rather than as a traceback."""
+
+
+class UserError(Exception):
+    """Bad input: a one-line message saying what is wrong, where, and how to fix it (exit 2)."""
+
+    exit_code = 2
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving `last.pt` (exit 130 or 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

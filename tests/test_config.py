@@ -1,0 +1,78 @@
+import pytest
+
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    list_recipes,
+    load_recipe,
+    parse_set_options,
+)
+from cifarlab.errors import UserError
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(UserError, match="did you mean 'label_smoothing'"):
+        apply_overrides(TrainConfig(), {"label_smothing": 0.1}, where="x")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("lr", -0.1, "'lr' must be > 0"),
+        ("batch_size", 0, "'batch_size' must be >= 1"),
+        ("epochs", "ten", "'epochs' must be int"),
+        ("flip", "maybe", "'flip' must be bool"),
+        ("loader", "fast", "'loader' must be one of device, torchvision"),
+        ("label_smoothing", 1.5, "'label_smoothing' must be <= 1"),
+        ("batch_size", 1.5, "'batch_size' must be int"),
+    ],
+)
+def test_bad_values_are_refused_with_the_rule(key, value, message):
+    with pytest.raises(UserError, match=message):
+        apply_overrides(TrainConfig(), {key: value}, where="x")
+
+
+def test_set_options_parse_yaml_scalars_and_check_types():
+    overrides = parse_set_options(["lr=1e-3", "ema=true", "model=resnet18", "classes=cat,dog"])
+    config = apply_overrides(TrainConfig(), overrides, where="--set")
+    assert config.lr == 0.001 and config.ema is True and config.model == "resnet18"
+    assert config.classes == ["cat", "dog"]
+    with pytest.raises(UserError, match="expected key=value"):
+        parse_set_options(["lr"])
+
+
+def test_every_shipped_recipe_loads_and_names_itself():
+    names = list_recipes()
+    assert {"seed-cnn", "resnet18"} <= set(names)
+    for name in names:
+        assert load_recipe(name).recipe == name
+
+
+def test_seed_cnn_recipe_is_the_lessons_setup():
+    c = load_recipe("seed-cnn")
+    assert (c.model, c.lr, c.momentum, c.weight_decay, c.epochs, c.batch_size) == (
+        "cnn",
+        0.1,
+        0.9,
+        5e-4,
+        100,
+        128,
+    )
+    assert (
+        c.jitter_brightness == 0.2 and c.jitter_contrast == 0.2 and c.flip and c.crop_padding == 4
+    )
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(UserError, match="valid recipes: .*seed-cnn"):
+        load_recipe("seed-cnnn")
+
+
+def test_recipe_file_with_misspelt_key_fails(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: cnn\nepoch: 3\n")
+    with pytest.raises(UserError, match="unknown config key 'epoch'.*did you mean 'epochs'"):
+        load_recipe(str(path))
+    path.write_text("model: [cnn\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(str(path))
