@@ -215,7 +215,7 @@ def _train_epoch(
     sync_every = 1 if hw.device.type == "cpu" or c.on_nan == "skip" else 50
     bar = tqdm(
         total=len(run.batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
-        disable=not c.progress, leave=False, unit="step", mininterval=1, file=sys.stderr,
+        disable=True if not c.progress else None, leave=False, unit="step", mininterval=1, file=sys.stderr,
     )  # fmt: skip
     t0 = time.perf_counter() - acc["seconds"]
     loss_sum = torch.tensor(acc["loss_sum"], device=hw.device)

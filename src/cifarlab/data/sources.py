@@ -183,7 +183,13 @@ def _decode_all(
     with ThreadPoolExecutor(threads) as pool:
         results = pool.map(work, range(len(files)), chunksize=256)
         for i, err in tqdm(
-            results, total=len(files), desc=desc, unit="img", leave=False, mininterval=1
+            results,
+            total=len(files),
+            desc=desc,
+            unit="img",
+            leave=False,
+            mininterval=1,
+            disable=None,
         ):
             if err is None:
                 good.append(i)

@@ -1,0 +1,61 @@
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cifarlab.checkpoint import atomic_save, load_checkpoint
+from cifarlab.errors import UserError
+from cifarlab.rundir import RunLock
+
+WRITER = """
+import sys, torch
+from cifarlab.checkpoint import atomic_save
+big = {"model": {"w": torch.randn(60_000_000)}, "config": {}}  # ~240 MB: the write takes a while
+print("writing", flush=True)
+while True:
+    atomic_save(big, __import__("pathlib").Path(sys.argv[1]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_old_file_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.arange(5)}, "config": {"marker": 1}}, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    deadline = time.time() + 60
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.01)  # kill while a temporary file is being filled
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = load_checkpoint(path)
+    assert ckpt["config"] == {"marker": 1} or ckpt["model"]["w"].numel() == 60_000_000
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Evil(), "config": {}}, f)
+    with pytest.raises(UserError, match="refused to load"):
+        load_checkpoint(path)
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    (tmp_path / ".lock").write_text("999999999")  # no such process: stale
+    with RunLock(tmp_path):
+        other = subprocess.run(
+            [sys.executable, "-c", "from cifarlab.rundir import RunLock; import sys; RunLock(__import__('pathlib').Path(sys.argv[1])).__enter__()", str(tmp_path)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert other.returncode != 0 and "is in use by process" in other.stderr
+    assert not (tmp_path / ".lock").exists()

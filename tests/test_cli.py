@@ -1,0 +1,83 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cifarlab.cli import main
+
+
+def _cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_and_recipes_list_their_names(capsys):
+    code, out, _ = _cli(capsys, "models")
+    assert code == 0 and "cnn" in out and "resnet18" in out and "tv-resnet18" in out
+    code, out, _ = _cli(capsys, "recipes")
+    assert code == 0 and "seed-cnn" in out
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--data", "/no/such/place"], "no such file or folder"),
+        (["--recipe", "nope"], "unknown recipe 'nope'"),
+        (["--set", "model=vgg"], "unknown model 'vgg'"),
+        (["--lr", "-0.1"], "'lr' must be > 0"),
+        (["--set", "mixup_alpha=-1"], "'mixup_alpha' must be >= 0"),
+        (["--set", "batchsize=3"], "did you mean 'batch_size'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, needle):
+    code, _, err = _cli(
+        capsys, "train", "--out", str(tmp_path / "r"), "--data", str(tmp_path), *args
+    )
+    _assert_one_line_error(code, err, needle)
+
+
+def test_empty_class_folder_and_corrupt_jpeg_are_one_line_errors(capsys, real_jpegs, tmp_path):
+    src = tmp_path / "d"
+    shutil.copytree(real_jpegs, src)
+    (src / "train" / "emu").mkdir()
+    base = [
+        "train",
+        "--out",
+        str(tmp_path / "r"),
+        "--data-root",
+        str(tmp_path / "root"),
+        "--data",
+        str(src),
+    ]
+    _assert_one_line_error(*_cli(capsys, *base)[::2], "emu: class folder holds no images")
+    (src / "train" / "emu").rmdir()
+    (src / "train" / "dog" / "0001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    _assert_one_line_error(*_cli(capsys, *base)[::2], "0001.jpg: not a readable image")
+
+
+def test_unknown_subcommand_is_usage_error(capsys):
+    code, _, err = _cli(capsys, "trian")
+    _assert_one_line_error(code, err, "invalid choice")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    code, _, err = _cli(capsys, "--debug", "train", "--out", str(tmp_path), "--recipe", "nope")
+    assert code == 2 and "Traceback" in err
+
+
+def test_console_entry_point_runs_as_module():
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifarlab", "models"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "fastnet" in proc.stdout

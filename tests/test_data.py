@@ -1,0 +1,227 @@
+import io
+import pickle
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.data import cache, load_source, load_splits
+from cifarlab.data.images import BadImage, decode_image
+from cifarlab.data.splits import stratified_pick
+from cifarlab.errors import UserError
+from tests.conftest import make_config
+
+
+def _tiny_folder(root: Path, classes=("cat", "dog"), per_class=4, size=40, mode="RGB") -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr).convert(mode).save(root / c / f"{i}.png")
+    return root
+
+
+def test_folder_of_real_jpegs_loads_with_cifar_classes(real_jpegs, data_root):
+    data = load_source(str(real_jpegs), data_root, 32)
+    assert data.train.images.shape == (600, 32, 32, 3) and data.train.images.dtype == np.uint8
+    assert data.train.classes[:2] == ["airplane", "automobile"] and len(data.train.classes) == 10
+    assert np.bincount(data.train.labels).tolist() == [60] * 10
+    assert data.test is None
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "tar", "zip"])
+def test_archives_load_like_the_folder(real_jpegs, data_root, tmp_path, kind):
+    archive = tmp_path / f"cifar.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for p in sorted((real_jpegs / "train").rglob("*.jpg")):
+                zf.write(p, p.relative_to(real_jpegs))
+    else:
+        with tarfile.open(archive, "w:gz" if kind == "tar.gz" else "w") as tf:
+            tf.add(real_jpegs / "train", arcname="train")
+    from_archive = load_source(str(archive), data_root, 32)
+    from_folder = load_source(str(real_jpegs), data_root / "other", 32)
+    assert np.array_equal(from_archive.train.images, from_folder.train.images)
+    assert np.array_equal(from_archive.train.labels, from_folder.train.labels)
+
+
+def test_train_and_test_folders_any_size_and_mode_become_rgb(tmp_path, data_root):
+    _tiny_folder(tmp_path / "d" / "train", size=50, mode="L")
+    _tiny_folder(tmp_path / "d" / "test", size=20, mode="RGBA")
+    data = load_source(str(tmp_path / "d"), data_root, 32)
+    assert data.train.images.shape == (8, 32, 32, 3) and data.test.images.shape == (8, 32, 32, 3)
+    gray = data.train.images[0]
+    assert np.array_equal(gray[..., 0], gray[..., 1])
+
+
+def test_second_load_reads_the_cache_without_decoding(tmp_path, data_root, monkeypatch):
+    src = _tiny_folder(tmp_path / "d")
+    first = load_source(str(src), data_root, 32)
+    monkeypatch.setattr(
+        "cifarlab.data.sources.decode_image", lambda *a: pytest.fail("decoded again")
+    )
+    second = load_source(str(src), data_root, 32)
+    assert np.array_equal(first.train.images, second.train.images)
+
+
+def test_a_changed_source_or_damaged_cache_is_rebuilt(tmp_path, data_root, capsys):
+    src = _tiny_folder(tmp_path / "d")
+    load_source(str(src), data_root, 32)
+    npz = next((data_root / "arrays").glob("*.npz"))
+    npz.write_bytes(npz.read_bytes()[:-100] + b"x" * 100)
+    again = load_source(str(src), data_root, 32)
+    assert "damaged" in capsys.readouterr().err and len(again.train) == 8
+    _tiny_folder(tmp_path / "d", classes=("emu",))
+    assert load_source(str(src), data_root, 32).train.classes == ["cat", "dog", "emu"]
+
+
+def _write_cifar_batch(path: Path, n: int, rng, label_key="labels"):
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    with open(path, "wb") as f:
+        pickle.dump(
+            {"data": data, label_key: list(rng.integers(0, 10, n)), "filenames": ["x"] * n}, f
+        )
+    return data
+
+
+def _tiny_cifar10(root: Path) -> np.ndarray:
+    folder = root / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    first = _write_cifar_batch(folder / "data_batch_1", 6, rng)
+    for i in range(2, 6):
+        _write_cifar_batch(folder / f"data_batch_{i}", 6, rng)
+    _write_cifar_batch(folder / "test_batch", 5, rng)
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return first
+
+
+def test_cifar10_pickle_layout_loads_train_and_test(tmp_path):
+    first = _tiny_cifar10(tmp_path)
+    data = load_source("cifar10", tmp_path, 32)
+    assert data.train.images.shape == (30, 32, 32, 3) and data.test.images.shape == (5, 32, 32, 3)
+    assert np.array_equal(data.train.images[0], first[0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert data.train.classes[3] == "cat"
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    _tiny_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": Evil()}))
+    with pytest.raises(UserError, match="refusing to load builtins.print"):
+        load_source("cifar10", tmp_path, 32)
+
+
+def test_offline_cifar_download_names_where_to_put_it(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
+    with pytest.raises(UserError, match="put torchvision's 'cifar-10-batches-py' folder under"):
+        load_source("cifar10", tmp_path, 32)
+
+
+def test_corrupt_jpeg_is_an_error_naming_it_or_skipped_and_listed(real_jpegs, tmp_path, data_root):
+    src = tmp_path / "d"
+    shutil.copytree(real_jpegs, src)
+    bad = src / "train" / "cat" / "0003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(UserError, match="0003.jpg: not a readable image"):
+        load_source(str(src), data_root, 32)
+    data = load_source(str(src), data_root, 32, on_bad="skip")
+    assert len(data.train) == 599 and any("0003.jpg" in s for s in data.skipped)
+
+
+def test_non_image_file_and_empty_class_folder(tmp_path, data_root):
+    src = _tiny_folder(tmp_path / "d")
+    (src / "cat" / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="notes.txt: not an image file"):
+        load_source(str(src), data_root, 32)
+    (src / "cat" / "notes.txt").unlink()
+    (src / "emu").mkdir()
+    with pytest.raises(UserError, match="emu: class folder holds no images"):
+        load_source(str(src), data_root, 32)
+
+
+def test_train_and_test_with_different_classes_is_an_error(tmp_path, data_root):
+    _tiny_folder(tmp_path / "d" / "train", classes=("cat", "dog"))
+    _tiny_folder(tmp_path / "d" / "test", classes=("cat", "emu"))
+    with pytest.raises(UserError, match="train and test classes differ"):
+        load_source(str(tmp_path / "d"), data_root, 32)
+
+
+def test_tar_with_path_traversal_is_refused(tmp_path, data_root):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tf:
+        payload = b"x"
+        info = tarfile.TarInfo("../../escaped.jpg")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    with pytest.raises(UserError, match="unsafe member refused"):
+        load_source(str(archive), data_root, 32)
+    assert not (tmp_path / "escaped.jpg").exists()
+
+
+def test_zip_with_path_traversal_is_refused(tmp_path, data_root):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../escaped.jpg", b"x")
+    with pytest.raises(UserError, match="would land outside its folder"):
+        load_source(str(archive), data_root, 32)
+
+
+def test_decode_rejects_random_bytes_with_the_file_name(tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + bytes(range(256)))
+    with pytest.raises(BadImage, match="x.jpg"):
+        decode_image(path, 32)
+
+
+def test_stratified_pick_keeps_class_shares():
+    labels = np.repeat(np.arange(10), 100)
+    picked = stratified_pick(labels, 250, seed=0)
+    assert len(picked) == 250 and len(set(picked)) == 250
+    counts = np.bincount(labels[picked])
+    assert counts.min() >= 24 and counts.max() <= 26
+
+
+def test_splits_are_seeded_disjoint_and_respect_subset(real_jpegs, data_root):
+    config = make_config(data=str(real_jpegs), data_root=str(data_root), subset=300, val_size=100)
+    a, b = load_splits(config), load_splits(config)
+    assert len(a.train) == 200 and len(a.val) == 100
+    assert np.bincount(a.val.labels).tolist() == [10] * 10
+    assert a.train.paths == b.train.paths and not set(a.train.paths) & set(a.val.paths)
+    assert all(0 < m < 1 for m in a.mean) and all(0 < s < 0.5 for s in a.std)
+
+
+def test_val_size_larger_than_data_is_an_error(real_jpegs, data_root):
+    with pytest.raises(UserError, match="val_size=600 leaves no training images"):
+        load_splits(make_config(data=str(real_jpegs), data_root=str(data_root), val_size=600))
+
+
+def test_cache_key_changes_with_size(tmp_path):
+    src = _tiny_folder(tmp_path / "d")
+    assert cache.source_key(src, 32, "error") != cache.source_key(src, 64, "error")

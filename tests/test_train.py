@@ -1,0 +1,138 @@
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlab.checkpoint import load_checkpoint
+from cifarlab.errors import UserError
+from cifarlab.train import TrainingFailed, train
+from tests.conftest import make_config
+
+
+def _config(real_jpegs, data_root, **kw):
+    base = dict(
+        data=str(real_jpegs), data_root=str(data_root), val_size=100, batch_size=50, epochs=3,
+        lr=0.05, jitter_brightness=0.2, jitter_contrast=0.2,
+    )  # fmt: skip
+    return make_config(**{**base, **kw})
+
+
+def test_a_few_epochs_on_real_images_lower_the_loss(real_jpegs, data_root, tmp_path):
+    result = train(
+        _config(real_jpegs, data_root, model="fastnet", epochs=4, lr=0.2),
+        tmp_path / "run",
+        log=lambda s: None,
+    )
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] * 0.85, losses
+    assert result.best_val_acc > 0.2  # 10 classes: chance is 0.1
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert (
+        ckpt["classes"][0] == "airplane"
+        and len(ckpt["mean"]) == 3
+        and ckpt["config"]["model"] == "fastnet"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"loader": "torchvision", "workers": 0},
+        {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1, "ema": True},
+        {"schedule": "onecycle", "nesterov": True, "no_decay_norm_bias": True, "cutout": 8},
+    ],
+)
+def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, extra):
+    result = train(
+        _config(real_jpegs, data_root, epochs=1, model="fastnet", **extra),
+        tmp_path / "r",
+        log=lambda s: None,
+    )
+    assert len(result.history) == 1 and 0 <= result.final_val_acc <= 1
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "cifarlab", *args], env=env, **kw)
+
+
+def _weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(real_jpegs, data_root, tmp_path):
+    args = [
+        "train", "--data", str(real_jpegs), "--data-root", str(data_root), "--recipe", "seed-cnn",
+        "--epochs", "3", "--batch-size", "50", "--val-size", "100", "--no-progress",
+        "--set", "width=0.25", "--set", "save_every_steps=2", "--set", "threads=1",
+    ]  # fmt: skip
+    assert _run_cli([*args, "--out", str(tmp_path / "full")]).wait(timeout=300) == 0
+
+    killed = tmp_path / "killed"
+    proc = _run_cli([*args, "--out", str(killed)])
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run_cli([*args, "--out", str(killed), "--resume"])
+    assert resumed.wait(timeout=300) == 0
+
+    full, again = _weights(tmp_path / "full" / "last.pt"), _weights(killed / "last.pt")
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    with open(killed / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_resume_without_a_checkpoint_starts_over_and_says_so(real_jpegs, data_root, tmp_path):
+    messages = []
+    train(
+        _config(real_jpegs, data_root, epochs=1, model="fastnet"),
+        tmp_path / "r",
+        resume=True,
+        log=messages.append,
+    )
+    assert any("no last.pt yet; starting from the beginning" in m for m in messages)
+
+
+def test_existing_run_is_not_overwritten_without_resume(real_jpegs, data_root, tmp_path):
+    config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
+    train(config, tmp_path / "r", log=lambda s: None)
+    before = (tmp_path / "r" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config, tmp_path / "r", log=lambda s: None)
+    assert (tmp_path / "r" / "last.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_best(real_jpegs, data_root, tmp_path):
+    config = _config(real_jpegs, data_root, epochs=2, model="fastnet", lr=1e30, schedule="constant")
+    with pytest.raises(TrainingFailed, match="non-finite loss at epoch 1 step"):
+        train(config, tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
+    out = tmp_path / "r"
+    proc = _run_cli(
+        ["train", "--data", str(real_jpegs), "--data-root", str(data_root), "--out", str(out), "--epochs", "50",
+         "--batch-size", "50", "--val-size", "100", "--no-progress", "--set", "model=fastnet"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "metrics.csv").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume" in err and load_checkpoint(out / "last.pt")["next_step"] >= 0
+    assert not (out / ".lock").exists()
