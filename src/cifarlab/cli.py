@@ -89,6 +89,23 @@ def cmd_recipes(_args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from cifarlab.evaluate import EvalOptions, evaluate
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    opts = EvalOptions(
+        args.model, args.split, args.data, args.tta, args.ema, args.out, classes, args.device
+    )
+    evaluate(opts)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cifarlab.predict import run_predict
+
+    return run_predict(args.model, args.paths, args.top_k, args.json, args.batch_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifarlab", description="Train, analyse and compare small-image classifiers."
@@ -96,12 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_args(sub.add_parser("train", help="train a model into a run directory"))
+    ev = sub.add_parser("evaluate", help="metrics, figures and an HTML report for a trained run")
+    ev.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
+    ev.add_argument("--split", choices=["val", "test"], default="val")
+    ev.add_argument(
+        "--data", help="evaluate on another data source (with --split test: its test folder)"
+    )
+    ev.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
+                    help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
+    ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    ev.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval-<split>)")
+    ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
+    ev.add_argument("--device", default="auto")
+    pr = sub.add_parser("predict", help="classify image files and folders")
+    pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
+    pr.add_argument("paths", nargs="+", metavar="PATH")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--json", action="store_true", help="one JSON object per line")
+    pr.add_argument("--batch-size", type=int, default=256)
     sub.add_parser("models", help="list the models")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "models": cmd_models, "recipes": cmd_recipes}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "models": cmd_models,
+    "recipes": cmd_recipes,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,10 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = field(default=5e-4, metadata=_range(0.0))
     no_decay_norm_bias: bool = False  # no weight decay on BatchNorm and bias parameters
+    bias_lr_mult: float = field(
+        default=1.0, metadata=_range(0.0, lo_open=True)
+    )  # lr x this for 1-D
+    # params (norm scales/shifts, biases), their weight decay / this, so their decay per step stays
     schedule: str = field(default="cosine", metadata=_choice("cosine", "onecycle", "constant"))
     warmup_epochs: float = field(default=0.0, metadata=_range(0.0))
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
@@ -91,6 +95,9 @@ class TrainConfig:
     save_every_steps: int = field(default=0, metadata=_range(0))  # mid-epoch last.pt, 0 = off
     on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))
     eval_batch_size: int = field(default=500, metadata=_range(1))
+    tta: str = field(
+        default="none", metadata=_choice("none", "flip", "flip-translate")
+    )  # validation
     progress: bool = True
     tensorboard: bool = False
     recipe: str = "default"  # the recipe these settings came from (informational)

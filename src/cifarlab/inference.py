@@ -41,3 +41,32 @@ def predict_logits(
         out.append(logits)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
+
+
+def model_from_checkpoint(
+    ckpt: dict, device: torch.device, use_ema: bool = False
+) -> torch.nn.Module:
+    """The checkpoint's model with its weights (the EMA weights when asked and present), in eval mode."""
+    from cifarlab.errors import UserError
+    from cifarlab.models import create_model
+
+    config = ckpt["config"]
+    model = create_model(
+        config["model"],
+        len(ckpt["classes"]),
+        config.get("width", 1.0),
+        config.get("image_size", 32),
+    )
+    state = ckpt["model"]
+    if use_ema:
+        if ckpt.get("ema") is None:
+            raise UserError(
+                "--ema: this checkpoint holds no EMA weights (train with --set ema=true)"
+            )
+        state = {
+            k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")
+        }
+    if hasattr(model, "init_whitening"):
+        model.whiten.weight.requires_grad_(False)
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,199 @@
+"""`cifarlab evaluate`: predictions of a checkpoint on a split, metrics, figures and the HTML report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cifarlab import metrics
+from cifarlab.augment import Normalize
+from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
+from cifarlab.config import TrainConfig, apply_overrides, default_data_root
+from cifarlab.data import ImageSet, load_source, load_splits
+from cifarlab.data.loaders import to_device_uint8
+from cifarlab.data.splits import select_classes
+from cifarlab.errors import UserError
+from cifarlab.hardware import pick_device
+from cifarlab.inference import model_from_checkpoint, predict_logits
+from cifarlab.report import figures
+from cifarlab.report.html import write_report
+from cifarlab.rundir import read_metrics
+
+
+@dataclass
+class EvalOptions:
+    target: str  # run directory or checkpoint
+    split: str = "val"  # val | test
+    data: str | None = None  # another data source than the run's
+    tta: str = "none"  # none | flip | flip-translate, reported beside the plain figure
+    ema: bool = False
+    out: Path | None = None
+    classes: list[str] | None = None  # classes for the mistakes gallery (default: the two hardest)
+    device: str = "auto"
+    batch_size: int = 500
+
+
+def run_config(ckpt: dict, where: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {**ckpt["config"], "progress": False}, where=where)
+
+
+def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, str]:
+    config = run_config(ckpt, where)
+    if opts.data:
+        config = apply_overrides(config, {"data": opts.data}, where="--data")
+    if opts.split == "val":
+        data = load_splits(config).val
+    else:
+        root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
+        data = load_source(config.data, root, config.image_size, config.on_bad_image).test
+        if data is None:
+            raise UserError(
+                f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ folder, or use --split val"
+            )
+        if config.classes:
+            data = select_classes(data, config.classes, "classes")
+    if data.classes != list(ckpt["classes"]):
+        raise UserError(
+            f"{where} was trained on {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'][:5])}...), "
+            f"but the data has {len(data.classes)} ({', '.join(data.classes[:5])}...); evaluate on data with the same classes"
+        )
+    return data, config.data
+
+
+def _mistake_groups(
+    data: ImageSet, probs: np.ndarray, classes: list[str], chosen: list[int]
+) -> list:
+    preds, conf = probs.argmax(1), probs.max(1)
+    groups = []
+    for c in chosen:
+        wrong = np.flatnonzero((data.labels == c) & (preds != c))
+        wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:5]
+        items = [
+            {"image": data.images[i], "predicted": classes[preds[i]], "confidence": float(conf[i])}
+            for i in wrong
+        ]
+        groups.append((classes[c], items))
+    return groups
+
+
+def evaluate(opts: EvalOptions, log=print) -> dict:
+    ckpt_path = resolve_checkpoint(opts.target)
+    ckpt = load_checkpoint(ckpt_path)
+    data, source = load_eval_set(ckpt, opts, str(ckpt_path))
+    classes = list(ckpt["classes"])
+    device = pick_device(opts.device)
+    model = model_from_checkpoint(ckpt, device, opts.ema)
+    normalize = Normalize(ckpt["mean"], ckpt["std"])
+    images = to_device_uint8(data.images, device)
+    labels = torch.from_numpy(data.labels).to(device)
+    logits = predict_logits(model, images, normalize, opts.batch_size)
+    mean_loss = F.cross_entropy(logits, labels).item()
+    probs = torch.softmax(logits, 1).cpu().numpy()
+    y = data.labels
+    preds = probs.argmax(1)
+    cm = metrics.confusion_matrix(y, preds, len(classes))
+    pc = metrics.per_class(cm)
+    calib = metrics.calibration(probs, y)
+    pairs = metrics.most_confused(cm, classes)
+    out = opts.out or ckpt_path.parent / f"eval-{opts.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "accuracy": float((preds == y).mean()),
+        "num_images": len(y),
+        "confusion_matrix": cm.tolist(),
+        "top5_accuracy": metrics.top_k_accuracy(probs, y, 5),
+        "mean_loss": mean_loss,
+        "expected_calibration_error": calib["ece"],
+        "tta_accuracy": None,
+        "tta": opts.tta,
+        "per_class": {
+            c: {k: (int(v[i]) if k == "support" else float(v[i])) for k, v in pc.items()}
+            for i, c in enumerate(classes)
+        },
+        "most_confused": pairs,
+        "calibration": calib,
+        "checkpoint": str(ckpt_path),
+        "ema": opts.ema,
+        "data": source,
+        "split": opts.split,
+        "classes": classes,
+    }
+    if opts.tta != "none":
+        tta_logits = predict_logits(model, images, normalize, opts.batch_size, opts.tta)
+        report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
+    rows = read_metrics(ckpt_path.parent / "metrics.csv")
+    report["training"] = {"epochs": len(rows), "seconds": float(sum(r["seconds"] for r in rows))}
+    _write_files(report, data, probs, classes, rows, opts, out)
+    write_report(report, ckpt["config"], out)
+    _summary(report, out, log)
+    return report
+
+
+def _write_files(report, data, probs, classes, rows, opts, out: Path) -> None:
+    pc = report["per_class"]
+    with open(out / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "accuracy", "precision", "recall", "f1", "support"])
+        for c in classes:
+            w.writerow(
+                [
+                    c,
+                    *(round(pc[c][k], 5) for k in ("accuracy", "precision", "recall", "f1")),
+                    pc[c]["support"],
+                ]
+            )
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "path", "true", "predicted", "confidence"])
+        for i, p in enumerate(probs):
+            path = data.paths[i] if data.paths else ""
+            w.writerow(
+                [i, path, classes[data.labels[i]], classes[p.argmax()], round(float(p.max()), 5)]
+            )
+    cm = np.asarray(report["confusion_matrix"])
+    acc = np.asarray([pc[c]["accuracy"] for c in classes])
+    figures.confusion_matrix(cm, classes, report["most_confused"], out / "confusion_matrix.png")
+    figures.per_class(acc, classes, out / "per_class.png")
+    if opts.classes:
+        unknown = [c for c in opts.classes if c not in classes]
+        if unknown:
+            raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
+        chosen = [classes.index(c) for c in opts.classes]
+    else:
+        chosen = [int(i) for i in np.argsort(acc, kind="stable")[:2]]
+    figures.mistakes(_mistake_groups(data, probs, classes, chosen), out / "mistakes.png")
+    figures.reliability(report["calibration"], out / "calibration.png")
+    if rows:
+        figures.curves(rows, out / "curves.png")
+    else:
+        (out / "curves.png").unlink(missing_ok=True)
+        report["curves_note"] = "no metrics.csv beside the checkpoint, so no training curves"
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+
+
+def _summary(report: dict, out: Path, log) -> None:
+    pc = report["per_class"]
+    hardest = sorted(pc, key=lambda c: pc[c]["accuracy"])[:3]
+    tta = (
+        f" (with {report['tta']} TTA: {report['tta_accuracy']:.2%})"
+        if report["tta_accuracy"] is not None
+        else ""
+    )
+    log(
+        f"accuracy {report['accuracy']:.2%}{tta} on {report['num_images']} {report['split']} images"
+    )
+    log("hardest classes: " + ", ".join(f"{c} {pc[c]['accuracy']:.1%}" for c in hardest))
+    pairs = report["most_confused"][:3]
+    log(
+        "most confused: "
+        + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs)
+    )
+    if "curves_note" in report:
+        log(f"note: {report['curves_note']}")
+    log(f"report: {out / 'report.html'}")

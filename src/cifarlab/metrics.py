@@ -1,0 +1,74 @@
+"""Classification metrics from probabilities and labels: plain numpy, no plotting."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    return np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+
+
+def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": recall,
+        "support": support,
+    }
+
+
+def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict]:
+    """The largest off-diagonal cells: true -> predicted, count, share of the true class."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:n]
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), cm.shape[0])
+        if off[t, p] == 0:
+            break
+        pairs.append(
+            {
+                "true": classes[t],
+                "predicted": classes[p],
+                "count": int(off[t, p]),
+                "share": float(off[t, p] / cm[t].sum()),
+            }
+        )
+    return pairs
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error and the per-bin confidence/accuracy of the top prediction."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    out = {"edges": edges.tolist(), "confidence": [], "accuracy": [], "count": []}
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out["count"].append(n)
+        out["confidence"].append(float(conf[mask].mean()) if n else None)
+        out["accuracy"].append(float(correct[mask].mean()) if n else None)
+        if n:
+            ece += n / len(labels) * abs(conf[mask].mean() - correct[mask].mean())
+    out["ece"] = float(ece)
+    return out
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(1).mean())

@@ -1,0 +1,1 @@
+"""Figures (matplotlib PNGs) and the self-contained HTML page of an evaluation."""

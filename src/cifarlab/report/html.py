@@ -1,0 +1,95 @@
+"""One self-contained HTML page (figures embedded as data URIs) for an evaluation."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import yaml
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:24px 40px}header h1{margin:0 0 6px;font-size:26px}
+header .sub{opacity:.75}main{max-width:1180px;margin:0 auto;padding:24px 40px}
+.cards{display:flex;gap:16px;flex-wrap:wrap;margin:-44px 0 24px}
+.card{background:#fff;border-radius:10px;padding:14px 20px;box-shadow:0 1px 4px rgba(0,0,0,.12);min-width:130px}
+.card .v{font-size:24px;font-weight:600}.card .k{font-size:12px;color:#667;text-transform:uppercase}
+section{background:#fff;border-radius:10px;padding:18px 24px;margin-bottom:22px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+h2{font-size:18px;margin:0 0 12px}img{max-width:100%;height:auto;display:block;margin:0 auto}
+table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e5ea;text-align:right}
+th:first-child,td:first-child{text-align:left}pre{background:#f0f1f4;padding:12px;border-radius:6px;font-size:12px;overflow:auto}
+.note{color:#8a5a00;background:#fff6e0;padding:8px 12px;border-radius:6px}
+.two{display:grid;grid-template-columns:1fr 1fr;gap:22px}@media(max-width:900px){.two{grid-template-columns:1fr}}
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(report: dict, config: dict, out: Path) -> Path:
+    r = report
+    cards = [
+        ("accuracy", f"{r['accuracy']:.2%}"), ("top-5", f"{r['top5_accuracy']:.2%}"),
+        ("mean loss", f"{r['mean_loss']:.3f}"), ("ECE", f"{r['expected_calibration_error']:.3f}"),
+        ("images", f"{r['num_images']:,}"),
+    ]  # fmt: skip
+    if r.get("tta_accuracy") is not None:
+        cards.insert(1, ("accuracy with TTA", f"{r['tta_accuracy']:.2%}"))
+    cards_html = "".join(
+        f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>'
+        for k, v in cards
+    )
+    pc = r["per_class"]
+    per_class_rows = [
+        [
+            c,
+            f"{pc[c]['accuracy']:.1%}",
+            f"{pc[c]['precision']:.3f}",
+            f"{pc[c]['recall']:.3f}",
+            f"{pc[c]['f1']:.3f}",
+            pc[c]["support"],
+        ]
+        for c in sorted(pc, key=lambda c: pc[c]["accuracy"])
+    ]
+    pairs = [
+        [p["true"], p["predicted"], p["count"], f"{p['share']:.1%}"] for p in r["most_confused"]
+    ]
+    train = r.get("training", {})
+    sub = (
+        f"{html.escape(str(config.get('model')))} · recipe {html.escape(str(config.get('recipe')))} · "
+        f"{train.get('epochs', '?')} epochs · {train.get('seconds', 0) / 60:.1f} min training · "
+        f"split {html.escape(r['split'])} of {html.escape(str(r['data']))}"
+    )
+    curves = (
+        _img(out / "curves.png", "training curves")
+        if (out / "curves.png").exists()
+        else f'<p class="note">{html.escape(r.get("curves_note", "no curves"))}</p>'
+    )
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>cifarlab report — {r["accuracy"]:.2%}</title><style>{_CSS}</style></head><body>
+<header><h1>{r["accuracy"]:.2%} accuracy on {r["num_images"]:,} images</h1><div class="sub">{sub}</div></header>
+<main><div class="cards">{cards_html}</div>
+<section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
+<div class="two"><section><h2>Per-class accuracy</h2>{_img(out / "per_class.png", "per-class accuracy")}</section>
+<section><h2>Most confused pairs</h2>{_table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
+<section><h2>Most confident mistakes of the hardest classes</h2>{_img(out / "mistakes.png", "mistakes")}</section>
+<div class="two"><section><h2>Calibration</h2>{_img(out / "calibration.png", "reliability diagram")}</section>
+<section><h2>Per class</h2>{_table(["class", "accuracy", "precision", "recall", "F1", "support"], per_class_rows)}</section></div>
+<section><h2>Training curves</h2>{curves}</section>
+<section><h2>Checkpoint and config</h2><p>{html.escape(r["checkpoint"])}</p>
+<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre></section>
+</main></body></html>"""
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,126 @@
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from cifarlab.cli import main
+from cifarlab.errors import UserError
+from cifarlab.evaluate import EvalOptions, evaluate
+from cifarlab.train import train
+from tests.conftest import make_config
+
+FILES = ["report.json", "confusion_matrix.png", "per_class.png", "per_class.csv", "mistakes.png",
+         "calibration.png", "curves.png", "report.html"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_run(real_jpegs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    config = make_config(
+        data=str(real_jpegs),
+        data_root=str(root / "data"),
+        model="fastnet",
+        epochs=2,
+        batch_size=50,
+        val_size=200,
+        lr=0.2,
+    )
+    train(config, root / "run", log=lambda s: None)
+    return root / "run"
+
+
+def test_evaluate_writes_every_file_and_consistent_numbers(small_run):
+    report = evaluate(EvalOptions(str(small_run), tta="flip"), log=lambda s: None)
+    out = small_run / "eval-val"
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    cm = np.asarray(report["confusion_matrix"])
+    assert cm.sum() == report["num_images"] == 200
+    pc = report["per_class"]
+    weighted = sum(pc[c]["accuracy"] * pc[c]["support"] for c in pc) / report["num_images"]
+    assert weighted == pytest.approx(report["accuracy"])
+    assert report["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert (
+        0 <= report["expected_calibration_error"] <= 1
+        and report["top5_accuracy"] >= report["accuracy"]
+    )
+    assert report["tta_accuracy"] is not None
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["accuracy"] == report["accuracy"]
+
+
+def test_predict_agrees_with_evaluate_on_the_same_images(small_run, real_jpegs, capsys):
+    evaluate(EvalOptions(str(small_run)), log=lambda s: None)
+    rows = (small_run / "eval-val" / "predictions.csv").read_text().splitlines()[1:]
+    expected = {}
+    for row in rows[:40]:
+        _i, path, _true, pred, _conf = row.split(",")
+        expected[str(real_jpegs / path)] = pred
+    assert main(["predict", str(small_run), *expected, "--json", "--top-k", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 40 and all(len(entry["top_k"]) == 2 for entry in lines)
+    assert {entry["path"]: entry["top_k"][0]["class"] for entry in lines} == expected
+
+
+def test_predict_reports_unreadable_files_and_exits_1(small_run, tmp_path, real_jpegs, capsys):
+    good = tmp_path / "good.jpg"
+    shutil.copy(next((real_jpegs / "train" / "cat").glob("*.jpg")), good)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert main(["predict", str(small_run), str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "good.jpg" in out and "bad.png: not a readable image" in err
+
+
+def test_missing_metrics_gives_a_report_without_curves(small_run, tmp_path):
+    shutil.copy(small_run / "best.pt", tmp_path / "best.pt")
+    report = evaluate(
+        EvalOptions(str(tmp_path / "best.pt"), out=tmp_path / "ev"), log=lambda s: None
+    )
+    assert "no metrics.csv" in report["curves_note"]
+    assert not (tmp_path / "ev" / "curves.png").exists()
+    assert "no metrics.csv" in (tmp_path / "ev" / "report.html").read_text()
+
+
+def test_checkpoint_of_another_class_count_is_refused(small_run, tmp_path):
+    other = tmp_path / "other"
+    for i, cls in enumerate(["a", "b"]):
+        (other / "test" / cls).mkdir(parents=True)
+        (other / "train" / cls).mkdir(parents=True)
+        from PIL import Image
+
+        for j in range(3):
+            Image.new("RGB", (32, 32), (i * 200, j * 50, 0)).save(other / "test" / cls / f"{j}.png")
+            Image.new("RGB", (32, 32), (i * 200, j * 50, 0)).save(
+                other / "train" / cls / f"{j}.png"
+            )
+    with pytest.raises(UserError, match="trained on 10 classes .* but the data has 2"):
+        evaluate(EvalOptions(str(small_run), split="test", data=str(other)), log=lambda s: None)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium_with_every_image_loaded(small_run, tmp_path):
+    evaluate(EvalOptions(str(small_run)), log=lambda s: None)
+    page = small_run / "eval-val" / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri()],
+                   capture_output=True, timeout=120, check=False)  # fmt: skip
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    # every <img> decoded: the DOM after script ran reports natural sizes
+    script = (
+        "<script>addEventListener('load',()=>{const bad=[...document.images].filter(i=>!i.complete||i.naturalWidth===0);"
+        "document.title='IMAGES:'+document.images.length+':BROKEN:'+bad.length;});</script>"
+    )
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=5000", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=False).stdout  # fmt: skip
+    assert "IMAGES:" in dom and ":BROKEN:0" in dom, dom[:300]
+    assert "IMAGES:0:" not in dom
