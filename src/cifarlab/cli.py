@@ -106,6 +106,38 @@ def cmd_predict(args) -> int:
     return run_predict(args.model, args.paths, args.top_k, args.json, args.batch_size)
 
 
+def cmd_suite(args) -> int:
+    from cifarlab.config import parse_set_options
+    from cifarlab.suites import SuiteOptions, list_suites, run_suite
+
+    if args.list:
+        suites = list_suites()
+        width = max(map(len, suites))
+        for name, about in suites.items():
+            print(f"{name:<{width}}  {about}")
+        return 0
+    if not args.name or not args.data or not args.out:
+        raise UserError("suite: NAME, --data and --out are required (or --list)")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(
+            f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2"
+        ) from None
+    if args.parallel > 1:
+        print(
+            f"note: --parallel {args.parallel}: runs go one at a time on this machine's single device"
+        )
+    overrides = parse_set_options(args.set)
+    if args.no_progress:
+        overrides["progress"] = False
+    opts = SuiteOptions(
+        args.data, args.out, args.epochs, args.subset, seeds or [0], args.only, overrides
+    )
+    run_suite(args.name, opts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifarlab", description="Train, analyse and compare small-image classifiers."
@@ -131,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
     pr.add_argument("--batch-size", type=int, default=256)
+    su = sub.add_parser("suite", help="run an experiment suite and tabulate it")
+    su.add_argument("name", nargs="?", metavar="NAME|FILE")
+    su.add_argument("--list", action="store_true", help="list the shipped suites")
+    su.add_argument("--data")
+    su.add_argument("--out", type=Path)
+    su.add_argument("--epochs", type=int)
+    su.add_argument("--subset", type=int)
+    su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    su.add_argument("--only", help="run only this run of the suite")
+    su.add_argument(
+        "--parallel", type=int, default=1, help="runs at a time where there are devices"
+    )
+    su.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
+    )
+    su.add_argument("--no-progress", action="store_true")
     sub.add_parser("models", help="list the models")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
@@ -140,6 +188,7 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "suite": cmd_suite,
     "models": cmd_models,
     "recipes": cmd_recipes,
 }

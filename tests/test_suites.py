@@ -1,0 +1,116 @@
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cifarlab.cli import main
+from cifarlab.errors import UserError
+from cifarlab.suites import SuiteOptions, list_suites, load_suite, run_suite
+
+SUITE = """
+description: two tiny runs
+reference: plain
+runs:
+  - {name: plain, recipe: fast, changes: no augmentation, set: {crop_padding: 0, flip: false}}
+  - {name: flip, recipe: fast, changes: + flip, set: {crop_padding: 0}}
+"""
+TINY = {
+    "batch_size": 50,
+    "val_size": 100,
+    "progress": False,
+    "threads": 1,
+    "tta": "none",
+    "warmup_epochs": 0.0,
+}
+
+
+def test_every_shipped_suite_parses_into_valid_configs():
+    for name in list_suites():
+        suite = load_suite(name, {"data": "x"})
+        assert suite.runs and suite.reference in [r.name for r in suite.runs]
+
+
+def test_ablation_is_cumulative():
+    runs = load_suite("ablation", {"data": "x"}).runs
+    assert runs[0].config.model == "cnn" and not runs[0].config.flip
+    assert (
+        runs[-1].config.model == "resnet18"
+        and runs[-1].config.label_smoothing == 0.1
+        and runs[-1].config.flip
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("runs: 3\n", "'runs' must be a non-empty list"),
+        ("runs:\n  - {name: a, recipe: seed-cnn, set: {lr: -1}}\n", "'lr' must be > 0"),
+        (
+            "runs:\n  - {name: a, recipe: seed-cnn}\nreference: b\n",
+            "reference 'b' is not one of the runs",
+        ),
+        ("runz: []\n", "unknown suite keys"),
+        ("runs: [\n", "not valid YAML"),
+    ],
+)
+def test_malformed_suite_is_a_one_line_error(tmp_path, capsys, text, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    assert main(["suite", str(path), "--data", "x", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_list_and_unknown_suite(capsys):
+    assert main(["suite", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(
+        name in out
+        for name in ("baseline", "augmentation", "mixup", "cutmix", "transfer", "ablation")
+    )
+    assert main(["suite", "nope", "--data", "x", "--out", "y"]) == 2
+
+
+def test_suite_writes_table_plot_index_and_skips_finished_runs(real_jpegs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SUITE)
+    opts = SuiteOptions(
+        str(real_jpegs),
+        tmp_path / "out",
+        epochs=1,
+        overrides={**TINY, "data_root": str(tmp_path / "d")},
+    )
+    rows = run_suite(str(path), opts, log=lambda s: None)
+    assert [r["run"] for r in rows] == ["plain", "flip"] and rows[0]["gain"] == 0.0
+    for name in ("results.csv", "results.md", "curves.png", "index.html"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "| flip | + flip |" in (tmp_path / "out" / "results.md").read_text()
+    messages = []
+    run_suite(str(path), opts, log=messages.append)
+    assert sum("finished earlier, skipped" in m for m in messages) == 2
+
+
+def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SUITE)
+    args = [sys.executable, "-m", "cifarlab", "suite", str(path), "--data", str(real_jpegs), "--out", str(tmp_path / "o"),
+            "--epochs", "2", "--no-progress"] + [a for k, v in TINY.items() if k != "progress" for a in ("--set", f"{k}={v}")]  # fmt: skip
+    args += ["--set", f"data_root={tmp_path / 'd'}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "o" / "flip" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "o" / "plain" / "result.json").is_file()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "[plain] finished earlier, skipped" in again.stdout and "[flip] resuming" in again.stdout
+    assert (tmp_path / "o" / "flip" / "result.json").is_file()
+
+
+def test_run_that_needs_a_missing_feature_says_why(tmp_path):
+    with pytest.raises(UserError, match="--only nope"):
+        run_suite("transfer", SuiteOptions("x", tmp_path, only="nope"), log=lambda s: None)
