@@ -25,6 +25,8 @@ def test_unknown_key_names_the_closest_valid_key():
         ("loader", "fast", "'loader' must be one of device, torchvision"),
         ("label_smoothing", 1.5, "'label_smoothing' must be <= 1"),
         ("batch_size", 1.5, "'batch_size' must be int"),
+        ("lr", float("nan"), "'lr' must be float"),
+        ("weight_decay", "inf", "'weight_decay' must be float"),
     ],
 )
 def test_bad_values_are_refused_with_the_rule(key, value, message):
@@ -52,7 +54,7 @@ def test_seed_cnn_recipe_is_the_lessons_setup():
     c = load_recipe("seed-cnn")
     assert (c.model, c.lr, c.momentum, c.weight_decay, c.epochs, c.batch_size) == (
         "cnn",
-        0.1,
+        0.02,
         0.9,
         5e-4,
         100,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 raise UserError(bad) from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise UserError(bad)
         return float(value)
     if kind == list[str]:
