@@ -111,6 +111,30 @@ def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_pa
     assert (tmp_path / "o" / "flip" / "result.json").is_file()
 
 
-def test_run_that_needs_a_missing_feature_says_why(tmp_path):
+def test_unknown_only_run_is_an_error(tmp_path):
     with pytest.raises(UserError, match="--only nope"):
         run_suite("transfer", SuiteOptions("x", tmp_path, only="nope"), log=lambda s: None)
+
+
+def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        SUITE.replace(
+            "set: {crop_padding: 0}}",
+            "set: {crop_padding: 0, weights: /no/such.pth, model: tv-resnet18}}",
+        )
+    )
+    messages = []
+    rows = run_suite(
+        str(path),
+        SuiteOptions(
+            str(real_jpegs),
+            tmp_path / "o",
+            epochs=1,
+            overrides={**TINY, "data_root": str(tmp_path / "d")},
+        ),
+        log=messages.append,
+    )
+    assert any("[flip] cannot start: --weights /no/such.pth: no such file" in m for m in messages)
+    assert "cannot start" in rows[1]["status"] and "best_val_acc" in rows[0]
+    assert "cannot start" in (tmp_path / "o" / "results.md").read_text()

@@ -37,6 +37,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--classes", help="train on these classes only, comma-separated")
+    p.add_argument("--weights", help="tv-* models: local ImageNet state-dict file")
+    p.add_argument(
+        "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, epoch lines only")
 
 
@@ -47,6 +52,7 @@ def _config_from_args(args) -> object:
     flags = {
         "data": args.data, "data_root": args.data_root, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "seed": args.seed, "subset": args.subset, "val_size": args.val_size,
+        "classes": args.classes, "weights": args.weights, "init_from": args.init_from,
     }  # fmt: skip
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.no_progress:

@@ -45,6 +45,16 @@ class TrainConfig:
     # --- model ---
     model: str = "cnn"
     width: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # channel multiplier
+    pretrained: bool = False  # tv-* models: torchvision's ImageNet weights
+    weights: str = ""  # tv-* models: a local state-dict file instead of the download
+    stem: str = field(default="cifar", metadata=_choice("cifar", "imagenet"))  # tv-* models
+    input_size: int = field(default=0, metadata=_range(0))  # imagenet stem: side to upsample to
+    # (0 = 224 on CUDA, 64 on CPU where 224 would be ~12x slower)
+    init_from: str = ""  # start from our own run/checkpoint (new head if the classes differ)
+    freeze: str = field(default="none", metadata=_choice("none", "backbone"))
+    freeze_epochs: int = field(default=0, metadata=_range(0))  # train the head only this long
+    backbone_lr_mult: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # lr x this
+    # for everything but the head (discriminative fine-tuning, e.g. 0.1)
 
     # --- optimisation ---
     epochs: int = field(default=100, metadata=_range(1))

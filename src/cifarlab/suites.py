@@ -140,6 +140,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         )
     opts.out.mkdir(parents=True, exist_ok=True)
     log(f"suite {suite.name}: {suite.description}")
+    failed: dict[str, str] = {}
     for run in suite.runs:
         if opts.only and run.name != opts.only:
             continue
@@ -170,6 +171,9 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     if suite.examples == "mixup":
         _mixup_examples(suite.runs[0].config, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts)
+    for row in rows:
+        if row["run"] in failed and "best_val_acc" not in row:
+            row["status"] = f"cannot start: {failed[row['run']]}"
     from cifarlab.report.suite import write_suite_report
 
     write_suite_report(suite, rows, opts.out)

@@ -7,6 +7,7 @@ train, validate, append a metrics row and write `last.pt` (and `best.pt` when it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -20,14 +21,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cifarlab.augment import BatchAugment, Normalize, mix_batch
-from cifarlab.checkpoint import atomic_save, load_checkpoint
+from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, save_config
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
 from cifarlab.errors import Interrupted, UserError
 from cifarlab.hardware import Hardware, setup_hardware
 from cifarlab.inference import predict_logits
-from cifarlab.models import create_model
+from cifarlab.models import create_model, head_name
+from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD, BackboneOptions
 from cifarlab.rundir import RunLock, append_metrics, prepare_run_dir, truncate_metrics
 from cifarlab.schedules import make_scheduler
 
@@ -56,15 +58,21 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> to
 
 
 def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not config.no_decay_norm_bias:
-        return [{"params": [p for _, p in params], "weight_decay": config.weight_decay}]
-    decay = [p for _, p in params if p.ndim > 1]
-    no_decay = [p for _, p in params if p.ndim <= 1]  # BatchNorm scales/shifts and biases
-    return [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """Parameters grouped by lr multiplier and weight decay: the head at the peak lr, the rest at
+    `backbone_lr_mult`; 1-D parameters (norm scales/shifts, biases) at `bias_lr_mult` with their
+    decay divided by it (so their decay per step stays), or none with `no_decay_norm_bias`."""
+    head = head_name(model) + "."
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = 1.0 if name.startswith(head) else config.backbone_lr_mult
+        decay = config.weight_decay
+        if p.ndim <= 1:
+            mult *= config.bias_lr_mult
+            decay = 0.0 if config.no_decay_norm_bias else decay / config.bias_lr_mult
+        groups.setdefault((mult, decay), []).append(p)
+    return [{"params": ps, "lr": config.lr * m, "weight_decay": d} for (m, d), ps in groups.items()]
 
 
 class _StopSignals:
@@ -108,6 +116,7 @@ class _Run:
     val_images: torch.Tensor
     val_labels: torch.Tensor
     run_dir: Path
+    fixed: set[int]  # ids of parameters that never train
 
 
 def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
@@ -125,11 +134,24 @@ def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
             f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
         )
     torch.manual_seed(config.seed)
-    model = create_model(config.model, len(splits.classes), config.width, config.image_size)
+    if config.stem == "imagenet" and config.input_size == 0:
+        config = dataclasses.replace(config, input_size=224 if hw.device.type == "cuda" else 64)
+        log(
+            f"stem: imagenet — images upsampled on the device to {config.input_size}x{config.input_size}"
+        )
+    backbone = BackboneOptions(config.stem, config.input_size, config.pretrained, config.weights)
+    model = create_model(
+        config.model, len(splits.classes), config.width, config.image_size, backbone, log
+    )
+    if config.stem == "imagenet" and (config.pretrained or config.weights):
+        splits.mean, splits.std = IMAGENET_MEAN, IMAGENET_STD  # what the pretrained stem expects
     normalize = Normalize(splits.mean, splits.std)
     if hasattr(model, "init_whitening"):
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2).float().div(255)
         model.init_whitening(normalize(sample))
+    if config.init_from:
+        _init_from(model, config, splits.classes, log)
+    fixed = {id(p) for p in model.parameters() if not p.requires_grad}  # e.g. fastnet's whitening
     model = model.to(hw.device)
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -158,8 +180,51 @@ def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
     val_labels = torch.from_numpy(splits.val.labels).to(hw.device)
     return _Run(
         config, hw, splits, model, step_model, optimizer, scheduler, scaler, ema, batches, normalize,
-        val_images, val_labels, run_dir,
+        val_images, val_labels, run_dir, fixed,
     )  # fmt: skip
+
+
+def _init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
+    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
+    path = resolve_checkpoint(config.init_from)
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["model"] != config.model:
+        raise UserError(
+            f"--init-from {path}: it holds a {ckpt['config']['model']}, this run trains a {config.model}"
+        )
+    head = head_name(model) + "."
+    state = ckpt["model"]
+    same_classes = list(ckpt["classes"]) == list(classes)
+    if not same_classes:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise UserError(
+            f"--init-from {path}: weights do not fit ({str(exc).splitlines()[1].strip()})"
+        ) from None
+    bad = [k for k in missing if not k.startswith(head)] + list(unexpected)
+    if bad:
+        raise UserError(f"--init-from {path}: weights do not fit this model (e.g. {bad[0]})")
+    log(f"init: weights from {path}" + ("" if same_classes else f"; new {len(classes)}-class head"))
+
+
+def _apply_freeze(run: _Run, epoch: int, log) -> None:
+    """`freeze: backbone` for the first `freeze_epochs`: only the head trains, frozen BatchNorm in eval mode."""
+    c = run.config
+    if c.freeze != "backbone":
+        return
+    frozen = epoch < c.freeze_epochs
+    head = head_name(run.model) + "."
+    for name, p in run.model.named_parameters():
+        if not name.startswith(head) and id(p) not in run.fixed:
+            p.requires_grad_(not frozen)
+    if frozen:
+        for name, m in run.model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
+                m.eval()
+    if epoch == c.freeze_epochs and epoch > 0:
+        log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
 
 
 def _state(run: _Run, epoch: int, next_step: int, best: float, acc: dict) -> dict:
@@ -212,6 +277,7 @@ def _train_epoch(
 ) -> dict:
     c, hw = run.config, run.hw
     run.model.train()
+    _apply_freeze(run, epoch, log)
     sync_every = 1 if hw.device.type == "cpu" or c.on_nan == "skip" else 50
     bar = tqdm(
         total=len(run.batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -312,6 +378,7 @@ def train(config: TrainConfig, run_dir: Path | str, resume: bool = False, log=pr
     prepare_run_dir(run_dir, need_bytes=200_000_000)
     with RunLock(run_dir), _StopSignals() as stop:
         run = _build(config, run_dir, log)
+        config = run.config  # resolved (e.g. input_size)
         save_config(config, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in run.model.parameters())
         log(

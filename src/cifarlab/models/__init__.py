@@ -11,12 +11,12 @@ from cifarlab.errors import UserError
 from cifarlab.models.cnn import CIFAR10CNN
 from cifarlab.models.fastnet import FastNet
 from cifarlab.models.resnet import ResNet
-from cifarlab.models.torchvision_nets import tv_resnet
+from cifarlab.models.torchvision_nets import ARCHS, BackboneOptions, torchvision_backbone
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[..., nn.Module]  # (num_classes, width, image_size) -> module
+    build: Callable[..., nn.Module] | None  # (num_classes, width, image_size) -> module
     about: str
 
 
@@ -32,19 +32,33 @@ MODELS: dict[str, ModelSpec] = {
     "resnet34": ModelSpec(
         lambda k, w, s: ResNet([3, 4, 6, 3], k, w), "CIFAR ResNet-34, 21M params"
     ),
-    "tv-resnet18": ModelSpec(
-        lambda k, w, s: tv_resnet("resnet18", k),
-        "torchvision resnet18 with the lesson's 32x32 stem",
-    ),
     "fastnet": ModelSpec(
         lambda k, w, s: FastNet(k, w), "speed-record-class net (airbench-style, GELU/BN, 3 blocks)"
     ),
 }
 
 
+for _name, _arch in ARCHS.items():
+    MODELS[_name] = ModelSpec(
+        None, f"torchvision {_arch} (pretrained: true for ImageNet weights; stem: cifar|imagenet)"
+    )
+
+
 def create_model(
-    name: str, num_classes: int, width: float = 1.0, image_size: int = 32
+    name: str,
+    num_classes: int,
+    width: float = 1.0,
+    image_size: int = 32,
+    backbone: BackboneOptions | None = None,
+    log=lambda s: None,
 ) -> nn.Module:
     if name not in MODELS:
         raise UserError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
+    if name in ARCHS:
+        return torchvision_backbone(name, num_classes, backbone or BackboneOptions(), log)
     return MODELS[name].build(num_classes, width, image_size)
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the classifier head: the last Linear layer (what a new class set replaces)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]

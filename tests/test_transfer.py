@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from cifarlab.checkpoint import load_checkpoint
+from cifarlab.errors import UserError
+from cifarlab.models import create_model
+from cifarlab.models.torchvision_nets import BackboneOptions
+from cifarlab.train import train
+from tests.conftest import make_config
+
+FIRST5 = ["airplane", "automobile", "bird", "cat", "deer"]
+LAST5 = ["dog", "frog", "horse", "ship", "truck"]
+
+
+def test_a_torchvision_weights_file_round_trips_through_weights(tmp_path):
+    from torchvision import models
+
+    torch.manual_seed(1)
+    original = models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(original, path)
+    model = create_model(
+        "tv-resnet18", 10, backbone=BackboneOptions(stem="imagenet", weights=str(path))
+    )
+    loaded = model[1].state_dict()
+    assert all(torch.equal(loaded[k], original[k]) for k in original if not k.startswith("fc."))
+    assert loaded["fc.weight"].shape == (10, 512)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_offline_pretrained_names_the_file_and_the_alternative(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    with pytest.raises(
+        UserError, match=r"put resnet18-f37072fd\.pth .* at .*checkpoints.* or pass --weights FILE"
+    ):
+        create_model("tv-resnet18", 10, backbone=BackboneOptions(pretrained=True))
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(real_jpegs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    config = make_config(data=str(real_jpegs), data_root=str(root / "d"), model="fastnet", classes=FIRST5,
+                         epochs=1, batch_size=50, val_size=50, lr=0.2)  # fmt: skip
+    train(config, root / "first5", log=lambda s: None)
+    return root
+
+
+def _tensors(state, head):
+    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    return body, {k: v for k, v in state.items() if k.startswith(head)}
+
+
+def test_frozen_backbone_is_bit_identical_while_the_head_trains(pretrained_run, real_jpegs):
+    root = pretrained_run
+    config = make_config(data=str(real_jpegs), data_root=str(root / "d"), model="fastnet", classes=LAST5, epochs=1,
+                         batch_size=50, val_size=50, lr=0.2, init_from=str(root / "first5"), freeze="backbone",
+                         freeze_epochs=1)  # fmt: skip
+    train(config, root / "frozen", log=lambda s: None)
+    before, _ = _tensors(load_checkpoint(root / "first5" / "last.pt")["model"], "head.")
+    after, head = _tensors(load_checkpoint(root / "frozen" / "last.pt")["model"], "head.")
+    assert all(torch.equal(before[k], after[k]) for k in before), (
+        "backbone (incl. BN statistics) changed"
+    )
+    assert head["head.weight"].shape == (5, 256)
+
+
+def test_unfreezing_after_freeze_epochs_trains_the_backbone(pretrained_run, real_jpegs):
+    root = pretrained_run
+    messages = []
+    config = make_config(data=str(real_jpegs), data_root=str(root / "d"), model="fastnet", classes=LAST5, epochs=2,
+                         batch_size=50, val_size=50, lr=0.2, init_from=str(root / "first5"), freeze="backbone",
+                         freeze_epochs=1, backbone_lr_mult=0.1)  # fmt: skip
+    train(config, root / "staged", log=messages.append)
+    before, _ = _tensors(load_checkpoint(root / "first5" / "last.pt")["model"], "head.")
+    after, _ = _tensors(load_checkpoint(root / "staged" / "last.pt")["model"], "head.")
+    trainable = [
+        k for k in before if k.endswith("weight") and "whiten" not in k and before[k].ndim > 1
+    ]
+    assert all(not torch.equal(before[k], after[k]) for k in trainable)
+    assert any("backbone unfrozen" in m for m in messages)
+    assert any("new 5-class head" in m for m in messages)
+
+
+def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path):
+    config = make_config(data=str(real_jpegs), data_root=str(pretrained_run / "d"), model="cnn", classes=LAST5,
+                         epochs=1, val_size=50, init_from=str(pretrained_run / "first5"))  # fmt: skip
+    with pytest.raises(UserError, match="it holds a fastnet, this run trains a cnn"):
+        train(config, tmp_path / "x", log=lambda s: None)
