@@ -156,9 +156,17 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             resume = (run_dir / "last.pt").is_file()
             log(f"[{run_dir.name}] {'resuming' if resume else 'training'}: {run.changes}")
             config = apply_overrides(run.config, {"seed": seed}, where="--seeds")
-            result = train(
-                config, run_dir, resume=resume, log=lambda s, n=run_dir.name: log(f"  [{n}] {s}")
-            )
+            try:
+                result = train(
+                    config,
+                    run_dir,
+                    resume=resume,
+                    log=lambda s, n=run_dir.name: log(f"  [{n}] {s}"),
+                )
+            except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead
+                log(f"[{run_dir.name}] cannot start: {exc}")
+                failed[run.name] = str(exc)
+                continue
             evaluate(
                 EvalOptions(str(run_dir), tta=config.tta),
                 log=lambda s, n=run_dir.name: log(f"  [{n}] {s}"),
