@@ -144,6 +144,16 @@ def cmd_suite(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from cifarlab.export import export_model
+
+    suffix = ".onnx" if args.format == "onnx" else ".ts"
+    src = Path(args.model)
+    out = args.out or (src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix))
+    print(f"exported {export_model(args.model, args.format, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifarlab", description="Train, analyse and compare small-image classifiers."
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
     ev.add_argument("--device", default="auto")
     pr = sub.add_parser("predict", help="classify image files and folders")
-    pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
+    pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.ts")
     pr.add_argument("paths", nargs="+", metavar="PATH")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -185,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
     )
     su.add_argument("--no-progress", action="store_true")
+    ex = sub.add_parser("export", help="export a checkpoint as ONNX or TorchScript")
+    ex.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.onnx or .ts)")
     sub.add_parser("models", help="list the models")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
@@ -195,6 +209,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
     "suite": cmd_suite,
+    "export": cmd_export,
     "models": cmd_models,
     "recipes": cmd_recipes,
 }

@@ -1,0 +1,83 @@
+"""`cifarlab export`: a checkpoint as ONNX or TorchScript with normalisation baked in.
+
+Input: float RGB in [0, 1], NCHW, any batch size. Output: logits. Class names, image size and
+the normalisation travel inside the file (ONNX metadata_props / TorchScript extra files).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
+from cifarlab.errors import UserError
+from cifarlab.inference import model_from_checkpoint
+
+FORMATS = ("onnx", "torchscript")
+
+
+class Deployable(nn.Module):
+    """The model with its input normalisation, so callers pass plain [0, 1] images."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def metadata(ckpt: dict) -> dict[str, str]:
+    return {
+        "classes": json.dumps(list(ckpt["classes"])),
+        "image_size": str(int(ckpt["config"].get("image_size", 32))),
+        "mean": json.dumps(list(ckpt["mean"])),
+        "std": json.dumps(list(ckpt["std"])),
+        "model": str(ckpt["config"]["model"]),
+        "producer": "cifarlab",
+    }
+
+
+def export_model(target: str, fmt: str, out: Path) -> Path:
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
+    ckpt = load_checkpoint(resolve_checkpoint(target))
+    net = Deployable(
+        model_from_checkpoint(ckpt, torch.device("cpu")), ckpt["mean"], ckpt["std"]
+    ).eval()
+    size = int(ckpt["config"].get("image_size", 32))
+    example = torch.rand(2, 3, size, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = metadata(ckpt)
+    if fmt == "onnx":
+        _export_onnx(net, example, out, meta)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+            traced = torch.jit.trace(net, example)
+            torch.jit.save(traced, str(out), _extra_files={"cifarlab.json": json.dumps(meta)})
+    return out
+
+
+def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the extra: pip install 'cifarlab[onnx]'") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (example,), str(out), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        )  # fmt: skip
+    proto = onnx.load(str(out))
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(out))
