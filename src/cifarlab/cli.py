@@ -154,6 +154,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from cifarlab.config import parse_set_options
+    from cifarlab.tune import TuneOptions, run_tune
+
+    overrides = parse_set_options(args.set)
+    for key in ("epochs", "subset", "val_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.no_progress:
+        overrides["progress"] = False
+    run_tune(
+        TuneOptions(
+            args.recipe, args.data, args.trials, args.storage, args.out, args.study or "", overrides
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cifarlab", description="Train, analyse and compare small-image classifiers."
@@ -199,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
     ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.onnx or .ts)")
+    tu = sub.add_parser("tune", help="hyperparameter search with Optuna (shared, resumable study)")
+    tu.add_argument("--recipe", default="seed-cnn")
+    tu.add_argument("--data", required=True)
+    tu.add_argument(
+        "--trials", type=int, required=True, help="trials to finish (completed or pruned)"
+    )
+    tu.add_argument("--storage", default="sqlite:///study.db", help="any Optuna RDB URL")
+    tu.add_argument("--study", help="study name (default <recipe>-<data name>)")
+    tu.add_argument(
+        "--out", type=Path, default=Path("tune"), help="folder for the trials' run directories"
+    )
+    tu.add_argument(
+        "--epochs", type=int, help="most epochs a trial trains (searched in [epochs/2, epochs])"
+    )
+    tu.add_argument("--subset", type=int)
+    tu.add_argument("--val-size", type=int)
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tu.add_argument("--no-progress", action="store_true")
     sub.add_parser("models", help="list the models")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
@@ -210,6 +246,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "suite": cmd_suite,
     "export": cmd_export,
+    "tune": cmd_tune,
     "models": cmd_models,
     "recipes": cmd_recipes,
 }

@@ -361,8 +361,12 @@ def _fresh_accumulators(best: float) -> dict:
     }
 
 
-def train(config: TrainConfig, run_dir: Path | str, resume: bool = False, log=print) -> Result:
-    """Train `config` into `run_dir`; with `resume`, continue exactly from `run_dir/last.pt`."""
+def train(
+    config: TrainConfig, run_dir: Path | str, resume: bool = False, log=print, on_epoch=None
+) -> Result:
+    """Train `config` into `run_dir`; with `resume`, continue exactly from `run_dir/last.pt`.
+
+    `on_epoch(row)` is called after each epoch's metrics row is saved (tuning prunes from it)."""
     run_dir = Path(run_dir)
     last = run_dir / "last.pt"
     ckpt = None
@@ -431,6 +435,8 @@ def train(config: TrainConfig, run_dir: Path | str, resume: bool = False, log=pr
                 f"{' *' if improved else ''}  {seconds:.0f}s  {row['images_per_s']:.0f} img/s{skipped}"
             )
             acc = _fresh_accumulators(best)
+            if on_epoch is not None:
+                on_epoch(row)
         if writer is not None:
             writer.close()
     ips = history[-1]["images_per_s"] if history else 0.0

@@ -1,0 +1,136 @@
+"""`cifarlab tune`: hyperparameter search with Optuna over a real database storage.
+
+Many processes (or machines) pointed at the same `--storage` share one study. Trials are
+pruned on validation accuracy per epoch (median rule). A study killed mid-trial continues:
+the dead trial's heartbeat goes stale, it is marked failed and retried, and the study runs
+until `--trials` trials have completed or been pruned.
+
+Search space (documented in the README), relative to the recipe:
+  lr               log-uniform in [recipe lr / 10, recipe lr * 3]
+  weight_decay     log-uniform in [1e-5, 1e-3]
+  mixup_alpha      one of 0, 0.2, 0.5, 1.0
+  cutmix_alpha     one of 0, 1.0
+  label_smoothing  uniform in [0, 0.2]
+  epochs           integer in [max(1, epochs // 2), epochs]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    load_recipe,
+    read_yaml_mapping,
+    recipe_path,
+)
+from cifarlab.errors import UserError
+
+SEARCHED = ("lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing", "epochs")
+
+
+@dataclass
+class TuneOptions:
+    recipe: str
+    data: str
+    trials: int
+    storage: str
+    out: Path
+    study: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def suggest(trial, base: TrainConfig) -> dict[str, Any]:
+    return {
+        "lr": trial.suggest_float("lr", base.lr / 10, base.lr * 3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-3, log=True),
+        "mixup_alpha": trial.suggest_categorical("mixup_alpha", [0.0, 0.2, 0.5, 1.0]),
+        "cutmix_alpha": trial.suggest_categorical("cutmix_alpha", [0.0, 1.0]),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
+        "epochs": trial.suggest_int("epochs", max(1, base.epochs // 2), base.epochs),
+    }
+
+
+def _storage(url: str):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=30,
+            grace_period=90,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        )
+    except (optuna.exceptions.OptunaError, Exception) as exc:
+        raise UserError(
+            f"--storage {url}: cannot open the study database ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def run_tune(opts: TuneOptions, log=print):
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("tune needs Optuna: pip install 'cifarlab[tune]'") from None
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from cifarlab.train import train
+
+    if opts.trials < 1:
+        raise UserError("--trials must be >= 1")
+    base = apply_overrides(
+        load_recipe(opts.recipe), {"data": opts.data, **opts.overrides}, where="command line"
+    )
+    name = opts.study or f"{base.recipe}-{Path(opts.data).name}"
+    study = optuna.create_study(
+        study_name=name, storage=_storage(opts.storage), direction="maximize", load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )  # fmt: skip
+    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+
+    def objective(trial) -> float:
+        config = apply_overrides(base, suggest(trial, base), where=f"trial {trial.number}")
+        run_dir = opts.out / f"trial-{trial.number:03d}"
+
+        def report(row: dict) -> None:
+            trial.report(row["val_acc"], int(row["epoch"]))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        log(f"trial {trial.number}: " + ", ".join(f"{k}={trial.params[k]:.4g}" for k in SEARCHED))
+        result = train(
+            config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
+        )
+        return result.best_val_acc
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if len(done) < opts.trials:
+        study.optimize(
+            objective,
+            callbacks=[
+                MaxTrialsCallback(opts.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            ],
+        )
+    best = study.best_trial
+    out = write_best_recipe(
+        opts.recipe, best.params, opts.out / "best-recipe.yaml", best.value, name
+    )
+    log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
+    return study
+
+
+def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:
+    values = {**read_yaml_mapping(recipe_path(recipe)), **params}
+    values["recipe"] = path.stem
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# Best trial of study '{study}' (val acc {value:.4f}), from recipe {recipe}\n"
+    path.write_text(header + yaml.safe_dump(values, sort_keys=False))
+    return path

@@ -1,0 +1,47 @@
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+
+from cifarlab.config import load_recipe
+from cifarlab.tune import TuneOptions, run_tune
+
+TINY = {"model": "fastnet", "batch_size": 50, "val_size": 100, "subset": 300, "progress": False, "threads": 1,
+        "tta": "none", "warmup_epochs": 0.0}  # fmt: skip
+
+
+def _opts(real_jpegs, tmp_path, trials):
+    return TuneOptions("fast", str(real_jpegs), trials, f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "tune",
+                       "s", {**TINY, "epochs": 2, "data_root": str(tmp_path / "d")})  # fmt: skip
+
+
+def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpegs, tmp_path):
+    study = run_tune(_opts(real_jpegs, tmp_path, 2), log=lambda s: None)
+    assert len(study.trials) == 2
+    best = load_recipe(str(tmp_path / "tune" / "best-recipe.yaml"))
+    assert best.lr == study.best_trial.params["lr"] and best.model == "fastnet"
+    again = run_tune(_opts(real_jpegs, tmp_path, 3), log=lambda s: None)  # same storage: continues
+    assert len(again.trials) == 3 and {t.number for t in again.trials} == {0, 1, 2}
+
+
+def test_tune_killed_mid_trial_finishes_after_a_restart(real_jpegs, tmp_path):
+    args = [sys.executable, "-m", "cifarlab", "tune", "--recipe", "fast", "--data", str(real_jpegs), "--trials", "2",
+            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study", "k", "--out", str(tmp_path / "tune"),
+            "--epochs", "2", "--no-progress", "--set", f"data_root={tmp_path / 'd'}"]  # fmt: skip
+    args += [a for k, v in TINY.items() if k != "progress" for a in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "tune").glob("trial-*/metrics.csv")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    finished = [
+        t
+        for t in study.trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(finished) == 2 and (tmp_path / "tune" / "best-recipe.yaml").is_file()
