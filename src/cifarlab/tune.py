@@ -65,7 +65,7 @@ def _storage(url: str):
             url,
             heartbeat_interval=30,
             grace_period=90,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
         )
     except (optuna.exceptions.OptunaError, Exception) as exc:
         raise UserError(
