@@ -100,6 +100,7 @@ class TrainConfig:
     amp: str = field(default="auto", metadata=_choice("auto", "bf16", "fp16", "off"))
     channels_last: str = field(default="auto", metadata=_choice("auto", "on", "off"))
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across ranks
 
     # --- run control ---
     seed: int = 0

@@ -51,8 +51,13 @@ def pick_device(name: str) -> torch.device:
 
 def setup_hardware(config: TrainConfig) -> Hardware:
     device = pick_device(config.device)
+    local_procs = int(
+        os.environ.get("LOCAL_WORLD_SIZE", "1")
+    )  # torchrun's processes on this machine
+    if device.type == "cuda" and device.index is None and local_procs > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
-        torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // local_procs))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

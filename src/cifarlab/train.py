@@ -25,6 +25,7 @@ from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, save_config
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
+from cifarlab.distributed import Dist, all_sum, barrier, init_distributed
 from cifarlab.errors import Interrupted, UserError
 from cifarlab.hardware import Hardware, setup_hardware
 from cifarlab.inference import predict_logits
@@ -117,10 +118,19 @@ class _Run:
     val_labels: torch.Tensor
     run_dir: Path
     fixed: set[int]  # ids of parameters that never train
+    dist: Dist
 
 
-def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
+def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
     hw = setup_hardware(config)
+    if d.active and config.loader != "device":
+        raise UserError(
+            "under torchrun use loader: device (the torchvision loader is single-process)"
+        )
+    if d.active and config.batch_size % d.world:
+        raise UserError(
+            f"batch_size={config.batch_size} must divide by the {d.world} processes (global batch)"
+        )
     splits = load_splits(config)
     log(
         f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val images, "
@@ -151,11 +161,17 @@ def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
         model.init_whitening(normalize(sample))
     if config.init_from:
         _init_from(model, config, splits.classes, log)
+    if d.active and config.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fixed = {id(p) for p in model.parameters() if not p.requires_grad}  # e.g. fastnet's whitening
     model = model.to(hw.device)
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if config.compile else model
+    step_model = model
+    if d.active:
+        ids = [hw.device.index] if hw.device.type == "cuda" else None
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    step_model = torch.compile(step_model) if config.compile else step_model
     optimizer = torch.optim.SGD(
         param_groups(model, config),
         lr=config.lr,
@@ -163,7 +179,8 @@ def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
         nesterov=config.nesterov,
     )
     if config.loader == "device":
-        batches = DeviceBatches(splits.train, config, hw.device, BatchAugment(config, normalize))
+        augment = BatchAugment(config, normalize)
+        batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
     else:
         batches = TorchvisionBatches(splits.train, config, hw.device, normalize)
     total = config.epochs * len(batches)
@@ -180,7 +197,7 @@ def _build(config: TrainConfig, run_dir: Path, log) -> _Run:
     val_labels = torch.from_numpy(splits.val.labels).to(hw.device)
     return _Run(
         config, hw, splits, model, step_model, optimizer, scheduler, scaler, ema, batches, normalize,
-        val_images, val_labels, run_dir, fixed,
+        val_images, val_labels, run_dir, fixed, d,
     )  # fmt: skip
 
 
@@ -334,9 +351,10 @@ def _train_epoch(
             acc.update(
                 loss_sum=loss_sum.item(), correct=correct.item(), seconds=time.perf_counter() - t0
             )
-            atomic_save(
-                _state(run, epoch, next_step, acc["best"], dict(acc)), run.run_dir / "last.pt"
-            )
+            if run.dist.main:
+                atomic_save(
+                    _state(run, epoch, next_step, acc["best"], dict(acc)), run.run_dir / "last.pt"
+                )
             if stop.received is not None:
                 bar.close()
                 code = 130 if stop.received == signal.SIGINT else 143
@@ -368,6 +386,9 @@ def train(
 
     `on_epoch(row)` is called after each epoch's metrics row is saved (tuning prunes from it)."""
     run_dir = Path(run_dir)
+    d = init_distributed()
+    if not d.main:
+        log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     last = run_dir / "last.pt"
     ckpt = None
     if resume and last.is_file():
@@ -379,11 +400,15 @@ def train(
         raise UserError(
             f"--out {run_dir} already holds a run (last.pt); add --resume to continue it or pick a new --out"
         )
-    prepare_run_dir(run_dir, need_bytes=200_000_000)
-    with RunLock(run_dir), _StopSignals() as stop:
-        run = _build(config, run_dir, log)
+    if d.main:
+        prepare_run_dir(run_dir, need_bytes=200_000_000)
+    barrier(d)
+    lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
+    with lock, _StopSignals() as stop:
+        run = _build(config, run_dir, log, d)
         config = run.config  # resolved (e.g. input_size)
-        save_config(config, run_dir / "config.yaml")
+        if d.main:
+            save_config(config, run_dir / "config.yaml")
         n_params = sum(p.numel() for p in run.model.parameters())
         log(
             f"model: {config.model} ({n_params / 1e6:.2f}M params) on {run.hw.describe()}, recipe {config.recipe}"
@@ -397,12 +422,16 @@ def train(
                 dict(ckpt["accumulators"]),
             )
             log(f"resume: from epoch {first_epoch + 1} step {start_step} of {run_dir / 'last.pt'}")
-        truncate_metrics(run_dir / "metrics.csv", first_epoch)
-        writer = _tensorboard(run_dir) if config.tensorboard else None
+        if d.main:
+            truncate_metrics(run_dir / "metrics.csv", first_epoch)
+        writer = _tensorboard(run_dir) if config.tensorboard and d.main else None
         history, total_seconds, val_acc = [], 0.0, 0.0
         for epoch in range(first_epoch, config.epochs):
             lr = run.optimizer.param_groups[0]["lr"]
             acc = _train_epoch(run, epoch, start_step, acc, stop, log)
+            acc["loss_sum"], acc["correct"], acc["seen"] = all_sum(
+                [acc["loss_sum"], acc["correct"], acc["seen"]], d, run.hw.device
+            )  # every rank's share of the epoch
             start_step = 0
             t_val = time.perf_counter()
             val_loss, val_acc = _validate(run)
@@ -414,7 +443,8 @@ def train(
                 "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
                 "seconds": round(seconds, 2), "images_per_s": round(acc["seen"] / max(acc["seconds"], 1e-9), 1),
             }  # fmt: skip
-            append_metrics(run_dir / "metrics.csv", row)
+            if d.main:
+                append_metrics(run_dir / "metrics.csv", row)
             if writer is not None:
                 for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"):
                     writer.add_scalar(key, row[key], epoch + 1)
@@ -422,10 +452,11 @@ def train(
             total_seconds += seconds
             improved = val_acc > acc["best"]
             best = max(acc["best"], val_acc)
-            state = _state(run, epoch + 1, 0, best, _fresh_accumulators(best))
-            atomic_save(state, run_dir / "last.pt")
-            if improved:
-                atomic_save(state, run_dir / "best.pt")
+            if d.main:
+                state = _state(run, epoch + 1, 0, best, _fresh_accumulators(best))
+                atomic_save(state, run_dir / "last.pt")
+                if improved:
+                    atomic_save(state, run_dir / "best.pt")
             skipped = (
                 f"  ({acc['nan_skipped']} non-finite batches skipped)" if acc["nan_skipped"] else ""
             )
@@ -439,6 +470,7 @@ def train(
                 on_epoch(row)
         if writer is not None:
             writer.close()
+        barrier(d)
     ips = history[-1]["images_per_s"] if history else 0.0
     return Result(run_dir, acc["best"], val_acc, config.epochs, total_seconds, ips, history)
 

@@ -21,10 +21,9 @@ from cifarlab.config import TrainConfig
 from cifarlab.data.sources import ImageSet
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return int(
-        np.random.SeedSequence([seed, epoch, step]).generate_state(1, dtype=np.uint64)[0] >> 1
-    )
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    entropy = [seed, epoch, step] + ([rank] if rank else [])  # rank 0 draws as a single process
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -40,8 +39,10 @@ class StepRandom:
     rng: np.random.Generator
 
     @classmethod
-    def for_step(cls, seed: int, epoch: int, step: int, device: torch.device) -> StepRandom:
-        s = step_seed(seed, epoch, step)
+    def for_step(
+        cls, seed: int, epoch: int, step: int, device: torch.device, rank: int = 0
+    ) -> StepRandom:
+        s = step_seed(seed, epoch, step, rank)
         torch.manual_seed(s)  # dropout and the torchvision policies draw from the global generator
         return cls(torch.Generator(device=device).manual_seed(s), np.random.default_rng(s))
 
@@ -51,13 +52,18 @@ def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class DeviceBatches:
+    """Under DDP (`world` > 1) every rank walks the same permutation and takes rank::world of
+    each global batch of `batch_size`, so the global batch matches a single process's."""
+
     def __init__(
-        self, data: ImageSet, config: TrainConfig, device: torch.device, augment: BatchAugment
-    ):
+        self, data: ImageSet, config: TrainConfig, device: torch.device, augment: BatchAugment,
+        rank: int = 0, world: int = 1,
+    ):  # fmt: skip
         self.images = to_device_uint8(data.images, device)
         self.labels = torch.from_numpy(data.labels).to(device)
         self.config, self.device, self.augment = config, device, augment
         self.batch_size = min(config.batch_size, len(data))
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size  # drop_last: every step sees a full batch
@@ -67,8 +73,10 @@ class DeviceBatches:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]:
         order = epoch_order(len(self.labels), self.config.seed, epoch).to(self.device)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-            rand = StepRandom.for_step(self.config.seed, epoch, step, self.device)
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size][
+                self.rank :: self.world
+            ]
+            rand = StepRandom.for_step(self.config.seed, epoch, step, self.device, self.rank)
             yield self.augment(self.images[idx], rand.gen), self.labels[idx], rand
 
 
