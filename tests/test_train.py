@@ -136,3 +136,25 @@ def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
     assert proc.returncode == 143, err
     assert "--resume" in err and load_checkpoint(out / "last.pt")["next_step"] >= 0
     assert not (out / ".lock").exists()
+
+
+def test_param_groups_apply_backbone_and_bias_multipliers_with_decoupled_decay():
+    from cifarlab.models import create_model
+    from cifarlab.train import param_groups
+
+    model = create_model("cnn", 10)
+    config = make_config(lr=0.1, weight_decay=1e-3, bias_lr_mult=64.0, backbone_lr_mult=0.1)
+    groups = {round(g["lr_mult"], 6): g for g in param_groups(model, config)}
+    assert set(groups) == {
+        1.0,
+        64.0,
+        0.1,
+        6.4,
+    }  # head weight, head bias, backbone weights, backbone 1-D
+    assert groups[0.1]["lr"] == pytest.approx(0.01) and groups[64.0]["lr"] == pytest.approx(6.4)
+    for g in groups.values():  # the decay per step (lr x decay) of 1-D parameters is not scaled up
+        assert g["lr"] * g["weight_decay"] == pytest.approx(
+            0.1 * 1e-3 * (0.1 if g["lr_mult"] in (0.1, 6.4) else 1.0)
+        )
+    head = model.classifier[-1]
+    assert any(p is head.weight for p in groups[1.0]["params"])

@@ -73,7 +73,10 @@ def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
             mult *= config.bias_lr_mult
             decay = 0.0 if config.no_decay_norm_bias else decay / config.bias_lr_mult
         groups.setdefault((mult, decay), []).append(p)
-    return [{"params": ps, "lr": config.lr * m, "weight_decay": d} for (m, d), ps in groups.items()]
+    return [
+        {"params": ps, "lr": config.lr * m, "weight_decay": d, "lr_mult": m}
+        for (m, d), ps in groups.items()
+    ]
 
 
 class _StopSignals:
@@ -427,7 +430,10 @@ def train(
         writer = _tensorboard(run_dir) if config.tensorboard and d.main else None
         history, total_seconds, val_acc = [], 0.0, 0.0
         for epoch in range(first_epoch, config.epochs):
-            lr = run.optimizer.param_groups[0]["lr"]
+            group = run.optimizer.param_groups[0]
+            lr = (
+                group["lr"] / group["lr_mult"]
+            )  # the peak-lr schedule, whatever the group's multiplier
             acc = _train_epoch(run, epoch, start_step, acc, stop, log)
             acc["loss_sum"], acc["correct"], acc["seen"] = all_sum(
                 [acc["loss_sum"], acc["correct"], acc["seen"]], d, run.hw.device
