@@ -144,28 +144,16 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise UserError(bad)
-    if kind is int:
+    if kind in (int, float):
         if isinstance(value, str):
             try:
-                value = int(value)
+                value = kind(value)
             except ValueError:
                 raise UserError(bad) from None
-        if isinstance(value, bool) or not isinstance(value, int):
+        allowed = int if kind is int else int | float
+        if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value):
             raise UserError(bad)
-        return value
-    if kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise UserError(bad) from None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise UserError(bad)
-        return float(value)
+        return kind(value)
     if kind == list[str]:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -227,19 +215,24 @@ def list_recipes() -> dict[str, str]:
     return out
 
 
-def recipe_path(name_or_file: str) -> Path:
+def named_yaml(name_or_file: str, folder: Path, kind: str, names) -> Path:
+    """A `.yaml` path as given, or a shipped `<folder>/<name>.yaml`; the error lists `names()`."""
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise UserError(f"recipe file {path} does not exist")
+            raise UserError(f"{kind} file {path} does not exist")
         return path
-    shipped = RECIPE_DIR / f"{name_or_file}.yaml"
+    shipped = folder / f"{name_or_file}.yaml"
     if not shipped.is_file():
-        names = ", ".join(list_recipes())
+        valid = ", ".join(names())
         raise UserError(
-            f"unknown recipe '{name_or_file}'; valid recipes: {names} (or a .yaml path)"
+            f"unknown {kind} '{name_or_file}'; valid {kind}s: {valid} (or a .yaml path)"
         )
     return shipped
+
+
+def recipe_path(name_or_file: str) -> Path:
+    return named_yaml(name_or_file, RECIPE_DIR, "recipe", list_recipes)
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

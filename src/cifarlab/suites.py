@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.config import TrainConfig, apply_overrides, load_recipe, read_yaml_mapping
+from cifarlab.config import TrainConfig, apply_overrides, load_recipe, named_yaml, read_yaml_mapping
 from cifarlab.errors import UserError
 from cifarlab.rundir import read_metrics
 
@@ -59,17 +59,7 @@ def list_suites() -> dict[str, str]:
 
 
 def _suite_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise UserError(f"suite file {path} does not exist")
-        return path
-    shipped = SUITE_DIR / f"{name}.yaml"
-    if not shipped.is_file():
-        raise UserError(
-            f"unknown suite '{name}'; valid suites: {', '.join(list_suites())} (or a .yaml path)"
-        )
-    return shipped
+    return named_yaml(name, SUITE_DIR, "suite", list_suites)
 
 
 def load_suite(name: str, base: dict[str, Any]) -> Suite:
