@@ -124,3 +124,21 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(small_run, 
                          capture_output=True, text=True, timeout=120, check=False).stdout  # fmt: skip
     assert "IMAGES:" in dom and ":BROKEN:0" in dom, dom[:300]
     assert "IMAGES:0:" not in dom
+
+
+def test_hundred_class_confusion_figure_shows_top_pairs_not_a_grid(tmp_path):
+    from cifarlab import metrics
+    from cifarlab.report import figures
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 100, 5000)
+    preds = np.where(rng.random(5000) < 0.6, labels, rng.integers(0, 100, 5000))
+    classes = [f"class{i}" for i in range(100)]
+    cm = metrics.confusion_matrix(labels, preds, 100)
+    pairs = metrics.most_confused(cm, classes, n=25)
+    assert len(pairs) == 25 and pairs[0]["count"] >= pairs[-1]["count"]
+    figures.confusion_matrix(cm, classes, pairs, tmp_path / "cm.png")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "cm.png").size
+    assert width < 1500 and height < 1500  # a readable bar chart, not a 100x100 grid

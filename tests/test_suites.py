@@ -138,3 +138,12 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     assert any("[flip] cannot start: --weights /no/such.pth: no such file" in m for m in messages)
     assert "cannot start" in rows[1]["status"] and "best_val_acc" in rows[0]
     assert "cannot start" in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_mixup_examples_show_four_mixed_images(real_jpegs, tmp_path):
+    from cifarlab.suites import _mixup_examples
+    from tests.conftest import make_config
+
+    config = make_config(data=str(real_jpegs), data_root=str(tmp_path / "d"), val_size=100)
+    _mixup_examples(config, tmp_path / "mixup_examples.png")
+    assert (tmp_path / "mixup_examples.png").stat().st_size > 10_000
