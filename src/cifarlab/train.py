@@ -124,28 +124,9 @@ class _Run:
     dist: Dist
 
 
-def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
-    hw = setup_hardware(config)
-    if d.active and config.loader != "device":
-        raise UserError(
-            "under torchrun use loader: device (the torchvision loader is single-process)"
-        )
-    if d.active and config.batch_size % d.world:
-        raise UserError(
-            f"batch_size={config.batch_size} must divide by the {d.world} processes (global batch)"
-        )
-    splits = load_splits(config)
-    log(
-        f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val images, "
-        f"{len(splits.classes)} classes"
-        + (f", {len(splits.skipped)} skipped" if splits.skipped else "")
-    )
-    if splits.skipped:
-        (run_dir / "skipped_images.txt").write_text("\n".join(splits.skipped) + "\n")
-    if len(splits.train) < config.batch_size:
-        raise UserError(
-            f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
-        )
+def _build_model(config: TrainConfig, splits: Splits, hw: Hardware, d: Dist, log):
+    """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
+    with the normalisation it expects and the ids of parameters that never train."""
     torch.manual_seed(config.seed)
     if config.stem == "imagenet" and config.input_size == 0:
         config = dataclasses.replace(config, input_size=224 if hw.device.type == "cuda" else 64)
@@ -170,6 +151,32 @@ def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
     model = model.to(hw.device)
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return config, model, normalize, fixed
+
+
+def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
+    hw = setup_hardware(config)
+    if d.active and config.loader != "device":
+        raise UserError(
+            "under torchrun use loader: device (the torchvision loader is single-process)"
+        )
+    if d.active and config.batch_size % d.world:
+        raise UserError(
+            f"batch_size={config.batch_size} must divide by the {d.world} processes (global batch)"
+        )
+    splits = load_splits(config)
+    log(
+        f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val images, "
+        f"{len(splits.classes)} classes"
+        + (f", {len(splits.skipped)} skipped" if splits.skipped else "")
+    )
+    if splits.skipped and d.main:
+        (run_dir / "skipped_images.txt").write_text("\n".join(splits.skipped) + "\n")
+    if len(splits.train) < config.batch_size:
+        raise UserError(
+            f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
+        )
+    config, model, normalize, fixed = _build_model(config, splits, hw, d, log)
     step_model = model
     if d.active:
         ids = [hw.device.index] if hw.device.type == "cuda" else None
