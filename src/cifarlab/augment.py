@@ -50,15 +50,19 @@ def _factor(n: int, strength: float, like: torch.Tensor, gen: torch.Generator) -
 def color_jitter(
     x: torch.Tensor, brightness: float, contrast: float, saturation: float, gen
 ) -> torch.Tensor:
-    """torchvision's ColorJitter maths (factors uniform in [1-s, 1+s]) per image, on [0, 1] floats."""
+    """torchvision's ColorJitter maths (factors uniform in [1-s, 1+s]) per image, on [0, 1] floats.
+
+    Works in place on one copy of `x`: fewer temporaries keep it a small share of a CPU step."""
     n = x.shape[0]
+    x = x.clone()
     if brightness:
-        x = (x * _factor(n, brightness, x, gen)).clamp(0, 1)
+        x.mul_(_factor(n, brightness, x, gen)).clamp_(0, 1)
     if contrast:
         mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        x = torch.lerp(mean.expand_as(x), x, _factor(n, contrast, x, gen)).clamp(0, 1)
+        x.sub_(mean).mul_(_factor(n, contrast, x, gen)).add_(mean).clamp_(0, 1)
     if saturation:
-        x = torch.lerp(_gray(x).expand_as(x), x, _factor(n, saturation, x, gen)).clamp(0, 1)
+        gray = _gray(x)
+        x.sub_(gray).mul_(_factor(n, saturation, x, gen)).add_(gray).clamp_(0, 1)
     return x
 
 
