@@ -59,3 +59,18 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path):
         )  # fmt: skip
         assert other.returncode != 0 and "is in use by process" in other.stderr
     assert not (tmp_path / ".lock").exists()
+
+
+def test_run_directory_without_room_or_creatable_path_is_refused(tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    from cifarlab.rundir import prepare_run_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot create the run directory"):
+        prepare_run_dir(blocker / "run", need_bytes=1)
+    usage = _shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage._replace(free=10_000_000))
+    with pytest.raises(UserError, match="10 MB free, checkpoints need about 200 MB"):
+        prepare_run_dir(tmp_path / "run", need_bytes=200_000_000)
