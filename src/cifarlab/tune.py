@@ -58,14 +58,14 @@ def suggest(trial, base: TrainConfig) -> dict[str, Any]:
 
 def _storage(url: str):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     try:
         return RDBStorage(
             url,
             heartbeat_interval=30,
             grace_period=90,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
     except (optuna.exceptions.OptunaError, Exception) as exc:
         raise UserError(
