@@ -11,17 +11,22 @@ import pytest
 from cifarlab.config import TrainConfig, apply_overrides
 
 TEST_DATA = os.environ.get("CIFARLAB_TEST_DATA", "")
+HAVE_DATA = bool(TEST_DATA) and Path(TEST_DATA).is_file()
 needs_real_data = pytest.mark.skipif(
-    not (TEST_DATA and Path(TEST_DATA).is_file()),
-    reason="set CIFARLAB_TEST_DATA to the CIFAR-10 JPEG tarball (make test does)",
+    not HAVE_DATA, reason="set CIFARLAB_TEST_DATA to the CIFAR-10 JPEG tarball (make test does)"
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on real images (directly or through a fixture) need the tarball; say so when absent."""
+    for item in items:
+        if "real_jpegs" in getattr(item, "fixturenames", ()):
+            item.add_marker(needs_real_data)
 
 
 @pytest.fixture(scope="session")
 def real_jpegs(tmp_path_factory) -> Path:
     """`<root>/train/<class>/*.jpg`: the first 60 real images of each CIFAR-10 class."""
-    if not (TEST_DATA and Path(TEST_DATA).is_file()):
-        pytest.skip("CIFARLAB_TEST_DATA not set")
     root = tmp_path_factory.mktemp("cifar-jpg")
     per_class: dict[str, int] = {}
     with tarfile.open(TEST_DATA) as tf:
