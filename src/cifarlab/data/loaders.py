@@ -27,7 +27,8 @@ def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(step_seed(seed, epoch, -1 % 2**31))
+    # step index 2**31 - 1 is never a real step, so the order draws apart from every batch
+    gen = torch.Generator().manual_seed(step_seed(seed, epoch, 2**31 - 1))
     return torch.randperm(n, generator=gen)
 
 
