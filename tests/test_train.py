@@ -74,6 +74,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(real_jpegs, data_root, t
         "train", "--data", str(real_jpegs), "--data-root", str(data_root), "--recipe", "seed-cnn",
         "--epochs", "3", "--batch-size", "50", "--val-size", "100", "--no-progress",
         "--set", "width=0.25", "--set", "save_every_steps=2", "--set", "threads=1",
+        # the speed-record switches carry state across a resume too
+        "--set", "whitening=true", "--set", "whiten_bias_epochs=1", "--set", "lookahead=true",
+        "--set", "lookahead_every=3", "--set", "alt_flip=true",
     ]  # fmt: skip
     assert _run_cli([*args, "--out", str(tmp_path / "full")]).wait(timeout=300) == 0
 

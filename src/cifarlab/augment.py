@@ -108,14 +108,19 @@ class BatchAugment:
         self.normalize = normalize
         self.policy = _policy(config.policy) if config.policy != "none" else None
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, gen: torch.Generator, flips: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`flips` (bool per image) replaces the flip coin, for the alternating flip."""
         c = self.c
         if self.policy is not None:  # per image by design: each draws its own operations
             x = torch.stack([self.policy(img) for img in x])
         x = x.float().div_(255)
         if c.crop_padding:
             x = random_crop(x, c.crop_padding, c.padding_mode, gen)
-        if c.flip:
+        if c.flip and flips is not None:
+            x = torch.where(flips[:, None, None, None], x.flip(3), x)
+        elif c.flip:
             x = random_flip(x, gen)
         if c.jitter_brightness or c.jitter_contrast or c.jitter_saturation:
             x = color_jitter(x, c.jitter_brightness, c.jitter_contrast, c.jitter_saturation, gen)

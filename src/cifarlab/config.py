@@ -76,11 +76,22 @@ class TrainConfig:
     ema: bool = False  # evaluate and keep an exponential moving average of the weights
     ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0, lo_open=True))  # per step
 
+    # --- speed-record ingredients (airbench); usable with any model ---
+    whitening: bool = False  # first conv set to whiten the training patches, weights frozen
+    whiten_bias_epochs: int = field(default=0, metadata=_range(0))  # with whitening: that conv's
+    # bias trains for this many epochs, then freezes (0 = it trains throughout)
+    lookahead: bool = False  # every lookahead_every steps, weights reset onto their slow average
+    lookahead_every: int = field(default=5, metadata=_range(1))
+    lookahead_decay: float = field(default=0.95, metadata=_range(0.0, 1.0))  # per step, ramped
+    # in as progress^3; the run ends on the slow average
+
     # --- data pipeline and augmentation ---
     loader: str = field(default="device", metadata=_choice("device", "torchvision"))
     crop_padding: int = field(default=4, metadata=_range(0))  # random-crop padding, 0 = no crop
     padding_mode: str = field(default="reflect", metadata=_choice("reflect", "zeros"))
     flip: bool = True
+    alt_flip: bool = False  # with flip: each image is mirrored in every other epoch (random
+    # phase per image) instead of by a fresh coin each time it is seen
     jitter_brightness: float = field(default=0.0, metadata=_range(0.0, 1.0))
     jitter_contrast: float = field(default=0.0, metadata=_range(0.0, 1.0))
     jitter_saturation: float = field(default=0.0, metadata=_range(0.0, 1.0))

@@ -66,7 +66,5 @@ def model_from_checkpoint(
         state = {
             k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")
         }
-    if hasattr(model, "init_whitening"):
-        model.whiten.weight.requires_grad_(False)
     model.load_state_dict(state)
     return model.to(device).eval()

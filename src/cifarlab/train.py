@@ -29,8 +29,10 @@ from cifarlab.distributed import Dist, all_sum, barrier, init_distributed
 from cifarlab.errors import Interrupted, UserError
 from cifarlab.hardware import Hardware, setup_hardware
 from cifarlab.inference import predict_logits
+from cifarlab.lookahead import Lookahead
 from cifarlab.models import create_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD, BackboneOptions
+from cifarlab.models.whitening import first_conv, init_whitening
 from cifarlab.rundir import RunLock, append_metrics, prepare_run_dir, truncate_metrics
 from cifarlab.schedules import make_scheduler
 
@@ -122,11 +124,16 @@ class _Run:
     run_dir: Path
     fixed: set[int]  # ids of parameters that never train
     dist: Dist
+    lookahead: Lookahead | None = None
 
 
 def _build_model(config: TrainConfig, splits: Splits, hw: Hardware, d: Dist, log):
     """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
     with the normalisation it expects and the ids of parameters that never train."""
+    if config.whitening and (config.pretrained or config.weights):
+        raise UserError(
+            "whitening: true would overwrite the pretrained first layer; drop one of the two"
+        )
     torch.manual_seed(config.seed)
     if config.stem == "imagenet" and config.input_size == 0:
         config = dataclasses.replace(config, input_size=224 if hw.device.type == "cuda" else 64)
@@ -140,14 +147,14 @@ def _build_model(config: TrainConfig, splits: Splits, hw: Hardware, d: Dist, log
     if config.stem == "imagenet" and (config.pretrained or config.weights):
         splits.mean, splits.std = IMAGENET_MEAN, IMAGENET_STD  # what the pretrained stem expects
     normalize = Normalize(splits.mean, splits.std)
-    if hasattr(model, "init_whitening"):
+    if config.whitening:
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2).float().div(255)
-        model.init_whitening(normalize(sample))
+        init_whitening(first_conv(model), normalize(sample))
     if config.init_from:
         _init_from(model, config, splits.classes, log)
     if d.active and config.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    fixed = {id(p) for p in model.parameters() if not p.requires_grad}  # e.g. fastnet's whitening
+    fixed = {id(p) for p in model.parameters() if not p.requires_grad}  # e.g. whitened weights
     model = model.to(hw.device)
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -188,6 +195,8 @@ def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
         momentum=config.momentum,
         nesterov=config.nesterov,
     )
+    if config.alt_flip and config.loader != "device":
+        raise UserError("alt_flip needs loader: device (the torchvision loader flips by coin)")
     if config.loader == "device":
         augment = BatchAugment(config, normalize)
         batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
@@ -203,11 +212,14 @@ def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
             model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
         )
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16)
+    lookahead = None
+    if config.lookahead:
+        lookahead = Lookahead(model, config.lookahead_every, config.lookahead_decay, total)
     val_images = to_device_uint8(splits.val.images, hw.device)
     val_labels = torch.from_numpy(splits.val.labels).to(hw.device)
     return _Run(
         config, hw, splits, model, step_model, optimizer, scheduler, scaler, ema, batches, normalize,
-        val_images, val_labels, run_dir, fixed, d,
+        val_images, val_labels, run_dir, fixed, d, lookahead,
     )  # fmt: skip
 
 
@@ -237,11 +249,20 @@ def _init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], 
 
 
 def _apply_freeze(run: _Run, epoch: int, log) -> None:
-    """`freeze: backbone` for the first `freeze_epochs`: only the head trains, frozen BatchNorm in eval mode."""
+    """What trains this epoch: the head only during `freeze: backbone`'s `freeze_epochs` (frozen
+    BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
     c = run.config
-    if c.freeze != "backbone":
-        return
-    frozen = epoch < c.freeze_epochs
+    if c.freeze == "backbone":
+        _freeze_backbone(run, epoch < c.freeze_epochs)
+        if epoch == c.freeze_epochs and epoch > 0:
+            log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+    if c.whitening and c.whiten_bias_epochs and epoch >= c.whiten_bias_epochs:
+        bias = first_conv(run.model).bias
+        if bias is not None:
+            bias.requires_grad_(False)
+
+
+def _freeze_backbone(run: _Run, frozen: bool) -> None:
     head = head_name(run.model) + "."
     for name, p in run.model.named_parameters():
         if not name.startswith(head) and id(p) not in run.fixed:
@@ -250,8 +271,6 @@ def _apply_freeze(run: _Run, epoch: int, log) -> None:
         for name, m in run.model.named_modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
                 m.eval()
-    if epoch == c.freeze_epochs and epoch > 0:
-        log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
 
 
 def _state(run: _Run, epoch: int, next_step: int, best: float, acc: dict) -> dict:
@@ -259,6 +278,7 @@ def _state(run: _Run, epoch: int, next_step: int, best: float, acc: dict) -> dic
     return {
         "model": run.model.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -281,6 +301,8 @@ def _restore(run: _Run, ckpt: dict) -> None:
     run.model.load_state_dict(ckpt["model"])
     if run.ema is not None and ckpt.get("ema") is not None:
         run.ema.load_state_dict(ckpt["ema"])
+    if run.lookahead is not None and ckpt.get("lookahead") is not None:
+        run.lookahead.load_state_dict(ckpt["lookahead"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -338,6 +360,8 @@ def _train_epoch(
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
+        if run.lookahead is not None:
+            run.lookahead.after_step(run.model, epoch * len(run.batches) + step + 1)
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         loss_sum += loss.detach() * len(y)

@@ -32,6 +32,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
+def flip_phase(n: int, seed: int) -> torch.Tensor:
+    """Alternating flip (airbench): image i is mirrored in the epochs where this bit XOR the
+    epoch's parity is set, so every image is seen both ways in any two consecutive epochs."""
+    gen = torch.Generator().manual_seed(step_seed(seed, 2**31 - 1, 0))
+    return torch.rand(n, generator=gen) < 0.5
+
+
 @dataclass
 class StepRandom:
     """The generators of one training step: per-image draws on the device, per-batch on the host."""
@@ -65,6 +72,9 @@ class DeviceBatches:
         self.config, self.device, self.augment = config, device, augment
         self.batch_size = min(config.batch_size, len(data))
         self.rank, self.world = rank, world
+        self.flip_phase = None
+        if config.flip and config.alt_flip:
+            self.flip_phase = flip_phase(len(data), config.seed).to(device)
 
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size  # drop_last: every step sees a full batch
@@ -78,7 +88,8 @@ class DeviceBatches:
                 self.rank :: self.world
             ]
             rand = StepRandom.for_step(self.config.seed, epoch, step, self.device, self.rank)
-            yield self.augment(self.images[idx], rand.gen), self.labels[idx], rand
+            flips = None if self.flip_phase is None else self.flip_phase[idx] ^ bool(epoch % 2)
+            yield self.augment(self.images[idx], rand.gen, flips), self.labels[idx], rand
 
 
 class _LessonDataset(torch.utils.data.Dataset):

@@ -1,13 +1,12 @@
 """A speed-record-class net after airbench (Jordan, arXiv 2404.00498), written for cifarlab.
 
-A frozen 2x2 patch-whitening conv initialised from the training data, then three conv groups
+A 2x2 conv with 24 channels (whitened from the data with `whitening: true`), then three conv groups
 (conv, max-pool, BN, GELU, conv, BN, GELU) at widths 64/256/256, a 3x3 max-pool and a linear head
 scaled by 1/9. BatchNorm runs with momentum 0.6 and no learnable scale, as in the paper.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -43,20 +42,6 @@ class FastNet(nn.Module):
             if isinstance(m, nn.Conv2d) and m is not self.whiten:
                 nn.init.dirac_(m.weight[: m.in_channels])  # identity start for the first channels
         self.scale = 1 / 9
-
-    @torch.no_grad()
-    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the 2x2 conv to whiten patches of `images` (normalised NCHW floats); then freeze it."""
-        patches = (
-            images.unfold(2, 2, 1).unfold(3, 2, 1).transpose(1, 3).reshape(-1, 3 * 2 * 2)
-        )  # (C, row, col).double()
-        patches = patches - patches.mean(0)
-        cov = patches.T @ patches / len(patches)
-        eigvals, eigvecs = torch.linalg.eigh(cov)
-        filters = (eigvecs.T / torch.sqrt(eigvals + eps)[:, None]).reshape(12, 3, 2, 2)
-        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight.dtype))
-        self.whiten.bias.zero_()
-        self.whiten.weight.requires_grad_(False)
 
     def forward(self, x):
         x = self.body(self.whiten(x)).flatten(1)

@@ -1,0 +1,44 @@
+"""Lookahead as airbench uses it: every k steps the weights move to a slow average of themselves.
+
+Unlike an EMA that is only evaluated, this changes the trajectory: the slow copy takes a step
+toward the live weights, then the live weights are reset onto it. The pull ramps in as
+progress^3 (none early, strongest at the end) and the last step lands on the average itself.
+Torch has no such optimiser wrapper, hence these few lines.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Lookahead:
+    def __init__(self, model: torch.nn.Module, every: int, decay: float, total_steps: int):
+        self.every, self.decay, self.total = every, decay, total_steps
+        self.slow = {
+            k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
+        }
+
+    def pull(self, step: int) -> float:
+        """How much of the slow copy stays after global step `step` (1-based); 0 = no update."""
+        if step >= self.total:
+            return 1.0
+        if step % self.every:
+            return 0.0
+        return self.decay**self.every * (step / self.total) ** 3
+
+    @torch.no_grad()
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        if step % self.every and step < self.total:
+            return
+        keep = self.pull(step)
+        for name, value in model.state_dict().items():
+            if name in self.slow:
+                self.slow[name].lerp_(value, 1.0 - keep)
+                value.copy_(self.slow[name])
+
+    def state_dict(self) -> dict:
+        return dict(self.slow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            self.slow[name].copy_(value)

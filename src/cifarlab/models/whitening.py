@@ -1,0 +1,58 @@
+"""Patch-whitening initialisation of a model's first convolution (airbench, arXiv 2404.00498).
+
+The first conv's filters are set to the eigenvectors of the training patches' covariance, scaled
+by 1/sqrt(eigenvalue), in +/- pairs, so its outputs start decorrelated with unit variance; the
+weights are then frozen. Works for any model whose first layer is a 3-channel `nn.Conv2d`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cifarlab.errors import UserError
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The model's first convolution on the RGB input (in module order)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            return module
+    raise UserError(
+        f"whitening: {type(model).__name__} has no 3-channel first convolution to whiten; "
+        "use --set whitening=false"
+    )
+
+
+def patch_whitening_filters(images: torch.Tensor, kernel: tuple[int, int], eps: float = 5e-4):
+    """Whitening filters for `kernel`-sized patches of normalised NCHW `images`, the
+    largest-variance direction first: shape (3*kh*kw, 3, kh, kw)."""
+    kh, kw = kernel
+    c = images.shape[1]
+    patches = images.double().unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+    filters = eigvecs.T / torch.sqrt(eigvals.clamp(min=0) + eps)[:, None]
+    return filters.reshape(-1, c, kh, kw).float()
+
+
+@torch.no_grad()
+def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> int:
+    """Whiten `conv` from `images` and freeze its weight; returns how many channels were set.
+
+    With out_channels >= 2 x patch size every filter goes in as a +/- pair (airbench's layout)
+    and the remaining channels keep their initialisation; with fewer channels the leading
+    principal directions fill them, again in pairs."""
+    filters = patch_whitening_filters(images, conv.kernel_size, eps)
+    keep = min(len(filters), conv.out_channels // 2)
+    if keep == 0:
+        raise UserError(f"whitening: the first conv has {conv.out_channels} channel(s); need >= 2")
+    pairs = torch.cat([filters[:keep], -filters[:keep]])
+    conv.weight[: 2 * keep] = pairs.to(conv.weight.dtype)
+    if conv.bias is not None:
+        conv.bias.zero_()
+    conv.weight.requires_grad_(False)
+    return 2 * keep
