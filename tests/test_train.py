@@ -48,7 +48,13 @@ def test_a_few_epochs_on_real_images_lower_the_loss(real_jpegs, data_root, tmp_p
     [
         {"loader": "torchvision", "workers": 0},
         {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1, "ema": True},
-        {"schedule": "onecycle", "nesterov": True, "no_decay_norm_bias": True, "cutout": 8},
+        {
+            "schedule": "onecycle",
+            "nesterov": True,
+            "no_decay_norm_bias": True,
+            "cutout": 8,
+            "tta": "flip-translate",
+        },
     ],
 )
 def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, extra):
@@ -58,6 +64,7 @@ def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, ext
         log=lambda s: None,
     )
     assert len(result.history) == 1 and 0 <= result.final_val_acc <= 1
+    assert (result.tta_val_acc is not None) == ("tta" in extra)
 
 
 def _run_cli(args, **kw):

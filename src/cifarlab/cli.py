@@ -69,8 +69,9 @@ def cmd_train(args) -> int:
     if config.model not in MODELS:
         raise UserError(f"unknown model '{config.model}'; valid models: {', '.join(MODELS)}")
     result = train(config, args.out, resume=args.resume)
+    tta = "" if result.tta_val_acc is None else f" ({result.tta_val_acc:.2%} with TTA)"
     print(
-        f"done: best val acc {result.best_val_acc:.2%}, final {result.final_val_acc:.2%}, "
+        f"done: best val acc {result.best_val_acc:.2%}, final {result.final_val_acc:.2%}{tta}, "
         f"{result.seconds:.0f}s; run in {result.run_dir}"
     )
     return 0

@@ -120,7 +120,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=500, metadata=_range(1))
     tta: str = field(
         default="none", metadata=_choice("none", "flip", "flip-translate")
-    )  # validation
+    )  # after the last epoch, validation once more with TTA (and `evaluate`'s default in suites)
     progress: bool = True
     tensorboard: bool = False
     recipe: str = "default"  # the recipe these settings came from (informational)

@@ -52,6 +52,7 @@ class Result:
     seconds: float  # wall time of the training epochs, evaluation included
     images_per_s: float  # training throughput of the last epoch
     history: list[dict] = field(default_factory=list)
+    tta_val_acc: float | None = None  # final weights with the config's TTA (None: tta none)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -311,10 +312,10 @@ def _restore(run: _Run, ckpt: dict) -> None:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
 
-def _validate(run: _Run) -> tuple[float, float]:
+def _validate(run: _Run, tta: str = "none") -> tuple[float, float]:
     model = run.ema.module if run.ema is not None else run.model
     logits = predict_logits(
-        model, run.val_images, run.normalize, run.config.eval_batch_size, hardware=run.hw
+        model, run.val_images, run.normalize, run.config.eval_batch_size, tta, hardware=run.hw
     )
     loss = F.cross_entropy(logits, run.val_labels).item()
     acc = (logits.argmax(1) == run.val_labels).float().mean().item()
@@ -507,9 +508,17 @@ def train(
                 on_epoch(row)
         if writer is not None:
             writer.close()
+        tta_acc = None
+        if config.tta != "none" and history:  # as airbench: TTA once, on the final weights
+            t_tta = time.perf_counter()
+            tta_acc = _validate(run, config.tta)[1]
+            total_seconds += time.perf_counter() - t_tta
+            log(f"final val acc with {config.tta} TTA: {tta_acc:.2%}")
         barrier(d)
     ips = history[-1]["images_per_s"] if history else 0.0
-    return Result(run_dir, acc["best"], val_acc, config.epochs, total_seconds, ips, history)
+    return Result(
+        run_dir, acc["best"], val_acc, config.epochs, total_seconds, ips, history, tta_acc
+    )
 
 
 def _tensorboard(run_dir: Path):
