@@ -121,7 +121,7 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     path.write_text(
         SUITE.replace(
             "set: {crop_padding: 0}}",
-            "set: {crop_padding: 0, weights: /no/such.pth, model: tv-resnet18}}",
+            "set: {crop_padding: 0, weights: /no/such.pth, model: tv-resnet18, whitening: false}}",
         )
     )
     messages = []

@@ -163,7 +163,11 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             )
             done.write_text(
                 json.dumps(
-                    {"best_val_acc": result.best_val_acc, "final_val_acc": result.final_val_acc}
+                    {
+                        "best_val_acc": result.best_val_acc,
+                        "final_val_acc": result.final_val_acc,
+                        "tta_val_acc": result.tta_val_acc,
+                    }
                 )
             )
     if suite.examples == "mixup":
@@ -206,12 +210,20 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
             )
+            tta = [_result(opts.out, run, s, opts.seeds).get("tta_val_acc") for s in opts.seeds]
+            if tta and all(t is not None for t in tta):
+                row["tta_val_acc"] = statistics.mean(tta)
         rows.append(row)
     ref = next((r for r in rows if r["run"] == suite.reference and "best_val_acc" in r), None)
     for row in rows:
         if ref is not None and "best_val_acc" in row:
             row["gain"] = row["best_val_acc"] - ref["best_val_acc"]
     return rows
+
+
+def _result(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> dict:
+    path = _run_dir(out, run, seed, seeds) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _mixup_examples(config: TrainConfig, path: Path) -> None:

@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-COLUMNS = ["run", "changes", "seeds", "best_val_acc", "best_val_acc_std", "final_val_acc", "gain",
+COLUMNS = ["run", "changes", "seeds", "best_val_acc", "best_val_acc_std", "final_val_acc",
+           "tta_val_acc", "gain",
            "epochs", "seconds", "images_per_s", "status"]  # fmt: skip
 
 
@@ -34,18 +35,18 @@ def write_suite_report(suite, rows: list[dict], out: Path) -> None:
         "",
         f"Gain: best validation accuracy minus that of `{suite.reference}`, in points.",
         "",
-        "| run | what changed | best val acc % (mean ± std) | final val acc % | gain | epochs | train time | img/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | what changed | best val acc % (mean ± std) | final val acc % | final with TTA % | gain | epochs | train time | img/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "best_val_acc" not in r:
             lines.append(
-                f"| {r['run']} | {r['changes']} | {r.get('status', 'not run')} | | | | | |"
+                f"| {r['run']} | {r['changes']} | {r.get('status', 'not run')} | | | | | | |"
             )
             continue
         std = f" ± {r['best_val_acc_std'] * 100:.2f}" if r["seeds"] > 1 else ""
         lines.append(
-            f"| {r['run']} | {r['changes']} | {_pct(r['best_val_acc'])}{std} | {_pct(r['final_val_acc'])} | "
+            f"| {r['run']} | {r['changes']} | {_pct(r['best_val_acc'])}{std} | {_pct(r['final_val_acc'])} | {_pct(r.get('tta_val_acc'))} | "
             f"{_pct(r.get('gain'), signed=True)} | {r['epochs']} | {r['seconds'] / 60:.1f} min | {r['images_per_s']:.0f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
