@@ -168,3 +168,20 @@ def test_param_groups_apply_backbone_and_bias_multipliers_with_decoupled_decay()
         )
     head = model.classifier[-1]
     assert any(p is head.weight for p in groups[1.0]["params"])
+
+
+def test_lr_mults_scale_parameters_by_name_prefix_longest_first():
+    from cifarlab.models import create_model
+    from cifarlab.train import param_groups
+
+    model = create_model("cnn", 10)
+    config = make_config(lr=0.1, lr_mults=["classifier=0.1", "classifier.4=0.5"])
+    by_id = {id(p): g["lr_mult"] for g in param_groups(model, config) for p in g["params"]}
+    mults = {n: by_id[id(p)] for n, p in model.named_parameters()}
+    assert mults["features.0.0.weight"] == 1.0
+    assert mults["classifier.1.weight"] == pytest.approx(0.1)
+    assert mults["classifier.4.weight"] == pytest.approx(0.5)  # the longer prefix wins
+    with pytest.raises(UserError, match="'head' matches no parameter of cnn"):
+        param_groups(model, make_config(lr_mults=["head=0.1"]))
+    with pytest.raises(UserError, match="name-prefix=positive-number"):
+        make_config(lr_mults=["classifier=-1"])

@@ -55,6 +55,8 @@ class TrainConfig:
     freeze_epochs: int = field(default=0, metadata=_range(0))  # train the head only this long
     backbone_lr_mult: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # lr x this
     # for everything but the head (discriminative fine-tuning, e.g. 0.1)
+    lr_mults: list[str] = field(default_factory=list, metadata={"pairs": True})  # "prefix=x":
+    # parameters whose name starts with prefix train at lr x x (e.g. classifier=0.1); longest wins
 
     # --- optimisation ---
     epochs: int = field(default=100, metadata=_range(1))
@@ -176,8 +178,27 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, float]:
+    """["prefix=0.1", ...] -> {"prefix": 0.1}; each multiplier a positive number."""
+    out = {}
+    for item in items:
+        prefix, _, mult = item.partition("=")
+        try:
+            value = float(mult)
+        except ValueError:
+            value = float("nan")
+        if not prefix.strip() or not (math.isfinite(value) and value > 0):
+            raise UserError(
+                f"{where}: {item!r} must be name-prefix=positive-number, e.g. classifier=0.1"
+            )
+        out[prefix.strip()] = value
+    return out
+
+
 def _check_limits(key: str, value: Any, where: str) -> None:
     meta = FIELDS[key].metadata
+    if meta.get("pairs"):
+        name_multipliers(value, f"{where}: '{key}'")
     if "choices" in meta and value not in meta["choices"]:
         raise UserError(
             f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}"

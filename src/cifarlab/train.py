@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cifarlab.augment import BatchAugment, Normalize, mix_batch
 from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, save_config
+from cifarlab.config import TrainConfig, name_multipliers, save_config
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
 from cifarlab.distributed import Dist, all_sum, barrier, init_distributed
@@ -66,11 +66,23 @@ def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     `backbone_lr_mult`; 1-D parameters (norm scales/shifts, biases) at `bias_lr_mult` with their
     decay divided by it (so their decay per step stays), or none with `no_decay_norm_bias`."""
     head = head_name(model) + "."
+    by_name = name_multipliers(config.lr_mults)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in by_name:
+        if not any(n.startswith(prefix) for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise UserError(
+                f"lr_mults: '{prefix}' matches no parameter of {config.model} "
+                f"(top-level names: {', '.join(tops)})"
+            )
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         mult = 1.0 if name.startswith(head) else config.backbone_lr_mult
+        matches = [k for k in by_name if name.startswith(k)]
+        if matches:
+            mult *= by_name[max(matches, key=len)]
         decay = config.weight_decay
         if p.ndim <= 1:
             mult *= config.bias_lr_mult
