@@ -18,19 +18,19 @@ class Lookahead:
             k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
         }
 
-    def pull(self, step: int) -> float:
-        """How much of the slow copy stays after global step `step` (1-based); 0 = no update."""
+    def pull(self, step: int) -> float | None:
+        """How much of the slow copy stays after global step `step` (1-based); None = no update."""
         if step >= self.total:
             return 1.0
         if step % self.every:
-            return 0.0
+            return None
         return self.decay**self.every * (step / self.total) ** 3
 
     @torch.no_grad()
     def after_step(self, model: torch.nn.Module, step: int) -> None:
-        if step % self.every and step < self.total:
-            return
         keep = self.pull(step)
+        if keep is None:
+            return
         for name, value in model.state_dict().items():
             if name in self.slow:
                 self.slow[name].lerp_(value, 1.0 - keep)
