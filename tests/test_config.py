@@ -52,14 +52,9 @@ def test_every_shipped_recipe_loads_and_names_itself():
 
 def test_seed_cnn_recipe_is_the_lessons_setup():
     c = load_recipe("seed-cnn")
-    assert (c.model, c.lr, c.momentum, c.weight_decay, c.epochs, c.batch_size) == (
-        "cnn",
-        0.02,
-        0.9,
-        5e-4,
-        100,
-        128,
-    )
+    lesson = ("cnn", 0.1, 0.9, 5e-4, 100, 128, "cosine")
+    assert (c.model, c.lr, c.momentum, c.weight_decay, c.epochs, c.batch_size, c.schedule) == lesson
+    assert c.lr_mults == ["classifier=0.1"]  # the measured exception: the 4096-wide classifier
     assert (
         c.jitter_brightness == 0.2 and c.jitter_contrast == 0.2 and c.flip and c.crop_padding == 4
     )

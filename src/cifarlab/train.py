@@ -61,19 +61,19 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> to
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
-def param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list[dict]:
     """Parameters grouped by lr multiplier and weight decay: the head at the peak lr, the rest at
     `backbone_lr_mult`; 1-D parameters (norm scales/shifts, biases) at `bias_lr_mult` with their
     decay divided by it (so their decay per step stays), or none with `no_decay_norm_bias`."""
     head = head_name(model) + "."
     by_name = name_multipliers(config.lr_mults)
     names = [n for n, _ in model.named_parameters()]
-    for prefix in by_name:
+    for prefix in by_name:  # a recipe's multiplier may be meant for another model: say so
         if not any(n.startswith(prefix) for n in names):
             tops = sorted({n.split(".")[0] for n in names})
-            raise UserError(
-                f"lr_mults: '{prefix}' matches no parameter of {config.model} "
-                f"(top-level names: {', '.join(tops)})"
+            log(
+                f"warning: lr_mults '{prefix}' matches no parameter of {config.model}, ignored "
+                f"(its top-level names: {', '.join(tops)})"
             )
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
@@ -203,7 +203,7 @@ def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     step_model = torch.compile(step_model) if config.compile else step_model
     optimizer = torch.optim.SGD(
-        param_groups(model, config),
+        param_groups(model, config, log),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
