@@ -32,9 +32,13 @@ def random_crop(x: torch.Tensor, padding: int, mode: str, gen: torch.Generator) 
     return padded[batch, chans, rows, cols]
 
 
+def mirror(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images whose entry of the bool vector `flips` is set."""
+    return torch.where(flips[:, None, None, None], x.flip(3), x)
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return mirror(x, torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +122,8 @@ class BatchAugment:
         x = x.float().div_(255)
         if c.crop_padding:
             x = random_crop(x, c.crop_padding, c.padding_mode, gen)
-        if c.flip and flips is not None:
-            x = torch.where(flips[:, None, None, None], x.flip(3), x)
-        elif c.flip:
-            x = random_flip(x, gen)
+        if c.flip:
+            x = random_flip(x, gen) if flips is None else mirror(x, flips)
         if c.jitter_brightness or c.jitter_contrast or c.jitter_saturation:
             x = color_jitter(x, c.jitter_brightness, c.jitter_contrast, c.jitter_saturation, gen)
         x = self.normalize(x)

@@ -143,10 +143,6 @@ class _Run:
 def _build_model(config: TrainConfig, splits: Splits, hw: Hardware, d: Dist, log):
     """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
     with the normalisation it expects and the ids of parameters that never train."""
-    if config.whitening and (config.pretrained or config.weights):
-        raise UserError(
-            "whitening: true would overwrite the pretrained first layer; drop one of the two"
-        )
     torch.manual_seed(config.seed)
     if config.stem == "imagenet" and config.input_size == 0:
         config = dataclasses.replace(config, input_size=224 if hw.device.type == "cuda" else 64)
@@ -184,6 +180,12 @@ def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
         raise UserError(
             f"batch_size={config.batch_size} must divide by the {d.world} processes (global batch)"
         )
+    if config.alt_flip and config.loader != "device":
+        raise UserError("alt_flip needs loader: device (the torchvision loader flips by coin)")
+    if config.whitening and (config.pretrained or config.weights):
+        raise UserError(
+            "whitening: true would overwrite the pretrained first layer; drop one of the two"
+        )
     splits = load_splits(config)
     log(
         f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val images, "
@@ -208,8 +210,6 @@ def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
         momentum=config.momentum,
         nesterov=config.nesterov,
     )
-    if config.alt_flip and config.loader != "device":
-        raise UserError("alt_flip needs loader: device (the torchvision loader flips by coin)")
     if config.loader == "device":
         augment = BatchAugment(config, normalize)
         batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
