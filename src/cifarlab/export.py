@@ -15,7 +15,7 @@ from torch import nn
 
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError
-from cifarlab.inference import model_from_checkpoint
+from cifarlab.inference import load_model
 
 FORMATS = ("onnx", "torchscript")
 
@@ -48,10 +48,9 @@ def export_model(target: str, fmt: str, out: Path) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
     ckpt = load_checkpoint(resolve_checkpoint(target))
-    net = Deployable(
-        model_from_checkpoint(ckpt, torch.device("cpu")), ckpt["mean"], ckpt["std"]
-    ).eval()
-    size = int(ckpt["config"].get("image_size", 32))
+    loaded = load_model(ckpt)
+    net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
+    size = loaded.image_size
     example = torch.rand(2, 3, size, size)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(ckpt)

@@ -94,3 +94,20 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     for r in rows:
         r["epoch"] = int(r["epoch"])
         append_metrics(path, r)
+
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.yaml", "result.json")
+
+
+def claim_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start a run in a directory that holds anything (a run's files or other) unless
+    resuming; an empty or missing directory is fine."""
+    if resume or not run_dir.is_dir():
+        return
+    held = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    if held:
+        kind = "a run" if set(held) & set(RUN_FILES) else "other files"
+        raise UserError(
+            f"--out {run_dir} already holds {kind} ({', '.join(held[:4])}); add --resume to "
+            "continue it or pick a new --out"
+        )
