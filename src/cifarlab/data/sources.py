@@ -150,15 +150,23 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def _holds_images(folder: Path) -> bool:
+    """A class folder holds images itself; a wrapper folder holds only folders."""
+    return any(p.is_file() and is_image_name(p) for p in folder.iterdir())
+
+
 def _find_layout(root: Path) -> Layout:
-    """`root/{train,val|valid,test}/<class>` (any of them), `root/<class>`, or one wrapper folder."""
+    """`root/{train,val|valid,test}/<class>` (any of them), `root/<class>`, or one wrapper folder.
+
+    A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper.
+    """
     for _ in range(2):
         found = _split_folders(root)
         if found:
             return Layout(found.get("train"), found.get("val"), found.get("test"))
         entries = [p for p in root.iterdir() if not p.name.startswith(".")]
         dirs = [p for p in entries if p.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1:
+        if len(dirs) == 1 and len(entries) == 1 and not _holds_images(dirs[0]):
             root = dirs[0]  # an archive often wraps everything in one top folder
             continue
         break
