@@ -43,9 +43,8 @@ class SourceData:
     train: ImageSet | None  # None for a folder holding only test/ (or val/): scored, not trained on
     test: ImageSet | None
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
-    val: ImageSet | None = (
-        None  # a val/ or valid/ folder beside train/; replaces the held-out slice
-    )
+    # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
+    val: ImageSet | None = None
 
 
 # --- torchvision's CIFAR pickles -------------------------------------------------------------
