@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = 1  # bump when the cached layout or decoding changes
+FORMAT = 2  # bump when the cached layout or decoding changes (2: val/ folders, test/-only folders)
 
 
 def source_key(path: Path, size: int, on_bad: str) -> str:
@@ -68,14 +68,15 @@ def load(root: Path, key: str):
             classes = [str(c) for c in z[f"{name}_classes"]]
             return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
 
-        return SourceData(split("train"), split("test"), [str(s) for s in z["skipped"]])
+        skipped = [str(s) for s in z["skipped"]]
+        return SourceData(split("train"), split("test"), skipped, split("val"))
 
 
 def save(root: Path, key: str, data) -> None:
     npz, checksum = _files(root, key)
     npz.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str)}
-    for name, ds in (("train", data.train), ("test", data.test)):
+    for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
         if ds is None:
             continue
         arrays[f"{name}_images"] = ds.images
