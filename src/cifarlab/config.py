@@ -406,6 +406,8 @@ def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     `input_size: 0` matches the size the saved run resolved it to)."""
     if wanted.input_size == 0:
         wanted = dataclasses.replace(wanted, input_size=saved.input_size)
+    if wanted.amp == "auto":  # the run stored what auto chose on its machine
+        wanted = dataclasses.replace(wanted, amp=saved.amp)
     return [
         f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
         for k in FIELDS

@@ -68,7 +68,9 @@ class TrainingRun:
 
 def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     hw = setup_hardware(config)
-    config = resolve_input_size(config, hw.device, log)
+    log(hw.amp_reason)
+    resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
+    config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
     splits = load_splits(config)
     log(
         f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
