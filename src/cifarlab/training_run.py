@@ -98,7 +98,7 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
     else:
         batches = TorchvisionBatches(splits.train, config, hw.device, normalize)
-    total = config.epochs * len(batches)
+    total = total_steps(config, len(batches))
     scheduler = make_scheduler(
         config.schedule, optimizer, total, round(config.warmup_epochs * len(batches)),
         len(batches) if config.lr_step == "epoch" else 1,
@@ -118,6 +118,11 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
         fixed, d, data_fingerprint(splits),
     )  # fmt: skip
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps in the whole run: `train_steps` when set, else whole epochs."""
+    return config.train_steps or config.epochs * steps_per_epoch
 
 
 def resolve_input_size(config: TrainConfig, device: torch.device, log) -> TrainConfig:
