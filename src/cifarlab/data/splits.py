@@ -39,6 +39,11 @@ def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def select_classes(ds: ImageSet, wanted: list[str], where: str) -> ImageSet:
+    repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+    if repeated:
+        raise UserError(f"{where}: {repeated} listed more than once; name each class once")
+    if len(wanted) < 2:
+        raise UserError(f"{where}: {wanted} is fewer than two classes; a classifier needs two")
     unknown = [c for c in wanted if c not in ds.classes]
     if unknown:
         raise UserError(f"{where}: unknown classes {unknown}; the data has {ds.classes}")
