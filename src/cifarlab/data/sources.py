@@ -145,6 +145,8 @@ def printable(name: str) -> str:
 
 def _class_dirs(folder: Path) -> list[str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names and any(is_image_name(p) for p in folder.iterdir()):
+        names, folder = [folder.name], folder.parent  # `root/cat/*.png` alone, taken for a wrapper
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
@@ -191,7 +193,9 @@ def _list_class_folder(
     if skipped and on_bad == "error":
         raise UserError(f"{skipped[0]} (set on_bad_image=skip to skip such files)")
     if len(kept) < 2:
-        raise UserError(f"{folder}: only {len(kept)} class folder(s) hold images; need at least two")
+        raise UserError(
+            f"{folder}: only {len(kept)} class folder(s) hold images; need at least two"
+        )
     return kept, files, labels, skipped
 
 
