@@ -150,7 +150,7 @@ def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
 
 def test_param_groups_apply_backbone_and_bias_multipliers_with_decoupled_decay():
     from cifarlab.models import create_model
-    from cifarlab.train import param_groups
+    from cifarlab.training_run import param_groups
 
     model = create_model("cnn", 10)
     config = make_config(lr=0.1, weight_decay=1e-3, bias_lr_mult=64.0, backbone_lr_mult=0.1)
@@ -172,7 +172,7 @@ def test_param_groups_apply_backbone_and_bias_multipliers_with_decoupled_decay()
 
 def test_lr_mults_scale_parameters_by_name_prefix_longest_first():
     from cifarlab.models import create_model
-    from cifarlab.train import param_groups
+    from cifarlab.training_run import param_groups
 
     model = create_model("cnn", 10)
     config = make_config(lr=0.1, lr_mults=["classifier=0.1", "classifier.4=0.5"])

@@ -95,10 +95,14 @@ def _policy(name: str):
 
 @dataclass
 class Normalize:
+    """(x - mean) / std per channel; uint8 input is scaled to [0, 1] first (the one place)."""
+
     mean: list[float]
     std: list[float]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype)[None, :, None, None]
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype)[None, :, None, None]
         return (x - mean) / std

@@ -80,3 +80,53 @@ def resolve_checkpoint(path_or_run: str | Path, prefer: str = "best.pt") -> Path
     if not path.exists():
         raise UserError(f"{path}: no such run directory or checkpoint")
     return path
+
+
+class Checkpointer:
+    """Owns a run's `last.pt` and `best.pt`: the best-so-far policy, atomic writes, and a
+    finiteness check before every save, so no file named "the last good one" holds NaNs."""
+
+    def __init__(self, run_dir: Path, best: float = float("-inf"), enabled: bool = True):
+        self.run_dir, self.best, self.enabled = run_dir, best, enabled
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    def save(self, state: dict, val_acc: float | None = None, end_of_epoch: bool = True) -> bool:
+        """Write `last.pt`; at an epoch's end also `best.pt` when `val_acc` improved on the best
+        so far (with no validation, `val_acc` None: every epoch's weights are the selection).
+        Returns whether `best.pt` was written."""
+        if not self.enabled:
+            return False
+        bad = [
+            k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:
+            raise NonFiniteWeights(
+                f"non-finite weights ({bad[0]}) before saving; {self.last} still holds the last "
+                "good state (lower --lr, or --set on_nan=skip)"
+            )
+        improved = end_of_epoch and (val_acc is None or val_acc > self.best)
+        if improved and val_acc is not None:
+            self.best = val_acc
+        state["best_val_acc"] = self.best if self.best > float("-inf") else 0.0
+        self._write(state, self.last)
+        if improved:
+            self._write(state, self.run_dir / "best.pt")
+        return improved
+
+    def _write(self, state: dict, path: Path) -> None:
+        try:
+            atomic_save(state, path)
+        except OSError as exc:
+            raise UserError(
+                f"could not write {path} ({exc.strerror or exc}); the previous {path.name} is intact: "
+                f"free space or fix permissions, then cifarlab train --out {self.run_dir} --resume"
+            ) from None
+
+
+class NonFiniteWeights(Exception):
+    """Weights went NaN/inf: training cannot go on (exit 1); the files on disk stay good."""
+
+    exit_code = 1

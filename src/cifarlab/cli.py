@@ -6,75 +6,140 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from cifarlab.errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line and exit 2, like every other bad input
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The data and training flags that train, suite and tune share (one builder, one meaning)."""
     p.add_argument(
         "--data", help="cifar10, cifar100, a class folder, or a .tar/.tar.gz/.zip of one"
-    )
-    p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument(
-        "--recipe", default="seed-cnn", help="recipe name (see `cifarlab recipes`) or YAML file"
     )
     p.add_argument(
         "--data-root",
         help="where datasets and caches live (default $CIFARLAB_DATA or ~/.cache/cifarlab)",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--model", help="model name (see `cifarlab models`), instead of the recipe's")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs; warm-up, freeze and other epoch-based settings scale with it",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="a fraction of the recipe's epochs, e.g. 0.1, scaled as --epochs",
+    )
+    p.add_argument("--batch-size", type=int, help="images per optimiser step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, help="seed of the split, the initialisation and the batches")
     p.add_argument("--subset", type=int, help="keep a stratified subset of N training images")
     p.add_argument(
-        "--val-size", type=int, help="validation images held out from train (default 5000)"
+        "--val-size",
+        type=int,
+        help="validation images held out from train (0: train on all, no selection)",
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--classes", help="train on these classes only, comma-separated")
-    p.add_argument("--weights", help="tv-* models: local ImageNet state-dict file")
     p.add_argument(
-        "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, epoch lines only")
 
 
-def _config_from_args(args) -> object:
-    from cifarlab.config import apply_overrides, load_recipe, parse_set_options
+_FLAG_KEYS = (
+    "data",
+    "data_root",
+    "model",
+    "batch_size",
+    "lr",
+    "seed",
+    "subset",
+    "val_size",
+    "classes",
+)
 
-    config = load_recipe(args.recipe)
-    flags = {
-        "data": args.data, "data_root": args.data_root, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "subset": args.subset, "val_size": args.val_size,
-        "classes": args.classes, "weights": args.weights, "init_from": args.init_from,
-    }  # fmt: skip
-    overrides = {k: v for k, v in flags.items() if v is not None}
+
+def run_overrides(args) -> dict[str, Any]:
+    """The config keys the shared flags set explicitly, --set last (an explicit value wins)."""
+    from cifarlab.config import parse_set_options
+
+    out: dict[str, Any] = {
+        k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None
+    }
+    for key in ("weights", "init_from"):
+        if getattr(args, key, None) is not None:
+            out[key] = getattr(args, key)
     if args.no_progress:
-        overrides["progress"] = False
-    config = apply_overrides(config, overrides, where="command line")
-    return apply_overrides(config, parse_set_options(args.set), where="--set")
+        out["progress"] = False
+    return {**out, **parse_set_options(args.set)}
+
+
+def shape_epochs(config, args):
+    """--epochs N or --budget F: the run's length with its epoch-based settings in proportion."""
+    from cifarlab.config import with_budget, with_epochs
+
+    if args.epochs is not None and args.budget is not None:
+        raise UserError("--epochs and --budget both set the run's length; give one")
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise UserError(f"--epochs {args.epochs}: must be >= 1")
+        return with_epochs(config, args.epochs)
+    return with_budget(config, args.budget) if args.budget is not None else config
+
+
+def _config_from_args(args):
+    from cifarlab.config import apply_overrides, load_recipe
+
+    config = shape_epochs(load_recipe(args.recipe or "seed-cnn"), args)
+    return apply_overrides(config, run_overrides(args), where="command line")
 
 
 def cmd_train(args) -> int:
-    from cifarlab.models import MODELS
     from cifarlab.train import train
 
-    config = _config_from_args(args)
-    if config.model not in MODELS:
-        raise UserError(f"unknown model '{config.model}'; valid models: {', '.join(MODELS)}")
-    result = train(config, args.out, resume=args.resume)
-    tta = "" if result.tta_val_acc is None else f" ({result.tta_val_acc:.2%} with TTA)"
-    print(
-        f"done: best val acc {result.best_val_acc:.2%}, final {result.final_val_acc:.2%}{tta}, "
-        f"{result.seconds:.0f}s; run in {result.run_dir}"
-    )
+    if args.resume and (args.out / "last.pt").is_file():  # the saved config, plus what is asked
+        changes = run_overrides(args)
+        if args.recipe:
+            changes["recipe"] = args.recipe
+        if args.budget is not None:
+            raise UserError("--budget: a resumed run keeps its length; drop --budget")
+        if args.epochs is not None:
+            changes["epochs"] = args.epochs
+        result = train(None, args.out, resume=True, changes=changes)
+    else:
+        result = train(_config_from_args(args), args.out, resume=args.resume)
+    print(f"done: {_result_line(result)}; run in {result.run_dir}")
     return 0
+
+
+def _result_line(result) -> str:
+    import math
+
+    parts = []
+    if not math.isnan(result.best_val_acc):
+        tta = "" if result.tta_val_acc is None else f" ({result.tta_val_acc:.2%} with TTA)"
+        parts.append(
+            f"best val acc {result.best_val_acc:.2%}, final {result.final_val_acc:.2%}{tta}"
+        )
+    if result.test_acc is not None:
+        tta = "" if result.test_tta_acc is None else f" ({result.test_tta_acc:.2%} with TTA)"
+        parts.append(f"test acc {result.test_acc:.2%}{tta}")
+    parts.append(f"{result.seconds:.0f}s")
+    return ", ".join(parts)
 
 
 def cmd_models(_args) -> int:
@@ -114,7 +179,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_suite(args) -> int:
-    from cifarlab.config import parse_set_options
     from cifarlab.suites import SuiteOptions, list_suites, run_suite
 
     if args.list:
@@ -131,15 +195,10 @@ def cmd_suite(args) -> int:
         raise UserError(
             f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2"
         ) from None
-    if args.parallel > 1:
-        print(
-            f"note: --parallel {args.parallel}: runs go one at a time on this machine's single device"
-        )
-    overrides = parse_set_options(args.set)
-    if args.no_progress:
-        overrides["progress"] = False
+    if args.epochs is not None and args.budget is not None:
+        raise UserError("--epochs and --budget both set the runs' length; give one")
     opts = SuiteOptions(
-        args.data, args.out, args.epochs, args.subset, seeds or [0], args.only, overrides
+        args.out, seeds or [0], args.only, run_overrides(args), args.epochs, args.budget
     )
     run_suite(args.name, opts)
     return 0
@@ -156,72 +215,79 @@ def cmd_export(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from cifarlab.config import parse_set_options
     from cifarlab.tune import TuneOptions, run_tune
 
-    overrides = parse_set_options(args.set)
-    for key in ("epochs", "subset", "val_size"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    if args.no_progress:
-        overrides["progress"] = False
+    if not args.data:
+        raise UserError("tune: --data is required")
+    base = _config_from_args(args)
     run_tune(
-        TuneOptions(
-            args.recipe, args.data, args.trials, args.storage, args.out, args.study or "", overrides
-        )
-    )
+        TuneOptions(args.recipe or "seed-cnn", base, run_overrides(args), args.trials,
+                    args.storage, args.out, args.study or "")
+    )  # fmt: skip
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cifarlab import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser = _Parser(
-        prog="cifarlab", description="Train, analyse and compare small-image classifiers."
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        prog="cifarlab", description="Train, analyse and compare small-image classifiers.",
+        parents=[common],
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _train_args(sub.add_parser("train", help="train a model into a run directory"))
-    ev = sub.add_parser("evaluate", help="metrics, figures and an HTML report for a trained run")
+
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=about, description=about, parents=[common])
+
+    tr = command("train", "train a model into a run directory")
+    tr.add_argument("--out", required=True, type=Path, help="run directory")
+    tr.add_argument(
+        "--recipe", help="recipe name (see `cifarlab recipes`) or YAML file (default seed-cnn)"
+    )
+    _run_flags(tr)
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    tr.add_argument("--weights", help="tv-* models: local ImageNet state-dict file")
+    tr.add_argument(
+        "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
+    )
+    ev = command("evaluate", "metrics, figures and an HTML report for a trained run")
     ev.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
-    ev.add_argument("--split", choices=["val", "test"], default="val")
+    ev.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
     ev.add_argument(
-        "--data", help="evaluate on another data source (with --split test: its test folder)"
+        "--data", help="evaluate on another data source (a labelled folder is scored whole)"
     )
     ev.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
                     help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
     ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     ev.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval-<split>)")
     ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
-    ev.add_argument("--device", default="auto")
-    pr = sub.add_parser("predict", help="classify image files and folders")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    pr = command("predict", "classify image files and folders")
     pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.ts")
-    pr.add_argument("paths", nargs="+", metavar="PATH")
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
-    pr.add_argument("--batch-size", type=int, default=256)
-    su = sub.add_parser("suite", help="run an experiment suite and tabulate it")
-    su.add_argument("name", nargs="?", metavar="NAME|FILE")
+    pr.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    su = command("suite", "run an experiment suite and tabulate it")
+    su.add_argument("name", nargs="?", metavar="NAME|FILE", help="a shipped suite or a suite YAML")
     su.add_argument("--list", action="store_true", help="list the shipped suites")
-    su.add_argument("--data")
-    su.add_argument("--out", type=Path)
-    su.add_argument("--epochs", type=int)
-    su.add_argument("--subset", type=int)
+    su.add_argument(
+        "--out", type=Path, help="suite folder: one run directory per run, and the tables"
+    )
+    _run_flags(su)
     su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     su.add_argument("--only", help="run only this run of the suite")
-    su.add_argument(
-        "--parallel", type=int, default=1, help="runs at a time where there are devices"
-    )
-    su.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
-    )
-    su.add_argument("--no-progress", action="store_true")
-    ex = sub.add_parser("export", help="export a checkpoint as ONNX or TorchScript")
+    ex = command("export", "export a checkpoint as ONNX or TorchScript")
     ex.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
-    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
     ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.onnx or .ts)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    tu = sub.add_parser("tune", help="hyperparameter search with Optuna (shared, resumable study)")
-    tu.add_argument("--recipe", default="seed-cnn")
-    tu.add_argument("--data", required=True)
+    tu = command("tune", "hyperparameter search with Optuna (shared, resumable study)")
+    tu.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
+    _run_flags(tu)
     tu.add_argument(
         "--trials", type=int, required=True, help="trials to finish (completed or pruned)"
     )
@@ -230,15 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument(
         "--out", type=Path, default=Path("tune"), help="folder for the trials' run directories"
     )
-    tu.add_argument(
-        "--epochs", type=int, help="most epochs a trial trains (searched in [epochs/2, epochs])"
-    )
-    tu.add_argument("--subset", type=int)
-    tu.add_argument("--val-size", type=int)
-    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    tu.add_argument("--no-progress", action="store_true")
-    sub.add_parser("models", help="list the models")
-    sub.add_parser("recipes", help="list the shipped recipes")
+    command("models", "list the models")
+    command("recipes", "list the shipped recipes")
     return parser
 
 

@@ -41,6 +41,9 @@ class TrainConfig:
     subset: int = field(default=0, metadata=_range(0))  # keep N training images (0 = all)
     classes: list[str] = field(default_factory=list)  # train on these classes only ([] = all)
     on_bad_image: str = field(default="error", metadata=_choice("error", "skip"))
+    normalize: str = field(default="auto", metadata=_choice("auto", "train", "cifar10", "imagenet"))
+    # input statistics: train = computed from the training split; cifar10 / imagenet = the fixed
+    # constants; auto = imagenet when starting from ImageNet weights, else train
 
     # --- model ---
     model: str = "cnn"
@@ -73,6 +76,8 @@ class TrainConfig:
     )  # lr x this for 1-D
     # params (norm scales/shifts, biases), their weight decay / this, so their decay per step stays
     schedule: str = field(default="cosine", metadata=_choice("cosine", "onecycle", "constant"))
+    lr_step: str = field(default="step", metadata=_choice("step", "epoch"))  # the schedule moves
+    # every optimiser step, or once per epoch (the lesson's scheduler.step() after each epoch)
     warmup_epochs: float = field(default=0.0, metadata=_range(0.0))
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
     ema: bool = False  # evaluate and keep an exponential moving average of the weights
@@ -168,14 +173,25 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             raise UserError(bad)
         return kind(value)
     if kind == list[str]:
+        if isinstance(value, str) and value.strip().startswith("["):
+            value = _yaml_scalar(value, bad)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(bad)
         return value
+    if isinstance(value, bool) and {"on", "off"} <= set(FIELDS[key].metadata.get("choices", ())):
+        return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
     if not isinstance(value, str):
-        raise UserError(f"{where}: '{key}' must be a string, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be a string, got {value!r} (quote it in YAML)")
     return value
+
+
+def _yaml_scalar(raw: str, bad: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(bad) from None
 
 
 def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, float]:
@@ -223,18 +239,15 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], where: str) 
     return TrainConfig(**values)
 
 
-def parse_set_options(items: list[str]) -> dict[str, Any]:
-    """`--set key=value` strings to a dict; values are parsed as YAML scalars (1e-3, true, [a, b])."""
-    out: dict[str, Any] = {}
+def parse_set_options(items: list[str]) -> dict[str, str]:
+    """`--set key=value` strings to a dict of raw strings: each is parsed by its field's type
+    (so `--set amp=off` stays the string "off", `--set lr=1e-3` becomes 0.001)."""
+    out: dict[str, str] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set label_smoothing=0.1")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key.strip()] = raw if value is None else value
+        out[key.strip()] = raw.strip()
     return out
 
 
@@ -292,6 +305,108 @@ def save_config(config: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def load_config_file(path: Path) -> TrainConfig:
-    """A run's saved `config.yaml`, validated like a recipe."""
-    return apply_overrides(TrainConfig(), read_yaml_mapping(path), where=str(path))
+# --- the rules across fields: the one place that decides whether a resolved config is valid ----
+
+
+def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
+    """Every field against its type and limits, then the rules between fields. Called by
+    `train` (fresh and on --resume), by `suite` for every run before the first trains, and by
+    `tune`; `world` is the number of torchrun processes. Returns `config` unchanged."""
+    from cifarlab.models import model_spec
+
+    for key, value in config.to_dict().items():
+        _check_limits(key, _coerce(key, value, where), where)
+    spec = model_spec(config.model)
+    rules = [
+        (
+            (config.pretrained or config.weights) and not spec.takes_weights,
+            f"model {config.model} has no ImageNet weights; pretrained/--weights apply to the "
+            "tv-* models (see `cifarlab models`)",
+        ),
+        (
+            config.stem != "cifar" and not spec.has_stems,
+            f"stem: {config.stem} applies to the tv-* models only, not {config.model}",
+        ),
+        (
+            config.whitening and (config.pretrained or config.weights),
+            "whitening: true would overwrite the pretrained first layer; drop one of the two",
+        ),
+        (
+            config.whiten_bias_epochs and not config.whitening,
+            "whiten_bias_epochs needs whitening: true",
+        ),
+        (
+            config.alt_flip and config.loader != "device",
+            "alt_flip needs loader: device (the torchvision loader flips by coin)",
+        ),
+        (
+            config.alt_flip and not config.flip,
+            "alt_flip: true needs flip: true (it decides when each image is mirrored)",
+        ),
+        (
+            config.freeze == "backbone" and config.freeze_epochs < 1,
+            "freeze: backbone needs freeze_epochs >= 1 (the epochs the head trains alone)",
+        ),
+        (
+            config.warmup_epochs >= config.epochs,
+            f"warmup_epochs={config.warmup_epochs:g} must be less than epochs={config.epochs}, "
+            "or the lr never anneals",
+        ),
+        (
+            len(set(config.classes)) != len(config.classes) or len(config.classes) == 1,
+            f"classes {config.classes}: name at least two distinct classes (or none for all)",
+        ),
+        (
+            config.amp == "fp16" and config.device in ("cpu", "mps"),
+            f"amp: fp16 needs a CUDA device, not {config.device} (use bf16, auto or off)",
+        ),
+        (world > 1 and config.loader != "device", "under torchrun use loader: device"),
+        (
+            world > 1 and config.batch_size % world != 0,
+            f"batch_size={config.batch_size} must divide by the {world} processes (global batch)",
+        ),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise UserError(f"{where}: {message}")
+    return config
+
+
+EPOCH_KEYS = ("warmup_epochs", "freeze_epochs", "whiten_bias_epochs")  # scaled with `epochs`
+
+
+def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
+    """`config` trained for `epochs`, its epoch-based settings scaled in proportion, so that a
+    shorter run keeps the schedule's shape (warm-up, freeze, whitening-bias) and still anneals."""
+    ratio = epochs / config.epochs
+    values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
+    for key in ("freeze_epochs", "whiten_bias_epochs"):
+        old = getattr(config, key)
+        values[key] = max(1, min(epochs, round(old * ratio))) if old else 0
+    return dataclasses.replace(config, **values)
+
+
+def with_budget(config: TrainConfig, budget: float) -> TrainConfig:
+    """`config` at `budget` times its epochs (at least one), shaped as `with_epochs` does."""
+    if not (math.isfinite(budget) and budget > 0):
+        raise UserError(f"--budget {budget}: must be a positive fraction, e.g. 0.1")
+    return with_epochs(config, max(1, round(config.epochs * budget)))
+
+
+# Keys that change how a run is executed or shown, never what it computes.
+RUNTIME_KEYS = frozenset({
+    "progress", "threads", "device", "workers", "save_every_steps", "eval_batch_size",
+    "tensorboard", "on_nan", "data_root",
+})  # fmt: skip
+
+
+def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """ "key: old -> new" for every key that changes what a run computes (an unresolved
+    `input_size: 0` matches the size the saved run resolved it to)."""
+    if wanted.input_size == 0:
+        wanted = dataclasses.replace(wanted, input_size=saved.input_size)
+    return [
+        f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
+        for k in FIELDS
+        if k not in RUNTIME_KEYS and getattr(saved, k) != getattr(wanted, k)
+    ]

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab import metrics
-from cifarlab.augment import Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, apply_overrides, default_data_root
 from cifarlab.data import ImageSet, load_source, load_splits
@@ -21,7 +20,7 @@ from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.splits import select_classes
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
-from cifarlab.inference import model_from_checkpoint, predict_logits
+from cifarlab.inference import load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import read_metrics
@@ -109,8 +108,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     _check_out(out)
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     device = pick_device(opts.device)
-    model = model_from_checkpoint(ckpt, device, opts.ema)
-    normalize = Normalize(ckpt["mean"], ckpt["std"])
+    loaded = load_model(ckpt, device, opts.ema)
+    model, normalize = loaded.model, loaded.normalize
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)
     logits = predict_logits(model, images, normalize, opts.batch_size)

@@ -16,7 +16,7 @@ from torch import nn
 
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError
-from cifarlab.inference import model_from_checkpoint
+from cifarlab.inference import load_model
 
 FORMATS = ("onnx", "torchscript")
 
@@ -68,10 +68,9 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
     source = resolve_checkpoint(target)
     check_out(out, source, force)
     ckpt = load_checkpoint(source)
-    net = Deployable(
-        model_from_checkpoint(ckpt, torch.device("cpu")), ckpt["mean"], ckpt["std"]
-    ).eval()
-    size = int(ckpt["config"].get("image_size", 32))
+    loaded = load_model(ckpt)
+    net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
+    size = loaded.image_size
     example = torch.rand(2, 3, size, size)
     meta = metadata(ckpt)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # `out` is replaced only when complete

@@ -1,11 +1,16 @@
-"""Model outputs over a whole uint8 image set, with optional flip (+ translate) test-time augmentation."""
+"""A checkpoint back to a ready model (one constructor, see `models`), and model outputs over a
+whole uint8 image set, with optional flip (+ translate) test-time augmentation."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cifarlab.augment import Normalize
+from cifarlab.errors import UserError
+from cifarlab.models import ModelArgs, build_model
 
 
 def _views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -32,7 +37,7 @@ def predict_logits(
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size].float().div_(255))
+        x = normalize(images[start : start + batch_size])
         if hardware is not None and hardware.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         views = _views(x, tta)
@@ -40,31 +45,59 @@ def predict_logits(
             logits = torch.stack([model(v).float() for v in views]).mean(0)
         out.append(logits)
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out) if out else torch.empty(0, device=images.device)
 
 
-def model_from_checkpoint(
-    ckpt: dict, device: torch.device, use_ema: bool = False
-) -> torch.nn.Module:
-    """The checkpoint's model with its weights (the EMA weights when asked and present), in eval mode."""
-    from cifarlab.errors import UserError
-    from cifarlab.models import create_model
+def model_args(ckpt: dict) -> ModelArgs:
+    """The checkpoint's constructor arguments; checkpoints from before they were stored are
+    migrated from their config (the same fields, read from the resolved config)."""
+    if "model_args" in ckpt:
+        return ModelArgs.from_dict(ckpt["model_args"])
+    c = ckpt["config"]
+    return ModelArgs(
+        c["model"], len(ckpt["classes"]), c.get("width", 1.0), c.get("image_size", 32),
+        c.get("stem", "cifar"), c.get("input_size", 0),
+    )  # fmt: skip
 
-    config = ckpt["config"]
-    model = create_model(
-        config["model"],
-        len(ckpt["classes"]),
-        config.get("width", 1.0),
-        config.get("image_size", 32),
-    )
-    state = ckpt["model"]
-    if use_ema:
-        if ckpt.get("ema") is None:
-            raise UserError(
-                "--ema: this checkpoint holds no EMA weights (train with --set ema=true)"
-            )
-        state = {
-            k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")
-        }
-    model.load_state_dict(state)
-    return model.to(device).eval()
+
+@dataclass
+class LoadedModel:
+    """A trained model in eval mode with everything needed to feed it."""
+
+    model: torch.nn.Module
+    normalize: Normalize
+    classes: list[str]
+    args: ModelArgs
+
+    @property
+    def image_size(self) -> int:
+        return self.args.image_size
+
+
+def _ema_state(ckpt: dict) -> dict:
+    if ckpt.get("ema") is None:
+        raise UserError("--ema: this checkpoint holds no EMA weights (train with --set ema=true)")
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+
+
+def load_model(
+    ckpt: dict, device: torch.device | str = "cpu", use_ema: bool = False
+) -> LoadedModel:
+    """The one way back from a checkpoint to a model: `build_model(model_args)` + its weights."""
+    args = model_args(ckpt)
+    if args.num_classes != len(ckpt["classes"]):
+        raise UserError(
+            f"checkpoint: its model has {args.num_classes} outputs but it lists "
+            f"{len(ckpt['classes'])} classes; the file is damaged or was edited"
+        )
+    model = build_model(args)
+    try:
+        model.load_state_dict(_ema_state(ckpt) if use_ema else ckpt["model"])
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise UserError(
+            f"checkpoint: its weights do not fit a {args.name} built from its own arguments "
+            f"({detail[:200]}); the file is damaged or was edited"
+        ) from None
+    normalize = Normalize(ckpt["mean"], ckpt["std"])
+    return LoadedModel(model.to(device).eval(), normalize, list(ckpt["classes"]), args)

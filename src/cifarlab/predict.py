@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarlab.augment import Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.data.images import BadImage, decode_image, is_image_name
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
-from cifarlab.inference import model_from_checkpoint, predict_logits
+from cifarlab.inference import load_model, predict_logits
 
 
 def image_files(paths: list[str]) -> Iterator[Path]:
@@ -35,12 +34,10 @@ class Predictor:
     """A trained checkpoint ready to classify uint8 images."""
 
     def __init__(self, model_path: str, device: str = "auto"):
-        ckpt = load_checkpoint(resolve_checkpoint(model_path))
-        self.classes = list(ckpt["classes"])
-        self.size = int(ckpt["config"].get("image_size", 32))
         self.device = pick_device(device)
-        self.model = model_from_checkpoint(ckpt, self.device)
-        self.normalize = Normalize(ckpt["mean"], ckpt["std"])
+        loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
+        self.classes, self.size = loaded.classes, loaded.image_size
+        self.model, self.normalize = loaded.model, loaded.normalize
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         logits = predict_logits(

@@ -36,8 +36,14 @@ SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
 }
 
 
-def make_scheduler(name: str, optimizer, total_steps: int, warmup_steps: int):
+def make_scheduler(
+    name: str, optimizer, total_steps: int, warmup_steps: int, steps_per_epoch: int = 1
+):
+    """A per-step LambdaLR; with `steps_per_epoch` > 1 the lr holds for each epoch, at the value
+    of its first step (the lesson's `scheduler.step()` once per epoch)."""
     if name not in SCHEDULES:
         raise UserError(f"unknown schedule '{name}'; valid: {', '.join(SCHEDULES)}")
-    fn = SCHEDULES[name]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: fn(s, total_steps, warmup_steps))
+    fn, k = SCHEDULES[name], steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: fn(s // k * k, total_steps, warmup_steps)
+    )

@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.config import TrainConfig, apply_overrides, load_recipe, named_yaml, read_yaml_mapping
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    config_changes,
+    load_recipe,
+    named_yaml,
+    read_yaml_mapping,
+    validate_config,
+    with_budget,
+    with_epochs,
+)
 from cifarlab.errors import UserError
 from cifarlab.rundir import read_metrics
 
@@ -42,13 +52,12 @@ class Suite:
 
 @dataclass
 class SuiteOptions:
-    data: str
     out: Path
-    epochs: int | None = None
-    subset: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     only: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # for every run (data, --set, ...)
+    epochs: int | None = None  # every run this long, its epoch-based settings in proportion
+    budget: float | None = None  # every run at this fraction of its own epochs, likewise
 
 
 def list_suites() -> dict[str, str]:
@@ -62,8 +71,17 @@ def _suite_path(name: str) -> Path:
     return named_yaml(name, SUITE_DIR, "suite", list_suites)
 
 
-def load_suite(name: str, base: dict[str, Any]) -> Suite:
-    """Parse and validate a suite; every run's config is built (and checked) before anything trains."""
+def _shape(config: TrainConfig, epochs: int | None, budget: float | None) -> TrainConfig:
+    if epochs is not None:
+        return with_epochs(config, epochs)
+    return with_budget(config, budget) if budget is not None else config
+
+
+def load_suite(
+    name: str, base: dict[str, Any], epochs: int | None = None, budget: float | None = None
+) -> Suite:
+    """Parse and validate a suite: every run's config is built and checked (per field and across
+    fields) before anything trains, so a conflict in the last run fails at once."""
     path = _suite_path(name)
     spec = read_yaml_mapping(path)
     unknown = set(spec) - {"description", "reference", "runs", "cumulative", "examples"}
@@ -96,12 +114,17 @@ def load_suite(name: str, base: dict[str, Any]) -> Suite:
             recipe, carried = r.get("recipe"), dict(sets)
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
-        config = apply_overrides(load_recipe(recipe), carried, where=where)
+        name = str(r["name"])
+        if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
+        config = _shape(apply_overrides(load_recipe(recipe), carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
-        runs.append(
-            SuiteRun(str(r["name"]), config, str(r.get("changes", "")), str(r.get("requires", "")))
-        )
+        validate_config(config, where=f"{where} ({name})")
+        runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
     names = [r.name for r in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
     reference = str(spec.get("reference", names[0]))
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
@@ -115,63 +138,41 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 
 
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
-    from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.train import train
 
-    base: dict[str, Any] = {"data": opts.data, **opts.overrides}
-    if opts.epochs is not None:
-        base["epochs"] = opts.epochs
-    if opts.subset is not None:
-        base["subset"] = opts.subset
-    suite = load_suite(name, base)
+    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget)
     if opts.only and opts.only not in [r.name for r in suite.runs]:
         raise UserError(
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
         )
+    chosen = [r for r in suite.runs if not opts.only or r.name == opts.only]
+    jobs = [(r, s, _run_dir(opts.out, r, s, opts.seeds)) for r in chosen for s in opts.seeds]
+    _refuse_stale(jobs)
     opts.out.mkdir(parents=True, exist_ok=True)
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
-    for run in suite.runs:
-        if opts.only and run.name != opts.only:
-            continue
+    for run, seed, run_dir in jobs:
         if run.requires:
             log(f"[{run.name}] cannot start: needs {run.requires}")
             continue
-        for seed in opts.seeds:
-            run_dir = _run_dir(opts.out, run, seed, opts.seeds)
-            done = run_dir / "result.json"
-            if done.is_file():
-                log(f"[{run_dir.name}] finished earlier, skipped")
-                continue
-            resume = (run_dir / "last.pt").is_file()
-            log(f"[{run_dir.name}] {'resuming' if resume else 'training'}: {run.changes}")
-            config = apply_overrides(run.config, {"seed": seed}, where="--seeds")
-            try:
-                result = train(
-                    config,
-                    run_dir,
-                    resume=resume,
-                    log=lambda s, n=run_dir.name: log(f"  [{n}] {s}"),
-                )
-            except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead
-                log(f"[{run_dir.name}] cannot start: {exc}")
-                failed[run.name] = str(exc)
-                continue
-            evaluate(
-                EvalOptions(str(run_dir), tta=config.tta),
-                log=lambda s, n=run_dir.name: log(f"  [{n}] {s}"),
-            )
-            done.write_text(
-                json.dumps(
-                    {
-                        "best_val_acc": result.best_val_acc,
-                        "final_val_acc": result.final_val_acc,
-                        "tta_val_acc": result.tta_val_acc,
-                    }
-                )
-            )
+        split = "val" if run.config.val_size else "test"
+        if (run_dir / "result.json").is_file() and (run_dir / f"eval-{split}").is_dir():
+            log(f"[{run_dir.name}] finished earlier with this config, skipped")
+            continue
+        say = lambda s, n=run_dir.name: log(f"  [{n}] {s}")  # noqa: E731
+        log(
+            f"[{run_dir.name}] {'resuming' if (run_dir / 'last.pt').is_file() else 'training'}: {run.changes}"
+        )
+        config = apply_overrides(run.config, {"seed": seed}, where="--seeds")
+        try:
+            train(config, run_dir, resume=True, log=say)
+        except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead
+            log(f"[{run_dir.name}] cannot start: {exc}")
+            failed[run.name] = str(exc)
+            continue
+        _evaluate_run(run_dir, split, config.tta, say)
     if suite.examples == "mixup":
-        _mixup_examples(suite.runs[0].config, opts.out / "mixup_examples.png")
+        _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts)
     for row in rows:
         if row["run"] in failed and "best_val_acc" not in row:
@@ -181,6 +182,35 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     write_suite_report(suite, rows, opts.out)
     log(f"results: {opts.out / 'results.md'}")
     return rows
+
+
+def _refuse_stale(jobs: list) -> None:
+    """A run directory already in --out must hold this very run (same resolved config), or the
+    suite would report someone else's results as its own."""
+    from cifarlab.checkpoint import load_checkpoint
+
+    for run, seed, run_dir in jobs:
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            continue
+        saved = apply_overrides(TrainConfig(), load_checkpoint(last)["config"], where=str(last))
+        wanted = apply_overrides(run.config, {"seed": seed}, where="--seeds")
+        differ = config_changes(saved, wanted)
+        if differ:
+            raise UserError(
+                f"{run_dir} holds a run with another config ({', '.join(differ[:4])}); "
+                "choose a new --out, or delete that run directory to retrain it"
+            )
+
+
+def _evaluate_run(run_dir: Path, split: str, tta: str, log) -> None:
+    """The run's report (`eval-<split>/`): validation, or test when there is no validation split."""
+    from cifarlab.evaluate import EvalOptions, evaluate
+
+    try:
+        evaluate(EvalOptions(str(run_dir), split=split, tta=tta), log=log)
+    except UserError as exc:
+        log(f"no report: {exc}")
 
 
 def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
@@ -210,14 +240,20 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
             )
-            tta = [_result(opts.out, run, s, opts.seeds).get("tta_val_acc") for s in opts.seeds]
-            if tta and all(t is not None for t in tta):
-                row["tta_val_acc"] = statistics.mean(tta)
+            results = [_result(opts.out, run, s, opts.seeds) for s in opts.seeds]
+            for key in ("tta_val_acc", "test_acc", "test_tta_acc"):
+                values = [r.get(key) for r in results]
+                if values and all(v is not None for v in values):
+                    row[key] = statistics.mean(values)
         rows.append(row)
     ref = next((r for r in rows if r["run"] == suite.reference and "best_val_acc" in r), None)
+    previous = None
     for row in rows:
         if ref is not None and "best_val_acc" in row:
             row["gain"] = row["best_val_acc"] - ref["best_val_acc"]
+        if previous is not None and "best_val_acc" in row:
+            row["step_gain"] = row["best_val_acc"] - previous["best_val_acc"]
+        previous = row if "best_val_acc" in row else previous
     return rows
 
 
@@ -226,31 +262,33 @@ def _result(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _mixup_examples(config: TrainConfig, path: Path) -> None:
-    """Four training images mixed at alpha 0.2, titled with both labels and lambda."""
+def _mixup_examples(suite: Suite, path: Path) -> None:
+    """Four pairs of training images mixed at each of the suite's alphas, one row per alpha,
+    titled with both labels and their weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    import torch
 
     from cifarlab.data import load_splits
 
-    splits = load_splits(config)
+    alphas = sorted({r.config.mixup_alpha for r in suite.runs if r.config.mixup_alpha}) or [0.2]
+    splits = load_splits(suite.runs[0].config)
     rng = np.random.default_rng(0)
     idx = rng.choice(len(splits.train), size=8, replace=False)
     images = splits.train.images[idx].astype(np.float32) / 255
-    fig, axes = plt.subplots(1, 4, figsize=(11, 3.4))
-    for i, ax in enumerate(axes):
-        lam = float(rng.beta(0.2, 0.2))
-        a, b = images[2 * i], images[2 * i + 1]
-        mixed = lam * a + (1 - lam) * b
-        la, lb = (splits.classes[splits.train.labels[j]] for j in idx[2 * i : 2 * i + 2])
-        ax.imshow(torch.tensor(mixed).numpy(), interpolation="nearest")
-        ax.set_title(f"{la} {lam:.2f}\n{lb} {1 - lam:.2f}", fontsize=10)
-        ax.axis("off")
-    fig.suptitle("Mixup, alpha 0.2: label weights = lambda, 1 - lambda")
+    names = [splits.classes[splits.train.labels[j]] for j in idx]
+    fig, axes = plt.subplots(len(alphas), 4, figsize=(11, 3.2 * len(alphas)), squeeze=False)
+    for row, alpha in zip(axes, alphas, strict=True):
+        for i, ax in enumerate(row):
+            lam = float(rng.beta(alpha, alpha))
+            ax.imshow(lam * images[2 * i] + (1 - lam) * images[2 * i + 1], interpolation="nearest")
+            ax.set_title(f"{names[2 * i]} {lam:.2f}\n{names[2 * i + 1]} {1 - lam:.2f}", fontsize=10)
+            ax.axis("off")
+        row[0].text(-0.15, 0.5, f"alpha {alpha:g}", transform=row[0].transAxes, rotation=90,
+                    va="center", ha="right", fontsize=11)  # fmt: skip
+    fig.suptitle("Mixup: label weights = lambda, 1 - lambda, lambda ~ Beta(alpha, alpha)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,40 +1,49 @@
-"""`train(config, run_dir) -> Result`: the training loop, schedule, EMA, AMP, checkpoints.
+"""`train(config, run_dir) -> Result`: the training loop.
 
-Reads top to bottom: load data, build the model and optimiser, maybe resume, then per epoch
-train, validate, append a metrics row and write `last.pt` (and `best.pt` when it improved).
+Reads like the lesson: resolve the config, build the run, restore it when resuming, then for
+each epoch train, validate, log and save; at the end the final TTA pass and, when the data has
+a test split, the selected checkpoint's test accuracy. The pieces live in `training_run.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
-from cifarlab.augment import BatchAugment, Normalize, mix_batch
-from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, name_multipliers, save_config
-from cifarlab.data import Splits, load_splits
-from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
-from cifarlab.distributed import Dist, all_sum, barrier, init_distributed
+from cifarlab.augment import mix_batch
+from cifarlab.checkpoint import Checkpointer, load_checkpoint
+from cifarlab.config import (
+    RUNTIME_KEYS,
+    TrainConfig,
+    apply_overrides,
+    config_changes,
+    save_config,
+    validate_config,
+)
+from cifarlab.distributed import all_sum, barrier, init_distributed
 from cifarlab.errors import Interrupted, UserError
-from cifarlab.hardware import Hardware, setup_hardware
-from cifarlab.inference import predict_logits
-from cifarlab.lookahead import Lookahead
-from cifarlab.models import create_model, head_name
-from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD, BackboneOptions
-from cifarlab.models.whitening import first_conv, init_whitening
-from cifarlab.rundir import RunLock, append_metrics, prepare_run_dir, truncate_metrics
-from cifarlab.schedules import make_scheduler
+from cifarlab.inference import load_model, predict_logits
+from cifarlab.rundir import (
+    RunLock,
+    append_metrics,
+    claim_run_dir,
+    prepare_run_dir,
+    read_metrics,
+    truncate_metrics,
+)
+from cifarlab.training_run import TrainingRun, apply_freeze, build_run, checkpoint_state, restore
 
 
 class TrainingFailed(Exception):
@@ -53,45 +62,35 @@ class Result:
     images_per_s: float  # training throughput of the last epoch
     history: list[dict] = field(default_factory=list)
     tta_val_acc: float | None = None  # final weights with the config's TTA (None: tta none)
+    test_acc: float | None = None  # the selected checkpoint on the data's test split
+    test_tta_acc: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("run_dir", "history")
+        }
+
+
+@dataclass
+class EpochStats:
+    """One epoch's running totals; stored in mid-epoch checkpoints ("accumulators")."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+    nan_skipped: int = 0
+    lr: float | None = None  # the schedule's lr when the epoch started (its metrics row)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EpochStats:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
     probabilities, with label smoothing applied here exactly once."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-
-
-def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list[dict]:
-    """Parameters grouped by lr multiplier and weight decay: the head at the peak lr, the rest at
-    `backbone_lr_mult`; 1-D parameters (norm scales/shifts, biases) at `bias_lr_mult` with their
-    decay divided by it (so their decay per step stays), or none with `no_decay_norm_bias`."""
-    head = head_name(model) + "."
-    by_name = name_multipliers(config.lr_mults)
-    names = [n for n, _ in model.named_parameters()]
-    for prefix in by_name:  # a recipe's multiplier may be meant for another model: say so
-        if not any(n.startswith(prefix) for n in names):
-            tops = sorted({n.split(".")[0] for n in names})
-            log(
-                f"warning: lr_mults '{prefix}' matches no parameter of {config.model}, ignored "
-                f"(its top-level names: {', '.join(tops)})"
-            )
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        mult = 1.0 if name.startswith(head) else config.backbone_lr_mult
-        matches = [k for k in by_name if name.startswith(k)]
-        if matches:
-            mult *= by_name[max(matches, key=len)]
-        decay = config.weight_decay
-        if p.ndim <= 1:
-            mult *= config.bias_lr_mult
-            decay = 0.0 if config.no_decay_norm_bias else decay / config.bias_lr_mult
-        groups.setdefault((mult, decay), []).append(p)
-    return [
-        {"params": ps, "lr": config.lr * m, "weight_decay": d, "lr_mult": m}
-        for (m, d), ps in groups.items()
-    ]
 
 
 class _StopSignals:
@@ -117,427 +116,346 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-@dataclass
-class _Run:
-    """Everything a step needs; built once per run."""
-
-    config: TrainConfig
-    hw: Hardware
-    splits: Splits
-    model: torch.nn.Module
-    step_model: torch.nn.Module  # compiled or not; shares weights with `model`
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: AveragedModel | None
-    batches: DeviceBatches | TorchvisionBatches
-    normalize: Normalize
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    run_dir: Path
-    fixed: set[int]  # ids of parameters that never train
-    dist: Dist
-    lookahead: Lookahead | None = None
-
-
-def _build_model(config: TrainConfig, splits: Splits, hw: Hardware, d: Dist, log):
-    """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
-    with the normalisation it expects and the ids of parameters that never train."""
-    torch.manual_seed(config.seed)
-    if config.stem == "imagenet" and config.input_size == 0:
-        config = dataclasses.replace(config, input_size=224 if hw.device.type == "cuda" else 64)
-        log(
-            f"stem: imagenet — images upsampled on the device to {config.input_size}x{config.input_size}"
-        )
-    backbone = BackboneOptions(config.stem, config.input_size, config.pretrained, config.weights)
-    model = create_model(
-        config.model, len(splits.classes), config.width, config.image_size, backbone, log
-    )
-    if config.stem == "imagenet" and (config.pretrained or config.weights):
-        splits.mean, splits.std = IMAGENET_MEAN, IMAGENET_STD  # what the pretrained stem expects
-    normalize = Normalize(splits.mean, splits.std)
-    if config.whitening:
-        sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2).float().div(255)
-        init_whitening(first_conv(model), normalize(sample))
-    if config.init_from:
-        _init_from(model, config, splits.classes, log)
-    if d.active and config.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    fixed = {id(p) for p in model.parameters() if not p.requires_grad}  # e.g. whitened weights
-    model = model.to(hw.device)
-    if hw.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return config, model, normalize, fixed
-
-
-def _build(config: TrainConfig, run_dir: Path, log, d: Dist) -> _Run:
-    hw = setup_hardware(config)
-    if d.active and config.loader != "device":
-        raise UserError(
-            "under torchrun use loader: device (the torchvision loader is single-process)"
-        )
-    if d.active and config.batch_size % d.world:
-        raise UserError(
-            f"batch_size={config.batch_size} must divide by the {d.world} processes (global batch)"
-        )
-    if config.alt_flip and config.loader != "device":
-        raise UserError("alt_flip needs loader: device (the torchvision loader flips by coin)")
-    if config.whitening and (config.pretrained or config.weights):
-        raise UserError(
-            "whitening: true would overwrite the pretrained first layer; drop one of the two"
-        )
-    splits = load_splits(config)
-    log(
-        f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val images, "
-        f"{len(splits.classes)} classes"
-        + (f", {len(splits.skipped)} skipped" if splits.skipped else "")
-    )
-    if splits.skipped and d.main:
-        (run_dir / "skipped_images.txt").write_text("\n".join(splits.skipped) + "\n")
-    if len(splits.train) < config.batch_size:
-        raise UserError(
-            f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
-        )
-    config, model, normalize, fixed = _build_model(config, splits, hw, d, log)
-    step_model = model
-    if d.active:
-        ids = [hw.device.index] if hw.device.type == "cuda" else None
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    step_model = torch.compile(step_model) if config.compile else step_model
-    optimizer = torch.optim.SGD(
-        param_groups(model, config, log),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-    )
-    if config.loader == "device":
-        augment = BatchAugment(config, normalize)
-        batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
-    else:
-        batches = TorchvisionBatches(splits.train, config, hw.device, normalize)
-    total = config.epochs * len(batches)
-    scheduler = make_scheduler(
-        config.schedule, optimizer, total, round(config.warmup_epochs * len(batches))
-    )
-    ema = None
-    if config.ema:
-        ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-        )
-    scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16)
-    lookahead = None
-    if config.lookahead:
-        lookahead = Lookahead(model, config.lookahead_every, config.lookahead_decay, total)
-    val_images = to_device_uint8(splits.val.images, hw.device)
-    val_labels = torch.from_numpy(splits.val.labels).to(hw.device)
-    return _Run(
-        config, hw, splits, model, step_model, optimizer, scheduler, scaler, ema, batches, normalize,
-        val_images, val_labels, run_dir, fixed, d, lookahead,
-    )  # fmt: skip
-
-
-def _init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
-    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
-    path = resolve_checkpoint(config.init_from)
-    ckpt = load_checkpoint(path)
-    if ckpt["config"]["model"] != config.model:
-        raise UserError(
-            f"--init-from {path}: it holds a {ckpt['config']['model']}, this run trains a {config.model}"
-        )
-    head = head_name(model) + "."
-    state = ckpt["model"]
-    same_classes = list(ckpt["classes"]) == list(classes)
-    if not same_classes:
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise UserError(
-            f"--init-from {path}: weights do not fit ({str(exc).splitlines()[1].strip()})"
-        ) from None
-    bad = [k for k in missing if not k.startswith(head)] + list(unexpected)
-    if bad:
-        raise UserError(f"--init-from {path}: weights do not fit this model (e.g. {bad[0]})")
-    log(f"init: weights from {path}" + ("" if same_classes else f"; new {len(classes)}-class head"))
-
-
-def _apply_freeze(run: _Run, epoch: int, log) -> None:
-    """What trains this epoch: the head only during `freeze: backbone`'s `freeze_epochs` (frozen
-    BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
-    c = run.config
-    if c.freeze == "backbone":
-        _freeze_backbone(run, epoch < c.freeze_epochs)
-        if epoch == c.freeze_epochs and epoch > 0:
-            log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
-    if c.whitening and c.whiten_bias_epochs and epoch >= c.whiten_bias_epochs:
-        bias = first_conv(run.model).bias
-        if bias is not None:
-            bias.requires_grad_(False)
-
-
-def _freeze_backbone(run: _Run, frozen: bool) -> None:
-    head = head_name(run.model) + "."
-    for name, p in run.model.named_parameters():
-        if not name.startswith(head) and id(p) not in run.fixed:
-            p.requires_grad_(not frozen)
-    if frozen:
-        for name, m in run.model.named_modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
-                m.eval()
-
-
-def _state(run: _Run, epoch: int, next_step: int, best: float, acc: dict) -> dict:
-    """The checkpoint: enough to resume exactly, and to evaluate or predict on its own."""
-    return {
-        "model": run.model.state_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "epoch": epoch,  # 0-based epoch in progress (== epochs done when next_step == 0)
-        "next_step": next_step,
-        "best_val_acc": best,
-        "accumulators": acc,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        "config": run.config.to_dict(),
-        "classes": run.splits.classes,
-        "mean": run.splits.mean,
-        "std": run.splits.std,
-    }
-
-
-def _restore(run: _Run, ckpt: dict) -> None:
-    run.model.load_state_dict(ckpt["model"])
-    if run.ema is not None and ckpt.get("ema") is not None:
-        run.ema.load_state_dict(ckpt["ema"])
-    if run.lookahead is not None and ckpt.get("lookahead") is not None:
-        run.lookahead.load_state_dict(ckpt["lookahead"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-
-
-def _validate(run: _Run, tta: str = "none") -> tuple[float, float]:
-    model = run.ema.module if run.ema is not None else run.model
-    logits = predict_logits(
-        model, run.val_images, run.normalize, run.config.eval_batch_size, tta, hardware=run.hw
-    )
-    loss = F.cross_entropy(logits, run.val_labels).item()
-    acc = (logits.argmax(1) == run.val_labels).float().mean().item()
-    return loss, acc
-
-
-def _train_epoch(
-    run: _Run, epoch: int, start_step: int, acc: dict, stop: _StopSignals, log
-) -> dict:
-    c, hw = run.config, run.hw
-    run.model.train()
-    _apply_freeze(run, epoch, log)
-    sync_every = 1 if hw.device.type == "cpu" or c.on_nan == "skip" else 50
-    bar = tqdm(
-        total=len(run.batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
-        disable=True if not c.progress else None, leave=False, unit="step", mininterval=1, file=sys.stderr,
-    )  # fmt: skip
-    t0 = time.perf_counter() - acc["seconds"]
-    loss_sum = torch.tensor(acc["loss_sum"], device=hw.device)
-    correct = torch.tensor(acc["correct"], device=hw.device)
-    for step, (x, y, rand) in enumerate(run.batches.epoch(epoch, start_step), start=start_step):
-        if hw.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        targets = y
-        if c.mixup_alpha or c.cutmix_alpha:
-            x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
-        with hw.autocast():
-            logits = run.step_model(x)
-        loss = loss_fn(logits, targets, c.label_smoothing)
-        check = (step + 1) % sync_every == 0 or step == len(run.batches) - 1
-        if check and not math.isfinite(loss.item()):
-            if c.on_nan == "skip":
-                acc["nan_skipped"] += 1
-                run.optimizer.zero_grad(set_to_none=True)
-                run.scheduler.step()
-                continue
-            raise TrainingFailed(
-                f"non-finite loss at epoch {epoch + 1} step {step + 1}; the last good checkpoint is "
-                f"{run.run_dir / 'last.pt'} (lower --lr, or --set on_nan=skip to skip such batches)"
-            )
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.scheduler.step()
-        if run.lookahead is not None:
-            run.lookahead.after_step(run.model, epoch * len(run.batches) + step + 1)
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        acc["seen"] += len(y)
-        bar.update(1)
-        if c.progress and (step % 10 == 0 or step == len(run.batches) - 1):
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / acc['seen']:.3f}",
-                acc=f"{correct.item() / acc['seen']:.1%}",
-                ips=f"{acc['seen'] / max(elapsed, 1e-9):.0f}",
-            )
-        next_step = step + 1
-        save_now = (
-            c.save_every_steps
-            and next_step % c.save_every_steps == 0
-            and next_step < len(run.batches)
-        )
-        if stop.received is not None or save_now:
-            acc.update(
-                loss_sum=loss_sum.item(), correct=correct.item(), seconds=time.perf_counter() - t0
-            )
-            if run.dist.main:
-                atomic_save(
-                    _state(run, epoch, next_step, acc["best"], dict(acc)), run.run_dir / "last.pt"
-                )
-            if stop.received is not None:
-                bar.close()
-                code = 130 if stop.received == signal.SIGINT else 143
-                raise Interrupted(
-                    f"stopped at epoch {epoch + 1} step {next_step}; saved {run.run_dir / 'last.pt'}. "
-                    f"Resume with: cifarlab train --out {run.run_dir} --resume",
-                    code,
-                )
-    bar.close()
-    acc.update(loss_sum=loss_sum.item(), correct=correct.item(), seconds=time.perf_counter() - t0)
-    return acc
-
-
-def _fresh_accumulators(best: float) -> dict:
-    return {
-        "loss_sum": 0.0,
-        "correct": 0.0,
-        "seen": 0,
-        "seconds": 0.0,
-        "nan_skipped": 0,
-        "best": best,
-    }
-
-
 def train(
-    config: TrainConfig, run_dir: Path | str, resume: bool = False, log=print, on_epoch=None
-) -> Result:
-    """Train `config` into `run_dir`; with `resume`, continue exactly from `run_dir/last.pt`.
-
-    `on_epoch(row)` is called after each epoch's metrics row is saved (tuning prunes from it)."""
-    run_dir = Path(run_dir)
-    d = init_distributed()
+    config: TrainConfig | None, run_dir: Path | str, resume: bool = False, log=print,
+    on_epoch=None, changes: dict[str, Any] | None = None,
+) -> Result:  # fmt: skip
+    """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
+    `config` (or, when None, the saved config with `changes`) must equal the saved one except
+    in RUNTIME_KEYS. `on_epoch(row)` is called after each epoch's row is saved (tune prunes)."""
+    run_dir, d = Path(run_dir), init_distributed()
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
-    last = run_dir / "last.pt"
-    ckpt = None
-    if resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        config = TrainConfig(**{**ckpt["config"], "progress": config.progress})
-    elif resume:
-        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
-    elif last.is_file():
-        raise UserError(
-            f"--out {run_dir} already holds a run (last.pt); add --resume to continue it or pick a new --out"
-        )
+    config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
+    validate_config(config, "config", d.world)
+    if ckpt is not None and _finished(ckpt):
+        return _finished_result(run_dir, ckpt, log)
     if d.main:
         prepare_run_dir(run_dir, need_bytes=200_000_000)
     barrier(d)
-    lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
-    with lock, _StopSignals() as stop:
-        run = _build(config, run_dir, log, d)
-        config = run.config  # resolved (e.g. input_size)
+    with RunLock(run_dir) if d.main else contextlib.nullcontext(), _StopSignals() as stop:
+        run = build_run(config, log, d)
+        saver = Checkpointer(run_dir, enabled=d.main)
+        first, step, stats = _start(run, ckpt, saver, log)
         if d.main:
-            save_config(config, run_dir / "config.yaml")
-        n_params = sum(p.numel() for p in run.model.parameters())
+            save_config(run.config, run_dir / "config.yaml")
+            truncate_metrics(run_dir / "metrics.csv", first)
         log(
-            f"model: {config.model} ({n_params / 1e6:.2f}M params) on {run.hw.describe()}, recipe {config.recipe}"
+            f"model: {config.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {config.recipe}"
         )
-        first_epoch, start_step, acc = 0, 0, _fresh_accumulators(0.0)
-        if ckpt is not None:
-            _restore(run, ckpt)
-            first_epoch, start_step, acc = (
-                ckpt["epoch"],
-                ckpt["next_step"],
-                dict(ckpt["accumulators"]),
-            )
-            log(f"resume: from epoch {first_epoch + 1} step {start_step} of {run_dir / 'last.pt'}")
-        if d.main:
-            truncate_metrics(run_dir / "metrics.csv", first_epoch)
-        writer = _tensorboard(run_dir) if config.tensorboard and d.main else None
-        history, total_seconds, val_acc = [], 0.0, 0.0
-        for epoch in range(first_epoch, config.epochs):
-            group = run.optimizer.param_groups[0]
-            lr = (
-                group["lr"] / group["lr_mult"]
-            )  # the peak-lr schedule, whatever the group's multiplier
-            acc = _train_epoch(run, epoch, start_step, acc, stop, log)
-            acc["loss_sum"], acc["correct"], acc["seen"] = all_sum(
-                [acc["loss_sum"], acc["correct"], acc["seen"]], d, run.hw.device
-            )  # every rank's share of the epoch
-            start_step = 0
-            t_val = time.perf_counter()
-            val_loss, val_acc = _validate(run)
-            seconds = acc["seconds"] + time.perf_counter() - t_val
-            row = {
-                "epoch": epoch + 1, "lr": round(lr, 8),
-                "train_loss": round(acc["loss_sum"] / max(acc["seen"], 1), 5),
-                "train_acc": round(acc["correct"] / max(acc["seen"], 1), 5),
-                "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 5),
-                "seconds": round(seconds, 2), "images_per_s": round(acc["seen"] / max(acc["seconds"], 1e-9), 1),
-            }  # fmt: skip
-            if d.main:
-                append_metrics(run_dir / "metrics.csv", row)
-            if writer is not None:
-                for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"):
-                    writer.add_scalar(key, row[key], epoch + 1)
+        history = read_metrics(run_dir / "metrics.csv") if d.main else []
+        for epoch in range(first, config.epochs):
+            stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
+            row = _end_epoch(run, epoch, stats, saver, log)
             history.append(row)
-            total_seconds += seconds
-            improved = val_acc > acc["best"]
-            best = max(acc["best"], val_acc)
-            if d.main:
-                state = _state(run, epoch + 1, 0, best, _fresh_accumulators(best))
-                atomic_save(state, run_dir / "last.pt")
-                if improved:
-                    atomic_save(state, run_dir / "best.pt")
-            skipped = (
-                f"  ({acc['nan_skipped']} non-finite batches skipped)" if acc["nan_skipped"] else ""
-            )
-            log(
-                f"epoch {epoch + 1}/{config.epochs}  lr {lr:.4g}  train loss {row['train_loss']:.3f} "
-                f"acc {row['train_acc']:.1%}  val loss {val_loss:.3f} acc {val_acc:.1%}"
-                f"{' *' if improved else ''}  {seconds:.0f}s  {row['images_per_s']:.0f} img/s{skipped}"
-            )
-            acc = _fresh_accumulators(best)
+            step, stats = 0, EpochStats()
             if on_epoch is not None:
                 on_epoch(row)
-        if writer is not None:
-            writer.close()
-        tta_acc = None
-        if config.tta != "none" and history:  # as airbench: TTA once, on the final weights
-            t_tta = time.perf_counter()
-            tta_acc = _validate(run, config.tta)[1]
-            total_seconds += time.perf_counter() - t_tta
-            log(f"final val acc with {config.tta} TTA: {tta_acc:.2%}")
+        result = _finish(run, run_dir, history, saver, log)
         barrier(d)
-    ips = history[-1]["images_per_s"] if history else 0.0
-    return Result(
-        run_dir, acc["best"], val_acc, config.epochs, total_seconds, ips, history, tta_acc
+    return result
+
+
+def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
+    """The config this call trains, and the checkpoint it continues (or None)."""
+    last = run_dir / "last.pt"
+    if not resume:
+        claim_run_dir(run_dir, resume=False)
+        return config, None
+    if not last.is_file():
+        if config is None:
+            raise UserError(
+                f"--resume: {run_dir} holds no last.pt to continue; drop --resume to start it"
+            )
+        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
+        claim_run_dir(run_dir, resume=True)
+        return config, None
+    ckpt = load_checkpoint(last)
+    saved = apply_overrides(TrainConfig(), ckpt["config"], where=f"{last} config")
+    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
+    differ = config_changes(saved, wanted)
+    if differ:
+        said = ", ".join(differ[:6])
+        raise UserError(
+            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
+            f"to change {said}; drop those flags, or train a new --out (--init-from {run_dir})"
+        )
+    runtime = {k: getattr(wanted, k) for k in RUNTIME_KEYS}
+    return dataclasses.replace(saved, **runtime), ckpt
+
+
+def _finished(ckpt: dict) -> bool:
+    return ckpt["next_step"] == 0 and ckpt["epoch"] >= ckpt["config"]["epochs"]
+
+
+def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
+    """A finished run resumed: nothing to train; its own figures, read back from its files."""
+    history = read_metrics(run_dir / "metrics.csv")
+    saved = (
+        json.loads((run_dir / "result.json").read_text())
+        if (run_dir / "result.json").is_file()
+        else {}
     )
+    final = history[-1]["val_acc"] if history else float("nan")
+    result = Result(
+        run_dir, float(saved.get("best_val_acc", ckpt["best_val_acc"])), float(saved.get("final_val_acc", final)),
+        ckpt["epoch"], float(saved.get("seconds", sum(r["seconds"] for r in history))),
+        history[-1]["images_per_s"] if history else 0.0, history,
+        saved.get("tta_val_acc"), saved.get("test_acc"), saved.get("test_tta_acc"),
+    )  # fmt: skip
+    log(f"resume: {run_dir} already finished all {ckpt['epoch']} epochs; nothing to train")
+    return result
 
 
-def _tensorboard(run_dir: Path):
+def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
+    """(epoch, step, stats) to start from: zero, or the checkpoint's position after restoring it."""
+    if ckpt is None:
+        return 0, 0, EpochStats()
+    theirs = ckpt.get("data_fingerprint")
+    if theirs is not None and theirs != run.data_fingerprint:
+        raise UserError(
+            f"--resume {saver.run_dir}: the data changed since this run started (images, labels or "
+            "classes differ, so would its split); restore the data, or train a new --out"
+        )
+    restore(run, ckpt)
+    saver.best = ckpt["best_val_acc"]
+    log(f"resume: from epoch {ckpt['epoch'] + 1} step {ckpt['next_step']} of {saver.last}")
+    return ckpt["epoch"], ckpt["next_step"], EpochStats.from_dict(ckpt["accumulators"])
+
+
+def _params(run: TrainingRun) -> int:
+    return sum(p.numel() for p in run.model.parameters())
+
+
+def train_step(
+    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, rand
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward one batch: (loss, logits). Mixup/CutMix make soft targets; the loss is `loss_fn`."""
+    c = run.config
+    if run.hw.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    targets = y
+    if c.mixup_alpha or c.cutmix_alpha:
+        x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
+    with run.hw.autocast():
+        logits = run.step_model(x)
+    return loss_fn(logits, targets, c.label_smoothing), logits
+
+
+def optimizer_step(run: TrainingRun, loss: torch.Tensor, global_step: int) -> None:
+    """Backward and update: SGD (through the AMP scaler), schedule, lookahead, EMA."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    if run.lookahead is not None:
+        run.lookahead.after_step(run.model, global_step)
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+
+
+def train_one_epoch(
+    run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log
+) -> EpochStats:
+    c, n = run.config, len(run.batches)
+    run.model.train()
+    apply_freeze(run, epoch, log)
+    if stats.lr is None:
+        stats.lr = run.peak_lr()
+    check_every = (
+        1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
+    )  # a sync costs on CUDA
+    bar = tqdm(
+        total=n, initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}", disable=True if not c.progress else None,
+        leave=False, unit="step", mininterval=1, file=sys.stderr,
+    )  # fmt: skip
+    t0 = time.perf_counter() - stats.seconds
+    loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
+    correct = torch.tensor(stats.correct, device=run.hw.device)
+    eta = _Eta(run, epoch, start_step, log)
+    for step, (x, y, rand) in enumerate(run.batches.epoch(epoch, start_step), start=start_step):
+        loss, logits = train_step(run, x, y, rand)
+        if ((step + 1) % check_every == 0 or step == n - 1) and not math.isfinite(loss.item()):
+            if c.on_nan != "skip":
+                raise TrainingFailed(
+                    f"non-finite loss at epoch {epoch + 1} step {step + 1}; the last good checkpoint is "
+                    f"{saver.last} (lower --lr, or --set on_nan=skip to skip such batches)"
+                )
+            stats.nan_skipped += 1
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            continue
+        optimizer_step(run, loss, epoch * n + step + 1)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        stats.seen += len(y)
+        bar.update(1)
+        eta.tick(step + 1)
+        if c.progress and (step % 10 == 0 or step == n - 1):
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / stats.seen:.3f}", acc=f"{correct.item() / stats.seen:.1%}"
+            )
+        save_now = c.save_every_steps and (step + 1) % c.save_every_steps == 0 and step + 1 < n
+        if stop.received is not None or save_now:
+            _sync(stats, loss_sum, correct, t0)
+            saver.save(
+                checkpoint_state(run, epoch, step + 1, dataclasses.asdict(stats), saver.best),
+                end_of_epoch=False,
+            )
+            if stop.received is not None:
+                bar.close()
+                raise Interrupted(
+                    f"stopped at epoch {epoch + 1} step {step + 1}; saved {saver.last}. "
+                    f"Resume with: cifarlab train --out {saver.run_dir} --resume",
+                    130 if stop.received == signal.SIGINT else 143,
+                )
+    bar.close()
+    _sync(stats, loss_sum, correct, t0)
+    stats.loss_sum, stats.correct, stats.seen = all_sum(
+        [stats.loss_sum, stats.correct, stats.seen], run.dist, run.hw.device
+    )  # every rank's share of the epoch
+    return stats
+
+
+def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
+    stats.loss_sum, stats.correct = loss_sum.item(), correct.item()
+    stats.seconds = time.perf_counter() - t0
+
+
+class _Eta:
+    """Once the first steps of a run are timed, say how long the whole run should take."""
+
+    AFTER = 10  # steps timed before the estimate
+
+    def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
+        self.run, self.log, self.first = run, log, start_step
+        self.done = epoch != 0 or start_step != 0  # once per run, from its first epoch
+        self.t0 = time.perf_counter()
+
+    def tick(self, step: int) -> None:
+        if self.done or step - self.first < self.AFTER:
+            return
+        self.done = True
+        per_step = (time.perf_counter() - self.t0) / (step - self.first)
+        n, c = len(self.run.batches), self.run.config
+        # validation reads each image once, without a backward pass: about a third of a train step's cost
+        val_steps = len(self.run.val_labels) / max(1, c.batch_size) / 3
+        total = per_step * (n + val_steps) * c.epochs
+        self.log(
+            f"expected: about {_human(total)} for {c.epochs} epochs ({per_step:.2f} s/step, {n} steps per epoch)"
+        )
+
+
+def _human(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+@torch.inference_mode()
+def validate(run: TrainingRun, tta: str = "none") -> tuple[float, float] | tuple[None, None]:
+    """(loss, accuracy) of the weights being evaluated on the validation split; (None, None) without one."""
+    if len(run.val_labels) == 0:
+        return None, None
+    logits = predict_logits(
+        run.eval_model,
+        run.val_images,
+        run.normalize,
+        run.config.eval_batch_size,
+        tta,
+        hardware=run.hw,
+    )
+    loss = F.cross_entropy(logits, run.val_labels).item()
+    return loss, (logits.argmax(1) == run.val_labels).float().mean().item()
+
+
+def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpointer, log) -> dict:
+    """Validate, append the metrics row, save last.pt (and best.pt when it improved), log a line."""
+    c = run.config
+    t_val = time.perf_counter()
+    val_loss, val_acc = validate(run)
+    seconds = stats.seconds + time.perf_counter() - t_val
+    seen = max(stats.seen, 1)
+    row = {
+        "epoch": epoch + 1, "lr": round(stats.lr, 8), "train_loss": round(stats.loss_sum / seen, 5),
+        "train_acc": round(stats.correct / seen, 5),
+        "val_loss": float("nan") if val_loss is None else round(val_loss, 5),
+        "val_acc": float("nan") if val_acc is None else round(val_acc, 5),
+        "seconds": round(seconds, 2), "images_per_s": round(stats.seen / max(stats.seconds, 1e-9), 1),
+    }  # fmt: skip
+    if run.dist.main:
+        append_metrics(saver.run_dir / "metrics.csv", row)
+        if c.tensorboard:
+            _tensorboard_row(saver.run_dir, row)
+    improved = saver.save(
+        checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best), val_acc
+    )
+    val = (
+        "no validation"
+        if val_acc is None
+        else f"val loss {val_loss:.3f} acc {val_acc:.1%}{' *' if improved else ''}"
+    )
+    skipped = f"  ({stats.nan_skipped} non-finite batches skipped)" if stats.nan_skipped else ""
+    log(
+        f"epoch {epoch + 1}/{c.epochs}  lr {stats.lr:.4g}  train loss {row['train_loss']:.3f} "
+        f"acc {row['train_acc']:.1%}  {val}  {seconds:.0f}s  {row['images_per_s']:.0f} img/s{skipped}"
+    )
+    return row
+
+
+def _finish(
+    run: TrainingRun, run_dir: Path, history: list[dict], saver: Checkpointer, log
+) -> Result:
+    """The final TTA pass (as airbench: once, on the final weights), the selected checkpoint's
+    test accuracy when the data has a test split, and `result.json`."""
+    c = run.config
+    seconds = sum(r["seconds"] for r in history)
+    tta_acc = None
+    if c.tta != "none" and len(run.val_labels):
+        t = time.perf_counter()
+        tta_acc = validate(run, c.tta)[1]
+        seconds += time.perf_counter() - t
+        log(f"final val acc with {c.tta} TTA: {tta_acc:.2%}")
+    if not len(run.val_labels):
+        log(
+            "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
+        )
+    test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
+    finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
+    result = Result(
+        run_dir, saver.best if finals else float("nan"), finals[-1] if finals else float("nan"),
+        c.epochs, seconds, history[-1]["images_per_s"] if history else 0.0, history, tta_acc, test_acc, test_tta,
+    )  # fmt: skip
+    if run.dist.main:
+        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return result
+
+
+def _test_accuracy(run: TrainingRun, best: Path, log) -> tuple[float | None, float | None]:
+    """The selected checkpoint (`best.pt`, rebuilt by the one constructor) on the test split."""
+    test = run.splits.test
+    if test is None or not run.dist.main or not best.is_file():
+        return None, None
+    loaded = load_model(load_checkpoint(best), run.hw.device, use_ema=run.ema is not None)
+    images = torch.from_numpy(test.images).permute(0, 3, 1, 2).contiguous().to(run.hw.device)
+    labels = torch.from_numpy(test.labels).to(run.hw.device)
+    accs = []
+    for tta in ["none"] + ([run.config.tta] if run.config.tta != "none" else []):
+        logits = predict_logits(
+            loaded.model, images, loaded.normalize, run.config.eval_batch_size, tta, run.hw
+        )
+        accs.append((logits.argmax(1) == labels).float().mean().item())
+    with_tta = f" ({accs[1]:.2%} with {run.config.tta} TTA)" if len(accs) > 1 else ""
+    log(f"test acc of {best.name}: {accs[0]:.2%}{with_tta} on {len(labels)} images")
+    return accs[0], accs[1] if len(accs) > 1 else None
+
+
+def _tensorboard_row(run_dir: Path, row: dict) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError(
             "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
         ) from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"):
+            writer.add_scalar(key, row[key], row["epoch"])

@@ -16,18 +16,19 @@ Search space (documented in the README), relative to the recipe:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cifarlab.config import (
+    EPOCH_KEYS,
     TrainConfig,
     apply_overrides,
-    load_recipe,
     read_yaml_mapping,
     recipe_path,
+    validate_config,
 )
 from cifarlab.errors import UserError
 
@@ -36,13 +37,13 @@ SEARCHED = ("lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothin
 
 @dataclass
 class TuneOptions:
-    recipe: str
-    data: str
+    recipe: str  # the recipe searched around (its name goes into best-recipe.yaml)
+    base: TrainConfig  # that recipe with the command line applied
+    overrides: dict[str, Any]  # what the command line set: best-recipe.yaml keeps it
     trials: int
     storage: str
     out: Path
     study: str = ""
-    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def suggest(trial, base: TrainConfig) -> dict[str, Any]:
@@ -97,10 +98,8 @@ def run_tune(opts: TuneOptions, log=print):
 
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
-    base = apply_overrides(
-        load_recipe(opts.recipe), {"data": opts.data, **opts.overrides}, where="command line"
-    )
-    name = opts.study or f"{base.recipe}-{Path(opts.data).name}"
+    base = validate_config(opts.base, "command line")
+    name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     study = optuna.create_study(
         study_name=name, storage=_storage(opts.storage), direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
@@ -110,6 +109,7 @@ def run_tune(opts: TuneOptions, log=print):
 
     def objective(trial) -> float:
         config = apply_overrides(base, suggest(trial, base), where=f"trial {trial.number}")
+        validate_config(config, f"trial {trial.number}")
         run_dir = _trial_dir(opts.out, trial.number)
 
         def report(row: dict) -> None:
@@ -133,10 +133,20 @@ def run_tune(opts: TuneOptions, log=print):
         )
     best = study.best_trial
     out = write_best_recipe(
-        opts.recipe, best.params, opts.out / "best-recipe.yaml", best.value, name
-    )
+        opts.recipe, {**_recipe_keys(opts.overrides, base), **best.params},
+        opts.out / "best-recipe.yaml", best.value, name,
+    )  # fmt: skip
     log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
     return study
+
+
+def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
+    """What the trials ran with beyond the recipe: the command line's overrides as typed values
+    (not where the data lives or how progress shows) and the epoch-based settings as --epochs
+    or --budget shaped them."""
+    typed = base.to_dict()
+    keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
+    return {k: typed[k] for k in [*keys, *EPOCH_KEYS]}
 
 
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:

@@ -154,12 +154,3 @@ class TorchvisionBatches:
         for step, (x, y) in enumerate(loader, start=start_step):
             rand = StepRandom.for_step(self.config.seed, epoch, step, self.device)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), rand
-
-
-def eval_batches(
-    images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """In-order, unaugmented, normalised batches of a device-resident uint8 set."""
-    for start in range(0, len(labels), batch_size):
-        x = images[start : start + batch_size].float().div_(255)
-        yield normalize(x), labels[start : start + batch_size]

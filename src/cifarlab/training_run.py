@@ -1,0 +1,298 @@
+"""Everything a training run needs, built once from a validated config: hardware, data, the
+model (through the one constructor), optimiser, schedule, EMA, AMP scaler, lookahead, batches.
+
+`train.py` holds the loop; this module holds the pieces it turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cifarlab.augment import BatchAugment, Normalize
+from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
+from cifarlab.config import TrainConfig, name_multipliers
+from cifarlab.data import Splits, load_splits
+from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
+from cifarlab.distributed import Dist
+from cifarlab.errors import UserError
+from cifarlab.hardware import Hardware, setup_hardware
+from cifarlab.lookahead import Lookahead
+from cifarlab.models import ModelArgs, build_model, head_name
+from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
+from cifarlab.models.whitening import first_conv, init_whitening
+from cifarlab.schedules import make_scheduler
+
+# The usual CIFAR-10 training-set statistics, as lessons hard-code them (per pixel and channel).
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
+
+
+@dataclass
+class TrainingRun:
+    """The pieces one run's loop turns; built once by `build_run`."""
+
+    config: TrainConfig
+    hw: Hardware
+    splits: Splits
+    model_args: ModelArgs
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # compiled and/or DDP-wrapped; shares weights with `model`
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    lookahead: Lookahead | None
+    batches: DeviceBatches | TorchvisionBatches
+    normalize: Normalize
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    fixed: set[int]  # ids of parameters that never train (e.g. whitened weights)
+    dist: Dist
+    data_fingerprint: str
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def peak_lr(self) -> float:
+        """The schedule's current lr, whatever the first group's multiplier."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group["lr_mult"]
+
+
+def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
+    hw = setup_hardware(config)
+    config = resolve_input_size(config, hw.device, log)
+    splits = load_splits(config)
+    log(
+        f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
+        + (f" / {len(splits.test)} test" if splits.test is not None else "")
+        + f" images, {len(splits.classes)} classes"
+        + (f", {len(splits.skipped)} skipped" if splits.skipped else "")
+    )
+    if len(splits.train) < config.batch_size:
+        raise UserError(
+            f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
+        )
+    normalize = Normalize(*input_statistics(config, splits))
+    args, model, fixed = _build_model(config, splits, normalize, hw, d, log)
+    step_model = model
+    if d.active:
+        ids = [hw.device.index] if hw.device.type == "cuda" else None
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    step_model = torch.compile(step_model) if config.compile else step_model
+    optimizer = torch.optim.SGD(
+        param_groups(model, config, log), lr=config.lr, momentum=config.momentum,
+        nesterov=config.nesterov,
+    )  # fmt: skip
+    if config.loader == "device":
+        augment = BatchAugment(config, normalize)
+        batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
+    else:
+        batches = TorchvisionBatches(splits.train, config, hw.device, normalize)
+    total = config.epochs * len(batches)
+    scheduler = make_scheduler(
+        config.schedule, optimizer, total, round(config.warmup_epochs * len(batches)),
+        len(batches) if config.lr_step == "epoch" else 1,
+    )  # fmt: skip
+    ema = None
+    if config.ema:
+        ema = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+        )
+    lookahead = None
+    if config.lookahead:
+        lookahead = Lookahead(model, config.lookahead_every, config.lookahead_decay, total)
+    return TrainingRun(
+        config, hw, splits, args, model, step_model, optimizer, scheduler,
+        torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
+        ema, lookahead, batches, normalize,
+        to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
+        fixed, d, data_fingerprint(splits),
+    )  # fmt: skip
+
+
+def resolve_input_size(config: TrainConfig, device: torch.device, log) -> TrainConfig:
+    """`stem: imagenet` with `input_size: 0` means 224 on CUDA, 64 on the CPU (224 is ~12x slower)."""
+    if config.stem != "imagenet" or config.input_size:
+        return config
+    size = 224 if device.type == "cuda" else 64
+    log(f"stem: imagenet — images upsampled on the device to {size}x{size}")
+    return dataclasses.replace(config, input_size=size)
+
+
+def input_statistics(config: TrainConfig, splits: Splits) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std the model's input is normalised with (`normalize` in config)."""
+    choice = config.normalize
+    if choice == "auto":  # a pretrained ImageNet stem expects ImageNet's statistics
+        pretrained_stem = config.stem == "imagenet" and (config.pretrained or config.weights)
+        choice = "imagenet" if pretrained_stem else "train"
+    return {
+        "train": (splits.mean, splits.std),
+        "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    }[choice]
+
+
+def _build_model(config, splits, normalize, hw, d, log):
+    """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
+    with the ids of parameters that never train."""
+    torch.manual_seed(config.seed)
+    args = ModelArgs(
+        config.model, len(splits.classes), config.width, config.image_size, config.stem,
+        config.input_size,
+    )  # fmt: skip
+    model = build_model(args, config.pretrained, config.weights, log)
+    if config.whitening:
+        sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
+        init_whitening(first_conv(model), normalize(sample))
+    if config.init_from:
+        init_from(model, config, splits.classes, log)
+    if d.active and config.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fixed = {id(p) for p in model.parameters() if not p.requires_grad}
+    model = model.to(hw.device)
+    if hw.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return args, model, fixed
+
+
+def data_fingerprint(splits: Splits) -> str:
+    """A digest of exactly what trains and validates: classes, labels and pixels of both splits."""
+    h = hashlib.sha256(repr(splits.classes).encode())
+    for part in (splits.train, splits.val):
+        h.update(part.labels.tobytes())
+        h.update(memoryview(part.images).cast("B"))
+    return h.hexdigest()[:24]
+
+
+def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
+    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
+    from cifarlab.inference import model_args
+
+    path = resolve_checkpoint(config.init_from)
+    ckpt = load_checkpoint(path)
+    theirs = model_args(ckpt)
+    if (theirs.name, theirs.stem) != (config.model, config.stem):
+        raise UserError(
+            f"--init-from {path}: it holds a {theirs.name} (stem {theirs.stem}), this run trains "
+            f"a {config.model} (stem {config.stem})"
+        )
+    head = head_name(model) + "."
+    state = ckpt["model"]
+    same_classes = list(ckpt["classes"]) == list(classes)
+    if not same_classes:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise UserError(
+            f"--init-from {path}: weights do not fit ({str(exc).splitlines()[1].strip()})"
+        ) from None
+    bad = [k for k in missing if not k.startswith(head)] + list(unexpected)
+    if bad:
+        raise UserError(f"--init-from {path}: weights do not fit this model (e.g. {bad[0]})")
+    log(f"init: weights from {path}" + ("" if same_classes else f"; new {len(classes)}-class head"))
+
+
+def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list[dict]:
+    """Parameters grouped by lr multiplier and weight decay: the head at the peak lr, the rest at
+    `backbone_lr_mult`; 1-D parameters (norm scales/shifts, biases) at `bias_lr_mult` with their
+    decay divided by it (so their decay per step stays), or none with `no_decay_norm_bias`."""
+    head = head_name(model) + "."
+    by_name = name_multipliers(config.lr_mults)
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in by_name:  # a recipe's multiplier may be meant for another model: say so
+        if not any(n.startswith(prefix) for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            log(
+                f"warning: lr_mults '{prefix}' matches no parameter of {config.model}, ignored "
+                f"(its top-level names: {', '.join(tops)})"
+            )
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = 1.0 if name.startswith(head) else config.backbone_lr_mult
+        matches = [k for k in by_name if name.startswith(k)]
+        if matches:
+            mult *= by_name[max(matches, key=len)]
+        decay = config.weight_decay
+        if p.ndim <= 1:
+            mult *= config.bias_lr_mult
+            decay = 0.0 if config.no_decay_norm_bias else decay / config.bias_lr_mult
+        groups.setdefault((mult, decay), []).append(p)
+    return [
+        {"params": ps, "lr": config.lr * m, "weight_decay": d, "lr_mult": m}
+        for (m, d), ps in groups.items()
+    ]
+
+
+def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
+    """What trains this epoch: the head only during `freeze: backbone`'s `freeze_epochs` (frozen
+    BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
+    c = run.config
+    if c.freeze == "backbone":
+        _freeze_backbone(run, epoch < c.freeze_epochs)
+        if epoch == c.freeze_epochs and epoch > 0:
+            log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+    if c.whitening and c.whiten_bias_epochs and epoch >= c.whiten_bias_epochs:
+        bias = first_conv(run.model).bias
+        if bias is not None:
+            bias.requires_grad_(False)
+
+
+def _freeze_backbone(run: TrainingRun, frozen: bool) -> None:
+    head = head_name(run.model) + "."
+    for name, p in run.model.named_parameters():
+        if not name.startswith(head) and id(p) not in run.fixed:
+            p.requires_grad_(not frozen)
+    if frozen:
+        for name, m in run.model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
+                m.eval()
+
+
+def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best: float) -> dict:
+    """Enough to resume exactly, and to rebuild the model on its own (`model_args`)."""
+    return {
+        "model": run.model.state_dict(),
+        "model_args": run.model_args.to_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,  # 0-based epoch in progress (== epochs done when next_step == 0)
+        "next_step": step,
+        "best_val_acc": best,
+        "accumulators": stats,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "config": run.config.to_dict(),
+        "classes": run.splits.classes,
+        "mean": run.normalize.mean,
+        "std": run.normalize.std,
+        "data_fingerprint": run.data_fingerprint,
+    }
+
+
+def restore(run: TrainingRun, ckpt: dict) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    if run.ema is not None and ckpt.get("ema") is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    if run.lookahead is not None and ckpt.get("lookahead") is not None:
+        run.lookahead.load_state_dict(ckpt["lookahead"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
