@@ -41,5 +41,6 @@ def test_two_gloo_processes_match_one_process_and_write_one_set_of_files(real_jp
         "config.yaml",
         "last.pt",
         "metrics.csv",
+        "result.json",
     ]
     assert ddp_proc.stdout.count("epoch 3/3") == 1  # only rank 0 talks

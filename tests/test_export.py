@@ -58,13 +58,11 @@ def test_predict_with_onnx_prints_the_same_classes_as_the_checkpoint(
 def test_deployable_takes_plain_unit_range_images(runs):
     from cifarlab.checkpoint import load_checkpoint
     from cifarlab.export import Deployable
-    from cifarlab.inference import model_from_checkpoint
+    from cifarlab.inference import load_model
 
     run_dirs, images = runs
-    ckpt = load_checkpoint(run_dirs["cnn"] / "best.pt")
-    net = Deployable(
-        model_from_checkpoint(ckpt, torch.device("cpu")), ckpt["mean"], ckpt["std"]
-    ).eval()
+    loaded = load_model(load_checkpoint(run_dirs["cnn"] / "best.pt"))
+    net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
     x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         assert net(x).shape == (4, 10)

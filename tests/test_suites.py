@@ -33,7 +33,7 @@ def test_every_shipped_suite_parses_into_valid_configs():
 
 
 def test_ablation_is_cumulative():
-    runs = load_suite("ablation", {"data": "x"}).runs
+    runs = load_suite("exercise-5", {"data": "x"}).runs
     assert runs[0].config.model == "cnn" and not runs[0].config.flip
     assert (
         runs[-1].config.model == "resnet18"
@@ -68,7 +68,7 @@ def test_list_and_unknown_suite(capsys):
     out = capsys.readouterr().out
     assert all(
         name in out
-        for name in ("baseline", "augmentation", "mixup", "cutmix", "transfer", "ablation")
+        for name in (*(f"exercise-{i}" for i in range(1, 6)), "cutmix", "speed-ingredients")
     )
     assert main(["suite", "nope", "--data", "x", "--out", "y"]) == 2
 
@@ -77,10 +77,9 @@ def test_suite_writes_table_plot_index_and_skips_finished_runs(real_jpegs, tmp_p
     path = tmp_path / "s.yaml"
     path.write_text(SUITE)
     opts = SuiteOptions(
-        str(real_jpegs),
         tmp_path / "out",
         epochs=1,
-        overrides={**TINY, "data_root": str(tmp_path / "d")},
+        overrides={**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d")},
     )
     rows = run_suite(str(path), opts, log=lambda s: None)
     assert [r["run"] for r in rows] == ["plain", "flip"] and rows[0]["gain"] == 0.0
@@ -89,7 +88,7 @@ def test_suite_writes_table_plot_index_and_skips_finished_runs(real_jpegs, tmp_p
     assert "| flip | + flip |" in (tmp_path / "out" / "results.md").read_text()
     messages = []
     run_suite(str(path), opts, log=messages.append)
-    assert sum("finished earlier, skipped" in m for m in messages) == 2
+    assert sum("finished earlier" in m for m in messages) == 2
 
 
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
@@ -107,13 +106,17 @@ def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_pa
     assert (tmp_path / "o" / "plain" / "result.json").is_file()
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert "[plain] finished earlier, skipped" in again.stdout and "[flip] resuming" in again.stdout
+    assert "[plain] finished earlier" in again.stdout and "[flip] resuming" in again.stdout
     assert (tmp_path / "o" / "flip" / "result.json").is_file()
 
 
 def test_unknown_only_run_is_an_error(tmp_path):
     with pytest.raises(UserError, match="--only nope"):
-        run_suite("transfer", SuiteOptions("x", tmp_path, only="nope"), log=lambda s: None)
+        run_suite(
+            "exercise-4",
+            SuiteOptions(tmp_path, only="nope", overrides={"data": "x"}),
+            log=lambda s: None,
+        )
 
 
 def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, tmp_path):
@@ -128,10 +131,9 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     rows = run_suite(
         str(path),
         SuiteOptions(
-            str(real_jpegs),
             tmp_path / "o",
             epochs=1,
-            overrides={**TINY, "data_root": str(tmp_path / "d")},
+            overrides={**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d")},
         ),
         log=messages.append,
     )
@@ -140,10 +142,12 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     assert "cannot start" in (tmp_path / "o" / "results.md").read_text()
 
 
-def test_mixup_examples_show_four_mixed_images(real_jpegs, tmp_path):
+def test_mixup_examples_show_four_mixed_images_per_alpha(real_jpegs, tmp_path):
     from cifarlab.suites import _mixup_examples
-    from tests.conftest import make_config
 
-    config = make_config(data=str(real_jpegs), data_root=str(tmp_path / "d"), val_size=100)
-    _mixup_examples(config, tmp_path / "mixup_examples.png")
-    assert (tmp_path / "mixup_examples.png").stat().st_size > 10_000
+    suite = load_suite(
+        "exercise-3", {"data": str(real_jpegs), "data_root": str(tmp_path / "d"), "val_size": 100}
+    )
+    assert sorted(r.config.mixup_alpha for r in suite.runs) == [0.0, 0.2, 0.5, 1.0]
+    _mixup_examples(suite, tmp_path / "mixup_examples.png")
+    assert (tmp_path / "mixup_examples.png").stat().st_size > 30_000

@@ -5,16 +5,31 @@ import time
 
 import optuna
 
-from cifarlab.config import load_recipe
+from cifarlab.config import apply_overrides, load_recipe
 from cifarlab.tune import TuneOptions, run_tune
 
 TINY = {"model": "fastnet", "batch_size": 50, "val_size": 100, "subset": 300, "progress": False, "threads": 1,
         "tta": "none", "warmup_epochs": 0.0}  # fmt: skip
 
 
-def _opts(real_jpegs, tmp_path, trials):
-    return TuneOptions("fast", str(real_jpegs), trials, f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "tune",
-                       "s", {**TINY, "epochs": 2, "data_root": str(tmp_path / "d")})  # fmt: skip
+def _opts(real_jpegs, tmp_path, trials, **more):
+    overrides = {
+        **TINY,
+        "epochs": 2,
+        "data": str(real_jpegs),
+        "data_root": str(tmp_path / "d"),
+        **more,
+    }
+    base = apply_overrides(load_recipe("fast"), overrides, where="test")
+    return TuneOptions(
+        "fast",
+        base,
+        overrides,
+        trials,
+        f"sqlite:///{tmp_path / 'study.db'}",
+        tmp_path / "tune",
+        "s",
+    )
 
 
 def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpegs, tmp_path):
@@ -22,6 +37,7 @@ def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpeg
     assert len(study.trials) == 2
     best = load_recipe(str(tmp_path / "tune" / "best-recipe.yaml"))
     assert best.lr == study.best_trial.params["lr"] and best.model == "fastnet"
+    assert best.batch_size == 50 and best.subset == 300  # the command line's overrides are kept
     again = run_tune(_opts(real_jpegs, tmp_path, 3), log=lambda s: None)  # same storage: continues
     assert len(again.trials) == 3 and {t.number for t in again.trials} == {0, 1, 2}
 
