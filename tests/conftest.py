@@ -53,3 +53,30 @@ def data_root(tmp_path) -> Path:
 def make_config(**overrides) -> TrainConfig:
     base = {"progress": False, "device": "cpu", "threads": 2}
     return apply_overrides(TrainConfig(), {**base, **overrides}, where="test")
+
+
+def write_synthetic_folder(
+    root: Path, classes=("red", "green", "blue"), per_class: int = 12, size: int = 32
+) -> Path:
+    """`<root>/<class>/*.png`: noisy images whose dominant colour is their class, so a model can
+    learn them in a few steps; for tests that must run without the shared JPEGs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (size, size, 3))
+            pixels[..., c % 3] += 150
+            Image.fromarray(pixels.astype("uint8")).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_images(tmp_path_factory) -> Path:
+    """Three colour classes of 12 PNGs each under `<root>/train/` and 4 each under `<root>/test/`."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_folder(root / "train")
+    write_synthetic_folder(root / "test", per_class=4)
+    return root

@@ -185,3 +185,109 @@ def test_evaluate_on_files_with_non_utf8_names_writes_every_file(small_run, real
     evaluate(EvalOptions(str(small_run), data=str(data), out=out), log=lambda s: None)
     assert "\\xff" in (out / "predictions.csv").read_text(encoding="utf-8")
     assert (out / "report.html").stat().st_size > 0
+
+
+# --- evaluate --data DIR: every image of a labelled folder -----------------------------------
+
+
+def _pngs(folder, classes=("cat", "dog"), per_class=5, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(folder / c / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-class checkpoint trained one epoch on 2 x 20 random PNGs (8 held out for val)."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = _pngs(root / "src" / "train", per_class=20).parent
+    config = make_config(data=str(data), data_root=str(root / "cache"), epochs=1, batch_size=8,
+                         val_size=8)  # fmt: skip
+    train(config, root / "run", log=lambda s: None)
+    return root / "run"
+
+
+def _score(run, data, split, tmp_path):
+    opts = EvalOptions(str(run), split=split, data=str(data), out=tmp_path / f"ev-{split}")
+    return evaluate(opts, log=lambda s: None)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_plain_class_folder_is_scored_whole_under_either_split(tiny_run, tmp_path, split):
+    report = _score(tiny_run, _pngs(tmp_path / "plain", per_class=7), split, tmp_path)
+    assert report["num_images"] == 14 and np.asarray(report["confusion_matrix"]).sum() == 14
+
+
+def test_test_folder_without_train_is_scored_whole(tiny_run, tmp_path):
+    _pngs(tmp_path / "d" / "test", per_class=6)
+    assert _score(tiny_run, tmp_path / "d", "test", tmp_path)["num_images"] == 12
+
+
+def test_archive_of_a_test_folder_is_scored_whole(tiny_run, tmp_path):
+    import tarfile
+
+    _pngs(tmp_path / "d" / "test", per_class=4)
+    archive = tmp_path / "held-out.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "d" / "test", arcname="held-out/test")
+    assert _score(tiny_run, archive, "test", tmp_path)["num_images"] == 8
+
+
+def test_split_val_scores_the_val_folder_and_split_test_the_test_folder(tiny_run, tmp_path):
+    _pngs(tmp_path / "d" / "train", per_class=10)
+    _pngs(tmp_path / "d" / "valid", per_class=3, seed=1)
+    _pngs(tmp_path / "d" / "test", per_class=4, seed=2)
+    assert _score(tiny_run, tmp_path / "d", "val", tmp_path)["num_images"] == 6
+    assert _score(tiny_run, tmp_path / "d", "test", tmp_path)["num_images"] == 8
+
+
+def test_train_folder_without_val_folder_scores_the_runs_held_out_slice(tiny_run, tmp_path):
+    import csv
+
+    own = evaluate(EvalOptions(str(tiny_run), out=tmp_path / "own"), log=lambda s: None)
+    report = _score(tiny_run, own["data"], "val", tmp_path)
+    assert report["num_images"] == own["num_images"] == 8
+
+    def paths(folder):
+        with open(folder / "predictions.csv") as f:
+            return [row["path"] for row in csv.DictReader(f)]
+
+    assert paths(tmp_path / "ev-val") == paths(tmp_path / "own")
+
+
+def test_a_subset_of_the_models_classes_is_scored_on_its_indices(tiny_run, tmp_path):
+    report = _score(tiny_run, _pngs(tmp_path / "dogs", classes=("dog",)), "test", tmp_path)
+    assert report["classes"] == ["cat", "dog"] and report["num_images"] == 5
+    assert report["per_class"]["dog"]["support"] == 5 and report["per_class"]["cat"]["support"] == 0
+    rows = (tmp_path / "ev-test" / "predictions.csv").read_text().splitlines()[1:]
+    assert all(row.split(",")[2] == "dog" for row in rows)
+
+
+def test_a_class_the_model_does_not_know_is_a_one_line_error(tiny_run, tmp_path):
+    data = _pngs(tmp_path / "zoo", classes=("dog", "emu"))
+    with pytest.raises(UserError, match=r"does not know \(emu\)") as err:
+        _score(tiny_run, data, "test", tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_train_only_folder_has_no_test_split(tiny_run, tmp_path):
+    _pngs(tmp_path / "d" / "train")
+    with pytest.raises(UserError, match="--split test: .* has no test split"):
+        _score(tiny_run, tmp_path / "d", "test", tmp_path)
+
+
+def test_cifar10_test_split_still_scores_its_test_batch(tmp_path):
+    from tests.test_data import _tiny_cifar10
+
+    _tiny_cifar10(tmp_path / "root")
+    config = make_config(data="cifar10", data_root=str(tmp_path / "root"), epochs=1,
+                         batch_size=8, val_size=10)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    report = evaluate(EvalOptions(str(tmp_path / "run"), split="test"), log=lambda s: None)
+    assert report["num_images"] == 5 and report["data"] == "cifar10"

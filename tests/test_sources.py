@@ -25,17 +25,20 @@ def _folder(root: Path, classes=("cat", "dog"), per_class=3) -> Path:
     return root
 
 
-def test_a_single_class_folder_is_named_and_refused(tmp_path, data_root):
+def test_a_single_class_folder_is_named_and_refused_for_training(tmp_path, data_root):
     src = _folder(tmp_path / "d", classes=("cat",))
+    config = make_config(data=str(src), data_root=str(data_root), val_size=1)
     with pytest.raises(UserError, match="only one class folder found: cat; need at least two"):
-        load_source(str(src), data_root, 8)
+        load_splits(config)
+    assert load_source(str(src), data_root, 8).train.classes == ["cat"]  # fine to score
 
 
 def test_one_class_left_after_dropping_empty_folders_is_refused(tmp_path, data_root):
     src = _folder(tmp_path / "d", classes=("cat",))
     (src / "dog").mkdir()
-    with pytest.raises(UserError, match="only 1 class folder"):
-        load_source(str(src), data_root, 8, on_bad="skip")
+    config = make_config(data=str(src), data_root=str(data_root), val_size=1, on_bad_image="skip")
+    with pytest.raises(UserError, match="only one class folder found: cat"):
+        load_splits(config)
 
 
 @pytest.mark.parametrize(

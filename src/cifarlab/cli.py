@@ -200,8 +200,11 @@ def cmd_suite(args) -> int:
     opts = SuiteOptions(
         args.out, seeds or [0], args.only, run_overrides(args), args.epochs, args.budget
     )
-    run_suite(args.name, opts)
-    return 0
+    rows = run_suite(args.name, opts)
+    failed = [r["run"] for r in rows if str(r.get("status", "")).startswith("cannot start")]
+    if failed:
+        print(f"error: {len(failed)} run(s) could not start: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_export(args) -> int:

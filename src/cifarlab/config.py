@@ -180,8 +180,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(bad)
         return value
-    if isinstance(value, bool) and {"on", "off"} <= set(FIELDS[key].metadata.get("choices", ())):
-        return "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
+    word = {True: "on", False: "off"}.get(value) if isinstance(value, bool) else None
+    if word in FIELDS[key].metadata.get("choices", ()):
+        return word  # YAML 1.1 reads an unquoted on/off as a boolean
     if not isinstance(value, str):
         raise UserError(f"{where}: '{key}' must be a string, got {value!r} (quote it in YAML)")
     return value

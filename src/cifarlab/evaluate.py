@@ -17,7 +17,8 @@ from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, apply_overrides, default_data_root
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.data.splits import select_classes
+from cifarlab.data.sources import load_labelled
+from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
 from cifarlab.inference import load_model, predict_logits
@@ -44,26 +45,41 @@ def run_config(ckpt: dict, where: str) -> TrainConfig:
 
 
 def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, str]:
+    """The images to score, labelled with the checkpoint's class indices, and their source.
+
+    `--data DIR` is scored whole: its test/ (or val/) folder, or all of a plain `<class>/`
+    folder; without one, `--split val` holds out the run's slice of DIR/train (same seed).
+    """
     config = run_config(ckpt, where)
+    own_data = opts.data in (None, config.data)
     if opts.data:
         config = apply_overrides(config, {"data": opts.data}, where="--data")
-    if opts.split == "val":
-        data = load_splits(config).val
-    else:
-        root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
-        data = load_source(config.data, root, config.image_size, config.on_bad_image).test
-        if data is None:
-            raise UserError(
-                f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ folder, or use --split val"
-            )
-        if config.classes:
-            data = select_classes(data, config.classes, "classes")
-    if data.classes != list(ckpt["classes"]):
+    data = _labelled_data(config, opts.split) if opts.data else None
+    if data is None:
+        data = load_splits(config).val if opts.split == "val" else _test_split(config)
+    if config.classes and own_data:  # the run's own data: the classes it was trained on
+        data = select_classes(data, [c for c in config.classes if c in data.classes], "classes")
+    return onto_classes(data, list(ckpt["classes"]), where), config.data
+
+
+def _data_root(config: TrainConfig) -> Path:
+    return Path(config.data_root).expanduser() if config.data_root else default_data_root()
+
+
+def _labelled_data(config: TrainConfig, split: str) -> ImageSet | None:
+    args = (config.data, _data_root(config), config.image_size, config.on_bad_image)
+    return load_labelled(*args, split)
+
+
+def _test_split(config: TrainConfig) -> ImageSet:
+    args = (config.data, _data_root(config), config.image_size, config.on_bad_image)
+    test = load_source(*args).test
+    if test is None:
         raise UserError(
-            f"{where} was trained on {len(ckpt['classes'])} classes ({', '.join(ckpt['classes'][:5])}...), "
-            f"but the data has {len(data.classes)} ({', '.join(data.classes[:5])}...); evaluate on data with the same classes"
+            f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
+            "or plain <root>/<class>/ folder, or use --split val"
         )
-    return data, config.data
+    return test
 
 
 def _mistake_groups(

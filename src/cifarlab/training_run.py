@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -167,7 +168,8 @@ def data_fingerprint(splits: Splits) -> str:
     h = hashlib.sha256(repr(splits.classes).encode())
     for part in (splits.train, splits.val):
         h.update(part.labels.tobytes())
-        h.update(memoryview(part.images).cast("B"))
+        if len(part):  # an empty view cannot be cast
+            h.update(memoryview(np.ascontiguousarray(part.images)).cast("B"))
     return h.hexdigest()[:24]
 
 

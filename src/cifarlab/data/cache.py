@@ -15,7 +15,8 @@ import numpy as np
 
 from cifarlab.errors import UserError
 
-FORMAT = 2  # bump when the cached layout, decoding or key changes (2: per-file key, 16-bit PNGs)
+FORMAT = 3  # bump when the cached layout, decoding or key changes
+# (2: val/ folders, test/-only folders; 3: per-file key, 16-bit PNGs)
 
 
 def _stat(path: str) -> os.stat_result:
@@ -109,7 +110,8 @@ def load(root: Path, key: str):
             classes = [str(c) for c in z[f"{name}_classes"]]
             return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
 
-        return SourceData(split("train"), split("test"), [str(s) for s in z["skipped"]])
+        skipped = [str(s) for s in z["skipped"]]
+        return SourceData(split("train"), split("test"), skipped, split("val"))
 
 
 def save(root: Path, key: str, data) -> None:
@@ -123,7 +125,7 @@ def _save(root: Path, key: str, data) -> None:
     npz, checksum = _files(root, key)
     npz.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str)}
-    for name, ds in (("train", data.train), ("test", data.test)):
+    for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
         if ds is None:
             continue
         arrays[f"{name}_images"] = ds.images

@@ -40,9 +40,11 @@ class ImageSet:
 
 @dataclass
 class SourceData:
-    train: ImageSet
+    train: ImageSet | None  # None for a folder holding only test/ (or val/): scored, not trained on
     test: ImageSet | None
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
+    # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
+    val: ImageSet | None = None
 
 
 # --- torchvision's CIFAR pickles -------------------------------------------------------------
@@ -121,19 +123,53 @@ def _load_cifar(name: str, root: Path) -> SourceData:
 # --- class folders and archives --------------------------------------------------------------
 
 
-def _find_layout(root: Path) -> tuple[Path, Path | None]:
-    """(train folder, test folder or None) for `root/train/<class>`, `root/<class>`, or one wrapper folder."""
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+
+
+@dataclass
+class Layout:
+    """Where a class-folder dataset keeps its splits; `plain` is `<root>/<class>/*`, no split folders."""
+
+    train: Path | None
+    val: Path | None = None
+    test: Path | None = None
+    plain: bool = False
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        dirs = [root / n for n in names if (root / n).is_dir()]
+        if len(dirs) > 1:
+            raise UserError(
+                f"{root}: both {' and '.join(d.name + '/' for d in dirs)} hold {split} images; keep one"
+            )
+        if dirs:
+            found[split] = dirs[0]
+    return found
+
+
+def _holds_images(folder: Path) -> bool:
+    """A class folder holds images itself; a wrapper folder holds only folders."""
+    return any(p.is_file() and is_image_name(p) for p in folder.iterdir())
+
+
+def _find_layout(root: Path) -> Layout:
+    """`root/{train,val|valid,test}/<class>` (any of them), `root/<class>`, or one wrapper folder.
+
+    A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper.
+    """
     for _ in range(2):
-        if (root / "train").is_dir():
-            test = root / "test"
-            return root / "train", (test if test.is_dir() else None)
+        found = _split_folders(root)
+        if found:
+            return Layout(found.get("train"), found.get("val"), found.get("test"))
         entries = [p for p in root.iterdir() if not p.name.startswith(".")]
         dirs = [p for p in entries if p.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1:
+        if len(dirs) == 1 and len(entries) == 1 and not _holds_images(dirs[0]):
             root = dirs[0]  # an archive often wraps everything in one top folder
             continue
         break
-    return root, None
+    return Layout(root, plain=True)
 
 
 def printable(name: str) -> str:
@@ -145,17 +181,11 @@ def printable(name: str) -> str:
 
 def _class_dirs(folder: Path) -> list[str]:
     names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not names and any(is_image_name(p) for p in folder.iterdir()):
-        names, folder = [folder.name], folder.parent  # `root/cat/*.png` alone, taken for a wrapper
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )
-    if len(names) == 1:
-        raise UserError(
-            f"{folder}: only one class folder found: {printable(names[0])}; need at least two"
-        )
-    return names
+    return names  # one class is fine to score; training needs two (`splits.load_splits`)
 
 
 def _class_members(class_dir: Path) -> tuple[list[Path], list[str]]:
@@ -192,10 +222,6 @@ def _list_class_folder(
         labels += [len(kept) - 1] * len(images)
     if skipped and on_bad == "error":
         raise UserError(f"{skipped[0]} (set on_bad_image=skip to skip such files)")
-    if len(kept) < 2:
-        raise UserError(
-            f"{folder}: only {len(kept)} class folder(s) hold images; need at least two"
-        )
     return kept, files, labels, skipped
 
 
@@ -249,20 +275,40 @@ def _load_folder_split(
 
 
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
-    train_dir, test_dir = _find_layout(root)
-    train, skipped = _load_folder_split(train_dir, size, on_bad, "decoding train")
-    test = None
-    if test_dir is not None:
-        test, bad = _load_folder_split(test_dir, size, on_bad, "decoding test")
-        skipped += bad
-        if test.classes != train.classes:
-            only_train = sorted(set(train.classes) - set(test.classes))
-            only_test = sorted(set(test.classes) - set(train.classes))
+    layout = _find_layout(root)
+    splits: dict[str, ImageSet] = {}
+    skipped: list[str] = []
+    for name in ("train", "val", "test"):
+        folder = getattr(layout, name)
+        if folder is not None:
+            splits[name], bad = _load_folder_split(folder, size, on_bad, f"decoding {name}")
+            skipped += bad
+    _check_same_classes(root, splits)
+    return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
+
+
+def _check_same_classes(root: Path, splits: dict[str, ImageSet]) -> None:
+    """Every split folder must hold the same class folders as the first (train, when present)."""
+    (first, ref), *others = splits.items()
+    for name, ds in others:
+        if ds.classes != ref.classes:
+            only_a = sorted(set(ref.classes) - set(ds.classes))
+            only_b = sorted(set(ds.classes) - set(ref.classes))
             raise UserError(
-                f"{root}: train and test classes differ (only in train: {only_train}, "
-                f"only in test: {only_test}); make both folders hold the same class folders"
+                f"{root}: {first} and {name} classes differ (only in {first}: {only_a}, "
+                f"only in {name}: {only_b}); make both folders hold the same class folders"
             )
-    return SourceData(train, test, skipped)
+
+
+def _local_folder(path: Path, root: Path, key: str) -> Path:
+    """`path` itself when a folder; an archive's extracted copy under `root/extracted/`."""
+    if path.is_dir():
+        return path
+    if is_archive(path):
+        return extract_archive(path, root / "extracted" / key)
+    raise UserError(
+        f"--data {path}: expected a folder, a .tar/.tar.gz/.zip archive, cifar10 or cifar100"
+    )
 
 
 def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> SourceData:
@@ -280,17 +326,25 @@ def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> Sourc
     cached = cache.load(root, key)
     if cached is not None:
         return cached
-    if path.is_dir():
-        data = _load_folder(path, size, on_bad)
-    elif is_archive(path):
-        folder = extract_archive(path, root / "extracted" / key)
-        data = _load_folder(folder, size, on_bad)
-    else:
-        raise UserError(
-            f"--data {src}: expected a folder, a .tar/.tar.gz/.zip archive, cifar10 or cifar100"
-        )
+    data = _load_folder(_local_folder(path, root, key), size, on_bad)
     cache.save(root, key, data)
     return data
+
+
+def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> ImageSet | None:
+    """Every image `src` holds for `split` ("val" or "test"), to score whole, never sliced.
+
+    A plain `<class>/` folder (or archive) is all of one labelled set, so it answers any split;
+    otherwise its `test/` or `val/`/`valid/` folder. None when `src` has no such folder: then
+    `--split val` falls back to the held-out slice of `train/`, as in training.
+    """
+    data = load_source(src, root, size, on_bad)
+    if src not in ("cifar10", "cifar100"):
+        path = Path(src).expanduser()
+        folder = _local_folder(path, root, cache.source_key(path, size, on_bad))
+        if _find_layout(folder).plain:
+            return data.train
+    return data.test if split == "test" else data.val
 
 
 def _resize(ds: ImageSet, size: int) -> ImageSet:

@@ -15,16 +15,19 @@ from cifarlab.errors import UserError
 @dataclass
 class Splits:
     train: ImageSet
-    val: ImageSet
+    val: ImageSet  # empty (0 images, same classes) with val_size=0: train on everything
     test: ImageSet | None
     classes: list[str]
     mean: list[float]  # per channel, in [0, 1], from the training split
     std: list[float]
     skipped: list[str] = field(default_factory=list)
+    val_folder: bool = False  # val came from the data's val/ folder; val_size was ignored
 
 
 def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of `n` items whose class shares match `labels`' (largest remainder)."""
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts / counts.sum() * n
@@ -55,6 +58,19 @@ def select_classes(ds: ImageSet, wanted: list[str], where: str) -> ImageSet:
     return ImageSet(out.images, remap[out.labels], list(wanted), out.paths)
 
 
+def onto_classes(ds: ImageSet, classes: list[str], where: str) -> ImageSet:
+    """`ds` relabelled onto the indices of `classes` (a model's); any subset of them is fine."""
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        raise UserError(
+            f"{where} was trained on {len(classes)} classes ({', '.join(classes[:5])}...), "
+            f"but the data has {len(unknown)} it does not know ({', '.join(unknown[:5])}); "
+            "evaluate on class folders named like the model's"
+        )
+    index = np.asarray([classes.index(c) for c in ds.classes], dtype=np.int64)
+    return ImageSet(ds.images, index[ds.labels], list(classes), ds.paths)
+
+
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     total = np.zeros(3)
     squares = np.zeros(3)
@@ -69,26 +85,50 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def load_splits(config: TrainConfig) -> Splits:
+    """Train, val and test of `config.data`, filtered to `config.classes`, train cut to `subset`.
+
+    Val is the data's own val/ (or valid/) folder when it has one, and then `val_size` is
+    ignored; otherwise `val_size` training images held out (stratified, seeded), none for 0.
+    """
     root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
     source = load_source(config.data, root, config.image_size, config.on_bad_image)
-    train, test = source.train, source.test
+    if source.train is None:
+        raise UserError(
+            f"--data {config.data}: no train/ folder beside test/ or val/; training and a held-out "
+            "val split need <root>/train/<class>/ (evaluate --split test scores it as it is)"
+        )
+    if len(source.train.classes) < 2:  # it trained to "100%"
+        raise UserError(
+            f"--data {config.data}: only one class folder found: "
+            f"{', '.join(source.train.classes) or 'none'}; need at least two to train"
+        )
+    train, val, test = source.train, source.val, source.test
     if config.classes:
-        train = select_classes(train, config.classes, "classes")
-        test = test and select_classes(test, config.classes, "classes")
+        train, val, test = (
+            None if ds is None else select_classes(ds, config.classes, "classes")
+            for ds in (train, val, test)
+        )
     if config.subset:
         if config.subset > len(train):
             raise UserError(
                 f"subset={config.subset} is larger than the {len(train)} training images"
             )
         train = train.take(stratified_pick(train.labels, config.subset, config.seed))
-    if config.val_size >= len(train):
+    val_folder = val is not None
+    if not val_folder:
+        train, val = hold_out(train, config.val_size, config.seed + 1)
+    mean, std = channel_stats(train.images)
+    return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
+
+
+def hold_out(train: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(the rest, `n` stratified images held out of `train`); n=0 holds out an empty set."""
+    if n >= len(train):
         raise UserError(
-            f"val_size={config.val_size} leaves no training images out of {len(train)}; "
+            f"val_size={n} leaves no training images out of {len(train)}; "
             "lower --val-size or use more data"
         )
-    val_idx = stratified_pick(train.labels, config.val_size, config.seed + 1)
+    val_idx = stratified_pick(train.labels, n, seed)
     mask = np.ones(len(train), dtype=bool)
     mask[val_idx] = False
-    val, train = train.take(val_idx), train.take(np.flatnonzero(mask))
-    mean, std = channel_stats(train.images)
-    return Splits(train, val, test, train.classes, mean, std, source.skipped)
+    return train.take(np.flatnonzero(mask)), train.take(val_idx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 GRID_LIMIT = 20  # above this many classes a full confusion grid is unreadable
 
@@ -105,6 +107,13 @@ def reliability(calib: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _epoch_axis(ax) -> None:
+    """Whole epochs only: matplotlib's default ticks a 5-epoch run at 1.5, 2.0, 2.5."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
 def curves(rows: list[dict], path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -117,8 +126,47 @@ def curves(rows: list[dict], path: Path) -> None:
     axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
     axes[2].set_title("learning rate (epoch start)")
     for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
     axes[0].legend()
     axes[1].legend()
+    _save(fig, path)
+
+
+def _per_epoch(histories: list[list[dict]], key: str) -> np.ndarray:
+    """(seeds, epochs) of `key` over the epochs every seed reached; NaN where not recorded."""
+    n = min(len(h) for h in histories)
+    values = [[row.get(key) for row in h[:n]] for h in histories]
+    return np.asarray([[np.nan if v is None else float(v) for v in vs] for vs in values])
+
+
+def _runs_panel(ax, runs: list[tuple[str, list[list[dict]]]], key: str, label: str) -> None:
+    drawn = 0
+    for name, histories in runs:
+        values = _per_epoch(histories, key) if histories else np.empty((0, 0))
+        if values.size == 0 or np.isnan(values).all():
+            continue
+        epochs = np.arange(1, values.shape[1] + 1)
+        with warnings.catch_warnings():  # an epoch no seed recorded stays a gap (NaN)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, lo, hi = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+        (line,) = ax.plot(epochs, mean, "o-", ms=3, label=name)
+        if len(values) > 1:  # seeds: the band spans their min and max
+            ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
+        drawn += 1
+    _epoch_axis(ax)
+    ax.set_ylabel(label)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no run recorded {label}", ha="center", va="center",
+                transform=ax.transAxes)  # fmt: skip
+
+
+def runs_curves(
+    runs: list[tuple[str, list[list[dict]]]], panels: list[tuple[str, str]], path: Path
+) -> None:
+    """All runs on one graph per panel: (metrics.csv column, axis label); seeds as mean + band."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1.5, 4.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        _runs_panel(ax, runs, key, label)
     _save(fig, path)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-_CSS = """
+# The look of every cifarlab page (evaluation report, suite index).
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:24px 40px}header h1{margin:0 0 6px;font-size:26px}
 header .sub{opacity:.75}main{max-width:1180px;margin:0 auto;padding:24px 40px}
@@ -77,7 +78,7 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
         else f'<p class="note">{html.escape(r.get("curves_note", "no curves"))}</p>'
     )
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>cifarlab report — {r["accuracy"]:.2%}</title><style>{_CSS}</style></head><body>
+<title>cifarlab report — {r["accuracy"]:.2%}</title><style>{CSS}</style></head><body>
 <header><h1>{r["accuracy"]:.2%} accuracy on {r["num_images"]:,} images</h1><div class="sub">{sub}</div></header>
 <main><div class="cards">{cards_html}</div>
 <section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>

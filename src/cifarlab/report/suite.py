@@ -1,101 +1,179 @@
-"""A suite's results table (CSV and Markdown), curves plot and index page."""
+"""A suite's results table (CSV and Markdown), its curves of all runs, and its index page."""
 
 from __future__ import annotations
 
 import csv
 import html
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-import matplotlib
+from cifarlab.report import figures
+from cifarlab.report.html import CSS
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
-
-COLUMNS = ["run", "changes", "seeds", "best_val_acc", "best_val_acc_std", "final_val_acc",
-           "tta_val_acc", "gain",
-           "epochs", "seconds", "images_per_s", "status"]  # fmt: skip
+# Each PNG is one graph with every run on it (Exercises 2.4 and 4.3); curves.png shows both.
+FIGURES = {
+    "curves_val_acc.png": [("val_acc", "validation accuracy")],
+    "curves_train_loss.png": [("train_loss", "training loss")],
+    "curves.png": [("val_acc", "validation accuracy"), ("train_loss", "training loss")],
+}
 
 
 def _pct(value, signed=False) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
 
 
+def _best(r: dict) -> str:
+    std = f" ± {r['best_val_acc_std'] * 100:.2f}" if r.get("seeds", 1) > 1 else ""
+    return _pct(r.get("best_val_acc")) + (std if r.get("best_val_acc") is not None else "")
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # results.csv name
+    header: str  # results.md and index.html heading
+    cell: Callable[[dict], str]  # the row's text, for a run that ran
+    optional: bool = False  # shown only when some row has `key` (filled by summarise)
+
+
+COLUMNS = [
+    Column("run", "run", lambda r: r["run"]),
+    Column("changes", "what changed", lambda r: r["changes"]),
+    Column("seeds", "seeds", lambda r: str(r["seeds"])),
+    Column("best_val_acc", "best val acc % (mean ± std)", _best),
+    Column("best_val_acc_std", "", lambda r: ""),  # CSV only: inside best_val_acc's cell
+    Column("final_val_acc", "final val acc %", lambda r: _pct(r.get("final_val_acc"))),
+    Column("tta_val_acc", "final with TTA %", lambda r: _pct(r.get("tta_val_acc"))),
+    Column("test_acc", "test acc %", lambda r: _pct(r.get("test_acc")), optional=True),
+    Column("gain", "gain", lambda r: _pct(r.get("gain"), signed=True)),
+    Column(
+        "step_gain",
+        "gain over previous",
+        lambda r: _pct(r.get("step_gain"), signed=True),
+        optional=True,
+    ),
+    Column("epochs", "epochs", lambda r: str(r["epochs"])),
+    Column("seconds", "train time", lambda r: f"{r['seconds'] / 60:.1f} min"),
+    Column("images_per_s", "img/s", lambda r: f"{r['images_per_s']:.0f}"),
+    Column("status", "", lambda r: ""),  # CSV only: why a run did not run
+]
+
+
+def columns(rows: list[dict]) -> list[Column]:
+    """Every column, less the optional ones no row fills (test_acc only when data has a test split)."""
+    return [c for c in COLUMNS if not c.optional or any(r.get(c.key) is not None for r in rows)]
+
+
+def _shown(rows: list[dict]) -> list[Column]:
+    return [c for c in columns(rows) if c.header and c.key != "seeds"]
+
+
+def _cells(r: dict, shown: list[Column]) -> list[str]:
+    """The row's texts; a run that never ran shows its status where its accuracy would be."""
+    if "epochs" not in r:
+        status = r.get("status", "not run")
+        return [r["run"], r["changes"], status] + [""] * (len(shown) - 3)
+    return [c.cell(r) for c in shown]
+
+
 def write_suite_report(suite, rows: list[dict], out: Path) -> None:
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        names = [c.key for c in columns(rows)]
+        w = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    lines = [
-        f"# Suite `{suite.name}`",
-        "",
-        suite.description,
-        "",
-        f"Gain: best validation accuracy minus that of `{suite.reference}`, in points.",
-        "",
-        "| run | what changed | best val acc % (mean ± std) | final val acc % | final with TTA % | gain | epochs | train time | img/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    (out / "results.md").write_text(_markdown(suite, rows))
+    runs = [(r["run"], r.get("histories") or []) for r in rows]
+    for name, panels in FIGURES.items():
+        figures.runs_curves(runs, panels, out / name)
+    (out / "index.html").write_text(_index(suite, rows, out))
+
+
+def _notes(suite, rows: list[dict]) -> list[str]:
+    notes = [f"Gain: best validation accuracy minus that of `{suite.reference}`, in points."]
+    if any(r.get("step_gain") is not None for r in rows):
+        notes.append("Gain over previous: the gain over the run in the row above, in points.")
+    return notes
+
+
+def _markdown(suite, rows: list[dict]) -> str:
+    shown = _shown(rows)
+    lines = [f"# Suite `{suite.name}`", "", suite.description, "", *_notes(suite, rows), ""]
+    lines.append("| " + " | ".join(c.header for c in shown) + " |")
+    lines.append("|" + " --- |" * len(shown))
+    lines += ["| " + " | ".join(_cells(r, shown)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_dirs(out: Path, run: str) -> list[Path]:
+    """`out/<run>` or `out/<run>-seed<N>`: this run's folders only, not crop-flip-jitter's for crop-flip."""
+    own = re.compile(re.escape(run) + r"(-seed\d+)?")
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.is_dir() and own.fullmatch(p.name))
+
+
+def _report_links(out: Path, run: str) -> str:
+    links = []
+    for folder in run_dirs(out, run):
+        seed = folder.name[len(run) :].lstrip("-")
+        for page in sorted(folder.glob("eval-*/report.html")):
+            label = " ".join(filter(None, [seed, page.parent.name.removeprefix("eval-")]))
+            href = quote(str(page.relative_to(out)))
+            links.append(f'<a href="{html.escape(href)}">{html.escape(label)}</a>')
+    return " · ".join(links) or "–"
+
+
+def _cards(rows: list[dict]) -> str:
+    ran = [r for r in rows if "epochs" in r]
+    key = "test_acc" if any(r.get("test_acc") is not None for r in ran) else "best_val_acc"
+    scored = [r for r in ran if r.get(key) is not None and not math.isnan(r[key])]
+    cards = [("runs finished", f"{len(ran)} of {len(rows)}")]
+    if scored:
+        top = max(scored, key=lambda r: r[key])
+        what = "test acc" if key == "test_acc" else "best val acc"
+        cards.append((f"best run by {what}", f"{_pct(top[key])}% · {top['run']}"))
+    minutes = sum(r["seconds"] * max(r.get("seeds", 1), 1) for r in ran) / 60
+    cards.append(("training time", f"{minutes:.1f} min"))
+    return "".join(
+        f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{html.escape(v)}</div></div>'
+        for k, v in cards
+    )
+
+
+def _table(rows: list[dict], out: Path) -> str:
+    shown = _shown(rows)
+    head = "".join(f"<th>{html.escape(c.header)}</th>" for c in shown) + "<th>reports</th>"
+    body = ""
     for r in rows:
-        if "best_val_acc" not in r:
-            lines.append(
-                f"| {r['run']} | {r['changes']} | {r.get('status', 'not run')} | | | | | | |"
-            )
-            continue
-        std = f" ± {r['best_val_acc_std'] * 100:.2f}" if r["seeds"] > 1 else ""
-        lines.append(
-            f"| {r['run']} | {r['changes']} | {_pct(r['best_val_acc'])}{std} | {_pct(r['final_val_acc'])} | {_pct(r.get('tta_val_acc'))} | "
-            f"{_pct(r.get('gain'), signed=True)} | {r['epochs']} | {r['seconds'] / 60:.1f} min | {r['images_per_s']:.0f} |"
-        )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    _curves(rows, out / "curves.png")
-    _index(suite, rows, out)
+        cells = "".join(f"<td>{html.escape(t)}</td>" for t in _cells(r, shown))
+        body += f"<tr>{cells}<td>{_report_links(out, r['run'])}</td></tr>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _curves(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        hist = r.get("histories") or []
-        if not hist:
-            continue
-        n = min(len(h) for h in hist)
-        acc = np.asarray([[row["val_acc"] for row in h[:n]] for h in hist])
-        epochs = np.arange(1, n + 1)
-        (line,) = ax.plot(epochs, acc.mean(0), "o-", label=r["run"])
-        if len(hist) > 1:
-            ax.fill_between(epochs, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# The results table mixes text and figures: text columns read better left-aligned.
+_SUITE_CSS = "td:nth-child(2),th:nth-child(2),td:last-child,th:last-child{text-align:left}"
 
 
-def _index(suite, rows: list[dict], out: Path) -> None:
-    items = []
-    for r in rows:
-        reports = sorted(out.glob(f"{r['run']}*/eval-val/report.html"))
-        links = " ".join(
-            f'<a href="{html.escape(str(p.relative_to(out)))}">{html.escape(p.parts[-3])}</a>'
-            for p in reports
-        )
-        acc = (
-            _pct(r.get("best_val_acc"))
-            if "best_val_acc" in r
-            else html.escape(r.get("status", "not run"))
-        )
-        items.append(
-            f"<tr><td>{html.escape(r['run'])}</td><td>{html.escape(r['changes'])}</td><td>{acc}</td>"
-            f"<td>{_pct(r.get('gain'), signed=True)}</td><td>{links}</td></tr>"
-        )
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>suite {html.escape(suite.name)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:30px auto;color:#1d2330}}
-table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:6px;text-align:left}}
-img{{max-width:100%}}</style></head><body><h1>Suite {html.escape(suite.name)}</h1><p>{html.escape(suite.description)}</p>
-<table><tr><th>run</th><th>what changed</th><th>best val acc %</th><th>gain (points)</th><th>reports</th></tr>
-{"".join(items)}</table><h2>Validation accuracy per epoch</h2><img src="curves.png" alt="curves"></body></html>"""
-    (out / "index.html").write_text(page)
+def _index(suite, rows: list[dict], out: Path) -> str:
+    name = html.escape(suite.name)
+    notes = "".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in _notes(suite, rows))
+    examples = (
+        '<section><h2>Mixup examples</h2><img src="mixup_examples.png" alt="mixup examples"></section>'
+        if (out / "mixup_examples.png").is_file()
+        else ""
+    )
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>cifarlab suite {name}</title><style>{CSS}{_SUITE_CSS}</style></head><body>
+<header><h1>Suite {name}</h1><div class="sub">{html.escape(suite.description)}</div></header>
+<main><div class="cards">{_cards(rows)}</div>
+<section><h2>Results</h2>{_table(rows, out)}{notes}
+<p><a href="results.md">results.md</a> · <a href="results.csv">results.csv</a></p></section>
+<section><h2>Validation accuracy per epoch, all runs</h2><img src="curves_val_acc.png" alt="validation accuracy of every run per epoch"></section>
+<section><h2>Training loss per epoch, all runs</h2><img src="curves_train_loss.png" alt="training loss of every run per epoch"></section>
+{examples}</main></body></html>"""

@@ -1,0 +1,148 @@
+"""The one validation entry point, the epoch shaping of --epochs/--budget, and the shared CLI flags."""
+
+import pytest
+import torch
+
+from cifarlab.cli import main
+from cifarlab.config import (
+    apply_overrides,
+    load_recipe,
+    parse_set_options,
+    validate_config,
+    with_budget,
+    with_epochs,
+)
+from cifarlab.errors import UserError
+from cifarlab.schedules import make_scheduler
+from cifarlab.suites import SuiteOptions, run_suite
+from tests.conftest import make_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"model": "cnn", "pretrained": True}, "has no ImageNet weights"),
+        ({"model": "fastnet", "stem": "imagenet"}, "applies to the tv-. models only"),
+        (
+            {"model": "tv-resnet18", "pretrained": True, "whitening": True},
+            "overwrite the pretrained",
+        ),
+        ({"whiten_bias_epochs": 2}, "needs whitening: true"),
+        ({"alt_flip": True, "loader": "torchvision"}, "alt_flip needs loader: device"),
+        ({"freeze": "backbone"}, "needs freeze_epochs >= 1"),
+        ({"epochs": 2, "warmup_epochs": 2.0}, "must be less than epochs=2"),
+        ({"classes": ["cat", "cat"]}, "at least two distinct classes"),
+        ({"classes": ["cat"]}, "at least two distinct classes"),
+        ({"amp": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
+    ],
+)
+def test_cross_field_conflicts_are_refused_by_the_one_validator(overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        validate_config(make_config(**overrides))
+
+
+def test_torchrun_rules_need_the_world_size():
+    config = make_config(batch_size=100)
+    validate_config(config, world=4)
+    with pytest.raises(UserError, match="must divide by the 3 processes"):
+        validate_config(config, world=3)
+
+
+def test_string_values_stay_strings_whatever_yaml_would_make_of_them():
+    config = apply_overrides(
+        make_config(), parse_set_options(["amp=off", "channels_last=on"]), "--set"
+    )
+    assert config.amp == "off" and config.channels_last == "on"
+    assert (
+        apply_overrides(make_config(), {"amp": False}, "recipe.yaml").amp == "off"
+    )  # YAML 1.1 off
+    config = apply_overrides(
+        make_config(), parse_set_options(["lr=1e-3", "classes=[cat, dog]"]), "--set"
+    )
+    assert config.lr == 0.001 and config.classes == ["cat", "dog"]
+
+
+def test_shorter_runs_keep_the_schedules_shape_and_still_anneal():
+    fast = load_recipe("fast")
+    short = with_epochs(fast, 2)
+    assert short.epochs == 2 and short.warmup_epochs == pytest.approx(3.5 * 2 / 16)
+    steps = 10
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(short.schedule, opt, 2 * steps, round(short.warmup_epochs * steps))
+    lrs = []
+    for _ in range(2 * steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.1  # it peaked, then annealed
+    staged = with_budget(load_recipe("resnet18"), 0.1)
+    assert staged.epochs == 10
+    transfer = with_budget(apply_overrides(load_recipe("resnet18"), {"epochs": 30, "freeze": "backbone",
+                                                                     "freeze_epochs": 10}, "t"), 0.1)  # fmt: skip
+    assert (transfer.epochs, transfer.freeze_epochs) == (3, 1)
+
+
+def test_lr_stepped_per_epoch_holds_within_each_epoch():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler("cosine", opt, total_steps=12, warmup_steps=0, steps_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(round(opt.param_groups[0]["lr"], 6))
+        opt.step()
+        sched.step()
+    assert lrs[0:4] == [1.0] * 4 and len(set(lrs[4:8])) == 1 and len(set(lrs[8:12])) == 1
+    assert lrs[4] < 1.0 and lrs[8] < lrs[4]
+
+
+def test_a_suite_whose_third_run_conflicts_fails_before_the_first_trains(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "runs:\n"
+        "  - {name: a, recipe: fast}\n"
+        "  - {name: b, recipe: fast}\n"
+        "  - {name: c, recipe: fast, set: {alt_flip: true, loader: torchvision}}\n"
+    )
+    with pytest.raises(UserError, match=r"run 3 \(c\): alt_flip needs loader: device"):
+        run_suite(
+            str(path),
+            SuiteOptions(tmp_path / "out", overrides={"data": "/nowhere"}),
+            log=lambda s: None,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".hidden"])
+def test_suite_run_names_must_stay_inside_out(tmp_path, name):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"runs:\n  - {{name: '{name}', recipe: fast}}\n")
+    with pytest.raises(UserError, match="plain folder name inside --out"):
+        run_suite(
+            str(path), SuiteOptions(tmp_path / "out", overrides={"data": "x"}), log=lambda s: None
+        )
+
+
+def test_suite_run_names_must_be_unique(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("runs:\n  - {name: a, recipe: fast}\n  - {name: a, recipe: seed-cnn}\n")
+    with pytest.raises(UserError, match="repeated: a"):
+        run_suite(
+            str(path), SuiteOptions(tmp_path / "out", overrides={"data": "x"}), log=lambda s: None
+        )
+
+
+def test_cli_version_debug_after_subcommand_and_shared_flags(capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and "cifarlab 0." in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path), "--recipe", "nope", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    code = main(["suite", "exercise-1", "--data", "/nowhere", "--out", str(tmp_path / "s"), "--val-size", "500",
+                 "--model", "fastnet", "--budget", "0.1"])  # fmt: skip
+    out, err = capsys.readouterr()  # the flags parsed; the run could not start, so exit 1
+    assert code == 1 and "no such file or folder" in out and "could not start: seed-cnn" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert (
+        "--budget" in help_text and "(default: sqlite" not in help_text and "--model" in help_text
+    )

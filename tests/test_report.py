@@ -1,0 +1,136 @@
+"""The suite's results table, its all-runs curves and index page, from rows built by hand."""
+
+import csv
+import re
+from types import SimpleNamespace
+
+from PIL import Image
+
+from cifarlab.report import figures
+from cifarlab.report.suite import write_suite_report
+
+SUITE = SimpleNamespace(name="augmentation", description="crop, flip, jitter", reference="plain")
+
+
+def _history(epochs: int, start: float) -> list[dict]:
+    return [
+        {"epoch": e, "lr": 0.1, "train_loss": 2.0 / e, "train_acc": start + 0.05 * e,
+         "val_loss": 1.5 / e, "val_acc": start + 0.04 * e, "seconds": 30.0, "images_per_s": 900.0}
+        for e in range(1, epochs + 1)
+    ]  # fmt: skip
+
+
+def _row(run: str, start: float, seeds: int = 1, **extra) -> dict:
+    hist = [_history(5, start + 0.01 * s) for s in range(seeds)]
+    best = max(h[-1]["val_acc"] for h in hist)
+    return {"run": run, "changes": f"+ {run}", "seeds": seeds, "histories": hist,
+            "best_val_acc": best, "best_val_acc_std": 0.0, "final_val_acc": best,
+            "epochs": 5, "seconds": 150.0, "images_per_s": 900.0, "gain": start - 0.3, **extra}  # fmt: skip
+
+
+def _rows(**extra) -> list[dict]:
+    return [
+        _row("plain", 0.3, **extra),
+        _row("crop-flip", 0.4, seeds=2, **extra),
+        _row("crop-flip-jitter", 0.45, **extra),
+        {"run": "transfer", "changes": "+ weights", "seeds": 0, "histories": [],
+         "status": "cannot start: no weights"},
+    ]  # fmt: skip
+
+
+def _fake_runs(out, rows):
+    """Run folders as run_suite leaves them: <run> or <run>-seed<N>, each with eval-val/report.html."""
+    for r in rows:
+        names = (
+            [r["run"]] if r["seeds"] == 1 else [f"{r['run']}-seed{s}" for s in range(r["seeds"])]
+        )
+        for name in names:
+            (out / name / "eval-val").mkdir(parents=True)
+            (out / name / "eval-val" / "report.html").write_text("<html></html>")
+
+
+def test_index_shows_both_all_runs_graphs_as_images(tmp_path):
+    write_suite_report(SUITE, _rows(), tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    for name in ("curves_val_acc.png", "curves_train_loss.png"):
+        assert f'<img src="{name}"' in page
+        width, height = Image.open(tmp_path / name).size
+        assert width > 600 and height > 300
+    assert (tmp_path / "curves.png").is_file()
+
+
+def test_reports_column_links_each_runs_own_reports_not_a_name_prefix(tmp_path):
+    rows = _rows()
+    _fake_runs(tmp_path, rows)
+    write_suite_report(SUITE, rows, tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    row = re.search(r"<tr><td>crop-flip</td>.*?</tr>", page).group(0)
+    assert re.findall(r'href="([^"]+)"', row) == [
+        "crop-flip-seed0/eval-val/report.html",
+        "crop-flip-seed1/eval-val/report.html",
+    ]
+    row = re.search(r"<tr><td>crop-flip-jitter</td>.*?</tr>", page).group(0)
+    assert re.findall(r'href="([^"]+)"', row) == ["crop-flip-jitter/eval-val/report.html"]
+
+
+def test_test_acc_and_step_gain_columns_appear_only_when_rows_have_them(tmp_path):
+    write_suite_report(SUITE, _rows(), tmp_path)
+    assert "test acc" not in (tmp_path / "results.md").read_text()
+    assert "test acc" not in (tmp_path / "index.html").read_text()
+    write_suite_report(SUITE, _rows(test_acc=0.8123, step_gain=0.015), tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| run"))
+    assert "| test acc % |" in header and "| gain over previous |" in header
+    assert "| 81.23 |" in md and "| +1.50 |" in md
+    with open(tmp_path / "results.csv") as f:
+        first = next(csv.DictReader(f))
+    assert float(first["test_acc"]) == 0.8123 and float(first["step_gain"]) == 0.015
+    page = (tmp_path / "index.html").read_text()
+    assert "<th>test acc %</th>" in page and "<td>81.23</td>" in page
+
+
+def test_a_run_that_did_not_run_shows_its_status_in_every_table(tmp_path):
+    write_suite_report(SUITE, _rows(), tmp_path)
+    assert (
+        "| transfer | + weights | cannot start: no weights |"
+        in (tmp_path / "results.md").read_text()
+    )
+    assert "cannot start: no weights" in (tmp_path / "index.html").read_text()
+
+
+def test_index_uses_the_evaluation_reports_style(tmp_path):
+    from cifarlab.report.html import CSS
+
+    write_suite_report(SUITE, _rows(), tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert CSS in page and '<div class="cards">' in page and "<header>" in page
+
+
+def test_epoch_axes_tick_at_whole_epochs_only(tmp_path, monkeypatch):
+    ticks = []
+    real_save = figures._save
+
+    def spy(fig, path):
+        fig.canvas.draw()
+        ticks.extend(t for ax in fig.axes for t in ax.get_xticks())
+        real_save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", spy)
+    figures.runs_curves([("a", [_history(5, 0.3)])], [("val_acc", "val acc")], tmp_path / "a.png")
+    figures.curves(_history(5, 0.3), tmp_path / "b.png")
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_runs_without_validation_are_left_off_the_val_graph(tmp_path):
+    import matplotlib.pyplot as plt
+
+    no_val = [{**row, "val_acc": float("nan")} for row in _history(4, 0.3)]
+    _fig, ax = plt.subplots()
+    figures._runs_panel(ax, [("full-train", [no_val]), ("held-out", [_history(4, 0.3)])],
+                        "val_acc", "validation accuracy")  # fmt: skip
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["held-out"]
+    _fig, ax = plt.subplots()
+    figures._runs_panel(ax, [("full-train", [no_val])], "val_acc", "validation accuracy")
+    assert ax.get_legend() is None
+    plt.close("all")
+    assert [t.get_text() for t in ax.texts] == ["no run recorded validation accuracy"]

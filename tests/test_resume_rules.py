@@ -1,0 +1,130 @@
+"""What --resume may and may not change, the data fingerprint, the lesson's val-size 0 protocol,
+and the checkpointer's promises."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from cifarlab.checkpoint import Checkpointer, NonFiniteWeights, load_checkpoint
+from cifarlab.cli import main
+from cifarlab.errors import UserError
+from cifarlab.rundir import read_metrics
+from cifarlab.train import train
+from tests.conftest import make_config, write_synthetic_folder
+
+QUIET = lambda s: None  # noqa: E731
+
+
+def _config(data, tmp_path, **more):
+    base = dict(data=str(data), data_root=str(tmp_path / "d"), model="cnn", width=0.25, epochs=2,
+                batch_size=8, val_size=6, lr=0.02, warmup_epochs=0.0, tta="none", threads=1)  # fmt: skip
+    return make_config(**{**base, **more})
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(synthetic_images, tmp_path, capsys):
+    train(_config(synthetic_images, tmp_path, epochs=1), tmp_path / "run", log=QUIET)
+    (tmp_path / "run" / "last.pt").unlink()  # pretend it stopped early: keep best.pt as last
+    shutil.copy(tmp_path / "run" / "best.pt", tmp_path / "run" / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt["epoch"] = 0  # "mid-run": not finished
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    code = main(
+        ["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.5", "--epochs", "5"]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "lr: 0.02 -> 0.5" in err
+        and "epochs: 1 -> 5" in err
+        and "Traceback" not in err
+    )
+
+
+def test_a_finished_run_resumed_says_so_and_reports_its_own_figures(
+    synthetic_images, tmp_path, capsys
+):
+    first = train(_config(synthetic_images, tmp_path), tmp_path / "run", log=QUIET)
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished all 2 epochs" in out
+    assert (
+        (f"best val acc {first.best_val_acc:.2%}" in out
+        and "final 0.00%" not in out)
+        or first.final_val_acc == 0
+    )
+    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+
+
+def test_resume_after_the_data_changed_is_refused(tmp_path):
+    data = write_synthetic_folder(tmp_path / "data")
+    config = _config(data, tmp_path, epochs=2, save_every_steps=1)
+    with pytest.raises(UserError):  # stop after the first epoch by making the second impossible
+        train(config, tmp_path / "run", log=_stop_after("epoch 1/2"))
+    write_synthetic_folder(tmp_path / "data", classes=("red", "green", "blue", "gray"))
+    with pytest.raises(UserError, match="the data changed since this run started"):
+        train(config, tmp_path / "run", resume=True, log=QUIET)
+
+
+def _stop_after(marker):
+    def log(message):
+        if marker in message:
+            raise UserError("stop here")
+
+    return log
+
+
+def test_val_size_zero_trains_on_everything_and_reports_test_accuracy(synthetic_images, tmp_path):
+    messages = []
+    result = train(
+        _config(synthetic_images, tmp_path, val_size=0), tmp_path / "run", log=messages.append
+    )
+    assert result.test_acc is not None and math.isnan(result.best_val_acc)
+    assert any("no model selection, best.pt is the last epoch's weights" in m for m in messages)
+    assert any("test acc of best.pt" in m for m in messages)
+    best, last = (load_checkpoint(tmp_path / "run" / n)["model"] for n in ("best.pt", "last.pt"))
+    assert all(torch.equal(best[k], last[k]) for k in best)
+    assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2
+
+
+def test_fixed_cifar10_normalisation_travels_in_the_checkpoint(synthetic_images, tmp_path):
+    train(
+        _config(synthetic_images, tmp_path, epochs=1, normalize="cifar10"),
+        tmp_path / "run",
+        log=QUIET,
+    )
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["mean"] == [0.4914, 0.4822, 0.4465]
+
+
+def test_lr_column_after_a_mid_epoch_resume_is_the_epochs_starting_lr(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import cifarlab.train as training
+
+    config = _config(synthetic_images, tmp_path, epochs=2, save_every_steps=1, schedule="cosine")
+    whole = train(config, tmp_path / "whole", log=QUIET).history  # 30 images / 8: 3 steps an epoch
+    real_step, calls = training.optimizer_step, []
+
+    def crash_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 5:  # epoch 2, step 2: last.pt holds epoch 2 after its first step
+            raise RuntimeError("power cut")
+        real_step(*args)
+
+    monkeypatch.setattr(training, "optimizer_step", crash_in_epoch_two)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(config, tmp_path / "cut", log=QUIET)
+    monkeypatch.setattr(training, "optimizer_step", real_step)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["next_step"] == 1
+    resumed = train(config, tmp_path / "cut", resume=True, log=QUIET).history
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in whole]
+
+
+def test_checkpointer_never_saves_non_finite_weights(tmp_path):
+    saver = Checkpointer(tmp_path)
+    saver.save({"model": {"w": torch.ones(2)}}, val_acc=0.5)
+    with pytest.raises(NonFiniteWeights, match="still holds the last good state"):
+        saver.save({"model": {"w": torch.tensor([1.0, float("nan")])}}, val_acc=0.9)
+    assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["w"], torch.ones(2))

@@ -1,0 +1,107 @@
+"""Splits: val_size 0 (the lesson's train-on-everything protocol) and val/ folders beside train/."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.data import load_source, load_splits
+from cifarlab.data.splits import onto_classes, stratified_pick
+from cifarlab.errors import UserError
+from tests.conftest import make_config
+
+
+def _pngs(folder: Path, classes=("cat", "dog"), per_class=4, size=24, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                folder / c / f"{i}.png"
+            )
+    return folder
+
+
+def test_stratified_pick_of_zero_items_is_empty():
+    picked = stratified_pick(np.repeat(np.arange(3), 5), 0, seed=1)
+    assert picked.shape == (0,) and picked.dtype == np.int64
+
+
+def test_val_size_zero_trains_on_every_image_with_an_empty_val_of_the_same_classes(
+    tmp_path, data_root
+):
+    src = _pngs(tmp_path / "d" / "train", per_class=6).parent
+    splits = load_splits(make_config(data=str(src), data_root=str(data_root), val_size=0))
+    assert len(splits.train) == 12 and not splits.val_folder
+    assert splits.val.images.shape == (0, 32, 32, 3) and splits.val.labels.shape == (0,)
+    assert splits.val.classes == splits.train.classes == ["cat", "dog"]
+
+
+def test_val_size_zero_with_a_class_subset_and_subset(tmp_path, data_root):
+    src = _pngs(tmp_path / "d", classes=("cat", "dog", "emu"), per_class=6)
+    config = make_config(
+        data=str(src), data_root=str(data_root), val_size=0, classes=["dog", "emu"], subset=10
+    )
+    splits = load_splits(config)
+    assert len(splits.train) == 10 and len(splits.val) == 0 and splits.classes == ["dog", "emu"]
+
+
+@pytest.mark.parametrize("name", ["val", "valid"])
+def test_val_folder_beside_train_is_the_val_split_and_val_size_is_ignored(
+    tmp_path, data_root, name
+):
+    _pngs(tmp_path / "d" / "train", per_class=4)
+    _pngs(tmp_path / "d" / name, per_class=3, size=40, seed=1)
+    _pngs(tmp_path / "d" / "test", per_class=2, seed=2)
+    splits = load_splits(
+        make_config(data=str(tmp_path / "d"), data_root=str(data_root), val_size=5)
+    )
+    assert len(splits.train) == 8 and len(splits.val) == 6 and len(splits.test) == 4
+    assert splits.val_folder and splits.val.images.shape == (6, 32, 32, 3)
+    assert all(p.startswith(f"{name}/") for p in splits.val.paths)
+    assert np.bincount(splits.val.labels).tolist() == [3, 3]
+
+
+def test_val_folder_comes_back_from_the_cache_without_decoding(tmp_path, data_root, monkeypatch):
+    _pngs(tmp_path / "d" / "train")
+    _pngs(tmp_path / "d" / "val", per_class=2, seed=1)
+    first = load_source(str(tmp_path / "d"), data_root, 32)
+    monkeypatch.setattr(
+        "cifarlab.data.sources.decode_image", lambda *a: pytest.fail("decoded again")
+    )
+    second = load_source(str(tmp_path / "d"), data_root, 32)
+    assert np.array_equal(first.val.images, second.val.images)
+    assert second.val.paths == first.val.paths and second.val.classes == ["cat", "dog"]
+
+
+def test_val_folder_with_other_classes_than_train_is_an_error(tmp_path, data_root):
+    _pngs(tmp_path / "d" / "train", classes=("cat", "dog"))
+    _pngs(tmp_path / "d" / "val", classes=("cat", "emu"))
+    with pytest.raises(UserError, match=r"train and val classes differ .*only in val: \['emu'\]"):
+        load_source(str(tmp_path / "d"), data_root, 32)
+
+
+def test_both_val_and_valid_folders_is_an_error(tmp_path, data_root):
+    _pngs(tmp_path / "d" / "train")
+    _pngs(tmp_path / "d" / "val")
+    _pngs(tmp_path / "d" / "valid")
+    with pytest.raises(UserError, match="both val/ and valid/ hold val images; keep one"):
+        load_source(str(tmp_path / "d"), data_root, 32)
+
+
+def test_a_folder_of_only_test_loads_but_cannot_train(tmp_path, data_root):
+    _pngs(tmp_path / "d" / "test", per_class=3)
+    data = load_source(str(tmp_path / "d"), data_root, 32)
+    assert data.train is None and len(data.test) == 6
+    with pytest.raises(UserError, match="no train/ folder beside test/ or val/"):
+        load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root)))
+
+
+def test_onto_classes_maps_a_subset_onto_the_models_indices(tmp_path, data_root):
+    data = load_source(str(_pngs(tmp_path / "d", classes=("dog", "emu"))), data_root, 32).train
+    mapped = onto_classes(data, ["cat", "dog", "emu"], "best.pt")
+    assert mapped.classes == ["cat", "dog", "emu"]
+    assert mapped.labels.tolist() == [1] * 4 + [2] * 4
+    with pytest.raises(UserError, match=r"trained on 1 classes .* does not know \(emu\)"):
+        onto_classes(data, ["dog"], "best.pt")
