@@ -219,7 +219,7 @@ def cmd_export(args) -> int:
     suffix = ".onnx" if args.format == "onnx" else ".ts"
     src = Path(args.model)
     out = args.out or (src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix))
-    print(f"exported {export_model(args.model, args.format, out)}")
+    print(f"exported {export_model(args.model, args.format, out, args.force)}")
     return 0
 
 
@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
     ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
     ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.onnx or .ts)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     tu = command("tune", "hyperparameter search with Optuna (shared, resumable study)")
     tu.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
     _run_flags(tu)

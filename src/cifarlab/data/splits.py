@@ -42,6 +42,11 @@ def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def select_classes(ds: ImageSet, wanted: list[str], where: str) -> ImageSet:
+    repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+    if repeated:
+        raise UserError(f"{where}: {repeated} listed more than once; name each class once")
+    if len(wanted) < 2:
+        raise UserError(f"{where}: {wanted} is fewer than two classes; a classifier needs two")
     unknown = [c for c in wanted if c not in ds.classes]
     if unknown:
         raise UserError(f"{where}: unknown classes {unknown}; the data has {ds.classes}")
@@ -91,6 +96,11 @@ def load_splits(config: TrainConfig) -> Splits:
         raise UserError(
             f"--data {config.data}: no train/ folder beside test/ or val/; training and a held-out "
             "val split need <root>/train/<class>/ (evaluate --split test scores it as it is)"
+        )
+    if len(source.train.classes) < 2:  # it trained to "100%"
+        raise UserError(
+            f"--data {config.data}: only one class folder found: "
+            f"{', '.join(source.train.classes) or 'none'}; need at least two to train"
         )
     train, val, test = source.train, source.val, source.test
     if config.classes:
