@@ -145,6 +145,7 @@ def train(
         run = build_run(config, log, d)
         if config.time_budget and ckpt is None:  # choose the length, then build it
             run = build_run(fit_to_budget(run, started, log), lambda s: None, d)
+        config = run.config  # resolved: input size, precision, length
         saver = Checkpointer(run_dir, enabled=d.main)
         first, step, stats = _start(run, ckpt, saver, log)
         if d.main:
