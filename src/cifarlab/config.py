@@ -150,6 +150,11 @@ def default_data_root() -> Path:
     return Path(root).expanduser()
 
 
+def data_root(config: TrainConfig) -> Path:
+    """Where `config`'s datasets and caches live: `data_root`, else the default."""
+    return Path(config.data_root).expanduser() if config.data_root else default_data_root()
+
+
 def _closest(key: str) -> str:
     match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cifarlab import metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, apply_overrides, default_data_root
+from cifarlab.config import TrainConfig, apply_overrides, data_root
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import load_labelled
@@ -62,17 +62,13 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
     return onto_classes(data, list(ckpt["classes"]), where), config.data
 
 
-def _data_root(config: TrainConfig) -> Path:
-    return Path(config.data_root).expanduser() if config.data_root else default_data_root()
-
-
 def _labelled_data(config: TrainConfig, split: str) -> ImageSet | None:
-    args = (config.data, _data_root(config), config.image_size, config.on_bad_image)
+    args = (config.data, data_root(config), config.image_size, config.on_bad_image)
     return load_labelled(*args, split)
 
 
 def _test_split(config: TrainConfig) -> ImageSet:
-    args = (config.data, _data_root(config), config.image_size, config.on_bad_image)
+    args = (config.data, data_root(config), config.image_size, config.on_bad_image)
     test = load_source(*args).test
     if test is None:
         raise UserError(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
 FORMAT = 3  # bump when the cached layout, decoding or key changes
@@ -90,7 +91,6 @@ def _files(root: Path, key: str) -> tuple[Path, Path]:
 
 def load(root: Path, key: str):
     """The cached SourceData, or None when absent or damaged (then it is rebuilt)."""
-    from cifarlab.data.sources import ImageSet, SourceData
 
     npz, checksum = _files(root, key)
     if not (npz.is_file() and checksum.is_file()):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,34 +18,8 @@ from tqdm import tqdm
 from cifarlab.data import cache
 from cifarlab.data.archive import extract_archive, is_archive
 from cifarlab.data.images import BadImage, decode_image, is_image_name
+from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
-
-
-@dataclass
-class ImageSet:
-    """Images as (N, H, W, 3) uint8 with int64 labels indexing `classes`."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    classes: list[str]
-    paths: list[str] = field(default_factory=list)  # source file of each image, where known
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: np.ndarray) -> ImageSet:
-        paths = [self.paths[i] for i in index] if self.paths else []
-        return ImageSet(self.images[index], self.labels[index], self.classes, paths)
-
-
-@dataclass
-class SourceData:
-    train: ImageSet | None  # None for a folder holding only test/ (or val/): scored, not trained on
-    test: ImageSet | None
-    skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
-    # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
-    val: ImageSet | None = None
-
 
 # --- torchvision's CIFAR pickles -------------------------------------------------------------
 

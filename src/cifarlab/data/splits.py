@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from cifarlab.config import TrainConfig, default_data_root
+from cifarlab.config import TrainConfig, data_root
 from cifarlab.data.sources import ImageSet, load_source
 from cifarlab.errors import UserError
 
@@ -90,7 +89,7 @@ def load_splits(config: TrainConfig) -> Splits:
     Val is the data's own val/ (or valid/) folder when it has one, and then `val_size` is
     ignored; otherwise `val_size` training images held out (stratified, seeded), none for 0.
     """
-    root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
+    root = data_root(config)
     source = load_source(config.data, root, config.image_size, config.on_bad_image)
     if source.train is None:
         raise UserError(
