@@ -65,6 +65,32 @@ def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, ext
     )
     assert len(result.history) == 1 and 0 <= result.final_val_acc <= 1
     assert (result.tta_val_acc is not None) == ("tta" in extra)
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
+    if extra.get("ema"):  # the EMA weights are their own average, not a copy of the model's
+        ema = {
+            k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")
+        }
+        floats = [
+            k for k, v in ckpt["model"].items() if v.is_floating_point() and "whiten" not in k
+        ]
+        assert any(not torch.equal(ema[k], ckpt["model"][k]) for k in floats)
+
+
+def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(
+    real_jpegs, data_root, tmp_path, monkeypatch
+):
+    import cifarlab.train as training
+
+    seen = []
+
+    def recording_loss(logits, targets, smoothing):
+        seen.append((targets.ndim, targets.dtype, smoothing))
+        return training.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+
+    monkeypatch.setattr(training, "loss_fn", recording_loss)
+    train(_config(real_jpegs, data_root, epochs=1, model="fastnet", mixup_alpha=0.2, cutmix_alpha=1.0,
+                  label_smoothing=0.1), tmp_path / "mix", log=lambda s: None)  # fmt: skip
+    assert seen and all(n == 2 and d == torch.float32 and s == 0.1 for n, d, s in seen)
 
 
 def _run_cli(args, **kw):
@@ -94,7 +120,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(real_jpegs, data_root, t
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 1.5))
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill: nothing was tested"
+    cut = load_checkpoint(killed / "last.pt")
+    assert (cut["epoch"], cut["next_step"]) < (3, 0), "the kill must land before the end"
     resumed = _run_cli([*args, "--out", str(killed), "--resume"])
     assert resumed.wait(timeout=300) == 0
 

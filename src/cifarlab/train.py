@@ -178,6 +178,7 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
             raise UserError(
                 f"--resume: {run_dir} holds no last.pt to continue; drop --resume to start it"
             )
+        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
         claim_run_dir(run_dir, resume=True)
         return config, None
     ckpt = load_checkpoint(last)
