@@ -272,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run_flags(tr)
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    tr.add_argument("--weights", help="tv-* models: local ImageNet state-dict file")
+    tr.add_argument(
+        "--weights",
+        help="torchvision/timm models: a local state-dict file, or a torchvision weights name (IMAGENET1K_V1)",
+    )
     tr.add_argument(
         "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
     )

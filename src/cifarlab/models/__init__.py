@@ -100,9 +100,9 @@ for _name, _arch in ARCHS.items():
 
 
 def _torchvision_spec(arch: str) -> ModelSpec:
-    from cifarlab.models.torchvision_nets import check_builder, fixed_size_keyword
+    from cifarlab.models.torchvision_nets import check_builder, fixed_size_keywords
 
-    fixed = bool(fixed_size_keyword(check_builder(arch)))
+    fixed = bool(fixed_size_keywords(check_builder(arch), 224))
     return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, True, fixed)
 
 

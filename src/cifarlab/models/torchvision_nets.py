@@ -34,8 +34,11 @@ ARCHS = {  # our fixed names (checkpoints carry them) -> torchvision builder nam
 }
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# builder-name prefix -> the builder's keyword for the input side its embeddings are sized for
-FIXED_SIZE = {"vit_": "image_size", "maxvit_": "input_size"}
+# builder-name prefix -> the builder keywords sizing its embeddings for an input side
+FIXED_SIZE: dict[str, Callable[[int], dict]] = {
+    "vit_": lambda side: {"image_size": side},
+    "maxvit_": lambda side: {"input_size": (side, side)},
+}
 # builder-name -> keywords without which the model is no plain classifier (aux heads in training)
 _NO_AUX = {"aux_logits": False, "init_weights": True}
 BUILDER_KWARGS = {"googlenet": _NO_AUX, "inception_v3": _NO_AUX}
@@ -62,9 +65,10 @@ def check_builder(arch: str) -> str:
     return arch
 
 
-def fixed_size_keyword(arch: str) -> str:
-    """The builder keyword fixing the input side ('' when the model takes any size)."""
-    return next((kw for prefix, kw in FIXED_SIZE.items() if arch.startswith(prefix)), "")
+def fixed_size_keywords(arch: str, side: int) -> dict:
+    """The builder keywords fixing the input side to `side` ({} when any size goes)."""
+    sized = next((f for prefix, f in FIXED_SIZE.items() if arch.startswith(prefix)), None)
+    return sized(side) if sized else {}
 
 
 def is_enum_name(weights: str) -> bool:
@@ -154,14 +158,13 @@ def lesson_stem(net: nn.Module, log) -> None:
 def _construct(arch: str, opts: BackboneOptions) -> nn.Module:
     from torchvision.models import get_model
 
-    kwargs = dict(BUILDER_KWARGS.get(arch, {}))
-    if keyword := fixed_size_keyword(arch):
-        kwargs[keyword] = opts.input_size
+    kwargs = {**BUILDER_KWARGS.get(arch, {}), **fixed_size_keywords(arch, opts.input_size)}
     try:
         return get_model(arch, weights=None, **kwargs)
     except (ValueError, AssertionError, RuntimeError) as exc:
         raise UserError(
-            f"tv:{arch} cannot be built for input_size {opts.input_size} ({exc}); "
+            f"tv:{arch} cannot be built for input_size {opts.input_size} "
+            f"({' '.join(str(exc).split())}); "
             "try input_size: 224"
         ) from None
 
