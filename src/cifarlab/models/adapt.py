@@ -8,6 +8,7 @@ the stem and upsamples the batch, inside the model, to `input_size`.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.checkpoint import read_failure, refusal_reason
 from cifarlab.errors import UserError
 
 
@@ -43,9 +45,11 @@ def load_state_file(path: Path) -> dict:
         raise UserError(f"--weights {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"--weights {path}: refused to load ({refusal_reason(exc)})") from None
     except Exception as exc:
         raise UserError(
-            f"--weights {path}: not a readable state dict ({str(exc).splitlines()[0]})"
+            f"--weights {path}: not a readable state dict ({read_failure(path, exc)})"
         ) from None
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
