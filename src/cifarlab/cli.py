@@ -148,13 +148,33 @@ def _result_line(result) -> str:
     return ", ".join(parts)
 
 
-def cmd_models(_args) -> int:
-    from cifarlab.models import MODELS
+def cmd_models(args) -> int:
+    from cifarlab.models import MODELS, open_names
 
-    width = max(map(len, MODELS))
-    for name, spec in MODELS.items():
-        print(f"{name:<{width}}  {spec.about}")
+    if args.filter is None and not args.all:
+        width = max(map(len, MODELS))
+        for name, spec in MODELS.items():
+            print(f"{name:<{width}}  {spec.about}")
+        print(MODELS_FOOTER)
+        return 0
+    for prefix, names in open_names(args.filter or "").items():
+        if names is None:
+            print(f"{prefix}<name>: not installed (pip install 'cifarlab[timm]')")
+        elif args.filter is None and prefix == "timm:":
+            print(f"{prefix}<name>: {len(names)} models; `cifarlab models --filter WORD` searches")
+        else:
+            print(f"{prefix}<name>: {len(names)} models")
+            for name in names:
+                print(f"  {prefix}{name}")
     return 0
+
+
+MODELS_FOOTER = """
+tv:<name>    any torchvision classification model, e.g. tv:convnext_tiny, tv:vit_b_16
+             (pretrained: true or weights: IMAGENET1K_V1 for its ImageNet weights, weights: FILE)
+timm:<name>  any timm model, e.g. timm:resnet10t (pip install 'cifarlab[timm]'; weights: FILE)
+             ViT-style models (fixed input side) need stem: imagenet and take input_size.
+`cifarlab models --all` lists torchvision's names; `--filter WORD` searches both."""
 
 
 def cmd_recipes(_args) -> int:
@@ -258,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run_flags(tr)
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    tr.add_argument("--weights", help="tv-* models: local ImageNet state-dict file")
+    tr.add_argument(
+        "--weights",
+        help="torchvision/timm models: a local state-dict file, or a torchvision weights name (IMAGENET1K_V1)",
+    )
     tr.add_argument(
         "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
     )
@@ -305,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument(
         "--out", type=Path, default=Path("tune"), help="folder for the trials' run directories"
     )
-    command("models", "list the models")
+    mo = command("models", "list the models: the fixed names, and torchvision's and timm's")
+    mo.add_argument("--all", action="store_true", help="list every tv: name and count timm's")
+    mo.add_argument(
+        "--filter", metavar="WORD", help="tv: and timm: names containing WORD (or a glob)"
+    )
     command("recipes", "list the shipped recipes")
     return parser
 

@@ -48,9 +48,10 @@ class TrainConfig:
     # --- model ---
     model: str = "cnn"
     width: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # channel multiplier
-    pretrained: bool = False  # tv-* models: torchvision's ImageNet weights
-    weights: str = ""  # tv-* models: a local state-dict file instead of the download
-    stem: str = field(default="cifar", metadata=_choice("cifar", "imagenet"))  # tv-* models
+    pretrained: bool = False  # tv-*/tv: models: torchvision's DEFAULT ImageNet weights
+    weights: str = ""  # a local state-dict file (tv-*, tv:, timm:), or a torchvision weights
+    # name such as IMAGENET1K_V1 (tv-*, tv:): an all-caps name that is not an existing file
+    stem: str = field(default="cifar", metadata=_choice("cifar", "imagenet"))  # tv-*/tv:/timm:
     input_size: int = field(default=0, metadata=_range(0))  # imagenet stem: side to upsample to
     # (0 = 224 on CUDA, 64 on CPU where 224 would be ~12x slower)
     init_from: str = ""  # start from our own run/checkpoint (new head if the classes differ)
@@ -323,7 +324,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
     """Every field against its type and limits, then the rules between fields. Called by
     `train` (fresh and on --resume), by `suite` for every run before the first trains, and by
     `tune`; `world` is the number of torchrun processes. Returns `config` unchanged."""
-    from cifarlab.models import model_spec
+    from cifarlab.models import fixed_input_problem, model_spec
 
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
@@ -332,11 +333,21 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         (
             (config.pretrained or config.weights) and not spec.takes_weights,
             f"model {config.model} has no ImageNet weights; pretrained/--weights apply to the "
-            "tv-* models (see `cifarlab models`)",
+            "tv-*, tv:<name> and timm:<name> models (see `cifarlab models`)",
+        ),
+        (
+            config.pretrained and not spec.named_weights,
+            f"pretrained: true downloads torchvision weights; {config.model} takes them only "
+            "from a local file (weights: FILE)",
         ),
         (
             config.stem != "cifar" and not spec.has_stems,
-            f"stem: {config.stem} applies to the tv-* models only, not {config.model}",
+            f"stem: {config.stem} applies to the tv-* models only and to tv:/timm: names, "
+            f"not {config.model}",
+        ),
+        (
+            bool(problem := fixed_input_problem(spec, config.model, config.stem)),
+            problem,
         ),
         (
             config.whitening and (config.pretrained or config.weights),

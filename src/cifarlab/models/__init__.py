@@ -3,11 +3,15 @@
 `ModelArgs` are a model's constructor arguments; every checkpoint stores them, and
 `build_model(args)` is the only way a model is made, for training and for every reload
 (evaluate, predict, export, `--init-from`), so what trains is what reloads.
+
+Names: the fixed ones in `MODELS`, plus two open families resolved by `model_spec`:
+`tv:<builder>` (any torchvision classification model) and `timm:<name>` (the `timm` extra).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,10 +19,11 @@ from typing import Any
 from torch import nn
 
 from cifarlab.errors import UserError
+from cifarlab.models.adapt import BackboneOptions, cifar_stem
 from cifarlab.models.cnn import CIFAR10CNN
 from cifarlab.models.fastnet import FastNet
 from cifarlab.models.resnet import ResNet
-from cifarlab.models.torchvision_nets import ARCHS, BackboneOptions, torchvision_backbone
+from cifarlab.models.torchvision_nets import ARCHS, lesson_stem
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ class ModelArgs:
     num_classes: int
     width: float = 1.0  # channel multiplier (our own nets)
     image_size: int = 32  # side of the images the model is fed
-    stem: str = "cifar"  # tv-* models: cifar (3x3 stride-1 conv1, no max-pool) | imagenet
-    input_size: int = 0  # tv-* models with stem imagenet: side the batch is upsampled to
+    stem: str = "cifar"  # torchvision/timm models: cifar (no early downsampling) | imagenet
+    input_size: int = 0  # torchvision/timm models with stem imagenet: side upsampled to
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,55 +46,132 @@ class ModelArgs:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+Build = Callable[[ModelArgs, BackboneOptions, Callable[[str], None]], nn.Module]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[[ModelArgs], nn.Module] | None  # None: a torchvision backbone
+    build: Build  # (args, weights and stem options, log) -> the model
     about: str
-    takes_weights: bool = False  # ImageNet weights (pretrained / --weights) exist for it
+    takes_weights: bool = False  # starts from ImageNet weights (`weights: FILE`)
     has_stems: bool = False  # stem: cifar | imagenet applies
+    named_weights: bool = False  # `pretrained: true` and `weights: ENUM_NAME` (torchvision)
+    fixed_input: bool = False  # embeddings fix the input side: stem imagenet only
+
+
+def _ours(make: Callable[[ModelArgs], nn.Module]) -> Build:
+    return lambda args, _opts, _log: make(args)
+
+
+def _torchvision(arch: str, stem=None) -> Build:
+    from cifarlab.models.torchvision_nets import torchvision_backbone
+
+    return lambda a, opts, log: torchvision_backbone(
+        arch, a.num_classes, opts, log, stem or cifar_stem
+    )
 
 
 MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(
-        lambda a: CIFAR10CNN(a.num_classes, a.width, a.image_size),
+        _ours(lambda a: CIFAR10CNN(a.num_classes, a.width, a.image_size)),
         "the lesson's CIFAR10CNN: 3 conv blocks 64/128/256, 3.3M params",
     ),
     "resnet18": ModelSpec(
-        lambda a: ResNet([2, 2, 2, 2], a.num_classes, a.width),
+        _ours(lambda a: ResNet([2, 2, 2, 2], a.num_classes, a.width)),
         "CIFAR ResNet-18 (3x3 stem, no max-pool), 11M params",
     ),
     "resnet34": ModelSpec(
-        lambda a: ResNet([3, 4, 6, 3], a.num_classes, a.width), "CIFAR ResNet-34, 21M params"
+        _ours(lambda a: ResNet([3, 4, 6, 3], a.num_classes, a.width)),
+        "CIFAR ResNet-34, 21M params",
     ),
     "fastnet": ModelSpec(
-        lambda a: FastNet(a.num_classes, a.width),
+        _ours(lambda a: FastNet(a.num_classes, a.width)),
         "speed-record-class net (airbench-style, GELU/BN, 3 blocks)",
     ),
 }
 for _name, _arch in ARCHS.items():
     MODELS[_name] = ModelSpec(
-        None,
+        _torchvision(_arch, lesson_stem),
         f"torchvision {_arch} (pretrained: true for ImageNet weights; stem: cifar|imagenet)",
         takes_weights=True,
         has_stems=True,
+        named_weights=True,
     )
 
 
+def _torchvision_spec(arch: str) -> ModelSpec:
+    from cifarlab.models.torchvision_nets import check_builder, fixed_size_keywords
+
+    fixed = bool(fixed_size_keywords(check_builder(arch), 224))
+    return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, True, fixed)
+
+
+def _timm_spec(name: str) -> ModelSpec:
+    from cifarlab.models.timm_nets import check_timm_name, has_fixed_input, timm_backbone
+
+    fixed = has_fixed_input(check_timm_name(name))
+    build: Build = lambda a, opts, log: timm_backbone(name, a.num_classes, opts, log)  # noqa: E731
+    return ModelSpec(build, f"timm {name}", True, True, False, fixed)
+
+
+FAMILIES: dict[str, Callable[[str], ModelSpec]] = {  # name prefix -> its spec by name
+    "tv:": _torchvision_spec,
+    "timm:": _timm_spec,
+}
+
+
 def model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}'; valid models: {', '.join(MODELS)}")
-    return MODELS[name]
+    if name in MODELS:
+        return MODELS[name]
+    for prefix, spec in FAMILIES.items():
+        if name.startswith(prefix):
+            return spec(name.removeprefix(prefix))
+    close = difflib.get_close_matches(name, MODELS, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise UserError(
+        f"unknown model '{name}'; {hint}valid models: {', '.join(MODELS)}, tv:<torchvision "
+        "name>, timm:<timm name> (see `cifarlab models --all`)"
+    )
+
+
+def open_names(pattern: str = "") -> dict[str, list[str] | None]:
+    """The `tv:` and `timm:` names containing `pattern` (a glob such as `convnext*` also works);
+    None for timm when it is not installed."""
+    import fnmatch
+
+    from cifarlab.models.torchvision_nets import torchvision_names
+
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    found: dict[str, list[str] | None] = {"tv:": fnmatch.filter(torchvision_names(), glob)}
+    try:
+        import timm
+    except ImportError:
+        found["timm:"] = None
+    else:
+        found["timm:"] = timm.list_models(glob)
+    return found
+
+
+def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:
+    """Why `stem` does not fit model `name` ('' when it does): its embeddings fix the side."""
+    if stem == "imagenet" or not spec.fixed_input:
+        return ""
+    return (
+        f"model {name} has patch/position embeddings of a fixed input side; set stem: imagenet "
+        "(it upsamples to input_size, 224 matches ImageNet weights)"
+    )
 
 
 def build_model(
     args: ModelArgs, pretrained: bool = False, weights: str = "", log=lambda s: None
 ) -> nn.Module:
-    """The model `args` describe; `pretrained`/`weights` start a tv-* model from ImageNet weights."""
+    """The model `args` describe; `pretrained`/`weights` start a torchvision or timm model from
+    ImageNet weights (DEFAULT / an enum name / a local file)."""
     spec = model_spec(args.name)
-    if spec.build is not None:
-        return spec.build(args)
+    if problem := fixed_input_problem(spec, args.name, args.stem):
+        raise UserError(problem)
     opts = BackboneOptions(args.stem, args.input_size or 224, pretrained, weights)
-    return torchvision_backbone(args.name, args.num_classes, opts, log)
+    return spec.build(args, opts, log)
 
 
 def create_model(

@@ -1,23 +1,31 @@
-"""torchvision backbones for small images: ImageNet weights (cache or local file) and two stems.
+"""Any torchvision classification model (`tv:<builder>`, and the fixed `tv-*` names): ImageNet
+weights by enum name, DEFAULT, or from a local file; the head and stem fitted by `adapt`.
 
-`stem: cifar` is the lesson's adaptation (3x3 stride-1 first conv, no max-pool); `stem: imagenet`
-keeps the pretrained stem and upsamples the batch on the device to `input_size` first.
+Models whose patch and position embeddings fix their input side (ViT, MaxViT) take only
+`stem: imagenet` and are built for `input_size`; ViT's ImageNet position embeddings are resampled
+to it with torchvision's own `interpolate_embeddings`.
 """
 
 from __future__ import annotations
 
-import pickle
-from dataclasses import dataclass
+import difflib
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.checkpoint import read_failure, refusal_reason
 from cifarlab.errors import UserError
+from cifarlab.models.adapt import (
+    BackboneOptions,
+    cifar_stem,
+    load_state_file,
+    replace_head,
+    with_stem,
+)
 
-ARCHS = {  # our name -> torchvision builder name
+ARCHS = {  # our fixed names (checkpoints carry them) -> torchvision builder name
     "tv-resnet18": "resnet18",
     "tv-resnet34": "resnet34",
     "tv-resnet50": "resnet50",
@@ -26,48 +34,66 @@ ARCHS = {  # our name -> torchvision builder name
 }
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# builder-name prefix -> the builder keywords sizing its embeddings for an input side
+FIXED_SIZE: dict[str, Callable[[int], dict]] = {
+    "vit_": lambda side: {"image_size": side},
+    "maxvit_": lambda side: {"input_size": (side, side)},
+}
+# builder-name -> keywords without which the model is no plain classifier (aux heads in training)
+_NO_AUX = {"aux_logits": False, "init_weights": True}
+BUILDER_KWARGS = {"googlenet": _NO_AUX, "inception_v3": _NO_AUX}
+_ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # IMAGENET1K_V1, DEFAULT: a weights enum, not a file
 
 
-@dataclass(frozen=True)
-class BackboneOptions:
-    stem: str = "cifar"  # cifar | imagenet
-    input_size: int = 224  # imagenet stem: images are upsampled to this side
-    pretrained: bool = (
-        False  # torchvision's ImageNet weights (from torch's cache, downloaded if online)
-    )
-    weights: str = ""  # a local state-dict file instead of the download
+def torchvision_names() -> list[str]:
+    """torchvision's classification builders (detection, video, quantized ones are not listed)."""
+    from torchvision import models
+
+    return models.list_models(module=models)
 
 
-class Upsample(nn.Module):
-    """Resize on the device, inside the model, so evaluation, prediction and export all see it."""
+def check_builder(arch: str) -> str:
+    """`arch` if torchvision builds it, else an error naming the closest builders."""
+    names = torchvision_names()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join('tv:' + c for c in close)}? " if close else ""
+        raise UserError(
+            f"unknown torchvision model 'tv:{arch}'; {hint}`cifarlab models --all` lists all "
+            f"{len(names)}"
+        )
+    return arch
 
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
 
-    def forward(self, x):
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+def fixed_size_keywords(arch: str, side: int) -> dict:
+    """The builder keywords fixing the input side to `side` ({} when any size goes)."""
+    sized = next((f for prefix, f in FIXED_SIZE.items() if arch.startswith(prefix)), None)
+    return sized(side) if sized else {}
 
 
-def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
-    if opts.weights:
-        path = Path(opts.weights)
-        if not path.is_file():
-            raise UserError(f"--weights {path}: no such file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UserError(f"--weights {path}: refused to load ({refusal_reason(exc)})") from None
-        except Exception as exc:
-            raise UserError(
-                f"--weights {path}: not a readable state dict ({read_failure(path, exc)})"
-            ) from None
-        return state.get("model", state) if isinstance(state, dict) and "model" in state else state
-    if not opts.pretrained:
-        return None
+def is_enum_name(weights: str) -> bool:
+    return bool(_ENUM_NAME.fullmatch(weights)) and not Path(weights).is_file()
+
+
+def _weights_enum(arch: str, opts: BackboneOptions):
     from torchvision.models import get_model_weights
 
-    weights = get_model_weights(arch).DEFAULT
+    enum = get_model_weights(arch)
+    if not opts.weights:
+        return enum.DEFAULT
+    valid = [w.name for w in enum]
+    if opts.weights not in [*valid, "DEFAULT"]:
+        close = difflib.get_close_matches(opts.weights, valid, n=2, cutoff=0.4)
+        raise UserError(
+            f"weights: {opts.weights} is neither a file nor a weights name of {arch}"
+            + (f"; did you mean {' or '.join(close)}?" if close else "")
+            + f" (its weights: {', '.join(valid)})"
+        )
+    return enum[opts.weights]
+
+
+def _downloaded_state(arch: str, opts: BackboneOptions) -> dict:
+    weights = _weights_enum(arch, opts)
     try:
         return weights.get_state_dict(progress=False)
     except Exception as exc:
@@ -79,42 +105,77 @@ def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
         ) from None
 
 
-def _replace_head(net: nn.Module, num_classes: int) -> None:
-    if hasattr(net, "fc"):
-        net.fc = nn.Linear(net.fc.in_features, num_classes)
-    else:
-        last = net.classifier[-1]
-        net.classifier[-1] = nn.Linear(last.in_features, num_classes)
+def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
+    if opts.weights and not is_enum_name(opts.weights):
+        return load_state_file(Path(opts.weights))
+    if opts.pretrained or opts.weights:
+        return _downloaded_state(arch, opts)
+    return None
 
 
-def _cifar_stem(net: nn.Module, log) -> None:
-    if hasattr(net, "conv1"):
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-        log(
-            "stem: cifar — conv1 replaced by a 3x3 stride-1 conv that starts untrained; max-pool removed"
-        )
-    else:
-        first = net.features[0][0]
-        first.stride = (1, 1)  # keeps its pretrained 3x3 weights; only the stride changes
-        log("stem: cifar — first conv stride 2 -> 1 (weights kept)")
+def _vit_positions(net: nn.Module, state: dict) -> dict:
+    """ImageNet position embeddings (224 px) resampled to the side this ViT was built for."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    return interpolate_embeddings(net.image_size, net.patch_size, state)
+
+
+def _drop_aux(net: nn.Module, state: dict) -> dict:
+    """ImageNet weights of GoogLeNet/Inception include the auxiliary heads we build without."""
+    ours = net.state_dict()
+    return {k: v for k, v in state.items() if k in ours}
+
+
+# builder-name prefix -> how its ImageNet state dict is fitted to the model we build
+STATE_ADAPTERS: dict[str, Callable[[nn.Module, dict], dict]] = {
+    "vit_": _vit_positions, "googlenet": _drop_aux, "inception_v3": _drop_aux,
+}  # fmt: skip
+
+
+def _load(net: nn.Module, arch: str, state: dict) -> None:
+    for prefix, adapt in STATE_ADAPTERS.items():
+        if arch.startswith(prefix):
+            state = adapt(net, state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"weights do not fit {arch}: {str(exc).splitlines()[0]}") from None
+
+
+def lesson_stem(net: nn.Module, log) -> None:
+    """The fixed tv-* names' stem: a ResNet's 7x7 conv1 becomes a fresh 3x3 stride-1 conv (its
+    checkpoints hold that shape); other families as `cifar_stem`."""
+    if not hasattr(net, "conv1"):
+        cifar_stem(net, log)
+        return
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    log(
+        "stem: cifar — conv1 replaced by a 3x3 stride-1 conv that starts untrained; max-pool removed"
+    )
+
+
+def _construct(arch: str, opts: BackboneOptions) -> nn.Module:
+    from torchvision.models import get_model
+
+    kwargs = {**BUILDER_KWARGS.get(arch, {}), **fixed_size_keywords(arch, opts.input_size)}
+    try:
+        return get_model(arch, weights=None, **kwargs)
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise UserError(
+            f"tv:{arch} cannot be built for input_size {opts.input_size} "
+            f"({' '.join(str(exc).split())}); "
+            "try input_size: 224"
+        ) from None
 
 
 def torchvision_backbone(
-    name: str, num_classes: int, opts: BackboneOptions, log=lambda s: None
+    arch: str, num_classes: int, opts: BackboneOptions, log=lambda s: None, stem=cifar_stem
 ) -> nn.Module:
-    from torchvision import models
-
-    arch = ARCHS[name]
-    net = getattr(models, arch)(weights=None)
+    """torchvision's `arch` with optional ImageNet weights, a `num_classes` head and the stem."""
+    net = _construct(arch, opts)
     state = _imagenet_state_dict(arch, opts)
     if state is not None:
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UserError(f"weights do not fit {arch}: {str(exc).splitlines()[0]}") from None
-    _replace_head(net, num_classes)
-    if opts.stem == "cifar":
-        _cifar_stem(net, log)
-        return net
-    return nn.Sequential(Upsample(opts.input_size), net)
+        _load(net, arch, state)
+    replace_head(net, num_classes, f"tv:{arch}")
+    return with_stem(net, opts, log, stem)

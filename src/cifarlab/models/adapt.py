@@ -1,0 +1,103 @@
+"""Fitting an ImageNet classifier (torchvision's or timm's) to our task: a new head, and a stem
+for small images.
+
+`stem: cifar` removes the early downsampling (the first strided conv gets stride 1, the max-pool
+after it goes), so 32 px images keep their resolution through the stem; `stem: imagenet` keeps
+the stem and upsamples the batch, inside the model, to `input_size`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.checkpoint import read_failure, refusal_reason
+from cifarlab.errors import UserError
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    stem: str = "cifar"  # cifar | imagenet
+    input_size: int = 224  # imagenet stem: images are upsampled to this side
+    pretrained: bool = False  # the DEFAULT weights (from torch's cache, downloaded if online)
+    weights: str = ""  # a local state-dict file, or a torchvision weights name (IMAGENET1K_V1)
+
+
+class Upsample(nn.Module):
+    """Resize on the device, inside the model, so evaluation, prediction and export all see it."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+def load_state_file(path: Path) -> dict:
+    """A state dict from a local file (also our own `{"model": state}` wrapping)."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"--weights {path}: refused to load ({refusal_reason(exc)})") from None
+    except Exception as exc:
+        raise UserError(
+            f"--weights {path}: not a readable state dict ({read_failure(path, exc)})"
+        ) from None
+    return state["model"] if isinstance(state, dict) and "model" in state else state
+
+
+def replace_head(net: nn.Module, num_classes: int, where: str) -> str:
+    """The last `Linear` (fc, classifier[-1], heads.head, ...) replaced by a fresh one with
+    `num_classes` outputs; returns its qualified name."""
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{where} has no Linear classifier to replace; pick another model")
+    path = linears[-1]
+    _set(net, path, nn.Linear(net.get_submodule(path).in_features, num_classes))
+    return path
+
+
+def cifar_stem(net: nn.Module, log) -> None:
+    """The first conv with stride > 1 gets stride 1 (its weights are kept), and a max-pool after
+    it, before the next strided conv, becomes Identity (ResNet's, also after a deep stem)."""
+    modules = list(net.named_modules())
+    first = next((i for i, (_, m) in enumerate(modules) if _strided_conv(m)), None)
+    if first is None:
+        log("stem: cifar — no strided conv to relax; the model is used as built")
+        return
+    name, conv = modules[first]
+    conv.stride = (1, 1)
+    done = [f"{name} stride -> 1 (weights kept)"]
+    for later, module in modules[first + 1 :]:
+        if _strided_conv(module):
+            break
+        if isinstance(module, nn.MaxPool2d):
+            _set(net, later, nn.Identity())
+            done.append(f"{later} removed")
+            break
+    log("stem: cifar — " + "; ".join(done))
+
+
+def with_stem(net: nn.Module, opts: BackboneOptions, log, stem=cifar_stem) -> nn.Module:
+    """`net` adapted for `opts.stem`: changed in place (cifar) or behind an `Upsample` (imagenet)."""
+    if opts.stem == "cifar":
+        stem(net, log)
+        return net
+    return nn.Sequential(Upsample(opts.input_size), net)
+
+
+def _strided_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and max(module.stride) > 1
+
+
+def _set(net: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(net.get_submodule(parent), attr, module)

@@ -1,0 +1,91 @@
+"""timm models (`timm:<name>`, the optional `timm` extra) with random weights or weights from a
+local file; never a download. Stems as for torchvision (`adapt`); models timm marks
+`fixed_input_size` (ViT, DeiT, Swin, ...) take only `stem: imagenet` and are built for
+`input_size` (timm resamples their position embeddings when it loads a file).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from torch import nn
+
+from cifarlab.errors import UserError
+from cifarlab.models.adapt import BackboneOptions, with_stem
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise UserError(
+            "timm: models need timm, which is not installed: pip install 'cifarlab[timm]'"
+        ) from None
+    return timm
+
+
+def timm_names(pattern: str = "") -> list[str]:
+    """timm's architectures, those matching a glob (`*convnext*`) when given."""
+    return _timm().list_models(pattern or "")
+
+
+def check_timm_name(name: str) -> str:
+    """`name` if timm builds it, else an error naming the closest architectures."""
+    if not _timm().is_model(name):
+        close = difflib.get_close_matches(name, timm_names(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join('timm:' + c for c in close)}? " if close else ""
+        raise UserError(
+            f"unknown timm model 'timm:{name}'; {hint}`cifarlab models --filter WORD` searches"
+        )
+    return name
+
+
+def has_fixed_input(name: str) -> bool:
+    """timm's own flag for models whose embeddings fix the input side (ViT, DeiT, Swin, ...)."""
+    cfg = _timm().models.get_pretrained_cfg(name)
+    return bool(cfg and cfg.fixed_input_size)
+
+
+def timm_backbone(
+    name: str, num_classes: int, opts: BackboneOptions, log=lambda s: None
+) -> nn.Module:
+    """timm's `name` with `num_classes` outputs, its weights from `opts.weights` if given."""
+    timm = _timm()
+    if opts.pretrained:
+        raise UserError(
+            f"pretrained: true downloads; timm:{name} takes weights only from a file: weights: FILE"
+        )
+    kwargs = {"img_size": opts.input_size} if has_fixed_input(name) else {}
+    if not opts.weights:
+        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        net = _from_file(name, num_classes, Path(opts.weights), kwargs)
+    return with_stem(net, opts, log)
+
+
+def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Module:
+    """timm loads the file with the model's own checkpoint filter (a new head when the class
+    count differs); it only warns on keys that do not fit, so we check them ourselves."""
+    timm = _timm()
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file (timm models take weights from a file)")
+    try:
+        saved = set(timm.models.load_state_dict(str(path)))
+        net = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+            num_classes=num_classes, **kwargs,
+        )  # fmt: skip
+    except (RuntimeError, KeyError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise UserError(
+            f"--weights {path}: does not fit timm:{name} ({lines[-1][:200] if lines else exc})"
+        ) from None
+    head = next(n for n, m in net.named_modules() if m is net.get_classifier())
+    missing = [k for k in net.state_dict() if k not in saved and not k.startswith(head + ".")]
+    if missing:
+        raise UserError(
+            f"--weights {path}: does not fit timm:{name} ({len(missing)} tensors missing, "
+            f"e.g. {missing[0]})"
+        )
+    return net
