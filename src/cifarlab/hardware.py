@@ -49,6 +49,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask on Linux (a container or `taskset` may
+    allow fewer than the machine has), the machine's count where there is no such call."""
+    if hasattr(os, "sched_getaffinity"):  # Linux only; absent on macOS and Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def setup_hardware(config: TrainConfig) -> Hardware:
     device = pick_device(config.device)
     local_procs = int(
@@ -57,7 +65,7 @@ def setup_hardware(config: TrainConfig) -> Hardware:
     if device.type == "cuda" and device.index is None and local_procs > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
-        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // local_procs))
+        torch.set_num_threads(config.threads or max(1, usable_cores() // local_procs))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -144,7 +144,9 @@ def _mlflow():
     try:
         import mlflow
     except ImportError:
-        raise UserError("tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'") from None
+        raise UserError(
+            "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'"
+        ) from None
     return mlflow
 
 

@@ -454,4 +454,3 @@ def _test_accuracy(run: TrainingRun, best: Path, log) -> tuple[float | None, flo
     with_tta = f" ({accs[1]:.2%} with {run.config.tta} TTA)" if len(accs) > 1 else ""
     log(f"test acc of {best.name}: {accs[0]:.2%}{with_tta} on {len(labels)} images")
     return accs[0], accs[1] if len(accs) > 1 else None
-
