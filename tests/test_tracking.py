@@ -104,3 +104,28 @@ def test_tensorboard_events_hold_the_config_as_hparams_beside_the_epoch_scalars(
 def test_a_tracking_uri_without_tracking_is_refused_with_the_fix():
     with pytest.raises(UserError, match="add --set tracking=mlflow"):
         validate_config(make_config(tracking_uri="sqlite:///x.db"))
+
+
+def test_a_suite_logs_its_runs_under_one_experiment_named_for_it(synthetic_images, tmp_path):
+    from cifarlab.suites import SuiteOptions, run_suite
+
+    (tmp_path / "colours.yaml").write_text(
+        "description: two tiny runs\nruns:\n"
+        "  - {name: plain, recipe: seed-cnn, changes: none, set: {flip: false}}\n"
+        "  - {name: flip, recipe: seed-cnn, changes: + flip}\n"
+    )
+    base = dict(
+        data=str(synthetic_images), data_root=str(tmp_path / "d"), batch_size=8, val_size=6,
+        progress=False, device="cpu", threads=1, tracking="mlflow",
+    )  # fmt: skip
+    run_suite(str(tmp_path / "colours.yaml"), SuiteOptions(tmp_path / "out", epochs=1, overrides=base), log=quiet)  # fmt: skip
+
+    client = mlflow.tracking.MlflowClient(default_tracking_uri(tmp_path / "out" / "plain"))
+    experiment = client.get_experiment_by_name("colours")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["flip", "plain"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics
+        assert "report/eval-val" in {
+            a.path for a in client.list_artifacts(run.info.run_id, "report")
+        }
