@@ -10,6 +10,7 @@ medians and the ratio, and is appended to docs/benchmarks.md with the machine's 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -23,7 +24,7 @@ from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.config import apply_overrides, load_recipe
 from cifarlab.data import load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
-from cifarlab.hardware import setup_hardware, usable_cores
+from cifarlab.hardware import setup_hardware
 from cifarlab.inference import predict_logits
 from cifarlab.models import create_model
 
@@ -41,7 +42,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {usable_cores()} cores, torch {torch.__version__}"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
 
 
 def time_steps(batches, model, optimizer, hw, steps: int, epoch: int) -> float:

@@ -7,6 +7,7 @@ the normalisation travel inside the file (ONNX metadata_props / TorchScript extr
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -44,23 +45,48 @@ def metadata(ckpt: dict) -> dict[str, str]:
     }
 
 
-def export_model(target: str, fmt: str, out: Path) -> Path:
+def check_out(out: Path, source: Path, force: bool) -> None:
+    """One line, before any work, for an --out that would lose a file or cannot be written."""
+    if out.exists() and out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the checkpoint being exported; pick another file")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} already exists; add --force to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: its folder {out.parent} is not writable")
+
+
+def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
+    """Write `target`'s checkpoint to `out`; an existing `out` only with `force`, never the input."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
-    ckpt = load_checkpoint(resolve_checkpoint(target))
+    source = resolve_checkpoint(target)
+    check_out(out, source, force)
+    ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
     size = loaded.image_size
     example = torch.rand(2, 3, size, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(ckpt)
-    if fmt == "onnx":
-        _export_onnx(net, example, out, meta)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notice
-            traced = torch.jit.trace(net, example)
-            torch.jit.save(traced, str(out), _extra_files={"cifarlab.json": json.dumps(meta)})
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # `out` is replaced only when complete
+    try:
+        if fmt == "onnx":
+            _export_onnx(net, example, tmp, meta)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+                traced = torch.jit.trace(net, example)
+                torch.jit.save(traced, str(tmp), _extra_files={"cifarlab.json": json.dumps(meta)})
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
