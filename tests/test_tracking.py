@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarlab.config import validate_config
+from cifarlab.config import TrainConfig, apply_overrides, read_yaml_mapping, validate_config
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.rundir import read_metrics
@@ -45,8 +45,9 @@ def test_mlflow_run_holds_the_config_every_epoch_the_checkpoint_and_the_report(
     run = client.get_run(link["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "first"
     assert client.get_experiment(run.info.experiment_id).name == "colours"
-    saved = {k: str(v) for k, v in flat_params(config).items()}
-    assert run.data.params == saved  # every key of the resolved config
+    resolved = apply_overrides(TrainConfig(), read_yaml_mapping(run_dir / "config.yaml"), "test")
+    assert run.data.params == {k: str(v) for k, v in flat_params(resolved).items()}
+    assert run.data.params["experiment"] == "colours" and run.data.params["amp"] == "off"
 
     rows = read_metrics(run_dir / "metrics.csv")
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"):
