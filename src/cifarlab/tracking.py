@@ -63,7 +63,11 @@ class Trackers:
 
     def close(self, error: BaseException | None) -> None:
         for t in self.trackers:
-            t.close(error)
+            if error is None:
+                t.close(None)
+                continue
+            with contextlib.suppress(Exception):  # a tracker's failure must not hide the error
+                t.close(error)
 
 
 @contextlib.contextmanager
