@@ -23,12 +23,12 @@ train: setup
 	$(BIN)/cifarlab train --recipe $(RECIPE) --data $(DATA) --out $(OUT) $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 format: setup
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks examples
+	$(BIN)/ruff check --fix src tests benchmarks examples
 
 test: lint
 	CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest $(PYTEST_ARGS)

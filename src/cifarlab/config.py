@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -135,7 +136,11 @@ class TrainConfig:
         default="none", metadata=_choice("none", "flip", "flip-translate")
     )  # after the last epoch, validation once more with TTA (and `evaluate`'s default in suites)
     progress: bool = True
-    tensorboard: bool = False
+    tensorboard: bool = False  # scalars and the config (HParams) under <run>/tensorboard/
+    tracking: str = field(default="none", metadata=_choice("none", "mlflow"))  # mlflow: the
+    # config as params, every epoch's metrics, result files, best.pt and reports as artifacts
+    tracking_uri: str = ""  # MLflow store ("" = sqlite:///<folder holding the run>/mlflow.db)
+    experiment: str = ""  # MLflow experiment ("" = cifarlab; a suite's runs: the suite's name)
     recipe: str = "default"  # the recipe these settings came from (informational)
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,6 +387,18 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             config.amp == "fp16" and config.device in ("cpu", "mps"),
             f"amp: fp16 needs a CUDA device, not {config.device} (use bf16, auto or off)",
         ),
+        (
+            config.tracking_uri and config.tracking == "none",
+            f"tracking_uri {config.tracking_uri!r} is set but tracking is none; add --set tracking=mlflow",
+        ),
+        (
+            config.tracking == "mlflow" and not _installed("mlflow"),
+            "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'",
+        ),
+        (
+            config.tensorboard and not _installed("tensorboard"),
+            "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'",
+        ),
         (world > 1 and config.loader != "device", "under torchrun use loader: device"),
         (world > 1 and config.time_budget, "time_budget is for a single process (not torchrun)"),
         (
@@ -393,6 +410,10 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         if broken:
             raise UserError(f"{where}: {message}")
     return config
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 EPOCH_KEYS = ("warmup_epochs", "freeze_epochs", "whiten_bias_epochs")  # scaled with `epochs`
@@ -446,7 +467,7 @@ def with_budget(config: TrainConfig, budget: float) -> TrainConfig:
 # Keys that change how a run is executed or shown, never what it computes.
 RUNTIME_KEYS = frozenset({
     "progress", "threads", "device", "workers", "save_every_steps", "eval_batch_size",
-    "tensorboard", "on_nan", "data_root",
+    "tensorboard", "on_nan", "data_root", "tracking", "tracking_uri", "experiment",
 })  # fmt: skip
 
 

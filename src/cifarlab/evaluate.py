@@ -25,6 +25,7 @@ from cifarlab.inference import load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import read_metrics
+from cifarlab.tracking import log_report
 
 
 @dataclass
@@ -165,6 +166,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     report["training"] = {"epochs": len(rows), "seconds": float(sum(r["seconds"] for r in rows))}
     _write_files(report, data, probs, classes, rows, opts, out)
     write_report(report, ckpt["config"], out)
+    log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
     _summary(report, out, log)
     return report
 

@@ -163,7 +163,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         log(
             f"[{run_dir.name}] {'resuming' if (run_dir / 'last.pt').is_file() else 'training'}: {run.changes}"
         )
-        config = apply_overrides(run.config, {"seed": seed}, where="--seeds")
+        one_experiment = {"experiment": run.config.experiment or suite.name}  # MLflow: the suite
+        config = apply_overrides(run.config, {"seed": seed, **one_experiment}, where="--seeds")
         try:
             train(config, run_dir, resume=True, log=say)
         except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead

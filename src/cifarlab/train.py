@@ -44,6 +44,7 @@ from cifarlab.rundir import (
     read_metrics,
     truncate_metrics,
 )
+from cifarlab.tracking import open_trackers
 from cifarlab.training_run import (
     TrainingRun,
     apply_freeze,
@@ -77,6 +78,11 @@ class Result:
         return {
             k: v for k, v in dataclasses.asdict(self).items() if k not in ("run_dir", "history")
         }
+
+    @property
+    def checkpoint(self) -> Path:
+        """The selected weights (`best.pt`), what `load_model` and `evaluate` read by default."""
+        return self.run_dir / "best.pt"
 
 
 @dataclass
@@ -141,7 +147,8 @@ def train(
     if d.main:
         prepare_run_dir(run_dir, need_bytes=200_000_000)
     barrier(d)
-    with RunLock(run_dir) if d.main else contextlib.nullcontext(), _StopSignals() as stop:
+    lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
+    with lock, _StopSignals() as stop, open_trackers(config, run_dir, d.main) as tracker:
         run = build_run(config, log, d)
         if config.time_budget and ckpt is None:  # choose the length, then build it
             run = build_run(fit_to_budget(run, started, log), lambda s: None, d)
@@ -155,14 +162,17 @@ def train(
             f"model: {config.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {config.recipe}"
         )
         history = read_metrics(run_dir / "metrics.csv") if d.main else []
+        tracker.start(run.config, history)
         for epoch in range(first, config.epochs):
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
             history.append(row)
+            tracker.log_epoch(row)
             step, stats = 0, EpochStats()
             if on_epoch is not None:
                 on_epoch(row)
         result = _finish(run, run_dir, history, saver, log)
+        tracker.finish(result)
         barrier(d)
     return result
 
@@ -402,8 +412,6 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     }  # fmt: skip
     if run.dist.main:
         append_metrics(saver.run_dir / "metrics.csv", row)
-        if c.tensorboard:
-            _tensorboard_row(saver.run_dir, row)
     improved = saver.save(
         checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best), val_acc
     )
@@ -465,15 +473,3 @@ def _test_accuracy(run: TrainingRun, best: Path, log) -> tuple[float | None, flo
     with_tta = f" ({accs[1]:.2%} with {run.config.tta} TTA)" if len(accs) > 1 else ""
     log(f"test acc of {best.name}: {accs[0]:.2%}{with_tta} on {len(labels)} images")
     return accs[0], accs[1] if len(accs) > 1 else None
-
-
-def _tensorboard_row(run_dir: Path, row: dict) -> None:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(
-            "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
-        ) from None
-    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-        for key in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"):
-            writer.add_scalar(key, row[key], row["epoch"])

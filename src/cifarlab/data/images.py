@@ -34,19 +34,24 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()  # decode now, so a truncated file fails here and not later
-            if img.mode in _WIDE_GRAY:
-                img = _to_8bit_gray(img)
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGB", rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel("A"))
-            elif img.mode != "RGB":
-                img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-            return np.asarray(img, dtype=np.uint8).copy()
+            return image_array(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).split("\n")[0] or type(exc).__name__
         raise BadImage(f"{name}: not a readable image ({reason})") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"{name}: image too large ({exc})") from None
+
+
+def image_array(img: Image.Image, size: int) -> np.ndarray:
+    """An opened image as (size, size, 3) uint8 RGB: the conversion and resize of `decode_image`."""
+    if img.mode in _WIDE_GRAY:
+        img = _to_8bit_gray(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8).copy()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 from cifarlab.data import cache
 from cifarlab.data.archive import extract_archive, is_archive

@@ -1,0 +1,175 @@
+"""The Python API: a recipe with overrides, training, evaluation, and a trained model that
+classifies anything image-like. Re-exported by `cifarlab` (see README, "Python API"):
+
+    import cifarlab
+    config = cifarlab.recipe("fast-cpu", epochs=2, data="cifar10")
+    result = cifarlab.train_model(config, "runs/fast")
+    report = cifarlab.evaluate_model(result)          # the report as a dict
+    model = cifarlab.load_model(result)
+    model.predict(["cat.png", pil_image, tensor])     # top-1 class names
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    load_recipe,
+    validate_config,
+    with_budget,
+    with_epochs,
+)
+from cifarlab.data.images import BadImage, decode_image, image_array
+from cifarlab.errors import UserError
+from cifarlab.evaluate import EvalOptions, evaluate
+from cifarlab.predict import load_predictor
+from cifarlab.train import Result, train
+
+__all__ = [
+    "Classifier", "Result", "TrainConfig", "evaluate_model", "load_model", "recipe", "train_model",
+]  # fmt: skip
+
+
+def recipe(
+    name: str = "seed-cnn", *, epochs: int | None = None, budget: float | None = None, **overrides
+) -> TrainConfig:
+    """A shipped recipe (or a .yaml path) as a checked `TrainConfig`: `epochs` (or `budget`, a
+    fraction of the recipe's epochs) shortens it keeping the schedule's shape, then `overrides`
+    set any config key, e.g. `recipe("fast-cpu", epochs=2, data="data.tar.gz", subset=2000)`."""
+    if epochs is not None and budget is not None:
+        raise UserError(f"recipe({name!r}): give epochs or budget, not both")
+    config = load_recipe(name)
+    if epochs is not None:
+        checked = apply_overrides(config, {"epochs": epochs}, where=f"recipe({name!r})").epochs
+        config = with_epochs(config, checked)
+    elif budget is not None:
+        config = with_budget(config, budget)
+    config = apply_overrides(config, overrides, where=f"recipe({name!r})")
+    return validate_config(config, where=f"recipe({name!r})")
+
+
+def train_model(
+    config: TrainConfig | str, out: str | Path, *, resume: bool = False, log=print
+) -> Result:
+    """Train `config` (or a recipe name) into the run directory `out`; the `Result` holds the
+    accuracies, `history` (one dict per epoch, as metrics.csv), `run_dir` and `checkpoint`.
+    With `resume`, an interrupted run in `out` continues (a finished one is returned as is)."""
+    if isinstance(config, str):
+        config = recipe(config)
+    return train(config, Path(out), resume=resume, log=log or (lambda s: None))
+
+
+def _source(run: str | Path | Result) -> str:
+    return str(run.run_dir if isinstance(run, Result) else run)
+
+
+def evaluate_model(
+    run: str | Path | Result, *, split: str = "val", data: str | None = None, tta: str = "none",
+    out: str | Path | None = None, device: str = "auto", log=print,
+) -> dict[str, Any]:  # fmt: skip
+    """Score a run (its `best.pt`) or checkpoint on `split` of its own data, or on all of `data`;
+    writes the report (`<run>/eval-<split>/report.html`) and returns it as a dict: accuracy,
+    per_class, confusion_matrix, calibration, most_confused, ..."""
+    opts = EvalOptions(
+        _source(run), split=split, data=data, tta=tta,
+        out=Path(out) if out is not None else None, device=device,
+    )  # fmt: skip
+    return evaluate(opts, log=log or (lambda s: None))
+
+
+def load_model(source: str | Path | Result, *, batch_size: int = 256) -> Classifier:
+    """A run directory, checkpoint (.pt) or exported model (.onnx, .ts) ready to classify."""
+    path = _source(source)
+    if not Path(path).exists():
+        raise UserError(f"load_model: {path}: no such run directory, checkpoint or exported model")
+    return Classifier(load_predictor(path), batch_size)
+
+
+ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+
+
+class Classifier:
+    """A trained model that classifies images of any size: file paths, bytes, PIL images, numpy
+    arrays (HWC or NHWC, like PIL) or tensors (CHW or NCHW, like torchvision), uint8 in 0..255
+    or float in 0..1, grey, RGB or RGBA. Each is resized to the model's input as training files
+    were (`decode_image`). One image or a sequence or batch of them; results are per image."""
+
+    def __init__(self, predictor, batch_size: int = 256):
+        self.predictor, self.batch_size = predictor, batch_size
+        self.classes: list[str] = list(predictor.classes)
+        self.image_size: int = predictor.size
+
+    def probabilities(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """(N, classes) float32, each row summing to 1, in the order of `self.classes`."""
+        arrays = [self._array(x) for x in _items(images)]
+        if not arrays:
+            return np.zeros((0, len(self.classes)), np.float32)
+        batch = np.stack(arrays)
+        return self.predictor.probabilities(batch, self.batch_size).astype(np.float32)
+
+    def top_k(self, images, k: int = 3) -> list[list[tuple[str, float]]]:
+        """Per image, the `k` likeliest (class, probability) pairs, likeliest first."""
+        probs = self.probabilities(images)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]  # fmt: skip
+
+    def predict(self, images) -> list[str]:
+        """Per image, the likeliest class name."""
+        return [self.classes[i] for i in self.probabilities(images).argmax(1)]
+
+    def _array(self, image: ImageLike) -> np.ndarray:
+        size = self.image_size
+        if isinstance(image, str | Path | bytes):
+            try:
+                return decode_image(Path(image) if isinstance(image, str) else image, size)
+            except BadImage as exc:
+                raise UserError(str(exc)) from None
+        if isinstance(image, Image.Image):
+            return image_array(image, size)
+        return image_array(Image.fromarray(_uint8_hwc(image)), size)
+
+
+def _items(images) -> list:
+    """One image, or the images of a sequence or of an N-image batch array/tensor."""
+    if isinstance(images, list | tuple):
+        return list(images)
+    if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An array (HWC) or tensor (CHW) image as uint8 HWC (HW for grey), for PIL."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
+    if not isinstance(image, np.ndarray):
+        raise UserError(
+            f"cannot classify a {type(image).__name__}; give paths, PIL images, arrays or tensors"
+        )
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise UserError(
+            f"image of shape {image.shape}: expected HxW, HxWx3 or HxWx4 (arrays) or 3xHxW (tensors)"
+        )
+    if image.dtype == np.uint8:
+        return image
+    lo, hi = float(image.min()), float(image.max())
+    if image.dtype.kind == "f":
+        if lo < 0 or hi > 1:
+            raise UserError(
+                f"float image with values {lo:g}..{hi:g}: floats must be in 0..1; pass uint8 for 0..255"
+            )
+        return np.round(image * 255).astype(np.uint8)
+    if lo < 0 or hi > 255:
+        raise UserError(f"integer image with values {lo:g}..{hi:g}: expected 0..255")
+    return image.astype(np.uint8)

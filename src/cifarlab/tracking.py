@@ -1,0 +1,272 @@
+"""Experiment tracking: copies of a run's record for MLflow and TensorBoard.
+
+`metrics.csv`, `config.yaml` and `result.json` stay the record; a tracker mirrors them. `train`
+opens the trackers its config asks for (`tracking: mlflow`, `tensorboard: true`) and calls
+`start(config, history)`, `log_epoch(row)` once per metrics row and `finish(result)`;
+`evaluate` attaches its report to the run's MLflow run with `log_report`.
+
+MLflow's default store is SQLite beside the run (`<runs folder>/mlflow.db`, artifacts in
+`<runs folder>/mlartifacts/`): MLflow 3 refuses its file store unless told to allow it, so a
+database is the local store it supports. A run directory remembers its MLflow run in
+`mlflow.json`, so a resumed run and a later evaluation log into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from cifarlab.config import TrainConfig
+from cifarlab.errors import Interrupted, UserError
+
+MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
+DEFAULT_EXPERIMENT = "cifarlab"
+RESULT_METRICS = ("best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc")
+RUN_FILES = ("config.yaml", "metrics.csv", "result.json")  # logged at the end of training
+
+
+class Tracker(Protocol):
+    def start(self, config: TrainConfig, history: list[dict]) -> None:
+        """The resolved config; `history` holds the rows of epochs trained before this call."""
+
+    def log_epoch(self, row: dict) -> None:
+        """One metrics.csv row (its `epoch` is the step)."""
+
+    def finish(self, result: Any) -> None:
+        """The run's `Result`; its files are complete."""
+
+    def close(self, error: BaseException | None) -> None:
+        """Always called last; `error` is what stopped training, if anything did."""
+
+
+class Trackers:
+    """The trackers one run writes to, called together."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def start(self, config: TrainConfig, history: list[dict]) -> None:
+        for t in self.trackers:
+            t.start(config, history)
+
+    def log_epoch(self, row: dict) -> None:
+        for t in self.trackers:
+            t.log_epoch(row)
+
+    def finish(self, result: Any) -> None:
+        for t in self.trackers:
+            t.finish(result)
+
+    def close(self, error: BaseException | None) -> None:
+        for t in self.trackers:
+            if error is None:
+                t.close(None)
+                continue
+            with contextlib.suppress(Exception):  # a tracker's failure must not hide the error
+                t.close(error)
+
+
+@contextlib.contextmanager
+def open_trackers(config: TrainConfig, run_dir: Path, enabled: bool = True) -> Iterator[Trackers]:
+    """The trackers `config` asks for (none when not `enabled`: torchrun's other ranks)."""
+    chosen: list[Tracker] = []
+    if enabled and config.tensorboard:
+        chosen.append(TensorBoardTracker(run_dir))
+    if enabled and config.tracking == "mlflow":
+        chosen.append(MLflowTracker(config, run_dir))
+    group = Trackers(chosen)
+    try:
+        yield group
+    except BaseException as exc:
+        group.close(exc)
+        raise
+    group.close(None)
+
+
+def flat_params(config: TrainConfig) -> dict[str, str | int | float | bool]:
+    """The config as flat scalars: lists become comma-separated strings."""
+    return {
+        k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in config.to_dict().items()
+    }
+
+
+# --- TensorBoard ------------------------------------------------------------------------------
+
+EPOCH_SCALARS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
+HPARAM_METRICS = ("val_acc", "val_loss", "train_loss", "best_val_acc", "final_val_acc")
+
+
+class TensorBoardTracker:
+    """Scalars per epoch under `<run>/tensorboard/`, and the config as hyperparameters (the
+    HParams dashboard) attached to the same run, with the best and final accuracy as metrics."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def start(self, config: TrainConfig, history: list[dict]) -> None:
+        experiment, session_start, _ = _hparams(config)
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(session_start)
+        self.writer.flush()
+
+    def log_epoch(self, row: dict) -> None:
+        for key in EPOCH_SCALARS:
+            self.writer.add_scalar(key, row[key], row["epoch"])
+        self.writer.flush()
+
+    def finish(self, result: Any) -> None:
+        for key in ("best_val_acc", "final_val_acc"):
+            self.writer.add_scalar(key, getattr(result, key), result.epochs)
+        self.writer.file_writer.add_summary(_hparams(None)[2])  # the session ended well
+
+    def close(self, error: BaseException | None) -> None:
+        self.writer.close()
+
+
+def _hparams(config: TrainConfig | None):
+    """(experiment, session start, session end) summaries of the hparams plugin."""
+    from torch.utils.tensorboard.summary import hparams
+
+    values = flat_params(config) if config is not None else {}
+    return hparams(values, dict.fromkeys(HPARAM_METRICS, 0.0))
+
+
+# --- MLflow ---------------------------------------------------------------------------------
+
+
+def _mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError(
+            "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'"
+        ) from None
+    return mlflow
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir.resolve().parent / 'mlflow.db').as_posix()}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store beside its database (MLflow's own default is ./mlruns under
+    whatever folder the process runs in); other stores (servers) decide for themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+class MLflowTracker:
+    """Params (the resolved config), every epoch's metrics, the run's files and `best.pt`."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path):
+        mlflow = _mlflow()
+        self.run_dir = run_dir
+        self.uri = config.tracking_uri or default_tracking_uri(run_dir)
+        self.experiment = config.experiment or DEFAULT_EXPERIMENT
+        self.client = mlflow.tracking.MlflowClient(self.uri)
+        self.run_id: str | None = None
+
+    def start(self, config: TrainConfig, history: list[dict]) -> None:
+        self.run_id = _linked_run(self.client, self.run_dir, self.uri)
+        if self.run_id is not None:  # resumed: the same MLflow run goes on
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        run = self.client.create_run(
+            self._experiment_id(), run_name=self.run_dir.name,
+            tags={"cifarlab.run_dir": str(self.run_dir.resolve()), "cifarlab.recipe": config.recipe},
+        )  # fmt: skip
+        self.run_id = run.info.run_id
+        link = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment": self.experiment}
+        (self.run_dir / MLFLOW_LINK).write_text(json.dumps(link, indent=1) + "\n")
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)) for k, v in flat_params(config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        for row in history:  # epochs trained before tracking was turned on
+            self.log_epoch(row)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(
+            self.experiment, artifact_location=_artifact_location(self.uri)
+        )
+
+    def log_epoch(self, row: dict) -> None:
+        self._metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def finish(self, result: Any) -> None:
+        self._metrics({k: getattr(result, k) for k in RESULT_METRICS}, result.epochs)
+        for name in RUN_FILES:
+            if (self.run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(self.run_dir / name))
+        if (self.run_dir / "best.pt").is_file():
+            self.client.log_artifact(self.run_id, str(self.run_dir / "best.pt"), "checkpoint")
+        for report in sorted(self.run_dir.glob("eval-*/")):  # reports made before a resume
+            self.client.log_artifacts(self.run_id, str(report), f"report/{report.name}")
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def close(self, error: BaseException | None) -> None:
+        if error is None or self.run_id is None:
+            return
+        stopped = isinstance(error, Interrupted | KeyboardInterrupt)
+        self.client.set_terminated(self.run_id, "KILLED" if stopped else "FAILED")
+
+
+def _linked_run(client, run_dir: Path, uri: str) -> str | None:
+    """The MLflow run this run directory logged to before, when it is in the same store."""
+    path = run_dir / MLFLOW_LINK
+    if not path.is_file():
+        return None
+    link = json.loads(path.read_text())
+    if link.get("tracking_uri") != uri:
+        return None
+    try:
+        return client.get_run(link["run_id"]).info.run_id
+    except Exception:  # deleted from the store, or another store at the same URI: start anew
+        return None
+
+
+def log_report(run_dir: Path, report_dir: Path, report: dict, log=print) -> None:
+    """Attach an evaluation report to the run's MLflow run (when it has one): the report's files
+    as artifacts `report/<folder>/`, its accuracy and calibration error as metrics."""
+    path = run_dir / MLFLOW_LINK
+    if not path.is_file():
+        return
+    link = json.loads(path.read_text())
+    try:
+        import mlflow
+    except ImportError:
+        log(f"note: {run_dir} logs to MLflow, but mlflow is not installed; report not attached")
+        return
+    client = mlflow.tracking.MlflowClient(link["tracking_uri"])
+    client.log_artifacts(link["run_id"], str(report_dir), f"report/{report_dir.name}")
+    split = report.get("split", "val")
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = {f"{split}_accuracy": report["accuracy"]}
+    values[f"{split}_ece"] = report["expected_calibration_error"]
+    metrics = [Metric(k, float(v), now, 0) for k, v in values.items()]
+    client.log_batch(link["run_id"], metrics=metrics)

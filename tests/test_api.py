@@ -1,0 +1,134 @@
+"""The Python API as a user meets it: `import cifarlab`, a recipe, a run, its report, and a
+classifier fed paths, bytes, PIL images, arrays and tensors of any size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cifarlab
+from cifarlab.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env={**os.environ, **env},
+        cwd=ROOT, timeout=600,
+    )  # fmt: skip
+
+
+def test_quickstart_example_trains_evaluates_and_classifies_above_chance(real_jpegs, tmp_path):
+    # 500 training images of 10 classes, fastnet at half width, 4 epochs: 23-25% measured
+    # (chance 10%; on 100 validation images one standard deviation of chance is 3 points).
+    done = _run(
+        ["examples/quickstart.py", "--data", str(real_jpegs), "--out", str(tmp_path / "run"),
+         "--val-size", "100", "--set", "width=0.5", "--set", "batch_size=64", "--set", "lr=0.1"],
+        CIFARLAB_DATA=str(tmp_path / "data-root"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["val_accuracy"] > 0.15
+    assert summary["classes"] == 10 and summary["classified"] == 3
+    assert (tmp_path / "run" / "eval-val" / "report.html").is_file()
+
+
+def test_import_cifarlab_loads_torch_only_when_the_api_is_used():
+    code = (
+        "import sys, cifarlab\n"
+        "assert 'torch' not in sys.modules, 'import cifarlab pulled in torch'\n"
+        "import cifarlab.train, cifarlab.evaluate  # the modules that share the API's verbs\n"
+        "assert callable(cifarlab.train_model) and callable(cifarlab.evaluate_model)\n"
+        "assert 'load_model' in dir(cifarlab)\n"
+    )
+    done = _run(["-c", code])
+    assert done.returncode == 0, done.stderr
+
+
+def test_recipe_shortens_the_schedule_then_applies_checked_overrides():
+    config = cifarlab.recipe("fast-cpu", epochs=2, lr=0.2, data="somewhere")
+    assert (config.epochs, config.warmup_epochs, config.lr) == (2, 0.5, 0.2)  # warm-up 1 of 4
+    assert config.recipe == "fast-cpu" and config.data == "somewhere"
+    assert cifarlab.recipe("fast-cpu", budget=0.5).epochs == 2
+    with pytest.raises(UserError, match="did you mean 'lr'"):
+        cifarlab.recipe("fast-cpu", lrr=0.1)
+    with pytest.raises(UserError, match="unknown recipe 'nope'; valid recipes: .*fast-cpu"):
+        cifarlab.recipe("nope")
+    with pytest.raises(UserError, match="epochs or budget, not both"):
+        cifarlab.recipe("fast-cpu", epochs=2, budget=0.5)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_images, tmp_path_factory):
+    """A one-epoch cnn on the three colour classes, and its evaluation on their test/ folder."""
+    out = tmp_path_factory.mktemp("api")
+    config = cifarlab.recipe(
+        "seed-cnn", epochs=1, data=str(synthetic_images), data_root=str(out / "d"),
+        batch_size=8, val_size=6, device="cpu", threads=1, progress=False,
+    )  # fmt: skip
+    result = cifarlab.train_model(config, out / "run", log=None)
+    return result, cifarlab.evaluate_model(result, split="test", device="cpu", log=None)
+
+
+def test_train_model_returns_history_and_paths_and_evaluate_model_the_report(trained):
+    result, report = trained
+    assert [row["epoch"] for row in result.history] == [1]
+    assert result.checkpoint == result.run_dir / "best.pt" and result.checkpoint.is_file()
+    assert report["num_images"] == 12 and report["split"] == "test"  # 3 classes x 4 test images
+    assert 0.0 <= report["accuracy"] <= 1.0 and set(report["per_class"]) == {"blue", "green", "red"}
+    assert (result.run_dir / "eval-test" / "report.json").is_file()
+
+
+def test_classifier_gives_one_answer_for_a_file_and_every_in_memory_form_of_it(
+    trained, synthetic_images
+):
+    model = cifarlab.load_model(trained[0])
+    path = synthetic_images / "test" / "green" / "000.png"
+    pil = Image.open(path).convert("RGB")
+    array = np.asarray(pil)  # HWC uint8, as PIL gives it
+    chw = torch.from_numpy(array).permute(2, 0, 1)  # CHW, as torchvision gives it
+    forms = [
+        str(path), path, path.read_bytes(), pil, array, array / 255.0, chw, chw.float() / 255,
+        chw[None], [pil],
+    ]  # fmt: skip
+    probs = [model.probabilities(x) for x in forms]
+    for p in probs:
+        assert p.shape == (1, 3) and np.allclose(p, probs[0], atol=1e-6)
+    assert np.isclose(probs[0].sum(), 1.0)
+    assert model.predict([path, path]) == [model.classes[int(probs[0].argmax())]] * 2
+    top = model.top_k(path, k=2)[0]
+    assert len(top) == 2 and top[0][1] >= top[1][1] and top[0][0] in model.classes
+
+
+def test_classifier_resizes_any_size_as_training_files_were(trained, synthetic_images, tmp_path):
+    model = cifarlab.load_model(trained[0].run_dir)  # a run directory works as well as a Result
+    big = Image.open(synthetic_images / "test" / "red" / "001.png").convert("RGB").resize((96, 80))
+    big.save(tmp_path / "big.png")
+    from_file = model.probabilities(tmp_path / "big.png")
+    assert np.allclose(model.probabilities(big), from_file, atol=1e-6)
+    assert np.allclose(model.probabilities(np.asarray(big)), from_file, atol=1e-6)
+    grey, rgba = big.convert("L"), big.convert("RGBA")
+    assert model.probabilities([np.asarray(grey), rgba, big]).shape == (3, 3)
+
+
+def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
+    model = cifarlab.load_model(trained[0])
+    with pytest.raises(UserError, match="floats must be in 0..1; pass uint8 for 0..255"):
+        model.predict(np.full((32, 32, 3), 200.0))
+    with pytest.raises(UserError, match=r"shape \(32, 32, 5\)"):
+        model.predict(np.zeros((32, 32, 5), np.uint8))
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UserError, match="notes.png: not a readable image"):
+        model.predict(tmp_path / "notes.png")
+    with pytest.raises(UserError, match="no such run directory"):
+        cifarlab.load_model(tmp_path / "missing")
+    assert model.probabilities([]).shape == (0, 3)
