@@ -55,3 +55,11 @@ def test_a_budgeted_run_says_what_it_chose_and_stores_it(synthetic_images, tmp_p
     again = []
     train(config, tmp_path / "run", resume=True, log=again.append)  # the same budgeted run
     assert any("already finished" in m for m in again)
+
+
+def test_an_explicit_length_replaces_the_recipes_time_budget():
+    from cifarlab.config import with_budget, with_epochs
+
+    fast_cpu = load_recipe("fast-cpu")
+    assert fast_cpu.time_budget == 900
+    assert with_epochs(fast_cpu, 2).time_budget == 0 and with_budget(fast_cpu, 0.5).time_budget == 0

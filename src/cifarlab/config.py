@@ -420,8 +420,13 @@ EPOCH_KEYS = ("warmup_epochs", "freeze_epochs", "whiten_bias_epochs")  # scaled 
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
-    """`config` trained for `epochs`, its epoch-based settings scaled in proportion, so that a
-    shorter run keeps the schedule's shape (warm-up, freeze, whitening-bias) and still anneals."""
+    """`config` trained for `epochs` (a fixed length: any time budget is dropped), its
+    epoch-based settings scaled in proportion, so that a shorter run keeps the schedule's shape
+    (warm-up, freeze, whitening-bias) and still anneals."""
+    return dataclasses.replace(_shaped(config, epochs), time_budget=0.0, train_steps=0)
+
+
+def _shaped(config: TrainConfig, epochs: int) -> TrainConfig:
     ratio = epochs / config.epochs
     values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
     for key in ("freeze_epochs", "whiten_bias_epochs"):
@@ -434,7 +439,7 @@ def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainCo
     """`config` stopped after `steps` optimiser steps (the last epoch may be partial), shaped
     as `with_epochs` shapes a whole number of epochs."""
     epochs = max(1, math.ceil(steps / steps_per_epoch))
-    shaped = with_epochs(config, epochs)
+    shaped = _shaped(config, epochs)
     ratio = steps / steps_per_epoch / config.epochs
     return dataclasses.replace(
         shaped, train_steps=steps, warmup_epochs=round(config.warmup_epochs * ratio, 4)
