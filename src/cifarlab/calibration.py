@@ -28,7 +28,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     LBFGS on log T keeps T positive without a constraint; the problem is one-dimensional and
     convex in 1/T, so a few dozen iterations from T = 1 reach the optimum."""
-    logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
+    logits = logits.detach().float().cpu().clone()  # predict_logits returns inference tensors
+    labels = labels.detach().long().cpu()
     if len(labels) == 0:
         raise UserError("calibration: no validation images to fit a temperature on")
     log_t = torch.zeros(1, requires_grad=True)
@@ -41,7 +42,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))  # a guard against degenerate sets (all correct)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))  # a guard against degenerate sets (all correct)
 
 
 def _val_logits(

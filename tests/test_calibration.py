@@ -1,0 +1,119 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.calibration import calibrate_run, fit_temperature
+from cifarlab.checkpoint import load_checkpoint
+from cifarlab.cli import main
+from cifarlab.errors import UserError
+from cifarlab.evaluate import EvalOptions, evaluate
+from cifarlab.predict import Predictor
+from cifarlab.train import train
+from tests.conftest import make_config, write_synthetic_folder
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20_000, 10, generator=gen)
+    labels = torch.multinomial(torch.softmax(logits / 2.0, 1), 1, generator=gen).squeeze(1)
+    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+    assert fit_temperature(logits / 2.0, labels) == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def held_out(real_jpegs, tmp_path_factory):
+    """The 60 real JPEGs per class as 40 for train/ (val comes out of these) and 20 for test/:
+    the test images are used neither for training nor for fitting the temperature."""
+    root = tmp_path_factory.mktemp("held-out")
+    for cls_dir in sorted((real_jpegs / "train").iterdir()):
+        for i, jpg in enumerate(sorted(cls_dir.glob("*.jpg"))):
+            dest = root / ("train" if i < 40 else "test") / cls_dir.name / jpg.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(jpg, dest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def over_confident_run(held_out, tmp_path_factory):
+    """fastnet trained to memorise 250 images: confident on held-out images it mostly gets wrong."""
+    root = tmp_path_factory.mktemp("calib")
+    config = make_config(
+        data=str(held_out), data_root=str(root / "d"), model="fastnet", epochs=8, batch_size=50,
+        val_size=150, lr=0.2, warmup_epochs=0.0, tta="none", flip=False, crop_padding=0,
+    )  # fmt: skip
+    train(config, root / "run", log=lambda s: None)
+    return root / "run"
+
+
+def test_calibration_halves_held_out_ece_and_keeps_accuracy(over_confident_run, tmp_path):
+    run = over_confident_run
+    before = evaluate(EvalOptions(str(run), split="test", out=tmp_path / "b"), log=lambda s: None)
+    temperature = calibrate_run(run, log=lambda s: None)
+    after = evaluate(EvalOptions(str(run), split="test", out=tmp_path / "a"), log=lambda s: None)
+
+    assert temperature > 1  # over-confident: probabilities are softened
+    assert after["expected_calibration_error"] <= 0.5 * before["expected_calibration_error"], (
+        before["expected_calibration_error"],
+        after["expected_calibration_error"],
+    )
+    assert after["expected_calibration_error_before"] == pytest.approx(
+        before["expected_calibration_error"]
+    )
+    assert after["accuracy"] == before["accuracy"]  # the argmax does not move
+    predicted = lambda d: [
+        r.split(",")[3] for r in (d / "predictions.csv").read_text().splitlines()
+    ]  # noqa: E731
+    assert predicted(tmp_path / "a") == predicted(tmp_path / "b")
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(run / name)["temperature"] > 1
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "before and after temperature scaling" in page and f"{temperature:.3f}" in page
+
+
+def test_predict_prints_probabilities_at_the_checkpoint_temperature(over_confident_run):
+    ckpt = load_checkpoint(over_confident_run / "best.pt")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    predictor = Predictor(str(over_confident_run))
+    probs = predictor.probabilities(images, 4)
+    assert predictor.temperature == ckpt.get("temperature", 1.0)
+    from cifarlab.inference import load_model, predict_logits
+
+    loaded = load_model(ckpt)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    logits = predict_logits(loaded.model, x, loaded.normalize)
+    expected = torch.softmax(logits / predictor.temperature, 1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+
+def test_calibrate_command_writes_the_temperature_into_both_checkpoints(tmp_path, capsys):
+    write_synthetic_folder(tmp_path / "data" / "train")
+    config = make_config(
+        data=str(tmp_path / "data"), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+        epochs=1, batch_size=8, val_size=9, lr=0.01, warmup_epochs=0.0, tta="none",
+    )  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    assert "temperature" not in load_checkpoint(tmp_path / "run" / "last.pt")
+    assert main(["calibrate", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "best.pt: temperature" in out and "last.pt: temperature" in out
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(tmp_path / "run" / name)["temperature"] > 0
+
+
+def test_calibrating_a_run_without_validation_split_says_how_to_get_one(tmp_path):
+    write_synthetic_folder(tmp_path / "data" / "train")
+    config = make_config(
+        data=str(tmp_path / "data"), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+        epochs=1, batch_size=8, val_size=0, lr=0.01, warmup_epochs=0.0, tta="none",
+    )  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    with pytest.raises(UserError, match="no validation split .* val_size"):
+        calibrate_run(tmp_path / "run", log=lambda s: None)
+    assert "temperature" not in load_checkpoint(tmp_path / "run" / "best.pt")
+
+
+def test_calibrating_a_folder_without_checkpoints_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="no best.pt or last.pt"):
+        calibrate_run(tmp_path)
