@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from cifarlab.calibration import calibrate_run, fit_temperature
-from cifarlab.checkpoint import load_checkpoint
+from cifarlab.checkpoint import atomic_save, load_checkpoint
 from cifarlab.cli import main
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
+from cifarlab.inference import load_model, predict_logits
+from cifarlab.models import head_name
 from cifarlab.predict import Predictor
 from cifarlab.train import train
 from tests.conftest import make_config, write_synthetic_folder
@@ -36,55 +38,73 @@ def held_out(real_jpegs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def over_confident_run(held_out, tmp_path_factory):
-    """fastnet trained to memorise 250 images: confident on held-out images it mostly gets wrong."""
+def trained_run(held_out, tmp_path_factory):
+    """The lesson's CNN on 250 real images (27.5% held-out accuracy when measured)."""
     root = tmp_path_factory.mktemp("calib")
     config = make_config(
-        data=str(held_out), data_root=str(root / "d"), model="fastnet", epochs=8, batch_size=50,
-        val_size=150, lr=0.2, warmup_epochs=0.0, tta="none", flip=False, crop_padding=0,
+        data=str(held_out), data_root=str(root / "d"), model="cnn", width=0.5, epochs=10,
+        batch_size=50, val_size=150, lr=0.05, warmup_epochs=0.0, tta="none", flip=False,
+        crop_padding=0,
     )  # fmt: skip
     train(config, root / "run", log=lambda s: None)
     return root / "run"
 
 
-def test_calibration_halves_held_out_ece_and_keeps_accuracy(over_confident_run, tmp_path):
-    run = over_confident_run
+def _miscalibrated_copy(run, scale: float, dest):
+    """`run` with its logits multiplied by `scale` through the head's weights: >1 is the
+    over-confidence of a net trained far past its data (without minutes of training), <1 the
+    under-confidence heavy label smoothing gives. Measured: 27.5% accuracy, ECE 0.43 (x4) and
+    0.13 (x0.25) on the 200 held-out images, 0.056 after temperature scaling for both."""
+    shutil.copytree(run, dest)
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(dest / name)
+        head = head_name(load_model(ckpt).model)
+        for key in ckpt["model"]:
+            if key.startswith(head + "."):
+                ckpt["model"][key] = ckpt["model"][key] * scale
+        atomic_save(ckpt, dest / name)
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("scale", "most"), [(4.0, 0.5), (0.25, 0.75)], ids=["over-confident", "under-confident"]
+)
+def test_calibration_cuts_held_out_ece_and_keeps_accuracy(trained_run, scale, most, tmp_path):
+    run = _miscalibrated_copy(trained_run, scale, tmp_path / "run")
     before = evaluate(EvalOptions(str(run), split="test", out=tmp_path / "b"), log=lambda s: None)
     temperature = calibrate_run(run, log=lambda s: None)
     after = evaluate(EvalOptions(str(run), split="test", out=tmp_path / "a"), log=lambda s: None)
 
-    assert temperature > 1  # over-confident: probabilities are softened
-    assert after["expected_calibration_error"] <= 0.5 * before["expected_calibration_error"], (
+    assert (temperature > 1) == (scale > 1)  # over-confident: softened; under-: sharpened
+    ece_before, ece_after = (
         before["expected_calibration_error"],
         after["expected_calibration_error"],
     )
-    assert after["expected_calibration_error_before"] == pytest.approx(
-        before["expected_calibration_error"]
-    )
+    assert ece_after <= most * ece_before, (ece_before, ece_after)
+    assert after["expected_calibration_error_before"] == pytest.approx(ece_before)
     assert after["accuracy"] == before["accuracy"]  # the argmax does not move
     predicted = lambda d: [
         r.split(",")[3] for r in (d / "predictions.csv").read_text().splitlines()
     ]  # noqa: E731
     assert predicted(tmp_path / "a") == predicted(tmp_path / "b")
     for name in ("best.pt", "last.pt"):
-        assert load_checkpoint(run / name)["temperature"] > 1
+        assert (load_checkpoint(run / name)["temperature"] > 1) == (scale > 1)
     page = (tmp_path / "a" / "report.html").read_text()
     assert "before and after temperature scaling" in page and f"{temperature:.3f}" in page
 
 
-def test_predict_prints_probabilities_at_the_checkpoint_temperature(over_confident_run):
-    ckpt = load_checkpoint(over_confident_run / "best.pt")
+def test_predict_prints_probabilities_at_the_checkpoint_temperature(trained_run, tmp_path):
+    run = _miscalibrated_copy(trained_run, 4.0, tmp_path / "run")
+    temperature = calibrate_run(run, log=lambda s: None)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    predictor = Predictor(str(over_confident_run))
-    probs = predictor.probabilities(images, 4)
-    assert predictor.temperature == ckpt.get("temperature", 1.0)
-    from cifarlab.inference import load_model, predict_logits
-
-    loaded = load_model(ckpt)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    logits = predict_logits(loaded.model, x, loaded.normalize)
-    expected = torch.softmax(logits / predictor.temperature, 1).numpy()
-    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    predictor = Predictor(str(run))
+    assert predictor.temperature == temperature
+    loaded = load_model(load_checkpoint(run / "best.pt"))
+    logits = predict_logits(
+        loaded.model, torch.from_numpy(images).permute(0, 3, 1, 2), loaded.normalize
+    )
+    expected = torch.softmax(logits / temperature, 1).numpy()
+    np.testing.assert_allclose(predictor.probabilities(images, 4), expected, atol=1e-6)
 
 
 def test_calibrate_command_writes_the_temperature_into_both_checkpoints(tmp_path, capsys):
