@@ -66,6 +66,10 @@ def _miscalibrated_copy(run, scale: float, dest):
     return dest
 
 
+def _predicted(folder) -> list[str]:
+    return [row.split(",")[3] for row in (folder / "predictions.csv").read_text().splitlines()]
+
+
 @pytest.mark.parametrize(
     ("scale", "most"), [(4.0, 0.5), (0.25, 0.75)], ids=["over-confident", "under-confident"]
 )
@@ -83,10 +87,7 @@ def test_calibration_cuts_held_out_ece_and_keeps_accuracy(trained_run, scale, mo
     assert ece_after <= most * ece_before, (ece_before, ece_after)
     assert after["expected_calibration_error_before"] == pytest.approx(ece_before)
     assert after["accuracy"] == before["accuracy"]  # the argmax does not move
-    predicted = lambda d: [
-        r.split(",")[3] for r in (d / "predictions.csv").read_text().splitlines()
-    ]  # noqa: E731
-    assert predicted(tmp_path / "a") == predicted(tmp_path / "b")
+    assert _predicted(tmp_path / "a") == _predicted(tmp_path / "b")
     for name in ("best.pt", "last.pt"):
         assert (load_checkpoint(run / name)["temperature"] > 1) == (scale > 1)
     page = (tmp_path / "a" / "report.html").read_text()

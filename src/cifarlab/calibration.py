@@ -42,7 +42,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))  # a guard against degenerate sets (all correct)
+    # clamped: on a set the model gets all right the optimum is T -> 0
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def _val_logits(
