@@ -74,3 +74,32 @@ def test_run_directory_without_room_or_creatable_path_is_refused(tmp_path, monke
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage._replace(free=10_000_000))
     with pytest.raises(UserError, match="10 MB free, checkpoints need about 200 MB"):
         prepare_run_dir(tmp_path / "run", need_bytes=200_000_000)
+
+
+def test_refusing_a_pickle_never_suggests_weights_only_false(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    for name, save in (("raw.pt", pickle.dump), ("torch.pt", torch.save)):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            save({"model": Evil(), "config": {}}, f)
+        with pytest.raises(UserError) as refused:
+            load_checkpoint(path)
+        message = str(refused.value)
+        assert "refused to load" in message and "\n" not in message
+        assert "weights_only" not in message and "False" not in message
+    assert "it would import posix.system" in message
+
+
+def test_an_empty_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    from cifarlab.cli import main
+
+    empty = tmp_path / "best.pt"
+    empty.touch()
+    with pytest.raises(UserError, match="not a readable checkpoint \\(the file is empty\\)"):
+        load_checkpoint(empty)
+    assert main(["evaluate", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "the file is empty" in err and "Traceback" not in err

@@ -166,6 +166,49 @@ def test_hundred_class_confusion_figure_shows_top_pairs_not_a_grid(tmp_path):
     assert width < 1500 and height < 1500  # a readable bar chart, not a 100x100 grid
 
 
+def test_unknown_gallery_classes_are_refused_before_any_file_is_written(
+    small_run, tmp_path, capsys
+):
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(small_run), "--classes", "zebra", "--out", str(out)]) == 2
+    assert "unknown classes ['zebra']" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_out_that_is_a_file_or_read_only_is_one_line(
+    small_run, tmp_path, capsys, monkeypatch
+):
+    import os
+    from pathlib import Path
+
+    existing = tmp_path / "report.txt"
+    existing.write_text("keep me")
+    assert main(["evaluate", str(small_run), "--out", str(existing)]) == 2
+    assert "is a file; evaluate writes a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access  # root ignores mode bits: deny as a read-only mount would
+    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != read_only and real_access(p, m))
+    assert main(["evaluate", str(small_run), "--out", str(read_only / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "Traceback" not in err
+
+
+def test_evaluate_on_files_with_non_utf8_names_writes_every_file(small_run, real_jpegs, tmp_path):
+    import os
+
+    data = tmp_path / "data"
+    shutil.copytree(real_jpegs, data)
+    cat = os.path.join(os.fsencode(data), b"train", b"cat")
+    for name in os.listdir(cat):
+        os.rename(os.path.join(cat, name), os.path.join(cat, b"\xff" + name))
+    out = tmp_path / "ev"
+    evaluate(EvalOptions(str(small_run), data=str(data), out=out), log=lambda s: None)
+    assert "\\xff" in (out / "predictions.csv").read_text(encoding="utf-8")
+    assert (out / "report.html").stat().st_size > 0
+
+
 # --- evaluate --data DIR: every image of a labelled folder -----------------------------------
 
 

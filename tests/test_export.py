@@ -136,3 +136,57 @@ def test_deployable_takes_plain_unit_range_images(runs):
     x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         assert net(x).shape == (4, 10)
+
+
+def _fake_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"the checkpoint")
+    return run
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_export_never_overwrites_the_checkpoint_it_reads(tmp_path, capsys, force):
+    run = _fake_run(tmp_path)
+    args = ["export", str(run / "best.pt"), "--out", str(run / "best.pt"), *force]
+    assert main(args) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert (run / "best.pt").read_bytes() == b"the checkpoint"
+
+
+def test_export_over_an_existing_file_needs_force(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(b"keep me")
+    assert main(["export", str(run), "--out", str(tmp_path / "model.onnx")]) == 2
+    assert "already exists; add --force to overwrite it" in capsys.readouterr().err
+    assert (tmp_path / "model.onnx").read_bytes() == b"keep me"
+
+
+def test_export_out_that_is_a_folder_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
+    import os
+    from pathlib import Path
+
+    run = _fake_run(tmp_path)
+    assert main(["export", str(run), "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access  # root ignores mode bits: deny as a read-only mount would
+    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != read_only and real_access(p, m))
+    assert main(["export", str(run), "--out", str(read_only / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "safetensors"])
+def test_export_with_force_replaces_an_existing_file(runs, tmp_path, fmt):
+    run_dirs, _ = runs
+    out = tmp_path / f"model.{fmt}"
+    out.write_bytes(b"old")
+    args = ["export", str(run_dirs["cnn"]), "--format", fmt, "--out", str(out)]
+    assert main(args) == 2  # safetensors: its model.json is checked as well
+    assert main([*args, "--force"]) == 0
+    cls = Pt2Predictor if fmt == "pt2" else SafetensorsPredictor
+    assert cls(str(out)).classes[0] == "airplane"
+    written = {"pt2": ["model.pt2"], "safetensors": ["model.json", "model.safetensors"]}[fmt]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temporary file left

@@ -51,10 +51,8 @@ def test_a_finished_run_resumed_says_so_and_reports_its_own_figures(
     out = capsys.readouterr().out
     assert "already finished all 2 epochs" in out
     assert (
-        (f"best val acc {first.best_val_acc:.2%}" in out
-        and "final 0.00%" not in out)
-        or first.final_val_acc == 0
-    )
+        f"best val acc {first.best_val_acc:.2%}" in out and "final 0.00%" not in out
+    ) or first.final_val_acc == 0
     assert (tmp_path / "run" / "metrics.csv").read_text() == before
 
 
@@ -128,3 +126,48 @@ def test_checkpointer_never_saves_non_finite_weights(tmp_path):
     with pytest.raises(NonFiniteWeights, match="still holds the last good state"):
         saver.save({"model": {"w": torch.tensor([1.0, float("nan")])}}, val_acc=0.9)
     assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
+
+
+def test_disk_full_while_saving_says_last_pt_is_intact_and_how_to_go_on(tmp_path, monkeypatch):
+    import errno
+
+    saver = Checkpointer(tmp_path)
+    saver.save({"model": {"w": torch.ones(2)}}, val_acc=0.5)
+
+    def full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cifarlab.checkpoint.atomic_save", full)
+    with pytest.raises(UserError, match=r"No space left on device.*last.pt is intact.*--resume"):
+        saver.save({"model": {"w": torch.zeros(2)}}, val_acc=0.6)
+    assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(
+    synthetic_images, tmp_path, capsys
+):
+    train(_config(synthetic_images, tmp_path, epochs=1), tmp_path / "run", log=QUIET)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    ckpt["model_args"]["width"] = 0.5  # a config edited after training
+    torch.save(ckpt, tmp_path / "edited.pt")
+    assert main(["evaluate", str(tmp_path / "edited.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "weights do not fit a cnn built from its own arguments" in err and "Traceback" not in err
+    del ckpt["classes"]
+    torch.save(ckpt, tmp_path / "cut.pt")
+    assert main(["predict", str(tmp_path / "cut.pt"), str(synthetic_images / "test")]) == 2
+    assert "incomplete cifarlab checkpoint (missing classes)" in capsys.readouterr().err
+
+
+def test_a_suite_rerun_with_other_settings_refuses_the_old_runs(synthetic_images, tmp_path):
+    from cifarlab.suites import SuiteOptions, run_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text("runs:\n  - {name: a, recipe: seed-cnn, set: {width: 0.25, epochs: 1}}\n")
+    base = {"data": str(synthetic_images), "data_root": str(tmp_path / "d"), "batch_size": 8, "val_size": 6,
+            "threads": 1, "progress": False}  # fmt: skip
+    run_suite(str(path), SuiteOptions(tmp_path / "out", overrides=base), log=QUIET)
+    with pytest.raises(UserError, match=r"holds a run with another config \(lr: 0.1 -> 0.05"):
+        run_suite(
+            str(path), SuiteOptions(tmp_path / "out", overrides={**base, "lr": 0.05}), log=QUIET
+        )

@@ -89,3 +89,15 @@ def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path
                          epochs=1, val_size=50, init_from=str(pretrained_run / "first5"))  # fmt: skip
     with pytest.raises(UserError, match="it holds a fastnet .*this run trains a cnn"):
         train(config, tmp_path / "x", log=lambda s: None)
+
+
+def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    with pytest.raises(UserError, match=r"not a readable state dict \(the file is empty\)"):
+        build_model(ModelArgs("tv-resnet18", 10), weights=str(empty))
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": print}, evil)
+    with pytest.raises(UserError, match="refused to load") as refused:
+        build_model(ModelArgs("tv-resnet18", 10), weights=str(evil))
+    assert "weights_only" not in str(refused.value)

@@ -61,3 +61,19 @@ def test_tune_killed_mid_trial_finishes_after_a_restart(real_jpegs, tmp_path):
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     ]
     assert len(finished) == 2 and (tmp_path / "tune" / "best-recipe.yaml").is_file()
+
+
+def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_resume(
+    tmp_path, capsys
+):
+    from cifarlab.cli import main
+
+    old_trial = tmp_path / "tune" / "trial-000"
+    old_trial.mkdir(parents=True)
+    (old_trial / "last.pt").write_bytes(b"an earlier study's trial")
+    args = ["tune", "--data", str(tmp_path), "--trials", "1", "--out", str(tmp_path / "tune"),
+            "--storage", f"sqlite:///{tmp_path / 'new.db'}"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds trial-000" in err and "--resume" not in err and "Traceback" not in err
+    assert (old_trial / "last.pt").read_bytes() == b"an earlier study's trial"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, first_line
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -33,6 +34,22 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def refusal_reason(exc: pickle.UnpicklingError) -> str:
+    """What torch's weights_only refusal names, without the rest of its message.
+
+    torch's message advises re-running with `weights_only` set to False, which "will likely
+    succeed" and runs whatever the file holds: a user must never be told that."""
+    found = _GLOBAL.search(str(exc))
+    return f"it would import {found.group(1)}" if found else "unsupported pickle content"
+
+
+def read_failure(path: Path, exc: BaseException) -> str:
+    return "the file is empty" if path.stat().st_size == 0 else first_line(exc)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint dict; files that would run code on load are refused."""
     if not path.is_file():
@@ -40,12 +57,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise UserError(
-            f"{path}: refused to load, it holds more than tensors and plain data ({first})"
+            f"{path}: refused to load, it holds more than tensors and plain data ({refusal_reason(exc)})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # EOFError, RuntimeError, ... : any way a damaged file can fail
+        raise UserError(f"{path}: not a readable checkpoint ({read_failure(path, exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
     return ckpt

@@ -40,6 +40,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         help="a fraction of the recipe's epochs, e.g. 0.1, scaled as --epochs",
     )
+    p.add_argument(
+        "--time-budget",
+        help="the whole run in this time, e.g. 900, 90s, 15m, 1.5h (length chosen after timing the first steps)",
+    )
     p.add_argument("--batch-size", type=int, help="images per optimiser step")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="seed of the split, the initialisation and the batches")
@@ -75,7 +79,7 @@ _FLAG_KEYS = (
 
 def run_overrides(args) -> dict[str, Any]:
     """The config keys the shared flags set explicitly, --set last (an explicit value wins)."""
-    from cifarlab.config import parse_set_options
+    from cifarlab.config import parse_duration, parse_set_options
 
     out: dict[str, Any] = {
         k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None
@@ -83,6 +87,8 @@ def run_overrides(args) -> dict[str, Any]:
     for key in ("weights", "init_from"):
         if getattr(args, key, None) is not None:
             out[key] = getattr(args, key)
+    if getattr(args, "time_budget", None) is not None:
+        out["time_budget"] = parse_duration(args.time_budget)
     if args.no_progress:
         out["progress"] = False
     return {**out, **parse_set_options(args.set)}
@@ -210,7 +216,8 @@ def cmd_suite(args) -> int:
 def cmd_export(args) -> int:
     from cifarlab.export import default_output, export_model, sidecar
 
-    out = export_model(args.model, args.format, args.out or default_output(args.model, args.format))
+    out = args.out or default_output(args.model, args.format)
+    out = export_model(args.model, args.format, out, args.force)
     also = f" and {sidecar(out)}" if args.format == "safetensors" else ""
     print(f"exported {out}{also}")
     return 0
@@ -295,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
                     "safetensors (weights + a .json beside them)")  # fmt: skip
     ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.<format>)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     ca = command(
         "calibrate", "fit a run's temperature on its validation split (into its checkpoints)"
     )

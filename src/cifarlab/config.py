@@ -63,6 +63,11 @@ class TrainConfig:
 
     # --- optimisation ---
     epochs: int = field(default=100, metadata=_range(1))
+    train_steps: int = field(default=0, metadata=_range(0))  # stop after this many optimiser
+    # steps, the schedule ending there (0 = epochs x steps per epoch); set by time_budget
+    time_budget: float = field(default=0.0, metadata=_range(0.0))  # seconds for the whole run
+    # (training, validation, final TTA and test passes); the run times its first steps and
+    # picks train_steps to fit (0 = off; `--time-budget 15m` on the command line)
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(
         default=0.1, metadata=_range(0.0, lo_open=True)
@@ -143,6 +148,11 @@ _TYPES = get_type_hints(TrainConfig)
 def default_data_root() -> Path:
     root = os.environ.get("CIFARLAB_DATA") or Path.home() / ".cache" / "cifarlab"
     return Path(root).expanduser()
+
+
+def data_root(config: TrainConfig) -> Path:
+    """Where `config`'s datasets and caches live: `data_root`, else the default."""
+    return Path(config.data_root).expanduser() if config.data_root else default_data_root()
 
 
 def _closest(key: str) -> str:
@@ -362,6 +372,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             f"amp: fp16 needs a CUDA device, not {config.device} (use bf16, auto or off)",
         ),
         (world > 1 and config.loader != "device", "under torchrun use loader: device"),
+        (world > 1 and config.time_budget, "time_budget is for a single process (not torchrun)"),
         (
             world > 1 and config.batch_size % world != 0,
             f"batch_size={config.batch_size} must divide by the {world} processes (global batch)",
@@ -387,6 +398,33 @@ def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
     return dataclasses.replace(config, **values)
 
 
+def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
+    """`config` stopped after `steps` optimiser steps (the last epoch may be partial), shaped
+    as `with_epochs` shapes a whole number of epochs."""
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
+    shaped = with_epochs(config, epochs)
+    ratio = steps / steps_per_epoch / config.epochs
+    return dataclasses.replace(
+        shaped, train_steps=steps, warmup_epochs=round(config.warmup_epochs * ratio, 4)
+    )
+
+
+def parse_duration(text: str) -> float:
+    """ "900", "90s", "15m", "1.5h" -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:])
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(
+            f"--time-budget {text!r}: expected a duration such as 900, 90s, 15m or 1.5h"
+        )
+    return value
+
+
 def with_budget(config: TrainConfig, budget: float) -> TrainConfig:
     """`config` at `budget` times its epochs (at least one), shaped as `with_epochs` does."""
     if not (math.isfinite(budget) and budget > 0):
@@ -406,6 +444,11 @@ def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     `input_size: 0` matches the size the saved run resolved it to)."""
     if wanted.input_size == 0:
         wanted = dataclasses.replace(wanted, input_size=saved.input_size)
+    if wanted.amp == "auto":  # the run stored what auto chose on its machine
+        wanted = dataclasses.replace(wanted, amp=saved.amp)
+    if wanted.time_budget and wanted.time_budget == saved.time_budget:  # the run chose its length
+        length = ("epochs", "train_steps", *EPOCH_KEYS)
+        wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in length})
     return [
         f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
         for k in FIELDS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, apply_overrides, default_data_root
+from cifarlab.config import TrainConfig, apply_overrides, data_root
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import load_labelled
@@ -61,17 +62,13 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
     return onto_classes(data, list(ckpt["classes"]), where), config.data
 
 
-def _data_root(config: TrainConfig) -> Path:
-    return Path(config.data_root).expanduser() if config.data_root else default_data_root()
-
-
 def _labelled_data(config: TrainConfig, split: str) -> ImageSet | None:
-    args = (config.data, _data_root(config), config.image_size, config.on_bad_image)
+    args = (config.data, data_root(config), config.image_size, config.on_bad_image)
     return load_labelled(*args, split)
 
 
 def _test_split(config: TrainConfig) -> ImageSet:
-    args = (config.data, _data_root(config), config.image_size, config.on_bad_image)
+    args = (config.data, data_root(config), config.image_size, config.on_bad_image)
     test = load_source(*args).test
     if test is None:
         raise UserError(
@@ -124,19 +121,37 @@ def _add_gradcam(groups: list, loaded, classes: list[str]) -> dict:
 
 
 def _chosen_classes(opts: EvalOptions, classes: list[str], accuracy: np.ndarray) -> list[int]:
+    """--classes (checked by _gallery_classes before any work), else the two hardest."""
     if not opts.classes:
         return [int(i) for i in np.argsort(accuracy, kind="stable")[:2]]
-    unknown = [c for c in opts.classes if c not in classes]
+    return [classes.index(c) for c in opts.classes]
+
+
+def _gallery_classes(wanted: list[str] | None, classes: list[str]) -> None:
+    unknown = [c for c in wanted or [] if c not in classes]
     if unknown:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
-    return [classes.index(c) for c in opts.classes]
+
+
+def _check_out(out: Path) -> None:
+    """One line for an --out that cannot hold the report, checked before any work or file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; evaluate writes a folder of files there")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
 
 
 def evaluate(opts: EvalOptions, log=print) -> dict:
     ckpt_path = resolve_checkpoint(opts.target)
     ckpt = load_checkpoint(ckpt_path)
-    data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     classes = list(ckpt["classes"])
+    _gallery_classes(opts.classes, classes)
+    out = opts.out or ckpt_path.parent / f"eval-{opts.split}"
+    _check_out(out)
+    data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     device = pick_device(opts.device)
     loaded = load_model(ckpt, device, opts.ema)
     model, normalize = loaded.model, loaded.normalize
@@ -151,8 +166,10 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     pc = metrics.per_class(cm)
     calib = metrics.calibration(probs, y)
     pairs = metrics.most_confused(cm, classes)
-    out = opts.out or ckpt_path.parent / f"eval-{opts.split}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror})") from None
     report = {
         "accuracy": float((preds == y).mean()),
         "num_images": len(y),

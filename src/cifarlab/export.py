@@ -21,7 +21,9 @@ still reads `.ts` files exported before.
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,25 +84,62 @@ def default_output(model: str, fmt: str) -> Path:
     return src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix)
 
 
-def export_model(target: str, fmt: str, out: Path) -> Path:
+def check_out(out: Path, source: Path, force: bool) -> None:
+    """One line, before any work, for an --out that would lose a file or cannot be written."""
+    if out.exists() and out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the checkpoint being exported; pick another file")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} already exists; add --force to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: its folder {out.parent} is not writable")
+
+
+def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
+    """Write `target`'s checkpoint to `out` (safetensors: and its `.json`); an existing file
+    only with `force`, never the input; each file is replaced only when complete."""
     if fmt in DROPPED:
         raise UserError(f"--format {fmt}: {DROPPED[fmt]}")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
-    ckpt = load_checkpoint(resolve_checkpoint(target))
+    if fmt == "safetensors" and out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: a safetensors export must end in .safetensors")
+    source = resolve_checkpoint(target)
+    for path in (out, sidecar(out)) if fmt == "safetensors" else (out,):
+        check_out(path, source, force)
+    ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
     meta = metadata(ckpt, loaded)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
-        return _export_safetensors(loaded.model, out, meta)
+        _export_safetensors(loaded.model, out, meta)
+        return out
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
     example = torch.rand(2, 3, loaded.image_size, loaded.image_size)
-    if fmt == "onnx":
-        _export_onnx(net, example, out, meta)
-    else:
-        program = _exported_program(net, example)
-        torch.export.save(program, out, extra_files={"cifarlab.json": json.dumps(meta)})
+    with _replaced_when_complete(out) as tmp:
+        if fmt == "onnx":
+            _export_onnx(net, example, tmp, meta)
+        else:
+            program = _exported_program(net, example)
+            torch.export.save(program, tmp, extra_files={"cifarlab.json": json.dumps(meta)})
     return out
+
+
+@contextmanager
+def _replaced_when_complete(out: Path):
+    """A temporary path beside `out` to write; renamed onto `out` only if the write succeeded."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _batch_dim() -> dict:
@@ -142,16 +181,15 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> Path:
+def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
     try:
         from safetensors.torch import save_file
     except ImportError:
         raise UserError(
             "safetensors export needs the extra: pip install 'cifarlab[safetensors]'"
         ) from None
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out {out}: a safetensors export must end in .safetensors")
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
-    save_file(state, str(out), metadata={"producer": "cifarlab"})
-    sidecar(out).write_text(json.dumps(meta, indent=1) + "\n")
-    return out
+    with _replaced_when_complete(out) as tmp:
+        save_file(state, str(tmp), metadata={"producer": "cifarlab"})
+    with _replaced_when_complete(sidecar(out)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")

@@ -17,6 +17,7 @@ class Hardware:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype, None = full precision
     channels_last: bool
+    amp_reason: str = ""  # why this precision (said in the log)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -27,6 +28,12 @@ class Hardware:
         amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         return f"{self.device} ({amp}{', channels_last' if self.channels_last else ''}{threads})"
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,20 +64,57 @@ def setup_hardware(config: TrainConfig) -> Hardware:
     if device.type == "cuda" and device.index is None and local_procs > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
-        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) // local_procs))
+        torch.set_num_threads(config.threads or max(1, _usable_cores() // local_procs))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = config.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if amp != "off" and device.type != "cuda":
-        raise UserError(
-            f"amp={amp} needs a CUDA device; this run is on {device} (use --set amp=off)"
-        )
+    amp, reason = choose_amp(config.amp, device)
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     # channels_last: measured on this 2-core CPU, training img/s 1.4x for cnn and 1.18x for fastnet
     # (oneDNN's NHWC kernels); a clear win with cuDNN too. MPS support is patchy, so off there.
     cl = config.channels_last == "on" or (config.channels_last == "auto" and device.type != "mps")
-    return Hardware(device, dtype, cl)
+    return Hardware(device, dtype, cl, reason)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_amp(
+    requested: str, device: torch.device, flags: set[str] | None = None
+) -> tuple[str, str]:
+    """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported; on the CPU it is bf16
+    only with AMX tiles (measured with benchmarks/cpu_precision.py: 2.9-3.2x fp32 on a Xeon with
+    AMX, 0.78-0.83x on one with AVX512-BF16 but no AMX), else fp32. `flags` injects the CPU's."""
+    if requested != "auto":
+        return requested, f"amp: {requested} as configured"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "amp: auto -> bf16 (CUDA device with bf16 support)"
+        return "off", "amp: auto -> fp32 (this CUDA device has no bf16)"
+    if device.type != "cpu":
+        return "off", f"amp: auto -> fp32 (on {device.type})"
+    flags = cpu_flags() if flags is None else flags
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return (
+            "bf16",
+            "amp: auto -> bf16 (this CPU has AMX tiles: bf16 trains ~3x faster than fp32)",
+        )
+    return "off", "amp: auto -> fp32 (no AMX on this CPU: bf16 would run ~0.8x fp32)"
+
+
+def inference_hardware(device: torch.device) -> Hardware:
+    """What evaluate and predict run with: the training rule for precision, plain memory format."""
+    amp, reason = choose_amp("auto", device)
+    return Hardware(device, {"off": None, "bf16": torch.bfloat16}[amp], False, reason)

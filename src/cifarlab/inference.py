@@ -85,6 +85,13 @@ def load_model(
     ckpt: dict, device: torch.device | str = "cpu", use_ema: bool = False
 ) -> LoadedModel:
     """The one way back from a checkpoint to a model: `build_model(model_args)` + its weights."""
+    missing = [k for k in ("classes", "mean", "std") if k not in ckpt]
+    missing += [f"config.{k}" for k in ("model",) if k not in (ckpt.get("config") or {})]
+    if missing:
+        raise UserError(
+            f"checkpoint: an incomplete cifarlab checkpoint (missing {', '.join(missing)}); "
+            "the file is damaged or was edited: use another checkpoint of the run"
+        )
     args = model_args(ckpt)
     if args.num_classes != len(ckpt["classes"]):
         raise UserError(

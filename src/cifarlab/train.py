@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cifarlab.augment import mix_batch
+from cifarlab.budget import fit_to_budget
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
     RUNTIME_KEYS,
@@ -43,7 +44,14 @@ from cifarlab.rundir import (
     read_metrics,
     truncate_metrics,
 )
-from cifarlab.training_run import TrainingRun, apply_freeze, build_run, checkpoint_state, restore
+from cifarlab.training_run import (
+    TrainingRun,
+    apply_freeze,
+    build_run,
+    checkpoint_state,
+    restore,
+    total_steps,
+)
 
 
 class TrainingFailed(Exception):
@@ -123,7 +131,7 @@ def train(
     """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
     `config` (or, when None, the saved config with `changes`) must equal the saved one except
     in RUNTIME_KEYS. `on_epoch(row)` is called after each epoch's row is saved (tune prunes)."""
-    run_dir, d = Path(run_dir), init_distributed()
+    started, run_dir, d = time.perf_counter(), Path(run_dir), init_distributed()
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
@@ -135,6 +143,9 @@ def train(
     barrier(d)
     with RunLock(run_dir) if d.main else contextlib.nullcontext(), _StopSignals() as stop:
         run = build_run(config, log, d)
+        if config.time_budget and ckpt is None:  # choose the length, then build it
+            run = build_run(fit_to_budget(run, started, log), lambda s: None, d)
+        config = run.config  # resolved: input size, precision, length
         saver = Checkpointer(run_dir, enabled=d.main)
         first, step, stats = _start(run, ckpt, saver, log)
         if d.main:
@@ -258,6 +269,7 @@ def train_one_epoch(
     run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log
 ) -> EpochStats:
     c, n = run.config, len(run.batches)
+    last_step = min(n, total_steps(c, n) - epoch * n)  # a step-limited run ends mid-epoch
     run.model.train()
     apply_freeze(run, epoch, log)
     if stats.lr is None:
@@ -274,8 +286,12 @@ def train_one_epoch(
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
     for step, (x, y, rand) in enumerate(run.batches.epoch(epoch, start_step), start=start_step):
+        if step >= last_step:
+            break
         loss, logits = train_step(run, x, y, rand)
-        if ((step + 1) % check_every == 0 or step == n - 1) and not math.isfinite(loss.item()):
+        if ((step + 1) % check_every == 0 or step == last_step - 1) and not math.isfinite(
+            loss.item()
+        ):
             if c.on_nan != "skip":
                 raise TrainingFailed(
                     f"non-finite loss at epoch {epoch + 1} step {step + 1}; the last good checkpoint is "
@@ -291,11 +307,13 @@ def train_one_epoch(
         stats.seen += len(y)
         bar.update(1)
         eta.tick(step + 1)
-        if c.progress and (step % 10 == 0 or step == n - 1):
+        if c.progress and (step % 10 == 0 or step == last_step - 1):
             bar.set_postfix(
                 loss=f"{loss_sum.item() / stats.seen:.3f}", acc=f"{correct.item() / stats.seen:.1%}"
             )
-        save_now = c.save_every_steps and (step + 1) % c.save_every_steps == 0 and step + 1 < n
+        save_now = (
+            c.save_every_steps and (step + 1) % c.save_every_steps == 0 and step + 1 < last_step
+        )
         if stop.received is not None or save_now:
             _sync(stats, loss_sum, correct, t0)
             saver.save(

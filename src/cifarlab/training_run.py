@@ -68,7 +68,9 @@ class TrainingRun:
 
 def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     hw = setup_hardware(config)
-    config = resolve_input_size(config, hw.device, log)
+    log(hw.amp_reason)
+    resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
+    config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
     splits = load_splits(config)
     log(
         f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
@@ -96,7 +98,7 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
     else:
         batches = TorchvisionBatches(splits.train, config, hw.device, normalize)
-    total = config.epochs * len(batches)
+    total = total_steps(config, len(batches))
     scheduler = make_scheduler(
         config.schedule, optimizer, total, round(config.warmup_epochs * len(batches)),
         len(batches) if config.lr_step == "epoch" else 1,
@@ -116,6 +118,11 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
         fixed, d, data_fingerprint(splits),
     )  # fmt: skip
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps in the whole run: `train_steps` when set, else whole epochs."""
+    return config.train_steps or config.epochs * steps_per_epoch
 
 
 def resolve_input_size(config: TrainConfig, device: torch.device, log) -> TrainConfig:

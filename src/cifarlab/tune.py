@@ -74,6 +74,18 @@ def _storage(url: str):
         ) from None
 
 
+def _trial_dir(out: Path, number: int) -> Path:
+    """`out/trial-NNN`, refused when it holds files: tune has no --resume (a study continues
+    through --storage, and each of its trials gets a new number and so a new directory)."""
+    run_dir = out / f"trial-{number:03d}"
+    if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise UserError(
+            f"--out {out} already holds {run_dir.name}, from another study or --storage; "
+            f"pick a new --out for this study, or move {run_dir} away"
+        )
+    return run_dir
+
+
 def run_tune(opts: TuneOptions, log=print):
     try:
         import optuna
@@ -98,7 +110,7 @@ def run_tune(opts: TuneOptions, log=print):
     def objective(trial) -> float:
         config = apply_overrides(base, suggest(trial, base), where=f"trial {trial.number}")
         validate_config(config, f"trial {trial.number}")
-        run_dir = opts.out / f"trial-{trial.number:03d}"
+        run_dir = _trial_dir(opts.out, trial.number)
 
         def report(row: dict) -> None:
             trial.report(row["val_acc"], int(row["epoch"]))

@@ -8,49 +8,141 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from cifarlab.errors import UserError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+
+# Extracted bytes allowed per archive byte. Images are compressed already: the CIFAR-10 JPEG
+# .tar.gz (16.4 MB) holds 46.0 MB of files (2.8x), so 50x leaves ample room for real data while
+# a 1 MB archive of zeros (1.1 GB extracted) is refused.
+MAX_RATIO = 50
+MIN_TOTAL_BYTES = 64 << 20  # small archives may always extract this much
+MAX_MEMBER_BYTES = 64 << 20  # no training image comes near this
 
 
 def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _check_zip_member(info: zipfile.ZipInfo, archive: Path) -> None:
-    name = PurePosixPath(info.filename)
-    mode = info.external_attr >> 16
-    if name.is_absolute() or ".." in name.parts or ":" in info.filename:
-        raise UserError(f"{archive}: member '{info.filename}' would land outside its folder")
-    if stat.S_ISLNK(mode):
-        raise UserError(f"{archive}: member '{info.filename}' is a link; links are not extracted")
+def total_limit(archive: Path) -> int:
+    return max(MIN_TOTAL_BYTES, MAX_RATIO * archive.stat().st_size)
+
+
+class _Budget:
+    """Counts extracted bytes against the limits, from the headers first and again while writing."""
+
+    def __init__(self, archive: Path):
+        self.archive, self.limit, self.used = archive, total_limit(archive), 0
+
+    def check_member(self, name: str, size: int) -> None:
+        if size > MAX_MEMBER_BYTES:
+            raise UserError(
+                f"{self.archive}: member '{name}' would extract {size / 1e6:.0f} MB "
+                f"(limit {MAX_MEMBER_BYTES / 1e6:.0f} MB per file); refused as a possible archive bomb"
+            )
+
+    def check_total(self, total: int) -> None:
+        if total > self.limit:
+            raise UserError(
+                f"{self.archive}: would extract {total / 1e6:.0f} MB, more than the "
+                f"{self.limit / 1e6:.0f} MB allowed for an archive of its size; refused as a possible archive bomb"
+            )
+
+    def copy(self, name: str, src: IO[bytes], dest: Path) -> None:
+        written = 0
+        with open(dest, "wb") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                written += len(chunk)
+                self.used += len(chunk)
+                self.check_member(name, written)
+                self.check_total(self.used)
+                out.write(chunk)
+
+
+def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
+    infos = zf.infolist()
+    for info in infos:
+        name = PurePosixPath(info.filename)
+        if name.is_absolute() or ".." in name.parts or ":" in info.filename:
+            raise UserError(f"{archive}: member '{info.filename}' would land outside its folder")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UserError(
+                f"{archive}: member '{info.filename}' is a link; links are not extracted "
+                "(archive the files themselves)"
+            )
+    return infos
+
+
+def _extract_zip(archive: Path, tmp: Path, budget: _Budget) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = _zip_members(zf, archive)
+        for info in infos:
+            budget.check_member(info.filename, info.file_size)
+        budget.check_total(sum(i.file_size for i in infos))
+        for info in infos:
+            target = tmp / info.filename
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src:  # sizes in the headers may lie: counted again here
+                budget.copy(info.filename, src, target)
+
+
+def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tarfile.TarInfo]:
+    members = []
+    for member in tf.getmembers():
+        if member.issym() or member.islnk():
+            # The 'data' filter lets links inside the folder through: one image would then
+            # count twice, possibly under two labels.
+            raise UserError(
+                f"{archive}: member '{member.name}' is a link; links are not extracted "
+                "(archive the files themselves, e.g. tar --dereference)"
+            )
+        # Refuses absolute paths, '..' and devices; also drops unsafe permission bits.
+        members.append(tarfile.data_filter(member, str(tmp)))
+    return members
+
+
+def _extract_tar(archive: Path, tmp: Path, budget: _Budget) -> None:
+    with tarfile.open(archive) as tf:
+        members = _tar_members(tf, archive, tmp)
+        for m in members:
+            budget.check_member(m.name, m.size if m.isfile() else 0)
+        budget.check_total(sum(m.size for m in members if m.isfile()))
+        for m in members:
+            target = tmp / m.name
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif m.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                budget.copy(m.name, tf.extractfile(m), target)
 
 
 def extract_archive(archive: Path, dest: Path) -> Path:
     """Extract `archive` into `dest` (once; an existing complete `dest` is reused).
 
     Extraction goes to a temporary sibling folder renamed into place when done, so an
-    interrupted extraction never leaves a half-filled `dest` that later runs would trust.
+    interrupted extraction never leaves a half-filled `dest` that later runs would trust;
+    on any failure the temporary folder is removed.
     """
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".part-", dir=dest.parent))
+    budget = _Budget(archive)
     try:
         if archive.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    _check_zip_member(info, archive)
-                zf.extractall(tmp)
+            _extract_zip(archive, tmp, budget)
         else:
-            with tarfile.open(archive) as tf:
-                # The 'data' filter refuses absolute paths, '..', links leaving the folder and devices.
-                tf.extractall(tmp, filter="data")
+            _extract_tar(archive, tmp, budget)
         tmp.rename(dest)
     except tarfile.FilterError as exc:
         raise UserError(f"{archive}: unsafe member refused ({exc})") from None
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as exc:
+        # RuntimeError: zipfile's encrypted members and (NotImplementedError) unknown compression
         raise UserError(f"{archive}: cannot extract ({exc}); is the file complete?") from None
     finally:
         if tmp.exists():

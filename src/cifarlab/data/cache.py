@@ -1,4 +1,4 @@
-"""The decoded-array cache: one .npz per (source, size, mtime), checked by sha256 before use.
+"""The decoded-array cache: one .npz per (source files, image size), checked by sha256 before use.
 
 Decoding 50,000 JPEGs takes ~20 s here; reading the cached arrays takes well under a second.
 """
@@ -13,24 +13,67 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = 2  # bump when the cached layout or decoding changes (2: val/ folders, test/-only folders)
+from cifarlab.data.imageset import ImageSet, SourceData
+from cifarlab.errors import UserError
+
+FORMAT = 3  # bump when the cached layout, decoding or key changes
+# (2: val/ folders, test/-only folders; 3: per-file key, 16-bit PNGs)
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError:
+        return os.lstat(path)  # a dangling symlink: its own stat, so a later fix changes the key
+
+
+def _folder_stamp(root: Path) -> str:
+    """A digest of every (relative path, size, mtime) below `root`, folders included.
+
+    A count, total size and newest mtime missed `mv a/x.png b/` (mv keeps size and mtime), two
+    files swapping names, and a renamed class folder: the cache then served the old labels.
+    """
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in [*sorted(files), *dirs]:
+            full = os.path.join(dirpath, name)
+            st = _stat(full)
+            rel = os.fsencode(os.path.relpath(full, root))
+            h.update(b"%s\0%d\0%d\0%d\n" % (rel, st.st_mode, st.st_size, st.st_mtime_ns))
+    return h.hexdigest()
 
 
 def source_key(path: Path, size: int, on_bad: str) -> str:
-    """Depends on the source's path, size and mtime (for a folder: of every file in it)."""
+    """Changes whenever the source may have: a folder's any file path, size or mtime; an archive's
+    path, size, mtime, inode or ctime (a replaced archive with the same size and mtime)."""
     path = path.resolve()
     if path.is_dir():
-        count = total = newest = 0
-        for dirpath, _dirs, files in os.walk(path):
-            for name in files:
-                st = os.stat(os.path.join(dirpath, name))
-                count, total, newest = count + 1, total + st.st_size, max(newest, st.st_mtime_ns)
-        stamp = [count, total, newest]
+        stamp = _folder_stamp(path)
     else:
         st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-    blob = json.dumps([FORMAT, str(path), stamp, size, on_bad])
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    blob = json.dumps([FORMAT, os.fsencode(path).hex(), stamp, size, on_bad])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _not_writable(root: Path, why: str) -> UserError:
+    return UserError(
+        f"--data-root {root}: not a writable folder ({why}); point --data-root "
+        "(or $CIFARLAB_DATA) at a folder you can write"
+    )
+
+
+def ensure_writable(root: Path) -> None:
+    """Checked before decoding, so a bad --data-root fails at once and not after the decode."""
+    if root.exists() and not root.is_dir():
+        raise _not_writable(root, "it is a file")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _not_writable(root, exc.strerror or type(exc).__name__) from None
+    if not os.access(root, os.W_OK):
+        raise _not_writable(root, "permission denied")
 
 
 def _digest(path: Path) -> str:
@@ -48,7 +91,6 @@ def _files(root: Path, key: str) -> tuple[Path, Path]:
 
 def load(root: Path, key: str):
     """The cached SourceData, or None when absent or damaged (then it is rebuilt)."""
-    from cifarlab.data.sources import ImageSet, SourceData
 
     npz, checksum = _files(root, key)
     if not (npz.is_file() and checksum.is_file()):
@@ -73,6 +115,13 @@ def load(root: Path, key: str):
 
 
 def save(root: Path, key: str, data) -> None:
+    try:
+        _save(root, key, data)
+    except OSError as exc:
+        raise _not_writable(root, exc.strerror or type(exc).__name__) from None
+
+
+def _save(root: Path, key: str, data) -> None:
     npz, checksum = _files(root, key)
     npz.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str)}

@@ -9,6 +9,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# 16-bit grayscale PNGs open as I;16 (older Pillow: I); Pillow's convert("RGB") clips them, so a
+# mid-grey 30000/65535 became 255 (white).
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class BadImage(Exception):
@@ -19,12 +22,20 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _to_8bit_gray(img: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grayscale image scaled from 0..65535 to 0..255 ("L")."""
+    wide = np.asarray(img).astype(np.float32)
+    return Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8), "L")
+
+
 def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB. Grayscale, palette and RGBA become RGB (alpha on white)."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()  # decode now, so a truncated file fails here and not later
+            if img.mode in _WIDE_GRAY:
+                img = _to_8bit_gray(img)
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 img = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,34 +18,8 @@ from tqdm import tqdm
 from cifarlab.data import cache
 from cifarlab.data.archive import extract_archive, is_archive
 from cifarlab.data.images import BadImage, decode_image, is_image_name
+from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
-
-
-@dataclass
-class ImageSet:
-    """Images as (N, H, W, 3) uint8 with int64 labels indexing `classes`."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    classes: list[str]
-    paths: list[str] = field(default_factory=list)  # source file of each image, where known
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index: np.ndarray) -> ImageSet:
-        paths = [self.paths[i] for i in index] if self.paths else []
-        return ImageSet(self.images[index], self.labels[index], self.classes, paths)
-
-
-@dataclass
-class SourceData:
-    train: ImageSet | None  # None for a folder holding only test/ (or val/): scored, not trained on
-    test: ImageSet | None
-    skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
-    # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
-    val: ImageSet | None = None
-
 
 # --- torchvision's CIFAR pickles -------------------------------------------------------------
 
@@ -172,29 +146,52 @@ def _find_layout(root: Path) -> Layout:
     return Layout(root, plain=True)
 
 
-def _list_class_folder(
-    folder: Path, on_bad: str
-) -> tuple[list[str], list[Path], list[int], list[str]]:
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+def printable(name: str) -> str:
+    """`name` as valid UTF-8 text: bytes that are not UTF-8 (b'caf\\xe9') shown as \\xe9.
+
+    Such names decode to lone surrogates, which every later write (CSV, YAML, HTML) refused."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )
+    return names  # one class is fine to score; training needs two (`splits.load_splits`)
+
+
+def _class_members(class_dir: Path) -> tuple[list[Path], list[str]]:
+    """(image files, "path: reason" of the files left out) below one class folder."""
+    images, skipped = [], []
+    for p in sorted(class_dir.rglob("*")):
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
+        elif p.is_file() and is_image_name(p):
+            images.append(p)
+        elif p.is_file():
+            skipped.append(f"{printable(str(p))}: not an image file")
+    return images, skipped
+
+
+def _list_class_folder(
+    folder: Path, on_bad: str
+) -> tuple[list[str], list[Path], list[int], list[str]]:
     files, labels, skipped, kept = [], [], [], []
-    for name in classes:
-        members = sorted(
-            p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith(".")
-        )
-        images = [p for p in members if is_image_name(p)]
-        skipped += [f"{p}: not an image file" for p in members if not is_image_name(p)]
+    for name in _class_dirs(folder):
+        images, left_out = _class_members(folder / name)
+        skipped += left_out
         if not images:
             if on_bad == "error":
                 raise UserError(
-                    f"{folder / name}: class folder holds no images; add images or remove it"
+                    f"{printable(str(folder / name))}: class folder holds no images; add images or remove it"
                 )
-            skipped.append(f"{folder / name}: empty class folder, class dropped")
+            skipped.append(f"{printable(str(folder / name))}: empty class folder, class dropped")
             continue
-        kept.append(name)
+        kept.append(printable(name))
         files += images
         labels += [len(kept) - 1] * len(images)
     if skipped and on_bad == "error":
@@ -213,7 +210,7 @@ def _decode_all(
             out[i] = decode_image(files[i], size)
             return i, None
         except BadImage as exc:
-            return i, str(exc)
+            return i, printable(str(exc))
 
     threads = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
@@ -245,7 +242,7 @@ def _load_folder_split(
         raise UserError(f"{folder}: none of its {len(files)} images could be read")
     idx = np.asarray(good, dtype=np.int64)
     root = folder.parent
-    paths = [str(files[i].relative_to(root)) for i in good]
+    paths = [printable(str(files[i].relative_to(root))) for i in good]
     return ImageSet(
         images[idx], np.asarray(labels, dtype=np.int64)[idx], classes, paths
     ), skipped + bad
@@ -298,6 +295,7 @@ def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> Sourc
     path = Path(src).expanduser()
     if not path.exists():
         raise UserError(f"--data {src}: no such file or folder (and not cifar10/cifar100)")
+    cache.ensure_writable(root)
     key = cache.source_key(path, size, on_bad)
     cached = cache.load(root, key)
     if cached is not None:

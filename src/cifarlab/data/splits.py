@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from cifarlab.config import TrainConfig, default_data_root
+from cifarlab.config import TrainConfig, data_root
 from cifarlab.data.sources import ImageSet, load_source
 from cifarlab.errors import UserError
 
@@ -42,6 +41,11 @@ def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def select_classes(ds: ImageSet, wanted: list[str], where: str) -> ImageSet:
+    repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+    if repeated:
+        raise UserError(f"{where}: {repeated} listed more than once; name each class once")
+    if len(wanted) < 2:
+        raise UserError(f"{where}: {wanted} is fewer than two classes; a classifier needs two")
     unknown = [c for c in wanted if c not in ds.classes]
     if unknown:
         raise UserError(f"{where}: unknown classes {unknown}; the data has {ds.classes}")
@@ -85,12 +89,17 @@ def load_splits(config: TrainConfig) -> Splits:
     Val is the data's own val/ (or valid/) folder when it has one, and then `val_size` is
     ignored; otherwise `val_size` training images held out (stratified, seeded), none for 0.
     """
-    root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
+    root = data_root(config)
     source = load_source(config.data, root, config.image_size, config.on_bad_image)
     if source.train is None:
         raise UserError(
             f"--data {config.data}: no train/ folder beside test/ or val/; training and a held-out "
             "val split need <root>/train/<class>/ (evaluate --split test scores it as it is)"
+        )
+    if len(source.train.classes) < 2:  # it trained to "100%"
+        raise UserError(
+            f"--data {config.data}: only one class folder found: "
+            f"{', '.join(source.train.classes) or 'none'}; need at least two to train"
         )
     train, val, test = source.train, source.val, source.test
     if config.classes:

@@ -6,6 +6,7 @@ keeps the pretrained stem and upsamples the batch on the device to `input_size` 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.checkpoint import read_failure, refusal_reason
 from cifarlab.errors import UserError
 
 ARCHS = {  # our name -> torchvision builder name
@@ -54,9 +56,11 @@ def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
             raise UserError(f"--weights {path}: no such file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"--weights {path}: refused to load ({refusal_reason(exc)})") from None
         except Exception as exc:
             raise UserError(
-                f"--weights {path}: not a readable state dict ({str(exc).splitlines()[0]})"
+                f"--weights {path}: not a readable state dict ({read_failure(path, exc)})"
             ) from None
         return state.get("model", state) if isinstance(state, dict) and "model" in state else state
     if not opts.pretrained:

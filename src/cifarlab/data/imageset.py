@@ -1,0 +1,36 @@
+"""The data types every data module shares: an image set as uint8 arrays, and a source's splits.
+
+In a module of their own so that sources, the cache and the splits import them without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ImageSet:
+    """Images as (N, H, W, 3) uint8 with int64 labels indexing `classes`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    paths: list[str] = field(default_factory=list)  # source file of each image, where known
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> ImageSet:
+        paths = [self.paths[i] for i in index] if self.paths else []
+        return ImageSet(self.images[index], self.labels[index], self.classes, paths)
+
+
+@dataclass
+class SourceData:
+    train: ImageSet | None  # None for a folder holding only test/ (or val/): scored, not trained on
+    test: ImageSet | None
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
+    # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
+    val: ImageSet | None = None

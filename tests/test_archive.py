@@ -1,0 +1,115 @@
+"""Archives are extracted safely: bounded in size, without links, and cleaned up on failure."""
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.data import archive as archive_mod
+from cifarlab.data import load_source
+from cifarlab.errors import UserError
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tf.addfile(info, io.BytesIO(payload))
+
+
+def _leftovers(data_root: Path) -> list[Path]:
+    extracted = data_root / "extracted"
+    return list(extracted.iterdir()) if extracted.exists() else []
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_archive_bomb_is_refused_from_its_headers_and_nothing_is_left(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(archive_mod, "MIN_TOTAL_BYTES", 1 << 20)  # 1 MiB instead of 64 MiB
+    bomb = tmp_path / f"bomb.{kind}"
+    zeros = bytes(600_000)  # ~0.6 MB each, a few hundred bytes compressed
+    if kind == "zip":
+        with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+            for i in range(4):
+                zf.writestr(f"cat/{i}.png", zeros)
+            zf.writestr("dog/0.png", _png(0))
+    else:
+        with tarfile.open(bomb, "w:gz") as tf:
+            for i in range(4):
+                _add(tf, f"cat/{i}.png", zeros)
+            _add(tf, "dog/0.png", _png(0))
+    assert bomb.stat().st_size < 20_000
+    data_root = tmp_path / "root"
+    with pytest.raises(UserError, match="possible archive bomb"):
+        load_source(str(bomb), data_root, 8)
+    assert _leftovers(data_root) == []
+
+
+def test_extraction_is_counted_while_writing_not_only_from_the_headers(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_mod, "MIN_TOTAL_BYTES", 1 << 20)
+    archive = tmp_path / "small.zip"
+    archive.write_bytes(b"x")
+    budget = archive_mod._Budget(archive)  # as if the headers had claimed a few bytes
+    with pytest.raises(UserError, match="possible archive bomb"):
+        budget.copy("big.png", io.BytesIO(bytes(2 << 20)), tmp_path / "big.png")
+
+
+def test_one_oversized_member_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_mod, "MAX_MEMBER_BYTES", 100_000)
+    big = tmp_path / "big.tar"
+    with tarfile.open(big, "w") as tf:
+        _add(tf, "cat/0.png", bytes(200_000))
+        _add(tf, "dog/0.png", _png(0))
+    with pytest.raises(UserError, match="limit 0 MB per file"):
+        load_source(str(big), tmp_path / "root", 8)
+
+
+@pytest.mark.parametrize("link", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_a_tar_holding_a_link_is_refused_so_no_image_counts_twice(tmp_path, link):
+    path = tmp_path / "linked.tar"
+    with tarfile.open(path, "w") as tf:
+        _add(tf, "cat/0.png", _png(0))
+        _add(tf, "dog/1.png", _png(1))
+        info = tarfile.TarInfo("dog/0.png")
+        info.type = link
+        info.linkname = "../cat/0.png" if link == tarfile.SYMTYPE else "cat/0.png"
+        tf.addfile(info)
+    data_root = tmp_path / "root"
+    with pytest.raises(UserError, match="'dog/0.png' is a link; links are not extracted"):
+        load_source(str(path), data_root, 8)
+    assert _leftovers(data_root) == []
+
+
+def test_a_zip_holding_a_symlink_is_refused(tmp_path):
+    path = tmp_path / "linked.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("cat/0.png", _png(0))
+        zf.writestr("dog/1.png", _png(1))
+        info = zipfile.ZipInfo("dog/0.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "../cat/0.png")
+    with pytest.raises(UserError, match="'dog/0.png' is a link"):
+        load_source(str(path), tmp_path / "root", 8)
+
+
+def test_a_clean_archive_still_loads_after_the_checks(tmp_path):
+    path = tmp_path / "ok.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for i in range(2):
+            _add(tf, f"data/train/cat/{i}.png", _png(i))
+            _add(tf, f"data/train/dog/{i}.png", _png(10 + i))
+    data = load_source(str(path), tmp_path / "root", 8)
+    assert data.train.classes == ["cat", "dog"] and np.bincount(data.train.labels).tolist() == [
+        2,
+        2,
+    ]

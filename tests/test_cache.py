@@ -1,0 +1,114 @@
+"""The decoded-array cache is never served for a source that has changed since it was written."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cifarlab.data import cache, load_source
+
+CLASS_NAMES = ["ant", "bee", "cow", "doe", "eel"]
+
+
+def _write_image(path: Path, ident: int) -> None:
+    """A 4x4 PNG whose red channel names the image, so a loaded array says which file it was."""
+    arr = np.zeros((4, 4, 3), dtype=np.uint8)
+    arr[..., 0] = 20 + 10 * ident
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _labels_on_disk(root: Path) -> dict[int, str]:
+    """Image id -> the class folder that holds it now."""
+    return {
+        (int(np.asarray(Image.open(p))[0, 0, 0]) - 20) // 10: p.parent.name
+        for p in root.glob("*/*.png")
+    }
+
+
+def _apply(root: Path, op: tuple, counter: list[int]) -> None:
+    files = sorted(root.glob("*/*.png"))
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    kind, a, b = op
+    counter[0] += 1
+    if kind == "move":  # mv keeps size and mtime
+        src = files[a % len(files)]
+        dest = folders[b % len(folders)] / src.name
+        if not dest.exists():
+            src.rename(dest)
+    elif kind == "rename":
+        src = files[a % len(files)]
+        src.rename(src.with_name(f"r{counter[0]}.png"))
+    elif kind == "swap":  # two files exchange names (and so perhaps classes)
+        x, y = files[a % len(files)], files[b % len(files)]
+        if x != y:
+            tmp = x.with_name("swap.tmp")
+            x.rename(tmp)
+            y.rename(x)
+            tmp.rename(y)
+    elif kind == "rename_class":
+        free = [c for c in CLASS_NAMES if not (root / c).exists()]
+        folders[a % len(folders)].rename(root / free[b % len(free)])
+
+
+OPS = st.tuples(
+    st.sampled_from(["move", "rename", "swap", "rename_class"]),
+    st.integers(0, 20),
+    st.integers(0, 20),
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, min_size=1, max_size=5))
+def test_loaded_labels_always_match_the_folders_after_moves_renames_and_swaps(ops):
+    with tempfile.TemporaryDirectory() as tmp:
+        src, data_root = Path(tmp) / "d", Path(tmp) / "cache"
+        for ident in range(6):
+            _write_image(src / CLASS_NAMES[ident % 3] / f"{ident}.png", ident)
+        load_source(str(src), data_root, 4, on_bad="skip")
+        counter = [0]
+        for op in ops:
+            _apply(src, op, counter)
+            truth = _labels_on_disk(src)
+            if len(set(truth.values())) < 2:
+                return  # fewer than two classes is refused; tested in test_sources.py
+            for folder in src.iterdir():
+                if folder.is_dir() and not any(folder.iterdir()):
+                    shutil.rmtree(folder)
+            data = load_source(str(src), data_root, 4, on_bad="skip")
+            got = {
+                (int(img[0, 0, 0]) - 20) // 10: data.train.classes[label]
+                for img, label in zip(data.train.images, data.train.labels, strict=True)
+            }
+            assert got == truth, f"after {op}"
+
+
+def test_folder_key_changes_when_a_file_moves_keeping_size_and_mtime(tmp_path):
+    _write_image(tmp_path / "cat" / "a.png", 1)
+    _write_image(tmp_path / "dog" / "b.png", 1)
+    before = cache.source_key(tmp_path, 32, "error")
+    (tmp_path / "cat" / "a.png").rename(tmp_path / "dog" / "a.png")
+    assert cache.source_key(tmp_path, 32, "error") != before
+
+
+def test_archive_key_changes_when_replaced_by_one_of_the_same_size_and_mtime(tmp_path):
+    archive = tmp_path / "data.tar"
+    archive.write_bytes(b"a" * 100)
+    before = cache.source_key(archive, 32, "error")
+    st = archive.stat()
+    replacement = tmp_path / "new.tar"
+    replacement.write_bytes(b"b" * 100)
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, archive)  # same path, size and mtime; another inode
+    assert cache.source_key(archive, 32, "error") != before
+
+
+def test_folder_key_survives_a_dangling_symlink(tmp_path):
+    _write_image(tmp_path / "cat" / "a.png", 1)
+    (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
+    assert len(cache.source_key(tmp_path, 32, "error")) == 20

@@ -1,0 +1,31 @@
+"""Decoding image files to uint8 RGB."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.data.images import decode_image
+
+
+def _encoded(mode: str, value: int, fmt: str) -> bytes:
+    if mode == "I":
+        img = Image.fromarray(np.full((4, 4), value, dtype=np.int32))
+    else:
+        dtype = ">u2" if mode == "I;16B" else "<u2"
+        img = Image.frombytes(mode, (4, 4), np.full((4, 4), value, dtype=dtype).tobytes())
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"), [("I;16", "PNG"), ("I;16B", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF")]
+)
+def test_sixteen_bit_gray_is_scaled_to_eight_bits_not_clipped_to_white(mode, fmt):
+    mid_grey = decode_image(_encoded(mode, 30000, fmt), 4)
+    assert mid_grey.dtype == np.uint8 and mid_grey.shape == (4, 4, 3)
+    assert np.all(mid_grey == 117)  # 30000 / 65535 * 255 = 116.7
+    assert np.all(decode_image(_encoded(mode, 65535, fmt), 4) == 255)
+    assert np.all(decode_image(_encoded(mode, 0, fmt), 4) == 0)

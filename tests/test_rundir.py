@@ -1,0 +1,113 @@
+"""A run directory has one writer, and training never silently overwrites what is in it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifarlab.errors import UserError
+from cifarlab.rundir import RUN_FILES, RunLock, claim_run_dir, prepare_run_dir
+
+RACER = """
+import os, sys, time
+from pathlib import Path
+from cifarlab.errors import UserError
+from cifarlab.rundir import RunLock
+go = Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.0005)
+try:
+    with RunLock(Path(sys.argv[1])):
+        print("won", flush=True)
+        time.sleep(0.3)
+except UserError:
+    print("lost", flush=True)
+"""
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from cifarlab.rundir import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+def _python(script: str, *args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE, text=True, env=env
+    )
+
+
+def test_two_processes_racing_for_the_lock_never_both_hold_it(tmp_path):
+    for trial in range(20):
+        go = tmp_path / f"go-{trial}"
+        racers = [_python(RACER, tmp_path, go) for _ in range(2)]
+        for p in racers:
+            assert p.stdout.readline().strip() == "ready"
+        go.touch()
+        outcomes = sorted(p.communicate(timeout=30)[0].strip() for p in racers)
+        assert outcomes == ["lost", "won"], f"trial {trial}: {outcomes}"
+
+
+def test_a_lock_of_a_killed_holder_is_taken_whatever_pid_the_file_names(tmp_path):
+    holder = _python(HOLDER, tmp_path)
+    assert holder.stdout.readline().strip() == "holding"
+    with pytest.raises(UserError, match=f"is in use by process {holder.pid}; wait for it"):
+        RunLock(tmp_path).__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    for pid in ("999999999", str(os.getppid())):  # a dead pid, then a live unrelated one
+        (tmp_path / ".lock").write_text(pid)
+        with RunLock(tmp_path):
+            assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize("name", [*RUN_FILES, "notes.txt", "eval-val"])
+def test_a_directory_holding_a_run_or_anything_else_is_refused_without_resume(tmp_path, name):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).mkdir() if name == "eval-val" else (run / name).write_text("x")
+    with pytest.raises(
+        UserError, match=rf"\({name}\); add --resume to continue it or pick a new --out"
+    ):
+        claim_run_dir(run, resume=False)
+    claim_run_dir(run, resume=True)
+
+
+def test_a_missing_empty_or_only_hidden_directory_is_claimed(tmp_path):
+    claim_run_dir(tmp_path / "missing", resume=False)
+    claim_run_dir(tmp_path, resume=False)
+    (tmp_path / ".lock").write_text("1")
+    claim_run_dir(tmp_path, resume=False)
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        prepare_run_dir(blocker, need_bytes=1)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access  # root ignores mode bits: deny as a read-only mount would
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if Path(p) == read_only else real_access(p, m)
+    )
+    with pytest.raises(UserError, match="not writable; pick a writable --out"):
+        prepare_run_dir(read_only, need_bytes=1)
+
+
+def test_the_lock_is_released_when_the_run_ends(tmp_path):
+    with RunLock(tmp_path):
+        pass
+    start = time.time()
+    with RunLock(tmp_path):
+        assert time.time() - start < 1
+    assert not (tmp_path / ".lock").exists()

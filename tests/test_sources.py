@@ -1,0 +1,96 @@
+"""Class folders under misuse: too few classes, dangling links, non-UTF-8 names, a bad --data-root."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.cli import main
+from cifarlab.data import load_source, load_splits
+from cifarlab.errors import UserError
+from tests.conftest import make_config
+
+
+def _folder(root: Path, classes=("cat", "dog"), per_class=3) -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = Path(os.fsdecode(os.path.join(os.fsencode(root), os.fsencode(c))))
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png"
+            )
+    return root
+
+
+def test_a_single_class_folder_is_named_and_refused_for_training(tmp_path, data_root):
+    src = _folder(tmp_path / "d", classes=("cat",))
+    config = make_config(data=str(src), data_root=str(data_root), val_size=1)
+    with pytest.raises(UserError, match="only one class folder found: cat; need at least two"):
+        load_splits(config)
+    assert load_source(str(src), data_root, 8).train.classes == ["cat"]  # fine to score
+
+
+def test_one_class_left_after_dropping_empty_folders_is_refused(tmp_path, data_root):
+    src = _folder(tmp_path / "d", classes=("cat",))
+    (src / "dog").mkdir()
+    config = make_config(data=str(src), data_root=str(data_root), val_size=1, on_bad_image="skip")
+    with pytest.raises(UserError, match="only one class folder found: cat"):
+        load_splits(config)
+
+
+@pytest.mark.parametrize(
+    ("classes", "needle"),
+    [(["cat", "cat"], r"\['cat'\] listed more than once"), (["cat"], "fewer than two classes")],
+)
+def test_repeated_or_single_selected_classes_are_refused(tmp_path, data_root, classes, needle):
+    src = _folder(tmp_path / "d", classes=("cat", "dog", "emu"), per_class=4)
+    config = make_config(data=str(src), data_root=str(data_root), classes=classes, val_size=2)
+    with pytest.raises(UserError, match=needle):
+        load_splits(config)
+
+
+def test_a_dangling_symlink_is_an_error_naming_it_or_skipped(tmp_path, data_root):
+    src = _folder(tmp_path / "d")
+    (src / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(UserError, match="gone.png: a symbolic link to a missing file"):
+        load_source(str(src), data_root, 8)
+    data = load_source(str(src), data_root, 8, on_bad="skip")
+    assert len(data.train) == 6 and any("gone.png" in s for s in data.skipped)
+
+
+def test_non_utf8_class_and_file_names_load_as_printable_text(tmp_path, data_root):
+    src = _folder(tmp_path / "d", classes=(b"caf\xe9", b"dog"))
+    bad_file = os.path.join(os.fsencode(src), b"dog", b"x\xff.png")
+    Image.new("RGB", (8, 8)).save(os.fsdecode(bad_file))
+    data = load_source(str(src), data_root, 8)
+    assert data.train.classes == ["caf\\xe9", "dog"]
+    assert "d/dog/x\\xff.png" in data.train.paths
+    for text in [*data.train.classes, *data.train.paths]:
+        text.encode("utf-8")  # no lone surrogates: CSV, YAML and HTML can be written
+
+
+def test_a_data_root_that_is_a_file_is_one_line(tmp_path, capsys):
+    src = _folder(tmp_path / "d")
+    blocker = tmp_path / "root-file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=f"--data-root {blocker}: not a writable folder"):
+        load_source(str(src), blocker, 8)
+    code = main(["train", "--data", str(src), "--data-root", str(blocker / "sub"),
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--val-size", "2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "not a writable folder" in err and "Traceback" not in err
+
+
+def test_a_read_only_data_root_is_one_line(tmp_path, monkeypatch):
+    src = _folder(tmp_path / "d")
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    real_access = os.access  # root ignores the mode bits, so deny as a read-only mount would
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == root else real_access(p, m))
+    with pytest.raises(UserError, match="not a writable folder"):
+        load_source(str(src), root, 8)
+    assert not (root / "arrays").exists()
