@@ -99,6 +99,26 @@ def test_checkpoint_of_another_class_count_is_refused(small_run, tmp_path):
         evaluate(EvalOptions(str(small_run), split="test", data=str(other)), log=lambda s: None)
 
 
+def test_gallery_shows_grad_cam_of_the_predicted_class_for_mistakes_and_correct_images(
+    small_run, tmp_path
+):
+    report = evaluate(EvalOptions(str(small_run), out=tmp_path / "ev"), log=lambda s: None)
+    cam = report["gradcam"]
+    assert cam["layer"] == "body.3.4" and cam["target"] == "predicted class"  # fastnet's last conv
+    assert 2 <= cam["images"] <= 14  # two classes: up to 5 mistakes and 2 correct images each
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert 'alt="Grad-CAM gallery' in page and "LayerGradCam" in page
+
+
+def test_without_captum_the_gallery_says_how_to_get_heat_maps(small_run, tmp_path, monkeypatch):
+    from cifarlab import gradcam
+
+    monkeypatch.setattr(gradcam, "have_captum", lambda: False)
+    report = evaluate(EvalOptions(str(small_run), out=tmp_path / "ev"), log=lambda s: None)
+    assert "cifarlab[gradcam]" in report["gradcam"]["note"]
+    assert "cifarlab[gradcam]" in (tmp_path / "ev" / "report.html").read_text()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -116,14 +136,16 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(small_run, 
     # every <img> decoded: the DOM after script ran reports natural sizes
     script = (
         "<script>addEventListener('load',()=>{const bad=[...document.images].filter(i=>!i.complete||i.naturalWidth===0);"
-        "document.title='IMAGES:'+document.images.length+':BROKEN:'+bad.length;});</script>"
+        "const cam=[...document.querySelectorAll('img[alt^=\"Grad-CAM\"]')].filter(i=>i.naturalWidth>400);"
+        "document.title='IMAGES:'+document.images.length+':BROKEN:'+bad.length+':GRADCAM:'+cam.length;});</script>"
     )
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", script + "</body>"))
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", "--virtual-time-budget=5000", probe.as_uri()],
                          capture_output=True, text=True, timeout=120, check=False).stdout  # fmt: skip
-    assert "IMAGES:" in dom and ":BROKEN:0" in dom, dom[:300]
+    assert "IMAGES:" in dom and ":BROKEN:0:" in dom, dom[:300]
     assert "IMAGES:0:" not in dom
+    assert ":GRADCAM:1" in dom, dom[:300]  # the gallery with its Grad-CAM heat maps decoded
 
 
 def test_hundred_class_confusion_figure_shows_top_pairs_not_a_grid(tmp_path):

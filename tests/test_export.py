@@ -1,10 +1,20 @@
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from cifarlab.cli import main
 from cifarlab.data import load_source
-from cifarlab.predict import OnnxPredictor, Predictor, TorchScriptPredictor
+from cifarlab.export import export_model
+from cifarlab.predict import (
+    OnnxPredictor,
+    Predictor,
+    Pt2Predictor,
+    SafetensorsPredictor,
+    TorchScriptPredictor,
+)
 from cifarlab.train import train
 from tests.conftest import make_config
 
@@ -22,19 +32,81 @@ def runs(real_jpegs, tmp_path_factory):
     return out, images
 
 
+EXPORTS = (("onnx", OnnxPredictor), ("pt2", Pt2Predictor), ("safetensors", SafetensorsPredictor))
+
+
 @pytest.mark.parametrize("model", ["cnn", "resnet18", "fastnet"])
-def test_onnx_and_torchscript_match_pytorch_on_real_images(runs, model, tmp_path, capsys):
+def test_onnx_pt2_and_safetensors_match_pytorch_on_real_images(runs, model, tmp_path, capsys):
     run_dirs, images = runs
     reference = Predictor(str(run_dirs[model]))
     expected = reference.probabilities(images, 64)
-    for fmt, cls in (("onnx", OnnxPredictor), ("torchscript", TorchScriptPredictor)):
-        out = tmp_path / f"m.{'onnx' if fmt == 'onnx' else 'ts'}"
+    for fmt, cls in EXPORTS:
+        out = tmp_path / f"m.{fmt}"
         assert main(["export", str(run_dirs[model]), "--format", fmt, "--out", str(out)]) == 0
         exported = cls(str(out))
         assert exported.classes == reference.classes and exported.size == 32
         got = exported.probabilities(images, 7)  # odd batch: the batch axis is dynamic
         assert np.abs(got - expected).max() < 1e-4, fmt
+    assert (tmp_path / "m.json").is_file()  # the safetensors export's sidecar
     capsys.readouterr()
+
+
+def test_exports_carry_the_checkpoint_temperature(runs, tmp_path):
+    from cifarlab.checkpoint import atomic_save, load_checkpoint
+
+    run_dirs, images = runs
+    ckpt = load_checkpoint(run_dirs["cnn"] / "best.pt")
+    ckpt["temperature"] = 2.5
+    atomic_save(ckpt, tmp_path / "hot.pt")
+    expected = Predictor(str(tmp_path / "hot.pt")).probabilities(images, 64)
+    plain = Predictor(str(run_dirs["cnn"])).probabilities(images, 64)
+    assert np.abs(expected - plain).max() > 0.01  # the temperature changes the probabilities
+    for fmt, cls in EXPORTS:
+        exported = cls(str(export_model(str(tmp_path / "hot.pt"), fmt, tmp_path / f"hot.{fmt}")))
+        assert exported.temperature == 2.5, fmt
+        assert np.abs(exported.probabilities(images, 64) - expected).max() < 1e-4, fmt
+    meta = json.loads((tmp_path / "hot.json").read_text())
+    assert meta["temperature"] == 2.5 and meta["model_args"]["name"] == "cnn"
+    assert meta["torchvision"] is None and len(meta["classes"]) == 10
+
+
+def test_torchscript_export_is_refused_with_the_way_forward(runs, tmp_path, capsys):
+    run_dirs, _ = runs
+    out = str(tmp_path / "m.ts")
+    assert main(["export", str(run_dirs["cnn"]), "--format", "torchscript", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "--format pt2" in err and "still reads old .ts" in err and err.count("\n") == 1
+
+
+def test_predict_still_reads_torchscript_files_of_earlier_versions(runs, tmp_path):
+    from cifarlab.checkpoint import load_checkpoint
+    from cifarlab.export import Deployable
+    from cifarlab.inference import load_model
+
+    run_dirs, images = runs
+    ckpt = load_checkpoint(run_dirs["cnn"] / "best.pt")
+    loaded = load_model(ckpt)
+    net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
+    old_meta = {"classes": json.dumps(ckpt["classes"]), "image_size": "32", "producer": "cifarlab"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what export did before: trace + metadata as strings
+        traced = torch.jit.trace(net, torch.rand(2, 3, 32, 32))
+        torch.jit.save(traced, str(tmp_path / "old.ts"),
+                       _extra_files={"cifarlab.json": json.dumps(old_meta)})  # fmt: skip
+    old = TorchScriptPredictor(str(tmp_path / "old.ts"))
+    expected = Predictor(str(run_dirs["cnn"])).probabilities(images, 64)
+    assert old.temperature == 1.0 and old.classes == list(ckpt["classes"])
+    assert np.abs(old.probabilities(images, 7) - expected).max() < 1e-4
+
+
+def test_safetensors_without_its_json_is_a_one_line_error(runs, tmp_path, capsys):
+    run_dirs, _ = runs
+    out = tmp_path / "w.safetensors"
+    assert main(["export", str(run_dirs["cnn"]), "--format", "safetensors", "--out", str(out)]) == 0
+    (tmp_path / "w.json").unlink()
+    capsys.readouterr()
+    assert main(["predict", str(out), str(tmp_path)]) == 2
+    assert "no w.json beside it" in capsys.readouterr().err
 
 
 def test_predict_with_onnx_prints_the_same_classes_as_the_checkpoint(
@@ -49,8 +121,6 @@ def test_predict_with_onnx_prints_the_same_classes_as_the_checkpoint(
     from_ckpt = capsys.readouterr().out
     assert main(["predict", str(onnx_file), folder, "--json"]) == 0
     from_onnx = capsys.readouterr().out
-    import json
-
     top = lambda text: [json.loads(line)["top_k"][0]["class"] for line in text.splitlines()]  # noqa: E731
     assert top(from_ckpt) == top(from_onnx) and len(top(from_onnx)) == 60
 
@@ -108,10 +178,15 @@ def test_export_out_that_is_a_folder_or_read_only_is_one_line(tmp_path, capsys, 
     assert "is not writable" in err and "Traceback" not in err
 
 
-def test_export_with_force_replaces_an_existing_file(runs, tmp_path):
+@pytest.mark.parametrize("fmt", ["pt2", "safetensors"])
+def test_export_with_force_replaces_an_existing_file(runs, tmp_path, fmt):
     run_dirs, _ = runs
-    out = tmp_path / "model.ts"
+    out = tmp_path / f"model.{fmt}"
     out.write_bytes(b"old")
-    assert main(["export", str(run_dirs["cnn"]), "--format", "torchscript", "--out", str(out), "--force"]) == 0  # fmt: skip
-    assert TorchScriptPredictor(str(out)).classes[0] == "airplane"
-    assert [p.name for p in tmp_path.iterdir()] == ["model.ts"]  # no temporary file left
+    args = ["export", str(run_dirs["cnn"]), "--format", fmt, "--out", str(out)]
+    assert main(args) == 2  # safetensors: its model.json is checked as well
+    assert main([*args, "--force"]) == 0
+    cls = Pt2Predictor if fmt == "pt2" else SafetensorsPredictor
+    assert cls(str(out)).classes[0] == "airplane"
+    written = {"pt2": ["model.pt2"], "safetensors": ["model.json", "model.safetensors"]}[fmt]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temporary file left

@@ -234,12 +234,19 @@ def cmd_suite(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cifarlab.export import export_model
+    from cifarlab.export import default_output, export_model, sidecar
 
-    suffix = ".onnx" if args.format == "onnx" else ".ts"
-    src = Path(args.model)
-    out = args.out or (src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix))
-    print(f"exported {export_model(args.model, args.format, out, args.force)}")
+    out = args.out or default_output(args.model, args.format)
+    out = export_model(args.model, args.format, out, args.force)
+    also = f" and {sidecar(out)}" if args.format == "safetensors" else ""
+    print(f"exported {out}{also}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from cifarlab.calibration import calibrate_run
+
+    calibrate_run(args.run, device=args.device)
     return 0
 
 
@@ -298,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     pr = command("predict", "classify image files and folders")
-    pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.ts")
+    pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.pt2|FILE.safetensors")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -312,11 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(su)
     su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     su.add_argument("--only", help="run only this run of the suite")
-    ex = command("export", "export a checkpoint as ONNX or TorchScript")
+    ex = command("export", "export a checkpoint as ONNX, a torch.export program or safetensors")
     ex.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
-    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
-    ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.onnx or .ts)")
+    ex.add_argument("--format", default="onnx", metavar="{onnx,pt2,safetensors}",
+                    help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
+                    "safetensors (weights + a .json beside them)")  # fmt: skip
+    ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.<format>)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ca = command(
+        "calibrate", "fit a run's temperature on its validation split (into its checkpoints)"
+    )
+    ca.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    ca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     tu = command("tune", "hyperparameter search with Optuna (shared, resumable study)")
     tu.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
     _run_flags(tu)
@@ -343,6 +357,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "suite": cmd_suite,
     "export": cmd_export,
+    "calibrate": cmd_calibrate,
     "tune": cmd_tune,
     "models": cmd_models,
     "recipes": cmd_recipes,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab import metrics
+from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, apply_overrides, data_root
 from cifarlab.data import ImageSet, load_source, load_splits
@@ -79,20 +79,53 @@ def _test_split(config: TrainConfig) -> ImageSet:
     return test
 
 
-def _mistake_groups(
+CORRECT_PER_CLASS = 2  # correct examples beside the mistakes: what the model gets right looks like
+
+
+def _gallery_groups(
     data: ImageSet, probs: np.ndarray, classes: list[str], chosen: list[int]
 ) -> list:
+    """Per chosen class: its five most confident mistakes, then its most confident correct ones."""
     preds, conf = probs.argmax(1), probs.max(1)
     groups = []
     for c in chosen:
         wrong = np.flatnonzero((data.labels == c) & (preds != c))
-        wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:5]
-        items = [
-            {"image": data.images[i], "predicted": classes[preds[i]], "confidence": float(conf[i])}
-            for i in wrong
+        right = np.flatnonzero((data.labels == c) & (preds == c))
+        picks = [
+            *wrong[np.argsort(-conf[wrong], kind="stable")][:5],
+            *right[np.argsort(-conf[right], kind="stable")][:CORRECT_PER_CLASS],
         ]
+        items = [
+            {"index": int(i), "image": data.images[i], "predicted": classes[preds[i]],
+             "confidence": float(conf[i]), "correct": bool(preds[i] == c)}
+            for i in picks
+        ]  # fmt: skip
         groups.append((classes[c], items))
     return groups
+
+
+def _add_gradcam(groups: list, loaded, classes: list[str]) -> dict:
+    """Each gallery item gets `cam`, the Grad-CAM map of its predicted class; returns what the
+    report says about it (the layer, or why there are no maps)."""
+    if not gradcam.have_captum():
+        return {"note": "Grad-CAM heat maps need the extra: pip install 'cifarlab[gradcam]'"}
+    items = [item for _, group in groups for item in group]
+    if not items:
+        return {"note": "no images in the gallery"}
+    images = torch.from_numpy(np.stack([it["image"] for it in items])).permute(0, 3, 1, 2)
+    targets = torch.tensor([classes.index(it["predicted"]) for it in items])
+    maps, layer = gradcam.gradcam_maps(loaded, images, targets)
+    for item, cam in zip(items, maps, strict=True):
+        item["cam"] = cam
+    return {"layer": layer.name, "map_side": layer.side, "target": "predicted class",
+            "images": len(items)}  # fmt: skip
+
+
+def _chosen_classes(opts: EvalOptions, classes: list[str], accuracy: np.ndarray) -> list[int]:
+    """--classes (checked by _gallery_classes before any work), else the two hardest."""
+    if not opts.classes:
+        return [int(i) for i in np.argsort(accuracy, kind="stable")[:2]]
+    return [classes.index(c) for c in opts.classes]
 
 
 def _gallery_classes(wanted: list[str] | None, classes: list[str]) -> None:
@@ -126,8 +159,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)
     logits = predict_logits(model, images, normalize, opts.batch_size)
-    mean_loss = F.cross_entropy(logits, labels).item()
-    probs = torch.softmax(logits, 1).cpu().numpy()
+    mean_loss = F.cross_entropy(logits, labels).item()  # of the raw logits, as training's val_loss
+    probs = torch.softmax(logits / loaded.temperature, 1).cpu().numpy()  # what predict prints
     y = data.labels
     preds = probs.argmax(1)
     cm = metrics.confusion_matrix(y, preds, len(classes))
@@ -153,6 +186,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         },
         "most_confused": pairs,
         "calibration": calib,
+        **_temperature_entries(loaded.temperature, logits, y, opts.split),
         "checkpoint": str(ckpt_path),
         "ema": opts.ema,
         "data": source,
@@ -164,15 +198,40 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
     report["training"] = {"epochs": len(rows), "seconds": float(sum(r["seconds"] for r in rows))}
-    _write_files(report, data, probs, classes, rows, opts, out)
+    chosen = _chosen_classes(opts, classes, pc["accuracy"])
+    groups = _gallery_groups(data, probs, classes, chosen)
+    report["gradcam"] = _add_gradcam(groups, loaded, classes)
+    _write_files(report, data, probs, groups, rows, out)
     write_report(report, ckpt["config"], out)
     log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
     _summary(report, out, log)
     return report
 
 
-def _write_files(report, data, probs, classes, rows, opts, out: Path) -> None:
-    pc = report["per_class"]
+def _temperature_entries(temperature: float, logits: torch.Tensor, y: np.ndarray, split: str):
+    """The report's temperature, and the uncalibrated ECE and bins beside the calibrated ones."""
+    if temperature == 1.0:
+        return {
+            "temperature": 1.0,
+            "calibration_note": "not calibrated: cifarlab calibrate RUN fits a temperature "
+            "on the validation split",
+        }
+    before = metrics.calibration(torch.softmax(logits, 1).cpu().numpy(), y)
+    entries = {
+        "temperature": temperature,
+        "expected_calibration_error_before": before["ece"],
+        "calibration_before": before,
+    }
+    if split == "val":
+        entries["calibration_note"] = (
+            "the temperature was fitted on this validation split, so the ECE after it is "
+            "in-sample; --split test (or --data) measures it on held-out images"
+        )
+    return entries
+
+
+def _write_files(report, data, probs, groups, rows, out: Path) -> None:
+    classes, pc = report["classes"], report["per_class"]
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "accuracy", "precision", "recall", "f1", "support"])
@@ -196,12 +255,11 @@ def _write_files(report, data, probs, classes, rows, opts, out: Path) -> None:
     acc = np.asarray([pc[c]["accuracy"] for c in classes])
     figures.confusion_matrix(cm, classes, report["most_confused"], out / "confusion_matrix.png")
     figures.per_class(acc, classes, out / "per_class.png")
-    if opts.classes:  # checked by _gallery_classes before any file was written
-        chosen = [classes.index(c) for c in opts.classes]
-    else:
-        chosen = [int(i) for i in np.argsort(acc, kind="stable")[:2]]
-    figures.mistakes(_mistake_groups(data, probs, classes, chosen), out / "mistakes.png")
-    figures.reliability(report["calibration"], out / "calibration.png")
+    figures.mistakes(groups, out / "mistakes.png")
+    figures.reliability(
+        report["calibration"], out / "calibration.png", report.get("calibration_before"),
+        report["temperature"],
+    )  # fmt: skip
     if rows:
         figures.curves(rows, out / "curves.png")
     else:
@@ -227,6 +285,12 @@ def _summary(report: dict, out: Path, log) -> None:
         "most confused: "
         + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs)
     )
+    if "expected_calibration_error_before" in report:
+        log(
+            f"calibration: temperature {report['temperature']:.3f}, ECE "
+            f"{report['expected_calibration_error_before']:.3f} -> "
+            f"{report['expected_calibration_error']:.3f}"
+        )
     if "curves_note" in report:
         log(f"note: {report['curves_note']}")
     log(f"report: {out / 'report.html'}")

@@ -1,7 +1,21 @@
-"""`cifarlab export`: a checkpoint as ONNX or TorchScript with normalisation baked in.
+"""`cifarlab export`: a checkpoint as ONNX, a `torch.export` program, or safetensors weights.
 
-Input: float RGB in [0, 1], NCHW, any batch size. Output: logits. Class names, image size and
-the normalisation travel inside the file (ONNX metadata_props / TorchScript extra files).
+- `onnx`: the `torch.export`-based exporter (`dynamo=True`), opset 18. Input `images`: float
+  RGB in [0, 1], NCHW, any batch size (normalisation is inside the graph); output `logits`.
+  The metadata below is in the model's `metadata_props`.
+- `pt2`: a `torch.export` program (`torch.export.save`), same input and output, dynamic batch;
+  the metadata is the archive's extra file `cifarlab.json` (read it back with
+  `torch.export.load(path, extra_files={"cifarlab.json": ""})`).
+- `safetensors`: the bare network's weights (no normalisation inside) in `<name>.safetensors`
+  and the metadata as `<name>.json` beside it, for loading without cifarlab (README).
+
+Metadata (strings in ONNX, JSON values otherwise): `classes`, `image_size`, `mean`, `std`,
+`temperature` (calibrated probabilities are softmax(logits / temperature); 1.0 if never
+calibrated), `model` (cifarlab's model name), `model_args` (cifarlab's constructor arguments),
+`torchvision` (tv-* models: the builder name, stem and input size), `producer`.
+
+TorchScript (`torch.jit.trace`, deprecated by PyTorch) is no longer written; `cifarlab predict`
+still reads `.ts` files exported before.
 """
 
 from __future__ import annotations
@@ -9,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,9 +31,15 @@ from torch import nn
 
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError
-from cifarlab.inference import load_model
+from cifarlab.inference import LoadedModel, load_model
+from cifarlab.models.torchvision_nets import ARCHS, Upsample
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
+OPSET = 18  # the torch.export-based exporter's own (torchlib) opset; onnxruntime >= 1.14 runs it
+DROPPED = {
+    "torchscript": "TorchScript export was dropped (torch.jit.trace is deprecated by PyTorch); "
+    "use --format pt2 for a torch.export program (cifarlab predict still reads old .ts files)"
+}
 
 
 class Deployable(nn.Module):
@@ -34,15 +55,33 @@ class Deployable(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def metadata(ckpt: dict) -> dict[str, str]:
+def torchvision_info(loaded: LoadedModel) -> dict | None:
+    """For tv-* models: what a plain torchvision user needs to rebuild the network."""
+    builder = ARCHS.get(loaded.args.name)
+    if builder is None:
+        return None
+    return {"builder": builder, "stem": loaded.args.stem, "input_size": loaded.args.input_size}
+
+
+def metadata(ckpt: dict, loaded: LoadedModel) -> dict:
     return {
-        "classes": json.dumps(list(ckpt["classes"])),
-        "image_size": str(int(ckpt["config"].get("image_size", 32))),
-        "mean": json.dumps(list(ckpt["mean"])),
-        "std": json.dumps(list(ckpt["std"])),
-        "model": str(ckpt["config"]["model"]),
+        "classes": list(loaded.classes),
+        "image_size": loaded.image_size,
+        "mean": list(ckpt["mean"]),
+        "std": list(ckpt["std"]),
+        "temperature": loaded.temperature,
+        "model": loaded.args.name,
+        "model_args": loaded.args.to_dict(),
+        "torchvision": torchvision_info(loaded),
         "producer": "cifarlab",
     }
+
+
+def default_output(model: str, fmt: str) -> Path:
+    """RUN_DIR/model.<suffix>, or the checkpoint's name with the format's suffix."""
+    suffix = FORMATS.get(fmt, "." + fmt)
+    src = Path(model)
+    return src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix)
 
 
 def check_out(out: Path, source: Path, force: bool) -> None:
@@ -62,47 +101,95 @@ def check_out(out: Path, source: Path, force: bool) -> None:
 
 
 def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
-    """Write `target`'s checkpoint to `out`; an existing `out` only with `force`, never the input."""
+    """Write `target`'s checkpoint to `out` (safetensors: and its `.json`); an existing file
+    only with `force`, never the input; each file is replaced only when complete."""
+    if fmt in DROPPED:
+        raise UserError(f"--format {fmt}: {DROPPED[fmt]}")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
+    if fmt == "safetensors" and out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: a safetensors export must end in .safetensors")
     source = resolve_checkpoint(target)
-    check_out(out, source, force)
+    for path in (out, sidecar(out)) if fmt == "safetensors" else (out,):
+        check_out(path, source, force)
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
+    meta = metadata(ckpt, loaded)
+    if fmt == "safetensors":
+        _export_safetensors(loaded.model, out, meta)
+        return out
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
-    size = loaded.image_size
-    example = torch.rand(2, 3, size, size)
-    meta = metadata(ckpt)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # `out` is replaced only when complete
-    try:
+    example = torch.rand(2, 3, loaded.image_size, loaded.image_size)
+    with _replaced_when_complete(out) as tmp:
         if fmt == "onnx":
             _export_onnx(net, example, tmp, meta)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TorchScript's deprecation notice
-                traced = torch.jit.trace(net, example)
-                torch.jit.save(traced, str(tmp), _extra_files={"cifarlab.json": json.dumps(meta)})
+            program = _exported_program(net, example)
+            torch.export.save(program, tmp, extra_files={"cifarlab.json": json.dumps(meta)})
+    return out
+
+
+@contextmanager
+def _replaced_when_complete(out: Path):
+    """A temporary path beside `out` to write; renamed onto `out` only if the write succeeded."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
         os.replace(tmp, out)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return out
 
 
-def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]) -> None:
+def _batch_dim() -> dict:
+    return {0: torch.export.Dim("batch", min=1, max=65536)}
+
+
+def _exported_program(net: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    return torch.export.export(net, (example,), dynamic_shapes=(_batch_dim(),))
+
+
+def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
     try:
         import onnx
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError:
         raise UserError("ONNX export needs the extra: pip install 'cifarlab[onnx]'") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             net, (example,), str(out), input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+            dynamic_shapes=(_batch_dim(),), opset_version=OPSET, dynamo=True, verbose=False,
         )  # fmt: skip
     proto = onnx.load(str(out))
     for key, value in meta.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(proto, str(out))
+
+
+def torchvision_core(model: nn.Module) -> nn.Module:
+    """The torchvision network itself: tv-* models with stem imagenet wrap it after an Upsample."""
+    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Upsample):
+        return model[1]
+    return model
+
+
+def sidecar(path: Path) -> Path:
+    """`model.safetensors` -> `model.json`."""
+    return path.with_suffix(".json")
+
+
+def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError(
+            "safetensors export needs the extra: pip install 'cifarlab[safetensors]'"
+        ) from None
+    state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
+    with _replaced_when_complete(out) as tmp:
+        save_file(state, str(tmp), metadata={"producer": "cifarlab"})
+    with _replaced_when_complete(sidecar(out)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")

@@ -68,6 +68,7 @@ class LoadedModel:
     normalize: Normalize
     classes: list[str]
     args: ModelArgs
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature); see calibration
 
     @property
     def image_size(self) -> int:
@@ -107,4 +108,5 @@ def load_model(
             f"({detail[:200]}); the file is damaged or was edited"
         ) from None
     normalize = Normalize(ckpt["mean"], ckpt["std"])
-    return LoadedModel(model.to(device).eval(), normalize, list(ckpt["classes"]), args)
+    temperature = float(ckpt.get("temperature_ema" if use_ema else "temperature", 1.0))
+    return LoadedModel(model.to(device).eval(), normalize, list(ckpt["classes"]), args, temperature)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifarlab.augment import Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.data.images import BadImage, decode_image, is_image_name
 from cifarlab.data.loaders import to_device_uint8
@@ -31,22 +32,24 @@ def image_files(paths: list[str]) -> Iterator[Path]:
 
 
 class Predictor:
-    """A trained checkpoint ready to classify uint8 images."""
+    """A trained checkpoint ready to classify uint8 images; probabilities use its temperature."""
 
     def __init__(self, model_path: str, device: str = "auto"):
         self.device = pick_device(device)
         loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
         self.classes, self.size = loaded.classes, loaded.image_size
         self.model, self.normalize = loaded.model, loaded.normalize
+        self.temperature = loaded.temperature
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         logits = predict_logits(
             self.model, to_device_uint8(images, self.device), self.normalize, batch_size
         )
-        return torch.softmax(logits, 1).cpu().numpy()
+        return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    logits = logits / temperature
     z = np.exp(logits - logits.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
 
@@ -55,7 +58,53 @@ def _as_float(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
 
-class OnnxPredictor:
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_meta(predictor, meta: dict, where: str, required=("classes",)) -> None:
+    """An export's classes, image size and temperature (1.0 in files from before calibration)."""
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise UserError(
+            f"{where}: no {', '.join(missing)} in its metadata; export it with cifarlab export"
+        )
+    predictor.classes = list(meta["classes"])
+    predictor.size = int(meta.get("image_size", 32))
+    predictor.temperature = float(meta.get("temperature", 1.0))
+
+
+class _ExportedPredictor:
+    """Shared by the exported formats with normalisation inside: batches of [0, 1] floats in."""
+
+    classes: list[str]
+    size: int
+    temperature: float
+
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        outs = [
+            self._logits(_as_float(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return _softmax(np.concatenate(outs), self.temperature)
+
+
+def _json_fields(meta: dict[str, str]) -> dict:
+    """ONNX metadata values are strings; the JSON ones (lists, numbers) decoded."""
+    out = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+class OnnxPredictor(_ExportedPredictor):
     """An exported `.onnx` file run by onnxruntime (normalisation is inside the graph)."""
 
     def __init__(self, path: str):
@@ -68,27 +117,69 @@ class OnnxPredictor:
         try:
             self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:
+            raise UserError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
+        _read_meta(self, _json_fields(self.session.get_modelmeta().custom_metadata_map), path)
+
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": batch})[0]
+
+
+class Pt2Predictor(_ExportedPredictor):
+    """An exported `torch.export` program (`.pt2`, normalisation inside)."""
+
+    def __init__(self, path: str):
+        extra = {"cifarlab.json": ""}
+        try:
+            program = torch.export.load(path, extra_files=extra)
+        except Exception as exc:
             raise UserError(
-                f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0]})"
+                f"{path}: not a loadable torch.export program ({_first_line(exc)}); "
+                "export it again with cifarlab export --format pt2"
             ) from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "classes" not in meta:
+        _read_meta(self, json.loads(extra["cifarlab.json"] or "{}"), path)
+        self.model = program.module()
+
+    @torch.inference_mode()
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(batch)).numpy()
+
+
+class SafetensorsPredictor(Predictor):
+    """Weights-only `model.safetensors` + its `model.json`, rebuilt by cifarlab's constructor."""
+
+    def __init__(self, path: str, device: str = "auto"):
+        from cifarlab.export import sidecar, torchvision_core
+        from cifarlab.models import ModelArgs, build_model
+
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
             raise UserError(
-                f"{path}: no class names in its metadata; export it with cifarlab export"
+                "predicting with .safetensors needs the extra: pip install 'cifarlab[safetensors]'"
+            ) from None
+        meta_path = sidecar(Path(path))
+        if not meta_path.is_file():
+            raise UserError(
+                f"{path}: no {meta_path.name} beside it (classes, model, normalisation); "
+                "export both with cifarlab export --format safetensors"
             )
-        self.classes = json.loads(meta["classes"])
-        self.size = int(meta.get("image_size", 32))
+        meta = json.loads(meta_path.read_text())
+        _read_meta(self, meta, str(meta_path), ("classes", "model_args", "mean", "std"))
+        model = build_model(ModelArgs.from_dict(meta["model_args"]))
+        try:
+            torchvision_core(model).load_state_dict(load_file(path))
+        except Exception as exc:
+            raise UserError(
+                f"{path}: its weights do not fit the {meta['model']} that {meta_path.name} "
+                f"describes ({_first_line(exc)[:200]})"
+            ) from None
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.normalize = Normalize(meta["mean"], meta["std"])
 
-    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        outs = [
-            self.session.run(None, {"images": _as_float(images[i : i + batch_size])})[0]
-            for i in range(0, len(images), batch_size)
-        ]
-        return _softmax(np.concatenate(outs))
 
-
-class TorchScriptPredictor:
-    """An exported TorchScript file (`.ts`)."""
+class TorchScriptPredictor(_ExportedPredictor):
+    """A TorchScript file (`.ts`) exported by earlier cifarlab versions (read only)."""
 
     def __init__(self, path: str):
         extra = {"cifarlab.json": ""}
@@ -96,31 +187,28 @@ class TorchScriptPredictor:
             self.model = torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
         except Exception as exc:
             raise UserError(
-                f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})"
+                f"{path}: not a loadable TorchScript file ({_first_line(exc)})"
             ) from None
         if not extra["cifarlab.json"]:
             raise UserError(f"{path}: no class names inside; export it with cifarlab export")
-        meta = json.loads(extra["cifarlab.json"])
-        self.classes = json.loads(meta["classes"])
-        self.size = int(meta["image_size"])
+        _read_meta(self, _json_fields(json.loads(extra["cifarlab.json"])), path)
 
     @torch.inference_mode()
-    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        outs = [
-            self.model(torch.from_numpy(_as_float(images[i : i + batch_size])))
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.softmax(torch.cat(outs), 1).numpy()
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(batch)).numpy()
+
+
+PREDICTORS = {  # file suffix -> reader; anything else is a run directory or checkpoint
+    ".onnx": OnnxPredictor,
+    ".pt2": Pt2Predictor,
+    ".safetensors": SafetensorsPredictor,
+    ".ts": TorchScriptPredictor,
+}
 
 
 def load_predictor(model: str):
-    """By file type: `.onnx` (onnxruntime), `.ts` (TorchScript), else a run directory or checkpoint."""
-    suffix = Path(model).suffix.lower()
-    if suffix == ".onnx":
-        return OnnxPredictor(model)
-    if suffix == ".ts":
-        return TorchScriptPredictor(model)
-    return Predictor(model)
+    """By file type (`PREDICTORS`), else a run directory or checkpoint."""
+    return PREDICTORS.get(Path(model).suffix.lower(), Predictor)(model)
 
 
 def run_predict(

@@ -65,45 +65,63 @@ def per_class(accuracy: np.ndarray, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+def _gallery_title(cls: str, item: dict) -> str:
+    if item.get("correct"):
+        return f"{cls}, correct\n{item['confidence']:.0%}"
+    return f"true {cls}\npred {item['predicted']}\n{item['confidence']:.0%}"
+
+
 def mistakes(groups: list[tuple[str, list[dict]]], path: Path) -> None:
-    """One row per class: its most confidently wrong images, titled true / predicted / confidence."""
+    """One row per class: its most confidently wrong images (then a few correct ones), titled
+    true / predicted / confidence; items with a `cam` get a second row, the Grad-CAM heat map of
+    the predicted class over the image."""
     cols = max([len(items) for _, items in groups] + [1])
+    with_cam = any("cam" in item for _, items in groups for item in items)
+    per_group = 2 if with_cam else 1
     fig, axes = plt.subplots(
-        len(groups), cols, figsize=(2.2 * cols, 2.6 * len(groups)), squeeze=False
-    )
-    for row, (cls, items) in enumerate(groups):
-        for col in range(cols):
-            ax = axes[row][col]
+        per_group * len(groups), cols, figsize=(2.2 * cols, (2.6 + 2.0 * with_cam) * len(groups)),
+        squeeze=False,
+    )  # fmt: skip
+    for g, (cls, items) in enumerate(groups):
+        rows = axes[per_group * g : per_group * (g + 1)]
+        for ax in rows.ravel():
             ax.axis("off")
-            if col < len(items):
-                item = items[col]
-                ax.imshow(item["image"], interpolation="nearest")
-                ax.set_title(
-                    f"true {cls}\npred {item['predicted']}\n{item['confidence']:.0%}", fontsize=8
-                )
-        if not items:
-            axes[row][0].text(0.5, 0.5, f"no mistakes on {cls}", ha="center", va="center")
+        for col, item in enumerate(items):
+            rows[0][col].imshow(item["image"], interpolation="nearest")
+            color = "#2e7d32" if item.get("correct") else "black"
+            rows[0][col].set_title(_gallery_title(cls, item), fontsize=8, color=color)
+            if "cam" in item:
+                rows[1][col].imshow(item["image"], interpolation="nearest")
+                rows[1][col].imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=1,
+                                    interpolation="bilinear")  # fmt: skip
+                rows[1][col].set_title(f"Grad-CAM: {item['predicted']}", fontsize=7)
+        if not any(not item.get("correct") for item in items) and len(items) < cols:
+            free = rows[0][cols - 1]
+            free.text(0.5, 0.5, f"no mistakes\non {cls}", ha="center", va="center",
+                      transform=free.transAxes)  # fmt: skip
     _save(fig, path)
 
 
-def reliability(calib: dict, path: Path) -> None:
+def _reliability_panel(ax, calib: dict, title: str) -> None:
     edges = np.asarray(calib["edges"])
     centers = (edges[:-1] + edges[1:]) / 2
     acc = np.asarray([a if a is not None else np.nan for a in calib["accuracy"]])
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.bar(
-        centers,
-        np.nan_to_num(acc),
-        width=edges[1] - edges[0],
-        edgecolor="k",
-        color="#4f81bd",
-        label="accuracy",
-    )
+    ax.bar(centers, np.nan_to_num(acc), width=edges[1] - edges[0], edgecolor="k",
+           color="#4f81bd", label="accuracy")  # fmt: skip
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability (ECE {calib['ece']:.3f})")
+    ax.set_title(f"{title} (ECE {calib['ece']:.3f})")
     ax.legend(loc="upper left")
+
+
+def reliability(calib: dict, path: Path, before: dict | None = None, temperature: float = 1.0):
+    """The reliability diagram; with `before` (the uncalibrated probabilities) both, side by side."""
+    panels = [(before, "Before (T = 1)"), (calib, f"After (T = {temperature:.2f})")]
+    panels = panels if before is not None else [(calib, "Reliability")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (data, title) in zip(axes[0], panels, strict=True):
+        _reliability_panel(ax, data, title)
     _save(fig, path)
 
 

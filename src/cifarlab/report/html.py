@@ -38,11 +38,54 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _ece_card(r: dict) -> str:
+    if "expected_calibration_error_before" in r:
+        return (
+            f"{r['expected_calibration_error_before']:.3f} → {r['expected_calibration_error']:.3f}"
+        )
+    return f"{r['expected_calibration_error']:.3f}"
+
+
+def _note(text: str | None) -> str:
+    return f'<p class="note">{html.escape(text)}</p>' if text else ""
+
+
+def _gallery(r: dict, out: Path) -> str:
+    cam = r.get("gradcam", {})
+    if "layer" in cam:
+        title = "Where the model looked: most confident mistakes of the hardest classes, then correct examples"
+        about = (
+            f"<p>Below each image, the Grad-CAM heat map of the predicted class (Captum "
+            f"<code>LayerGradCam</code> on <code>{html.escape(cam['layer'])}</code>, a "
+            f"{cam['map_side']}x{cam['map_side']} map upsampled to the image): red is where "
+            "evidence for that class was found.</p>"
+        )
+        image = _img(out / "mistakes.png", "Grad-CAM gallery: mistakes and correct examples")
+    else:
+        title, about = "Most confident mistakes of the hardest classes, then correct examples", ""
+        image = _img(out / "mistakes.png", "mistakes") + _note(cam.get("note"))
+    return f"<section><h2>{title}</h2>{about}{image}</section>"
+
+
+def _calibration(r: dict, out: Path) -> str:
+    alt = "reliability diagram before and after temperature scaling"
+    if "expected_calibration_error_before" not in r:
+        alt = "reliability diagram"
+    about = (
+        f"<p>Temperature {r['temperature']:.3f} (probabilities are softmax(logits / T)): "
+        f"ECE {r['expected_calibration_error_before']:.3f} before, "
+        f"{r['expected_calibration_error']:.3f} after.</p>"
+        if "expected_calibration_error_before" in r
+        else ""
+    )
+    return about + _img(out / "calibration.png", alt) + _note(r.get("calibration_note"))
+
+
 def write_report(report: dict, config: dict, out: Path) -> Path:
     r = report
     cards = [
         ("accuracy", f"{r['accuracy']:.2%}"), ("top-5", f"{r['top5_accuracy']:.2%}"),
-        ("mean loss", f"{r['mean_loss']:.3f}"), ("ECE", f"{r['expected_calibration_error']:.3f}"),
+        ("mean loss", f"{r['mean_loss']:.3f}"), ("ECE", _ece_card(r)),
         ("images", f"{r['num_images']:,}"),
     ]  # fmt: skip
     if r.get("tta_accuracy") is not None:
@@ -84,9 +127,9 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
 <section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
 <div class="two"><section><h2>Per-class accuracy</h2>{_img(out / "per_class.png", "per-class accuracy")}</section>
 <section><h2>Most confused pairs</h2>{_table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
-<section><h2>Most confident mistakes of the hardest classes</h2>{_img(out / "mistakes.png", "mistakes")}</section>
-<div class="two"><section><h2>Calibration</h2>{_img(out / "calibration.png", "reliability diagram")}</section>
-<section><h2>Per class</h2>{_table(["class", "accuracy", "precision", "recall", "F1", "support"], per_class_rows)}</section></div>
+{_gallery(r, out)}
+<section><h2>Calibration</h2>{_calibration(r, out)}</section>
+<section><h2>Per class</h2>{_table(["class", "accuracy", "precision", "recall", "F1", "support"], per_class_rows)}</section>
 <section><h2>Training curves</h2>{curves}</section>
 <section><h2>Checkpoint and config</h2><p>{html.escape(r["checkpoint"])}</p>
 <pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre></section>

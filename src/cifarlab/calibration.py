@@ -1,0 +1,101 @@
+"""Temperature scaling (Guo et al. 2017, arXiv 1706.04599): one scalar T, fitted on the
+validation split, so that softmax(logits / T) is calibrated. T > 1 softens over-confident
+probabilities, T < 1 sharpens under-confident ones (label smoothing makes `fast` under-confident);
+the argmax, and so accuracy, never changes.
+
+A checkpoint's `temperature` (absent = 1.0) belongs to its `model` weights; `temperature_ema`
+to its EMA weights when it has them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cifarlab.checkpoint import atomic_save, load_checkpoint
+from cifarlab.data.loaders import to_device_uint8
+from cifarlab.errors import UserError
+from cifarlab.hardware import pick_device
+from cifarlab.inference import load_model, predict_logits
+
+CHECKPOINTS = ("best.pt", "last.pt")
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T minimising the cross-entropy of softmax(logits / T) on (logits, labels).
+
+    LBFGS on log T keeps T positive without a constraint; the problem is one-dimensional and
+    convex in 1/T, so a few dozen iterations from T = 1 reach the optimum."""
+    logits = logits.detach().float().cpu().clone()  # predict_logits returns inference tensors
+    labels = labels.detach().long().cpu()
+    if len(labels) == 0:
+        raise UserError("calibration: no validation images to fit a temperature on")
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    # clamped: on a set the model gets all right the optimum is T -> 0
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def _val_logits(
+    ckpt: dict, path: Path, use_ema: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from cifarlab.evaluate import EvalOptions, load_eval_set  # evaluate imports this module
+
+    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
+    if len(data.labels) == 0:
+        raise UserError(
+            f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "
+            "retrain with --set val_size=N, or leave the probabilities uncalibrated"
+        )
+    loaded = load_model(ckpt, device, use_ema)
+    images = to_device_uint8(data.images, device)
+    return predict_logits(loaded.model, images, loaded.normalize), torch.from_numpy(
+        data.labels
+    ).long()
+
+
+def calibrate_checkpoint(path: Path, log=print, device: str = "auto") -> float:
+    """Fit the temperature of `path`'s weights (and EMA weights) on its run's validation split
+    and write it into the file atomically; returns the temperature of the `model` weights."""
+    ckpt, dev = load_checkpoint(path), pick_device(device)
+    for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
+        logits, labels = _val_logits(ckpt, path, use_ema, dev)
+        t = fit_temperature(logits, labels)
+        logits = logits.float().cpu()
+        before = F.cross_entropy(logits, labels).item()
+        after = F.cross_entropy(logits / t, labels).item()
+        ckpt["temperature_ema" if use_ema else "temperature"] = t
+        weights = "EMA weights" if use_ema else "weights"
+        log(
+            f"{path.name}: temperature {t:.3f} for its {weights} "
+            f"(val NLL {before:.3f} -> {after:.3f} on {len(labels)} images)"
+        )
+    atomic_save(ckpt, path)
+    return ckpt["temperature"]
+
+
+def calibrate_run(run_dir: Path | str, log=print, device: str = "auto") -> float:
+    """`cifarlab calibrate RUN`, and the end of training: each of the run's checkpoints gets the
+    temperature of its own weights (best.pt and last.pt may hold different epochs). Returns
+    the temperature of the checkpoint predict uses (best.pt, else last.pt)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return calibrate_checkpoint(run_dir, log, device)
+    present = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
+    if not present:
+        raise UserError(
+            f"{run_dir}: no best.pt or last.pt to calibrate; pass a run directory that has "
+            "trained an epoch, or a checkpoint file"
+        )
+    temperatures = [calibrate_checkpoint(path, log, device) for path in present]
+    return temperatures[0]
