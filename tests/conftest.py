@@ -24,6 +24,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(needs_real_data)
 
 
+@pytest.fixture(autouse=True)
+def _fp32_on_every_cpu(monkeypatch):
+    """`amp: auto` would pick bf16 on a CI machine with AMX; the parity tests compare against
+    fp32 exporters, so every test sees a CPU without AMX unless it injects one itself."""
+    monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set())
+
+
 @pytest.fixture(scope="session")
 def real_jpegs(tmp_path_factory) -> Path:
     """`<root>/train/<class>/*.jpg`: the first 60 real images of each CIFAR-10 class."""

@@ -62,6 +62,8 @@ def _miscalibrated_copy(run, scale: float, dest):
         for key in ckpt["model"]:
             if key.startswith(head + "."):
                 ckpt["model"][key] = ckpt["model"][key] * scale
+        for key in ("temperature", "temperature_ema"):  # training fitted one for the old weights
+            ckpt.pop(key, None)
         atomic_save(ckpt, dest / name)
     return dest
 
@@ -115,7 +117,10 @@ def test_calibrate_command_writes_the_temperature_into_both_checkpoints(tmp_path
         epochs=1, batch_size=8, val_size=9, lr=0.01, warmup_epochs=0.0, tta="none",
     )  # fmt: skip
     train(config, tmp_path / "run", log=lambda s: None)
-    assert "temperature" not in load_checkpoint(tmp_path / "run" / "last.pt")
+    for name in ("best.pt", "last.pt"):  # as a run trained before calibration existed
+        ckpt = load_checkpoint(tmp_path / "run" / name)
+        del ckpt["temperature"]
+        atomic_save(ckpt, tmp_path / "run" / name)
     assert main(["calibrate", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "best.pt: temperature" in out and "last.pt: temperature" in out
@@ -138,3 +143,8 @@ def test_calibrating_a_run_without_validation_split_says_how_to_get_one(tmp_path
 def test_calibrating_a_folder_without_checkpoints_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="no best.pt or last.pt"):
         calibrate_run(tmp_path)
+
+
+def test_training_ends_with_a_temperature_in_both_checkpoints(trained_run):
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(trained_run / name)["temperature"] > 0

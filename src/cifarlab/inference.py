@@ -32,16 +32,21 @@ def predict_logits(
     tta: str = "none",
     hardware=None,
 ) -> torch.Tensor:
-    """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views' logits."""
+    """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
+    logits. Without `hardware`, the precision follows training's rule for the images' device
+    (bf16 on CUDA and on CPUs with AMX, else fp32: `hardware.choose_amp`)."""
+    from cifarlab.hardware import inference_hardware
+
+    hardware = hardware or inference_hardware(images.device)
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
-        if hardware is not None and hardware.channels_last:
+        if hardware.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         views = _views(x, tta)
-        with hardware.autocast() if hardware is not None else torch.autocast("cpu", enabled=False):
+        with hardware.autocast():
             logits = torch.stack([model(v).float() for v in views]).mean(0)
         out.append(logits)
     model.train(was_training)

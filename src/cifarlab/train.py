@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
+from cifarlab.calibration import calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
     RUNTIME_KEYS,
@@ -431,8 +432,9 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
 def _finish(
     run: TrainingRun, run_dir: Path, history: list[dict], saver: Checkpointer, log
 ) -> Result:
-    """The final TTA pass (as airbench: once, on the final weights), the selected checkpoint's
-    test accuracy when the data has a test split, and `result.json`."""
+    """The final TTA pass (as airbench: once, on the final weights), a temperature fitted on the
+    validation split into the checkpoints, the selected checkpoint's test accuracy when the data
+    has a test split, and `result.json`."""
     c = run.config
     seconds = sum(r["seconds"] for r in history)
     tta_acc = None
@@ -445,6 +447,8 @@ def _finish(
         log(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
+    if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
+        calibrate_run(run_dir, log=log, device=str(run.hw.device))
     test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
     finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     result = Result(
