@@ -289,10 +289,7 @@ def train_one_epoch(
     check_every = (
         1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
     )  # a sync costs on CUDA
-    bar = tqdm(
-        total=n, initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}", disable=True if not c.progress else None,
-        leave=False, unit="step", mininterval=1, file=sys.stderr,
-    )  # fmt: skip
+    bar = _progress(run, epoch, start_step)
     t0 = time.perf_counter() - stats.seconds
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
@@ -301,17 +298,9 @@ def train_one_epoch(
         if step >= last_step:
             break
         loss, logits = train_step(run, x, y, rand)
-        if ((step + 1) % check_every == 0 or step == last_step - 1) and not math.isfinite(
-            loss.item()
-        ):
-            if c.on_nan != "skip":
-                raise TrainingFailed(
-                    f"non-finite loss at epoch {epoch + 1} step {step + 1}; the last good checkpoint is "
-                    f"{saver.last} (lower --lr, or --set on_nan=skip to skip such batches)"
-                )
-            stats.nan_skipped += 1
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
+        checked = (step + 1) % check_every == 0 or step == last_step - 1
+        if checked and not math.isfinite(loss.item()):
+            _non_finite(run, c, stats, f"epoch {epoch + 1} step {step + 1}", saver)
             continue
         optimizer_step(run, loss, epoch * n + step + 1)
         loss_sum += loss.detach() * len(y)
@@ -328,23 +317,48 @@ def train_one_epoch(
         )
         if stop.received is not None or save_now:
             _sync(stats, loss_sum, correct, t0)
-            saver.save(
-                checkpoint_state(run, epoch, step + 1, dataclasses.asdict(stats), saver.best),
-                end_of_epoch=False,
-            )
-            if stop.received is not None:
-                bar.close()
-                raise Interrupted(
-                    f"stopped at epoch {epoch + 1} step {step + 1}; saved {saver.last}. "
-                    f"Resume with: cifarlab train --out {saver.run_dir} --resume",
-                    130 if stop.received == signal.SIGINT else 143,
-                )
+            _save_mid_epoch(run, epoch, step + 1, stats, saver, stop, bar)
     bar.close()
     _sync(stats, loss_sum, correct, t0)
     stats.loss_sum, stats.correct, stats.seen = all_sum(
         [stats.loss_sum, stats.correct, stats.seen], run.dist, run.hw.device
     )  # every rank's share of the epoch
     return stats
+
+
+def _progress(run: TrainingRun, epoch: int, start_step: int):
+    c = run.config
+    return tqdm(
+        total=len(run.batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
+        disable=True if not c.progress else None, leave=False, unit="step", mininterval=1, file=sys.stderr,
+    )  # fmt: skip
+
+
+def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str, saver) -> None:
+    """A non-finite loss: stop (`on_nan: stop`), or skip the batch, the schedule moving on."""
+    if c.on_nan != "skip":
+        raise TrainingFailed(
+            f"non-finite loss at {where}; the last good checkpoint is {saver.last} "
+            "(lower --lr, or --set on_nan=skip to skip such batches)"
+        )
+    stats.nan_skipped += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+
+
+def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, stop, bar) -> None:
+    """`last.pt` mid-epoch (every `save_every_steps`, or on a stop signal, then exit 130/143)."""
+    saver.save(
+        checkpoint_state(run, epoch, next_step, dataclasses.asdict(stats), saver.best),
+        end_of_epoch=False,
+    )
+    if stop.received is not None:
+        bar.close()
+        raise Interrupted(
+            f"stopped at epoch {epoch + 1} step {next_step}; saved {saver.last}. "
+            f"Resume with: cifarlab train --out {saver.run_dir} --resume",
+            130 if stop.received == signal.SIGINT else 143,
+        )
 
 
 def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
