@@ -87,3 +87,12 @@ def synthetic_images(tmp_path_factory) -> Path:
     write_synthetic_folder(root / "train")
     write_synthetic_folder(root / "test", per_class=4)
     return root
+
+
+def read_only_folder(monkeypatch, folder: Path) -> Path:
+    """`folder`, made and reported unwritable: the tests run as root, which ignores mode bits,
+    so `os.access` denies it as a read-only mount would."""
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != folder and real_access(p, m))
+    return folder

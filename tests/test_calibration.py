@@ -110,13 +110,17 @@ def test_predict_prints_probabilities_at_the_checkpoint_temperature(trained_run,
     np.testing.assert_allclose(predictor.probabilities(images, 4), expected, atol=1e-6)
 
 
-def test_calibrate_command_writes_the_temperature_into_both_checkpoints(tmp_path, capsys):
+def _tiny_run(tmp_path, val_size: int):
     write_synthetic_folder(tmp_path / "data" / "train")
     config = make_config(
         data=str(tmp_path / "data"), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
-        epochs=1, batch_size=8, val_size=9, lr=0.01, warmup_epochs=0.0, tta="none",
+        epochs=1, batch_size=8, val_size=val_size, lr=0.01, warmup_epochs=0.0, tta="none",
     )  # fmt: skip
     train(config, tmp_path / "run", log=lambda s: None)
+
+
+def test_calibrate_command_writes_the_temperature_into_both_checkpoints(tmp_path, capsys):
+    _tiny_run(tmp_path, val_size=9)
     for name in ("best.pt", "last.pt"):  # as a run trained before calibration existed
         ckpt = load_checkpoint(tmp_path / "run" / name)
         del ckpt["temperature"]
@@ -129,12 +133,7 @@ def test_calibrate_command_writes_the_temperature_into_both_checkpoints(tmp_path
 
 
 def test_calibrating_a_run_without_validation_split_says_how_to_get_one(tmp_path):
-    write_synthetic_folder(tmp_path / "data" / "train")
-    config = make_config(
-        data=str(tmp_path / "data"), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
-        epochs=1, batch_size=8, val_size=0, lr=0.01, warmup_epochs=0.0, tta="none",
-    )  # fmt: skip
-    train(config, tmp_path / "run", log=lambda s: None)
+    _tiny_run(tmp_path, val_size=0)
     with pytest.raises(UserError, match="no validation split .* val_size"):
         calibrate_run(tmp_path / "run", log=lambda s: None)
     assert "temperature" not in load_checkpoint(tmp_path / "run" / "best.pt")

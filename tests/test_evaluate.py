@@ -9,7 +9,7 @@ from cifarlab.cli import main
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.train import train
-from tests.conftest import make_config
+from tests.conftest import make_config, read_only_folder
 
 FILES = ["report.json", "confusion_matrix.png", "per_class.png", "per_class.csv", "mistakes.png",
          "calibration.png", "curves.png", "report.html"]  # fmt: skip
@@ -178,18 +178,13 @@ def test_unknown_gallery_classes_are_refused_before_any_file_is_written(
 def test_evaluate_out_that_is_a_file_or_read_only_is_one_line(
     small_run, tmp_path, capsys, monkeypatch
 ):
-    import os
-    from pathlib import Path
 
     existing = tmp_path / "report.txt"
     existing.write_text("keep me")
     assert main(["evaluate", str(small_run), "--out", str(existing)]) == 2
     assert "is a file; evaluate writes a folder" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    real_access = os.access  # root ignores mode bits: deny as a read-only mount would
-    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != read_only and real_access(p, m))
+    read_only = read_only_folder(monkeypatch, tmp_path / "ro")
     assert main(["evaluate", str(small_run), "--out", str(read_only / "ev")]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "Traceback" not in err

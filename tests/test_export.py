@@ -16,7 +16,7 @@ from cifarlab.predict import (
     TorchScriptPredictor,
 )
 from cifarlab.train import train
-from tests.conftest import make_config
+from tests.conftest import make_config, read_only_folder
 
 
 @pytest.fixture(scope="module")
@@ -163,16 +163,11 @@ def test_export_over_an_existing_file_needs_force(tmp_path, capsys):
 
 
 def test_export_out_that_is_a_folder_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
-    import os
-    from pathlib import Path
 
     run = _fake_run(tmp_path)
     assert main(["export", str(run), "--out", str(tmp_path)]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    real_access = os.access  # root ignores mode bits: deny as a read-only mount would
-    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != read_only and real_access(p, m))
+    read_only = read_only_folder(monkeypatch, tmp_path / "ro")
     assert main(["export", str(run), "--out", str(read_only / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "Traceback" not in err
