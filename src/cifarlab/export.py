@@ -32,7 +32,8 @@ from torch import nn
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError
 from cifarlab.inference import LoadedModel, load_model
-from cifarlab.models.torchvision_nets import ARCHS, Upsample
+from cifarlab.models.adapt import Upsample
+from cifarlab.models.torchvision_nets import ARCHS
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
 OPSET = 18  # the torch.export-based exporter's own (torchlib) opset; onnxruntime >= 1.14 runs it
