@@ -1,0 +1,58 @@
+"""Every exercise suite runs end to end at a tiny budget on real images with a test split, and
+reports test accuracy; Exercise 4 with a local file standing in for torchvision's ImageNet weights."""
+
+import shutil
+
+import pytest
+import torch
+
+from cifarlab.suites import SuiteOptions, load_suite, run_suite
+
+
+@pytest.fixture(scope="module")
+def real_with_test(real_jpegs, tmp_path_factory):
+    """The real JPEGs split per class: 45 images to train/, 15 to test/."""
+    root = tmp_path_factory.mktemp("real-test")
+    for folder in sorted((real_jpegs / "train").iterdir()):
+        for i, image in enumerate(sorted(folder.iterdir())):
+            dest = root / ("test" if i % 4 == 0 else "train") / folder.name / image.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, dest)
+    return root
+
+
+@pytest.fixture
+def imagenet_stand_in(tmp_path, monkeypatch):
+    """A random ResNet-18 state dict where torchvision looks for its ImageNet download."""
+    from torchvision import models
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    target = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(models.resnet18(weights=None).state_dict(), target)
+    return target
+
+
+@pytest.mark.parametrize("exercise", [1, 2, 3, 4, 5])
+def test_exercise_suite_runs_end_to_end_and_reports_test_accuracy(
+    exercise, real_with_test, imagenet_stand_in, tmp_path
+):
+    overrides = {"data": str(real_with_test), "data_root": str(tmp_path / "d"), "val_size": 50,
+                 "batch_size": 50, "threads": 1, "progress": False, "width": 0.25, "subset": 200}  # fmt: skip
+    name = f"exercise-{exercise}"
+    messages = []
+    rows = run_suite(
+        name, SuiteOptions(tmp_path / "out", overrides=overrides, budget=0.001), log=messages.append
+    )
+    assert not [m for m in messages if "cannot start" in m], messages
+    assert [r["run"] for r in rows] == [r.name for r in load_suite(name, {"data": "x"}).runs]
+    assert all("test_acc" in r and 0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "test acc" in table
+    if exercise == 5:
+        assert "gain over previous" in table
+    if exercise == 3:
+        assert (tmp_path / "out" / "mixup_examples.png").is_file()
+    for picture in ("curves_val_acc.png", "curves_train_loss.png", "index.html"):
+        assert (tmp_path / "out" / picture).is_file()
