@@ -11,9 +11,19 @@ from typing import Any
 from cifarlab.errors import Interrupted, UserError
 
 
+class _Help(argparse.HelpFormatter):
+    """Every flag's line says its default, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # one line and exit 2, like every other bad input
@@ -29,7 +39,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--data-root",
         help="where datasets and caches live (default $CIFARLAB_DATA or ~/.cache/cifarlab)",
     )
-    p.add_argument("--model", help="model name (see `cifarlab models`), instead of the recipe's")
+    p.add_argument(
+        "--model",
+        help="model name (see `cifarlab models`), instead of the recipe's (default: the recipe's)",
+    )
     p.add_argument(
         "--epochs",
         type=int,
@@ -44,9 +57,15 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--time-budget",
         help="the whole run in this time, e.g. 900, 90s, 15m, 1.5h (length chosen after timing the first steps)",
     )
-    p.add_argument("--batch-size", type=int, help="images per optimiser step")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--seed", type=int, help="seed of the split, the initialisation and the batches")
+    p.add_argument(
+        "--batch-size", type=int, help="images per optimiser step (default: the recipe's)"
+    )
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the split, the initialisation and the batches (default: the recipe's)",
+    )
     p.add_argument("--subset", type=int, help="keep a stratified subset of N training images")
     p.add_argument(
         "--val-size",
@@ -293,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
     )
     ev = command("evaluate", "metrics, figures and an HTML report for a trained run")
-    ev.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
+    ev.add_argument(
+        "model",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run directory (its best.pt) or a checkpoint file",
+    )
     ev.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
     ev.add_argument(
         "--data", help="evaluate on another data source (a labelled folder is scored whole)"
@@ -305,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     pr = command("predict", "classify image files and folders")
-    pr.add_argument("model", metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.pt2|FILE.safetensors")
+    pr.add_argument(
+        "model",
+        metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.pt2|FILE.safetensors",
+        help="a run, a checkpoint or an exported model",
+    )
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
     pr.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -320,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     su.add_argument("--only", help="run only this run of the suite")
     ex = command("export", "export a checkpoint as ONNX, a torch.export program or safetensors")
-    ex.add_argument("model", metavar="RUN_DIR|CHECKPOINT")
+    ex.add_argument(
+        "model",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run directory (its best.pt) or a checkpoint file",
+    )
     ex.add_argument("--format", default="onnx", metavar="{onnx,pt2,safetensors}",
                     help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
                     "safetensors (weights + a .json beside them)")  # fmt: skip
@@ -329,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     ca = command(
         "calibrate", "fit a run's temperature on its validation split (into its checkpoints)"
     )
-    ca.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    ca.add_argument(
+        "run",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="a run directory (both checkpoints) or one checkpoint",
+    )
     ca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     tu = command("tune", "hyperparameter search with Optuna (shared, resumable study)")
     tu.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
