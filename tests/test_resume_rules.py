@@ -171,3 +171,38 @@ def test_a_suite_rerun_with_other_settings_refuses_the_old_runs(synthetic_images
         run_suite(
             str(path), SuiteOptions(tmp_path / "out", overrides={**base, "lr": 0.05}), log=QUIET
         )
+
+
+def test_resume_before_the_first_checkpoint_keeps_the_runs_own_config(
+    synthetic_images, tmp_path, capsys
+):
+    config = _config(synthetic_images, tmp_path, epochs=1)
+    (tmp_path / "run").mkdir()
+    from cifarlab.config import save_config
+
+    save_config(config, tmp_path / "run" / "config.yaml")  # killed before its first save
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.3"]) == 2
+    assert "it started with another config (lr: 0.02 -> 0.3" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    assert "starting it over with its config" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["model"] == "cnn"
+
+
+def test_resume_may_not_change_the_length_a_time_budget_chose(
+    synthetic_images, tmp_path, capsys, monkeypatch
+):
+    from cifarlab.budget import Timings
+
+    monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=1.0, val_image=0.001))
+    config = _config(synthetic_images, tmp_path, epochs=4, time_budget=4.5, save_every_steps=1)
+    train(config, tmp_path / "run", log=QUIET)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    torch.save({**ckpt, "epoch": 0, "next_step": 1}, tmp_path / "run" / "last.pt")
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "9"]) == 2
+    assert "epochs: " in capsys.readouterr().err
+    train(config, tmp_path / "run", resume=True, log=QUIET)  # the same budgeted config resumes
+
+
+def test_train_steps_that_disagree_with_epochs_are_refused(synthetic_images, tmp_path):
+    with pytest.raises(UserError, match="train_steps=100 is .* epochs=2"):
+        train(_config(synthetic_images, tmp_path, train_steps=100), tmp_path / "run", log=QUIET)

@@ -77,3 +77,14 @@ def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_r
     err = capsys.readouterr().err
     assert "already holds trial-000" in err and "--resume" not in err and "Traceback" not in err
     assert (old_trial / "last.pt").read_bytes() == b"an earlier study's trial"
+
+
+def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):
+    import pytest
+
+    from cifarlab.errors import UserError
+
+    with pytest.raises(UserError, match="--val-size must be > 0"):
+        run_tune(_opts(real_jpegs, tmp_path, 1, val_size=0), log=lambda s: None)
+    with pytest.raises(UserError, match="instead of a time budget"):
+        run_tune(_opts(real_jpegs, tmp_path, 1, time_budget=60), log=lambda s: None)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
+from cifarlab.data.loaders import to_device_uint8
 from cifarlab.inference import predict_logits
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}
@@ -55,7 +56,9 @@ def measure(run, steps: int = 8, warmup: int = 2) -> Timings:
             times.append(time.perf_counter() - t0)
     images = run.val_images[: 2 * run.config.eval_batch_size]
     if len(images) == 0:  # no validation split: time a training batch instead
-        images = run.batches.images[: run.config.eval_batch_size]
+        images = to_device_uint8(
+            run.splits.train.images[: run.config.eval_batch_size], run.hw.device
+        )
     t0 = time.perf_counter()
     predict_logits(model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw)
     _sync(run.hw.device)

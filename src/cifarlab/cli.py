@@ -119,6 +119,8 @@ def shape_epochs(config, args):
 
     if args.epochs is not None and args.budget is not None:
         raise UserError("--epochs and --budget both set the run's length; give one")
+    if getattr(args, "time_budget", None) is not None and (args.epochs or args.budget):
+        raise UserError("--time-budget chooses the run's length: drop --epochs/--budget, or it")
     if args.epochs is not None:
         if args.epochs < 1:
             raise UserError(f"--epochs {args.epochs}: must be >= 1")
@@ -136,10 +138,13 @@ def _config_from_args(args):
 def cmd_train(args) -> int:
     from cifarlab.train import train
 
-    if args.resume and (args.out / "last.pt").is_file():  # the saved config, plus what is asked
+    started = (args.out / "last.pt").is_file() or (args.out / "config.yaml").is_file()
+    if args.resume and started:  # the run's own config, plus what is asked
         changes = run_overrides(args)
         if args.recipe:
-            changes["recipe"] = args.recipe
+            from cifarlab.config import recipe_path
+
+            changes["recipe"] = recipe_path(args.recipe).stem
         if args.budget is not None:
             raise UserError("--budget: a resumed run keeps its length; drop --budget")
         if args.epochs is not None:
@@ -242,6 +247,10 @@ def cmd_suite(args) -> int:
         ) from None
     if args.epochs is not None and args.budget is not None:
         raise UserError("--epochs and --budget both set the runs' length; give one")
+    if args.seed is not None:
+        raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {args.seeds}: each seed once")
     opts = SuiteOptions(
         args.out, seeds or [0], args.only, run_overrides(args), args.epochs, args.budget
     )

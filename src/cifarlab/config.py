@@ -483,7 +483,8 @@ def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         wanted = dataclasses.replace(wanted, input_size=saved.input_size)
     if wanted.amp == "auto":  # the run stored what auto chose on its machine
         wanted = dataclasses.replace(wanted, amp=saved.amp)
-    if wanted.time_budget and wanted.time_budget == saved.time_budget:  # the run chose its length
+    if wanted.time_budget and not wanted.train_steps and wanted.time_budget == saved.time_budget:
+        # an unplanned config of the same budget: the run chose its length
         length = ("epochs", "train_steps", *EPOCH_KEYS)
         wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in length})
     return [

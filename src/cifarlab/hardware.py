@@ -100,7 +100,7 @@ def choose_amp(
     if requested != "auto":
         return requested, f"amp: {requested} as configured"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # not emulated (pre-Ampere)
             return "bf16", "amp: auto -> bf16 (CUDA device with bf16 support)"
         return "off", "amp: auto -> fp32 (this CUDA device has no bf16)"
     if device.type != "cpu":

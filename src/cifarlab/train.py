@@ -31,6 +31,7 @@ from cifarlab.config import (
     TrainConfig,
     apply_overrides,
     config_changes,
+    read_yaml_mapping,
     save_config,
     validate_config,
 )
@@ -143,7 +144,7 @@ def train(
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
     validate_config(config, "config", d.world)
-    if ckpt is not None and _finished(ckpt):
+    if ckpt is not None and _finished(ckpt) and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
     if d.main:
         prepare_run_dir(run_dir, need_bytes=200_000_000)
@@ -185,13 +186,7 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
         claim_run_dir(run_dir, resume=False)
         return config, None
     if not last.is_file():
-        if config is None:
-            raise UserError(
-                f"--resume: {run_dir} holds no last.pt to continue; drop --resume to start it"
-            )
-        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
-        claim_run_dir(run_dir, resume=True)
-        return config, None
+        return _restart(config, run_dir, changes, log), None
     ckpt = load_checkpoint(last)
     saved = apply_overrides(TrainConfig(), ckpt["config"], where=f"{last} config")
     wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
@@ -204,6 +199,30 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
         )
     runtime = {k: getattr(wanted, k) for k in RUNTIME_KEYS}
     return dataclasses.replace(saved, **runtime), ckpt
+
+
+def _restart(config, run_dir: Path, changes: dict, log) -> TrainConfig:
+    """--resume before the first checkpoint: the run starts over with the config it started
+    with (`config.yaml`), which a given config must match."""
+    started = run_dir / "config.yaml"
+    if not started.is_file():
+        if config is None:
+            raise UserError(
+                f"--resume: {run_dir} holds no run to continue; drop --resume to start one"
+            )
+        claim_run_dir(run_dir, resume=False)
+        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
+        return config
+    saved = apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started))
+    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
+    differ = config_changes(saved, wanted)
+    if differ:
+        raise UserError(
+            f"--resume {run_dir}: it started with another config ({', '.join(differ[:6])}); "
+            "drop those flags, or train a new --out"
+        )
+    log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
+    return wanted
 
 
 def _finished(ckpt: dict) -> bool:
@@ -239,7 +258,13 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
             f"--resume {saver.run_dir}: the data changed since this run started (images, labels or "
             "classes differ, so would its split); restore the data, or train a new --out"
         )
-    restore(run, ckpt)
+    try:
+        restore(run, ckpt)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise UserError(
+            f"--resume {saver.last}: the checkpoint does not fit this run ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120]}); it is damaged or from another version: train a new --out"
+        ) from None
     saver.best = ckpt["best_val_acc"]
     log(f"resume: from epoch {ckpt['epoch'] + 1} step {ckpt['next_step']} of {saver.last}")
     return ckpt["epoch"], ckpt["next_step"], EpochStats.from_dict(ckpt["accumulators"])
@@ -384,7 +409,7 @@ class _Eta:
         n, c = len(self.run.batches), self.run.config
         # validation reads each image once, without a backward pass: about a third of a train step's cost
         val_steps = len(self.run.val_labels) / max(1, c.batch_size) / 3
-        total = per_step * (n + val_steps) * c.epochs
+        total = per_step * (total_steps(c, n) + val_steps * c.epochs)
         self.log(
             f"expected: about {_human(total)} for {c.epochs} epochs ({per_step:.2f} s/step, {n} steps per epoch)"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,11 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
     else:
         batches = TorchvisionBatches(splits.train, config, hw.device, normalize)
+    if config.train_steps and math.ceil(config.train_steps / len(batches)) != config.epochs:
+        raise UserError(
+            f"train_steps={config.train_steps} is {config.train_steps / len(batches):.2f} epochs of "
+            f"{len(batches)} steps, but epochs={config.epochs}; set both to agree (or use --time-budget)"
+        )
     total = total_steps(config, len(batches))
     scheduler = make_scheduler(
         config.schedule, optimizer, total, round(config.warmup_epochs * len(batches)),

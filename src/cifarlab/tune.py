@@ -96,6 +96,12 @@ def run_tune(opts: TuneOptions, log=print):
 
     from cifarlab.train import train
 
+    if opts.base.val_size == 0:
+        raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
+    if opts.base.time_budget:
+        raise UserError(
+            "tune searches the number of epochs: give --epochs (or --set time_budget=0) instead of a time budget"
+        )
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
@@ -146,7 +152,7 @@ def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]
     or --budget shaped them."""
     typed = base.to_dict()
     keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
-    return {k: typed[k] for k in [*keys, *EPOCH_KEYS]}
+    return {k: typed[k] for k in [*keys, *EPOCH_KEYS, "time_budget", "train_steps"]}
 
 
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:
