@@ -151,9 +151,11 @@ def train(
     barrier(d)
     lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
     with lock, _StopSignals() as stop, open_trackers(config, run_dir, d.main) as tracker:
+        t_build = time.perf_counter()
         run = build_run(config, log, d)
         if config.time_budget and ckpt is None:  # choose the length, then build it
-            run = build_run(fit_to_budget(run, started, log), lambda s: None, d)
+            planned = fit_to_budget(run, started, time.perf_counter() - t_build, log)
+            run = build_run(planned, lambda s: None, d)
         config = run.config  # resolved: input size, precision, length
         saver = Checkpointer(run_dir, enabled=d.main)
         first, step, stats = _start(run, ckpt, saver, log)
