@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
-from cifarlab.data import cache
+import cifarlab.data.cache as cache
 from cifarlab.data.archive import extract_archive, is_archive
 from cifarlab.data.images import BadImage, decode_image, is_image_name
 from cifarlab.data.imageset import ImageSet, SourceData
