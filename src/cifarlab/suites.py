@@ -145,9 +145,9 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         raise UserError(
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
         )
-    chosen = [r for r in suite.runs if not opts.only or r.name == opts.only]
-    jobs = [(r, s, _run_dir(opts.out, r, s, opts.seeds)) for r in chosen for s in opts.seeds]
-    _refuse_stale(jobs)
+    every = [(r, s, _run_dir(opts.out, r, s, opts.seeds)) for r in suite.runs for s in opts.seeds]
+    _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
+    jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     opts.out.mkdir(parents=True, exist_ok=True)
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
