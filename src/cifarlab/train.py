@@ -35,6 +35,7 @@ from cifarlab.config import (
     save_config,
     validate_config,
 )
+from cifarlab.data.loaders import to_device_uint8
 from cifarlab.distributed import all_sum, barrier, init_distributed
 from cifarlab.errors import Interrupted, UserError
 from cifarlab.inference import load_model, predict_logits
@@ -191,14 +192,11 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
         return _restart(config, run_dir, changes, log), None
     ckpt = load_checkpoint(last)
     saved = apply_overrides(TrainConfig(), ckpt["config"], where=f"{last} config")
-    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
-    differ = config_changes(saved, wanted)
-    if differ:
-        said = ", ".join(differ[:6])
-        raise UserError(
-            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
-            f"to change {said}; drop those flags, or train a new --out (--init-from {run_dir})"
-        )
+    wanted = _matching(
+        saved, config, changes,
+        lambda keys: f"--resume {run_dir}: a run continues with the config it started with, and this "
+        f"asks to change {keys}; drop those flags, or train a new --out (--init-from {run_dir})",
+    )  # fmt: skip
     runtime = {k: getattr(wanted, k) for k in RUNTIME_KEYS}
     return dataclasses.replace(saved, **runtime), ckpt
 
@@ -216,14 +214,22 @@ def _restart(config, run_dir: Path, changes: dict, log) -> TrainConfig:
         log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
         return config
     saved = apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started))
+    wanted = _matching(
+        saved, config, changes,
+        lambda keys: f"--resume {run_dir}: it started with another config ({keys}); drop those flags, "
+        "or train a new --out",
+    )  # fmt: skip
+    log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
+    return wanted
+
+
+def _matching(saved: TrainConfig, config, changes: dict, refusal) -> TrainConfig:
+    """The config asked for (`config`, or `saved` with `changes`), refused with the message
+    `refusal(changed keys)` when it would compute something other than `saved`."""
     wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
     differ = config_changes(saved, wanted)
     if differ:
-        raise UserError(
-            f"--resume {run_dir}: it started with another config ({', '.join(differ[:6])}); "
-            "drop those flags, or train a new --out"
-        )
-    log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
+        raise UserError(refusal(", ".join(differ[:6])))
     return wanted
 
 
@@ -507,7 +513,7 @@ def _test_accuracy(run: TrainingRun, best: Path, log) -> tuple[float | None, flo
     if test is None or not run.dist.main or not best.is_file():
         return None, None
     loaded = load_model(load_checkpoint(best), run.hw.device, use_ema=run.ema is not None)
-    images = torch.from_numpy(test.images).permute(0, 3, 1, 2).contiguous().to(run.hw.device)
+    images = to_device_uint8(test.images, run.hw.device)
     labels = torch.from_numpy(test.labels).to(run.hw.device)
     accs = []
     for tta in ["none"] + ([run.config.tta] if run.config.tta != "none" else []):
