@@ -206,3 +206,39 @@ def test_resume_may_not_change_the_length_a_time_budget_chose(
 def test_train_steps_that_disagree_with_epochs_are_refused(synthetic_images, tmp_path):
     with pytest.raises(UserError, match="train_steps=100 is .* epochs=2"):
         train(_config(synthetic_images, tmp_path, train_steps=100), tmp_path / "run", log=QUIET)
+
+
+def test_resume_into_a_folder_of_other_files_says_there_is_no_run(
+    tmp_path, capsys, synthetic_images
+):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep")
+    args = ["train", "--out", str(tmp_path / "out"), "--resume", "--data", str(synthetic_images)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds no run to continue, only other files" in err and "add --resume" not in err
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep"
+
+
+def test_a_suite_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    assert main(["suite", "exercise-1", "--data", "x", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_export_never_overwrites_the_runs_own_files_even_with_force(
+    synthetic_images, tmp_path, capsys
+):
+    train(_config(synthetic_images, tmp_path, epochs=1), tmp_path / "run", log=QUIET)
+    for name in ("last.pt", "config.yaml", "metrics.csv"):
+        before = (tmp_path / "run" / name).read_bytes()
+        assert (
+            main(
+                ["export", str(tmp_path / "run"), "--out", str(tmp_path / "run" / name), "--force"]
+            )
+            == 2
+        )
+        assert "is a file of the run being exported" in capsys.readouterr().err
+        assert (tmp_path / "run" / name).read_bytes() == before

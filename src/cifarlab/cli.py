@@ -120,7 +120,9 @@ def shape_epochs(config, args):
     if args.epochs is not None and args.budget is not None:
         raise UserError("--epochs and --budget both set the run's length; give one")
     if getattr(args, "time_budget", None) is not None and (args.epochs or args.budget):
-        raise UserError("--time-budget chooses the run's length: drop --epochs/--budget, or it")
+        raise UserError(
+            "--time-budget chooses the run's length: drop --epochs/--budget, or drop --time-budget"
+        )
     if args.epochs is not None:
         if args.epochs < 1:
             raise UserError(f"--epochs {args.epochs}: must be >= 1")

@@ -34,6 +34,7 @@ from cifarlab.errors import UserError
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.adapt import Upsample
 from cifarlab.models.torchvision_nets import ARCHS
+from cifarlab.rundir import RUN_FILES
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
 OPSET = 18  # the torch.export-based exporter's own (torchlib) opset; onnxruntime >= 1.14 runs it
@@ -89,6 +90,8 @@ def check_out(out: Path, source: Path, force: bool) -> None:
     """One line, before any work, for an --out that would lose a file or cannot be written."""
     if out.exists() and out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint being exported; pick another file")
+    if out.exists() and out.parent.resolve() == source.parent.resolve() and out.name in RUN_FILES:
+        raise UserError(f"--out {out} is a file of the run being exported; pick another file")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
     if out.exists() and not force:

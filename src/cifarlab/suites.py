@@ -27,7 +27,7 @@ from cifarlab.config import (
     with_epochs,
 )
 from cifarlab.errors import UserError
-from cifarlab.rundir import read_metrics
+from cifarlab.rundir import prepare_run_dir, read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
@@ -148,7 +148,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     every = [(r, s, _run_dir(opts.out, r, s, opts.seeds)) for r in suite.runs for s in opts.seeds]
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
-    opts.out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
     for run, seed, run_dir in jobs:

@@ -210,7 +210,10 @@ def _restart(config, run_dir: Path, changes: dict, log) -> TrainConfig:
             raise UserError(
                 f"--resume: {run_dir} holds no run to continue; drop --resume to start one"
             )
-        claim_run_dir(run_dir, resume=False)
+        if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+            raise UserError(
+                f"--resume: {run_dir} holds no run to continue, only other files; pick an empty --out"
+            )
         log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
         return config
     saved = apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started))
