@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from cifarlab.budget import Timings, plan_steps
+from cifarlab.budget import Timings, final_images, plan_steps
+from cifarlab.checkpoint import load_checkpoint
 from cifarlab.config import load_recipe, parse_duration, with_steps
 from cifarlab.errors import UserError
 from cifarlab.train import train
@@ -11,12 +12,18 @@ from tests.conftest import make_config
 
 
 def test_the_plan_fits_training_every_validation_and_the_final_passes():
-    t = Timings(step=2.0, val_image=0.01)  # 100 steps an epoch, 1,000 val images: 10 s a pass
-    steps = plan_steps(t, seconds_left=900.0, steps_per_epoch=100, n_val=1000, final=40.0)
+    # 2 s a step, 100 steps an epoch, 10 s of validation and saving an epoch, 40 s at the end
+    steps = plan_steps(2.0, 10.0, seconds_left=900.0, steps_per_epoch=100, final=40.0)
     epochs = -(-steps // 100)
     used = steps * 2.0 + epochs * 10.0 + 40.0
     assert used <= 900.0 and used + 2.0 + 10.0 > 900.0  # one more step (and pass) would not fit
-    assert plan_steps(t, seconds_left=1.0, steps_per_epoch=100, n_val=1000, final=40.0) == 1
+    assert plan_steps(2.0, 10.0, seconds_left=1.0, steps_per_epoch=100, final=40.0) == 1
+
+
+def test_the_final_passes_count_tta_calibration_and_test():
+    fast = load_recipe("fast")  # flip-translate: 4 views
+    assert final_images(fast, n_val=1000, n_test=0) == 4 * 1000 + 2 * 1000
+    assert final_images(fast, n_val=1000, n_test=500) == 6000 + 500 * 5
 
 
 def test_a_fractional_length_keeps_the_schedules_shape():
@@ -39,19 +46,27 @@ def test_bad_durations_are_one_line_errors(text):
         parse_duration(text)
 
 
-def test_a_budgeted_run_says_what_it_chose_and_stores_it(synthetic_images, tmp_path, monkeypatch):
-    monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=1.0, val_image=0.001))
+def test_a_budgeted_run_says_what_it_chose_and_corrects_it_after_the_first_epoch(
+    synthetic_images, tmp_path, monkeypatch
+):
+    # the probe is told a step takes 0.4 s: the plan fits a few epochs of 3 steps; the first
+    # epoch's real steps take milliseconds, so the correction lengthens the run to fill the time left
+    monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=0.4, val_image=0.001))
     messages = []
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
-                         epochs=10, warmup_epochs=1.0, batch_size=8, val_size=6, lr=0.02, time_budget=5.5,
-                         threads=1)  # fmt: skip
+                         epochs=10, warmup_epochs=1.0, batch_size=8, val_size=6, lr=0.02, time_budget=8.0,
+                         threads=1, lookahead=True)  # fmt: skip
     result = train(config, tmp_path / "run", log=messages.append)
     chosen = [m for m in messages if m.startswith("time budget")]
-    assert chosen and "steps (" in chosen[0]
+    assert len(chosen) == 2 and "steps (" in chosen[0] and "the first epoch ran at" in chosen[1]
+    first = int(chosen[0].split(" steps (")[0].split()[-1])
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert 1 <= saved["train_steps"] <= 5 and saved["time_budget"] == 5.5
+    assert 3 < first < saved["train_steps"] and saved["time_budget"] == 8.0
     steps_per_epoch = 30 // 8
     assert saved["epochs"] == -(-saved["train_steps"] // steps_per_epoch) == len(result.history)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["scheduler"]["last_epoch"] == saved["train_steps"]  # the schedule ran to its end
+    assert ckpt["config"]["train_steps"] == saved["train_steps"]
     again = []
     train(config, tmp_path / "run", resume=True, log=again.append)  # the same budgeted run
     assert any("already finished" in m for m in again)

@@ -103,3 +103,15 @@ def test_an_empty_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["evaluate", str(empty)]) == 2
     err = capsys.readouterr().err
     assert "the file is empty" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [b"hello\n", bytes(range(7, 250)) * 20])
+def test_a_file_torch_did_not_write_is_named_as_such(tmp_path, capsys, content):
+    from cifarlab.cli import main
+
+    other = tmp_path / "model.pt"
+    other.write_bytes(content)
+    with pytest.raises(UserError, match="not a checkpoint \\(torch.save did not write it"):
+        load_checkpoint(other)
+    assert main(["evaluate", str(other)]) == 2
+    assert "Traceback" not in capsys.readouterr().err

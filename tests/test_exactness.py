@@ -61,6 +61,9 @@ def test_schedules_follow_their_closed_forms():
         0.1 + 0.9 * t / warm if t < warm else (total - t) / (total - warm) for t in range(total)
     ]
     np.testing.assert_allclose(_lrs("onecycle", total, warm), onecycle, atol=1e-12)
+    linear = [(t + 1) / warm if t < warm else (total - t) / (total - warm) for t in range(total)]
+    np.testing.assert_allclose(_lrs("linear", total, warm), linear, atol=1e-12)
+    np.testing.assert_allclose(_lrs("linear", total, 0), [1 - t / total for t in range(total)])
     constant = [min(1.0, (t + 1) / warm) for t in range(total)]
     np.testing.assert_allclose(_lrs("constant", total, warm), constant, atol=1e-12)
 

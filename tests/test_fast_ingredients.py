@@ -11,8 +11,11 @@ from cifarlab.data.loaders import DeviceBatches
 from cifarlab.data.sources import ImageSet
 from cifarlab.errors import UserError
 from cifarlab.lookahead import Lookahead
+from cifarlab.models import create_model
+from cifarlab.muon import MuonSGD, orthogonalize
 from cifarlab.models.whitening import first_conv
 from cifarlab.train import train
+from cifarlab.training_run import make_optimizer
 from tests.conftest import make_config
 
 
@@ -106,3 +109,82 @@ def test_first_conv_is_found_in_each_model_family():
 
     for name in ("cnn", "resnet18", "fastnet", "tv-resnet18"):
         assert first_conv(create_model(name, 10)).in_channels == 3
+
+
+def test_muon_groups_are_the_conv_filters_and_sgd_groups_follow_torchs_sgd():
+    model = create_model("fastnet", 10)
+    opt = make_optimizer(model, make_config(optimizer="muon", lr=1.5, muon_lr=0.24, weight_decay=1e-3))
+    muon = [g for g in opt.param_groups if g["muon"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(muon) == 1 and muon[0]["params"] == [p for p in trainable if p.ndim == 4]
+    assert muon[0]["lr"] == 0.24 and muon[0]["momentum"] == 0.6 and muon[0]["weight_decay"] == 0
+    others = {id(p) for g in opt.param_groups if not g["muon"] for p in g["params"]}
+    assert others == {id(p) for p in trainable if p.ndim != 4}
+    # the non-Muon groups: step for step what torch.optim.SGD does
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-2)
+    ours = MuonSGD([{"params": list(b.parameters()), "weight_decay": 1e-2}], lr=0.1, momentum=0.85,
+                   nesterov=True)  # fmt: skip
+    for _ in range(4):
+        x = torch.randn(8, 5)
+        for net, o in ((a, ref), (b, ours)):
+            o.zero_grad()
+            net(x).pow(2).sum().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (576, 64)])
+def test_orthogonalize_brings_every_singular_value_near_one(shape):
+    torch.manual_seed(0)
+    k = min(shape)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], k))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], k))
+    g = u @ torch.diag(torch.logspace(0, 1, k)) @ v.T  # singular values from 1 to 10
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert s.min() > 0.5 and s.max() < 1.3  # the 3-step quintic lands in about [0.6, 1.2]
+
+
+def test_a_muon_step_rescales_filters_and_moves_them_by_lr(tmp_path):
+    conv = torch.nn.Conv2d(4, 8, 3, bias=False)
+    opt = MuonSGD([{"params": [conv.weight], "muon": True}], lr=0.1, momentum=0.6, nesterov=True)
+    torch.manual_seed(0)
+    (conv(torch.randn(2, 4, 6, 6)) * torch.randn(2, 8, 4, 4)).sum().backward()
+    before = conv.weight.detach().clone()
+    opt.step()
+    rescaled = before * (8**0.5 / before.norm())
+    update = (rescaled - conv.weight.detach()).reshape(8, -1) / 0.1
+    s = torch.linalg.svdvals(update)
+    assert (s > 0.3).all() and (s < 1.3).all()  # an orthogonalised step, whatever the grad's scale
+
+
+def test_muon_on_a_model_without_trainable_filters_is_one_line():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(UserError, match="optimizer: muon needs convolution filters"):
+        make_optimizer(model, make_config(optimizer="muon"))
+
+
+def test_muon_lowers_the_loss_and_resumes_exactly(real_jpegs, data_root, tmp_path):
+    config = make_config(
+        data=str(real_jpegs), data_root=str(data_root), val_size=100, batch_size=50, epochs=3,
+        model="cnn", width=0.25, optimizer="muon", muon_lr=0.1, lr=0.05, schedule="linear",
+        threads=1, subset=600,
+    )  # fmt: skip
+
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise Crash
+
+    full = train(config, tmp_path / "full", log=lambda s: None)
+    assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+    with pytest.raises(Crash):
+        train(config, tmp_path / "cut", log=lambda s: None, on_epoch=crash)
+    train(config, tmp_path / "cut", resume=True, log=lambda s: None)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.inference import predict_logits
+from cifarlab.training_run import total_steps
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}
 
@@ -69,39 +70,78 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
 
 
 def plan_steps(
-    t: Timings, seconds_left: float, steps_per_epoch: int, n_val: int, final: float
+    step: float, per_epoch: float, seconds_left: float, steps_per_epoch: int, final: float
 ) -> int:
-    """The most training steps whose training, one validation pass per (started) epoch and the
-    `final` passes fit in `seconds_left`; at least one."""
+    """The most training steps (of `step` seconds) whose training, `per_epoch` seconds for every
+    started epoch (validation, saving) and the `final` passes fit in `seconds_left`; at least one."""
     best = 0
     for epochs in range(1, 100_000):
-        room = seconds_left - final - epochs * n_val * t.val_image
-        steps = min(epochs * steps_per_epoch, int(room // t.step))
+        room = seconds_left - final - epochs * per_epoch
+        steps = min(epochs * steps_per_epoch, int(room // step))
         if steps <= (epochs - 1) * steps_per_epoch:
             break
         best = steps
     return max(1, best)
 
 
-def fit_to_budget(run, started: float, build_seconds: float, log) -> TrainConfig:
+def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
+    """Image-views evaluated after the last epoch: the TTA pass, the temperature fits (best.pt
+    and last.pt, twice with EMA) and the test pass (plain and with TTA)."""
+    views = TTA_VIEWS[c.tta] if c.tta != "none" else 0
+    calibration = 2 * (2 if c.ema else 1) * n_val
+    return n_val * views + calibration + n_test * (1 + views)
+
+
+@dataclass
+class Plan:
+    """A budgeted run's length: chosen from a probe before training, corrected once from the
+    measured first epoch (a probe's few steps are not a whole epoch's pace)."""
+
+    shape: TrainConfig  # the recipe's config before planning: its `epochs` shape the schedule
+    started: float  # time.perf_counter() when the run started
+    n_test: int
+
+    def correct(self, run, steps: int, train_seconds: float, val_seconds: float,
+                epoch_seconds: float, log) -> TrainConfig | None:  # fmt: skip
+        """After the first epoch (`steps` steps in `train_seconds`, its validation in
+        `val_seconds`, `epoch_seconds` in all): the config whose remaining steps fit the time
+        left, or None when the plan stands (within a step) or the run ends in its first epoch."""
+        c, n = run.config, len(run.batches)
+        total, n_val = total_steps(c, n), len(run.val_labels)
+        if total <= steps or steps == 0:
+            return None
+        step = train_seconds / steps
+        val_image = val_seconds / n_val if n_val else 0.0
+        final = val_image * final_images(c, n_val, self.n_test)
+        left = self.shape.time_budget - (time.perf_counter() - self.started)
+        rest = plan_steps(step, epoch_seconds - train_seconds, left, n, final)
+        new_total = steps + rest
+        if abs(new_total - total) <= 1:
+            return None
+        log(
+            f"time budget: the first epoch ran at {step:.3f} s/step; {new_total} steps instead "
+            f"of {total} ({new_total / n:.2f} epochs) end the run on time"
+        )
+        return with_steps(self.shape, new_total, n)
+
+
+def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[TrainConfig, Plan]:
     """The run's config with `train_steps` (and its epoch-based settings) chosen to end within
-    `time_budget` seconds of `started` (a `time.perf_counter()` reading); the run is built once
-    more for that length, which costs about `build_seconds` again."""
+    `time_budget` seconds of `started` (a `time.perf_counter()` reading), and the plan that
+    corrects it after the first epoch; the run is built once more for that length, which costs
+    about `build_seconds` again."""
     c, n = run.config, len(run.batches)
     timings = measure(run)
-    rebuild = build_seconds
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
-    views = TTA_VIEWS[c.tta]
-    final = timings.val_image * (
-        n_val * views * (c.tta != "none") + n_test * (1 + (views > 1) * views)
-    )
-    left = c.time_budget - (time.perf_counter() - started) - rebuild
-    steps = plan_steps(timings, left, n, n_val, final)
+    per_epoch = n_val * timings.val_image
+    final = timings.val_image * final_images(c, n_val, n_test)
+    left = c.time_budget - (time.perf_counter() - started) - build_seconds
+    steps = plan_steps(timings.step, per_epoch, left, n, final)
     planned = with_steps(c, steps, n)
-    expected = steps * timings.step + planned.epochs * n_val * timings.val_image + final
+    expected = steps * timings.step + planned.epochs * per_epoch + final
     log(
         f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step, "
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} steps "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
-    return planned
+    return planned, Plan(c, started, n_test)

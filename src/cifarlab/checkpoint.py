@@ -58,10 +58,22 @@ def read_failure(path: Path, exc: BaseException) -> str:
     return "the file is empty" if path.stat().st_size == 0 else first_line(exc)
 
 
+def _torch_header(path: Path) -> bool:
+    """Whether `path` starts as torch.save's files do: a zip archive, or a legacy pickle."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint dict; files that would run code on load are refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.stat().st_size and not _torch_header(path):
+        raise UserError(
+            f"{path}: not a checkpoint (torch.save did not write it: it is neither a zip archive "
+            "nor a pickle); pass a run directory or its best.pt/last.pt"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

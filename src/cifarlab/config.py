@@ -76,13 +76,19 @@ class TrainConfig:
     )  # peak lr for this batch size
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
     nesterov: bool = False
+    optimizer: str = field(default="sgd", metadata=_choice("sgd", "muon"))  # muon: conv filters
+    # (4-D weights) take Muon's orthogonalised steps (airbench94_muon), the rest SGD as above
+    muon_lr: float = field(default=0.24, metadata=_range(0.0, lo_open=True))  # peak, per step
+    muon_momentum: float = field(default=0.6, metadata=_range(0.0, 1.0))  # Nesterov
     weight_decay: float = field(default=5e-4, metadata=_range(0.0))
     no_decay_norm_bias: bool = False  # no weight decay on BatchNorm and bias parameters
     bias_lr_mult: float = field(
         default=1.0, metadata=_range(0.0, lo_open=True)
     )  # lr x this for 1-D
     # params (norm scales/shifts, biases), their weight decay / this, so their decay per step stays
-    schedule: str = field(default="cosine", metadata=_choice("cosine", "onecycle", "constant"))
+    schedule: str = field(
+        default="cosine", metadata=_choice("cosine", "onecycle", "linear", "constant")
+    )  # linear: from the peak (after any warm-up) straight down to zero
     lr_step: str = field(default="step", metadata=_choice("step", "epoch"))  # the schedule moves
     # every optimiser step, or once per epoch (the lesson's scheduler.step() after each epoch)
     warmup_epochs: float = field(default=0.0, metadata=_range(0.0))

@@ -25,6 +25,13 @@ def _onecycle(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def _linear(step: int, total: int, warmup: int) -> float:
+    """Straight down from the peak to zero, after an optional linear warm-up (airbench94_muon)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def _constant(step: int, total: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
@@ -32,6 +39,7 @@ def _constant(step: int, total: int, warmup: int) -> float:
 SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
     "cosine": _cosine,
     "onecycle": _onecycle,
+    "linear": _linear,
     "constant": _constant,
 }
 

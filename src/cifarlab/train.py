@@ -54,6 +54,7 @@ from cifarlab.training_run import (
     build_run,
     checkpoint_state,
     restore,
+    retarget,
     total_steps,
 )
 
@@ -153,9 +154,9 @@ def train(
     lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
     with lock, _StopSignals() as stop, open_trackers(config, run_dir, d.main) as tracker:
         t_build = time.perf_counter()
-        run = build_run(config, log, d)
+        run, plan = build_run(config, log, d), None
         if config.time_budget and ckpt is None:  # choose the length, then build it
-            planned = fit_to_budget(run, started, time.perf_counter() - t_build, log)
+            planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
             run = build_run(planned, lambda s: None, d)
         config = run.config  # resolved: input size, precision, length
         saver = Checkpointer(run_dir, enabled=d.main)
@@ -168,18 +169,39 @@ def train(
         )
         history = read_metrics(run_dir / "metrics.csv") if d.main else []
         tracker.start(run.config, history)
-        for epoch in range(first, config.epochs):
+        epoch = first
+        while epoch < run.config.epochs:  # a time budget's correction may change the count
+            t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
+            if plan is not None and epoch == 0:
+                _correct_plan(run, plan, stats, row, time.perf_counter() - t_epoch, saver, log)
             history.append(row)
             tracker.log_epoch(row)
-            step, stats = 0, EpochStats()
+            step, stats, epoch = 0, EpochStats(), epoch + 1
             if on_epoch is not None:
                 on_epoch(row)
         result = _finish(run, run_dir, history, saver, log)
         tracker.finish(result)
         barrier(d)
     return result
+
+
+def _correct_plan(run, plan, stats: EpochStats, row: dict, seconds: float, saver, log) -> None:
+    """A budgeted run after its first epoch: the length that fits the time left, measured on
+    that epoch; when it changes, the run and its saved files (last.pt, config.yaml) take it."""
+    steps = min(len(run.batches), total_steps(run.config, len(run.batches)))
+    val_seconds = row["seconds"] - stats.seconds
+    corrected = plan.correct(run, steps, stats.seconds, val_seconds, seconds, log)
+    if corrected is None:
+        return
+    retarget(run, corrected)
+    saver.save(
+        checkpoint_state(run, 1, 0, dataclasses.asdict(EpochStats()), saver.best),
+        end_of_epoch=False,
+    )
+    if run.dist.main:
+        save_config(run.config, saver.run_dir / "config.yaml")
 
 
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):

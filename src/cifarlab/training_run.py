@@ -24,6 +24,7 @@ from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, setup_hardware
 from cifarlab.lookahead import Lookahead
+from cifarlab.muon import MuonSGD
 from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
 from cifarlab.models.whitening import first_conv, init_whitening
@@ -90,10 +91,7 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         ids = [hw.device.index] if hw.device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     step_model = torch.compile(step_model) if config.compile else step_model
-    optimizer = torch.optim.SGD(
-        param_groups(model, config, log), lr=config.lr, momentum=config.momentum,
-        nesterov=config.nesterov,
-    )  # fmt: skip
+    optimizer = make_optimizer(model, config, log)
     if config.loader == "device":
         augment = BatchAugment(config, normalize)
         batches = DeviceBatches(splits.train, config, hw.device, augment, d.rank, d.world)
@@ -105,10 +103,7 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
             f"{len(batches)} steps, but epochs={config.epochs}; set both to agree (or use --time-budget)"
         )
     total = total_steps(config, len(batches))
-    scheduler = make_scheduler(
-        config.schedule, optimizer, total, round(config.warmup_epochs * len(batches)),
-        len(batches) if config.lr_step == "epoch" else 1,
-    )  # fmt: skip
+    scheduler = _scheduler(config, optimizer, len(batches))
     ema = None
     if config.ema:
         ema = AveragedModel(
@@ -124,6 +119,26 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
         fixed, d, data_fingerprint(splits),
     )  # fmt: skip
+
+
+def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
+    return make_scheduler(
+        config.schedule, optimizer, total_steps(config, steps_per_epoch),
+        round(config.warmup_epochs * steps_per_epoch), steps_per_epoch if config.lr_step == "epoch" else 1,
+    )  # fmt: skip
+
+
+def retarget(run: TrainingRun, config: TrainConfig) -> None:
+    """Give a live run another length (`config` differs in its length fields only, as a time
+    budget's correction makes it): the schedule and the lookahead end at the new last step,
+    and the schedule is where it would be after the steps already taken."""
+    done = run.scheduler.last_epoch
+    run.config = config
+    run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
+    for _ in range(done):
+        run.scheduler.step()
+    if run.lookahead is not None:
+        run.lookahead.total = total_steps(config, len(run.batches))
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -246,6 +261,29 @@ def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list
         {"params": ps, "lr": config.lr * m, "weight_decay": d, "lr_mult": m}
         for (m, d), ps in groups.items()
     ]
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
+    """torch's SGD over `param_groups`; with `optimizer: muon` the conv filters (4-D weights)
+    move to one Muon group at `muon_lr` (its `lr_mult` relative to `lr`, so schedules scale it)."""
+    groups = param_groups(model, config, log)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    filters = [p for g in groups for p in g["params"] if p.ndim == 4]
+    taken = {id(p) for p in filters}
+    groups = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not filters:
+        raise UserError(
+            f"optimizer: muon needs convolution filters to train, and {config.model} has none "
+            "that train; use --set optimizer=sgd"
+        )
+    mult = config.muon_lr / config.lr
+    groups.append(
+        {"params": filters, "lr": config.muon_lr, "lr_mult": mult, "muon": True,
+         "momentum": config.muon_momentum, "nesterov": True}
+    )  # fmt: skip
+    return MuonSGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
 
 
 def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
