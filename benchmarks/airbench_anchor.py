@@ -34,14 +34,14 @@ CPU_PATCHES = [  # (what airbench94.py says, what it says here)
     ("torch.backends.cudnn.benchmark = True", "None"),
 ]
 
-WALL_CLOCK = '''
+WALL_CLOCK = """
 import time as _time
 class _WallClock:
     def record(self):
         self.t = _time.perf_counter()
     def elapsed_time(self, end):
         return 1e3 * (end.t - self.t)
-'''
+"""
 
 
 def write_airbench_data(folder: Path, data: str) -> tuple[int, int]:
@@ -69,7 +69,9 @@ def main() -> None:
     source = Path(args.airbench).read_text()
     for old, new in CPU_PATCHES:
         if old not in source:
-            raise SystemExit(f"{args.airbench}: '{old}' not found; this script expects airbench94.py")
+            raise SystemExit(
+                f"{args.airbench}: '{old}' not found; this script expects airbench94.py"
+            )
         source = source.replace(old, new)
     source = source.replace("'train_epochs': 9.9", f"'train_epochs': {args.epochs}")
     torch.set_num_threads(os.cpu_count() or 1)

@@ -37,17 +37,30 @@ def main() -> None:
     images = to_device_uint8(data.images, torch.device("cpu"))
     labels = torch.from_numpy(data.labels).long()
     views = {}
-    for name, x in (("x", images), ("up-left", shifted(images, 0)), ("down-right", shifted(images, 2))):
+    for name, x in (
+        ("x", images),
+        ("up-left", shifted(images, 0)),
+        ("down-right", shifted(images, 2)),
+    ):
         views[name] = predict_logits(loaded.model, x, loaded.normalize, 1000)
         views[name + " mirrored"] = predict_logits(loaded.model, x.flip(3), loaded.normalize, 1000)
     rows = {
         "none (1 view)": {"x": 1},
         "flip (2 views)": {"x": 1, "x mirrored": 1},
-        "cifarlab flip-translate (4 views)": {"x": 1, "x mirrored": 1, "up-left": 1, "down-right": 1},
+        "cifarlab flip-translate (4 views)": {
+            "x": 1,
+            "x mirrored": 1,
+            "up-left": 1,
+            "down-right": 1,
+        },
         "airbench94 level 2 (6 views)": {
-            "x": 2, "x mirrored": 2, "up-left": 1, "up-left mirrored": 1,
-            "down-right": 1, "down-right mirrored": 1,
-        },  # fmt: skip
+            "x": 2,
+            "x mirrored": 2,
+            "up-left": 1,
+            "up-left mirrored": 1,
+            "down-right": 1,
+            "down-right mirrored": 1,
+        },
         "all 6 views equally": dict.fromkeys(views, 1),
     }
     print(f"{path}: {len(labels)} validation images\n")

@@ -12,8 +12,8 @@ from cifarlab.data.sources import ImageSet
 from cifarlab.errors import UserError
 from cifarlab.lookahead import Lookahead
 from cifarlab.models import create_model
-from cifarlab.muon import MuonSGD, orthogonalize
 from cifarlab.models.whitening import first_conv
+from cifarlab.muon import MuonSGD, orthogonalize
 from cifarlab.train import train
 from cifarlab.training_run import make_optimizer
 from tests.conftest import make_config
@@ -113,7 +113,9 @@ def test_first_conv_is_found_in_each_model_family():
 
 def test_muon_groups_are_the_conv_filters_and_sgd_groups_follow_torchs_sgd():
     model = create_model("fastnet", 10)
-    opt = make_optimizer(model, make_config(optimizer="muon", lr=1.5, muon_lr=0.24, weight_decay=1e-3))
+    opt = make_optimizer(
+        model, make_config(optimizer="muon", lr=1.5, muon_lr=0.24, weight_decay=1e-3)
+    )
     muon = [g for g in opt.param_groups if g["muon"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(muon) == 1 and muon[0]["params"] == [p for p in trainable if p.ndim == 4]

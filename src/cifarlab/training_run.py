@@ -24,10 +24,10 @@ from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, setup_hardware
 from cifarlab.lookahead import Lookahead
-from cifarlab.muon import MuonSGD
 from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
 from cifarlab.models.whitening import first_conv, init_whitening
+from cifarlab.muon import MuonSGD
 from cifarlab.schedules import make_scheduler
 
 # The usual CIFAR-10 training-set statistics, as lessons hard-code them (per pixel and channel).
@@ -268,7 +268,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
     move to one Muon group at `muon_lr` (its `lr_mult` relative to `lr`, so schedules scale it)."""
     groups = param_groups(model, config, log)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
     filters = [p for g in groups for p in g["params"] if p.ndim == 4]
     taken = {id(p) for p in filters}
     groups = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
