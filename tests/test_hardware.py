@@ -1,9 +1,10 @@
 """The precision rule: bf16 where the machine's matrix units make it pay, fp32 elsewhere."""
 
+import pytest
 import torch
 import yaml
 
-from cifarlab.hardware import choose_amp
+from cifarlab.hardware import bf16_speedup, choose_amp
 from cifarlab.train import train
 from tests.conftest import make_config
 
@@ -12,12 +13,30 @@ AMX = {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
 NO_AMX = {"avx512f", "avx512_bf16", "avx2"}
 
 
-def test_auto_picks_bf16_on_a_cpu_with_amx_and_fp32_without():
-    amp, reason = choose_amp("auto", CPU, AMX)
+def test_auto_picks_bf16_on_a_cpu_with_amx_and_fp32_without_bf16():
+    never = lambda: pytest.fail("a CPU whose answer is known is not timed")  # noqa: E731
+    amp, reason = choose_amp("auto", CPU, AMX, never)
     assert amp == "bf16" and "AMX" in reason
-    amp, reason = choose_amp("auto", CPU, NO_AMX)
-    assert amp == "off" and "no AMX" in reason
-    assert choose_amp("auto", CPU, set())[0] == "off"  # no /proc/cpuinfo: the safe choice
+    amp, reason = choose_amp("auto", CPU, {"avx2", "avx512f"}, never)
+    assert amp == "off" and "no bf16 instructions" in reason
+    assert choose_amp("auto", CPU, set(), never)[0] == "off"  # no /proc/cpuinfo: the safe choice
+
+
+def test_without_amx_but_with_avx512_bf16_the_timed_steps_decide():
+    amp, reason = choose_amp("auto", CPU, NO_AMX, lambda: 2.1)  # as on an AMD EPYC (Zen 5)
+    assert amp == "bf16" and "2.10x" in reason
+    amp, reason = choose_amp("auto", CPU, NO_AMX, lambda: 0.8)  # as on a Xeon without AMX
+    assert amp == "off" and "fp32" in reason and "0.80x" in reason
+
+
+def test_the_bf16_timing_is_a_ratio_and_leaves_the_random_state_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    bf16_speedup.cache_clear()
+    torch.manual_seed(5)
+    ratio = bf16_speedup(rounds=1)
+    assert torch.equal(torch.rand(3), expected)
+    assert 0.05 < ratio < 20
 
 
 def test_an_explicit_choice_is_kept_on_any_cpu():
@@ -40,11 +59,12 @@ def test_auto_stores_what_it_chose_and_a_resume_with_auto_matches(
     synthetic_images, tmp_path, monkeypatch
 ):
     monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set(NO_AMX))
+    monkeypatch.setattr("cifarlab.hardware.bf16_speedup", lambda: 0.8)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
                          epochs=1, batch_size=8, val_size=6, lr=0.02, threads=1)  # fmt: skip
     messages = []
     train(config, tmp_path / "run", log=messages.append)
-    assert any("amp: auto -> fp32 (no AMX" in m for m in messages)
+    assert any("amp: auto -> fp32 (no AMX, but AVX512-BF16" in m for m in messages)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["amp"] == "off"
     again = []
     train(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -91,12 +94,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+BF16_PAYS = 1.15  # bf16 must time at least this much faster than fp32 to be chosen
+
+
 def choose_amp(
-    requested: str, device: torch.device, flags: set[str] | None = None
+    requested: str, device: torch.device, flags: set[str] | None = None, speedup=None
 ) -> tuple[str, str]:
-    """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported; on the CPU it is bf16
-    only with AMX tiles (measured with benchmarks/cpu_precision.py: 2.9-3.2x fp32 on a Xeon with
-    AMX, 0.78-0.83x on one with AVX512-BF16 but no AMX), else fp32. `flags` injects the CPU's."""
+    """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported. On the CPU: bf16
+    with AMX tiles (2.9-3.2x fp32 on a Xeon with AMX); with AVX512-BF16 but no AMX the answer
+    differs by CPU (0.78-0.83x on a Xeon, 1.9-2.3x on an AMD EPYC, benchmarks/cpu_precision.py),
+    so `speedup()` times both (`bf16_speedup`, ~2 s once per process); else fp32. `flags` and
+    `speedup` inject the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"
     if device.type == "cuda":
@@ -111,7 +119,39 @@ def choose_amp(
             "bf16",
             "amp: auto -> bf16 (this CPU has AMX tiles: bf16 trains ~3x faster than fp32)",
         )
-    return "off", "amp: auto -> fp32 (no AMX on this CPU: bf16 would run ~0.8x fp32)"
+    if "avx512_bf16" not in flags:
+        return "off", "amp: auto -> fp32 (this CPU has no bf16 instructions)"
+    ratio = (speedup or bf16_speedup)()
+    verdict = "bf16" if ratio >= BF16_PAYS else "off"
+    return verdict, (
+        f"amp: auto -> {'bf16' if verdict == 'bf16' else 'fp32'} (no AMX, but AVX512-BF16: a "
+        f"training step timed {ratio:.2f}x as fast in bf16 as in fp32 on this CPU)"
+    )
+
+
+@functools.cache
+def bf16_speedup(rounds: int = 2) -> float:
+    """How many times faster a training step runs under bf16 autocast than in fp32 on this
+    CPU: fastnet's forward and backward on 64 random images, alternating, median of `rounds`
+    after one warm-up each. The global random state is left as it was."""
+    from cifarlab.models import create_model  # models import nothing from here; keep it lazy
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("fastnet", 10).to(memory_format=torch.channels_last)
+        x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (64,))
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(rounds + 1):
+            for bf16 in (False, True):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                if i:
+                    times[bf16].append(time.perf_counter() - t0)
+    return statistics.median(times[False]) / statistics.median(times[True])
 
 
 def inference_hardware(device: torch.device) -> Hardware:

@@ -34,7 +34,7 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
     logits. Without `hardware`, the precision follows training's rule for the images' device
-    (bf16 on CUDA and on CPUs with AMX, else fp32: `hardware.choose_amp`)."""
+    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`)."""
     from cifarlab.hardware import inference_hardware
 
     hardware = hardware or inference_hardware(images.device)
