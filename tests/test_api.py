@@ -55,10 +55,12 @@ def test_import_cifarlab_loads_torch_only_when_the_api_is_used():
 
 
 def test_recipe_shortens_the_schedule_then_applies_checked_overrides():
-    config = cifarlab.recipe("fast-cpu", epochs=2, lr=0.2, data="somewhere")
-    assert (config.epochs, config.warmup_epochs, config.lr) == (2, 0.5, 0.2)  # warm-up 1 of 4
-    assert config.recipe == "fast-cpu" and config.data == "somewhere"
-    assert cifarlab.recipe("fast-cpu", budget=0.5).epochs == 2
+    config = cifarlab.recipe("fast-cpu", epochs=3, lr=0.2, data="somewhere")
+    assert (config.epochs, config.whiten_bias_epochs, config.lr) == (3, 1, 0.2)  # 3 of 9 -> 1 of 3
+    assert config.recipe == "fast-cpu" and config.data == "somewhere" and config.time_budget == 0
+    sgd = cifarlab.recipe("fast-sgd", epochs=2)
+    assert sgd.warmup_epochs == pytest.approx(3.5 * 2 / 16)  # warm-up 3.5 of 16
+    assert cifarlab.recipe("fast-cpu", budget=0.5).epochs == 4
     with pytest.raises(UserError, match="did you mean 'lr'"):
         cifarlab.recipe("fast-cpu", lrr=0.1)
     with pytest.raises(UserError, match="unknown recipe 'nope'; valid recipes: .*fast-cpu"):

@@ -27,7 +27,7 @@ def test_the_final_passes_count_tta_calibration_and_test():
 
 
 def test_a_fractional_length_keeps_the_schedules_shape():
-    fast = load_recipe("fast")  # 16 epochs, 3.5 of warm-up
+    fast = load_recipe("fast-sgd")  # 16 epochs, 3.5 of warm-up
     planned = with_steps(fast, steps=250, steps_per_epoch=44)
     assert planned.train_steps == 250 and planned.epochs == 6
     assert planned.warmup_epochs == pytest.approx(3.5 * (250 / 44) / 16, abs=1e-4)

@@ -73,3 +73,25 @@ def test_recipe_file_with_misspelt_key_fails(tmp_path):
     path.write_text("model: [cnn\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(str(path))
+
+
+def test_a_recipe_may_start_from_another(tmp_path):
+    from cifarlab.config import load_recipe
+
+    fast, cpu = load_recipe("fast"), load_recipe("fast-cpu")
+    assert cpu.time_budget == 900 and fast.time_budget == 0 and cpu.recipe == "fast-cpu"
+    assert {k for k, v in cpu.to_dict().items() if fast.to_dict()[k] != v} == {
+        "time_budget",
+        "recipe",
+    }
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: fast\nepochs: 3\n")
+    assert load_recipe(str(mine)).optimizer == "muon" and load_recipe(str(mine)).epochs == 3
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\n")
+    b.write_text(f"base: {a}\n")
+    with pytest.raises(UserError, match="in a circle"):
+        load_recipe(str(a))
+    mine.write_text("base: [fast]\n")
+    with pytest.raises(UserError, match="'base' must be a recipe name"):
+        load_recipe(str(mine))

@@ -63,7 +63,7 @@ def test_string_values_stay_strings_whatever_yaml_would_make_of_them():
 
 
 def test_shorter_runs_keep_the_schedules_shape_and_still_anneal():
-    fast = load_recipe("fast")
+    fast = load_recipe("fast-sgd")
     short = with_epochs(fast, 2)
     assert short.epochs == 2 and short.warmup_epochs == pytest.approx(3.5 * 2 / 16)
     steps = 10

@@ -317,11 +317,19 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_recipe(name_or_file: str) -> TrainConfig:
+def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
+    """A recipe: its YAML overrides on the defaults, or, with `base: <recipe>`, on that recipe."""
     path = recipe_path(name_or_file)
+    if path.resolve() in _seen:
+        chain = " -> ".join(p.stem for p in (*_seen, path.resolve()))
+        raise UserError(f"{path}: recipes name each other as base in a circle ({chain})")
     overrides = read_yaml_mapping(path)
-    overrides.setdefault("recipe", path.stem)
-    return apply_overrides(TrainConfig(), overrides, where=str(path))
+    base = overrides.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
+    start = load_recipe(base, (*_seen, path.resolve())) if base else TrainConfig()
+    overrides["recipe"] = overrides.get("recipe", path.stem)
+    return apply_overrides(start, overrides, where=str(path))
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
