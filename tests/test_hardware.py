@@ -29,6 +29,16 @@ def test_without_amx_but_with_avx512_bf16_the_timed_steps_decide():
     assert amp == "off" and "fp32" in reason and "0.80x" in reason
 
 
+def test_scoring_a_handful_of_images_does_not_time_bf16(monkeypatch):
+    from cifarlab.hardware import inference_hardware
+
+    monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set(NO_AMX))
+    monkeypatch.setattr("cifarlab.hardware.bf16_speedup", lambda: 2.0)
+    few = inference_hardware(CPU, images=10)
+    assert few.amp_dtype is None and "not timed" in few.amp_reason
+    assert inference_hardware(CPU, images=50_000).amp_dtype == torch.bfloat16
+
+
 def test_the_bf16_timing_is_a_ratio_and_leaves_the_random_state_alone():
     torch.manual_seed(5)
     expected = torch.rand(3)

@@ -14,10 +14,8 @@ import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.inference import predict_logits
+from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.training_run import total_steps
-
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,8 @@ def choose_amp(
     if "avx512_bf16" not in flags:
         return "off", "amp: auto -> fp32 (this CPU has no bf16 instructions)"
     ratio = (speedup or bf16_speedup)()
+    if ratio is None:
+        return "off", "amp: auto -> fp32 (AVX512-BF16 without AMX: not timed for so few images)"
     verdict = "bf16" if ratio >= BF16_PAYS else "off"
     return verdict, (
         f"amp: auto -> {'bf16' if verdict == 'bf16' else 'fp32'} (no AMX, but AVX512-BF16: a "
@@ -154,7 +156,13 @@ def bf16_speedup(rounds: int = 2) -> float:
     return statistics.median(times[False]) / statistics.median(times[True])
 
 
-def inference_hardware(device: torch.device) -> Hardware:
-    """What evaluate and predict run with: the training rule for precision, plain memory format."""
-    amp, reason = choose_amp("auto", device)
+TIMED_INFERENCE_MIN = 2000  # fewer images than this: timing bf16 (seconds) costs more than it saves
+
+
+def inference_hardware(device: torch.device, images: int = TIMED_INFERENCE_MIN) -> Hardware:
+    """What evaluate and predict run with: the training rule for precision, plain memory format;
+    where the rule would time bf16 first (AVX512-BF16 without AMX), a handful of `images` is
+    scored in fp32 instead."""
+    timed = lambda: None if images < TIMED_INFERENCE_MIN else bf16_speedup()  # noqa: E731
+    amp, reason = choose_amp("auto", device, speedup=timed)
     return Hardware(device, {"off": None, "bf16": torch.bfloat16}[amp], False, reason)

@@ -13,6 +13,9 @@ from cifarlab.errors import UserError
 from cifarlab.models import ModelArgs, build_model
 
 
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}  # model passes per image
+
+
 def _views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     if tta == "none":
         return [x]
@@ -37,7 +40,7 @@ def predict_logits(
     (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`)."""
     from cifarlab.hardware import inference_hardware
 
-    hardware = hardware or inference_hardware(images.device)
+    hardware = hardware or inference_hardware(images.device, len(images) * TTA_VIEWS[tta])
     was_training = model.training
     model.eval()
     out = []
