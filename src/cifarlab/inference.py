@@ -12,7 +12,6 @@ from cifarlab.augment import Normalize
 from cifarlab.errors import UserError
 from cifarlab.models import ModelArgs, build_model
 
-
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}  # model passes per image
 
 
