@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
+from cifarlab.distributed import from_rank0
 from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.training_run import total_steps
 
@@ -113,7 +114,7 @@ class Plan:
         final = val_image * final_images(c, n_val, self.n_test)
         left = self.shape.time_budget - (time.perf_counter() - self.started)
         rest = plan_steps(step, epoch_seconds - train_seconds, left, n, final)
-        new_total = steps + rest
+        new_total = from_rank0(steps + rest, run.dist, run.hw.device)  # one length for all ranks
         if abs(new_total - total) <= 1:
             return None
         log(
@@ -134,7 +135,7 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     per_epoch = n_val * timings.val_image
     final = timings.val_image * final_images(c, n_val, n_test)
     left = c.time_budget - (time.perf_counter() - started) - build_seconds
-    steps = plan_steps(timings.step, per_epoch, left, n, final)
+    steps = from_rank0(plan_steps(timings.step, per_epoch, left, n, final), run.dist, run.hw.device)
     planned = with_steps(c, steps, n)
     expected = steps * timings.step + planned.epochs * per_epoch + final
     log(

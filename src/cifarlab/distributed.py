@@ -48,6 +48,15 @@ def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def from_rank0(value: int, d: Dist, device: torch.device) -> int:
+    """Rank 0's `value` on every rank (decisions that timing makes, e.g. a time budget's length)."""
+    if not d.active:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()
