@@ -87,6 +87,10 @@ def test_a_recipe_may_start_from_another(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("base: fast\nepochs: 3\n")
     assert load_recipe(str(mine)).optimizer == "muon" and load_recipe(str(mine)).epochs == 3
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../mine.yaml\nlr: 0.5\n")
+    child = load_recipe(str(tmp_path / "sub" / "child.yaml"))  # relative to the child's folder
+    assert (child.epochs, child.lr, child.optimizer) == (3, 0.5, "muon")
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(f"base: {b}\n")
     b.write_text(f"base: {a}\n")

@@ -120,6 +120,8 @@ def test_muon_groups_are_the_conv_filters_and_sgd_groups_follow_torchs_sgd():
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(muon) == 1 and muon[0]["params"] == [p for p in trainable if p.ndim == 4]
     assert muon[0]["lr"] == 0.24 and muon[0]["momentum"] == 0.6 and muon[0]["weight_decay"] == 0
+    slower = make_optimizer(model, make_config(optimizer="muon", lr=1.5, backbone_lr_mult=0.1))
+    assert [g["lr"] for g in slower.param_groups if g["muon"]] == [pytest.approx(0.024)]
     others = {id(p) for g in opt.param_groups if not g["muon"] for p in g["params"]}
     assert others == {id(p) for p in trainable if p.ndim != 4}
     # the non-Muon groups: step for step what torch.optim.SGD does

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.distributed import from_rank0
 from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.training_run import total_steps
 
@@ -100,21 +99,20 @@ class Plan:
     started: float  # time.perf_counter() when the run started
     n_test: int
 
-    def correct(self, run, steps: int, train_seconds: float, val_seconds: float,
-                epoch_seconds: float, log) -> TrainConfig | None:  # fmt: skip
-        """After the first epoch (`steps` steps in `train_seconds`, its validation in
-        `val_seconds`, `epoch_seconds` in all): the config whose remaining steps fit the time
-        left, or None when the plan stands (within a step) or the run ends in its first epoch."""
+    def correct(self, run, steps: int, step: float, val_seconds: float, per_epoch: float,
+                log) -> TrainConfig | None:  # fmt: skip
+        """After the first epoch (`steps` steps at `step` seconds each once warm, its
+        validation in `val_seconds`, `per_epoch` seconds of validation and saving): the config
+        whose remaining steps fit the time left, or None when the plan stands (within a step)
+        or the run ends in its first epoch."""
         c, n = run.config, len(run.batches)
         total, n_val = total_steps(c, n), len(run.val_labels)
-        if total <= steps or steps == 0:
+        if total <= steps:
             return None
-        step = train_seconds / steps
         val_image = val_seconds / n_val if n_val else 0.0
         final = val_image * final_images(c, n_val, self.n_test)
         left = self.shape.time_budget - (time.perf_counter() - self.started)
-        rest = plan_steps(step, epoch_seconds - train_seconds, left, n, final)
-        new_total = from_rank0(steps + rest, run.dist, run.hw.device)  # one length for all ranks
+        new_total = steps + plan_steps(step, per_epoch, left, n, final)
         if abs(new_total - total) <= 1:
             return None
         log(
@@ -135,7 +133,7 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     per_epoch = n_val * timings.val_image
     final = timings.val_image * final_images(c, n_val, n_test)
     left = c.time_budget - (time.perf_counter() - started) - build_seconds
-    steps = from_rank0(plan_steps(timings.step, per_epoch, left, n, final), run.dist, run.hw.device)
+    steps = plan_steps(timings.step, per_epoch, left, n, final)
     planned = with_steps(c, steps, n)
     expected = steps * timings.step + planned.epochs * per_epoch + final
     log(

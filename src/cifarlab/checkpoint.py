@@ -72,7 +72,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.stat().st_size and not _torch_header(path):
         raise UserError(
             f"{path}: not a checkpoint (torch.save did not write it: it is neither a zip archive "
-            "nor a pickle); pass a run directory or its best.pt/last.pt"
+            "nor a pickle); the file is damaged or of another kind"
         )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)

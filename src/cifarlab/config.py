@@ -318,7 +318,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 
 
 def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
-    """A recipe: its YAML overrides on the defaults, or, with `base: <recipe>`, on that recipe."""
+    """A recipe: its YAML overrides on the defaults, or, with `base: <recipe>` (a shipped name, or
+    a file, relative to this one), on that recipe. Keys are set as written: a child's `epochs`
+    does not rescale its base's epoch-based keys (`--epochs` on the command line does)."""
     path = recipe_path(name_or_file)
     if path.resolve() in _seen:
         chain = " -> ".join(p.stem for p in (*_seen, path.resolve()))
@@ -327,6 +329,8 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     base = overrides.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
+    if base and Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute():
+        base = str(path.parent / base)  # a file named beside the recipe that names it
     start = load_recipe(base, (*_seen, path.resolve())) if base else TrainConfig()
     overrides["recipe"] = overrides.get("recipe", path.stem)
     return apply_overrides(start, overrides, where=str(path))

@@ -59,7 +59,9 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def setup_hardware(config: TrainConfig) -> Hardware:
+def setup_hardware(config: TrainConfig, d=None) -> Hardware:
+    """The run's device, threads, precision and memory format; under torchrun (`d`, a
+    `distributed.Dist`) every rank takes rank 0's timing of bf16, so all train alike."""
     device = pick_device(config.device)
     local_procs = int(
         os.environ.get("LOCAL_WORLD_SIZE", "1")
@@ -72,7 +74,12 @@ def setup_hardware(config: TrainConfig) -> Hardware:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp, reason = choose_amp(config.amp, device)
+    speedup = None
+    if d is not None and d.active:
+        from cifarlab.distributed import from_rank0
+
+        speedup = lambda: from_rank0(bf16_speedup(), d, device)  # noqa: E731
+    amp, reason = choose_amp(config.amp, device, speedup=speedup)
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -102,8 +109,8 @@ def choose_amp(
 ) -> tuple[str, str]:
     """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported. On the CPU: bf16
     with AMX tiles (2.9-3.2x fp32 on a Xeon with AMX); with AVX512-BF16 but no AMX the answer
-    differs by CPU (0.78-0.83x on a Xeon, 1.9-2.3x on an AMD EPYC, benchmarks/cpu_precision.py),
-    so `speedup()` times both (`bf16_speedup`, ~2 s once per process); else fp32. `flags` and
+    differs by CPU (0.78-0.83x on a Xeon, 1.6-2.3x on an AMD EPYC, benchmarks/cpu_precision.py),
+    so `speedup()` times both (`bf16_speedup`, 2-4 s once per process); else fp32. `flags` and
     `speedup` inject the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"

@@ -99,6 +99,7 @@ class EpochStats:
     seconds: float = 0.0
     nan_skipped: int = 0
     lr: float | None = None  # the schedule's lr when the epoch started (its metrics row)
+    first_step: float = 0.0  # seconds the epoch's first step took (warm-up, compilation)
 
     @classmethod
     def from_dict(cls, d: dict) -> EpochStats:
@@ -191,8 +192,11 @@ def _correct_plan(run, plan, stats: EpochStats, row: dict, seconds: float, saver
     """A budgeted run after its first epoch: the length that fits the time left, measured on
     that epoch; when it changes, the run and its saved files (last.pt, config.yaml) take it."""
     steps = min(len(run.batches), total_steps(run.config, len(run.batches)))
+    if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
+        return
     val_seconds = row["seconds"] - stats.seconds
-    corrected = plan.correct(run, steps, stats.seconds, val_seconds, seconds, log)
+    pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
+    corrected = plan.correct(run, steps, pace, val_seconds, seconds - stats.seconds, log)
     if corrected is None:
         return
     retarget(run, corrected)
@@ -361,6 +365,8 @@ def train_one_epoch(
             _non_finite(run, c, stats, f"epoch {epoch + 1} step {step + 1}", saver)
             continue
         optimizer_step(run, loss, epoch * n + step + 1)
+        if step == start_step == 0:
+            stats.first_step = time.perf_counter() - t0
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         stats.seen += len(y)

@@ -69,7 +69,7 @@ class TrainingRun:
 
 
 def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
-    hw = setup_hardware(config)
+    hw = setup_hardware(config, d)
     log(hw.amp_reason)
     resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
@@ -265,27 +265,31 @@ def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
     """torch's SGD over `param_groups`; with `optimizer: muon` the conv filters (4-D weights)
-    move to one Muon group at `muon_lr` (its `lr_mult` relative to `lr`, so schedules scale it)."""
+    of each group move to a Muon group at `muon_lr` times that group's multiplier (`lr_mults`,
+    `backbone_lr_mult`), its `lr_mult` relative to `lr` so that schedules scale it."""
     groups = param_groups(model, config, log)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
         )
-    filters = [p for g in groups for p in g["params"] if p.ndim == 4]
-    taken = {id(p) for p in filters}
-    groups = [dict(g, params=[p for p in g["params"] if id(p) not in taken]) for g in groups]
-    groups = [g for g in groups if g["params"]]
-    if not filters:
+    sgd, muon = [], []
+    for g in groups:
+        filters = [p for p in g["params"] if p.ndim == 4]
+        rest = [p for p in g["params"] if p.ndim != 4]
+        if rest:
+            sgd.append(dict(g, params=rest))
+        if filters:
+            lr = config.muon_lr * g["lr_mult"]
+            muon.append(
+                {"params": filters, "lr": lr, "lr_mult": lr / config.lr, "muon": True,
+                 "momentum": config.muon_momentum, "nesterov": True}
+            )  # fmt: skip
+    if not muon:
         raise UserError(
             f"optimizer: muon needs convolution filters to train, and {config.model} has none "
             "that train; use --set optimizer=sgd"
         )
-    mult = config.muon_lr / config.lr
-    groups.append(
-        {"params": filters, "lr": config.muon_lr, "lr_mult": mult, "muon": True,
-         "momentum": config.muon_momentum, "nesterov": True}
-    )  # fmt: skip
-    return MuonSGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return MuonSGD(sgd + muon, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
 
 
 def apply_freeze(run: TrainingRun, epoch: int, log) -> None:

@@ -156,7 +156,11 @@ def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]
 
 
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:
-    values = {**read_yaml_mapping(recipe_path(recipe)), **params}
+    source = recipe_path(recipe)
+    values = {**read_yaml_mapping(source), **params}
+    base = values.get("base")
+    if isinstance(base, str) and Path(base).suffix in (".yaml", ".yml"):
+        values["base"] = str((source.parent / base).resolve())  # the new file lives elsewhere
     values["recipe"] = path.stem
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Best trial of study '{study}' (val acc {value:.4f}), from recipe {recipe}\n"
