@@ -27,9 +27,31 @@ def _train(args, out, nproc):
 
 
 def test_two_gloo_processes_match_one_process_and_write_one_set_of_files(real_jpegs, tmp_path):
-    args = ["--data", str(real_jpegs), "--data-root", str(tmp_path / "d"), "--recipe", "fast", "--epochs", "3",
-            "--batch-size", "100", "--val-size", "100", "--no-progress", "--set", "tta=none",
-            "--set", "warmup_epochs=0.5", "--set", "lr=0.5", "--set", "threads=1"]  # fmt: skip
+    args = [
+        "--data",
+        str(real_jpegs),
+        "--data-root",
+        str(tmp_path / "d"),
+        "--recipe",
+        "fast",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "100",
+        "--val-size",
+        "100",
+        "--no-progress",
+        "--set",
+        "tta=none",
+        "--set",
+        "warmup_epochs=0.5",
+        "--set",
+        "lr=0.5",
+        "--set",
+        "threads=1",
+        "--set",
+        "amp=off",
+    ]  # fmt: skip (auto would time bf16 in each process: runs could differ)
     single = read_metrics(_train(args, tmp_path / "one", 1) and tmp_path / "one" / "metrics.csv")
     ddp_proc = _train(args, tmp_path / "two", 2)
     double = read_metrics(tmp_path / "two" / "metrics.csv")
@@ -44,3 +66,4 @@ def test_two_gloo_processes_match_one_process_and_write_one_set_of_files(real_jp
         "result.json",
     ]
     assert ddp_proc.stdout.count("epoch 3/3") == 1  # only rank 0 talks
+    assert ddp_proc.stdout.count("done: ") == 1

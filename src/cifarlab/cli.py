@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -154,7 +155,8 @@ def cmd_train(args) -> int:
         result = train(None, args.out, resume=True, changes=changes)
     else:
         result = train(_config_from_args(args), args.out, resume=args.resume)
-    print(f"done: {_result_line(result)}; run in {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+        print(f"done: {_result_line(result)}; run in {result.run_dir}")
     return 0
 
 

@@ -89,7 +89,12 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     step_model = model
     if d.active:
         ids = [hw.device.index] if hw.device.type == "cuda" else None
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # parameters that stop training mid-run (the whitening bias, a backbone frozen for its
+        # first epochs) leave DDP's reducer waiting for their grads unless it looks for them
+        stops = bool(config.whitening and config.whiten_bias_epochs) or config.freeze == "backbone"
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=stops
+        )
     step_model = torch.compile(step_model) if config.compile else step_model
     optimizer = make_optimizer(model, config, log)
     if config.loader == "device":
