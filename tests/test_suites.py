@@ -13,7 +13,7 @@ SUITE = """
 description: two tiny runs
 reference: plain
 runs:
-  - {name: plain, recipe: fast, changes: no augmentation, set: {crop_padding: 0, flip: false}}
+  - {name: plain, recipe: fast, changes: no augmentation, set: {crop_padding: 0, flip: false, alt_flip: false}}
   - {name: flip, recipe: fast, changes: + flip, set: {crop_padding: 0}}
 """
 TINY = {
@@ -124,7 +124,8 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     path.write_text(
         SUITE.replace(
             "set: {crop_padding: 0}}",
-            "set: {crop_padding: 0, weights: /no/such.pth, model: tv-resnet18, whitening: false}}",
+            "set: {crop_padding: 0, weights: /no/such.pth, model: tv-resnet18, whitening: false, "
+            "whiten_bias_epochs: 0, optimizer: sgd}}",
         )
     )
     messages = []
