@@ -145,7 +145,8 @@ def bf16_speedup(rounds: int = 2) -> float:
     after one warm-up each. The global random state is left as it was."""
     from cifarlab.models import create_model  # models import nothing from here; keep it lazy
 
-    with torch.random.fork_rng(devices=[]):
+    # callers may be scoring under inference mode (predict_logits): this times a backward pass
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(0)
         model = create_model("fastnet", 10).to(memory_format=torch.channels_last)
         x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
