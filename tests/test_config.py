@@ -96,6 +96,12 @@ def test_a_recipe_may_start_from_another(tmp_path):
     b.write_text(f"base: {a}\n")
     with pytest.raises(UserError, match="in a circle"):
         load_recipe(str(a))
+    cpu_child = tmp_path / "cpu-child.yaml"
+    cpu_child.write_text("base: fast-cpu\nepochs: 2\n")  # a length here replaces the budget
+    assert load_recipe(str(cpu_child)).time_budget == 0
+    cpu_child.write_text("base: nosuch\n")
+    with pytest.raises(UserError, match="cpu-child.yaml: base nosuch: unknown recipe"):
+        load_recipe(str(cpu_child))
     mine.write_text("base: [fast]\n")
     with pytest.raises(UserError, match="'base' must be a recipe name"):
         load_recipe(str(mine))

@@ -136,6 +136,11 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     steps = plan_steps(timings.step, per_epoch, left, n, final)
     planned = with_steps(c, steps, n)
     expected = steps * timings.step + planned.epochs * per_epoch + final
+    if expected > left:
+        log(
+            f"warning: a {c.time_budget:.0f} s budget is too short for this run: one step and "
+            f"the final passes take about {expected:.0f} s of the {max(0.0, left):.0f} s left"
+        )
     log(
         f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step, "
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} steps "

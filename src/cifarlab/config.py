@@ -320,7 +320,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     """A recipe: its YAML overrides on the defaults, or, with `base: <recipe>` (a shipped name, or
     a file, relative to this one), on that recipe. Keys are set as written: a child's `epochs`
-    does not rescale its base's epoch-based keys (`--epochs` on the command line does)."""
+    does not rescale its base's epoch-based keys (`--epochs` on the command line does), but it
+    does replace a `time_budget` the base carries, as `--epochs` does."""
     path = recipe_path(name_or_file)
     if path.resolve() in _seen:
         chain = " -> ".join(p.stem for p in (*_seen, path.resolve()))
@@ -331,7 +332,16 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
     if base and Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute():
         base = str(path.parent / base)  # a file named beside the recipe that names it
-    start = load_recipe(base, (*_seen, path.resolve())) if base else TrainConfig()
+    start = TrainConfig()
+    if base:
+        try:
+            start = load_recipe(base, (*_seen, path.resolve()))
+        except UserError as exc:
+            if "in a circle" in str(exc):
+                raise
+            raise UserError(f"{path}: base {base}: {exc}") from None
+    if base and ("epochs" in overrides or "train_steps" in overrides):
+        overrides.setdefault("time_budget", 0.0)  # a length set here replaces an inherited budget
     overrides["recipe"] = overrides.get("recipe", path.stem)
     return apply_overrides(start, overrides, where=str(path))
 
@@ -378,7 +388,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         ),
         (
             config.whiten_bias_epochs and not config.whitening,
-            "whiten_bias_epochs needs whitening: true",
+            "whiten_bias_epochs needs whitening: true (or --set whiten_bias_epochs=0)",
         ),
         (
             config.alt_flip and config.loader != "device",
@@ -386,7 +396,8 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         ),
         (
             config.alt_flip and not config.flip,
-            "alt_flip: true needs flip: true (it decides when each image is mirrored)",
+            "alt_flip: true needs flip: true (it decides when each image is mirrored); "
+            "add --set alt_flip=false",
         ),
         (
             config.freeze == "backbone" and config.freeze_epochs < 1,

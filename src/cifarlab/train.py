@@ -437,7 +437,8 @@ class _Eta:
 
     def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
         self.run, self.log, self.first = run, log, start_step
-        self.done = epoch != 0 or start_step != 0  # once per run, from its first epoch
+        # once per run, from its first epoch; a time budget has said its own estimate
+        self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
         self.t0 = time.perf_counter()
 
     def tick(self, step: int) -> None:
