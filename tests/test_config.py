@@ -76,8 +76,6 @@ def test_recipe_file_with_misspelt_key_fails(tmp_path):
 
 
 def test_a_recipe_may_start_from_another(tmp_path):
-    from cifarlab.config import load_recipe
-
     fast, cpu = load_recipe("fast"), load_recipe("fast-cpu")
     assert cpu.time_budget == 900 and fast.time_budget == 0 and cpu.recipe == "fast-cpu"
     assert {k for k, v in cpu.to_dict().items() if fast.to_dict()[k] != v} == {

@@ -317,6 +317,13 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def resolve_base(recipe: Path, base: str) -> str:
+    """A recipe's `base`: a shipped name as it is, a relative file beside `recipe` that names it."""
+    if Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute():
+        return str((recipe.parent / base).resolve())
+    return base
+
+
 def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     """A recipe: its YAML overrides on the defaults, or, with `base: <recipe>` (a shipped name, or
     a file, relative to this one), on that recipe. Keys are set as written: a child's `epochs`
@@ -330,8 +337,8 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     base = overrides.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
-    if base and Path(base).suffix in (".yaml", ".yml") and not Path(base).is_absolute():
-        base = str(path.parent / base)  # a file named beside the recipe that names it
+    if base:
+        base = resolve_base(path, base)
     start = TrainConfig()
     if base:
         try:

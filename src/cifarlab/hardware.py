@@ -109,7 +109,7 @@ def choose_amp(
     """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported. On the CPU: bf16
     with AMX tiles (2.9-3.2x fp32 on a Xeon with AMX); with AVX512-BF16 but no AMX the answer
     differs by CPU (0.78-0.83x on a Xeon, 1.6-2.3x on an AMD EPYC, benchmarks/cpu_precision.py),
-    so `speedup()` times both (`bf16_speedup`, 2-5 s once per process); else fp32. `flags` and
+    so `speedup()` times both (`bf16_speedup`, about 1 s alone, once per process); else fp32. `flags` and
     `speedup` inject the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"

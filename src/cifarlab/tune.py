@@ -28,6 +28,7 @@ from cifarlab.config import (
     apply_overrides,
     read_yaml_mapping,
     recipe_path,
+    resolve_base,
     validate_config,
 )
 from cifarlab.errors import UserError
@@ -158,9 +159,8 @@ def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:
     source = recipe_path(recipe)
     values = {**read_yaml_mapping(source), **params}
-    base = values.get("base")
-    if isinstance(base, str) and Path(base).suffix in (".yaml", ".yml"):
-        values["base"] = str((source.parent / base).resolve())  # the new file lives elsewhere
+    if isinstance(values.get("base"), str):  # the new file lives elsewhere
+        values["base"] = resolve_base(source, values["base"])
     values["recipe"] = path.stem
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Best trial of study '{study}' (val acc {value:.4f}), from recipe {recipe}\n"
