@@ -192,3 +192,42 @@ def test_muon_lowers_the_loss_and_resumes_exactly(real_jpegs, data_root, tmp_pat
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_batches_add_up_to_the_whole_batch_and_train(real_jpegs, data_root, tmp_path):
+    from cifarlab.distributed import init_distributed
+    from cifarlab.train import train_step
+    from cifarlab.training_run import build_run
+
+    def gradients(micro_batch: int) -> list[torch.Tensor]:
+        config = make_config(
+            data=str(real_jpegs), data_root=str(data_root), val_size=100, subset=600,
+            batch_size=50, model="cnn", width=0.25, micro_batch=micro_batch, amp="off",
+        )  # fmt: skip
+        run = build_run(config, lambda s: None, init_distributed())
+        run.model.eval()  # BatchNorm on running statistics: the chunks must add up exactly
+        x, y, rand = next(run.batches.epoch(0))
+        loss, logits = train_step(run, x, y, rand)
+        assert logits.shape == (50, 10)
+        return [loss] + [p.grad for p in run.model.parameters() if p.grad is not None]
+
+    whole, chunked = gradients(0), gradients(20)  # chunks of 20, 20 and 10 images
+    assert len(whole) == len(chunked) > 1
+    assert all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(whole, chunked, strict=True)
+    )
+
+    config = make_config(
+        data=str(real_jpegs), data_root=str(data_root), val_size=100, subset=600, epochs=3,
+        batch_size=50, model="cnn", width=0.25, micro_batch=20, lr=0.05, threads=1,
+    )  # fmt: skip
+    history = train(config, tmp_path / "r", log=lambda s: None).history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("micro_batch", [51, 1])
+def test_a_micro_batch_that_cannot_split_the_batch_is_one_line(micro_batch):
+    from cifarlab.config import validate_config
+
+    with pytest.raises(UserError, match=f"micro_batch={micro_batch}"):
+        validate_config(make_config(batch_size=50, micro_batch=micro_batch))

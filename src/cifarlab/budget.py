@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.inference import TTA_VIEWS, predict_logits
-from cifarlab.training_run import total_steps
+from cifarlab.training_run import micro_batches, total_steps
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,11 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
             x, y, _rand = next(batches)
         if run.hw.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with run.hw.autocast():
-            loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for xc, yc in micro_batches(run.config, x, y):  # as the run steps: in its chunks
+            with run.hw.autocast():
+                loss = F.cross_entropy(model(xc).float(), yc)
+            loss.backward()
         opt.step()
         _sync(run.hw.device)
         if i >= warmup:

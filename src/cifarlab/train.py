@@ -53,6 +53,7 @@ from cifarlab.training_run import (
     apply_freeze,
     build_run,
     checkpoint_state,
+    micro_batches,
     restore,
     retarget,
     total_steps,
@@ -314,22 +315,39 @@ def _params(run: TrainingRun) -> int:
 def train_step(
     run: TrainingRun, x: torch.Tensor, y: torch.Tensor, rand
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward one batch: (loss, logits). Mixup/CutMix make soft targets; the loss is `loss_fn`."""
+    """Forward and backward one batch, in `micro_batch` chunks when set: (mean loss, logits).
+    Mixup/CutMix make soft targets over the whole batch; the loss is `loss_fn`."""
     c = run.config
     if run.hw.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     targets = y
     if c.mixup_alpha or c.cutmix_alpha:
         x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
-    with run.hw.autocast():
-        logits = run.step_model(x)
-    return loss_fn(logits, targets, c.label_smoothing), logits
-
-
-def optimizer_step(run: TrainingRun, loss: torch.Tensor, global_step: int) -> None:
-    """Backward and update: SGD (through the AMP scaler), schedule, lookahead, EMA."""
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
+    chunks = list(micro_batches(c, x, targets))
+    losses, logits = [], []
+    for i, (xc, tc) in enumerate(chunks):
+        # under DDP the gradients are reduced once, on the last chunk's backward
+        with _no_sync(run.step_model, i < len(chunks) - 1):
+            with run.hw.autocast():
+                out = run.step_model(xc)
+            loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
+            run.scaler.scale(loss).backward()
+        losses.append(loss.detach())
+        logits.append(out.detach())
+    return torch.stack(losses).sum(), torch.cat(logits)
+
+
+def _no_sync(model: torch.nn.Module, skip: bool):
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    if skip and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        return ddp.no_sync()
+    return contextlib.nullcontext()
+
+
+def optimizer_step(run: TrainingRun, global_step: int) -> None:
+    """The update on the batch's gradients: SGD/Muon (through the AMP scaler), schedule,
+    lookahead, EMA."""
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -364,7 +382,7 @@ def train_one_epoch(
         if checked and not math.isfinite(loss.item()):
             _non_finite(run, c, stats, f"epoch {epoch + 1} step {step + 1}", saver)
             continue
-        optimizer_step(run, loss, epoch * n + step + 1)
+        optimizer_step(run, epoch * n + step + 1)
         if step == start_step == 0:
             stats.first_step = time.perf_counter() - t0
         loss_sum += loss.detach() * len(y)
