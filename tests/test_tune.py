@@ -37,6 +37,8 @@ def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpeg
     assert len(study.trials) == 2
     best = load_recipe(str(tmp_path / "tune" / "best-recipe.yaml"))
     assert best.lr == study.best_trial.params["lr"] and best.model == "fastnet"
+    assert best.muon_lr == study.best_trial.params["muon_lr"]  # fast's filters follow muon_lr
+    assert 2.4e-4 <= best.weight_decay <= 7.2e-3  # around fast's 2.4e-3
     assert best.batch_size == 50 and best.subset == 300  # the command line's overrides are kept
     again = run_tune(_opts(real_jpegs, tmp_path, 3), log=lambda s: None)  # same storage: continues
     assert len(again.trials) == 3 and {t.number for t in again.trials} == {0, 1, 2}

@@ -7,7 +7,8 @@ until `--trials` trials have completed or been pruned.
 
 Search space (documented in the README), relative to the recipe:
   lr               log-uniform in [recipe lr / 10, recipe lr * 3]
-  weight_decay     log-uniform in [1e-5, 1e-3]
+  weight_decay     log-uniform in [recipe wd / 10, recipe wd * 3] ([1e-5, 1e-3] for a recipe without)
+  muon_lr          log-uniform in [recipe muon_lr / 3, recipe muon_lr * 3], with optimizer: muon
   mixup_alpha      one of 0, 0.2, 0.5, 1.0
   cutmix_alpha     one of 0, 1.0
   label_smoothing  uniform in [0, 0.2]
@@ -33,8 +34,6 @@ from cifarlab.config import (
 )
 from cifarlab.errors import UserError
 
-SEARCHED = ("lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing", "epochs")
-
 
 @dataclass
 class TuneOptions:
@@ -48,14 +47,22 @@ class TuneOptions:
 
 
 def suggest(trial, base: TrainConfig) -> dict[str, Any]:
-    return {
+    wd = (base.weight_decay / 10, base.weight_decay * 3) if base.weight_decay else (1e-5, 1e-3)
+    values = {
         "lr": trial.suggest_float("lr", base.lr / 10, base.lr * 3, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", *wd, log=True),
         "mixup_alpha": trial.suggest_categorical("mixup_alpha", [0.0, 0.2, 0.5, 1.0]),
         "cutmix_alpha": trial.suggest_categorical("cutmix_alpha", [0.0, 1.0]),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
         "epochs": trial.suggest_int("epochs", max(1, base.epochs // 2), base.epochs),
     }
+    if (
+        base.optimizer == "muon"
+    ):  # `lr` then moves only the head and biases; the filters follow this
+        values["muon_lr"] = trial.suggest_float(
+            "muon_lr", base.muon_lr / 3, base.muon_lr * 3, log=True
+        )
+    return values
 
 
 def _storage(url: str):
@@ -124,7 +131,7 @@ def run_tune(opts: TuneOptions, log=print):
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        log(f"trial {trial.number}: " + ", ".join(f"{k}={trial.params[k]:.4g}" for k in SEARCHED))
+        log(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
         result = train(
             config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
         )
