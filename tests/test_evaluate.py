@@ -188,6 +188,16 @@ def test_evaluate_out_that_is_a_file_or_read_only_is_one_line(
     assert main(["evaluate", str(small_run), "--out", str(read_only / "ev")]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "Traceback" not in err
+    other = tmp_path / "other-run"  # a training run's folder: its curves.png must survive
+    other.mkdir()
+    (other / "config.yaml").write_text("model: cnn\n")
+    (other / "curves.png").write_bytes(b"the run's own figure")
+    assert main(["evaluate", str(small_run), "--out", str(other)]) == 2
+    assert (
+        "holds a training run (config.yaml); evaluate writes its report" in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in other.iterdir()) == ["config.yaml", "curves.png"]
+    assert (other / "curves.png").read_bytes() == b"the run's own figure"
 
 
 def test_evaluate_on_files_with_non_utf8_names_writes_every_file(small_run, real_jpegs, tmp_path):

@@ -24,7 +24,7 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
-from cifarlab.rundir import read_metrics
+from cifarlab.rundir import RUN_FILES, read_metrics
 from cifarlab.tracking import log_report
 
 
@@ -143,6 +143,12 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
+    held = [n for n in RUN_FILES if (out / n).exists()]
+    if held:  # its curves.png and report would replace the run's own
+        raise UserError(
+            f"--out {out} holds a training run ({', '.join(held[:3])}); evaluate writes its report "
+            f"into a folder of its own, e.g. --out {out / 'eval'}"
+        )
 
 
 def evaluate(opts: EvalOptions, log=print) -> dict:
