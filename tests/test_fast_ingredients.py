@@ -225,9 +225,10 @@ def test_micro_batches_add_up_to_the_whole_batch_and_train(real_jpegs, data_root
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("micro_batch", [51, 1])
-def test_a_micro_batch_that_cannot_split_the_batch_is_one_line(micro_batch):
+@pytest.mark.parametrize("micro_batch", [7, 1])
+def test_a_micro_batch_leaving_one_image_chunks_is_one_line(micro_batch):
     from cifarlab.config import validate_config
 
-    with pytest.raises(UserError, match=f"micro_batch={micro_batch}"):
-        validate_config(make_config(batch_size=50, micro_batch=micro_batch))
+    with pytest.raises(UserError, match=f"micro_batch={micro_batch} leaves chunks of one image"):
+        validate_config(make_config(batch_size=50, micro_batch=micro_batch))  # 7 x 7 + 1
+    validate_config(make_config(batch_size=50, micro_batch=500))  # not below the batch: whole

@@ -12,6 +12,7 @@ import torch
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import UserError
+from cifarlab.memory import ENV
 
 
 @dataclass
@@ -28,7 +29,10 @@ class Hardware:
 
     def describe(self) -> str:
         amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        threads = ""
+        if self.device.type == "cpu":
+            pages = ", huge pages" if os.environ.get(ENV) == "1" else ""
+            threads = f", {torch.get_num_threads()} threads{pages}"
         return f"{self.device} ({amp}{', channels_last' if self.channels_last else ''}{threads})"
 
 
