@@ -229,6 +229,6 @@ def test_micro_batches_add_up_to_the_whole_batch_and_train(real_jpegs, data_root
 def test_a_micro_batch_leaving_one_image_chunks_is_one_line(micro_batch):
     from cifarlab.config import validate_config
 
-    with pytest.raises(UserError, match=f"micro_batch={micro_batch} leaves chunks of one image"):
+    with pytest.raises(UserError, match=f"micro_batch={micro_batch} leaves a chunk of one image"):
         validate_config(make_config(batch_size=50, micro_batch=micro_batch))  # 7 x 7 + 1
     validate_config(make_config(batch_size=50, micro_batch=500))  # not below the batch: whole

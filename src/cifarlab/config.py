@@ -443,8 +443,9 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         (
             0 < (m := config.micro_batch) < (per := config.batch_size // max(1, world))
             and (m == 1 or per % m == 1),
-            f"micro_batch={config.micro_batch} leaves chunks of one image in each batch of "
-            f"{config.batch_size // max(1, world)}, which BatchNorm cannot normalise; pick another",
+            f"micro_batch={config.micro_batch} leaves a chunk of one image in each batch of "
+            f"{config.batch_size // max(1, world)} images per process, whose BatchNorm statistics "
+            "are meaningless; pick a divisor of that batch, or 0 for whole batches",
         ),
         (world > 1 and config.loader != "device", "under torchrun use loader: device"),
         (world > 1 and config.time_budget, "time_budget is for a single process (not torchrun)"),

@@ -3,8 +3,8 @@
 With transparent huge pages in `madvise` mode (most Linux kernels' default), PyTorch's large CPU
 buffers sit on 4 KiB pages and a training step spends much of its time faulting them in. Its
 allocator asks the kernel for 2 MiB pages when THP_MEM_ALLOC_ENABLE=1, which it reads once, at
-its first allocation: fastnet then trains ~1.4x faster per image on a 2-core CPU in chunks of
-500-1,000 images (benchmarks/micro_batch.py). A user's own THP_MEM_ALLOC_ENABLE always wins.
+its first allocation: `fast` then trains ~6% more images/s in fp32 on a 2-core CPU (590 against
+557; docs/benchmarks.md). A user's own THP_MEM_ALLOC_ENABLE always wins.
 """
 
 from __future__ import annotations

@@ -379,7 +379,7 @@ def train_one_epoch(
             break
         loss, logits = train_step(run, x, y, rand)
         checked = (step + 1) % check_every == 0 or step == last_step - 1
-        if checked and not math.isfinite(loss.item()):
+        if checked and _non_finite_anywhere(run, loss):
             _non_finite(run, c, stats, f"epoch {epoch + 1} step {step + 1}", saver)
             continue
         optimizer_step(run, epoch * n + step + 1)
@@ -414,6 +414,13 @@ def _progress(run: TrainingRun, epoch: int, start_step: int):
         total=len(run.batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
         disable=True if not c.progress else None, leave=False, unit="step", mininterval=1, file=sys.stderr,
     )  # fmt: skip
+
+
+def _non_finite_anywhere(run: TrainingRun, loss: torch.Tensor) -> bool:
+    """The loss is not finite here or, under torchrun, on another rank, whose NaN gradients the
+    backward's all-reduce has already spread: every rank then skips or stops together."""
+    bad = float(not math.isfinite(loss.item()))
+    return all_sum([bad], run.dist, run.hw.device)[0] > 0
 
 
 def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str, saver) -> None:
