@@ -20,6 +20,39 @@ def test_the_plan_fits_training_every_validation_and_the_final_passes():
     assert plan_steps(2.0, 10.0, seconds_left=1.0, steps_per_epoch=100, final=40.0) == 1
 
 
+def test_steps_that_get_cheaper_after_the_first_epochs_fill_the_time_left():
+    # 2 s a step for the first 100 steps (fastnet's whitening bias still training), then 1 s
+    steps = plan_steps(2.0, 10.0, 900.0, 100, 40.0, later=1.0, first_steps=lambda epochs: 100)
+    assert steps == 690  # 100 x 2 + 590 x 1 + 7 epochs x 10 + 40 = 900
+    assert plan_steps(2.0, 10.0, 900.0, 100, 40.0) < steps  # at one pace: fewer
+
+
+def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_stops(
+    real_jpegs, data_root, monkeypatch
+):
+    import cifarlab.budget as budget
+    from cifarlab.distributed import init_distributed
+    from cifarlab.models.whitening import first_conv
+    from cifarlab.training_run import build_run
+
+    config = make_config(data=str(real_jpegs), data_root=str(data_root), val_size=100, subset=600,
+                         batch_size=50, model="fastnet", whitening=True, whiten_bias_epochs=2,
+                         epochs=6, amp="off")  # fmt: skip
+    run = build_run(config, lambda s: None, init_distributed())
+    trains, pace = [], iter([0.5, 0.4])
+
+    def fake_step(run, model, opt, batches, steps, warmup):
+        trains.append(first_conv(model).bias.requires_grad)
+        return next(pace)
+
+    monkeypatch.setattr(budget, "_median_step", fake_step)
+    timings = budget.measure(run)
+    assert trains == [True, False] and (timings.step, timings.later) == (0.5, 0.4)
+    assert first_conv(run.model).bias.requires_grad  # the run's own model is untouched
+    first = budget.early_steps(config, 12)
+    assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3
+
+
 def test_the_final_passes_count_tta_calibration_and_test():
     fast = load_recipe("fast")  # flip-translate: 4 views
     assert final_images(fast, n_val=1000, n_test=0) == 4 * 1000 + 2 * 1000

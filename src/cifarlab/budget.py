@@ -15,13 +15,19 @@ import torch.nn.functional as F
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.inference import TTA_VIEWS, predict_logits
-from cifarlab.training_run import micro_batches, total_steps
+from cifarlab.training_run import micro_batches, set_trainable, settling_epoch, total_steps
 
 
 @dataclass(frozen=True)
 class Timings:
     step: float  # seconds per training step (augmentation, forward, backward, update)
     val_image: float  # seconds per image and view of an evaluation pass
+    settled: float = 0.0  # seconds per step from `settling_epoch` on (0: as `step`), e.g.
+    # fastnet's steps are ~10% cheaper once its whitening bias stops; a frozen backbone's dearer
+
+    @property
+    def later(self) -> float:
+        return self.settled or self.step
 
 
 def _sync(device: torch.device) -> None:
@@ -30,20 +36,51 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
-    """Median step time of a copy of the model (lr 0: nothing learns) and the evaluation cost,
-    leaving the run and the global random state as they were. Few steps: they are spent out of
-    the budget (on a 2-core CPU, 4 fastnet steps of 1,024 images take ~20 s)."""
+    """Median step time of a copy of the model (lr 0: nothing learns) as its first epoch trains
+    and, when that changes later (`settling_epoch`), as it trains from then on; and the
+    evaluation cost. Leaves the run and the global random state as they were. Few steps: they
+    are spent out of the budget (on a 2-core CPU, 4 fastnet steps of 2,000 images take ~16 s)."""
     rng = torch.get_rng_state()
-    model = copy.deepcopy(run.model).train()
+    model = copy.deepcopy(run.model)
+    fixed = {
+        id(mine)
+        for mine, theirs in zip(model.parameters(), run.model.parameters(), strict=True)
+        if id(theirs) in run.fixed
+    }
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    batches, times = run.batches.epoch(0), []
+    batches = _batches(run)
+    model.train()
+    set_trainable(model, run.config, fixed, 0)
+    step = _median_step(run, model, opt, batches, steps, warmup)
+    settled, settle = 0.0, settling_epoch(run.config)
+    if settle:  # the same shapes, already warm: two steps tell the new pace
+        model.train()
+        set_trainable(model, run.config, fixed, settle)
+        settled = _median_step(run, model, opt, batches, 2, 0)
+    images = run.val_images[: 2 * run.config.eval_batch_size]
+    if len(images) == 0:  # no validation split: time a training batch instead
+        images = to_device_uint8(
+            run.splits.train.images[: run.config.eval_batch_size], run.hw.device
+        )
+    t0 = time.perf_counter()
+    predict_logits(model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw)
+    _sync(run.hw.device)
+    val_image = (time.perf_counter() - t0) / max(1, len(images))
+    torch.set_rng_state(rng)
+    return Timings(step, val_image, settled)
+
+
+def _batches(run):
+    """Training batches without end (a tiny data set is walked again)."""
+    while True:
+        yield from run.batches.epoch(0)
+
+
+def _median_step(run, model, opt, batches, steps: int, warmup: int) -> float:
+    times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        try:
-            x, y, _rand = next(batches)
-        except StopIteration:  # a tiny data set: walk it again
-            batches = run.batches.epoch(0)
-            x, y, _rand = next(batches)
+        x, y, _rand = next(batches)
         if run.hw.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
@@ -55,32 +92,45 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
         _sync(run.hw.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    images = run.val_images[: 2 * run.config.eval_batch_size]
-    if len(images) == 0:  # no validation split: time a training batch instead
-        images = to_device_uint8(
-            run.splits.train.images[: run.config.eval_batch_size], run.hw.device
-        )
-    t0 = time.perf_counter()
-    predict_logits(model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw)
-    _sync(run.hw.device)
-    val_image = (time.perf_counter() - t0) / max(1, len(images))
-    torch.set_rng_state(rng)
-    return Timings(statistics.median(times), val_image)
+    return statistics.median(times)
 
 
 def plan_steps(
-    step: float, per_epoch: float, seconds_left: float, steps_per_epoch: int, final: float
-) -> int:
-    """The most training steps (of `step` seconds) whose training, `per_epoch` seconds for every
-    started epoch (validation, saving) and the `final` passes fit in `seconds_left`; at least one."""
+    step: float, per_epoch: float, seconds_left: float, steps_per_epoch: int, final: float,
+    later: float | None = None, first_steps=None,
+) -> int:  # fmt: skip
+    """The most training steps whose training, `per_epoch` seconds for every started epoch
+    (validation, saving) and the `final` passes fit in `seconds_left`; at least one. A step
+    takes `step` seconds, or `later` seconds after the first `first_steps(epochs)` steps of a
+    run of that many epochs (by default all steps take `step`)."""
+    later = later or step
     best = 0
     for epochs in range(1, 100_000):
         room = seconds_left - final - epochs * per_epoch
-        steps = min(epochs * steps_per_epoch, int(room // step))
+        early = epochs * steps_per_epoch if first_steps is None else first_steps(epochs)
+        if room <= early * step:
+            fit = int(max(0.0, room) // step)
+        else:
+            fit = early + int((room - early * step) // later)
+        steps = min(epochs * steps_per_epoch, fit)
         if steps <= (epochs - 1) * steps_per_epoch:
             break
         best = steps
     return max(1, best)
+
+
+def early_steps(shape: TrainConfig, steps_per_epoch: int, done: int = 0):
+    """`first_steps` for `plan_steps`: a run of `shape` made `epochs` long (after `done` steps
+    already taken, which count as one epoch) steps at its first pace until `settling_epoch`."""
+    extra = 1 if done else 0
+
+    def first(epochs: int) -> int:
+        total = (epochs + extra) * steps_per_epoch
+        return max(
+            0, settling_epoch(with_steps(shape, total, steps_per_epoch)) * steps_per_epoch - done
+        )
+
+    return first
 
 
 def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
@@ -99,6 +149,7 @@ class Plan:
     shape: TrainConfig  # the recipe's config before planning: its `epochs` shape the schedule
     started: float  # time.perf_counter() when the run started
     n_test: int
+    timings: Timings  # the probe's
 
     def correct(self, run, steps: int, step: float, val_seconds: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
@@ -113,7 +164,9 @@ class Plan:
         val_image = val_seconds / n_val if n_val else 0.0
         final = val_image * final_images(c, n_val, self.n_test)
         left = self.shape.time_budget - (time.perf_counter() - self.started)
-        new_total = steps + plan_steps(step, per_epoch, left, n, final)
+        later = self.timings.later * step / self.timings.step  # the probe's ratio, this pace
+        first = early_steps(self.shape, n, done=steps)
+        new_total = steps + plan_steps(step, per_epoch, left, n, final, later, first)
         if abs(new_total - total) <= 1:
             return None
         log(
@@ -134,17 +187,26 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     per_epoch = n_val * timings.val_image
     final = timings.val_image * final_images(c, n_val, n_test)
     left = c.time_budget - (time.perf_counter() - started) - build_seconds
-    steps = plan_steps(timings.step, per_epoch, left, n, final)
+    first = early_steps(c, n)
+    steps = plan_steps(timings.step, per_epoch, left, n, final, timings.later, first)
     planned = with_steps(c, steps, n)
-    expected = steps * timings.step + planned.epochs * per_epoch + final
+    early = min(steps, first(planned.epochs))
+    expected = early * timings.step + (steps - early) * timings.later
+    expected += planned.epochs * per_epoch + final
     if expected > left:
         log(
             f"warning: a {c.time_budget:.0f} s budget is too short for this run: one step and "
             f"the final passes take about {expected:.0f} s of the {max(0.0, left):.0f} s left"
         )
     log(
-        f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step, "
+        f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step"
+        + (
+            f" ({timings.settled:.3f} from epoch {settling_epoch(planned) + 1})"
+            if timings.settled
+            else ""
+        )
+        + ", "
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} steps "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
-    return planned, Plan(c, started, n_test)
+    return planned, Plan(c, started, n_test, timings)

@@ -307,23 +307,37 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
     """What trains this epoch: the head only during `freeze: backbone`'s `freeze_epochs` (frozen
     BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
     c = run.config
+    set_trainable(run.model, c, run.fixed, epoch)
+    if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
+        log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+
+
+def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:
+    """`model`'s parameters (but `fixed`, the ids of those that never train) set to train as
+    they do in `epoch`; also on the time-budget probe's copy of the model."""
     if c.freeze == "backbone":
-        _freeze_backbone(run, epoch < c.freeze_epochs)
-        if epoch == c.freeze_epochs and epoch > 0:
-            log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+        _freeze_backbone(model, fixed, epoch < c.freeze_epochs)
     if c.whitening and c.whiten_bias_epochs and epoch >= c.whiten_bias_epochs:
-        bias = first_conv(run.model).bias
+        bias = first_conv(model).bias
         if bias is not None:
             bias.requires_grad_(False)
 
 
-def _freeze_backbone(run: TrainingRun, frozen: bool) -> None:
-    head = head_name(run.model) + "."
-    for name, p in run.model.named_parameters():
-        if not name.startswith(head) and id(p) not in run.fixed:
+def settling_epoch(c: TrainConfig) -> int:
+    """The first epoch in which everything that trains only at first (or only later) has
+    settled: a step costs from then on what it costs to the end (0: from the start)."""
+    frozen = c.freeze_epochs if c.freeze == "backbone" else 0
+    bias = c.whiten_bias_epochs if c.whitening else 0
+    return min(c.epochs, max(frozen, bias))
+
+
+def _freeze_backbone(model: torch.nn.Module, fixed: set[int], frozen: bool) -> None:
+    head = head_name(model) + "."
+    for name, p in model.named_parameters():
+        if not name.startswith(head) and id(p) not in fixed:
             p.requires_grad_(not frozen)
     if frozen:
-        for name, m in run.model.named_modules():
+        for name, m in model.named_modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
                 m.eval()
 
