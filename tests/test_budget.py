@@ -39,15 +39,16 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
                          batch_size=50, model="fastnet", whitening=True, whiten_bias_epochs=2,
                          epochs=6, amp="off")  # fmt: skip
     run = build_run(config, lambda s: None, init_distributed())
-    trains, pace = [], iter([0.5, 0.4])
+    trains = []
 
-    def fake_step(run, model, opt, batches, steps, warmup):
+    def fake_step(run, model, opt, batches):
         trains.append(first_conv(model).bias.requires_grad)
-        return next(pace)
+        return 0.5 if trains[-1] else 0.4
 
-    monkeypatch.setattr(budget, "_median_step", fake_step)
+    monkeypatch.setattr(budget, "_step_seconds", fake_step)
     timings = budget.measure(run)
-    assert trains == [True, False] and (timings.step, timings.later) == (0.5, 0.4)
+    assert trains == [True, False] * 4  # alternating: 1 warm-up + 3 timed steps each
+    assert (timings.step, timings.later) == (0.5, 0.4)
     assert first_conv(run.model).bias.requires_grad  # the run's own model is untouched
     first = budget.early_steps(config, 12)
     assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3

@@ -39,7 +39,8 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     """Median step time of a copy of the model (lr 0: nothing learns) as its first epoch trains
     and, when that changes later (`settling_epoch`), as it trains from then on; and the
     evaluation cost. Leaves the run and the global random state as they were. Few steps: they
-    are spent out of the budget (on a 2-core CPU, 4 fastnet steps of 2,000 images take ~16 s)."""
+    are spent out of the budget (on a 2-core CPU, 8 fastnet steps of 2,000 images take ~30 s
+    in fp32, two phases of 1 + 3)."""
     rng = torch.get_rng_state()
     model = copy.deepcopy(run.model)
     fixed = {
@@ -48,15 +49,21 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
         if id(theirs) in run.fixed
     }
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    batches = _batches(run)
-    model.train()
-    set_trainable(model, run.config, fixed, 0)
-    step = _median_step(run, model, opt, batches, steps, warmup)
-    settled, settle = 0.0, settling_epoch(run.config)
-    if settle:  # the same shapes, already warm: two steps tell the new pace
-        model.train()
-        set_trainable(model, run.config, fixed, settle)
-        settled = _median_step(run, model, opt, batches, 2, 0)
+    batches, flags = _batches(run), [p.requires_grad for p in model.parameters()]
+    settle = settling_epoch(run.config)
+    phases = [0, settle] if settle else [0]
+    times = {epoch: [] for epoch in phases}
+    for i in range(warmup + steps):
+        for epoch in phases:  # alternating, so that the machine's drift hits both alike
+            for p, flag in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+            model.train()
+            set_trainable(model, run.config, fixed, epoch)
+            seconds = _step_seconds(run, model, opt, batches)
+            if i >= warmup:
+                times[epoch].append(seconds)
+    step = statistics.median(times[0])
+    settled = statistics.median(times[settle]) if settle else 0.0
     images = run.val_images[: 2 * run.config.eval_batch_size]
     if len(images) == 0:  # no validation split: time a training batch instead
         images = to_device_uint8(
@@ -76,23 +83,19 @@ def _batches(run):
         yield from run.batches.epoch(0)
 
 
-def _median_step(run, model, opt, batches, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        x, y, _rand = next(batches)
-        if run.hw.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        opt.zero_grad(set_to_none=True)
-        for xc, yc in micro_batches(run.config, x, y):  # as the run steps: in its chunks
-            with run.hw.autocast():
-                loss = F.cross_entropy(model(xc).float(), yc)
-            loss.backward()
-        opt.step()
-        _sync(run.hw.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _step_seconds(run, model, opt, batches) -> float:
+    t0 = time.perf_counter()
+    x, y, _rand = next(batches)
+    if run.hw.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt.zero_grad(set_to_none=True)
+    for xc, yc in micro_batches(run.config, x, y):  # as the run steps: in its chunks
+        with run.hw.autocast():
+            loss = F.cross_entropy(model(xc).float(), yc)
+        loss.backward()
+    opt.step()
+    _sync(run.hw.device)
+    return time.perf_counter() - t0
 
 
 def plan_steps(
