@@ -374,6 +374,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
     spec = model_spec(config.model)
+    per_process, chunk = config.batch_size // max(1, world), config.micro_batch
     rules = [
         (
             (config.pretrained or config.weights) and not spec.takes_weights,
@@ -441,11 +442,10 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'",
         ),
         (
-            0 < (m := config.micro_batch) < (per := config.batch_size // max(1, world))
-            and (m == 1 or per % m == 1),
-            f"micro_batch={config.micro_batch} leaves a chunk of one image in each batch of "
-            f"{config.batch_size // max(1, world)} images per process, whose BatchNorm statistics "
-            "are meaningless; pick a divisor of that batch, or 0 for whole batches",
+            0 < chunk < per_process and (chunk == 1 or per_process % chunk == 1),
+            f"micro_batch={chunk} leaves a chunk of one image in each batch of {per_process} "
+            "images per process, whose BatchNorm statistics are meaningless; pick a divisor of "
+            "that batch, or 0 for whole batches",
         ),
         (world > 1 and config.loader != "device", "under torchrun use loader: device"),
         (world > 1 and config.time_budget, "time_budget is for a single process (not torchrun)"),

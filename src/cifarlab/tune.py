@@ -56,9 +56,7 @@ def suggest(trial, base: TrainConfig) -> dict[str, Any]:
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
         "epochs": trial.suggest_int("epochs", max(1, base.epochs // 2), base.epochs),
     }
-    if (
-        base.optimizer == "muon"
-    ):  # `lr` then moves only the head and biases; the filters follow this
+    if base.optimizer == "muon":  # `lr` then moves only the head and biases; filters follow this
         values["muon_lr"] = trial.suggest_float(
             "muon_lr", base.muon_lr / 3, base.muon_lr * 3, log=True
         )
