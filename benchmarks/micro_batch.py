@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cifarlab.config import TrainConfig
 from cifarlab.models import create_model
+from cifarlab.training_run import micro_batches
 
 BATCH = 2000
 
@@ -27,7 +29,7 @@ def batch_time(model, x, y, chunk: int, bf16: bool) -> float:
     """Seconds to forward and backward the whole batch in chunks of `chunk` (0 = at once)."""
     t0 = time.perf_counter()
     model.zero_grad(set_to_none=True)
-    for xc, yc in zip(x.split(chunk or len(x)), y.split(chunk or len(y)), strict=True):
+    for xc, yc in micro_batches(TrainConfig(micro_batch=chunk), x, y):  # as training splits
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(xc)
         (F.cross_entropy(out.float(), yc) * len(xc) / len(x)).backward()

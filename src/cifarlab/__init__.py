@@ -22,7 +22,7 @@ import importlib
 from cifarlab.memory import use_huge_pages
 
 __version__ = "0.1.0"
-HUGE_PAGES = use_huge_pages()  # before anything imports torch: its allocator reads this once
+use_huge_pages()  # before anything imports torch: its allocator reads the choice once
 
 # Imported on first use: the API needs torch, which takes ~2 s to import (2.1 s measured on
 # this 2-core machine), and `cifarlab --help` or `import cifarlab` should not wait for it.
