@@ -111,3 +111,22 @@ def test_the_lock_is_released_when_the_run_ends(tmp_path):
     with RunLock(tmp_path):
         assert time.time() - start < 1
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_run_being_trained_is_named_as_busy_not_as_one_to_resume(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: cnn\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / ".lock").write_text(str(holder.pid))
+        with pytest.raises(UserError, match=rf"is in use by process {holder.pid}; wait for it"):
+            claim_run_dir(run, resume=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(UserError, match="add --resume"):  # its holder gone: resumable again
+        claim_run_dir(run, resume=False)

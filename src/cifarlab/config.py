@@ -444,8 +444,8 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         (
             0 < chunk < per_process and (chunk == 1 or per_process % chunk == 1),
             f"micro_batch={chunk} leaves a chunk of one image in each batch of {per_process} "
-            "images per process, whose BatchNorm statistics are meaningless; pick a divisor of "
-            "that batch, or 0 for whole batches",
+            "images per process, whose BatchNorm statistics are meaningless; pick chunks of 2 or "
+            "more that leave no single image over, or 0 for whole batches",
         ),
         (world > 1 and config.loader != "device", "under torchrun use loader: device"),
         (world > 1 and config.time_budget, "time_budget is for a single process (not torchrun)"),

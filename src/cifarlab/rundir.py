@@ -29,6 +29,28 @@ def _pid_in(fd: int) -> int | None:
         return None  # the holder has locked but not yet written its pid
 
 
+def _live_holder(lock: Path) -> int | None:
+    """The pid written in `lock` when that process is alive (read only: no lock is taken, so a
+    process acquiring it is never disturbed); None otherwise."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        pid = _pid_in(fd)
+    finally:
+        os.close(fd)
+    if not pid or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid  # alive, another user's
+    except OSError:
+        return None
+    return pid
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -111,6 +133,9 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     if not names:
         return
     run_files = [n for n in names if n in RUN_FILES]
+    holder = _live_holder(run_dir / ".lock") if run_files else None
+    if holder:  # being trained right now: say so, not "add --resume", which would be refused
+        raise RunLock(run_dir)._busy(holder)
     found, what = (run_files, "a run") if run_files else (names, "other files")
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise UserError(
