@@ -1,20 +1,24 @@
-"""airbench94 (its own script) on this CPU in fp32, on cifarlab's split of the same images.
+"""airbench94 (its own script) on cifarlab's splits of the same images, on the CPU or a GPU.
 
 A measured anchor for issue 16, not part of cifarlab: the script is read from a copy of the
 airbench repository kept outside this project (`fetch` KellerJordan/cifar10-airbench, file
-legacy/airbench94.py) and run unchanged but for the device: fp16 -> fp32, CUDA -> CPU, CUDA
-events -> a wall clock. It trains on the 45,000 training images of a cifarlab split and is
-tested on its 5,000 validation images, so its accuracy and time sit beside cifarlab's runs on
-the same data. `--epochs` shortens it (a timing run); airbench94's own length is 9.9 epochs.
+legacy/airbench94.py) and run unchanged but for the device. On the CPU: fp16 -> fp32, CUDA ->
+CPU, CUDA events -> a wall clock. On a GPU (`--device cuda`) it runs as published (fp16), or in
+fp32 with `--fp32`. It trains on the 45,000 training images of the cifarlab split of `--seeds`
+(the split `cifarlab train --seed S` holds out) and is tested on its 5,000 validation images,
+so its accuracy and time sit beside cifarlab's runs on the same data. `--epochs` shortens it
+(a timing run); airbench94's own length is 9.9 epochs.
 
     python benchmarks/airbench_anchor.py --airbench /path/to/legacy/airbench94.py \\
-        --data ../shared/data/cifar10-train-jpg.tar.gz [--epochs 9.9]
+        --data ../shared/data/cifar10-train-jpg.tar.gz [--epochs 9.9] [--seeds 0,1,2] \\
+        [--device cuda [--fp32]]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +28,12 @@ import torch
 from cifarlab.config import TrainConfig
 from cifarlab.data import load_splits
 
-CPU_PATCHES = [  # (what airbench94.py says, what it says here)
+FP32_PATCHES = [  # (what airbench94.py says, what it says here)
     (".half()", ".float()"),
     ("torch.half", "torch.float"),
+]
+CPU_PATCHES = [
+    *FP32_PATCHES,
     (".cuda()", ""),
     ("torch.device(gpu)", "torch.device('cpu')"),
     ("torch.cuda.Event(enable_timing=True)", "_WallClock()"),
@@ -44,9 +51,9 @@ class _WallClock:
 """
 
 
-def write_airbench_data(folder: Path, data: str) -> tuple[int, int]:
-    """cifarlab's train/val split of `data` as airbench's cifar10/train.pt and test.pt."""
-    splits = load_splits(TrainConfig(data=data))
+def write_airbench_data(folder: Path, data: str, seed: int) -> tuple[int, int]:
+    """cifarlab's train/val split `seed` of `data` as airbench's cifar10/train.pt and test.pt."""
+    splits = load_splits(TrainConfig(data=data, seed=seed))
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in (("train.pt", splits.train), ("test.pt", splits.val)):
         torch.save(
@@ -60,37 +67,56 @@ def write_airbench_data(folder: Path, data: str) -> tuple[int, int]:
     return len(splits.train), len(splits.val)
 
 
+def patched(path: str, patches: list[tuple[str, str]]) -> str:
+    source = Path(path).read_text()
+    for old, new in patches:
+        if old not in source:
+            raise SystemExit(f"{path}: '{old}' not found; this script expects airbench94.py")
+        source = source.replace(old, new)
+    return source
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--airbench", required=True, help="path to legacy/airbench94.py")
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=float, default=9.9)
+    parser.add_argument("--seeds", default="0", help="cifarlab split seeds, e.g. 0,1,2")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--fp32", action="store_true", help="on cuda: fp32 instead of fp16")
     args = parser.parse_args()
-    source = Path(args.airbench).read_text()
-    for old, new in CPU_PATCHES:
-        if old not in source:
-            raise SystemExit(
-                f"{args.airbench}: '{old}' not found; this script expects airbench94.py"
-            )
-        source = source.replace(old, new)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.device == "cpu":
+        patches, precision = CPU_PATCHES, "fp32"
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:
+        patches, precision = (FP32_PATCHES, "fp32") if args.fp32 else ([], "fp16")
+    source = patched(args.airbench, patches)
     source = source.replace("'train_epochs': 9.9", f"'train_epochs': {args.epochs}")
-    torch.set_num_threads(os.cpu_count() or 1)
+    accs, data = [], str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
     with tempfile.TemporaryDirectory() as tmp:
-        n_train, n_val = write_airbench_data(Path(tmp) / "cifar10", args.data)
         os.chdir(tmp)
         namespace = {"__name__": "airbench94"}
         exec(compile(WALL_CLOCK + source, args.airbench, "exec"), namespace)
         namespace["print_columns"](namespace["logging_columns_list"], is_head=True)
-        t0 = time.perf_counter()
-        acc = namespace["main"](0)
-        wall = time.perf_counter() - t0
-    steps_per_epoch = n_train // 1024
-    images = round(steps_per_epoch * args.epochs) * 1024
-    print(
-        f"airbench94 on {n_train} train / {n_val} val images, {args.epochs} epochs "
-        f"({images} training images): {acc:.2%} with its TTA; {wall:.0f} s wall "
-        f"(its own timer, training and TTA only, is the last column above)"
-    )
+        for seed in seeds:
+            n_train, n_val = write_airbench_data(Path(tmp) / "cifar10", data, seed)
+            if args.device == "cuda" and not accs:
+                namespace["main"]("warmup")  # cudnn's autotuning, on shuffled labels (its own)
+            t0 = time.perf_counter()
+            acc = namespace["main"](seed)
+            wall = time.perf_counter() - t0
+            accs.append(acc)
+            images = round(n_train // 1024 * args.epochs) * 1024
+            print(
+                f"airbench94 ({args.device}, {precision}) on split {seed}: {n_train} train / "
+                f"{n_val} val images, {args.epochs} epochs ({images} training images): "
+                f"{acc:.2%} with its TTA; {wall:.1f} s wall (its own timer, training and TTA "
+                "only, is the last column above)"
+            )
+    if len(accs) > 1:
+        mean, std = statistics.mean(accs), statistics.stdev(accs)
+        print(f"airbench94 over splits {args.seeds}: mean {mean:.2%}, std {std:.2%} (TTA)")
 
 
 if __name__ == "__main__":

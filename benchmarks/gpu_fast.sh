@@ -1,24 +1,85 @@
 #!/usr/bin/env bash
-# The prepared GPU check (<= 8 minutes): `fast` end to end on the GPU (time to finish, val
-# accuracy), `fast-96` within 150 s, `fast-cpu` in budget mode (--time-budget 60s: does it end
-# within +-5%?), then the images/s table. Prints everything; paste the output into docs/benchmarks.md.
-# Usage: benchmarks/gpu_fast.sh [DATA]   (default: the shared CIFAR-10 JPEG tarball)
-set -euo pipefail
+# The prepared GPU check (<= 8 minutes), in order of what it must answer first:
+#   1. smoke: one short `fast` epoch on the GPU (stops the script if the GPU path is broken)
+#   2. `fast` end to end, bf16 (amp auto), whole batches, then in chunks of 500 (the CPU default)
+#   3. airbench94 as published (fp16) on the same splits 0-3, after its warm-up run
+#   4. accuracy over splits 0-3 in fp32: `fast --set amp=off` against airbench94 --fp32
+#   5. `fast-cpu --time-budget 30s` (does the budget hold on a GPU?), `fast-96` (150 s cap)
+#   6. the images/s table (benchmarks/speed.py)
+# Prints everything (and tees it to $OUT/gpu_fast.log where $OUT is set); paste into docs/benchmarks.md.
+# Usage: [ONLY="2 3 4b"] benchmarks/gpu_fast.sh [DATA] [AIRBENCH94_PY]
+#   DATA: the CIFAR-10 JPEG tarball (default ../shared/data/cifar10-train-jpg.tar.gz)
+#   AIRBENCH94_PY: legacy/airbench94.py from github.com/KellerJordan/cifar10-airbench (step 3-4
+#   are skipped without it)
+# Runs with the project's .venv where there is one, else with python3 and src/ on PYTHONPATH
+# (a GPU machine's own PyTorch image).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-train-jpg.tar.gz}
-make setup >/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-out=$(mktemp -d)
-start=$(date +%s.%N)
-# micro_batch=0: whole batches of 2,000 (the chunks of 500 that pay on a CPU only cost on a GPU)
-timeout 150 .venv/bin/cifarlab train --recipe fast --data "$DATA" --out "$out/fast" --no-progress --set micro_batch=0
-echo "fast: wall $(echo "$(date +%s.%N) - $start" | bc) s (decode/cache included)"
-cat "$out/fast/metrics.csv"
-start=$(date +%s.%N)
-timeout 150 .venv/bin/cifarlab train --recipe fast-96 --data "$DATA" --out "$out/fast-96" --no-progress || true
-echo "fast-96: wall $(echo "$(date +%s.%N) - $start" | bc) s"
-tail -n 3 "$out/fast-96/metrics.csv" || true
-start=$(date +%s.%N)
-timeout 90 .venv/bin/cifarlab train --recipe fast-cpu --time-budget 60s --data "$DATA" --out "$out/budget" --no-progress || true
-echo "fast-cpu --time-budget 60s: wall $(echo "$(date +%s.%N) - $start" | bc) s (decode/cache included)"
-timeout 120 .venv/bin/python benchmarks/speed.py --data "$DATA" --models cnn,resnet18,fastnet --no-write
+AIRBENCH=${2:-}
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; export PYTHONPATH=$PWD/src; fi
+export PYTHONUNBUFFERED=1
+LOG=${OUT:+$OUT/gpu_fast.log}
+exec > >(tee ${LOG:-/dev/null}) 2>&1
+runs=$(mktemp -d)
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+since() { local ms=$(($(now_ms) - $1)); printf '%d.%03d' $((ms / 1000)) $((ms % 1000)); }
+wanted() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }  # ONLY="3 5": those sections alone
+t0=$(now_ms)
+
+section() { printf '\n=== %s (at %s s)\n' "$1" "$(since "$t0")"; }
+train() {  # train NAME TIMEOUT ARGS...: one run, its wall time and result.json
+    local name=$1 limit=$2 start
+    shift 2
+    start=$(now_ms)
+    timeout "$limit" "$PY" -m cifarlab train --data "$DATA" --out "$runs/$name" --no-progress "$@"
+    local rc=$?
+    echo "$name: exit $rc, wall $(since "$start") s (start-up and data included)"
+    cat "$runs/$name/result.json" 2>/dev/null | tr -d '\n '
+    echo
+    return $rc
+}
+
+section "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+section "1. smoke: fast, one epoch of 4,000 images"
+train smoke 120 --recipe fast --subset 4000 --val-size 1000 --epochs 1 || { echo "GPU path broken: stopping"; exit 1; }
+
+if wanted 2; then
+    section "2. fast, bf16, whole batches of 2,000 (split 0)"
+    train fast-bf16 90 --recipe fast --set micro_batch=0
+    section "2b. fast, bf16, chunks of 500 (the recipe as written)"
+    train fast-bf16-chunks 90 --recipe fast
+fi
+if wanted 3 && [[ -n "$AIRBENCH" ]]; then
+    section "3. airbench94 as published (fp16), splits 0-3"
+    timeout 120 "$PY" benchmarks/airbench_anchor.py --airbench "$AIRBENCH" --data "$DATA" \
+        --device cuda --seeds 0,1,2,3
+fi
+if wanted 4; then
+    section "4. fast in fp32 (amp=off), whole batches, splits 0-3"
+    for seed in 0 1 2 3; do
+        train "fast-fp32-$seed" 60 --recipe fast --seed "$seed" --set amp=off --set micro_batch=0
+    done
+fi
+if wanted 4b && [[ -n "$AIRBENCH" ]]; then
+    section "4b. airbench94 in fp32, splits 0-3"
+    timeout 120 "$PY" benchmarks/airbench_anchor.py --airbench "$AIRBENCH" --data "$DATA" \
+        --device cuda --fp32 --seeds 0,1,2,3
+fi
+if wanted 5; then
+    section "5. fast-cpu --time-budget 30s"
+    train budget 60 --recipe fast-cpu --time-budget 30s
+fi
+if wanted 5b; then
+    section "5b. fast-96"
+    train fast-96 150 --recipe fast-96
+    tail -n 3 "$runs/fast-96/metrics.csv" 2>/dev/null
+fi
+if wanted 6; then
+    section "6. images/s"
+    timeout 90 "$PY" benchmarks/speed.py --data "$DATA" --models cnn,resnet18,fastnet --no-write
+fi
+section "done"
