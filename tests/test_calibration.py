@@ -147,3 +147,14 @@ def test_calibrating_a_folder_without_checkpoints_is_a_one_line_error(tmp_path):
 def test_training_ends_with_a_temperature_in_both_checkpoints(trained_run):
     for name in ("best.pt", "last.pt"):
         assert load_checkpoint(trained_run / name)["temperature"] > 0
+
+
+def test_the_temperature_fitted_at_the_end_of_training_is_the_one_of_its_split(
+    trained_run, tmp_path
+):
+    """Training fits it on the validation split it holds in memory; `cifarlab calibrate`
+    reloads that split from the run's config: the same images, so the same temperature."""
+    at_training = load_checkpoint(trained_run / "best.pt")["temperature"]
+    copy = shutil.copytree(trained_run, tmp_path / "run")
+    reloaded = calibrate_run(copy, log=lambda s: None)
+    assert reloaded == pytest.approx(at_training, rel=0.02)

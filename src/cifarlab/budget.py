@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
+from cifarlab.hardware import synchronize
 from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.training_run import micro_batches, set_trainable, settling_epoch, total_steps
 
@@ -28,11 +29,6 @@ class Timings:
     @property
     def later(self) -> float:
         return self.settled or self.step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
@@ -71,7 +67,7 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
         )
     t0 = time.perf_counter()
     predict_logits(model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw)
-    _sync(run.hw.device)
+    synchronize(run.hw.device)
     val_image = (time.perf_counter() - t0) / max(1, len(images))
     torch.set_rng_state(rng)
     return Timings(step, val_image, settled)
@@ -94,7 +90,7 @@ def _step_seconds(run, model, opt, batches) -> float:
             loss = F.cross_entropy(model(xc).float(), yc)
         loss.backward()
     opt.step()
-    _sync(run.hw.device)
+    synchronize(run.hw.device)
     return time.perf_counter() - t0
 
 

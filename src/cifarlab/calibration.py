@@ -10,6 +10,7 @@ to its EMA weights when it has them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,19 @@ import torch.nn.functional as F
 from cifarlab.checkpoint import atomic_save, load_checkpoint
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
-from cifarlab.hardware import pick_device
+from cifarlab.hardware import Hardware, pick_device
 from cifarlab.inference import load_model, predict_logits
 
 CHECKPOINTS = ("best.pt", "last.pt")
+
+
+class ValSet(NamedTuple):
+    """A run's validation split already in memory (the end of training): no second load."""
+
+    images: torch.Tensor  # uint8 N, C, H, W on the run's device
+    labels: torch.Tensor
+    hardware: Hardware  # the run's precision and memory format
+    batch_size: int
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -47,29 +57,37 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _val_logits(
-    ckpt: dict, path: Path, use_ema: bool, device: torch.device
+    ckpt: dict, path: Path, use_ema: bool, device: torch.device, val: ValSet | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from cifarlab.evaluate import EvalOptions, load_eval_set  # evaluate imports this module
 
-    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
-    if len(data.labels) == 0:
+    if val is None:
+        data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
+        val = ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)
+    if len(val.labels) == 0:
         raise UserError(
             f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "
             "retrain with --set val_size=N, or leave the probabilities uncalibrated"
         )
     loaded = load_model(ckpt, device, use_ema)
-    images = to_device_uint8(data.images, device)
-    return predict_logits(loaded.model, images, loaded.normalize), torch.from_numpy(
-        data.labels
-    ).long()
+    if val.hardware is not None and val.hardware.channels_last:
+        loaded.model.to(memory_format=torch.channels_last)
+    logits = predict_logits(
+        loaded.model, val.images.to(device), loaded.normalize, val.batch_size, hardware=val.hardware
+    )
+    return logits, val.labels.long().cpu()
 
 
-def calibrate_checkpoint(path: Path, log=print, device: str = "auto") -> float:
+def calibrate_checkpoint(
+    path: Path, log=print, device: str = "auto", val: ValSet | None = None
+) -> float:
     """Fit the temperature of `path`'s weights (and EMA weights) on its run's validation split
-    and write it into the file atomically; returns the temperature of the `model` weights."""
+    (`val`: that split already in memory, as uint8 images and labels, e.g. at the end of
+    training) and write it into the file atomically; returns the temperature of the `model`
+    weights."""
     ckpt, dev = load_checkpoint(path), pick_device(device)
     for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
-        logits, labels = _val_logits(ckpt, path, use_ema, dev)
+        logits, labels = _val_logits(ckpt, path, use_ema, dev, val)
         t = fit_temperature(logits, labels)
         logits = logits.float().cpu()
         before = F.cross_entropy(logits, labels).item()
@@ -84,7 +102,9 @@ def calibrate_checkpoint(path: Path, log=print, device: str = "auto") -> float:
     return ckpt["temperature"]
 
 
-def calibrate_run(run_dir: Path | str, log=print, device: str = "auto") -> float:
+def calibrate_run(
+    run_dir: Path | str, log=print, device: str = "auto", val: ValSet | None = None
+) -> float:
     """`cifarlab calibrate RUN`, and the end of training: each of the run's checkpoints gets the
     temperature of its own weights (best.pt and last.pt may hold different epochs). Returns
     the temperature of the checkpoint predict uses (best.pt, else last.pt)."""
@@ -97,5 +117,5 @@ def calibrate_run(run_dir: Path | str, log=print, device: str = "auto") -> float
             f"{run_dir}: no best.pt or last.pt to calibrate; pass a run directory that has "
             "trained an epoch, or a checkpoint file"
         )
-    temperatures = [calibrate_checkpoint(path, log, device) for path in present]
+    temperatures = [calibrate_checkpoint(path, log, device, val) for path in present]
     return temperatures[0]

@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import cifarlab
 from cifarlab.errors import Interrupted, UserError
 
 
@@ -154,7 +155,10 @@ def cmd_train(args) -> int:
             changes["epochs"] = args.epochs
         result = train(None, args.out, resume=True, changes=changes)
     else:
-        result = train(_config_from_args(args), args.out, resume=args.resume)
+        # a --time-budget counts from the command's start: importing torch is part of its time
+        result = train(
+            _config_from_args(args), args.out, resume=args.resume, started=cifarlab.IMPORTED
+        )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
     return 0

@@ -15,6 +15,12 @@ from cifarlab.errors import UserError
 from cifarlab.memory import ENV
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall clock times it (CUDA runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Hardware:
     device: torch.device

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
-from cifarlab.calibration import calibrate_run
+from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
     RUNTIME_KEYS,
@@ -38,6 +38,7 @@ from cifarlab.config import (
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.distributed import all_sum, barrier, init_distributed
 from cifarlab.errors import Interrupted, UserError
+from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import (
     RunLock,
@@ -138,12 +139,14 @@ class _StopSignals:
 
 def train(
     config: TrainConfig | None, run_dir: Path | str, resume: bool = False, log=print,
-    on_epoch=None, changes: dict[str, Any] | None = None,
+    on_epoch=None, changes: dict[str, Any] | None = None, started: float | None = None,
 ) -> Result:  # fmt: skip
     """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
     `config` (or, when None, the saved config with `changes`) must equal the saved one except
-    in RUNTIME_KEYS. `on_epoch(row)` is called after each epoch's row is saved (tune prunes)."""
-    started, run_dir, d = time.perf_counter(), Path(run_dir), init_distributed()
+    in RUNTIME_KEYS. `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
+    A time budget counts from `started` (a `time.perf_counter()` reading; default: now)."""
+    started = time.perf_counter() if started is None else started
+    run_dir, d = Path(run_dir), init_distributed()
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
@@ -458,7 +461,7 @@ def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
 class _Eta:
     """Once the first steps of a run are timed, say how long the whole run should take."""
 
-    AFTER = 10  # steps timed before the estimate
+    AFTER = 10  # steps timed before the estimate, after the first
 
     def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
         self.run, self.log, self.first = run, log, start_step
@@ -467,10 +470,16 @@ class _Eta:
         self.t0 = time.perf_counter()
 
     def tick(self, step: int) -> None:
-        if self.done or step - self.first < self.AFTER:
+        """After step `step` (counted from 1)."""
+        timed = step - self.first - 1  # the first step warms up: allocations, cuDNN's autotuning
+        if self.done or timed < 0 or 0 < timed < self.AFTER:
+            return
+        synchronize(self.run.hw.device)
+        if timed == 0:  # (a GPU's first step took ~10x its pace: estimates of ~80 s for ~6 s)
+            self.t0 = time.perf_counter()
             return
         self.done = True
-        per_step = (time.perf_counter() - self.t0) / (step - self.first)
+        per_step = (time.perf_counter() - self.t0) / timed
         n, c = len(self.run.batches), self.run.config
         # validation reads each image once, without a backward pass: about a third of a train step's cost
         val_steps = len(self.run.val_labels) / max(1, c.batch_size) / 3
@@ -552,7 +561,8 @@ def _finish(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
     if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
-        calibrate_run(run_dir, log=log, device=str(run.hw.device))
+        val = ValSet(run.val_images, run.val_labels, run.hw, run.config.eval_batch_size)
+        calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
     test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
     finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     result = Result(
