@@ -232,3 +232,18 @@ def test_a_micro_batch_leaving_one_image_chunks_is_one_line(micro_batch):
     with pytest.raises(UserError, match=f"micro_batch={micro_batch} leaves a chunk of one image"):
         validate_config(make_config(batch_size=50, micro_batch=micro_batch))  # 7 x 7 + 1
     validate_config(make_config(batch_size=50, micro_batch=500))  # not below the batch: whole
+
+
+def test_chunks_too_small_for_batchnorm_are_warned_about():
+    from cifarlab.models import create_model
+    from cifarlab.training_run import _warn_small_chunks
+
+    said = []
+    model = create_model("fastnet", 10)
+    for micro_batch in (2, 500, 0):
+        _warn_small_chunks(
+            make_config(batch_size=2000, micro_batch=micro_batch), model, said.append
+        )
+    assert len(said) == 1 and said[0].startswith("warning: micro_batch=2: BatchNorm")
+    _warn_small_chunks(make_config(batch_size=8, micro_batch=4), model, said.append)
+    assert len(said) == 2  # a small batch of its own is the user's choice; its chunks still warn

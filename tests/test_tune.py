@@ -90,3 +90,14 @@ def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):
         run_tune(_opts(real_jpegs, tmp_path, 1, val_size=0), log=lambda s: None)
     with pytest.raises(UserError, match="instead of a time budget"):
         run_tune(_opts(real_jpegs, tmp_path, 1, time_budget=60), log=lambda s: None)
+
+
+def test_epochs_are_searched_only_when_the_command_line_left_the_length_open():
+    from cifarlab.tune import suggest
+
+    base = load_recipe("fast")
+    params = {"lr": 1.0, "weight_decay": 1e-3, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+              "label_smoothing": 0.1, "muon_lr": 0.2, "epochs": 5}  # fmt: skip
+    assert suggest(optuna.trial.FixedTrial(params), base)["epochs"] == 5
+    fixed = suggest(optuna.trial.FixedTrial(params), base, search_epochs=False)
+    assert "epochs" not in fixed and fixed["lr"] == 1.0

@@ -117,8 +117,10 @@ def run_overrides(args) -> dict[str, Any]:
 
 def shape_epochs(config, args):
     """--epochs N or --budget F: the run's length with its epoch-based settings in proportion."""
-    from cifarlab.config import with_budget, with_epochs
+    from cifarlab.config import parse_duration, with_budget, with_epochs
 
+    if getattr(args, "time_budget", None) is not None:
+        parse_duration(args.time_budget)  # a bad value is the first thing to say
     if args.epochs is not None and args.budget is not None:
         raise UserError("--epochs and --budget both set the run's length; give one")
     if getattr(args, "time_budget", None) is not None and (args.epochs or args.budget):
@@ -294,7 +296,8 @@ def cmd_tune(args) -> int:
     base = _config_from_args(args)
     run_tune(
         TuneOptions(args.recipe or "seed-cnn", base, run_overrides(args), args.trials,
-                    args.storage, args.out, args.study or "")
+                    args.storage, args.out, args.study or "",
+                    search_epochs=args.epochs is None and args.budget is None)
     )  # fmt: skip
     return 0
 
@@ -416,6 +419,11 @@ COMMANDS = {
 }
 
 
+def _after_ctrl_c() -> str:
+    """A terminal shows ^C where the cursor was: start the message on a line of its own."""
+    return "\n" if sys.stderr.isatty() else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -428,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"\n{exc}", file=sys.stderr)
+        print(f"{_after_ctrl_c()}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print(f"{_after_ctrl_c()}interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if debug or not hasattr(exc, "exit_code"):

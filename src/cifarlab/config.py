@@ -67,7 +67,7 @@ class TrainConfig:
     epochs: int = field(default=100, metadata=_range(1))
     train_steps: int = field(default=0, metadata=_range(0))  # stop after this many optimiser
     # steps, the schedule ending there (0 = epochs x steps per epoch); set by time_budget
-    time_budget: float = field(default=0.0, metadata=_range(0.0))  # seconds for the whole run
+    time_budget: float = field(default=0.0, metadata=_range(0.0, 7 * 86400))  # seconds, whole run
     # (training, validation, final TTA and test passes); the run times its first steps and
     # picks train_steps to fit (0 = off; `--time-budget 15m` on the command line)
     batch_size: int = field(default=128, metadata=_range(1))

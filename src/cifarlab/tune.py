@@ -12,11 +12,12 @@ Search space (documented in the README), relative to the recipe:
   mixup_alpha      one of 0, 0.2, 0.5, 1.0
   cutmix_alpha     one of 0, 1.0
   label_smoothing  uniform in [0, 0.2]
-  epochs           integer in [max(1, epochs // 2), epochs]
+  epochs           integer in [max(1, epochs // 2), epochs], unless --epochs or --budget fixed it
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ class TuneOptions:
     storage: str
     out: Path
     study: str = ""
+    search_epochs: bool = True  # False: --epochs/--budget fixed the length, every trial runs it
 
 
-def suggest(trial, base: TrainConfig) -> dict[str, Any]:
+def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, Any]:
     wd = (base.weight_decay / 10, base.weight_decay * 3) if base.weight_decay else (1e-5, 1e-3)
     values = {
         "lr": trial.suggest_float("lr", base.lr / 10, base.lr * 3, log=True),
@@ -54,8 +56,9 @@ def suggest(trial, base: TrainConfig) -> dict[str, Any]:
         "mixup_alpha": trial.suggest_categorical("mixup_alpha", [0.0, 0.2, 0.5, 1.0]),
         "cutmix_alpha": trial.suggest_categorical("cutmix_alpha", [0.0, 1.0]),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
-        "epochs": trial.suggest_int("epochs", max(1, base.epochs // 2), base.epochs),
     }
+    if search_epochs:
+        values["epochs"] = trial.suggest_int("epochs", max(1, base.epochs // 2), base.epochs)
     if base.optimizer == "muon":  # `lr` then moves only the head and biases; filters follow this
         values["muon_lr"] = trial.suggest_float(
             "muon_lr", base.muon_lr / 3, base.muon_lr * 3, log=True
@@ -97,11 +100,14 @@ def run_tune(opts: TuneOptions, log=print):
         import optuna
     except ImportError:
         raise UserError("tune needs Optuna: pip install 'cifarlab[tune]'") from None
+    from optuna.exceptions import ExperimentalWarning
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     from cifarlab.train import train
 
+    # the heartbeat's retry callback is marked experimental: a warning per run, not for users
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
@@ -118,9 +124,16 @@ def run_tune(opts: TuneOptions, log=print):
     )  # fmt: skip
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+    epochs = (
+        f"epochs {max(1, base.epochs // 2)}-{base.epochs}"
+        if opts.search_epochs
+        else f"{base.epochs} epochs a trial (fixed by --epochs/--budget)"
+    )
+    log(f"searching lr, weight decay, mixup, cutmix, label smoothing, {epochs}")
 
     def objective(trial) -> float:
-        config = apply_overrides(base, suggest(trial, base), where=f"trial {trial.number}")
+        values = suggest(trial, base, opts.search_epochs)
+        config = apply_overrides(base, values, where=f"trial {trial.number}")
         validate_config(config, f"trial {trial.number}")
         run_dir = _trial_dir(opts.out, trial.number)
 
