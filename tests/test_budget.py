@@ -80,6 +80,17 @@ def test_bad_durations_are_one_line_errors(text):
         parse_duration(text)
 
 
+@pytest.mark.parametrize("args", [["--time-budget", "200h"], ["--time-budget", "-3", "--epochs", "2"],
+                                  ["--time-budget", "1e9", "--epochs", "2"]])  # fmt: skip
+def test_a_bad_budget_is_said_before_any_flag_conflict(args, tmp_path, capsys):
+    from cifarlab.cli import main
+
+    assert main(["train", "--recipe", "fast", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("at most 7 days" in err or "expected a duration" in err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_budgeted_run_says_what_it_chose_and_corrects_it_after_the_first_epoch(
     synthetic_images, tmp_path, monkeypatch
 ):

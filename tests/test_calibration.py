@@ -110,11 +110,11 @@ def test_predict_prints_probabilities_at_the_checkpoint_temperature(trained_run,
     np.testing.assert_allclose(predictor.probabilities(images, 4), expected, atol=1e-6)
 
 
-def _tiny_run(tmp_path, val_size: int):
+def _tiny_run(tmp_path, val_size: int, **more):
     write_synthetic_folder(tmp_path / "data" / "train")
     config = make_config(
         data=str(tmp_path / "data"), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
-        epochs=1, batch_size=8, val_size=val_size, lr=0.01, warmup_epochs=0.0, tta="none",
+        epochs=1, batch_size=8, val_size=val_size, lr=0.01, warmup_epochs=0.0, tta="none", **more,
     )  # fmt: skip
     train(config, tmp_path / "run", log=lambda s: None)
 
@@ -149,12 +149,20 @@ def test_training_ends_with_a_temperature_in_both_checkpoints(trained_run):
         assert load_checkpoint(trained_run / name)["temperature"] > 0
 
 
-def test_the_temperature_fitted_at_the_end_of_training_is_the_one_of_its_split(
-    trained_run, tmp_path
-):
-    """Training fits it on the validation split it holds in memory; `cifarlab calibrate`
-    reloads that split from the run's config: the same images, so the same temperature."""
-    at_training = load_checkpoint(trained_run / "best.pt")["temperature"]
-    copy = shutil.copytree(trained_run, tmp_path / "run")
-    reloaded = calibrate_run(copy, log=lambda s: None)
-    assert reloaded == pytest.approx(at_training, rel=0.02)
+def test_training_fits_its_temperatures_on_the_split_it_holds(tmp_path, monkeypatch):
+    """The end of training calibrates on the validation split in memory, EMA weights too (no
+    second load of the data); `cifarlab calibrate` reloads the split from the run's config:
+    the same images, so the same temperatures."""
+    import cifarlab.evaluate
+
+    def reload(*args, **kwargs):
+        raise AssertionError("the end of training loaded the data again")
+
+    monkeypatch.setattr(cifarlab.evaluate, "load_eval_set", reload)
+    _tiny_run(tmp_path, val_size=9, ema=True)
+    monkeypatch.undo()
+    at_training = load_checkpoint(tmp_path / "run" / "best.pt")
+    calibrate_run(tmp_path / "run", log=lambda s: None)
+    reloaded = load_checkpoint(tmp_path / "run" / "best.pt")
+    for key in ("temperature", "temperature_ema"):
+        assert reloaded[key] == pytest.approx(at_training[key], rel=0.02)

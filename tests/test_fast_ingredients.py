@@ -238,12 +238,13 @@ def test_chunks_too_small_for_batchnorm_are_warned_about():
     from cifarlab.models import create_model
     from cifarlab.training_run import _warn_small_chunks
 
-    said = []
-    model = create_model("fastnet", 10)
-    for micro_batch in (2, 500, 0):
-        _warn_small_chunks(
-            make_config(batch_size=2000, micro_batch=micro_batch), model, said.append
-        )
-    assert len(said) == 1 and said[0].startswith("warning: micro_batch=2: BatchNorm")
-    _warn_small_chunks(make_config(batch_size=8, micro_batch=4), model, said.append)
-    assert len(said) == 2  # a small batch of its own is the user's choice; its chunks still warn
+    def said(batch_size: int, micro_batch: int, world: int = 1) -> list[str]:
+        out = []
+        config = make_config(batch_size=batch_size, micro_batch=micro_batch)
+        _warn_small_chunks(config, create_model("fastnet", 10), out.append, world)
+        return out
+
+    assert said(2000, 2)[0].startswith("warning: micro_batch=2 leaves chunks of 2 images")
+    assert "chunks of 8 images" in said(2000, 996)[0]  # 996, 996 and 8
+    assert said(2000, 500) == said(2000, 0) == said(2000, 1000, world=2) == []
+    assert said(8, 4)  # a small batch is the user's choice; its chunks of 4 still warn

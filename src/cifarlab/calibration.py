@@ -29,7 +29,7 @@ class ValSet(NamedTuple):
 
     images: torch.Tensor  # uint8 N, C, H, W on the run's device
     labels: torch.Tensor
-    hardware: Hardware  # the run's precision and memory format
+    hardware: Hardware | None  # the run's precision and memory format (None: the rule's)
     batch_size: int
 
 

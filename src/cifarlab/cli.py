@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,8 @@ def _config_from_args(args):
 def cmd_train(args) -> int:
     from cifarlab.train import train
 
-    started = (args.out / "last.pt").is_file() or (args.out / "config.yaml").is_file()
-    if args.resume and started:  # the run's own config, plus what is asked
+    has_run = (args.out / "last.pt").is_file() or (args.out / "config.yaml").is_file()
+    if args.resume and has_run:  # the run's own config, plus what is asked
         changes = run_overrides(args)
         if args.recipe:
             from cifarlab.config import recipe_path
@@ -155,12 +156,10 @@ def cmd_train(args) -> int:
             raise UserError("--budget: a resumed run keeps its length; drop --budget")
         if args.epochs is not None:
             changes["epochs"] = args.epochs
-        result = train(None, args.out, resume=True, changes=changes)
+        result = train(None, args.out, resume=True, changes=changes, started=args.started)
     else:
-        # a --time-budget counts from the command's start: importing torch is part of its time
-        result = train(
-            _config_from_args(args), args.out, resume=args.resume, started=cifarlab.IMPORTED
-        )
+        config = _config_from_args(args)
+        result = train(config, args.out, resume=args.resume, started=args.started)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
     return 0
@@ -425,10 +424,12 @@ def _after_ctrl_c() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        # a --time-budget counts from the command's start: a process's own command from the
+        # import (torch's import is part of its time), a call of main() in a running one from now
+        args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()
         return COMMANDS[args.command](args)
     except UserError as exc:
         if debug:

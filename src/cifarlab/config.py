@@ -26,6 +26,9 @@ def _choice(*values: str) -> dict:
     return {"choices": values}
 
 
+MAX_TIME_BUDGET = 7 * 86400  # seconds
+
+
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
     return {"min": lo, "max": hi, "lo_open": lo_open}
 
@@ -67,7 +70,7 @@ class TrainConfig:
     epochs: int = field(default=100, metadata=_range(1))
     train_steps: int = field(default=0, metadata=_range(0))  # stop after this many optimiser
     # steps, the schedule ending there (0 = epochs x steps per epoch); set by time_budget
-    time_budget: float = field(default=0.0, metadata=_range(0.0, 7 * 86400))  # seconds, whole run
+    time_budget: float = field(default=0.0, metadata=_range(0.0, MAX_TIME_BUDGET))  # s, whole run
     # (training, validation, final TTA and test passes); the run times its first steps and
     # picks train_steps to fit (0 = off; `--time-budget 15m` on the command line)
     batch_size: int = field(default=128, metadata=_range(1))
@@ -507,6 +510,8 @@ def parse_duration(text: str) -> float:
         raise UserError(
             f"--time-budget {text!r}: expected a duration such as 900, 90s, 15m or 1.5h"
         )
+    if value > MAX_TIME_BUDGET:
+        raise UserError(f"--time-budget {text}: at most 7 days (168h)")
     return value
 
 

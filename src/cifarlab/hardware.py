@@ -16,9 +16,11 @@ from cifarlab.memory import ENV
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a wall clock times it (CUDA runs ahead)."""
+    """Wait for the device's queued work, so that a wall clock times it (CUDA and MPS run ahead)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 @dataclass

@@ -77,15 +77,19 @@ def micro_batches(config: TrainConfig, *tensors: torch.Tensor):
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
 
 
-def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log) -> None:
+def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: int = 1) -> None:
     """`micro_batch` is allowed down to 2 (the config rule refuses 1), but few images a chunk
     ruin BatchNorm's statistics: say so rather than refuse (a user may want to see it)."""
+    per_process, chunk = config.batch_size // max(1, world), config.micro_batch
+    if not 0 < chunk < per_process:
+        return  # whole batches
+    smallest = min(chunk, per_process % chunk or chunk)  # the last chunk may be the smaller
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if has_bn and 0 < config.micro_batch < min(SMALL_CHUNK, config.batch_size):
+    if has_bn and smallest < SMALL_CHUNK:
         log(
-            f"warning: micro_batch={config.micro_batch}: BatchNorm normalises each chunk of "
-            f"{config.micro_batch} images, too few for its statistics (`fast` on 1,500 images: "
-            f"48% val, 13% in chunks of 2); use chunks of {SMALL_CHUNK} or more, or 0"
+            f"warning: micro_batch={chunk} leaves chunks of {smallest} images in each batch "
+            f"of {per_process}: BatchNorm normalises each chunk, and its statistics from so few "
+            f"images ruin training; use chunks of {SMALL_CHUNK} or more, or 0 for whole batches"
         )
 
 
@@ -107,7 +111,7 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         )
     normalize = Normalize(*input_statistics(config, splits))
     args, model, fixed = _build_model(config, splits, normalize, hw, d, log)
-    _warn_small_chunks(config, model, log)
+    _warn_small_chunks(config, model, log, d.world)
     step_model = model
     if d.active:
         ids = [hw.device.index] if hw.device.type == "cuda" else None

@@ -106,8 +106,6 @@ def run_tune(opts: TuneOptions, log=print):
 
     from cifarlab.train import train
 
-    # the heartbeat's retry callback is marked experimental: a warning per run, not for users
-    warnings.filterwarnings("ignore", category=ExperimentalWarning)
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
@@ -118,18 +116,24 @@ def run_tune(opts: TuneOptions, log=print):
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
+    with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        storage = _storage(opts.storage)
     study = optuna.create_study(
-        study_name=name, storage=_storage(opts.storage), direction="maximize", load_if_exists=True,
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )  # fmt: skip
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+    low = max(1, base.epochs // 2)
     epochs = (
-        f"epochs {max(1, base.epochs // 2)}-{base.epochs}"
-        if opts.search_epochs
-        else f"{base.epochs} epochs a trial (fixed by --epochs/--budget)"
+        f"epochs {low}-{base.epochs}"
+        if opts.search_epochs and low < base.epochs
+        else f"{base.epochs} epochs a trial"
+        + ("" if opts.search_epochs else " (fixed by --epochs/--budget)")
     )
-    log(f"searching lr, weight decay, mixup, cutmix, label smoothing, {epochs}")
+    muon = ", muon_lr" if base.optimizer == "muon" else ""
+    log(f"searching lr{muon}, weight decay, mixup, cutmix, label smoothing; {epochs}")
 
     def objective(trial) -> float:
         values = suggest(trial, base, opts.search_epochs)
