@@ -54,6 +54,29 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
     assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3
 
 
+def test_after_its_pace_settles_the_run_is_corrected_again_at_the_measured_pace(monkeypatch):
+    """bf16 `fast-cpu`: the probe read the steps after the whitening bias stops as 12% cheaper,
+    they were 6%, and the run ended 3.7% late; the second correction measures that pace."""
+    import types
+
+    import cifarlab.budget as budget
+
+    shape = make_config(model="fastnet", whitening=True, whiten_bias_epochs=3, epochs=9,
+                        time_budget=900.0, tta="none")  # fmt: skip
+    config = with_steps(shape, 180, 10)  # the plan after the first epoch: 18 epochs of 10 steps
+    assert config.whiten_bias_epochs == 6
+    run = types.SimpleNamespace(config=config, batches=[None] * 10, val_labels=[0] * 100)
+    plan = budget.Plan(shape, started=0.0, n_test=0, timings=Timings(2.0, 0.001, settled=1.6))
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: 700.0)  # 7 epochs took 700 s
+    said = []
+    corrected = plan.correct(run, 6, 10, 2.0, 0.1, 1.0, said.append)  # 2.0 s a step, not 1.6
+    final = 0.001 * final_images(config, 100, 0)
+    assert corrected.train_steps == 70 + plan_steps(2.0, 1.0, 200.0, 10, final) < 180
+    assert corrected.epochs == -(-corrected.train_steps // 10)
+    assert corrected.whiten_bias_epochs == 6  # what already happened stays as it was
+    assert said[0].startswith("time budget: epoch 7 ran at 2.000 s/step")
+
+
 def test_the_final_passes_count_tta_calibration_and_test():
     fast = load_recipe("fast")  # flip-translate: 4 views
     assert final_images(fast, n_val=1000, n_test=0) == 4 * 1000 + 2 * 1000
@@ -103,7 +126,7 @@ def test_a_budgeted_run_says_what_it_chose_and_corrects_it_after_the_first_epoch
                          threads=1, lookahead=True)  # fmt: skip
     result = train(config, tmp_path / "run", log=messages.append)
     chosen = [m for m in messages if m.startswith("time budget")]
-    assert len(chosen) == 2 and "steps (" in chosen[0] and "the first epoch ran at" in chosen[1]
+    assert len(chosen) == 2 and "steps (" in chosen[0] and "epoch 1 ran at" in chosen[1]
     first = int(chosen[0].split(" steps (")[0].split()[-1])
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert 3 < first < saved["train_steps"] and saved["time_budget"] == 8.0
@@ -115,6 +138,28 @@ def test_a_budgeted_run_says_what_it_chose_and_corrects_it_after_the_first_epoch
     again = []
     train(config, tmp_path / "run", resume=True, log=again.append)  # the same budgeted run
     assert any("already finished" in m for m in again)
+
+
+def test_a_budgeted_run_is_corrected_after_its_first_epoch_and_once_its_pace_settles(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import cifarlab.budget as budget
+
+    monkeypatch.setattr(budget, "measure", lambda run: Timings(0.4, 0.001, settled=0.3))
+    corrected_after = []
+    correct = budget.Plan.correct
+
+    def spy(self, run, epoch, *args):
+        corrected_after.append((epoch, run.config.freeze_epochs))
+        return correct(self, run, epoch, *args)
+
+    monkeypatch.setattr(budget.Plan, "correct", spy)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=8.0, threads=1,
+                         freeze="backbone", freeze_epochs=3)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    (first, _), (second, frozen) = corrected_after
+    assert first == 0 and second == frozen > 0  # the first epoch with the backbone training
 
 
 def test_an_explicit_length_replaces_the_recipes_time_budget():

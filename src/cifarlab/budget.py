@@ -5,6 +5,8 @@ test pass end within the budget. The schedule (warm-up included) is shaped to th
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -150,29 +152,39 @@ class Plan:
     n_test: int
     timings: Timings  # the probe's
 
-    def correct(self, run, steps: int, step: float, val_seconds: float, per_epoch: float,
-                log) -> TrainConfig | None:  # fmt: skip
-        """After the first epoch (`steps` steps at `step` seconds each once warm, its
-        validation in `val_seconds`, `per_epoch` seconds of validation and saving): the config
-        whose remaining steps fit the time left, or None when the plan stands (within a step)
-        or the run ends in its first epoch."""
+    def correct(self, run, epoch: int, steps: int, step: float, val_seconds: float,
+                per_epoch: float, log) -> TrainConfig | None:  # fmt: skip
+        """After epoch `epoch` (`steps` steps at `step` seconds each once warm, its validation
+        in `val_seconds`, `per_epoch` seconds of validation and saving): the config whose
+        remaining steps fit the time left, or None when the plan stands (within a step) or the
+        run ends in this epoch. After the first epoch the later pace is the probe's ratio
+        applied to the measured one; after the first epoch at the later pace (`settling_epoch`)
+        it is measured too, and the settings already passed (whitening-bias and freeze epochs)
+        stay where they are."""
         c, n = run.config, len(run.batches)
-        total, n_val = total_steps(c, n), len(run.val_labels)
-        if total <= steps:
+        done, total, n_val = epoch * n + steps, total_steps(c, n), len(run.val_labels)
+        if total <= done:
             return None
         val_image = val_seconds / n_val if n_val else 0.0
         final = val_image * final_images(c, n_val, self.n_test)
         left = self.shape.time_budget - (time.perf_counter() - self.started)
-        later = self.timings.later * step / self.timings.step  # the probe's ratio, this pace
-        first = early_steps(self.shape, n, done=steps)
-        new_total = steps + plan_steps(step, per_epoch, left, n, final, later, first)
+        if epoch == 0:
+            later = self.timings.later * step / self.timings.step  # the probe's ratio, this pace
+            first = early_steps(self.shape, n, done=done)
+            new_total = done + plan_steps(step, per_epoch, left, n, final, later, first)
+            corrected = with_steps(self.shape, new_total, n)
+        else:
+            new_total = done + plan_steps(step, per_epoch, left, n, final)
+            corrected = dataclasses.replace(
+                c, train_steps=new_total, epochs=math.ceil(new_total / n)
+            )
         if abs(new_total - total) <= 1:
             return None
         log(
-            f"time budget: the first epoch ran at {step:.3f} s/step; {new_total} steps instead "
+            f"time budget: epoch {epoch + 1} ran at {step:.3f} s/step; {new_total} steps instead "
             f"of {total} ({new_total / n:.2f} epochs) end the run on time"
         )
-        return with_steps(self.shape, new_total, n)
+        return corrected
 
 
 def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[TrainConfig, Plan]:

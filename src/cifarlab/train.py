@@ -57,6 +57,7 @@ from cifarlab.training_run import (
     micro_batches,
     restore,
     retarget,
+    settling_epoch,
     total_steps,
 )
 
@@ -179,8 +180,9 @@ def train(
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
-            if plan is not None and epoch == 0:
-                _correct_plan(run, plan, stats, row, time.perf_counter() - t_epoch, saver, log)
+            if plan is not None and epoch in (0, settling_epoch(run.config)):
+                seconds = time.perf_counter() - t_epoch
+                _correct_plan(run, plan, epoch, stats, row, seconds, saver, log)
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
@@ -192,20 +194,25 @@ def train(
     return result
 
 
-def _correct_plan(run, plan, stats: EpochStats, row: dict, seconds: float, saver, log) -> None:
-    """A budgeted run after its first epoch: the length that fits the time left, measured on
-    that epoch; when it changes, the run and its saved files (last.pt, config.yaml) take it."""
-    steps = min(len(run.batches), total_steps(run.config, len(run.batches)))
+def _correct_plan(
+    run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
+) -> None:  # fmt: skip
+    """A budgeted run after its first epoch, and after the first epoch at its later pace (the
+    whitening bias stopped, the backbone unfrozen): the length that fits the time left,
+    measured on that epoch; when it changes, the run and its saved files (last.pt,
+    config.yaml) take it."""
+    n = len(run.batches)
+    steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
     val_seconds = row["seconds"] - stats.seconds
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
-    corrected = plan.correct(run, steps, pace, val_seconds, seconds - stats.seconds, log)
+    corrected = plan.correct(run, epoch, steps, pace, val_seconds, seconds - stats.seconds, log)
     if corrected is None:
         return
     retarget(run, corrected)
     saver.save(
-        checkpoint_state(run, 1, 0, dataclasses.asdict(EpochStats()), saver.best),
+        checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
         end_of_epoch=False,
     )
     if run.dist.main:
