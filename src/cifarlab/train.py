@@ -57,7 +57,6 @@ from cifarlab.training_run import (
     micro_batches,
     restore,
     retarget,
-    settling_epoch,
     total_steps,
 )
 
@@ -180,7 +179,7 @@ def train(
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
-            if plan is not None and epoch in (0, settling_epoch(run.config)):
+            if plan is not None and plan.due(epoch, run.config):
                 seconds = time.perf_counter() - t_epoch
                 _correct_plan(run, plan, epoch, stats, row, seconds, saver, log)
             history.append(row)
@@ -197,10 +196,10 @@ def train(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after its first epoch, and after the first epoch at its later pace (the
-    whitening bias stopped, the backbone unfrozen): the length that fits the time left,
-    measured on that epoch; when it changes, the run and its saved files (last.pt,
-    config.yaml) take it."""
+    """A budgeted run after its first epoch, the first at its later pace (the whitening bias
+    stopped, the backbone unfrozen) and the first past half the budget (`Plan.due`): the
+    length that fits the time left, measured on that epoch; when it changes, the run and its
+    saved files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
