@@ -244,7 +244,7 @@ def test_chunks_too_small_for_batchnorm_are_warned_about():
         _warn_small_chunks(config, create_model("fastnet", 10), out.append, world)
         return out
 
-    assert said(2000, 2)[0].startswith("warning: micro_batch=2 leaves chunks of 2 images")
-    assert "chunks of 8 images" in said(2000, 996)[0]  # 996, 996 and 8
+    assert said(2000, 2)[0].startswith("warning: micro_batch=2 makes chunks as small as 2 images")
+    assert "as small as 8 images" in said(2000, 996)[0]  # 996, 996 and 8
     assert said(2000, 500) == said(2000, 0) == said(2000, 1000, world=2) == []
     assert said(8, 4)  # a small batch is the user's choice; its chunks of 4 still warn

@@ -87,8 +87,8 @@ def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and smallest < SMALL_CHUNK:
         log(
-            f"warning: micro_batch={chunk} leaves chunks of {smallest} images in each batch "
-            f"of {per_process}: BatchNorm normalises each chunk, and its statistics from so few "
+            f"warning: micro_batch={chunk} makes chunks as small as {smallest} images of each "
+            f"batch of {per_process}: BatchNorm normalises each chunk, and its statistics from so few "
             f"images ruin training; use chunks of {SMALL_CHUNK} or more, or 0 for whole batches"
         )
 

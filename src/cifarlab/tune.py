@@ -129,7 +129,7 @@ def run_tune(opts: TuneOptions, log=print):
     epochs = (
         f"epochs {low}-{base.epochs}"
         if opts.search_epochs and low < base.epochs
-        else f"{base.epochs} epochs a trial"
+        else f"{base.epochs} epoch{'s' if base.epochs > 1 else ''} a trial"
         + ("" if opts.search_epochs else " (fixed by --epochs/--budget)")
     )
     muon = ", muon_lr" if base.optimizer == "muon" else ""
