@@ -56,14 +56,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def _val_logits(
-    ckpt: dict, path: Path, use_ema: bool, device: torch.device, val: ValSet | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
+    """The run's validation split, loaded again from the data its config names."""
     from cifarlab.evaluate import EvalOptions, load_eval_set  # evaluate imports this module
 
-    if val is None:
-        data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
-        val = ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)
+    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
+    return ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)
+
+
+def _val_logits(
+    ckpt: dict, path: Path, use_ema: bool, device: torch.device, val: ValSet
+) -> tuple[torch.Tensor, torch.Tensor]:
     if len(val.labels) == 0:
         raise UserError(
             f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "
@@ -86,6 +89,7 @@ def calibrate_checkpoint(
     training) and write it into the file atomically; returns the temperature of the `model`
     weights."""
     ckpt, dev = load_checkpoint(path), pick_device(device)
+    val = val or _load_val(ckpt, path, dev)  # once for the weights and the EMA weights
     for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
         logits, labels = _val_logits(ckpt, path, use_ema, dev, val)
         t = fit_temperature(logits, labels)

@@ -377,7 +377,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
     spec = model_spec(config.model)
-    per_process, chunk = config.batch_size // max(1, world), config.micro_batch
+    per_process, smallest = smallest_chunk(config, world)
     rules = [
         (
             (config.pretrained or config.weights) and not spec.takes_weights,
@@ -445,8 +445,8 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'",
         ),
         (
-            0 < chunk < per_process and (chunk == 1 or per_process % chunk == 1),
-            f"micro_batch={chunk} leaves a chunk of one image in each batch of {per_process} "
+            smallest == 1,
+            f"micro_batch={config.micro_batch} leaves a chunk of one image in each batch of {per_process} "
             "images per process, whose BatchNorm statistics are meaningless; pick chunks of 2 or "
             "more that leave no single image over, or 0 for whole batches",
         ),
@@ -495,6 +495,15 @@ def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainCo
     return dataclasses.replace(
         shaped, train_steps=steps, warmup_epochs=round(config.warmup_epochs * ratio, 4)
     )
+
+
+def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(the per-process batch, the fewest images a `micro_batch` chunk of it holds: the last
+    chunk may be the smaller); 0 chunks when each process forwards its batch whole."""
+    per_process, chunk = config.batch_size // max(1, world), config.micro_batch
+    if not 0 < chunk < per_process:
+        return per_process, 0
+    return per_process, min(chunk, per_process % chunk or chunk)
 
 
 def parse_duration(text: str) -> float:

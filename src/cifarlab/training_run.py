@@ -17,7 +17,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, name_multipliers
+from cifarlab.config import TrainConfig, name_multipliers, smallest_chunk
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
 from cifarlab.distributed import Dist
@@ -80,14 +80,11 @@ SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hu
 def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: int = 1) -> None:
     """`micro_batch` is allowed down to 2 (the config rule refuses 1), but few images a chunk
     ruin BatchNorm's statistics: say so rather than refuse (a user may want to see it)."""
-    per_process, chunk = config.batch_size // max(1, world), config.micro_batch
-    if not 0 < chunk < per_process:
-        return  # whole batches
-    smallest = min(chunk, per_process % chunk or chunk)  # the last chunk may be the smaller
+    per_process, smallest = smallest_chunk(config, world)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if has_bn and smallest < SMALL_CHUNK:
+    if has_bn and 0 < smallest < SMALL_CHUNK:
         log(
-            f"warning: micro_batch={chunk} makes chunks as small as {smallest} images of each "
+            f"warning: micro_batch={config.micro_batch} makes chunks as small as {smallest} images of each "
             f"batch of {per_process}: BatchNorm normalises each chunk, and its statistics from so few "
             f"images ruin training; use chunks of {SMALL_CHUNK} or more, or 0 for whole batches"
         )
