@@ -166,3 +166,21 @@ def test_training_fits_its_temperatures_on_the_split_it_holds(tmp_path, monkeypa
     reloaded = load_checkpoint(tmp_path / "run" / "best.pt")
     for key in ("temperature", "temperature_ema"):
         assert reloaded[key] == pytest.approx(at_training[key], rel=0.02)
+
+
+def test_calibrating_a_run_being_trained_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    _tiny_run(tmp_path, val_size=9)
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "run" / ".lock").write_text(str(holder.pid))
+        for target in (tmp_path / "run", tmp_path / "run" / "best.pt"):
+            with pytest.raises(UserError, match=rf"in use by process {holder.pid}; wait for it"):
+                calibrate_run(target, log=lambda s: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before

@@ -20,6 +20,7 @@ from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, pick_device
 from cifarlab.inference import load_model, predict_logits
+from cifarlab.rundir import refuse_if_busy
 
 CHECKPOINTS = ("best.pt", "last.pt")
 
@@ -113,6 +114,7 @@ def calibrate_run(
     temperature of its own weights (best.pt and last.pt may hold different epochs). Returns
     the temperature of the checkpoint predict uses (best.pt, else last.pt)."""
     run_dir = Path(run_dir)
+    refuse_if_busy(run_dir.parent if run_dir.is_file() else run_dir)  # its files being rewritten
     if run_dir.is_file():
         return calibrate_checkpoint(run_dir, log, device)
     present = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]

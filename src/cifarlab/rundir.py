@@ -51,6 +51,13 @@ def _live_holder(lock: Path) -> int | None:
     return pid
 
 
+def refuse_if_busy(run_dir: Path) -> None:
+    """One line naming the process when another live one is training `run_dir` (read only)."""
+    holder = _live_holder(run_dir / ".lock")
+    if holder:
+        raise RunLock(run_dir)._busy(holder)
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -133,9 +140,8 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     if not names:
         return
     run_files = [n for n in names if n in RUN_FILES]
-    holder = _live_holder(run_dir / ".lock") if run_files else None
-    if holder:  # being trained right now: say so, not "add --resume", which would be refused
-        raise RunLock(run_dir)._busy(holder)
+    if run_files:  # being trained right now: say so, not "add --resume", which would be refused
+        refuse_if_busy(run_dir)
     found, what = (run_files, "a run") if run_files else (names, "other files")
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise UserError(

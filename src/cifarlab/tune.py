@@ -110,7 +110,8 @@ def run_tune(opts: TuneOptions, log=print):
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
         raise UserError(
-            "tune searches the number of epochs: give --epochs (or --set time_budget=0) instead of a time budget"
+            "tune runs every trial for a number of epochs (searched, or fixed by --epochs/--budget): "
+            "give --epochs or --budget instead of a time budget"
         )
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
