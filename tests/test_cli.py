@@ -61,9 +61,16 @@ def test_empty_class_folder_and_corrupt_jpeg_are_one_line_errors(capsys, real_jp
         str(src),
     ]
     _assert_one_line_error(*_cli(capsys, *base)[::2], "emu: class folder holds no images")
+    assert not (tmp_path / "r").exists()  # the run never started: no empty --out to refuse a retry
     (src / "train" / "emu").rmdir()
     (src / "train" / "dog" / "0001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     _assert_one_line_error(*_cli(capsys, *base)[::2], "0001.jpg: not a readable image")
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, even empty
+    _assert_one_line_error(
+        *_cli(capsys, *base[:1], "--out", str(tmp_path / "mine"), *base[3:])[::2], "0001.jpg"
+    )
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_unknown_subcommand_is_usage_error(capsys):

@@ -61,6 +61,13 @@ def test_every_model_round_trips_through_evaluate_predict_and_export(
         exported = cls(str(out))
         assert exported.temperature == temperature, fmt
         np.testing.assert_allclose(exported.probabilities(images, 2), reference, atol=1e-4)
+    exports = {p.name for p in tmp_path.iterdir() if p.is_file()}
+    assert exports == {
+        "model.onnx",
+        "model.pt2",
+        "model.safetensors",
+        "model.json",
+    }  # no temp files
     if name.startswith("tv-"):
         got = _plain_torchvision_probabilities(tmp_path, images)
         np.testing.assert_allclose(got, reference, atol=1e-4)

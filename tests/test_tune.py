@@ -86,6 +86,16 @@ def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):
 
     from cifarlab.errors import UserError
 
+    with pytest.raises(
+        UserError, match=r"study 's' .* was started with other settings \(epochs: 2 -> 1"
+    ):
+        run_tune(
+            _opts(real_jpegs, tmp_path, 4, epochs=1), log=lambda s: None
+        )  # trials not comparable
+    assert (
+        len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials)
+        == 3
+    )
     with pytest.raises(UserError, match="--val-size must be > 0"):
         run_tune(_opts(real_jpegs, tmp_path, 1, val_size=0), log=lambda s: None)
     with pytest.raises(UserError, match="instead of a time budget"):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
+from cifarlab.errors import UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.training_run import micro_batches, set_trainable, settling_epoch, total_steps
@@ -215,10 +216,11 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     early = min(steps, first(planned.epochs))
     expected = early * timings.step + (steps - early) * timings.later
     expected += planned.epochs * per_epoch + final
-    if expected > left:
-        log(
-            f"warning: a {c.time_budget:.0f} s budget is too short for this run: one step and "
-            f"the final passes take about {expected:.0f} s of the {max(0.0, left):.0f} s left"
+    if expected > left:  # not even one step fits: a run that ends late is not what was asked
+        need = math.ceil(c.time_budget - left + expected)
+        raise UserError(
+            f"--time-budget {c.time_budget:g}s is too short for this run here: start-up, one step "
+            f"and the final passes take about {need} s; give a budget of at least {need}s"
         )
     log(
         f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step"
@@ -228,7 +230,7 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
             else ""
         )
         + ", "
-        f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} steps "
+        f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} step{'s' * (steps != 1)} "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
     return planned, Plan(c, started, n_test, timings)

@@ -165,6 +165,7 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -
         torch.onnx.export(
             net, (example,), str(out), input_names=["images"], output_names=["logits"],
             dynamic_shapes=(_batch_dim(),), opset_version=OPSET, dynamo=True, verbose=False,
+            external_data=False,  # one self-contained file; the default leaves a `.data` file beside it
         )  # fmt: skip
     proto = onnx.load(str(out))
     for key, value in meta.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from cifarlab.errors import UserError
@@ -152,12 +153,18 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
 def prepare_run_dir(run_dir: Path, need_bytes: int) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file, not a folder; pick another --out")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
             f"--out {run_dir}: cannot create the run directory ({exc.strerror})"
         ) from None
+    with removed_if_unstarted(run_dir, created):
+        _check_room(run_dir, need_bytes)
+
+
+def _check_room(run_dir: Path, need_bytes: int) -> None:
     if not os.access(run_dir, os.W_OK):
         raise UserError(
             f"--out {run_dir}: the run directory is not writable; pick a writable --out"
@@ -167,6 +174,18 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> None:
         raise UserError(
             f"--out {run_dir}: {free / 1e6:.0f} MB free, checkpoints need about {need_bytes / 1e6:.0f} MB"
         )
+
+
+@contextmanager
+def removed_if_unstarted(run_dir: Path, created: bool):
+    """Remove `run_dir` when the body fails before the run saved its `config.yaml`, if this call
+    `created` it: a run that never started leaves no empty `--out` to refuse the retry."""
+    try:
+        yield
+    except BaseException:
+        if created and not (run_dir / "config.yaml").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def append_metrics(path: Path, row: dict) -> None:

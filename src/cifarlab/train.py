@@ -46,6 +46,7 @@ from cifarlab.rundir import (
     claim_run_dir,
     prepare_run_dir,
     read_metrics,
+    removed_if_unstarted,
     truncate_metrics,
 )
 from cifarlab.tracking import open_trackers
@@ -153,11 +154,17 @@ def train(
     validate_config(config, "config", d.world)
     if ckpt is not None and _finished(ckpt) and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
+    created = d.main and not run_dir.exists()
     if d.main:
         prepare_run_dir(run_dir, need_bytes=200_000_000)
     barrier(d)
     lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
-    with lock, _StopSignals() as stop, open_trackers(config, run_dir, d.main) as tracker:
+    with (
+        removed_if_unstarted(run_dir, created),  # bad data, a budget too short: no empty --out
+        lock,
+        _StopSignals() as stop,
+        open_trackers(config, run_dir, d.main) as tracker,
+    ):
         t_build = time.perf_counter()
         run, plan = build_run(config, log, d), None
         if config.time_budget and ckpt is None:  # choose the length, then build it

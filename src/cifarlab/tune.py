@@ -17,6 +17,8 @@ Search space (documented in the README), relative to the recipe:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ import yaml
 
 from cifarlab.config import (
     EPOCH_KEYS,
+    RUNTIME_KEYS,
     TrainConfig,
     apply_overrides,
     read_yaml_mapping,
@@ -120,10 +123,12 @@ def run_tune(opts: TuneOptions, log=print):
     with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
         warnings.simplefilter("ignore", ExperimentalWarning)
         storage = _storage(opts.storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our lines say what its [I ...] lines do
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )  # fmt: skip
+    _same_settings(study, base, opts)
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
     low = max(1, base.epochs // 2)
@@ -153,7 +158,6 @@ def run_tune(opts: TuneOptions, log=print):
         )
         return result.best_val_acc
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if len(done) < opts.trials:
         study.optimize(
             objective,
@@ -168,6 +172,26 @@ def run_tune(opts: TuneOptions, log=print):
     )  # fmt: skip
     log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
     return study
+
+
+SETTINGS = "cifarlab_settings"  # the study's user attribute: what every trial searched around
+
+
+def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
+    """Store the settings a new study searches around; refuse to continue one with others (its
+    trials would not be comparable: other data, epochs, subset, recipe)."""
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in RUNTIME_KEYS}
+    settings = json.loads(json.dumps({**settings, "search_epochs": opts.search_epochs}))
+    saved = study.user_attrs.get(SETTINGS)
+    if saved is None:
+        study.set_user_attr(SETTINGS, settings)
+        return
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    if changed:
+        raise UserError(
+            f"study '{study.study_name}' in {opts.storage} was started with other settings "
+            f"({', '.join(changed[:4])}); run it with those, or name a new --study"
+        )
 
 
 def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
