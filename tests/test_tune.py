@@ -4,8 +4,10 @@ import sys
 import time
 
 import optuna
+import pytest
 
 from cifarlab.config import apply_overrides, load_recipe
+from cifarlab.errors import UserError
 from cifarlab.tune import TuneOptions, run_tune
 
 TINY = {"model": "fastnet", "batch_size": 50, "val_size": 100, "subset": 300, "progress": False, "threads": 1,
@@ -42,6 +44,11 @@ def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpeg
     assert best.batch_size == 50 and best.subset == 300  # the command line's overrides are kept
     again = run_tune(_opts(real_jpegs, tmp_path, 3), log=lambda s: None)  # same storage: continues
     assert len(again.trials) == 3 and {t.number for t in again.trials} == {0, 1, 2}
+    other = r"study 's' .* was started with other settings \(epochs: 2 -> 1\)"
+    with pytest.raises(UserError, match=other):  # its trials would not be comparable
+        run_tune(_opts(real_jpegs, tmp_path, 4, epochs=1), log=lambda s: None)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 3
 
 
 def test_tune_killed_mid_trial_finishes_after_a_restart(real_jpegs, tmp_path):
@@ -82,20 +89,6 @@ def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_r
 
 
 def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):
-    import pytest
-
-    from cifarlab.errors import UserError
-
-    with pytest.raises(
-        UserError, match=r"study 's' .* was started with other settings \(epochs: 2 -> 1"
-    ):
-        run_tune(
-            _opts(real_jpegs, tmp_path, 4, epochs=1), log=lambda s: None
-        )  # trials not comparable
-    assert (
-        len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials)
-        == 3
-    )
     with pytest.raises(UserError, match="--val-size must be > 0"):
         run_tune(_opts(real_jpegs, tmp_path, 1, val_size=0), log=lambda s: None)
     with pytest.raises(UserError, match="instead of a time budget"):
@@ -111,3 +104,14 @@ def test_epochs_are_searched_only_when_the_command_line_left_the_length_open():
     assert suggest(optuna.trial.FixedTrial(params), base)["epochs"] == 5
     fixed = suggest(optuna.trial.FixedTrial(params), base, search_epochs=False)
     assert "epochs" not in fixed and fixed["lr"] == 1.0
+
+
+def test_a_searched_length_keeps_the_recipes_schedule_shape():
+    from cifarlab.config import with_epochs
+    from cifarlab.tune import trial_config
+
+    base = load_recipe("fast")  # whitening bias for its first 3 of 9 epochs (airbench94's)
+    short = trial_config(base, {"epochs": base.epochs // 2, "lr": 1.0})
+    assert short == apply_overrides(with_epochs(base, base.epochs // 2), {"lr": 1.0}, where="t")
+    assert short.whiten_bias_epochs < base.whiten_bias_epochs and short.lr == 1.0
+    assert trial_config(base, {"lr": 1.0}).whiten_bias_epochs == base.whiten_bias_epochs

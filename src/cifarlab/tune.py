@@ -35,6 +35,7 @@ from cifarlab.config import (
     recipe_path,
     resolve_base,
     validate_config,
+    with_epochs,
 )
 from cifarlab.errors import UserError
 
@@ -143,7 +144,7 @@ def run_tune(opts: TuneOptions, log=print):
 
     def objective(trial) -> float:
         values = suggest(trial, base, opts.search_epochs)
-        config = apply_overrides(base, values, where=f"trial {trial.number}")
+        config = trial_config(base, values, where=f"trial {trial.number}")
         validate_config(config, f"trial {trial.number}")
         run_dir = _trial_dir(opts.out, trial.number)
 
@@ -167,7 +168,7 @@ def run_tune(opts: TuneOptions, log=print):
         )
     best = study.best_trial
     out = write_best_recipe(
-        opts.recipe, {**_recipe_keys(opts.overrides, base), **best.params},
+        opts.recipe, {**_recipe_keys(opts.overrides, trial_config(base, best.params)), **best.params},
         opts.out / "best-recipe.yaml", best.value, name,
     )  # fmt: skip
     log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
@@ -192,6 +193,16 @@ def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
             f"study '{study.study_name}' in {opts.storage} was started with other settings "
             f"({', '.join(changed[:4])}); run it with those, or name a new --study"
         )
+
+
+def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial") -> TrainConfig:
+    """`base` with a trial's `values`; a searched `epochs` reshapes the epoch-based settings
+    (warm-up, whitening-bias, freeze epochs) as `--epochs` does, so a shorter trial keeps the
+    recipe's schedule."""
+    values = dict(values)
+    epochs = values.pop("epochs", base.epochs)
+    shaped = base if epochs == base.epochs else with_epochs(base, epochs)
+    return apply_overrides(shaped, values, where=where)
 
 
 def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
