@@ -20,6 +20,35 @@ def test_the_plan_fits_training_every_validation_and_the_final_passes():
     assert plan_steps(2.0, 10.0, seconds_left=1.0, steps_per_epoch=100, final=40.0) == 1
 
 
+def test_a_week_of_sub_second_epochs_is_planned_to_its_end():
+    # 20 steps of 10 ms and 0.1 s of validation an epoch (a GPU's `fast`): two million epochs
+    week = 7 * 86400.0
+    steps = plan_steps(0.01, 0.1, week, 20, 5.0)
+    epochs = -(-steps // 20)
+    used = steps * 0.01 + epochs * 0.1 + 5.0
+    assert used <= week and used + 0.01 + 0.1 > week  # not capped short of the budget
+    for later, first in ((None, None), (0.008, lambda e: 20 * max(1, e // 3))):  # whole epochs
+        assert plan_steps(0.01, 0.1, 3000.0, 20, 5.0, later, first) == _every_length(
+            0.01, 0.1, 3000.0, 20, 5.0, later or 0.01, first or (lambda e: 20 * e)
+        )
+
+
+def _every_length(step, per_epoch, seconds, steps_per_epoch, final, later, first):
+    """The most steps that fit, trying every number of epochs (the plan's definition)."""
+    best = 0
+    for epochs in range(1, int(seconds / per_epoch) + 2):
+        room = seconds - final - epochs * per_epoch
+        early = min(epochs * steps_per_epoch, first(epochs))
+        fit = (
+            int(room // step)
+            if room <= early * step
+            else early + int((room - early * step) // later)
+        )
+        if fit > (epochs - 1) * steps_per_epoch:
+            best = max(best, min(epochs * steps_per_epoch, fit))
+    return best
+
+
 def test_steps_that_get_cheaper_after_the_first_epochs_fill_the_time_left():
     # 2 s a step for the first 100 steps (fastnet's whitening bias still training), then 1 s
     steps = plan_steps(2.0, 10.0, 900.0, 100, 40.0, later=1.0, first_steps=lambda epochs: 100)

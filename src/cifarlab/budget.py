@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import statistics
 import time
@@ -106,10 +107,18 @@ def plan_steps(
     takes `step` seconds, or `later` seconds after the first `first_steps(epochs)` steps of a
     run of that many epochs (by default all steps take `step`)."""
     later = later or step
+
+    def early_of(epochs: int) -> int:
+        return epochs * steps_per_epoch if first_steps is None else first_steps(epochs)
+
     best = 0
-    for epochs in range(1, 100_000):
+    start = max(
+        1,
+        _whole_epochs(seconds_left - final, per_epoch, steps_per_epoch, step, later, early_of) - 1,
+    )
+    for epochs in itertools.count(start):  # the epochs before `start` all fit whole
         room = seconds_left - final - epochs * per_epoch
-        early = epochs * steps_per_epoch if first_steps is None else first_steps(epochs)
+        early = early_of(epochs)
         if room <= early * step:
             fit = int(max(0.0, room) // step)
         else:
@@ -119,6 +128,25 @@ def plan_steps(
             break
         best = steps
     return max(1, best)
+
+
+def _whole_epochs(room: float, per_epoch: float, steps_per_epoch: int, step: float, later: float,
+                  early_of) -> int:  # fmt: skip
+    """The most whole epochs that fit in `room` seconds (bisection: a week's budget of a
+    sub-second epoch is millions of epochs, too many to count one by one)."""
+
+    def fits(epochs: int) -> bool:
+        early = min(epochs * steps_per_epoch, early_of(epochs))
+        cost = early * step + (epochs * steps_per_epoch - early) * later + epochs * per_epoch
+        return cost <= room
+
+    low, high = 0, 1
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def early_steps(shape: TrainConfig, steps_per_epoch: int, done: int = 0):
