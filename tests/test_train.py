@@ -177,6 +177,33 @@ def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_ctrl_c_while_the_data_loads_stops_before_training_and_leaves_no_run(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import cifarlab.train as train_module
+    from cifarlab.errors import Interrupted
+
+    build = train_module.build_run
+
+    def build_then_ctrl_c(*args):
+        run = build(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the run is being built
+        return run
+
+    monkeypatch.setattr(train_module, "build_run", build_then_ctrl_c)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=1, batch_size=8, val_size=6, threads=1)  # fmt: skip
+    with pytest.raises(
+        Interrupted, match="stopped before training started; nothing was saved"
+    ) as stop:
+        train(config, tmp_path / "run", log=lambda s: None)
+    assert stop.value.exit_code == 130 and not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is kept
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "mine", log=lambda s: None)
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 def test_param_groups_apply_backbone_and_bias_multipliers_with_decoupled_decay():
     from cifarlab.models import create_model
     from cifarlab.training_run import param_groups

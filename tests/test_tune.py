@@ -42,7 +42,11 @@ def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpeg
     assert best.muon_lr == study.best_trial.params["muon_lr"]  # fast's filters follow muon_lr
     assert 2.4e-4 <= best.weight_decay <= 7.2e-3  # around fast's 2.4e-3
     assert best.batch_size == 50 and best.subset == 300  # the command line's overrides are kept
-    again = run_tune(_opts(real_jpegs, tmp_path, 3), log=lambda s: None)  # same storage: continues
+    searched = study.best_trial.params["epochs"]  # 1 or 2 of the base's 2: fast's 3 whitening-bias
+    assert best.whiten_bias_epochs == (1 if searched == 1 else 3)  # epochs shaped as --epochs does
+    # same storage: continues; threads and where the cache lives are not settings of the search
+    again = run_tune(_opts(real_jpegs, tmp_path, 3, threads=2, data_root=str(tmp_path / "d2")),
+                     log=lambda s: None)  # fmt: skip
     assert len(again.trials) == 3 and {t.number for t in again.trials} == {0, 1, 2}
     other = r"study 's' .* was started with other settings \(epochs: 2 -> 1\)"
     with pytest.raises(UserError, match=other):  # its trials would not be comparable

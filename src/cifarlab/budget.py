@@ -245,10 +245,10 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     expected = early * timings.step + (steps - early) * timings.later
     expected += planned.epochs * per_epoch + final
     if expected > left:  # not even one step fits: a run that ends late is not what was asked
-        need = math.ceil(c.time_budget - left + expected)
+        need = c.time_budget - left + expected
         raise UserError(
             f"--time-budget {c.time_budget:g}s is too short for this run here: start-up, one step "
-            f"and the final passes take about {need} s; give a budget of at least {need}s"
+            f"and the final passes take about {need:.0f} s; give --time-budget {math.ceil(need * 1.25)}s or more"
         )
     log(
         f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step"

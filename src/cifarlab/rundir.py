@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -150,18 +151,24 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     )
 
 
-def prepare_run_dir(run_dir: Path, need_bytes: int) -> None:
+def prepare_run_dir(run_dir: Path, need_bytes: int) -> bool:
+    """Create `run_dir` if needed and check it can hold checkpoints; whether this call created
+    it (`mkdir` says so: of two processes racing for a new `--out`, only one did)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file, not a folder; pick another --out")
-    created = not run_dir.exists()
+    created = False
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            run_dir.mkdir()
+            created = True
     except OSError as exc:
         raise UserError(
             f"--out {run_dir}: cannot create the run directory ({exc.strerror})"
         ) from None
     with removed_if_unstarted(run_dir, created):
         _check_room(run_dir, need_bytes)
+    return created
 
 
 def _check_room(run_dir: Path, need_bytes: int) -> None:
@@ -179,7 +186,8 @@ def _check_room(run_dir: Path, need_bytes: int) -> None:
 @contextmanager
 def removed_if_unstarted(run_dir: Path, created: bool):
     """Remove `run_dir` when the body fails before the run saved its `config.yaml`, if this call
-    `created` it: a run that never started leaves no empty `--out` to refuse the retry."""
+    `created` it: a run that never started leaves no empty `--out` to refuse the retry. Enter it
+    holding the run's lock, so that no other process's run can be removed."""
     try:
         yield
     except BaseException:

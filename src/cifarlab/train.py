@@ -154,14 +154,12 @@ def train(
     validate_config(config, "config", d.world)
     if ckpt is not None and _finished(ckpt) and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
-    created = d.main and not run_dir.exists()
-    if d.main:
-        prepare_run_dir(run_dir, need_bytes=200_000_000)
+    created = prepare_run_dir(run_dir, need_bytes=200_000_000) if d.main else False
     barrier(d)
     lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
     with (
-        removed_if_unstarted(run_dir, created),  # bad data, a budget too short: no empty --out
         lock,
+        removed_if_unstarted(run_dir, created),  # bad data, a budget too short: no empty --out
         _StopSignals() as stop,
         open_trackers(config, run_dir, d.main) as tracker,
     ):
@@ -171,6 +169,11 @@ def train(
             planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
             run = build_run(planned, lambda s: None, d)
         config = run.config  # resolved: input size, precision, length
+        if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
+            raise Interrupted(
+                f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
+                130 if stop.received == signal.SIGINT else 143,
+            )
         saver = Checkpointer(run_dir, enabled=d.main)
         first, step, stats = _start(run, ckpt, saver, log)
         if d.main:

@@ -129,7 +129,7 @@ def run_tune(opts: TuneOptions, log=print):
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )  # fmt: skip
-    _same_settings(study, base, opts)
+    _same_settings(study, base, opts, log)
     done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
     low = max(1, base.epochs // 2)
@@ -176,22 +176,39 @@ def run_tune(opts: TuneOptions, log=print):
 
 
 SETTINGS = "cifarlab_settings"  # the study's user attribute: what every trial searched around
+PATHS = ("data", "weights", "init_from")  # compared by name: machines sharing a study mount apart
 
 
-def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
+def _settings(base: TrainConfig, opts: TuneOptions) -> dict[str, Any]:
+    values = {k: v for k, v in dataclasses.asdict(base).items() if k not in RUNTIME_KEYS}
+    values |= {k: Path(values[k]).name for k in PATHS if values.get(k)}
+    return json.loads(json.dumps({**values, "search_epochs": opts.search_epochs}))
+
+
+def _same_settings(study, base: TrainConfig, opts: TuneOptions, log) -> None:
     """Store the settings a new study searches around; refuse to continue one with others (its
-    trials would not be comparable: other data, epochs, subset, recipe)."""
-    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in RUNTIME_KEYS}
-    settings = json.loads(json.dumps({**settings, "search_epochs": opts.search_epochs}))
+    trials would not be comparable: other data, epochs, subset, recipe). Keys a later cifarlab
+    added are not compared."""
+    settings = _settings(base, opts)
     saved = study.user_attrs.get(SETTINGS)
     if saved is None:
+        if study.trials:
+            log(
+                f"study '{study.study_name}' has no recorded settings (an older cifarlab): recording these"
+            )
         study.set_user_attr(SETTINGS, settings)
         return
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    names = {"search_epochs": "epochs searched (--epochs/--budget fix them)"}
+    changed = [
+        f"{names.get(k, k)}: {saved[k]!r} -> {v!r}"
+        for k, v in settings.items()
+        if k in saved and saved[k] != v
+    ]
     if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise UserError(
             f"study '{study.study_name}' in {opts.storage} was started with other settings "
-            f"({', '.join(changed[:4])}); run it with those, or name a new --study"
+            f"({', '.join(changed[:4])}{more}); run it with those, or name a new --study"
         )
 
 
