@@ -138,15 +138,15 @@ def test_a_fractional_length_keeps_the_schedules_shape():
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("900", 900), ("90s", 90), ("15m", 900), ("1.5h", 5400)]
+    ("text", "seconds"), [("900", 900), ("90s", 90), ("15m", 900), ("1.5h", 5400), ("2d", 172800)]
 )
 def test_durations_read_as_people_write_them(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "m", "-5m", "soon", "nanm"])
+@pytest.mark.parametrize("text", ["", "m", "-5m", "soon", "nanm", "0"])
 def test_bad_durations_are_one_line_errors(text):
-    with pytest.raises(UserError, match="expected a duration"):
+    with pytest.raises(UserError, match="expected a positive duration"):
         parse_duration(text)
 
 
@@ -157,7 +157,9 @@ def test_a_bad_budget_is_said_before_any_flag_conflict(args, tmp_path, capsys):
 
     assert main(["train", "--recipe", "fast", "--out", str(tmp_path / "r"), *args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("at most 7 days" in err or "expected a duration" in err)
+    assert err.count("\n") == 1 and (
+        "at most 7 days" in err or "expected a positive duration" in err
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -199,6 +201,18 @@ def test_a_budget_too_short_for_one_step_is_refused_and_leaves_no_run(
     ):
         train(config, tmp_path / "run", log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_spent_before_training_starts_is_refused_before_the_data_loads(
+    synthetic_images, tmp_path
+):
+    import time
+
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         epochs=1, batch_size=8, val_size=6, time_budget=2.0)  # fmt: skip
+    with pytest.raises(UserError, match=r"--time-budget 2s was spent before training could start"):
+        train(config, tmp_path / "run", log=lambda s: None, started=time.perf_counter() - 3.0)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "d").exists()
 
 
 def test_a_budgeted_run_is_corrected_after_its_first_epoch_and_once_its_pace_settles(

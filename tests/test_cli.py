@@ -66,6 +66,9 @@ def test_empty_class_folder_and_corrupt_jpeg_are_one_line_errors(capsys, real_jp
     (src / "train" / "dog" / "0001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     _assert_one_line_error(*_cli(capsys, *base)[::2], "0001.jpg: not a readable image")
     assert not (tmp_path / "r").exists()
+    nested = [*base[:1], "--out", str(tmp_path / "new" / "a" / "b"), *base[3:]]
+    _assert_one_line_error(*_cli(capsys, *nested)[::2], "0001.jpg")
+    assert not (tmp_path / "new").exists()  # the folders above it that it made went too
     (tmp_path / "mine").mkdir()  # a folder the user made stays, even empty
     _assert_one_line_error(
         *_cli(capsys, *base[:1], "--out", str(tmp_path / "mine"), *base[3:])[::2], "0001.jpg"
@@ -88,3 +91,14 @@ def test_console_entry_point_runs_as_module():
         [sys.executable, "-m", "cifarlab", "models"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "fastnet" in proc.stdout
+
+
+def test_an_out_below_a_file_and_a_bare_resume_are_one_line(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _cli(
+        capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "afile" / "sub")
+    )
+    _assert_one_line_error(code, err, "afile is a file, not a folder")
+    code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "typo"), "--resume")
+    _assert_one_line_error(code, err, "holds no run to continue; drop --resume")
+    assert not (tmp_path / "typo").exists()

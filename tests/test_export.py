@@ -188,3 +188,21 @@ def test_export_with_force_replaces_an_existing_file(runs, tmp_path, fmt):
     assert cls(str(out)).classes[0] == "airplane"
     written = {"pt2": ["model.pt2"], "safetensors": ["model.json", "model.safetensors"]}[fmt]
     assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temporary file left
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_file(runs, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import cifarlab.export as export
+
+    def write_then_sigterm(net, example, out, meta):
+        out.write_bytes(b"half an export")
+        os.kill(os.getpid(), signal.SIGTERM)  # the default would end the process here, file and all
+
+    monkeypatch.setattr(export, "_export_onnx", write_then_sigterm)
+    run_dirs, _ = runs
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(run_dirs["cnn"]), "--out", str(tmp_path / "m.onnx")])
+    assert stop.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the default back

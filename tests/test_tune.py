@@ -77,14 +77,15 @@ def test_tune_killed_mid_trial_finishes_after_a_restart(real_jpegs, tmp_path):
 
 
 def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_resume(
-    tmp_path, capsys
+    synthetic_images, tmp_path, capsys
 ):
     from cifarlab.cli import main
 
     old_trial = tmp_path / "tune" / "trial-000"
     old_trial.mkdir(parents=True)
     (old_trial / "last.pt").write_bytes(b"an earlier study's trial")
-    args = ["tune", "--data", str(tmp_path), "--trials", "1", "--out", str(tmp_path / "tune"),
+    args = ["tune", "--data", str(synthetic_images), "--data-root", str(tmp_path / "d"), "--trials", "1",
+            "--val-size", "6", "--batch-size", "8", "--out", str(tmp_path / "tune"),
             "--storage", f"sqlite:///{tmp_path / 'new.db'}"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -93,6 +94,10 @@ def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_r
 
 
 def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="nowhere"):  # one line before any study is stored
+        run_tune(_opts(real_jpegs, tmp_path, 1, data=missing), log=lambda s: None)
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'study.db'}") == []
     with pytest.raises(UserError, match="--val-size must be > 0"):
         run_tune(_opts(real_jpegs, tmp_path, 1, val_size=0), log=lambda s: None)
     with pytest.raises(UserError, match="instead of a time budget"):

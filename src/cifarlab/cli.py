@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -158,6 +160,13 @@ def cmd_train(args) -> int:
             changes["epochs"] = args.epochs
         result = train(None, args.out, resume=True, changes=changes, started=args.started)
     else:
+        if args.resume and not (
+            args.recipe or args.data
+        ):  # a mistyped --out must not train defaults
+            raise UserError(
+                f"--resume: {args.out} holds no run to continue; drop --resume and give --recipe "
+                "or --data to start one there"
+            )
         config = _config_from_args(args)
         result = train(config, args.out, resume=args.resume, started=args.started)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
@@ -423,6 +432,25 @@ def _after_ctrl_c() -> str:
     return "\n" if sys.stderr.isatty() else ""
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM exits 143 through every `finally` (an export's temporary file is removed), not
+    at once as its default does; training installs its own handler, which saves first."""
+    try:
+        old = signal.signal(signal.SIGTERM, _exit_143)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _exit_143(signum, frame):
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -430,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         # a --time-budget counts from the command's start: a process's own command from the
         # import (torch's import is part of its time), a call of main() in a running one from now
         args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()
-        return COMMANDS[args.command](args)
+        with _sigterm_unwinds():
+            return COMMANDS[args.command](args)
     except UserError as exc:
         if debug:
             traceback.print_exc()

@@ -507,8 +507,8 @@ def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:
 
 
 def parse_duration(text: str) -> float:
-    """ "900", "90s", "15m", "1.5h" -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
+    """ "900", "90s", "15m", "1.5h", "2d" -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     raw = text.strip().lower()
     scale = units.get(raw[-1:])
     try:
@@ -517,7 +517,7 @@ def parse_duration(text: str) -> float:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
         raise UserError(
-            f"--time-budget {text!r}: expected a duration such as 900, 90s, 15m or 1.5h"
+            f"--time-budget {text!r}: expected a positive duration such as 900, 90s, 15m or 1.5h"
         )
     if value > MAX_TIME_BUDGET:
         raise UserError(f"--time-budget {text}: at most 7 days (168h)")

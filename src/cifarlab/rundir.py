@@ -151,17 +151,22 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     )
 
 
-def prepare_run_dir(run_dir: Path, need_bytes: int) -> bool:
-    """Create `run_dir` if needed and check it can hold checkpoints; whether this call created
-    it (`mkdir` says so: of two processes racing for a new `--out`, only one did)."""
+def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
+    """Create `run_dir` (and the folders above it) if needed and check it can hold checkpoints;
+    the folders this call made, outermost first (`mkdir` says so: of two processes racing for
+    a new `--out`, only one made it)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file, not a folder; pick another --out")
-    created = False
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"--out {run_dir}: {blocking} is a file, not a folder; pick another --out")
+    created = []
     try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            run_dir.mkdir()
-            created = True
+        for folder in reversed(missing):  # outermost first
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir()
+                created.append(folder)
     except OSError as exc:
         raise UserError(
             f"--out {run_dir}: cannot create the run directory ({exc.strerror})"
@@ -184,15 +189,22 @@ def _check_room(run_dir: Path, need_bytes: int) -> None:
 
 
 @contextmanager
-def removed_if_unstarted(run_dir: Path, created: bool):
-    """Remove `run_dir` when the body fails before the run saved its `config.yaml`, if this call
-    `created` it: a run that never started leaves no empty `--out` to refuse the retry. Enter it
-    holding the run's lock, so that no other process's run can be removed."""
+def removed_if_unstarted(run_dir: Path, created: list[Path]):
+    """When the body fails before the run saved its `config.yaml`, remove the folders this call
+    `created` (`prepare_run_dir`): `run_dir` with what it holds, the ones above it only if empty
+    (another run may have arrived beside it). A run that never started leaves no empty `--out`
+    to refuse the retry. Enter it holding the run's lock, so that no other process's run can be
+    removed."""
     try:
         yield
     except BaseException:
         if created and not (run_dir / "config.yaml").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in reversed(created):
+                if folder == run_dir:
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
         raise
 
 

@@ -37,7 +37,8 @@ from cifarlab.config import (
     validate_config,
     with_epochs,
 )
-from cifarlab.errors import UserError
+from cifarlab.data.splits import load_splits
+from cifarlab.errors import Interrupted, UserError
 
 
 @dataclass
@@ -120,11 +121,13 @@ def run_tune(opts: TuneOptions, log=print):
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
+    load_splits(base)  # data that cannot load is one line now, before a study or trial is stored
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
         warnings.simplefilter("ignore", ExperimentalWarning)
         storage = _storage(opts.storage)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our lines say what its [I ...] lines do
+    # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
@@ -154,9 +157,18 @@ def run_tune(opts: TuneOptions, log=print):
                 raise optuna.TrialPruned()
 
         log(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
-        result = train(
-            config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
-        )
+        try:
+            result = train(
+                config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
+            )
+        except (
+            Interrupted
+        ) as exc:  # train's own hint (--resume the trial) does not continue a study
+            raise Interrupted(
+                f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
+                "to continue the study: the stopped trial runs again under a new number",
+                exc.exit_code,
+            ) from None
         return result.best_val_acc
 
     if len(done) < opts.trials:
@@ -199,11 +211,12 @@ def _same_settings(study, base: TrainConfig, opts: TuneOptions, log) -> None:
         study.set_user_attr(SETTINGS, settings)
         return
     names = {"search_epochs": "epochs searched (--epochs/--budget fix them)"}
-    changed = [
-        f"{names.get(k, k)}: {saved[k]!r} -> {v!r}"
-        for k, v in settings.items()
-        if k in saved and saved[k] != v
-    ]
+    differ = [k for k, v in settings.items() if k in saved and saved[k] != v]
+    if (
+        "epochs" in differ
+    ):  # warm-up, whitening-bias, freeze epochs follow it: not the user's change
+        differ = [k for k in differ if k not in EPOCH_KEYS]
+    changed = [f"{names.get(k, k)}: {saved[k]!r} -> {settings[k]!r}" for k in differ]
     if changed:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise UserError(
