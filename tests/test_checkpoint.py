@@ -68,12 +68,13 @@ def test_run_directory_without_room_or_creatable_path_is_refused(tmp_path, monke
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(UserError, match="cannot create the run directory"):
+    with pytest.raises(UserError, match=f"{blocker} is a file, not a folder"):
         prepare_run_dir(blocker / "run", need_bytes=1)
     usage = _shutil.disk_usage(tmp_path)
     monkeypatch.setattr(_shutil, "disk_usage", lambda p: usage._replace(free=10_000_000))
     with pytest.raises(UserError, match="10 MB free, checkpoints need about 200 MB"):
-        prepare_run_dir(tmp_path / "run", need_bytes=200_000_000)
+        prepare_run_dir(tmp_path / "new" / "run", need_bytes=200_000_000)
+    assert not (tmp_path / "new").exists()  # the folders it made for the refused run went again
 
 
 def test_refusing_a_pickle_never_suggests_weights_only_false(tmp_path, capsys):
