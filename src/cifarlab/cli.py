@@ -160,9 +160,8 @@ def cmd_train(args) -> int:
             changes["epochs"] = args.epochs
         result = train(None, args.out, resume=True, changes=changes, started=args.started)
     else:
-        if args.resume and not (
-            args.recipe or args.data
-        ):  # a mistyped --out must not train defaults
+        # a mistyped --out must not train the defaults
+        if args.resume and not (args.recipe or args.data):
             raise UserError(
                 f"--resume: {args.out} holds no run to continue; drop --resume and give --recipe "
                 "or --data to start one there"

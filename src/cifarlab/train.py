@@ -154,10 +154,11 @@ def train(
     validate_config(config, "config", d.world)
     if ckpt is not None and _finished(ckpt) and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
-    if config.time_budget and ckpt is None and time.perf_counter() - started >= config.time_budget:
+    spent = time.perf_counter() - started
+    if config.time_budget and ckpt is None and spent >= config.time_budget:
         raise UserError(  # before any data loads: nothing at all fits
             f"--time-budget {config.time_budget:g}s was spent before training could start "
-            f"({time.perf_counter() - started:.1f} s of start-up); give a budget of minutes, e.g. 15m"
+            f"({spent:.1f} s of start-up); give a budget of minutes, e.g. 15m"
         )
     created = prepare_run_dir(run_dir, need_bytes=200_000_000) if d.main else []
     barrier(d)

@@ -161,9 +161,8 @@ def run_tune(opts: TuneOptions, log=print):
             result = train(
                 config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
             )
-        except (
-            Interrupted
-        ) as exc:  # train's own hint (--resume the trial) does not continue a study
+        except Interrupted as exc:
+            # train's own hint (--resume the trial) does not continue a study
             raise Interrupted(
                 f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
                 "to continue the study: the stopped trial runs again under a new number",
@@ -212,9 +211,8 @@ def _same_settings(study, base: TrainConfig, opts: TuneOptions, log) -> None:
         return
     names = {"search_epochs": "epochs searched (--epochs/--budget fix them)"}
     differ = [k for k, v in settings.items() if k in saved and saved[k] != v]
-    if (
-        "epochs" in differ
-    ):  # warm-up, whitening-bias, freeze epochs follow it: not the user's change
+    if "epochs" in differ:
+        # warm-up, whitening-bias and freeze epochs follow it: not the user's change
         differ = [k for k in differ if k not in EPOCH_KEYS]
     changed = [f"{names.get(k, k)}: {saved[k]!r} -> {settings[k]!r}" for k in differ]
     if changed:
