@@ -14,7 +14,7 @@ from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.data.imageset import ImageSet
 from cifarlab.data.loaders import DeviceBatches
 from cifarlab.export import Deployable
-from cifarlab.schedules import make_scheduler
+from cifarlab.schedules import make_scheduler, stretch
 from tests.conftest import make_config
 
 
@@ -50,6 +50,39 @@ def _lrs(name, total, warmup, per_epoch=1):
         opt.step()
         sched.step()
     return out
+
+
+def _run(sched, opt, steps):
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "onecycle"])
+@pytest.mark.parametrize("new_total", [90, 36])  # a budget's correction: longer, shorter
+def test_a_re_planned_schedule_continues_from_its_lr_and_survives_a_checkpoint(name, new_total):
+    params = [torch.zeros(1, requires_grad=True)]
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = make_scheduler(name, opt, 60, 6)
+    before = _run(sched, opt, 20)
+    assert before == pytest.approx(_lrs(name, 60, 6)[:20])  # untouched until re-planned
+    stretch(sched, new_total)
+    saved = sched.state_dict()
+    after = _run(sched, opt, new_total - 20)
+    lrs = before + after
+    steps = np.diff(lrs[6:])  # after the warm-up
+    assert (steps <= 1e-12).all(), "the lr turned back up"
+    assert np.abs(steps).max() <= 2.5 * max(1 / 54, 1 / (new_total - 20)) + 1e-12  # no jump
+    assert 0.0 <= lrs[-1] <= 1.5 * before[-1] / (new_total - 20)  # it anneals, to the new end
+    # a resumed run rebuilds the scheduler from the corrected length, then loads its state
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    resumed = make_scheduler(name, opt2, new_total, round(6 * new_total / 60))
+    resumed.load_state_dict(saved)
+    opt2.param_groups[0]["lr"] = resumed.get_last_lr()[0]
+    assert _run(resumed, opt2, new_total - 20) == after
 
 
 def test_schedules_follow_their_closed_forms():

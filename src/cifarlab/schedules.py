@@ -44,6 +44,34 @@ SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
 }
 
 
+class StepSchedule:
+    """The lr multiplier at optimiser step `step`: `name`'s shape over `total` steps (`warmup`
+    of them warming up), held for each epoch of `hold` steps. A callable object, not a lambda,
+    so that its numbers travel in the scheduler's state_dict (LambdaLR saves an object's
+    `__dict__`) and a resumed run continues a stretched schedule exactly."""
+
+    def __init__(self, name: str, total: int, warmup: int, hold: int = 1):
+        self.name, self.total, self.warmup, self.hold = name, total, warmup, hold
+        # where step `from_step` sits on the shape, and shape steps per real step after it
+        self.from_step, self.from_at, self.rate = 0, 0.0, 1.0
+
+    def position(self, step: int) -> float:
+        return self.from_at + (step - self.from_step) * self.rate
+
+    def __call__(self, step: int) -> float:
+        return SCHEDULES[self.name](
+            self.position(step // self.hold * self.hold), self.total, self.warmup
+        )
+
+    def stretch(self, done: int, new_total: int) -> None:
+        """Make the run end at step `new_total` after `done` steps taken: the rest of the shape
+        is spread over the steps left, from the multiplier it has now (re-planning from
+        scratch would jump: a longer run's decay is earlier in its course, so its lr is higher)."""
+        at = self.position(done)
+        self.from_step, self.from_at = done, at
+        self.rate = (self.total - at) / (new_total - done) if new_total > done else 1.0
+
+
 def make_scheduler(
     name: str, optimizer, total_steps: int, warmup_steps: int, steps_per_epoch: int = 1
 ):
@@ -51,7 +79,12 @@ def make_scheduler(
     of its first step (the lesson's `scheduler.step()` once per epoch)."""
     if name not in SCHEDULES:
         raise UserError(f"unknown schedule '{name}'; valid: {', '.join(SCHEDULES)}")
-    fn, k = SCHEDULES[name], steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: fn(s // k * k, total_steps, warmup_steps)
+        optimizer, StepSchedule(name, total_steps, warmup_steps, steps_per_epoch)
     )
+
+
+def stretch(scheduler, new_total: int) -> None:
+    """Re-plan a live run's schedule to end at step `new_total`, continuing from its current lr."""
+    for fn in {id(f): f for f in scheduler.lr_lambdas}.values():
+        fn.stretch(scheduler.last_epoch, new_total)

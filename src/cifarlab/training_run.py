@@ -28,7 +28,7 @@ from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
 from cifarlab.models.whitening import first_conv, init_whitening
 from cifarlab.muon import MuonSGD
-from cifarlab.schedules import make_scheduler
+from cifarlab.schedules import make_scheduler, stretch
 
 # The usual CIFAR-10 training-set statistics, as lessons hard-code them (per pixel and channel).
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
@@ -158,13 +158,10 @@ def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
 
 def retarget(run: TrainingRun, config: TrainConfig) -> None:
     """Give a live run another length (`config` differs in its length fields only, as a time
-    budget's correction makes it): the schedule and the lookahead end at the new last step,
-    and the schedule is where it would be after the steps already taken."""
-    done = run.scheduler.last_epoch
+    budget's correction makes it): the schedule's rest is spread over the steps left, from the
+    lr it has now, and the lookahead ends at the new last step."""
     run.config = config
-    run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
-    for _ in range(done):
-        run.scheduler.step()
+    stretch(run.scheduler, total_steps(config, len(run.batches)))
     if run.lookahead is not None:
         run.lookahead.total = total_steps(config, len(run.batches))
 
