@@ -7,6 +7,10 @@
 #   4. accuracy over splits 0-3 in fp32: `fast --set amp=off` against airbench94 --fp32
 #   5. `fast-cpu --time-budget 30s` (does the budget hold on a GPU?), `fast-96` (150 s cap)
 #   6. the images/s table (benchmarks/speed.py)
+#   7. the host CPU (issue 16, acceptance 1): where it has AMX, `fast-cpu` on 2 of its cores
+#      (a development machine's size) with `amp: auto` against `--set amp=off`, same subset,
+#      same steps; what `auto` picked, and the second epoch's img/s of each (about 3-4 minutes). ONLY=7 runs it
+#      alone; on a host without AMX it only says so.
 # Prints everything (and tees it to $OUT/gpu_fast.log where $OUT is set); paste into docs/benchmarks.md.
 # Usage: [ONLY="2 3 4b"] benchmarks/gpu_fast.sh [DATA] [AIRBENCH94_PY]
 #   DATA: the CIFAR-10 JPEG tarball (default ../shared/data/cifar10-train-jpg.tar.gz)
@@ -82,6 +86,22 @@ all_sections() {
     if wanted 6; then
         section "6. images/s"
         timeout 90 "$PY" benchmarks/speed.py --data "$DATA" --models cnn,resnet18,fastnet --no-write
+    fi
+    if wanted 7; then
+        section "7. the host CPU: bf16 where it has AMX (2 cores, device cpu)"
+        grep -m1 'model name' /proc/cpuinfo
+        if grep -q amx_bf16 /proc/cpuinfo; then
+            timeout 60 taskset -c 0,1 "$PY" benchmarks/cpu_precision.py --rounds 3
+            for amp in auto off; do  # the same 2 epochs of 15,000 images, only the precision differs
+                CUDA_VISIBLE_DEVICES= taskset -c 0,1 timeout 240 "$PY" -m cifarlab train --recipe fast-cpu \
+                    --data "$DATA" --out "$runs/host-$amp" --no-progress --subset 16000 --val-size 1000 \
+                    --epochs 2 --set time_budget=0 --set tta=none --set device=cpu --set threads=2 \
+                    --set amp=$amp 2>&1 | grep -i -E 'amp|bf16|fp32|img/s|error' | head -5
+                echo "host-$amp: $(tail -n 1 "$runs/host-$amp/metrics.csv" 2>/dev/null)"
+            done
+        else
+            echo "no AMX on this host CPU: acceptance 1 needs one"
+        fi
     fi
     section "done"
 }
