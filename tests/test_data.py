@@ -217,6 +217,19 @@ def test_splits_are_seeded_disjoint_and_respect_subset(real_jpegs, data_root):
     assert all(0 < m < 1 for m in a.mean) and all(0 < s < 0.5 for s in a.std)
 
 
+def test_split_seed_holds_the_split_while_seed_varies(real_jpegs, data_root):
+    def splits(**kw):
+        return load_splits(make_config(data=str(real_jpegs), data_root=str(data_root),
+                                       subset=300, val_size=100, **kw))  # fmt: skip
+
+    base, other = splits(seed=0), splits(seed=1)
+    assert base.val.paths != other.val.paths  # --seed alone draws another split
+    for seed in (1, 7):
+        held = splits(seed=seed, split_seed=0)
+        assert held.val.paths == base.val.paths and held.train.paths == base.train.paths
+    assert splits(seed=0, split_seed=1).val.paths == other.val.paths
+
+
 def test_val_size_larger_than_data_is_an_error(real_jpegs, data_root):
     with pytest.raises(UserError, match="val_size=600 leaves no training images"):
         load_splits(make_config(data=str(real_jpegs), data_root=str(data_root), val_size=600))

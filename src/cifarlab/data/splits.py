@@ -107,15 +107,16 @@ def load_splits(config: TrainConfig) -> Splits:
             None if ds is None else select_classes(ds, config.classes, "classes")
             for ds in (train, val, test)
         )
+    seed = config.split_seed if config.split_seed >= 0 else config.seed
     if config.subset:
         if config.subset > len(train):
             raise UserError(
                 f"subset={config.subset} is larger than the {len(train)} training images"
             )
-        train = train.take(stratified_pick(train.labels, config.subset, config.seed))
+        train = train.take(stratified_pick(train.labels, config.subset, seed))
     val_folder = val is not None
     if not val_folder:
-        train, val = hold_out(train, config.val_size, config.seed + 1)
+        train, val = hold_out(train, config.val_size, seed + 1)
     mean, std = channel_stats(train.images)
     return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
 
