@@ -43,16 +43,11 @@ def test_metrics_match_scikit_learn_on_random_predictions():
 
 def _lrs(name, total, warmup, per_epoch=1):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = make_scheduler(name, opt, total, warmup, per_epoch)
-    out = []
-    for _ in range(total):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
+    return _run(make_scheduler(name, opt, total, warmup, per_epoch), opt, total)
 
 
 def _run(sched, opt, steps):
+    """The lr of each of the next `steps` optimiser steps."""
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"])
