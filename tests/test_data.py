@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifarlab.config import config_changes
 from cifarlab.data import cache, load_source, load_splits
 from cifarlab.data.images import BadImage, decode_image
 from cifarlab.data.splits import stratified_pick
@@ -228,6 +229,11 @@ def test_split_seed_holds_the_split_while_seed_varies(real_jpegs, data_root):
         held = splits(seed=seed, split_seed=0)
         assert held.val.paths == base.val.paths and held.train.paths == base.train.paths
     assert splits(seed=0, split_seed=1).val.paths == other.val.paths
+    # a resume or suite rerun with split_seed spelt out for the split it had is not a change
+    assert config_changes(make_config(seed=3), make_config(seed=3, split_seed=3)) == []
+    assert config_changes(make_config(seed=3), make_config(seed=3, split_seed=0)) == [
+        "split_seed: -1 -> 0"
+    ]
 
 
 def test_val_size_larger_than_data_is_an_error(real_jpegs, data_root):

@@ -80,6 +80,16 @@ def test_a_re_planned_schedule_continues_from_its_lr_and_survives_a_checkpoint(n
     assert _run(resumed, opt2, new_total - 20) == after
 
 
+@pytest.mark.parametrize("name", ["cosine", "linear", "onecycle"])
+def test_a_schedule_re_planned_during_its_warm_up_never_passes_the_peak(name):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(name, opt, 207, 46)  # warm-up of 2 epochs of 23 steps
+    lrs = _run(sched, opt, 23)
+    stretch(sched, 322)  # a budget's correction after the first epoch: a longer run
+    lrs += _run(sched, opt, 322 - 23)
+    assert max(lrs) <= 1.0 + 1e-12 and max(np.abs(np.diff(lrs))) < 0.03
+
+
 def test_schedules_follow_their_closed_forms():
     total, warm = 50, 10
     cosine = [(t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))

@@ -212,6 +212,8 @@ class Plan:
             later = self.timings.later * step / self.timings.step  # the probe's ratio, this pace
             first = early_steps(self.shape, n, done=done)
             new_total = done + plan_steps(step, per_epoch, left, n, final, later, first)
+            # whitening-bias and freeze epochs move with the length; the lr schedule does not
+            # restart from this config's warm-up: `retarget` stretches the one in progress
             corrected = with_steps(self.shape, new_total, n)
         else:
             new_total = done + plan_steps(step, per_epoch, left, n, final)

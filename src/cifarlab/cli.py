@@ -69,7 +69,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed",
         type=int,
-        help="seed of the split, the initialisation and the batches (default: the recipe's)",
+        help="seed of the split (unless --set split_seed=N holds it), the initialisation and the batches",
     )
     p.add_argument("--subset", type=int, help="keep a stratified subset of N training images")
     p.add_argument(

@@ -540,6 +540,11 @@ RUNTIME_KEYS = frozenset({
 })  # fmt: skip
 
 
+def split_seed(config: TrainConfig) -> int:
+    """The seed that draws the subset and the validation split."""
+    return config.split_seed if config.split_seed >= 0 else config.seed
+
+
 def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """ "key: old -> new" for every key that changes what a run computes (an unresolved
     `input_size: 0` matches the size the saved run resolved it to)."""
@@ -547,6 +552,8 @@ def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         wanted = dataclasses.replace(wanted, input_size=saved.input_size)
     if wanted.amp == "auto":  # the run stored what auto chose on its machine
         wanted = dataclasses.replace(wanted, amp=saved.amp)
+    if split_seed(wanted) == split_seed(saved):  # -1 and the seed it follows are one split
+        wanted = dataclasses.replace(wanted, split_seed=saved.split_seed)
     if wanted.time_budget and not wanted.train_steps and wanted.time_budget == saved.time_budget:
         # an unplanned config of the same budget: the run chose its length
         length = ("epochs", "train_steps", *EPOCH_KEYS)

@@ -10,14 +10,14 @@ import torch
 from cifarlab.errors import UserError
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
+def _cosine(step: float, total: int, warmup: int) -> float:
+    if step < warmup:  # capped: a stretched schedule reads between the last two warm-up steps
+        return min(1.0, (step + 1) / warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _onecycle(step: int, total: int, warmup: int) -> float:
+def _onecycle(step: float, total: int, warmup: int) -> float:
     """Linear up over the warm-up (default 20% of steps), then linear down to zero (airbench's shape)."""
     warmup = warmup or max(1, round(0.2 * total))
     if step < warmup:
@@ -25,18 +25,18 @@ def _onecycle(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _linear(step: int, total: int, warmup: int) -> float:
+def _linear(step: float, total: int, warmup: int) -> float:
     """Straight down from the peak to zero, after an optional linear warm-up (airbench94_muon)."""
     if step < warmup:
-        return (step + 1) / warmup
+        return min(1.0, (step + 1) / warmup)
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _constant(step: int, total: int, warmup: int) -> float:
+def _constant(step: float, total: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
-SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
+SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
     "cosine": _cosine,
     "onecycle": _onecycle,
     "linear": _linear,

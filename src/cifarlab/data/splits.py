@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cifarlab.config import TrainConfig, data_root
+from cifarlab.config import TrainConfig, data_root, split_seed
 from cifarlab.data.sources import ImageSet, load_source
 from cifarlab.errors import UserError
 
@@ -107,7 +107,7 @@ def load_splits(config: TrainConfig) -> Splits:
             None if ds is None else select_classes(ds, config.classes, "classes")
             for ds in (train, val, test)
         )
-    seed = config.split_seed if config.split_seed >= 0 else config.seed
+    seed = split_seed(config)
     if config.subset:
         if config.subset > len(train):
             raise UserError(
