@@ -288,12 +288,35 @@ def test_train_folder_without_val_folder_scores_the_runs_held_out_slice(tiny_run
     assert paths(tmp_path / "ev-val") == paths(tmp_path / "own")
 
 
+def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(tmp_path):
+    data = _pngs(tmp_path / "src" / "train", per_class=6).parent
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1, batch_size=4,
+                         val_size=0)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    with pytest.raises(
+        UserError, match=r"no validation split \(val_size 0\).*--split test.*--data"
+    ):
+        evaluate(EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev"), log=lambda s: None)
+    assert not (tmp_path / "ev").exists()
+    _pngs(tmp_path / "held", per_class=3, seed=1)  # the way out it names
+    assert _score(tmp_path / "run", tmp_path / "held", "val", tmp_path)["num_images"] == 6
+
+
 def test_a_subset_of_the_models_classes_is_scored_on_its_indices(tiny_run, tmp_path):
-    report = _score(tiny_run, _pngs(tmp_path / "dogs", classes=("dog",)), "test", tmp_path)
+    lines = []
+    opts = EvalOptions(str(tiny_run), split="test", data=str(_pngs(tmp_path / "dogs", classes=("dog",))),
+                       out=tmp_path / "ev-test")  # fmt: skip
+    report = evaluate(opts, log=lines.append)
     assert report["classes"] == ["cat", "dog"] and report["num_images"] == 5
     assert report["per_class"]["dog"]["support"] == 5 and report["per_class"]["cat"]["support"] == 0
     rows = (tmp_path / "ev-test" / "predictions.csv").read_text().splitlines()[1:]
     assert all(row.split(",")[2] == "dog" for row in rows)
+    # a class with no images is not "hardest at 0%": it has no accuracy
+    assert [x for x in lines if x.startswith("hardest classes:")] == [
+        f"hardest classes: dog {report['per_class']['dog']['accuracy']:.1%}"
+    ]
+    cat = (tmp_path / "ev-test" / "per_class.csv").read_text().splitlines()[1].split(",")
+    assert cat[0] == "cat" and cat[1] == cat[3] == cat[4] == "" and cat[5] == "0"
 
 
 def test_a_class_the_model_does_not_know_is_a_one_line_error(tiny_run, tmp_path):

@@ -121,10 +121,12 @@ def _add_gradcam(groups: list, loaded, classes: list[str]) -> dict:
             "images": len(items)}  # fmt: skip
 
 
-def _chosen_classes(opts: EvalOptions, classes: list[str], accuracy: np.ndarray) -> list[int]:
-    """--classes (checked by _gallery_classes before any work), else the two hardest."""
+def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int]:
+    """--classes (checked by _gallery_classes before any work), else the two hardest of the
+    classes the data has images of."""
     if not opts.classes:
-        return [int(i) for i in np.argsort(accuracy, kind="stable")[:2]]
+        ranked = np.argsort(np.where(pc["support"] > 0, pc["accuracy"], np.inf), kind="stable")
+        return [int(i) for i in ranked[: min(2, int((pc["support"] > 0).sum()))]]
     return [classes.index(c) for c in opts.classes]
 
 
@@ -159,6 +161,13 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     out = opts.out or ckpt_path.parent / f"eval-{opts.split}"
     _check_out(out)
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
+    if len(data) == 0:
+        raise UserError(
+            f"{ckpt_path}: the run has no validation split (val_size 0) to score; use --split test "
+            "where its data has a test split, or --data a folder of <class>/ images"
+            if opts.split == "val" and not opts.data
+            else f"{opts.data or source}: no images to score"
+        )
     device = pick_device(opts.device)
     loaded = load_model(ckpt, device, opts.ema)
     model, normalize = loaded.model, loaded.normalize
@@ -204,7 +213,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
     report["training"] = {"epochs": len(rows), "seconds": float(sum(r["seconds"] for r in rows))}
-    chosen = _chosen_classes(opts, classes, pc["accuracy"])
+    chosen = _chosen_classes(opts, classes, pc)
     groups = _gallery_groups(data, probs, classes, chosen)
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
     _write_files(report, data, probs, groups, rows, out)
@@ -242,13 +251,15 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
         w = csv.writer(f)
         w.writerow(["class", "accuracy", "precision", "recall", "f1", "support"])
         for c in classes:
+            scored = pc[c]["support"] > 0  # no images of it: no accuracy, recall or f1 ("")
             w.writerow(
                 [
                     c,
-                    *(round(pc[c][k], 5) for k in ("accuracy", "precision", "recall", "f1")),
+                    *(round(pc[c][k], 5) if scored or k == "precision" else ""
+                      for k in ("accuracy", "precision", "recall", "f1")),
                     pc[c]["support"],
                 ]
-            )
+            )  # fmt: skip
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "path", "true", "predicted", "confidence"])
@@ -258,9 +269,10 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
                 [i, path, classes[data.labels[i]], classes[p.argmax()], round(float(p.max()), 5)]
             )
     cm = np.asarray(report["confusion_matrix"])
-    acc = np.asarray([pc[c]["accuracy"] for c in classes])
+    scored = [c for c in classes if pc[c]["support"] > 0]
+    acc = np.asarray([pc[c]["accuracy"] for c in scored])
     figures.confusion_matrix(cm, classes, report["most_confused"], out / "confusion_matrix.png")
-    figures.per_class(acc, classes, out / "per_class.png")
+    figures.per_class(acc, scored, out / "per_class.png")
     figures.mistakes(groups, out / "mistakes.png")
     figures.reliability(
         report["calibration"], out / "calibration.png", report.get("calibration_before"),
@@ -276,7 +288,7 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
 
 def _summary(report: dict, out: Path, log) -> None:
     pc = report["per_class"]
-    hardest = sorted(pc, key=lambda c: pc[c]["accuracy"])[:3]
+    hardest = sorted((c for c in pc if pc[c]["support"]), key=lambda c: pc[c]["accuracy"])[:3]
     tta = (
         f" (with {report['tta']} TTA: {report['tta_accuracy']:.2%})"
         if report["tta_accuracy"] is not None
@@ -289,7 +301,7 @@ def _summary(report: dict, out: Path, log) -> None:
     pairs = report["most_confused"][:3]
     log(
         "most confused: "
-        + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs)
+        + (", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs) or "none")
     )
     if "expected_calibration_error_before" in report:
         log(

@@ -98,13 +98,13 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
     per_class_rows = [
         [
             c,
-            f"{pc[c]['accuracy']:.1%}",
+            f"{pc[c]['accuracy']:.1%}" if pc[c]["support"] else "n/a (no images)",
             f"{pc[c]['precision']:.3f}",
-            f"{pc[c]['recall']:.3f}",
-            f"{pc[c]['f1']:.3f}",
+            f"{pc[c]['recall']:.3f}" if pc[c]["support"] else "n/a",
+            f"{pc[c]['f1']:.3f}" if pc[c]["support"] else "n/a",
             pc[c]["support"],
         ]
-        for c in sorted(pc, key=lambda c: pc[c]["accuracy"])
+        for c in sorted(pc, key=lambda c: (not pc[c]["support"], pc[c]["accuracy"]))
     ]
     pairs = [
         [p["true"], p["predicted"], p["count"], f"{p['share']:.1%}"] for p in r["most_confused"]
