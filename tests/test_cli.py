@@ -38,6 +38,8 @@ def _assert_one_line_error(code, err, *needles):
         (["--lr", "-0.1"], "'lr' must be > 0"),
         (["--set", "mixup_alpha=-1"], "'mixup_alpha' must be >= 0"),
         (["--set", "batchsize=3"], "did you mean 'batch_size'"),
+        (["--seed", "-1"], "'seed' must be >= 0"),
+        (["--set", "seed=99999999999999999999"], "'seed' must be <= 4294967295"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, needle):

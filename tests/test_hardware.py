@@ -4,7 +4,8 @@ import pytest
 import torch
 import yaml
 
-from cifarlab.hardware import bf16_speedup, choose_amp
+from cifarlab.errors import UserError
+from cifarlab.hardware import bf16_speedup, choose_amp, pick_device
 from cifarlab.train import train
 from tests.conftest import make_config
 
@@ -85,3 +86,13 @@ def test_auto_stores_what_it_chose_and_a_resume_with_auto_matches(
         config, tmp_path / "run", resume=True, log=again.append
     )  # auto vs stored off: the same run
     assert any("already finished" in m for m in again)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                    reason="this machine has the devices refused below")  # fmt: skip
+@pytest.mark.parametrize(("name", "needle"), [("mps", "MPS"), ("cuda", "CUDA"), ("cuda:3", "CUDA")])
+def test_a_device_this_machine_lacks_is_one_line_naming_how_to_use_the_cpu(name, needle):
+    with pytest.raises(UserError, match=f"{needle}.* use --device cpu$"):
+        pick_device(name, "--device cpu")
+    with pytest.raises(UserError, match="use --set device=cpu$"):
+        pick_device(name)

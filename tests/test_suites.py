@@ -119,6 +119,13 @@ def test_unknown_only_run_is_an_error(tmp_path):
         )
 
 
+def test_a_bad_seed_is_refused_before_the_suites_folder_is_made(tmp_path):
+    with pytest.raises(UserError, match="--seeds: 'seed' must be >= 0, got -1"):
+        run_suite("cutmix", SuiteOptions(tmp_path / "o", seeds=[0, -1], overrides={"data": "x"}),
+                  log=lambda s: None)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(

@@ -89,7 +89,7 @@ def calibrate_checkpoint(
     (`val`: that split already in memory, as uint8 images and labels, e.g. at the end of
     training) and write it into the file atomically; returns the temperature of the `model`
     weights."""
-    ckpt, dev = load_checkpoint(path), pick_device(device)
+    ckpt, dev = load_checkpoint(path), pick_device(device, "--device cpu")
     val = val or _load_val(ckpt, path, dev)  # once for the weights and the EMA weights
     for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
         logits, labels = _val_logits(ckpt, path, use_ema, dev, val)

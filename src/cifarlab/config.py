@@ -33,6 +33,9 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"min": lo, "max": hi, "lo_open": lo_open}
 
 
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on ---
@@ -142,8 +145,10 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across ranks
 
     # --- run control ---
-    seed: int = 0
-    split_seed: int = field(default=-1, metadata=_range(-1))  # draws the subset and the held-out
+    seed: int = field(default=0, metadata=_range(0, MAX_SEED))  # numpy and torch take 0..2**32-1
+    split_seed: int = field(
+        default=-1, metadata=_range(-1, MAX_SEED)
+    )  # draws the subset and the held-out
     # validation split (-1 = `seed`): fix it to compare initialisations on one validation split
     save_every_steps: int = field(default=0, metadata=_range(0))  # mid-epoch last.pt, 0 = off
     on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))

@@ -168,7 +168,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
             if opts.split == "val" and not opts.data
             else f"{opts.data or source}: no images to score"
         )
-    device = pick_device(opts.device)
+    device = pick_device(opts.device, "--device cpu")
     loaded = load_model(ckpt, device, opts.ema)
     model, normalize = loaded.model, loaded.normalize
     images = to_device_uint8(data.images, device)

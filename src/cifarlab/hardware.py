@@ -50,11 +50,13 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, cpu_hint: str = "--set device=cpu") -> torch.device:
+    """The device `name` names, refused in one line where this machine has none of it
+    (`cpu_hint`: how the command in use asks for the CPU instead)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _has_mps():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -63,11 +65,20 @@ def pick_device(name: str) -> torch.device:
         raise UserError(
             f"device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps"
         ) from None
+    missing = None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device '{name}' asked for, but CUDA is not available here; use --set device=cpu"
-        )
+        missing = "CUDA is not available here"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        missing = f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    elif device.type == "mps" and not _has_mps():
+        missing = "MPS (Apple's GPU) is not available here"
+    if missing:
+        raise UserError(f"device '{name}' asked for, but {missing}; use {cpu_hint}")
     return device
+
+
+def _has_mps() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def setup_hardware(config: TrainConfig, d=None) -> Hardware:

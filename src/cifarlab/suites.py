@@ -146,6 +146,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
         )
     every = [(r, s, _run_dir(opts.out, r, s, opts.seeds)) for r in suite.runs for s in opts.seeds]
+    for seed in opts.seeds:  # a bad seed is said before --out is made
+        apply_overrides(suite.runs[0].config, {"seed": seed}, where="--seeds")
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
