@@ -104,3 +104,32 @@ def test_an_out_below_a_file_and_a_bare_resume_are_one_line(capsys, tmp_path):
     code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "typo"), "--resume")
     _assert_one_line_error(code, err, "holds no run to continue; drop --resume")
     assert not (tmp_path / "typo").exists()
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`cifarlab models | head -1`: the reader has gone before the listing is written."""
+    p = subprocess.Popen([sys.executable, "-m", "cifarlab", "models", "--all"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
+
+
+def test_sigterm_caught_and_rewrapped_inside_a_library_still_exits_143(monkeypatch):
+    """torch's exporter turns the SystemExit that SIGTERM raises mid-import into its own error."""
+    import os
+    import signal
+
+    from cifarlab import cli
+
+    def exporter_like(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except SystemExit as exc:
+            raise RuntimeError("Failed to export the model") from exc
+
+    monkeypatch.setitem(cli.COMMANDS, "models", exporter_like)
+    monkeypatch.setattr(cli, "_TERMINATED", [])
+    with pytest.raises(SystemExit) as stop:
+        main(["models"])
+    assert stop.value.code == 143

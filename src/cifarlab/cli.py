@@ -446,7 +446,11 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, old)
 
 
+_TERMINATED: list[bool] = []  # SIGTERM arrived (a one-item list: set from a signal handler)
+
+
 def _exit_143(signum, frame):
+    _TERMINATED.append(True)
     raise SystemExit(143)
 
 
@@ -458,7 +462,15 @@ def main(argv: list[str] | None = None) -> int:
         # import (torch's import is part of its time), a call of main() in a running one from now
         args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()
         with _sigterm_unwinds():
-            return COMMANDS[args.command](args)
+            try:
+                return COMMANDS[args.command](args)
+            except Exception:
+                if _TERMINATED:  # the SystemExit landed inside a library (torch's exporter, an
+                    raise SystemExit(143) from None  # import) that turned it into its own error
+                raise
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except UserError as exc:
         if debug:
             traceback.print_exc()
