@@ -151,6 +151,11 @@ def test_existing_run_is_not_overwritten_without_resume(real_jpegs, data_root, t
     with pytest.raises(UserError, match="already holds a run"):
         train(config, tmp_path / "r", log=lambda s: None)
     assert (tmp_path / "r" / "last.pt").read_bytes() == before
+    (tmp_path / "r" / "last.pt").unlink()  # to save room: the finished run cannot resume,
+    best = (tmp_path / "r" / "best.pt").read_bytes()  # and --resume must not retrain over it
+    with pytest.raises(UserError, match="result.json and best.pt but no last.pt .a finished run."):
+        train(config, tmp_path / "r", resume=True, log=lambda s: None)
+    assert (tmp_path / "r" / "best.pt").read_bytes() == best
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_best(real_jpegs, data_root, tmp_path):

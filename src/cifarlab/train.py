@@ -268,6 +268,13 @@ def _restart(config, run_dir: Path, changes: dict, log) -> TrainConfig:
             )
         log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
         return config
+    kept = [n for n in ("result.json", "best.pt") if (run_dir / n).is_file()]
+    if kept:  # last.pt was removed from a run that trained: starting over would replace these
+        raise UserError(
+            f"--resume: {run_dir} has {' and '.join(kept)} but no last.pt "
+            f"({'a finished run' if kept[0] == 'result.json' else 'it was removed'}): it cannot be "
+            "continued, and starting over would replace them; train a new --out to train it again"
+        )
     saved = apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started))
     wanted = _matching(
         saved, config, changes,
