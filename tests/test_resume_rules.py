@@ -56,6 +56,24 @@ def test_a_finished_run_resumed_says_so_and_reports_its_own_figures(
     assert (tmp_path / "run" / "metrics.csv").read_text() == before
 
 
+def test_resume_with_a_recipe_file_compares_what_it_sets_not_its_name(
+    synthetic_images, tmp_path, capsys
+):
+    first, other = tmp_path / "a" / "mine.yaml", tmp_path / "b" / "mine.yaml"
+    for path, text in ((first, "base: seed-cnn\nlr: 0.05\n"), (other, "base: fast\nlr: 0.9\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    data = ["--data", str(synthetic_images), "--data-root", str(tmp_path / "d"), "--epochs", "1",
+            "--batch-size", "8", "--val-size", "6", "--set", "width=0.25", "--no-progress"]  # fmt: skip
+    run = ["train", "--out", str(tmp_path / "run"), "--recipe"]
+    assert main([*run, str(first), *data]) == 0
+    assert main([*run, str(first), "--resume", "--no-progress"]) == 0  # the same recipe: fine
+    assert "already finished" in capsys.readouterr().out
+    assert main([*run, str(other), "--resume", "--no-progress"]) == 2  # same name, other contents
+    err = capsys.readouterr().err
+    assert "model: 'cnn' -> 'fastnet'" in err and "lr: 0.05 -> 0.9" in err
+
+
 def test_resume_after_the_data_changed_is_refused(tmp_path):
     data = write_synthetic_folder(tmp_path / "data")
     config = _config(data, tmp_path, epochs=2, save_every_steps=1)

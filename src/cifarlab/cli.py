@@ -144,6 +144,21 @@ def _config_from_args(args):
     return apply_overrides(config, run_overrides(args), where="command line")
 
 
+def _recipe_settings(recipe: str) -> dict[str, Any]:
+    """What `--recipe` asks of a resumed run: every key the recipe (and its bases) sets away from
+    the defaults, so a file of the same name with other contents is not taken for it; not its
+    length (--epochs, --budget or a time budget shaped the run's own: --epochs is compared)."""
+    from cifarlab.config import EPOCH_KEYS, FIELDS, RUNTIME_KEYS, TrainConfig, load_recipe
+
+    wanted, default = load_recipe(recipe), TrainConfig()
+    skip = {*RUNTIME_KEYS, "epochs", "train_steps", "time_budget", *EPOCH_KEYS}
+    return {
+        k: getattr(wanted, k)
+        for k in FIELDS
+        if k not in skip and (k == "recipe" or getattr(wanted, k) != getattr(default, k))
+    }
+
+
 def cmd_train(args) -> int:
     from cifarlab.train import train
 
@@ -151,9 +166,7 @@ def cmd_train(args) -> int:
     if args.resume and has_run:  # the run's own config, plus what is asked
         changes = run_overrides(args)
         if args.recipe:
-            from cifarlab.config import recipe_path
-
-            changes["recipe"] = recipe_path(args.recipe).stem
+            changes = {**_recipe_settings(args.recipe), **changes}
         if args.budget is not None:
             raise UserError("--budget: a resumed run keeps its length; drop --budget")
         if args.epochs is not None:
