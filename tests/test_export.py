@@ -110,6 +110,27 @@ def test_safetensors_without_its_json_is_a_one_line_error(runs, tmp_path, capsys
     capsys.readouterr()
     assert main(["predict", str(out), str(tmp_path)]) == 2
     assert "no w.json beside it" in capsys.readouterr().err
+    (tmp_path / "w.json").write_text("{bad")
+    assert main(["predict", str(out), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "w.json: its metadata is not valid JSON" in err and "Traceback" not in err
+
+
+def test_an_out_suffix_names_the_format_and_a_mismatch_is_refused(runs, tmp_path, capsys):
+    run_dirs, _ = runs
+    assert main(["export", str(run_dirs["cnn"]), "--out", str(tmp_path / "m.pt2")]) == 0
+    assert Pt2Predictor(str(tmp_path / "m.pt2")).classes[0] == "airplane"  # not ONNX in disguise
+    args = [
+        "export",
+        str(run_dirs["cnn"]),
+        "--format",
+        "pt2",
+        "--out",
+        str(tmp_path / "new" / "m.onnx"),
+    ]
+    assert main(args) == 2
+    assert "pt2 exports end in .pt2" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_predict_with_onnx_prints_the_same_classes_as_the_checkpoint(

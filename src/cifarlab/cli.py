@@ -292,11 +292,12 @@ def cmd_suite(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from cifarlab.export import default_output, export_model, sidecar
+    from cifarlab.export import default_output, export_model, format_of, sidecar
 
-    out = args.out or default_output(args.model, args.format)
-    out = export_model(args.model, args.format, out, args.force)
-    also = f" and {sidecar(out)}" if args.format == "safetensors" else ""
+    fmt = format_of(args.format, args.out)
+    out = args.out or default_output(args.model, fmt)
+    out = export_model(args.model, fmt, out, args.force)
+    also = f" and {sidecar(out)}" if fmt == "safetensors" else ""
     print(f"exported {out}{also}")
     return 0
 
@@ -392,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR|CHECKPOINT",
         help="a run directory (its best.pt) or a checkpoint file",
     )
-    ex.add_argument("--format", default="onnx", metavar="{onnx,pt2,safetensors}",
+    ex.add_argument("--format", metavar="{onnx,pt2,safetensors}",
                     help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
-                    "safetensors (weights + a .json beside them)")  # fmt: skip
+                    "safetensors (weights + a .json beside them); default: the one --out's "
+                    "suffix names, else onnx")  # fmt: skip
     ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.<format>)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     ca = command(

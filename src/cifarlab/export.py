@@ -79,6 +79,14 @@ def metadata(ckpt: dict, loaded: LoadedModel) -> dict:
     }
 
 
+def format_of(fmt: str | None, out: Path | None) -> str:
+    """--format as given, else the one --out's suffix names, else onnx."""
+    if fmt is not None:
+        return fmt
+    by_suffix = {suffix: name for name, suffix in FORMATS.items()}
+    return by_suffix.get(out.suffix, "onnx") if out is not None else "onnx"
+
+
 def default_output(model: str, fmt: str) -> Path:
     """RUN_DIR/model.<suffix>, or the checkpoint's name with the format's suffix."""
     suffix = FORMATS.get(fmt, "." + fmt)
@@ -111,11 +119,14 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
         raise UserError(f"--format {fmt}: {DROPPED[fmt]}")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
-    if fmt == "safetensors" and out.suffix != ".safetensors":
-        raise UserError(f"--out {out}: a safetensors export must end in .safetensors")
     source = resolve_checkpoint(target)
+    mislabelled = out.suffix != FORMATS[fmt]  # predict and other tools tell formats by suffix
+    if mislabelled and not out.is_dir() and out.resolve() != source.resolve():  # (said below)
+        raise UserError(
+            f"--out {out}: {fmt} exports end in {FORMATS[fmt]}; rename it or give --format"
+        )
     for path in (out, sidecar(out)) if fmt == "safetensors" else (out,):
-        check_out(path, source, force)
+        check_out(path, source, force)  # makes the folders above `out`
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
     meta = metadata(ckpt, loaded)

@@ -93,6 +93,19 @@ class _ExportedPredictor:
         return _softmax(np.concatenate(outs), self.temperature)
 
 
+def _metadata(text: str, where: str) -> dict:
+    """An export's JSON metadata, a damaged one refused in one line."""
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise UserError(
+            f"{where}: its metadata is not valid JSON ({exc}); export the model again"
+        ) from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: its metadata is not a JSON object; export the model again")
+    return meta
+
+
 def _json_fields(meta: dict[str, str]) -> dict:
     """ONNX metadata values are strings; the JSON ones (lists, numbers) decoded."""
     out = {}
@@ -136,7 +149,7 @@ class Pt2Predictor(_ExportedPredictor):
                 f"{path}: not a loadable torch.export program ({_first_line(exc)}); "
                 "export it again with cifarlab export --format pt2"
             ) from None
-        _read_meta(self, json.loads(extra["cifarlab.json"] or "{}"), path)
+        _read_meta(self, _metadata(extra["cifarlab.json"] or "{}", path), path)
         self.model = program.module()
 
     @torch.inference_mode()
@@ -163,7 +176,7 @@ class SafetensorsPredictor(Predictor):
                 f"{path}: no {meta_path.name} beside it (classes, model, normalisation); "
                 "export both with cifarlab export --format safetensors"
             )
-        meta = json.loads(meta_path.read_text())
+        meta = _metadata(meta_path.read_text(errors="replace"), str(meta_path))
         _read_meta(self, meta, str(meta_path), ("classes", "model_args", "mean", "std"))
         model = build_model(ModelArgs.from_dict(meta["model_args"]))
         try:
@@ -191,7 +204,7 @@ class TorchScriptPredictor(_ExportedPredictor):
             ) from None
         if not extra["cifarlab.json"]:
             raise UserError(f"{path}: no class names inside; export it with cifarlab export")
-        _read_meta(self, _json_fields(json.loads(extra["cifarlab.json"])), path)
+        _read_meta(self, _json_fields(_metadata(extra["cifarlab.json"], path)), path)
 
     @torch.inference_mode()
     def _logits(self, batch: np.ndarray) -> np.ndarray:
