@@ -5,7 +5,7 @@ import torch
 import yaml
 
 from cifarlab.errors import UserError
-from cifarlab.hardware import bf16_speedup, choose_amp, pick_device
+from cifarlab.hardware import bf16_speedup, choose_amp, pick_device, time_bf16_speedup
 from cifarlab.train import train
 from tests.conftest import make_config
 
@@ -30,28 +30,42 @@ def test_without_amx_but_with_avx512_bf16_the_timed_steps_decide():
     assert amp == "off" and "fp32" in reason and "0.80x" in reason
 
 
-def test_scoring_a_handful_of_images_does_not_time_bf16(monkeypatch):
+def test_scoring_follows_the_machines_kept_timing_whatever_the_number_of_images(monkeypatch):
     from cifarlab.hardware import inference_hardware
 
     monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set(NO_AMX))
     monkeypatch.setattr("cifarlab.hardware.bf16_speedup", lambda: 2.0)
-    few = inference_hardware(CPU, images=10)
-    assert few.amp_dtype is None and "not timed" in few.amp_reason
-    assert inference_hardware(CPU, images=50_000).amp_dtype == torch.bfloat16
+    assert inference_hardware(CPU).amp_dtype == torch.bfloat16  # one image or 50,000 alike
+
+
+def test_the_bf16_timing_is_kept_per_machine_so_the_choice_does_not_flip(monkeypatch, tmp_path):
+    readings = iter([1.7, 0.2, 0.9])  # what the load of the moment would make it read
+    monkeypatch.setattr("cifarlab.hardware.time_bf16_speedup", lambda: next(readings))
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "root"))
+    bf16_speedup.cache_clear()
+    try:
+        assert bf16_speedup() == 1.7
+        bf16_speedup.cache_clear()  # another process on this machine
+        assert bf16_speedup() == 1.7 and choose_amp("auto", CPU, NO_AMX)[0] == "bf16"
+        (tmp_path / "root" / "hardware.json").unlink()  # deleted: timed again
+        bf16_speedup.cache_clear()
+        assert bf16_speedup() == 0.2
+        (tmp_path / "root" / "hardware.json").write_text("{damaged")
+        bf16_speedup.cache_clear()
+        assert bf16_speedup() == 0.9  # a damaged file is timed over, not an error
+    finally:
+        bf16_speedup.cache_clear()
 
 
 def test_the_bf16_timing_is_a_ratio_and_leaves_the_random_state_alone():
     torch.manual_seed(5)
     expected = torch.rand(3)
-    bf16_speedup.cache_clear()
     torch.manual_seed(5)
-    ratio = bf16_speedup(rounds=1)
+    ratio = time_bf16_speedup(rounds=1)
     assert torch.equal(torch.rand(3), expected)
     assert 0.05 < ratio < 20
-    bf16_speedup.cache_clear()
     with torch.inference_mode():  # as when evaluate's first scoring triggers the timing
-        assert 0.05 < bf16_speedup(rounds=1) < 20
-    bf16_speedup.cache_clear()
+        assert 0.05 < time_bf16_speedup(rounds=1) < 20
 
 
 def test_an_explicit_choice_is_kept_on_any_cpu():

@@ -39,7 +39,7 @@ def predict_logits(
     (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`)."""
     from cifarlab.hardware import inference_hardware
 
-    hardware = hardware or inference_hardware(images.device, len(images) * TTA_VIEWS[tta])
+    hardware = hardware or inference_hardware(images.device)
     was_training = model.training
     model.eval()
     out = []
