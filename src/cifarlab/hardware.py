@@ -165,7 +165,8 @@ KEPT = "hardware.json"  # in the default data root: this machine's bf16 timing, 
 
 @functools.cache
 def bf16_speedup() -> float:
-    """`time_bf16_speedup` once per machine: kept in `<data root>/hardware.json` under the CPU's
+    """`time_bf16_speedup` once per machine: kept in `hardware.json` in the default data root
+    ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's
     model, torch's version and the thread count, so that every later run here (training,
     evaluate, predict) makes the same choice instead of one that flips with the load of the
     moment (alone 1.6-1.9x on an AMD EPYC; 0.17x-1.9x read under a hostile pass's load).
