@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import itertools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -190,7 +192,8 @@ def _closest(key: str) -> str:
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Check `value` against the type of field `key`; strings from the command line are parsed."""
     kind = _TYPES[key]
-    bad = f"{where}: '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}"
+    finite = " (a finite number)" if kind in (int, float) else ""
+    bad = f"{where}: '{key}' must be {getattr(kind, '__name__', kind)}{finite}, got {value!r}"
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
             return True
@@ -290,11 +293,15 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
 
 
 def list_recipes() -> dict[str, str]:
-    """Shipped recipe names and the first line of each file's description."""
+    """Shipped recipe names and the first sentence of each file's opening comment."""
     out = {}
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
-        out[path.stem] = first.lstrip("# ").strip()
+        lines = path.read_text().splitlines()
+        comment = " ".join(
+            line.lstrip("#").strip()
+            for line in itertools.takewhile(lambda line: line.startswith("#"), lines)
+        )
+        out[path.stem] = re.split(r"(?<=\.)\s", comment, maxsplit=1)[0].rstrip(".")
     return out
 
 

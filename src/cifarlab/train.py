@@ -514,7 +514,7 @@ class _Eta:
         val_steps = len(self.run.val_labels) / max(1, c.batch_size) / 3
         total = per_step * (total_steps(c, n) + val_steps * c.epochs)
         self.log(
-            f"expected: about {_human(total)} for {c.epochs} epochs ({per_step:.2f} s/step, {n} steps per epoch)"
+            f"expected: about {_human(total)} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
         )
 
 
