@@ -6,7 +6,7 @@ import time
 import pytest
 
 from cifarlab.cli import main
-from cifarlab.errors import UserError
+from cifarlab.errors import Interrupted, UserError
 from cifarlab.suites import SuiteOptions, list_suites, load_suite, run_suite
 
 SUITE = """
@@ -103,6 +103,7 @@ def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_pa
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert "no last.pt yet" not in proc.stdout.read()  # a first run is not called a resume
     assert (tmp_path / "o" / "plain" / "result.json").is_file()
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -124,6 +125,20 @@ def test_a_bad_seed_is_refused_before_the_suites_folder_is_made(tmp_path):
         run_suite("cutmix", SuiteOptions(tmp_path / "o", seeds=[0, -1], overrides={"data": "x"}),
                   log=lambda s: None)  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypatch):
+    def stopped(config, run_dir, **kw):
+        raise Interrupted(
+            f"stopped at epoch 1 step 3; Resume with: cifarlab train --out {run_dir}", 130
+        )
+
+    monkeypatch.setattr("cifarlab.train.train", stopped)
+    with pytest.raises(Interrupted, match="run the same suite command to continue") as stop:
+        run_suite(
+            "cutmix", SuiteOptions(tmp_path / "o", overrides={"data": "x"}), log=lambda s: None
+        )
+    assert stop.value.exit_code == 130 and "cifarlab train" not in str(stop.value)
 
 
 def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, tmp_path):

@@ -26,7 +26,7 @@ from cifarlab.config import (
     with_budget,
     with_epochs,
 )
-from cifarlab.errors import UserError
+from cifarlab.errors import Interrupted, UserError
 from cifarlab.rundir import prepare_run_dir, read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
@@ -167,8 +167,15 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         )
         one_experiment = {"experiment": run.config.experiment or suite.name}  # MLflow: the suite
         config = apply_overrides(run.config, {"seed": seed, **one_experiment}, where="--seeds")
+        started = (run_dir / "last.pt").is_file() or (run_dir / "config.yaml").is_file()
         try:
-            train(config, run_dir, resume=True, log=say)
+            train(config, run_dir, resume=started, log=say)
+        except Interrupted as exc:  # train's own hint (--resume the run) skips its evaluation
+            raise Interrupted(
+                f"stopped during {run_dir.name} (saved in {run_dir}); run the same suite command "
+                "to continue: finished runs are skipped, this one resumes where it stopped",
+                exc.exit_code,
+            ) from None
         except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead
             log(f"[{run_dir.name}] cannot start: {exc}")
             failed[run.name] = str(exc)
