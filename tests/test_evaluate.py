@@ -319,6 +319,16 @@ def test_a_subset_of_the_models_classes_is_scored_on_its_indices(tiny_run, tmp_p
     assert cat[0] == "cat" and cat[1] == cat[3] == cat[4] == "" and cat[5] == "0"
 
 
+def test_a_stray_file_in_the_scored_folder_can_be_left_out_from_evaluate(tiny_run, tmp_path):
+    data = _pngs(tmp_path / "plain", per_class=3)
+    (data / "dog" / "notes.txt").write_text("not an image")
+    opts = EvalOptions(str(tiny_run), split="test", data=str(data), out=tmp_path / "ev")
+    with pytest.raises(UserError, match="notes.txt.*evaluate's --on-bad-image skip"):
+        evaluate(opts, log=lambda s: None)
+    opts.on_bad_image = "skip"
+    assert evaluate(opts, log=lambda s: None)["num_images"] == 6
+
+
 def test_a_class_the_model_does_not_know_is_a_one_line_error(tiny_run, tmp_path):
     data = _pngs(tmp_path / "zoo", classes=("dog", "emu"))
     with pytest.raises(UserError, match=r"does not know \(emu\)") as err:

@@ -246,8 +246,9 @@ def cmd_evaluate(args) -> int:
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     opts = EvalOptions(
-        args.model, args.split, args.data, args.tta, args.ema, args.out, classes, args.device
-    )
+        args.model, args.split, args.data, args.tta, args.ema, args.out, classes, args.device,
+        on_bad_image=args.on_bad_image,
+    )  # fmt: skip
     evaluate(opts)
     return 0
 
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval-<split>)")
     ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ev.add_argument("--on-bad-image", choices=["error", "skip"],
+                    help="unreadable or non-image files: stop (error) or leave them out (skip); "
+                    "default: as the run was trained")  # fmt: skip
     pr = command("predict", "classify image files and folders")
     pr.add_argument(
         "model",

@@ -39,6 +39,7 @@ class EvalOptions:
     classes: list[str] | None = None  # classes for the mistakes gallery (default: the two hardest)
     device: str = "auto"
     batch_size: int = 500
+    on_bad_image: str | None = None  # error | skip; None: as the run was trained
 
 
 def run_config(ckpt: dict, where: str) -> TrainConfig:
@@ -55,6 +56,10 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
     own_data = opts.data in (None, config.data)
     if opts.data:
         config = apply_overrides(config, {"data": opts.data}, where="--data")
+    if opts.on_bad_image:
+        config = apply_overrides(
+            config, {"on_bad_image": opts.on_bad_image}, where="--on-bad-image"
+        )
     data = _labelled_data(config, opts.split) if opts.data else None
     if data is None:
         data = load_splits(config).val if opts.split == "val" else _test_split(config)

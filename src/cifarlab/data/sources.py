@@ -21,6 +21,9 @@ from cifarlab.data.images import BadImage, decode_image, is_image_name
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
+# how each command skips them: train/suite/tune take config keys, evaluate a flag
+SKIP_HINT = "--set on_bad_image=skip, or evaluate's --on-bad-image skip, leaves out"
+
 # --- torchvision's CIFAR pickles -------------------------------------------------------------
 
 
@@ -195,7 +198,7 @@ def _list_class_folder(
         files += images
         labels += [len(kept) - 1] * len(images)
     if skipped and on_bad == "error":
-        raise UserError(f"{skipped[0]} (set on_bad_image=skip to skip such files)")
+        raise UserError(f"{skipped[0]} ({SKIP_HINT} such files)")
     return kept, files, labels, skipped
 
 
@@ -227,7 +230,7 @@ def _decode_all(
             if err is None:
                 good.append(i)
             elif on_bad == "error":
-                raise UserError(f"{err} (set on_bad_image=skip to skip unreadable images)")
+                raise UserError(f"{err} ({SKIP_HINT} unreadable images)")
             else:
                 skipped.append(err)
     return out, good, skipped
