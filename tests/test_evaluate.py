@@ -1,6 +1,7 @@
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +352,25 @@ def test_cifar10_test_split_still_scores_its_test_batch(tmp_path):
     train(config, tmp_path / "run", log=lambda s: None)
     report = evaluate(EvalOptions(str(tmp_path / "run"), split="test"), log=lambda s: None)
     assert report["num_images"] == 5 and report["data"] == "cifar10"
+
+
+def test_predict_prints_one_line_and_strict_json_per_image_whatever_the_names(
+    tiny_run, tmp_path, capsys
+):
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    img = Image.fromarray(np.zeros((16, 16, 3), np.uint8))
+    img.save(folder / "two\nlines.png")
+    img.save(os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.png"))  # not UTF-8
+    assert main(["predict", str(tiny_run), str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and any("two\\nlines.png" in x for x in lines)
+    assert any("caf\\xe9.png" in x for x in lines)
+    assert main(["predict", str(tiny_run), str(folder), "--json"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert sorted(Path(r["path"]).name for r in rows) == ["caf\\xe9.png", "two\nlines.png"]
+    json.dumps(rows).encode("utf-8")  # no lone surrogates left

@@ -14,6 +14,7 @@ from cifarlab.augment import Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.data.images import BadImage, decode_image, is_image_name
 from cifarlab.data.loaders import to_device_uint8
+from cifarlab.data.sources import printable
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
 from cifarlab.inference import load_model, predict_logits
@@ -91,6 +92,12 @@ class _ExportedPredictor:
             for i in range(0, len(images), batch_size)
         ]
         return _softmax(np.concatenate(outs), self.temperature)
+
+
+def _one_line(path: Path) -> str:
+    """A file name as one line of text: undecodable bytes and control characters escaped."""
+    text = printable(str(path))
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _metadata(text: str, where: str) -> dict:
@@ -255,7 +262,7 @@ def run_predict(
             top = np.argsort(-p, kind="stable")[:k]
             if as_json:
                 entry = {
-                    "path": str(f),
+                    "path": printable(str(f)),  # strict JSON has no lone surrogates
                     "top_k": [
                         {"class": predictor.classes[i], "prob": round(float(p[i]), 6)} for i in top
                     ],
@@ -263,7 +270,7 @@ def run_predict(
                 print(json.dumps(entry))
             else:
                 print(
-                    f"{f!s:<{width}}  "
+                    f"{_one_line(f):<{width}}  "
                     + "  ".join(f"{predictor.classes[i]} {p[i]:.1%}" for i in top)
                 )
     return 1 if failed else 0
