@@ -39,6 +39,8 @@ def _assert_one_line_error(code, err, *needles):
         (["--set", "mixup_alpha=-1"], "'mixup_alpha' must be >= 0"),
         (["--set", "batchsize=3"], "did you mean 'batch_size'"),
         (["--seed", "-1"], "'seed' must be >= 0"),
+        (["--set", "learning_rate=0.1"], "did you mean 'lr'"),
+        (["--set", "crop_padding=100"], "crop_padding 100 is not below the image side (32 px)"),
         (["--set", "seed=99999999999999999999"], "'seed' must be <= 4294967295"),
     ],
 )

@@ -184,9 +184,17 @@ def data_root(config: TrainConfig) -> Path:
     return Path(config.data_root).expanduser() if config.data_root else default_data_root()
 
 
+# what other tools call some keys (timm, Keras, the lesson's notebook)
+OTHER_NAMES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
+               "n_epochs": "epochs", "smoothing": "label_smoothing", "mixup": "mixup_alpha",
+               "cutmix": "cutmix_alpha", "warmup": "warmup_epochs", "opt": "optimizer",
+               "sched": "schedule", "lr_schedule": "schedule", "arch": "model"}  # fmt: skip
+
+
 def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    names = {**{name: name for name in FIELDS}, **OTHER_NAMES}
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" (did you mean '{names[match[0]]}'?)" if match else ""
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -423,6 +431,11 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
         (
             config.alt_flip and config.loader != "device",
             "alt_flip needs loader: device (the torchvision loader flips by coin)",
+        ),
+        (
+            config.crop_padding >= config.image_size,
+            f"crop_padding {config.crop_padding} is not below the image side ({config.image_size} px): "
+            "a crop would be mostly padding (reflect padding cannot even make it); e.g. 4 for 32 px",
         ),
         (
             config.alt_flip and not config.flip,

@@ -85,8 +85,10 @@ def write_suite_report(suite, rows: list[dict], out: Path) -> None:
     with open(out / "results.csv", "w", newline="") as f:
         names = [c.key for c in columns(rows)]
         w = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+        w.writeheader()  # floats to 6 places: differences of accuracies read -0.05499999999999999
+        w.writerows(
+            {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows
+        )
     (out / "results.md").write_text(_markdown(suite, rows))
     runs = [(r["run"], r.get("histories") or []) for r in rows]
     for name, panels in FIGURES.items():
