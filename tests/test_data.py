@@ -137,12 +137,14 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
 
 
 def test_offline_cifar_download_names_where_to_put_it(tmp_path, monkeypatch):
-    def offline(*a, **k):
+    def offline(url, root, **k):
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
         raise OSError("network unreachable")
 
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     with pytest.raises(UserError, match="put torchvision's 'cifar-10-batches-py' folder under"):
         load_source("cifar10", tmp_path, 32)
+    assert list(tmp_path.iterdir()) == []  # no empty folder left by the failed download
 
 
 def test_corrupt_jpeg_is_an_error_naming_it_or_skipped_and_listed(real_jpegs, tmp_path, data_root):

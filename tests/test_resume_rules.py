@@ -74,6 +74,20 @@ def test_resume_with_a_recipe_file_compares_what_it_sets_not_its_name(
     assert "model: 'cnn' -> 'fastnet'" in err and "lr: 0.05 -> 0.9" in err
 
 
+def test_files_left_out_of_a_run_are_listed_in_the_run(tmp_path):
+    data = write_synthetic_folder(tmp_path / "data")
+    (data / "red" / "notes.txt").write_text("not an image")
+    messages = []
+    train(
+        _config(data, tmp_path, epochs=1, on_bad_image="skip"),
+        tmp_path / "run",
+        log=messages.append,
+    )
+    listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
+    assert listed == [f"{data / 'red' / 'notes.txt'}: not an image file"]
+    assert any("1 skipped (listed in skipped_images.txt)" in m for m in messages)
+
+
 def test_resume_after_the_data_changed_is_refused(tmp_path):
     data = write_synthetic_folder(tmp_path / "data")
     config = _config(data, tmp_path, epochs=2, save_every_steps=1)

@@ -147,7 +147,8 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
 @contextmanager
 def _replaced_when_complete(out: Path):
     """A temporary path beside `out` to write; renamed onto `out` only if the write succeeded."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    # the suffix stays last: torch.export.save warns about an archive not ending in .pt2
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
     try:
         yield tmp
         os.replace(tmp, out)

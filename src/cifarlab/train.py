@@ -185,6 +185,8 @@ def train(
         if d.main:
             save_config(run.config, run_dir / "config.yaml")
             truncate_metrics(run_dir / "metrics.csv", first)
+            if run.splits.skipped:  # on_bad_image: skip
+                (run_dir / "skipped_images.txt").write_text("\n".join(run.splits.skipped) + "\n")
         log(
             f"model: {config.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {config.recipe}"
         )

@@ -100,7 +100,11 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
         + f" images, {len(splits.classes)} classes"
-        + (f", {len(splits.skipped)} skipped" if splits.skipped else "")
+        + (
+            f", {len(splits.skipped)} skipped (listed in skipped_images.txt)"
+            if splits.skipped
+            else ""
+        )
     )
     if len(splits.train) < config.batch_size:
         raise UserError(

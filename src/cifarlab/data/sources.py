@@ -68,11 +68,14 @@ def _load_cifar(name: str, root: Path) -> SourceData:
     ds = _cifar_dataset_class(name)
     folder = root / ds.base_folder
     if not folder.is_dir():
+        made = not root.exists()
         try:
             from torchvision.datasets.utils import download_and_extract_archive
 
             download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
         except Exception as exc:
+            if made and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # the folder the failed download made
             raise UserError(
                 f"{name} is not in {folder} and could not be downloaded ({type(exc).__name__}); "
                 f"put torchvision's '{ds.base_folder}' folder under {root} (--data-root), "
