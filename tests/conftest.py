@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from cifarlab.config import TrainConfig, apply_overrides
 
 TEST_DATA = os.environ.get("CIFARLAB_TEST_DATA", "")
+# the default data root (torchvision downloads, the kept bf16 timing) for this test session and
+# the commands it runs in subprocesses: not the user's ~/.cache/cifarlab
+os.environ["CIFARLAB_DATA"] = tempfile.mkdtemp(prefix="cifarlab-test-root-")
 HAVE_DATA = bool(TEST_DATA) and Path(TEST_DATA).is_file()
 needs_real_data = pytest.mark.skipif(
     not HAVE_DATA, reason="set CIFARLAB_TEST_DATA to the CIFAR-10 JPEG tarball (make test does)"

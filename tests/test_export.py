@@ -129,7 +129,7 @@ def test_an_out_suffix_names_the_format_and_a_mismatch_is_refused(runs, tmp_path
         str(tmp_path / "new" / "m.onnx"),
     ]
     assert main(args) == 2
-    assert "pt2 exports end in .pt2" in capsys.readouterr().err
+    assert "its suffix says onnx, not pt2" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 

@@ -134,7 +134,9 @@ def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypat
         )
 
     monkeypatch.setattr("cifarlab.train.train", stopped)
-    with pytest.raises(Interrupted, match="run the same suite command to continue") as stop:
+    with pytest.raises(
+        Interrupted, match=r"stopped at epoch 1 step 3; run the same suite command to continue"
+    ) as stop:
         run_suite(
             "cutmix", SuiteOptions(tmp_path / "o", overrides={"data": "x"}), log=lambda s: None
         )

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import cifarlab
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import ConfigChanged, Interrupted, UserError
 
 
 class _Help(argparse.HelpFormatter):
@@ -171,7 +172,15 @@ def cmd_train(args) -> int:
             raise UserError("--budget: a resumed run keeps its length; drop --budget")
         if args.epochs is not None:
             changes["epochs"] = args.epochs
-        result = train(None, args.out, resume=True, changes=changes, started=args.started)
+        try:
+            result = train(None, args.out, resume=True, changes=changes, started=args.started)
+        except ConfigChanged as exc:
+            if not args.recipe:
+                raise
+            raise ConfigChanged(
+                f"{exc} (--recipe {args.recipe} sets these; give the same --set flags the run "
+                "started with, or drop --recipe: the run keeps its own)"
+            ) from None
     else:
         # a mistyped --out must not train the defaults
         if args.resume and not (args.recipe or args.data):
@@ -465,6 +474,18 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, old)
 
 
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe (whose reader, then, is the one that went away); if so
+    it is pointed at /dev/null, so that the exit's own flush raises nothing more."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            return False  # a broken pipe of another kind (a worker's, a socket's) is a real error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real descriptor (captured output)
+        return False
+    return True
+
+
 _TERMINATED: list[bool] = []  # SIGTERM arrived (a one-item list: set from a signal handler)
 
 
@@ -480,16 +501,22 @@ def main(argv: list[str] | None = None) -> int:
         # a --time-budget counts from the command's start: a process's own command from the
         # import (torch's import is part of its time), a call of main() in a running one from now
         args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()
+        _TERMINATED.clear()
         with _sigterm_unwinds():
             try:
-                return COMMANDS[args.command](args)
+                code = COMMANDS[args.command](args)
+                sys.stdout.flush()  # inside: a closed pipe shows here, not at interpreter exit
+                return code
+            except UserError:
+                raise
             except Exception:
                 if _TERMINATED:  # the SystemExit landed inside a library (torch's exporter, an
                     raise SystemExit(143) from None  # import) that turned it into its own error
                 raise
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return 141  # the reader of our output went away (`| head`): stop quietly, as Unix tools do
     except UserError as exc:
         if debug:
             traceback.print_exc()

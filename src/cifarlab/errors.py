@@ -7,6 +7,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ConfigChanged(UserError):
+    """A resumed run asked for settings other than those it started with."""
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving `last.pt` (exit 130 or 143)."""
 

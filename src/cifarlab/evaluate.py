@@ -200,8 +200,11 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         "expected_calibration_error": calib["ece"],
         "tta_accuracy": None,
         "tta": opts.tta,
-        "per_class": {
-            c: {k: (int(v[i]) if k == "support" else float(v[i])) for k, v in pc.items()}
+        "per_class": {  # a class with no images here has no accuracy, recall or f1 (null)
+            c: {
+                k: int(v[i]) if k == "support" else None if _undefined(k, pc, i) else float(v[i])
+                for k, v in pc.items()
+            }
             for i, c in enumerate(classes)
         },
         "most_confused": pairs,
@@ -226,6 +229,10 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
     _summary(report, out, log)
     return report
+
+
+def _undefined(key: str, pc: dict, i: int) -> bool:
+    return key in ("accuracy", "recall", "f1") and pc["support"][i] == 0
 
 
 def _temperature_entries(temperature: float, logits: torch.Tensor, y: np.ndarray, split: str):
@@ -256,11 +263,10 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
         w = csv.writer(f)
         w.writerow(["class", "accuracy", "precision", "recall", "f1", "support"])
         for c in classes:
-            scored = pc[c]["support"] > 0  # no images of it: no accuracy, recall or f1 ("")
-            w.writerow(
+            w.writerow(  # no images of a class: no accuracy, recall or f1 ("")
                 [
                     c,
-                    *(round(pc[c][k], 5) if scored or k == "precision" else ""
+                    *("" if pc[c][k] is None else round(pc[c][k], 5)
                       for k in ("accuracy", "precision", "recall", "f1")),
                     pc[c]["support"],
                 ]

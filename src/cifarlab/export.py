@@ -37,6 +37,7 @@ from cifarlab.models.torchvision_nets import ARCHS
 from cifarlab.rundir import RUN_FILES
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
+_BY_SUFFIX = {suffix: name for name, suffix in FORMATS.items()}
 OPSET = 18  # the torch.export-based exporter's own (torchlib) opset; onnxruntime >= 1.14 runs it
 DROPPED = {
     "torchscript": "TorchScript export was dropped (torch.jit.trace is deprecated by PyTorch); "
@@ -83,8 +84,7 @@ def format_of(fmt: str | None, out: Path | None) -> str:
     """--format as given, else the one --out's suffix names, else onnx."""
     if fmt is not None:
         return fmt
-    by_suffix = {suffix: name for name, suffix in FORMATS.items()}
-    return by_suffix.get(out.suffix, "onnx") if out is not None else "onnx"
+    return _BY_SUFFIX.get(out.suffix.lower(), "onnx") if out is not None else "onnx"
 
 
 def default_output(model: str, fmt: str) -> Path:
@@ -120,11 +120,13 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
     source = resolve_checkpoint(target)
-    mislabelled = out.suffix != FORMATS[fmt]  # predict and other tools tell formats by suffix
-    if mislabelled and not out.is_dir() and out.resolve() != source.resolve():  # (said below)
+    named = _BY_SUFFIX.get(out.suffix.lower())  # predict and other tools tell formats by suffix
+    if named is not None and named != fmt:
         raise UserError(
-            f"--out {out}: {fmt} exports end in {FORMATS[fmt]}; rename it or give --format"
+            f"--out {out}: its suffix says {named}, not {fmt}; give --out x{FORMATS[fmt]}"
         )
+    if fmt == "safetensors" and out.suffix != ".safetensors":  # its .json sidecar is found by it
+        raise UserError(f"--out {out}: a safetensors export must end in .safetensors")
     for path in (out, sidecar(out)) if fmt == "safetensors" else (out,):
         check_out(path, source, force)  # makes the folders above `out`
     ckpt = load_checkpoint(source)

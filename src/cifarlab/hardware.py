@@ -101,7 +101,8 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     if d is not None and d.active:
         from cifarlab.distributed import from_rank0
 
-        speedup = lambda: from_rank0(bf16_speedup(), d, device)  # noqa: E731
+        # rank 0 alone times (and writes the kept file); the others take its answer
+        speedup = lambda: from_rank0(bf16_speedup() if d.main else 0.0, d, device)  # noqa: E731
     amp, reason = choose_amp(config.amp, device, speedup=speedup)
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")
@@ -167,12 +168,13 @@ KEPT = "hardware.json"  # in the default data root: this machine's bf16 timing, 
 def bf16_speedup() -> float:
     """`time_bf16_speedup` once per machine: kept in `hardware.json` in the default data root
     ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's
-    model, torch's version and the thread count, so that every later run here (training,
+    model and torch's version, so that every later run here (training,
     evaluate, predict) makes the same choice instead of one that flips with the load of the
     moment (alone 1.6-1.9x on an AMD EPYC; 0.17x-1.9x read under a hostile pass's load).
     Delete the file to time again."""
     path = default_data_root() / KEPT
-    key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{_cpu_model()} | torch {torch.__version__}"  # not the threads: evaluate and predict
+    # run with torch's default count, training with its own, and they must choose alike
     try:
         kept = json.loads(path.read_text())
         if isinstance(kept, dict) and isinstance(kept.get(key), float):

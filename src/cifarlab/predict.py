@@ -36,7 +36,7 @@ class Predictor:
     """A trained checkpoint ready to classify uint8 images; probabilities use its temperature."""
 
     def __init__(self, model_path: str, device: str = "auto"):
-        self.device = pick_device(device)
+        self.device = pick_device(device, "device='cpu'")
         loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
         self.classes, self.size = loaded.classes, loaded.image_size
         self.model, self.normalize = loaded.model, loaded.normalize
@@ -193,7 +193,7 @@ class SafetensorsPredictor(Predictor):
                 f"{path}: its weights do not fit the {meta['model']} that {meta_path.name} "
                 f"describes ({_first_line(exc)[:200]})"
             ) from None
-        self.device = pick_device(device)
+        self.device = pick_device(device, "device='cpu'")
         self.model = model.to(self.device).eval()
         self.normalize = Normalize(meta["mean"], meta["std"])
 
@@ -245,7 +245,7 @@ def run_predict(
     if not files:
         raise UserError(f"no image files found in {' '.join(paths)}")
     failed = 0
-    width = min(max(len(str(f)) for f in files), 60)
+    width = min(max(len(_one_line(f)) for f in files), 60)
     for start in range(0, len(files), batch_size):
         chunk, images = [], []
         for f in files[start : start + batch_size]:

@@ -171,9 +171,10 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         try:
             train(config, run_dir, resume=started, log=say)
         except Interrupted as exc:  # train's own hint (--resume the run) skips its evaluation
+            said = str(exc).split(" Resume with:")[0].rstrip(" .;")
             raise Interrupted(
-                f"stopped during {run_dir.name} (saved in {run_dir}); run the same suite command "
-                "to continue: finished runs are skipped, this one resumes where it stopped",
+                f"{run_dir.name}: {said}; run the same suite command to continue (finished runs "
+                "are skipped)",
                 exc.exit_code,
             ) from None
         except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead

@@ -37,7 +37,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.distributed import all_sum, barrier, init_distributed
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import ConfigChanged, Interrupted, UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import (
@@ -293,7 +293,7 @@ def _matching(saved: TrainConfig, config, changes: dict, refusal) -> TrainConfig
     wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
     differ = config_changes(saved, wanted)
     if differ:
-        raise UserError(refusal(", ".join(differ[:6])))
+        raise ConfigChanged(refusal(", ".join(differ[:6])))
     return wanted
 
 

@@ -104,7 +104,7 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
             f"{pc[c]['f1']:.3f}" if pc[c]["support"] else "n/a",
             pc[c]["support"],
         ]
-        for c in sorted(pc, key=lambda c: (not pc[c]["support"], pc[c]["accuracy"]))
+        for c in sorted(pc, key=lambda c: (not pc[c]["support"], pc[c]["accuracy"] or 0.0))
     ]
     pairs = [
         [p["true"], p["predicted"], p["count"], f"{p['share']:.1%}"] for p in r["most_confused"]
