@@ -129,13 +129,13 @@ def test_a_bad_seed_is_refused_before_the_suites_folder_is_made(tmp_path):
 
 def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypatch):
     def stopped(config, run_dir, **kw):
-        raise Interrupted(
-            f"stopped at epoch 1 step 3; Resume with: cifarlab train --out {run_dir}", 130
-        )
+        raise Interrupted(f"stopped at epoch 1 step 3; saved {run_dir}/last.pt. Resume with: "
+                          f"cifarlab train --out {run_dir} --resume", 130)  # fmt: skip
 
     monkeypatch.setattr("cifarlab.train.train", stopped)
     with pytest.raises(
-        Interrupted, match=r"stopped at epoch 1 step 3; run the same suite command to continue"
+        Interrupted,
+        match=r"no-cutmix: stopped at epoch 1 step 3; saved .*last.pt; run the same suite",
     ) as stop:
         run_suite(
             "cutmix", SuiteOptions(tmp_path / "o", overrides={"data": "x"}), log=lambda s: None
