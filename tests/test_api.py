@@ -134,3 +134,15 @@ def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
     with pytest.raises(UserError, match="no such run directory"):
         cifarlab.load_model(tmp_path / "missing")
     assert model.probabilities([]).shape == (0, 3)
+    with pytest.raises(UserError, match="NaN or infinite"):
+        model.predict(np.full((32, 32, 3), np.nan))
+    with pytest.raises(UserError, match="dtype bool"):
+        model.predict(np.zeros((32, 32, 3), bool))
+    with pytest.raises(UserError, match="k=0; give a whole number >= 1"):
+        model.top_k(np.zeros((32, 32, 3), np.uint8), k=0)
+    half = torch.rand(3, 32, 32)  # bf16 tensors (numpy has no bf16) are read as their floats
+    assert model.predict(half.to(torch.bfloat16)) == model.predict(half.to(torch.bfloat16).float())
+    with pytest.raises(UserError, match="split 'train': give val or test"):
+        cifarlab.evaluate_model(trained[0], split="train")
+    with pytest.raises(UserError, match="tta 'flop'"):
+        cifarlab.evaluate_model(trained[0], tta="flop")

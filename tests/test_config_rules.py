@@ -31,8 +31,8 @@ from tests.conftest import make_config
         ({"alt_flip": True, "loader": "torchvision"}, "alt_flip needs loader: device"),
         ({"freeze": "backbone"}, "needs freeze_epochs >= 1"),
         ({"epochs": 2, "warmup_epochs": 2.0}, "must be less than epochs=2"),
-        ({"classes": ["cat", "cat"]}, "at least two distinct classes"),
-        ({"classes": ["cat"]}, "at least two distinct classes"),
+        ({"classes": ["cat", "cat"]}, "\\['cat'\\] listed more than once"),
+        ({"classes": ["cat"]}, "name at least two classes"),
         ({"amp": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
     ],
 )

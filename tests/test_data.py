@@ -123,6 +123,46 @@ def test_cifar10_pickle_layout_loads_train_and_test(tmp_path):
     assert data.train.classes[3] == "cat"
 
 
+def _rewrite(path: Path, **changes) -> None:
+    with open(path, "rb") as f:
+        batch = pickle.load(f)
+    with open(path, "wb") as f:
+        pickle.dump({**batch, **changes}, f)
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        (
+            {"data": np.zeros((6, 3000), np.uint8)},
+            r"'data' is uint8 of shape \(6, 3000\), not one row of 3,072",
+        ),
+        ({"labels": [0, 1, 2, 3, 4]}, "5 'labels' for 6 images"),
+        (
+            {"labels": [0, 1, 2, 3, 4, 10]},
+            "labels run from 0 to 10, but batches.meta names 10 classes",
+        ),
+    ],
+)
+def test_a_malformed_cifar_batch_is_one_line_naming_it(tmp_path, changes, needle):
+    _tiny_cifar10(tmp_path)
+    _rewrite(tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_2", **changes)
+    with pytest.raises(UserError, match=f"data_batch_2: {needle}"):
+        load_source("cifar10", tmp_path, 32)
+
+
+def test_cifar_batches_written_with_bytes_keys_load(tmp_path):
+    _tiny_cifar10(tmp_path)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        with open(path, "wb") as f:
+            pickle.dump({k.encode(): v for k, v in batch.items()}, f)
+    data = load_source("cifar10", tmp_path, 32)
+    assert data.train.classes[3] == "cat" and len(data.train.labels) == 30
+
+
 def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
     _tiny_cifar10(tmp_path)
 
@@ -143,8 +183,8 @@ def test_offline_cifar_download_names_where_to_put_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     with pytest.raises(UserError, match="put torchvision's 'cifar-10-batches-py' folder under"):
-        load_source("cifar10", tmp_path, 32)
-    assert list(tmp_path.iterdir()) == []  # no empty folder left by the failed download
+        load_source("cifar10", tmp_path / "a" / "b", 32)
+    assert list(tmp_path.iterdir()) == []  # no empty folders left by the failed download
 
 
 def test_corrupt_jpeg_is_an_error_naming_it_or_skipped_and_listed(real_jpegs, tmp_path, data_root):

@@ -129,8 +129,11 @@ def test_an_out_suffix_names_the_format_and_a_mismatch_is_refused(runs, tmp_path
         str(tmp_path / "new" / "m.onnx"),
     ]
     assert main(args) == 2
-    assert "its suffix says onnx, not pt2" in capsys.readouterr().err
+    assert "its suffix says onnx; give --out m.pt2 or --format" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    args = ["export", str(run_dirs["cnn"]), "--format", "pt2", "--out", str(tmp_path / "m.pt")]
+    assert main(args) == 2  # predict would take a .pt for a checkpoint
+    assert "a .pt2 export needs that suffix; give --out m.pt2" in capsys.readouterr().err
 
 
 def test_predict_with_onnx_prints_the_same_classes_as_the_checkpoint(

@@ -124,3 +124,57 @@ def test_a_searched_length_keeps_the_recipes_schedule_shape():
     assert short == apply_overrides(with_epochs(base, base.epochs // 2), {"lr": 1.0}, where="t")
     assert short.whiten_bias_epochs < base.whiten_bias_epochs and short.lr == 1.0
     assert trial_config(base, {"lr": 1.0}).whiten_bias_epochs == base.whiten_bias_epochs
+
+
+def _fake_trainer(monkeypatch, stop_first: bool):
+    """`train` as the trials see it, without training: the first call stopped by Ctrl-C
+    (`stop_first`), every call's config recorded."""
+    from types import SimpleNamespace
+
+    from cifarlab.errors import Interrupted
+
+    seen = []
+
+    def train(config, run_dir, **kw):
+        seen.append(config)
+        if stop_first and len(seen) == 1:
+            raise Interrupted("stopped at epoch 1 step 1", 130)
+        return SimpleNamespace(best_val_acc=0.5)
+
+    monkeypatch.setattr("cifarlab.train.train", train)
+    return seen
+
+
+def _small(synthetic_images, tmp_path, trials, epochs=None):
+    overrides = {"data": str(synthetic_images), "data_root": str(tmp_path / "d"), "val_size": 6,
+                 "batch_size": 8}  # fmt: skip
+    base = apply_overrides(load_recipe("fast"), overrides, where="test")
+    if epochs is not None:  # as --epochs does
+        from cifarlab.config import with_epochs
+
+        base = with_epochs(base, epochs)
+    return TuneOptions("fast", base, overrides, trials, f"sqlite:///{tmp_path / 'study.db'}",
+                       tmp_path / "tune", "s", search_epochs=epochs is None)  # fmt: skip
+
+
+def test_a_trial_stopped_by_ctrl_c_runs_again_first_when_the_study_continues(
+    synthetic_images, tmp_path, monkeypatch
+):
+    from cifarlab.errors import Interrupted
+
+    seen = _fake_trainer(monkeypatch, stop_first=True)
+    with pytest.raises(Interrupted, match="stopped during trial 0"):
+        run_tune(_small(synthetic_images, tmp_path, 2), log=lambda s: None)
+    run_tune(_small(synthetic_images, tmp_path, 2), log=lambda s: None)
+    assert seen[1].lr == seen[0].lr and seen[1].mixup_alpha == seen[0].mixup_alpha
+
+
+def test_best_recipe_of_a_fixed_length_search_keeps_that_length(
+    synthetic_images, tmp_path, monkeypatch
+):
+    seen = _fake_trainer(monkeypatch, stop_first=False)
+    run_tune(_small(synthetic_images, tmp_path, 1, epochs=1), log=lambda s: None)
+    best = load_recipe(str(tmp_path / "tune" / "best-recipe.yaml"))
+    assert (
+        seen[0].epochs == best.epochs == 1 and best.whiten_bias_epochs == seen[0].whiten_bias_epochs
+    )

@@ -117,6 +117,8 @@ class Classifier:
 
     def top_k(self, images, k: int = 3) -> list[list[tuple[str, float]]]:
         """Per image, the `k` likeliest (class, probability) pairs, likeliest first."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"top_k: k={k!r}; give a whole number >= 1")
         probs = self.probabilities(images)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self.classes[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]  # fmt: skip
@@ -150,6 +152,8 @@ def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """An array (HWC) or tensor (CHW) image as uint8 HWC (HW for grey), for PIL."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
+        if image.is_floating_point():  # numpy has no bf16
+            image = image.float()
         image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
     if not isinstance(image, np.ndarray):
         raise UserError(
@@ -163,6 +167,12 @@ def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
         )
     if image.dtype == np.uint8:
         return image
+    if image.dtype.kind not in "uif":
+        raise UserError(f"image of dtype {image.dtype}: expected uint8 0..255 or floats in 0..1")
+    if image.size and not np.isfinite(image).all():
+        raise UserError(
+            "image with NaN or infinite values: expected uint8 0..255 or floats in 0..1"
+        )
     lo, hi = float(image.min()), float(image.max())
     if image.dtype.kind == "f":
         if lo < 0 or hi > 1:

@@ -114,6 +114,8 @@ def calibrate_run(
     temperature of its own weights (best.pt and last.pt may hold different epochs). Returns
     the temperature of the checkpoint predict uses (best.pt, else last.pt)."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: no such run directory or checkpoint")
     refuse_if_busy(run_dir.parent if run_dir.is_file() else run_dir)  # its files being rewritten
     if run_dir.is_file():
         return calibrate_checkpoint(run_dir, log, device)

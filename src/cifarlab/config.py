@@ -452,8 +452,14 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             "or the lr never anneals",
         ),
         (
-            len(set(config.classes)) != len(config.classes) or len(config.classes) == 1,
-            f"classes {config.classes}: name at least two distinct classes (or none for all)",
+            len(set(config.classes)) != len(config.classes),
+            f"classes {config.classes}: "
+            f"{sorted({c for c in config.classes if config.classes.count(c) > 1})} listed more "
+            "than once; name each class once",
+        ),
+        (
+            len(config.classes) == 1,
+            f"classes {config.classes}: name at least two classes (or none for all)",
         ),
         (
             config.amp == "fp16" and config.device in ("cpu", "mps"),

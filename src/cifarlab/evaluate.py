@@ -21,7 +21,7 @@ from cifarlab.data.sources import load_labelled
 from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
-from cifarlab.inference import load_model, predict_logits
+from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import RUN_FILES, read_metrics
@@ -159,6 +159,10 @@ def _check_out(out: Path) -> None:
 
 
 def evaluate(opts: EvalOptions, log=print) -> dict:
+    if opts.split not in ("val", "test"):  # the CLI's choices; the Python API passes them as is
+        raise UserError(f"split {opts.split!r}: give val or test")
+    if opts.tta not in TTA_VIEWS:
+        raise UserError(f"tta {opts.tta!r}: give one of {', '.join(TTA_VIEWS)}")
     ckpt_path = resolve_checkpoint(opts.target)
     ckpt = load_checkpoint(ckpt_path)
     classes = list(ckpt["classes"])

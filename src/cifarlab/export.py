@@ -94,8 +94,9 @@ def default_output(model: str, fmt: str) -> Path:
     return src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix)
 
 
-def check_out(out: Path, source: Path, force: bool) -> None:
-    """One line, before any work, for an --out that would lose a file or cannot be written."""
+def check_out(out: Path, source: Path, force: bool, suffix: str = "") -> None:
+    """One line, before any work, for an --out that would lose a file, cannot be written or (with
+    `suffix`) does not end in it: `predict` tells the formats apart by their suffix."""
     if out.exists() and out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint being exported; pick another file")
     if out.exists() and out.parent.resolve() == source.parent.resolve() and out.name in RUN_FILES:
@@ -104,6 +105,12 @@ def check_out(out: Path, source: Path, force: bool) -> None:
         raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; add --force to overwrite it")
+    if suffix and out.suffix.lower() != suffix:
+        named = _BY_SUFFIX.get(out.suffix.lower())
+        said = f"its suffix says {named}" if named else f"a {suffix} export needs that suffix"
+        raise UserError(
+            f"--out {out}: {said}; give --out {out.with_suffix(suffix).name} or --format"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -120,15 +127,9 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: valid formats: {', '.join(FORMATS)}")
     source = resolve_checkpoint(target)
-    named = _BY_SUFFIX.get(out.suffix.lower())  # predict and other tools tell formats by suffix
-    if named is not None and named != fmt:
-        raise UserError(
-            f"--out {out}: its suffix says {named}, not {fmt}; give --out x{FORMATS[fmt]}"
-        )
-    if fmt == "safetensors" and out.suffix != ".safetensors":  # its .json sidecar is found by it
-        raise UserError(f"--out {out}: a safetensors export must end in .safetensors")
-    for path in (out, sidecar(out)) if fmt == "safetensors" else (out,):
-        check_out(path, source, force)  # makes the folders above `out`
+    check_out(out, source, force, FORMATS[fmt])  # makes the folders above `out`
+    if fmt == "safetensors":
+        check_out(sidecar(out), source, force)
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
     meta = metadata(ckpt, loaded)

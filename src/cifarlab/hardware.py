@@ -233,6 +233,10 @@ def time_bf16_speedup(rounds: int = 4) -> float:
 def inference_hardware(device: torch.device) -> Hardware:
     """What evaluate and predict run with: the training rule for precision (on this machine the
     same answer as training's, `bf16_speedup` being kept: the same image gets the same
-    probabilities whatever else is scored with it), plain memory format."""
+    probabilities whatever else is scored with it), and training's memory format."""
     amp, reason = choose_amp("auto", device)
-    return Hardware(device, {"off": None, "bf16": torch.bfloat16}[amp], False, reason)
+    # channels_last as training has it: in bf16 the memory format moves a logit enough to flip an
+    # image now and then, and evaluate must reproduce training's own test figure
+    return Hardware(
+        device, {"off": None, "bf16": torch.bfloat16}[amp], device.type != "mps", reason
+    )

@@ -40,6 +40,8 @@ def predict_logits(
     from cifarlab.hardware import inference_hardware
 
     hardware = hardware or inference_hardware(images.device)
+    if hardware.channels_last:
+        model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     out = []

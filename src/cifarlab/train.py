@@ -316,7 +316,10 @@ def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
         history[-1]["images_per_s"] if history else 0.0, history,
         saved.get("tta_val_acc"), saved.get("test_acc"), saved.get("test_tta_acc"),
     )  # fmt: skip
-    log(f"resume: {run_dir} already finished all {ckpt['epoch']} epochs; nothing to train")
+    n = ckpt["epoch"]
+    log(
+        f"resume: {run_dir} already finished {'all ' * (n != 1)}{n} epoch{'s' * (n != 1)}; nothing to train"
+    )
     return result
 
 

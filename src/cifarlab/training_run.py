@@ -234,7 +234,10 @@ def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], l
     """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
     from cifarlab.inference import model_args
 
-    path = resolve_checkpoint(config.init_from)
+    try:
+        path = resolve_checkpoint(config.init_from)
+    except UserError as exc:
+        raise UserError(f"--init-from {exc}") from None
     ckpt = load_checkpoint(path)
     theirs = model_args(ckpt)
     if (theirs.name, theirs.stem) != (config.model, config.stem):

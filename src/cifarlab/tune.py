@@ -85,6 +85,7 @@ def _storage(url: str):
     except (optuna.exceptions.OptunaError, Exception) as exc:
         raise UserError(
             f"--storage {url}: cannot open the study database ({str(exc).splitlines()[0]})"
+            + ("; a file is named as sqlite:///path/study.db" if "://" not in url else "")
         ) from None
 
 
@@ -144,6 +145,11 @@ def run_tune(opts: TuneOptions, log=print):
     )
     muon = ", muon_lr" if base.optimizer == "muon" else ""
     log(f"searching lr{muon}, weight decay, mixup, cutmix, label smoothing; {epochs}")
+    searched = {"lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing", "muon_lr"}
+    replaced = sorted(searched & set(opts.overrides) - ({"muon_lr"} if not muon else set()))
+    if replaced:  # the search's values win; the command line's are where it searches around
+        log(f"note: {', '.join(replaced)} set on the command line: searched, so each trial "
+            "replaces it (lr, weight_decay and muon_lr are searched around it)")  # fmt: skip
 
     def objective(trial) -> float:
         values = suggest(trial, base, opts.search_epochs)
@@ -162,7 +168,9 @@ def run_tune(opts: TuneOptions, log=print):
                 config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
             )
         except Interrupted as exc:
-            # train's own hint (--resume the trial) does not continue a study
+            # its settings go first when the study continues; train's own hint (--resume the
+            # trial) does not continue a study
+            trial.study.enqueue_trial(trial.params)
             raise Interrupted(
                 f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
                 "to continue the study: the stopped trial runs again under a new number",
@@ -235,11 +243,12 @@ def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial"
 
 def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
     """What the trials ran with beyond the recipe: the command line's overrides as typed values
-    (not where the data lives or how progress shows) and the epoch-based settings as --epochs
-    or --budget shaped them."""
+    (not where the data lives or how progress shows), and the length with the epoch-based
+    settings as --epochs or --budget shaped them (a searched `epochs` comes with the trial's
+    values, after these)."""
     typed = base.to_dict()
     keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
-    return {k: typed[k] for k in [*keys, *EPOCH_KEYS, "time_budget", "train_steps"]}
+    return {k: typed[k] for k in [*keys, "epochs", *EPOCH_KEYS, "time_budget", "train_steps"]}
 
 
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:

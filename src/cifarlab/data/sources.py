@@ -68,21 +68,23 @@ def _load_cifar(name: str, root: Path) -> SourceData:
     ds = _cifar_dataset_class(name)
     folder = root / ds.base_folder
     if not folder.is_dir():
-        made = not root.exists()
+        missing = [d for d in (root, *root.parents) if not d.exists()]  # what a download makes
         try:
             from torchvision.datasets.utils import download_and_extract_archive
 
             download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
         except Exception as exc:
-            if made and root.is_dir() and not any(root.iterdir()):
-                root.rmdir()  # the folder the failed download made
+            for made in missing:  # the folders the failed download made, while empty
+                if not made.is_dir() or any(made.iterdir()):
+                    break
+                made.rmdir()
             raise UserError(
                 f"{name} is not in {folder} and could not be downloaded ({type(exc).__name__}); "
                 f"put torchvision's '{ds.base_folder}' folder under {root} (--data-root), "
                 "or pass a local folder or archive with --data"
             ) from None
-    meta = _read_batch(folder / ds.meta["filename"])
-    classes = list(meta[ds.meta["key"]])
+    meta_path = folder / ds.meta["filename"]
+    classes = [_text(c) for c in _field(_read_batch(meta_path), ds.meta["key"], meta_path)]
     label_key = "labels" if name == "cifar10" else "fine_labels"
 
     def read(files: list) -> ImageSet:
@@ -92,12 +94,39 @@ def _load_cifar(name: str, root: Path) -> SourceData:
             if not path.is_file():
                 raise UserError(f"{path} is missing; the {name} folder is incomplete")
             batch = _read_batch(path)
-            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[label_key])
+            data = np.asarray(_field(batch, "data", path))
+            found = np.asarray(_field(batch, label_key, path))
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype.kind not in "ui":
+                raise UserError(
+                    f"{path}: 'data' is {data.dtype} of shape {data.shape}, not one row of "
+                    "3,072 bytes (32x32 RGB, channel-major) per image"
+                )
+            if found.shape != (len(data),) or found.dtype.kind not in "ui":
+                raise UserError(f"{path}: {found.size} '{label_key}' for {len(data)} images")
+            if len(found) and not 0 <= found.min() <= found.max() < len(classes):
+                raise UserError(
+                    f"{path}: labels run from {found.min()} to {found.max()}, but {meta_path.name} "
+                    f"names {len(classes)} classes"
+                )
+            images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(found.tolist())
         hwc = np.concatenate(images).transpose(0, 2, 3, 1).copy()
         return ImageSet(hwc, np.asarray(labels, dtype=np.int64), classes)
 
     return SourceData(read(ds.train_list), read(ds.test_list))
+
+
+def _field(batch: dict, key: str, path: Path):
+    """`batch[key]`; pickles written with bytes keys (b'data', as Python 3 code often writes them)
+    are read alike."""
+    for k in (key, key.encode()):
+        if k in batch:
+            return batch[k]
+    raise UserError(f"{path}: no '{key}' entry; not a CIFAR batch in torchvision's layout")
+
+
+def _text(name) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
 
 
 # --- class folders and archives --------------------------------------------------------------
