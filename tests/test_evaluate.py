@@ -374,3 +374,25 @@ def test_predict_prints_one_line_and_strict_json_per_image_whatever_the_names(
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == ["caf\\xe9.png", "two\nlines.png"]
     json.dumps(rows).encode("utf-8")  # no lone surrogates left
+
+
+def test_scoring_runs_as_training_scored_precision_and_memory_format(monkeypatch):
+    """evaluate and predict reproduce training's own figures: in bf16 the memory format alone
+    moves logits (here up to 2e-4, enough to flip an image now and then)."""
+    import torch
+
+    from cifarlab.augment import Normalize
+    from cifarlab.hardware import Hardware
+    from cifarlab.inference import predict_logits
+    from cifarlab.models import create_model
+
+    monkeypatch.setattr(
+        "cifarlab.hardware.cpu_flags", lambda: {"amx_bf16", "amx_tile", "avx512_bf16"}
+    )
+    torch.manual_seed(0)
+    model = create_model("cnn", 100)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    as_trained = Hardware(torch.device("cpu"), torch.bfloat16, True, "the run's")
+    scored = predict_logits(model, images, norm)  # evaluate's and predict's default
+    assert torch.equal(scored, predict_logits(model, images, norm, hardware=as_trained))

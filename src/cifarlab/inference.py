@@ -41,7 +41,8 @@ def predict_logits(
 
     hardware = hardware or inference_hardware(images.device)
     if hardware.channels_last:
-        model.to(memory_format=torch.channels_last)
+        with torch.inference_mode(False):  # weights, not inference tensors (Grad-CAM's backward)
+            model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     out = []
