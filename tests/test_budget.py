@@ -144,6 +144,18 @@ def test_durations_read_as_people_write_them(text, seconds):
     assert parse_duration(text) == seconds
 
 
+def test_a_recipe_file_and_the_api_take_durations_as_the_command_line_does(tmp_path):
+    import cifarlab
+
+    (tmp_path / "mine.yaml").write_text("base: fast\ntime_budget: 15m\n")
+    assert load_recipe(str(tmp_path / "mine.yaml")).time_budget == 900
+    assert cifarlab.recipe("fast-cpu", time_budget="1.5h").time_budget == 5400
+    assert cifarlab.recipe("fast-cpu", time_budget=0).time_budget == 0  # off, as before
+    (tmp_path / "mine.yaml").write_text("base: fast\ntime_budget: soonm\n")
+    with pytest.raises(UserError, match="mine.yaml: 'time_budget' 'soonm': expected a positive"):
+        load_recipe(str(tmp_path / "mine.yaml"))
+
+
 @pytest.mark.parametrize("text", ["", "m", "-5m", "soon", "nanm", "0"])
 def test_bad_durations_are_one_line_errors(text):
     with pytest.raises(UserError, match="expected a positive duration"):

@@ -178,3 +178,15 @@ def test_best_recipe_of_a_fixed_length_search_keeps_that_length(
     assert (
         seen[0].epochs == best.epochs == 1 and best.whiten_bias_epochs == seen[0].whiten_bias_epochs
     )
+
+
+def test_an_out_that_cannot_hold_trials_is_refused_before_a_study_is_stored(
+    synthetic_images, tmp_path
+):
+    import dataclasses
+
+    (tmp_path / "afile").write_text("not a folder")
+    opts = dataclasses.replace(_small(synthetic_images, tmp_path, 1), out=tmp_path / "afile")
+    with pytest.raises(UserError, match="afile: is a file, not a folder"):
+        run_tune(opts, log=lambda s: None)
+    assert not (tmp_path / "study.db").exists()

@@ -211,6 +211,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             return value
         raise UserError(bad)
     if kind in (int, float):
+        if key == "time_budget" and isinstance(value, str) and value.strip()[-1:].isalpha():
+            value = _seconds(value, f"{where}: 'time_budget'")  # 15m, 1.5h as on the command line
         if isinstance(value, str):
             try:
                 value = kind(value)
@@ -540,7 +542,11 @@ def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:
 
 
 def parse_duration(text: str) -> float:
-    """ "900", "90s", "15m", "1.5h", "2d" -> seconds."""
+    """ "900", "90s", "15m", "1.5h", "2d" -> seconds (`--time-budget`)."""
+    return _seconds(text, "--time-budget")
+
+
+def _seconds(text: str, where: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     raw = text.strip().lower()
     scale = units.get(raw[-1:])
@@ -550,10 +556,10 @@ def parse_duration(text: str) -> float:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
         raise UserError(
-            f"--time-budget {text!r}: expected a positive duration such as 900, 90s, 15m or 1.5h"
+            f"{where} {text!r}: expected a positive duration such as 900, 90s, 15m or 1.5h"
         )
     if value > MAX_TIME_BUDGET:
-        raise UserError(f"--time-budget {text}: at most 7 days (168h)")
+        raise UserError(f"{where} {text}: at most 7 days (168h)")
     return value
 
 

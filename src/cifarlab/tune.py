@@ -39,6 +39,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.splits import load_splits
 from cifarlab.errors import Interrupted, UserError
+from cifarlab.rundir import prepare_run_dir
 
 
 @dataclass
@@ -123,6 +124,7 @@ def run_tune(opts: TuneOptions, log=print):
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
     load_splits(base)  # data that cannot load is one line now, before a study or trial is stored
+    prepare_run_dir(opts.out, need_bytes=0)  # so is an --out that cannot hold the trials
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
         warnings.simplefilter("ignore", ExperimentalWarning)
