@@ -74,9 +74,7 @@ def _val_logits(
             "retrain with --set val_size=N, or leave the probabilities uncalibrated"
         )
     loaded = load_model(ckpt, device, use_ema)
-    if val.hardware is not None and val.hardware.channels_last:
-        loaded.model.to(memory_format=torch.channels_last)
-    logits = predict_logits(
+    logits = predict_logits(  # in the hardware's memory format, the model's weights included
         loaded.model, val.images.to(device), loaded.normalize, val.batch_size, hardware=val.hardware
     )
     return logits, val.labels.long().cpu()

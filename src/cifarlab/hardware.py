@@ -107,10 +107,14 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    # channels_last: measured on this 2-core CPU, training img/s 1.4x for cnn and 1.18x for fastnet
-    # (oneDNN's NHWC kernels); a clear win with cuDNN too. MPS support is patchy, so off there.
-    cl = config.channels_last == "on" or (config.channels_last == "auto" and device.type != "mps")
-    return Hardware(device, dtype, cl, reason)
+    return Hardware(device, dtype, _channels_last(config.channels_last, device), reason)
+
+
+def _channels_last(setting: str, device: torch.device) -> bool:
+    """channels_last: measured on this 2-core CPU, training img/s 1.4x for cnn and 1.18x for
+    fastnet (oneDNN's NHWC kernels); a clear win with cuDNN too. MPS support is patchy, so off
+    there under `auto`."""
+    return setting == "on" or (setting == "auto" and device.type != "mps")
 
 
 def cpu_flags() -> set[str]:
@@ -167,22 +171,21 @@ KEPT = "hardware.json"  # in the default data root: this machine's bf16 timing, 
 @functools.cache
 def bf16_speedup() -> float:
     """`time_bf16_speedup` once per machine: kept in `hardware.json` in the default data root
-    ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's
-    model and torch's version, so that every later run here (training,
-    evaluate, predict) makes the same choice instead of one that flips with the load of the
-    moment (alone 1.6-1.9x on an AMD EPYC; 0.17x-1.9x read under a hostile pass's load).
+    ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's model and torch's version, so that
+    every later run here (training, evaluate, predict) makes the same choice instead of one that
+    flips with the load of the moment (alone 1.6-1.9x on an AMD EPYC; 0.17x-1.9x read under a hostile pass's load).
     Delete the file to time again."""
     path = default_data_root() / KEPT
     key = f"{_cpu_model()} | torch {torch.__version__}"  # not the threads: evaluate and predict
     # run with torch's default count, training with its own, and they must choose alike
     try:
         kept = json.loads(path.read_text())
-        if isinstance(kept, dict) and isinstance(kept.get(key), float):
-            return kept[key]
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # none yet, or damaged: timed (again)
         kept = {}
-    ratio = time_bf16_speedup()
     kept = kept if isinstance(kept, dict) else {}
+    if isinstance(kept.get(key), float):
+        return kept[key]
+    ratio = time_bf16_speedup()
     try:  # where it cannot be kept (a read-only home), each process times for itself
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{KEPT}.{os.getpid()}.tmp")
@@ -237,6 +240,5 @@ def inference_hardware(device: torch.device) -> Hardware:
     amp, reason = choose_amp("auto", device)
     # channels_last as training has it: in bf16 the memory format moves a logit enough to flip an
     # image now and then, and evaluate must reproduce training's own test figure
-    return Hardware(
-        device, {"off": None, "bf16": torch.bfloat16}[amp], device.type != "mps", reason
-    )
+    dtype = {"off": None, "bf16": torch.bfloat16}[amp]
+    return Hardware(device, dtype, _channels_last("auto", device), reason)

@@ -36,7 +36,8 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
     logits. Without `hardware`, the precision follows training's rule for the images' device
-    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`)."""
+    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is put
+    in the hardware's memory format (a no-op when it is: training's own validation)."""
     from cifarlab.hardware import inference_hardware
 
     hardware = hardware or inference_hardware(images.device)
