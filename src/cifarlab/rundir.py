@@ -18,6 +18,7 @@ except ImportError:  # Windows: the `filelock` package instead
 
 METRICS_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
+    "test_loss", "test_acc",  # NaN when the data has no test split; never used to select
 ]  # fmt: skip
 
 
@@ -214,7 +215,7 @@ def append_metrics(path: Path, row: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
         if new:
             writer.writeheader()
-        writer.writerow({k: row[k] for k in METRICS_FIELDS})
+        writer.writerow({k: row.get(k, float("nan")) for k in METRICS_FIELDS})
 
 
 def read_metrics(path: Path) -> list[dict]:
