@@ -179,3 +179,20 @@ def test_a_later_extraction_removes_parts_left_by_killed_ones_but_not_live_ones(
         assert not stale.exists() and live.is_dir()
     finally:
         os.close(held)
+
+
+def test_an_extraction_finished_first_by_another_process_is_used(tmp_path, monkeypatch):
+    path = tmp_path / "ok.tar"
+    with tarfile.open(path, "w") as tf:
+        _add(tf, "cat/0.png", _png(0))
+    dest = tmp_path / "root" / "extracted" / "k"
+    real = archive_mod._extract_tar
+
+    def raced(archive, tmp, budget):  # the other process renames its copy into place meanwhile
+        real(archive, tmp, budget)
+        (dest / "cat").mkdir(parents=True)
+        (dest / "cat" / "0.png").write_bytes(_png(0))
+
+    monkeypatch.setattr(archive_mod, "_extract_tar", raced)
+    assert archive_mod.extract_archive(path, dest) == dest
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # its own part removed
