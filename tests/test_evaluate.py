@@ -74,6 +74,20 @@ def test_predict_reports_unreadable_files_and_exits_1(small_run, tmp_path, real_
     assert "good.jpg" in out and "bad.png: not a readable image" in err
 
 
+def test_predict_leaves_out_the_junk_files_training_leaves_out(
+    small_run, tmp_path, real_jpegs, capsys
+):
+    folder = tmp_path / "photos"
+    (folder / "__MACOSX").mkdir(parents=True)
+    shutil.copy(next((real_jpegs / "train" / "cat").glob("*.jpg")), folder / "x.jpg")
+    apple_double = b"\x00\x05\x16\x07" + bytes(60)  # what macOS writes beside x.jpg
+    for junk in ("._x.jpg", "__MACOSX/._x.jpg", ".DS_Store"):
+        (folder / junk).write_bytes(apple_double)
+    assert main(["predict", str(small_run), str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "x.jpg" in out and "._x.jpg" not in out + err
+
+
 def test_missing_metrics_gives_a_report_without_curves(small_run, tmp_path):
     shutil.copy(small_run / "best.pt", tmp_path / "best.pt")
     report = evaluate(
