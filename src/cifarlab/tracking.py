@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ from cifarlab.errors import Interrupted, UserError
 
 MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
 DEFAULT_EXPERIMENT = "cifarlab"
-RESULT_METRICS = ("best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc")
+RESULT_METRICS = (
+    "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
+)  # fmt: skip
 RUN_FILES = ("config.yaml", "metrics.csv", "result.json")  # logged at the end of training
 
 
@@ -96,7 +99,9 @@ def flat_params(config: TrainConfig) -> dict[str, str | int | float | bool]:
 
 # --- TensorBoard ------------------------------------------------------------------------------
 
-EPOCH_SCALARS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
+EPOCH_SCALARS = (
+    "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s",
+)  # fmt: skip
 HPARAM_METRICS = ("val_acc", "val_loss", "train_loss", "best_val_acc", "final_val_acc")
 
 
@@ -121,7 +126,8 @@ class TensorBoardTracker:
 
     def log_epoch(self, row: dict) -> None:
         for key in EPOCH_SCALARS:
-            self.writer.add_scalar(key, row[key], row["epoch"])
+            if not math.isnan(row.get(key, math.nan)):  # no test split: no test scalars
+                self.writer.add_scalar(key, row[key], row["epoch"])
         self.writer.flush()
 
     def finish(self, result: Any) -> None:
@@ -207,7 +213,8 @@ class MLflowTracker:
         )
 
     def log_epoch(self, row: dict) -> None:
-        self._metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        self._metrics({k: v for k, v in values.items() if not math.isnan(v)}, row["epoch"])
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -57,6 +57,8 @@ class TrainingRun:
     fixed: set[int]  # ids of parameters that never train (e.g. whitened weights)
     dist: Dist
     data_fingerprint: str
+    test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
+    test_labels: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -149,8 +151,17 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
-        fixed, d, data_fingerprint(splits),
+        fixed, d, data_fingerprint(splits), *_test_tensors(splits, hw.device),
     )  # fmt: skip
+
+
+def _test_tensors(splits: Splits, device: torch.device) -> tuple:
+    """The test split on the device, (None, None) without one."""
+    if splits.test is None or len(splits.test) == 0:
+        return None, None
+    return to_device_uint8(splits.test.images, device), torch.from_numpy(splits.test.labels).to(
+        device
+    )
 
 
 def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
