@@ -410,3 +410,28 @@ def test_scoring_runs_as_training_scored_precision_and_memory_format(monkeypatch
     as_trained = Hardware(torch.device("cpu"), torch.bfloat16, True, "the run's")
     scored = predict_logits(model, images, norm)  # evaluate's and predict's default
     assert torch.equal(scored, predict_logits(model, images, norm, hardware=as_trained))
+
+
+def test_scoring_leaves_the_callers_model_in_its_memory_format():
+    """predict_logits feeds channels_last inputs; the caller's weights stay as they were, and the
+    logits equal those of the model converted to channels_last (as training holds it)."""
+    import copy
+
+    import torch
+
+    from cifarlab.augment import Normalize
+    from cifarlab.hardware import Hardware
+    from cifarlab.inference import predict_logits
+    from cifarlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", 10)
+    trained = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    hw = Hardware(torch.device("cpu"), torch.bfloat16, True, "test")
+    logits = predict_logits(model, images, norm, hardware=hw)
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert all(w.is_contiguous() for w in weights)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert torch.equal(logits, predict_logits(trained, images, norm, hardware=hw))

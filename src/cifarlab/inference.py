@@ -36,14 +36,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
     logits. Without `hardware`, the precision follows training's rule for the images' device
-    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is put
-    in the hardware's memory format (a no-op when it is: training's own validation)."""
+    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is
+    left in its memory format: channels_last inputs alone pick the channels_last kernels, with the
+    same logits as a channels_last model."""
     from cifarlab.hardware import inference_hardware
 
     hardware = hardware or inference_hardware(images.device)
-    if hardware.channels_last:
-        with torch.inference_mode(False):  # weights, not inference tensors (Grad-CAM's backward)
-            model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     out = []
