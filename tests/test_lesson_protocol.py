@@ -55,6 +55,8 @@ def test_suite_under_val_size_0_compares_every_run_on_test(train_and_test, tmp_p
     assert (out / "curves_test_acc.png").is_file()
     assert not (out / "curves_val_acc.png").exists()
     assert "curves_test_acc.png" in (out / "index.html").read_text()
+    report = (out / "none" / "eval-test" / "report.html").read_text()
+    assert "chosen on test: optimistic" in report and "both directions" in report
 
 
 def test_test_accuracy_is_recorded_every_epoch_but_never_selects(train_and_test, tmp_path):

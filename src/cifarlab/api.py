@@ -1,5 +1,5 @@
 """The Python API: a recipe with overrides, training, evaluation, and a trained model that
-classifies anything image-like. Re-exported by `cifarlab` (see README, "Python API"):
+classifies anything image-like. Re-exported by `cifarlab` (see docs/guide.md, "Python API"):
 
     import cifarlab
     config = cifarlab.recipe("fast-cpu", epochs=2, data="cifar10")

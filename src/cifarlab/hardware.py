@@ -136,9 +136,9 @@ def choose_amp(
     requested: str, device: torch.device, flags: set[str] | None = None, speedup=None
 ) -> tuple[str, str]:
     """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported. On the CPU: bf16
-    with AMX tiles (2.9-3.2x fp32 on a Xeon with AMX); with AVX512-BF16 but no AMX the answer
-    differs by CPU (0.78-0.83x on a Xeon, 1.6-2.3x on an AMD EPYC, benchmarks/cpu_precision.py),
-    so `speedup()` times both (`bf16_speedup`, about 1 s alone, once per machine); else fp32. `flags` and
+    with AMX tiles (about 3x fp32); with AVX512-BF16 but no AMX the answer differs by CPU
+    (slower than fp32 on some, twice as fast on others: benchmarks/cpu_precision.py and
+    docs/benchmarks.md), so `speedup()` times both (`bf16_speedup`, about 1 s alone, once per machine); else fp32. `flags` and
     `speedup` inject the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"
@@ -173,7 +173,7 @@ def bf16_speedup() -> float:
     """`time_bf16_speedup` once per machine: kept in `hardware.json` in the default data root
     ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's model and torch's version, so that
     every later run here (training, evaluate, predict) makes the same choice instead of one that
-    flips with the load of the moment (alone 1.6-1.9x on an AMD EPYC; 0.17x-1.9x read under a hostile pass's load).
+    flips with the load of the moment (other processes on the CPU can turn a 1.9x gain into 0.2x).
     Delete the file to time again."""
     path = default_data_root() / KEPT
     key = f"{_cpu_model()} | torch {torch.__version__}"  # not the threads: evaluate and predict

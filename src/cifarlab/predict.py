@@ -136,13 +136,13 @@ class OnnxPredictor(_ExportedPredictor):
                 "predicting with .onnx needs the extra: pip install 'cifarlab[onnx]'"
             ) from None
         try:
-            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            self.runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise UserError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
-        _read_meta(self, _json_fields(self.session.get_modelmeta().custom_metadata_map), path)
+        _read_meta(self, _json_fields(self.runner.get_modelmeta().custom_metadata_map), path)
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": batch})[0]
+        return self.runner.run(None, {"images": batch})[0]
 
 
 class Pt2Predictor(_ExportedPredictor):

@@ -119,9 +119,9 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
-        experiment, session_start, _ = _hparams(config)
+        experiment, start, _ = _hparams(config)
         self.writer.file_writer.add_summary(experiment)
-        self.writer.file_writer.add_summary(session_start)
+        self.writer.file_writer.add_summary(start)
         self.writer.flush()
 
     def log_epoch(self, row: dict) -> None:
@@ -133,14 +133,14 @@ class TensorBoardTracker:
     def finish(self, result: Any) -> None:
         for key in ("best_val_acc", "final_val_acc"):
             self.writer.add_scalar(key, getattr(result, key), result.epochs)
-        self.writer.file_writer.add_summary(_hparams(None)[2])  # the session ended well
+        self.writer.file_writer.add_summary(_hparams(None)[2])  # the run ended well
 
     def close(self, error: BaseException | None) -> None:
         self.writer.close()
 
 
 def _hparams(config: TrainConfig | None):
-    """(experiment, session start, session end) summaries of the hparams plugin."""
+    """(experiment, start, end) summaries of the hparams plugin."""
     from torch.utils.tensorboard.summary import hparams
 
     values = flat_params(config) if config is not None else {}

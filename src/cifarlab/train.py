@@ -512,7 +512,7 @@ class _Eta:
         if self.done or 0 < timed < self.AFTER:
             return
         synchronize(self.run.hw.device)
-        if timed == 0:  # (on an H200 it took seconds, ~300 steps' worth: "about 81 s" for 7 s)
+        if timed == 0:  # the warm-up step can cost hundreds of steps' time on a GPU: left out
             self.t0 = time.perf_counter()
             return
         self.done = True
