@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from cifarlab.config import TrainConfig, default_data_root
+from cifarlab.distributed import from_rank0
 from cifarlab.errors import UserError
 from cifarlab.memory import ENV
+from cifarlab.models import create_model
 
 
 def synchronize(device: torch.device) -> None:
@@ -99,8 +101,6 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
         torch.backends.cudnn.allow_tf32 = True
     speedup = None
     if d is not None and d.active:
-        from cifarlab.distributed import from_rank0
-
         # rank 0 alone times (and writes the kept file); the others take its answer
         speedup = lambda: from_rank0(bf16_speedup() if d.main else 0.0, d, device)  # noqa: E731
     amp, reason = choose_amp(config.amp, device, speedup=speedup)
@@ -212,8 +212,6 @@ def time_bf16_speedup(rounds: int = 4) -> float:
     CPU: fastnet's forward and backward on 64 random images, alternating, after one warm-up
     each; the fastest of `rounds` each, since other work on the machine only ever slows a step
     (medians of 2 read 0.5x-3.9x under a load of 3). The global random state is left as it was."""
-    from cifarlab.models import create_model  # models import nothing from here; keep it lazy
-
     # callers may be scoring under inference mode (predict_logits): this times a backward pass
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cifarlab.augment import Normalize
 from cifarlab.errors import UserError
+from cifarlab.hardware import inference_hardware
 from cifarlab.models import ModelArgs, build_model
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}  # model passes per image
@@ -39,8 +40,6 @@ def predict_logits(
     (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is
     left in its memory format: channels_last inputs alone pick the channels_last kernels, with the
     same logits as a channels_last model."""
-    from cifarlab.hardware import inference_hardware
-
     hardware = hardware or inference_hardware(images.device)
     was_training = model.training
     model.eval()

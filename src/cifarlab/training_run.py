@@ -23,6 +23,7 @@ from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_u
 from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, setup_hardware
+from cifarlab.inference import model_args
 from cifarlab.lookahead import Lookahead
 from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
@@ -243,8 +244,6 @@ def data_fingerprint(splits: Splits) -> str:
 
 def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
     """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
-    from cifarlab.inference import model_args
-
     try:
         path = resolve_checkpoint(config.init_from)
     except UserError as exc:
