@@ -296,8 +296,17 @@ def cmd_suite(args) -> int:
         raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {args.seeds}: each seed once")
+    overrides = run_overrides(args)
+    weights = overrides.pop("weights", "")  # --weights or --set weights=: the pretrained arms only
     opts = SuiteOptions(
-        args.out, seeds or [0], args.only, run_overrides(args), args.epochs, args.budget
+        args.out,
+        seeds or [0],
+        args.only,
+        overrides,
+        args.epochs,
+        args.budget,
+        args.recipe,
+        weights,
     )
     rows = run_suite(args.name, opts)
     failed = [r["run"] for r in rows if str(r.get("status", "")).startswith("cannot start")]
@@ -405,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(su)
     su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     su.add_argument("--only", help="run only this run of the suite")
+    su.add_argument(
+        "--recipe",
+        help="run every run of the suite on this recipe (e.g. lesson-cnn), its own settings on top",
+    )
+    su.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="ImageNet weights file for the runs that ask for them (pretrained: true) only",
+    )
     ex = command("export", "export a checkpoint as ONNX, a torch.export program or safetensors")
     ex.add_argument(
         "model",

@@ -339,8 +339,24 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
     BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
     c = run.config
     set_trainable(run.model, c, run.fixed, epoch)
+    if c.freeze == "backbone" and epoch == 0:
+        log(_staged_plan(c))
     if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+
+
+def _staged_plan(c: TrainConfig) -> str:
+    fresh = (
+        "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and stays "
+        "random until then"
+        if c.model.startswith("tv-resnet") and c.stem == "cifar"
+        else ""
+    )
+    return (
+        f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is frozen "
+        f"(weights and BatchNorm statistics){fresh}; all layers train from epoch "
+        f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+    )
 
 
 def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:
