@@ -86,7 +86,9 @@ def test_train_model_returns_history_and_paths_and_evaluate_model_the_report(tra
     assert [row["epoch"] for row in result.history] == [1]
     assert result.checkpoint == result.run_dir / "best.pt" and result.checkpoint.is_file()
     assert report["num_images"] == 12 and report["split"] == "test"  # 3 classes x 4 test images
-    assert 0.0 <= report["accuracy"] <= 1.0 and set(report["per_class"]) == {"blue", "green", "red"}
+    assert set(report["per_class"]) == {"blue", "green", "red"}
+    confusion = report["confusion_matrix"]  # accuracy: the share of the 12 images on its diagonal
+    assert report["accuracy"] == sum(confusion[i][i] for i in range(3)) / 12
     assert (result.run_dir / "eval-test" / "report.json").is_file()
 
 
@@ -146,3 +148,11 @@ def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
         cifarlab.evaluate_model(trained[0], split="train")
     with pytest.raises(UserError, match="tta 'flop'"):
         cifarlab.evaluate_model(trained[0], tta="flop")
+
+
+def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trained):
+    result, _ = trained
+    config = cifarlab.recipe("seed-cnn", epochs=1, device="cpu")
+    with pytest.raises(UserError, match=r"already holds a run .*; pass resume=True") as err:
+        cifarlab.train_model(config, result.run_dir, log=None)
+    assert "--resume" not in str(err.value) and "--out" not in str(err.value)

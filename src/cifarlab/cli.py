@@ -149,10 +149,10 @@ def _recipe_settings(recipe: str) -> dict[str, Any]:
     """What `--recipe` asks of a resumed run: every key the recipe (and its bases) sets away from
     the defaults, so a file of the same name with other contents is not taken for it; not its
     length (--epochs, --budget or a time budget shaped the run's own: --epochs is compared)."""
-    from cifarlab.config import EPOCH_KEYS, FIELDS, RUNTIME_KEYS, TrainConfig, load_recipe
+    from cifarlab.config import FIELDS, LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, load_recipe
 
     wanted, default = load_recipe(recipe), TrainConfig()
-    skip = {*RUNTIME_KEYS, "epochs", "train_steps", "time_budget", *EPOCH_KEYS}
+    skip = {*RUNTIME_KEYS, *LENGTH_KEYS}
     return {
         k: getattr(wanted, k)
         for k in FIELDS
@@ -214,7 +214,12 @@ def _result_line(result) -> str:
         )
     if result.test_acc is not None:
         tta = "" if result.test_tta_acc is None else f" ({result.test_tta_acc:.2%} with TTA)"
-        parts.append(f"test acc {result.test_acc:.2%}{tta}")
+        final = "final test acc" if result.best_test_acc is not None else "test acc"
+        parts.append(f"{final} {result.test_acc:.2%}{tta}")
+    if result.best_test_acc is not None:
+        parts.append(
+            f"best test acc over epochs {result.best_test_acc:.2%} (chosen on test: optimistic)"
+        )
     parts.append(f"{result.seconds:.0f}s")
     return ", ".join(parts)
 
@@ -299,8 +304,17 @@ def cmd_suite(args) -> int:
         raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {args.seeds}: each seed once")
+    overrides = run_overrides(args)
+    weights = overrides.pop("weights", "")  # --weights or --set weights=: the pretrained arms only
     opts = SuiteOptions(
-        args.out, seeds or [0], args.only, run_overrides(args), args.epochs, args.budget
+        args.out,
+        seeds or [0],
+        args.only,
+        overrides,
+        args.epochs,
+        args.budget,
+        args.recipe,
+        weights,
     )
     rows = run_suite(args.name, opts)
     failed = [r["run"] for r in rows if str(r.get("status", "")).startswith("cannot start")]
@@ -412,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(su)
     su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     su.add_argument("--only", help="run only this run of the suite")
+    su.add_argument(
+        "--recipe",
+        help="run every run of the suite on this recipe (e.g. lesson-cnn), its own settings on top",
+    )
+    su.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="ImageNet weights file for the runs that ask for them (pretrained: true) only",
+    )
     ex = command("export", "export a checkpoint as ONNX, a torch.export program or safetensors")
     ex.add_argument(
         "model",

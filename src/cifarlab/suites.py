@@ -10,6 +10,7 @@ something cifarlab does not have yet is listed as not started, with the reason.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class SuiteOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # for every run (data, --set, ...)
     epochs: int | None = None  # every run this long, its epoch-based settings in proportion
     budget: float | None = None  # every run at this fraction of its own epochs, likewise
+    recipe: str | None = None  # every run starts from this recipe instead of its own
+    weights: str = ""  # ImageNet weights file for the runs that ask for them (pretrained: true)
 
 
 def list_suites() -> dict[str, str]:
@@ -78,10 +81,17 @@ def _shape(config: TrainConfig, epochs: int | None, budget: float | None) -> Tra
 
 
 def load_suite(
-    name: str, base: dict[str, Any], epochs: int | None = None, budget: float | None = None
+    name: str,
+    base: dict[str, Any],
+    epochs: int | None = None,
+    budget: float | None = None,
+    recipe_for_all: str | None = None,
+    weights: str = "",
 ) -> Suite:
     """Parse and validate a suite: every run's config is built and checked (per field and across
-    fields) before anything trains, so a conflict in the last run fails at once."""
+    fields) before anything trains, so a conflict in the last run fails at once.
+    `recipe_for_all` replaces every run's recipe (its `set` still applies on top); `weights`
+    goes to the runs that ask for ImageNet weights only, so a scratch arm stays random."""
     path = _suite_path(name)
     spec = read_yaml_mapping(path)
     unknown = set(spec) - {"description", "reference", "runs", "cumulative", "examples"}
@@ -117,8 +127,11 @@ def load_suite(
         name = str(r["name"])
         if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
             raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
-        config = _shape(apply_overrides(load_recipe(recipe), carried, where=where), epochs, budget)
+        start = load_recipe(recipe_for_all or recipe)
+        config = _shape(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
+        if weights and config.pretrained:
+            config = apply_overrides(config, {"weights": weights}, where="--weights")
         validate_config(config, where=f"{where} ({name})")
         runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
     names = [r.name for r in runs]
@@ -140,7 +153,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.train import train
 
-    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget)
+    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe, opts.weights)
     if opts.only and opts.only not in [r.name for r in suite.runs]:
         raise UserError(
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
@@ -186,7 +199,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts)
     for row in rows:
-        if row["run"] in failed and "best_val_acc" not in row:
+        if row["run"] in failed and "epochs" not in row:
             row["status"] = f"cannot start: {failed[row['run']]}"
     from cifarlab.report.suite import write_suite_report
 
@@ -241,12 +254,9 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
         if run.requires and not histories:
             row["status"] = f"not started: needs {run.requires}"
         if histories:
-            best = [max(r["val_acc"] for r in h) for h in histories]
-            final = [h[-1]["val_acc"] for h in histories]
             row.update(
-                best_val_acc=statistics.mean(best),
-                best_val_acc_std=statistics.stdev(best) if len(best) > 1 else 0.0,
-                final_val_acc=statistics.mean(final),
+                _over_epochs(histories, "val_acc", "val"),
+                **_over_epochs(histories, "test_acc", "test"),
                 epochs=len(histories[0]),
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
@@ -257,15 +267,43 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 if values and all(v is not None for v in values):
                     row[key] = statistics.mean(values)
         rows.append(row)
-    ref = next((r for r in rows if r["run"] == suite.reference and "best_val_acc" in r), None)
+    _gains(rows, suite.reference)
+    return rows
+
+
+def gain_basis(rows: list[dict]) -> str:
+    """What runs are compared on: test accuracy when every run that ran has it (that of best.pt,
+    chosen on validation; without validation the best epoch's, as the lesson compares), else
+    the best validation accuracy."""
+    ran = [r for r in rows if "epochs" in r]
+    key = "test_acc" if any("best_val_acc" in r for r in ran) else "best_test_acc"
+    return key if ran and all(r.get(key) is not None for r in ran) else "best_val_acc"
+
+
+def _gains(rows: list[dict], reference: str) -> None:
+    key = gain_basis(rows)
+    ref = next((r for r in rows if r["run"] == reference and key in r), None)
     previous = None
     for row in rows:
-        if ref is not None and "best_val_acc" in row:
-            row["gain"] = row["best_val_acc"] - ref["best_val_acc"]
-        if previous is not None and "best_val_acc" in row:
-            row["step_gain"] = row["best_val_acc"] - previous["best_val_acc"]
-        previous = row if "best_val_acc" in row else previous
-    return rows
+        if ref is not None and key in row:
+            row["gain"] = row[key] - ref[key]
+        if previous is not None and key in row:
+            row["step_gain"] = row[key] - previous[key]
+        previous = row if key in row else previous
+
+
+def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[str, float]:
+    """best_<split>_acc (mean over seeds of each run's best epoch, and its std) and
+    final_<split>_acc; nothing when no epoch recorded `column` (no such split)."""
+    kept = [[r[column] for r in h if not math.isnan(r.get(column, math.nan))] for h in histories]
+    if not all(kept):
+        return {}
+    best = [max(v) for v in kept]
+    return {
+        f"best_{split}_acc": statistics.mean(best),
+        f"best_{split}_acc_std": statistics.stdev(best) if len(best) > 1 else 0.0,
+        f"final_{split}_acc": statistics.mean(v[-1] for v in kept),
+    }
 
 
 def _result(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> dict:

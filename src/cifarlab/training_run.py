@@ -23,6 +23,7 @@ from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_u
 from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, setup_hardware
+from cifarlab.inference import model_args
 from cifarlab.lookahead import Lookahead
 from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
@@ -58,6 +59,8 @@ class TrainingRun:
     fixed: set[int]  # ids of parameters that never train (e.g. whitened weights)
     dist: Dist
     data_fingerprint: str
+    test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
+    test_labels: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -155,8 +158,17 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
-        fixed, d, fingerprint,
+        fixed, d, fingerprint, *_test_tensors(splits, hw.device),
     )  # fmt: skip
+
+
+def _test_tensors(splits: Splits, device: torch.device) -> tuple:
+    """The test split on the device, (None, None) without one."""
+    if splits.test is None or len(splits.test) == 0:
+        return None, None
+    return to_device_uint8(splits.test.images, device), torch.from_numpy(splits.test.labels).to(
+        device
+    )
 
 
 def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
@@ -238,8 +250,6 @@ def data_fingerprint(splits: Splits) -> str:
 
 def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
     """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
-    from cifarlab.inference import model_args
-
     try:
         path = resolve_checkpoint(config.init_from)
     except UserError as exc:
@@ -335,8 +345,24 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
     BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
     c = run.config
     set_trainable(run.model, c, run.fixed, epoch)
+    if c.freeze == "backbone" and epoch == 0:
+        log(_staged_plan(c))
     if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+
+
+def _staged_plan(c: TrainConfig) -> str:
+    fresh = (
+        "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and stays "
+        "random until then"
+        if c.model.startswith("tv-resnet") and c.stem == "cifar"
+        else ""
+    )
+    return (
+        f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is frozen "
+        f"(weights and BatchNorm statistics){fresh}; all layers train from epoch "
+        f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+    )
 
 
 def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:

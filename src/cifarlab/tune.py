@@ -5,7 +5,7 @@ pruned on validation accuracy per epoch (median rule). A study killed mid-trial 
 the dead trial's heartbeat goes stale, it is marked failed and retried, and the study runs
 until `--trials` trials have completed or been pruned.
 
-Search space (documented in the README), relative to the recipe:
+Search space (documented in docs/guide.md), relative to the recipe:
   lr               log-uniform in [recipe lr / 10, recipe lr * 3]
   weight_decay     log-uniform in [recipe wd / 10, recipe wd * 3] ([1e-5, 1e-3] for a recipe without)
   muon_lr          log-uniform in [recipe muon_lr / 3, recipe muon_lr * 3], with optimizer: muon
@@ -28,6 +28,7 @@ import yaml
 
 from cifarlab.config import (
     EPOCH_KEYS,
+    LENGTH_KEYS,
     RUNTIME_KEYS,
     TrainConfig,
     apply_overrides,
@@ -250,7 +251,7 @@ def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]
     values, after these)."""
     typed = base.to_dict()
     keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
-    return {k: typed[k] for k in [*keys, "epochs", *EPOCH_KEYS, "time_budget", "train_steps"]}
+    return {k: typed[k] for k in [*keys, *LENGTH_KEYS]}
 
 
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:
