@@ -184,3 +184,16 @@ def test_calibrating_a_run_being_trained_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert (tmp_path / "run" / "best.pt").read_bytes() == before
+
+
+def test_last_pt_holding_best_pt_weights_is_fitted_once_and_gets_its_temperature(
+    synthetic_images, tmp_path
+):
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=1, batch_size=8, val_size=6, tta="none", threads=1)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    lines = []
+    calibrate_run(tmp_path / "run", log=lines.append)
+    assert len(lines) == 2 and "same weights as best.pt" in lines[1]
+    best, last = (load_checkpoint(tmp_path / "run" / n) for n in ("best.pt", "last.pt"))
+    assert last["temperature"] == best["temperature"] != 1.0

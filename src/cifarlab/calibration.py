@@ -81,13 +81,22 @@ def _val_logits(
 
 
 def calibrate_checkpoint(
-    path: Path, log=print, device: str = "auto", val: ValSet | None = None
-) -> float:
+    path: Path, log=print, device: str = "auto", val: ValSet | None = None, same_as=None
+) -> dict:
     """Fit the temperature of `path`'s weights (and EMA weights) on its run's validation split
     (`val`: that split already in memory, as uint8 images and labels, e.g. at the end of
-    training) and write it into the file atomically; returns the temperature of the `model`
-    weights."""
+    training) and write it into the file atomically; returns the checkpoint. `same_as`
+    (name, checkpoint) already fitted: its temperatures are copied when the weights are equal."""
     ckpt, dev = load_checkpoint(path), pick_device(device, "--device cpu")
+    if same_as is not None and _same_weights(ckpt, same_as[1]):  # last.pt == best.pt: one fit
+        for key in ("temperature", "temperature_ema"):
+            if key in same_as[1]:
+                ckpt[key] = same_as[1][key]
+        log(
+            f"{path.name}: temperature {ckpt['temperature']:.3f} (the same weights as {same_as[0]})"
+        )
+        atomic_save(ckpt, path)
+        return ckpt
     val = val or _load_val(ckpt, path, dev)  # once for the weights and the EMA weights
     for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
         logits, labels = _val_logits(ckpt, path, use_ema, dev, val)
@@ -102,7 +111,16 @@ def calibrate_checkpoint(
             f"(val NLL {before:.3f} -> {after:.3f} on {len(labels)} images)"
         )
     atomic_save(ckpt, path)
-    return ckpt["temperature"]
+    return ckpt
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    def equal(x, y) -> bool:
+        if x is None or y is None:
+            return x is y
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    return equal(a["model"], b["model"]) and equal(a.get("ema"), b.get("ema"))
 
 
 def calibrate_run(
@@ -116,12 +134,14 @@ def calibrate_run(
         raise UserError(f"{run_dir}: no such run directory or checkpoint")
     refuse_if_busy(run_dir.parent if run_dir.is_file() else run_dir)  # its files being rewritten
     if run_dir.is_file():
-        return calibrate_checkpoint(run_dir, log, device)
+        return calibrate_checkpoint(run_dir, log, device)["temperature"]
     present = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
     if not present:
         raise UserError(
             f"{run_dir}: no best.pt or last.pt to calibrate; pass a run directory that has "
             "trained an epoch, or a checkpoint file"
         )
-    temperatures = [calibrate_checkpoint(path, log, device, val) for path in present]
-    return temperatures[0]
+    first = calibrate_checkpoint(present[0], log, device, val)
+    for path in present[1:]:
+        calibrate_checkpoint(path, log, device, val, same_as=(present[0].name, first))
+    return first["temperature"]
