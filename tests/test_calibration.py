@@ -216,7 +216,7 @@ def test_calibrate_holds_the_run_lock_so_a_resume_cannot_roll_last_pt_back(tmp_p
         return fit(logits, labels)
 
     monkeypatch.setattr(calibration, "fit_temperature", fit_while_a_resume_starts)
-    calibrate_run(run, log=lambda s: None)
+    calibrate_run(run / "last.pt", log=lambda s: None)  # the file the resume would rewrite
     assert raced and "in use by process" in raced[0]
     last_epoch = int(read_metrics(run / "metrics.csv")[-1]["epoch"])
     assert load_checkpoint(run / "last.pt")["epoch"] >= last_epoch
