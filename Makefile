@@ -10,7 +10,7 @@ ARGS   ?=
 TEST_DATA ?= $(wildcard $(SHARED_DATA))
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint format bench
+.PHONY: setup train test test-all lint format bench
 
 setup: $(BIN)/cifarlab
 
@@ -32,7 +32,11 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks examples
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
+# fast tier (unit tests, tiny models; <= 4 min on 2 cores); test-all: everything, what CI runs
 test: lint
+	CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint
 	CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: setup

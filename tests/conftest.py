@@ -21,11 +21,42 @@ needs_real_data = pytest.mark.skipif(
 )
 
 
+# Modules whose tests train models, spawn processes, build the torchvision/timm zoo or drive
+# Chromium: `make test` (the fast tier, `-m "not slow"`) leaves them to `make test-all`.
+SLOW_MODULES = {
+    "test_api",
+    "test_budget",
+    "test_calibration",
+    "test_checkpoint",
+    "test_cli",
+    "test_distributed",
+    "test_evaluate",
+    "test_export",
+    "test_fast_ingredients",
+    "test_hardware",
+    "test_memory",
+    "test_model_zoo",
+    "test_resume_rules",
+    "test_roundtrip",
+    "test_rundir",
+    "test_suites",
+    "test_tracking",
+    "test_train",
+    "test_transfer",
+    "test_tune",
+    "test_exercises",
+    "test_gradcam",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests on real images (directly or through a fixture) need the tarball; say so when absent."""
+    """Tests on real images (directly or through a fixture) need the tarball; say so when absent.
+    Tests in SLOW_MODULES get the `slow` marker."""
     for item in items:
         if "real_jpegs" in getattr(item, "fixturenames", ()):
             item.add_marker(needs_real_data)
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

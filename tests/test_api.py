@@ -146,3 +146,11 @@ def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
         cifarlab.evaluate_model(trained[0], split="train")
     with pytest.raises(UserError, match="tta 'flop'"):
         cifarlab.evaluate_model(trained[0], tta="flop")
+
+
+def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trained):
+    result, _ = trained
+    config = cifarlab.recipe("seed-cnn", epochs=1, device="cpu")
+    with pytest.raises(UserError, match=r"already holds a run .*; pass resume=True") as err:
+        cifarlab.train_model(config, result.run_dir, log=None)
+    assert "--resume" not in str(err.value) and "--out" not in str(err.value)

@@ -1,7 +1,10 @@
 """Archives are extracted safely: bounded in size, without links, and cleaned up on failure."""
 
 import io
+import os
 import stat
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -113,3 +116,83 @@ def test_a_clean_archive_still_loads_after_the_checks(tmp_path):
         2,
         2,
     ]
+
+
+def _macos_zip(path: Path, empty_class: bool = False) -> Path:
+    """As Finder's "Compress" writes it: one wrapper folder, AppleDouble `._*` files beside each
+    file, and a `__MACOSX/` tree holding more of them."""
+    junk = b"\x00\x05\x16\x07" + bytes(60)  # an AppleDouble header: not an image
+    with zipfile.ZipFile(path, "w") as zf:
+        for cls in ("cat", "dog"):
+            zf.writestr(f"pets/{cls}/", "")
+            if empty_class and cls == "dog":
+                continue
+            for i in range(2):
+                zf.writestr(f"pets/{cls}/{i}.png", _png(i + (10 if cls == "dog" else 0)))
+                zf.writestr(f"__MACOSX/pets/{cls}/._{i}.png", junk)
+            zf.writestr(f"__MACOSX/pets/._{cls}", junk)
+        zf.writestr("pets/.DS_Store", junk)
+        zf.writestr("pets/cat/._0.png", junk)
+    return path
+
+
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_a_zip_made_on_macos_loads_its_classes_through_the_wrapper(tmp_path, on_bad):
+    path = _macos_zip(tmp_path / "pets.zip")
+    data = load_source(str(path), tmp_path / "root", 8, on_bad=on_bad)
+    assert data.train.classes == ["cat", "dog"] and data.skipped == []
+    assert np.bincount(data.train.labels).tolist() == [2, 2]
+    extracted = [p.name for p in (tmp_path / "root" / "extracted").rglob("*")]
+    assert "__MACOSX" not in extracted and not any(n.startswith("._") for n in extracted)
+
+
+def test_a_refused_archive_names_its_members_not_the_cache_folder(tmp_path):
+    path = _macos_zip(tmp_path / "pets.zip", empty_class=True)
+    with pytest.raises(UserError, match="class folder holds no images") as err:
+        load_source(str(path), tmp_path / "root", 8)
+    assert f"{path}: pets/dog:" in str(err.value) and "extracted" not in str(err.value)
+
+
+def _extraction_killed_midway(dest: Path) -> None:
+    """A process that starts extracting into `dest` and is SIGKILLed: its part folder stays."""
+    code = (
+        "import os, sys; from pathlib import Path; from cifarlab.data.archive import _new_part\n"
+        "tmp, _ = _new_part(Path(sys.argv[1])); (tmp / 'x.png').write_bytes(b'half')\n"
+        "os.kill(os.getpid(), 9)"
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", code, str(dest)], check=False)
+
+
+def test_a_later_extraction_removes_parts_left_by_killed_ones_but_not_live_ones(tmp_path):
+    extracted = tmp_path / "root" / "extracted"
+    _extraction_killed_midway(extracted / "a")
+    (stale,) = extracted.glob("a.part-*")
+    live, held = archive_mod._new_part(extracted / "b")  # another process's, still extracting
+    try:
+        path = tmp_path / "ok.tar"
+        with tarfile.open(path, "w") as tf:
+            for i in range(2):
+                _add(tf, f"cat/{i}.png", _png(i))
+                _add(tf, f"dog/{i}.png", _png(10 + i))
+        assert len(load_source(str(path), tmp_path / "root", 8).train) == 4
+        assert not stale.exists() and live.is_dir()
+    finally:
+        os.close(held)
+
+
+def test_an_extraction_finished_first_by_another_process_is_used(tmp_path, monkeypatch):
+    path = tmp_path / "ok.tar"
+    with tarfile.open(path, "w") as tf:
+        _add(tf, "cat/0.png", _png(0))
+    dest = tmp_path / "root" / "extracted" / "k"
+    real = archive_mod._extract_tar
+
+    def raced(archive, tmp, budget):  # the other process renames its copy into place meanwhile
+        real(archive, tmp, budget)
+        (dest / "cat").mkdir(parents=True)
+        (dest / "cat" / "0.png").write_bytes(_png(0))
+
+    monkeypatch.setattr(archive_mod, "_extract_tar", raced)
+    assert archive_mod.extract_archive(path, dest) == dest
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # its own part removed

@@ -1,4 +1,6 @@
+import codecs
 import io
+import os
 import pickle
 import shutil
 import tarfile
@@ -161,6 +163,45 @@ def test_cifar_batches_written_with_bytes_keys_load(tmp_path):
             pickle.dump({k.encode(): v for k, v in batch.items()}, f)
     data = load_source("cifar10", tmp_path, 32)
     assert data.train.classes[3] == "cat" and len(data.train.labels) == 30
+
+
+def test_cifar_batches_pickled_with_protocol_2_by_python_3_load(tmp_path):
+    """Protocol 2 stores bytes as `_codecs.encode(<latin-1 text>, 'latin1')`."""
+    _tiny_cifar10(tmp_path)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        path.write_bytes(pickle.dumps({k.encode(): v for k, v in batch.items()}, protocol=2))
+    assert b"_codecs" in (folder / "data_batch_1").read_bytes()
+    data = load_source("cifar10", tmp_path, 32)
+    assert data.train.classes[3] == "cat" and len(data.train.labels) == 30
+
+
+class _Runs:
+    """Pickles as a call of `func(*args)`, as a malicious batch would."""
+
+    def __init__(self, func, *args):
+        self.call = (func, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (_Runs(os.system, "echo owned"), r"refusing to load (posix|nt|os)\.system"),
+        (_Runs(eval, "1 + 1"), r"refusing to load (__builtin__|builtins)\.eval"),
+        (_Runs(codecs.encode, b"x", "zlib"), "refusing _codecs.encode with the 'zlib' codec"),
+    ],
+)
+def test_a_protocol_2_pickle_that_would_run_code_is_still_refused(tmp_path, payload, needle):
+    _tiny_cifar10(tmp_path)
+    path = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": payload, b"labels": [0]}, protocol=2))
+    with pytest.raises(UserError, match=needle):
+        load_source("cifar10", tmp_path, 32)
 
 
 def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):

@@ -74,6 +74,20 @@ def test_predict_reports_unreadable_files_and_exits_1(small_run, tmp_path, real_
     assert "good.jpg" in out and "bad.png: not a readable image" in err
 
 
+def test_predict_leaves_out_the_junk_files_training_leaves_out(
+    small_run, tmp_path, real_jpegs, capsys
+):
+    folder = tmp_path / "photos"
+    (folder / "__MACOSX").mkdir(parents=True)
+    shutil.copy(next((real_jpegs / "train" / "cat").glob("*.jpg")), folder / "x.jpg")
+    apple_double = b"\x00\x05\x16\x07" + bytes(60)  # what macOS writes beside x.jpg
+    for junk in ("._x.jpg", "__MACOSX/._x.jpg", ".DS_Store"):
+        (folder / junk).write_bytes(apple_double)
+    assert main(["predict", str(small_run), str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "x.jpg" in out and "._x.jpg" not in out + err
+
+
 def test_missing_metrics_gives_a_report_without_curves(small_run, tmp_path):
     shutil.copy(small_run / "best.pt", tmp_path / "best.pt")
     report = evaluate(
@@ -466,3 +480,28 @@ def test_evaluate_on_a_full_disk_is_one_line_exit_2_and_leaves_nothing(
     err = capsys.readouterr().err.strip()
     assert "No space left" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scoring_leaves_the_callers_model_in_its_memory_format():
+    """predict_logits feeds channels_last inputs; the caller's weights stay as they were, and the
+    logits equal those of the model converted to channels_last (as training holds it)."""
+    import copy
+
+    import torch
+
+    from cifarlab.augment import Normalize
+    from cifarlab.hardware import Hardware
+    from cifarlab.inference import predict_logits
+    from cifarlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", 10)
+    trained = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    hw = Hardware(torch.device("cpu"), torch.bfloat16, True, "test")
+    logits = predict_logits(model, images, norm, hardware=hw)
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert all(w.is_contiguous() for w in weights)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert torch.equal(logits, predict_logits(trained, images, norm, hardware=hw))

@@ -120,6 +120,17 @@ def test_fixed_tv_names_keep_the_checkpoint_layout_they_always_had():
     new.load_state_dict(old.state_dict())
 
 
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_a_fixed_tv_name_is_the_open_name_but_for_a_resnets_lesson_stem(arch, stem):
+    """`tv-<arch>` differs from `tv:<arch>` only in a ResNet's conv1 under the cifar stem."""
+    fixed = build_model(ModelArgs(f"tv-{arch}", 3, stem=stem, input_size=32)).state_dict()
+    open_ = build_model(ModelArgs(f"tv:{arch}", 3, stem=stem, input_size=32)).state_dict()
+    assert list(fixed) == list(open_)
+    differ = {k for k in fixed if fixed[k].shape != open_[k].shape}
+    assert differ == ({"conv1.weight"} if (arch, stem) == ("resnet18", "cifar") else set())
+
+
 def test_a_weights_name_loads_that_enum_from_torchs_cache(tmp_path, monkeypatch):
     from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
 

@@ -80,13 +80,13 @@ def test_test_acc_and_step_gain_columns_appear_only_when_rows_have_them(tmp_path
     write_suite_report(SUITE, _rows(test_acc=0.8123, step_gain=0.015), tmp_path)
     md = (tmp_path / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| run"))
-    assert "| test acc % |" in header and "| gain over previous |" in header
+    assert "| test acc of best.pt % |" in header and "| gain over previous |" in header
     assert "| 81.23 |" in md and "| +1.50 |" in md
     with open(tmp_path / "results.csv") as f:
         first = next(csv.DictReader(f))
     assert float(first["test_acc"]) == 0.8123 and float(first["step_gain"]) == 0.015
     page = (tmp_path / "index.html").read_text()
-    assert "<th>test acc %</th>" in page and "<td>81.23</td>" in page
+    assert "<th>test acc of best.pt %</th>" in page and "<td>81.23</td>" in page
 
 
 def test_a_run_that_did_not_run_shows_its_status_in_every_table(tmp_path):

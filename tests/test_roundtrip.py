@@ -74,8 +74,8 @@ def test_every_model_round_trips_through_evaluate_predict_and_export(
 
 
 def _readme_snippet() -> str:
-    """The README's plain-torchvision loading code: the 5 lines with the cifar-stem edit inside."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    """The guide's plain-torchvision loading code: the 5 lines with the cifar-stem edit inside."""
+    readme = (Path(__file__).parents[1] / "docs" / "guide.md").read_text()
     section = readme[readme.index("### `cifarlab export`") :]
     load, stem = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
     lines = load.splitlines()
@@ -83,7 +83,7 @@ def _readme_snippet() -> str:
 
 
 def _plain_torchvision_probabilities(folder: Path, images: np.ndarray) -> np.ndarray:
-    """Run the README snippet on `folder/model.safetensors` as a user without cifarlab would."""
+    """Run the guide's snippet on `folder/model.safetensors` as a user without cifarlab would."""
     (folder / "fast.json").write_text((folder / "model.json").read_text())
     (folder / "fast.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     cwd, scope = os.getcwd(), {}

@@ -130,3 +130,36 @@ def test_a_run_being_trained_is_named_as_busy_not_as_one_to_resume(tmp_path):
         holder.wait()
     with pytest.raises(UserError, match="add --resume"):  # its holder gone: resumable again
         claim_run_dir(run, resume=False)
+
+
+def _killed_while_holding_the_lock(run: Path) -> None:
+    """A `train` SIGKILLed before it saved anything: `run` holds only its `.lock`."""
+    code = (
+        "import os, sys; from pathlib import Path; from cifarlab.rundir import RunLock\n"
+        "Path(sys.argv[1]).mkdir(); RunLock(Path(sys.argv[1])).__enter__()\n"
+        "os.kill(os.getpid(), 9)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(run)], check=False)
+    assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+def test_a_folder_left_holding_only_a_killed_runs_lock_is_trained_into_as_new(
+    synthetic_images, tmp_path
+):
+    from cifarlab.train import train
+    from tests.conftest import make_config, write_synthetic_folder
+
+    run = tmp_path / "run"
+    _killed_while_holding_the_lock(run)
+    one_class = write_synthetic_folder(tmp_path / "one", classes=("red",))
+    bad = make_config(data=str(one_class), data_root=str(tmp_path / "d"), model="cnn")
+    with pytest.raises(UserError, match="only one class"):
+        train(bad, run, log=lambda s: None)
+    assert not run.exists()  # removed as a new folder would be, not left empty
+    _killed_while_holding_the_lock(run)
+    config = make_config(
+        data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", epochs=1,
+        batch_size=8, val_size=6,
+    )  # fmt: skip
+    train(config, run, log=lambda s: None)
+    assert (run / "best.pt").is_file() and not (run / ".lock").exists()

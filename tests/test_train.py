@@ -261,7 +261,7 @@ def test_the_run_length_estimate_leaves_out_the_first_step(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
     run = types.SimpleNamespace(
-        batches=[None] * 20, val_labels=[], hw=types.SimpleNamespace(device=torch.device("cpu")),
+        batches=[None] * 20, val_labels=[], test_labels=None, hw=types.SimpleNamespace(device=torch.device("cpu")),
         config=TrainConfig(epochs=3, batch_size=100),
     )  # fmt: skip
     said = []

@@ -1,6 +1,6 @@
 """cifarlab: train, analyse and compare image classifiers on CIFAR-10/100 and folders of small images.
 
-The Python API (README, "Python API"; the functions live in `cifarlab.api`):
+The Python API (docs/guide.md, "Python API"; the functions live in `cifarlab.api`):
 
     import cifarlab
     config = cifarlab.recipe("fast-cpu", epochs=2, data="cifar10")   # a checked TrainConfig

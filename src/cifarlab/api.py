@@ -1,5 +1,5 @@
 """The Python API: a recipe with overrides, training, evaluation, and a trained model that
-classifies anything image-like. Re-exported by `cifarlab` (see README, "Python API"):
+classifies anything image-like. Re-exported by `cifarlab` (see docs/guide.md, "Python API"):
 
     import cifarlab
     config = cifarlab.recipe("fast-cpu", epochs=2, data="cifar10")
@@ -31,6 +31,7 @@ from cifarlab.data.images import BadImage, decode_image, image_array
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.predict import load_predictor
+from cifarlab.rundir import RunDirTaken
 from cifarlab.train import Result, train
 
 __all__ = [
@@ -64,7 +65,10 @@ def train_model(
     With `resume`, an interrupted run in `out` continues (a finished one is returned as is)."""
     if isinstance(config, str):
         config = recipe(config)
-    return train(config, Path(out), resume=resume, log=log or (lambda s: None))
+    try:
+        return train(config, Path(out), resume=resume, log=log or (lambda s: None))
+    except RunDirTaken as exc:
+        raise UserError(exc.worded(resume="pass resume=True", out="out")) from None
 
 
 def _source(run: str | Path | Result) -> str:

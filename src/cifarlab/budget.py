@@ -205,7 +205,8 @@ class Plan:
         done, total, n_val = epoch * n + steps, total_steps(c, n), len(run.val_labels)
         if total <= done:
             return None
-        val_image = val_seconds / n_val if n_val else 0.0
+        scored = n_val + self.n_test  # each epoch scores validation and test (a record)
+        val_image = val_seconds / scored if scored else 0.0
         final = val_image * final_images(c, n_val, self.n_test)
         left = self.shape.time_budget - (time.perf_counter() - self.started)
         if epoch == 0:
@@ -237,7 +238,7 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
     c, n = run.config, len(run.batches)
     timings = measure(run)
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
-    per_epoch = n_val * timings.val_image
+    per_epoch = (n_val + n_test) * timings.val_image  # each epoch scores val and test
     final = timings.val_image * final_images(c, n_val, n_test)
     left = c.time_budget - (time.perf_counter() - started) - build_seconds
     first = early_steps(c, n)

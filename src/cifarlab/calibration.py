@@ -59,7 +59,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
     """The run's validation split, loaded again from the data its config names."""
-    from cifarlab.evaluate import EvalOptions, load_eval_set  # evaluate imports this module
+    from cifarlab.evaluate import EvalOptions, load_eval_set  # matplotlib, unneeded by train
 
     data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
     return ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)

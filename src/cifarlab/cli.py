@@ -206,7 +206,12 @@ def _result_line(result) -> str:
         )
     if result.test_acc is not None:
         tta = "" if result.test_tta_acc is None else f" ({result.test_tta_acc:.2%} with TTA)"
-        parts.append(f"test acc {result.test_acc:.2%}{tta}")
+        final = "final test acc" if result.best_test_acc is not None else "test acc"
+        parts.append(f"{final} {result.test_acc:.2%}{tta}")
+    if result.best_test_acc is not None:
+        parts.append(
+            f"best test acc over epochs {result.best_test_acc:.2%} (chosen on test: optimistic)"
+        )
     parts.append(f"{result.seconds:.0f}s")
     return ", ".join(parts)
 

@@ -148,9 +148,8 @@ class TrainConfig:
 
     # --- run control ---
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))  # numpy and torch take 0..2**32-1
-    # the seed that draws the subset and the held-out validation split (-1 = `seed`): fix it to
-    # compare initialisations on one validation split
-    split_seed: int = field(default=-1, metadata=_range(-1, MAX_SEED))
+    split_seed: int = field(default=-1, metadata=_range(-1, MAX_SEED))  # draws the subset and
+    # the held-out validation split (-1 = `seed`): fix it to compare initialisations on one split
     save_every_steps: int = field(default=0, metadata=_range(0))  # mid-epoch last.pt, 0 = off
     on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))
     eval_batch_size: int = field(default=500, metadata=_range(1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -212,6 +213,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
             for i, c in enumerate(classes)
         },
         "most_confused": pairs,
+        "most_confused_pairs": metrics.most_confused_pairs(cm, classes),
         "calibration": calib,
         **_temperature_entries(loaded.temperature, logits, y, opts.split),
         "checkpoint": str(ckpt_path),
@@ -224,7 +226,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         tta_logits = predict_logits(model, images, normalize, opts.batch_size, opts.tta)
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
-    report["training"] = {"epochs": len(rows), "seconds": float(sum(r["seconds"] for r in rows))}
+    report["training"] = _training_entry(rows)
     chosen = _chosen_classes(opts, classes, pc)
     groups = _gallery_groups(data, probs, classes, chosen)
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
@@ -272,6 +274,18 @@ def _left(out: Path) -> str:
     if out.is_dir():
         return f"{out} has no report.json (incomplete: evaluate again)"
     return f"nothing was written to {out}"
+
+
+def _training_entry(rows: list[dict]) -> dict:
+    """Length and time of the run; its per-epoch test record when it has one: the final
+    epoch's, and without validation (the lesson's protocol) the best epoch's, chosen on test."""
+    entry = {"epochs": len(rows), "seconds": float(sum(r["seconds"] for r in rows))}
+    tests = [r.get("test_acc", float("nan")) for r in rows]
+    if rows and not math.isnan(tests[-1]):
+        entry["final_test_acc"] = tests[-1]
+        if all(math.isnan(r["val_acc"]) for r in rows):
+            entry["best_test_acc"] = max(t for t in tests if not math.isnan(t))
+    return entry
 
 
 def _undefined(key: str, pc: dict, i: int) -> bool:
@@ -355,6 +369,14 @@ def _summary(report: dict, out: Path, log) -> None:
     log(
         "most confused: "
         + (", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs) or "none")
+    )
+    both = report["most_confused_pairs"][:3]
+    log(
+        "most confused pairs (both directions): "
+        + (
+            ", ".join(f"{p['classes'][0]} <-> {p['classes'][1]} ({p['count']})" for p in both)
+            or "none"
+        )
     )
     if "expected_calibration_error_before" in report:
         log(

@@ -7,7 +7,7 @@
   the metadata is the archive's extra file `cifarlab.json` (read it back with
   `torch.export.load(path, extra_files={"cifarlab.json": ""})`).
 - `safetensors`: the bare network's weights (no normalisation inside) in `<name>.safetensors`
-  and the metadata as `<name>.json` beside it, for loading without cifarlab (README).
+  and the metadata as `<name>.json` beside it, for loading without cifarlab (docs/guide.md).
 
 Metadata (strings in ONNX, JSON values otherwise): `classes`, `image_size`, `mean`, `std`,
 `temperature` (calibrated probabilities are softmax(logits / temperature); 1.0 if never

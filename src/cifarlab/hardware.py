@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from cifarlab.config import TrainConfig, default_data_root
+from cifarlab.distributed import from_rank0
 from cifarlab.errors import UserError
 from cifarlab.memory import ENV
+from cifarlab.models import create_model
 
 
 def synchronize(device: torch.device) -> None:
@@ -99,8 +101,6 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
         torch.backends.cudnn.allow_tf32 = True
     speedup = None
     if d is not None and d.active:
-        from cifarlab.distributed import from_rank0
-
         # rank 0 alone times (and writes the kept file); the others take its answer
         speedup = lambda: from_rank0(bf16_speedup() if d.main else 0.0, d, device)  # noqa: E731
     amp, reason = choose_amp(config.amp, device, speedup=speedup)
@@ -136,9 +136,9 @@ def choose_amp(
     requested: str, device: torch.device, flags: set[str] | None = None, speedup=None
 ) -> tuple[str, str]:
     """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported. On the CPU: bf16
-    with AMX tiles (2.9-3.2x fp32 on a Xeon with AMX); with AVX512-BF16 but no AMX the answer
-    differs by CPU (0.78-0.83x on a Xeon, 1.6-2.3x on an AMD EPYC, benchmarks/cpu_precision.py),
-    so `speedup()` times both (`bf16_speedup`, about 1 s alone, once per machine); else fp32. `flags` and
+    with AMX tiles (about 3x fp32); with AVX512-BF16 but no AMX the answer differs by CPU
+    (slower than fp32 on some, twice as fast on others: benchmarks/cpu_precision.py and
+    docs/benchmarks.md), so `speedup()` times both (`bf16_speedup`, about 1 s alone, once per machine); else fp32. `flags` and
     `speedup` inject the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"
@@ -173,7 +173,7 @@ def bf16_speedup() -> float:
     """`time_bf16_speedup` once per machine: kept in `hardware.json` in the default data root
     ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's model and torch's version, so that
     every later run here (training, evaluate, predict) makes the same choice instead of one that
-    flips with the load of the moment (alone 1.6-1.9x on an AMD EPYC; 0.17x-1.9x read under a hostile pass's load).
+    flips with the load of the moment (other processes on the CPU can turn a 1.9x gain into 0.2x).
     Delete the file to time again."""
     path = default_data_root() / KEPT
     key = f"{_cpu_model()} | torch {torch.__version__}"  # not the threads: evaluate and predict
@@ -212,8 +212,6 @@ def time_bf16_speedup(rounds: int = 4) -> float:
     CPU: fastnet's forward and backward on 64 random images, alternating, after one warm-up
     each; the fastest of `rounds` each, since other work on the machine only ever slows a step
     (medians of 2 read 0.5x-3.9x under a load of 3). The global random state is left as it was."""
-    from cifarlab.models import create_model  # models import nothing from here; keep it lazy
-
     # callers may be scoring under inference mode (predict_logits): this times a backward pass
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cifarlab.augment import Normalize
 from cifarlab.errors import UserError
+from cifarlab.hardware import inference_hardware
 from cifarlab.models import ModelArgs, build_model
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}  # model passes per image
@@ -36,14 +37,10 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
     logits. Without `hardware`, the precision follows training's rule for the images' device
-    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is put
-    in the hardware's memory format (a no-op when it is: training's own validation)."""
-    from cifarlab.hardware import inference_hardware
-
+    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is
+    left in its memory format: channels_last inputs alone pick the channels_last kernels, with the
+    same logits as a channels_last model."""
     hardware = hardware or inference_hardware(images.device)
-    if hardware.channels_last:
-        with torch.inference_mode(False):  # weights, not inference tensors (Grad-CAM's backward)
-            model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     out = []

@@ -48,6 +48,29 @@ def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict]
     return pairs
 
 
+def most_confused_pairs(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict]:
+    """The class pairs mistaken for each other most, both directions summed (cat<->dog):
+    each direction's count, their sum, and the sum's share of both classes' images."""
+    both = np.triu(cm + cm.T, k=1)
+    order = np.argsort(-both, axis=None, kind="stable")[:n]
+    pairs = []
+    for flat in order:
+        a, b = divmod(int(flat), cm.shape[0])
+        if both[a, b] == 0:
+            break
+        support = cm[a].sum() + cm[b].sum()
+        pairs.append(
+            {
+                "classes": [classes[a], classes[b]],
+                "count": int(both[a, b]),
+                "forward": int(cm[a, b]),  # true classes[a] predicted classes[b]
+                "backward": int(cm[b, a]),
+                "share": float(both[a, b] / support) if support else 0.0,
+            }
+        )
+    return pairs
+
+
 def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
     """Expected calibration error and the per-bin confidence/accuracy of the top prediction."""
     conf = probs.max(1)

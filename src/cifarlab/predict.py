@@ -12,7 +12,7 @@ import torch
 
 from cifarlab.augment import Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.data.images import BadImage, decode_image, is_image_name
+from cifarlab.data.images import BadImage, decode_image, is_image_name, visible_entries
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import printable
 from cifarlab.errors import UserError
@@ -21,11 +21,12 @@ from cifarlab.inference import load_model, predict_logits
 
 
 def image_files(paths: list[str]) -> Iterator[Path]:
-    """Files as given, folders walked for image files, in a stable order."""
+    """Files as given, folders walked for image files (junk left out, as in training), in a
+    stable order."""
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+            yield from (p for p in visible_entries(path) if p.is_file() and is_image_name(p))
         elif path.exists():
             yield path
         else:
@@ -135,13 +136,13 @@ class OnnxPredictor(_ExportedPredictor):
                 "predicting with .onnx needs the extra: pip install 'cifarlab[onnx]'"
             ) from None
         try:
-            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            self.runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise UserError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
-        _read_meta(self, _json_fields(self.session.get_modelmeta().custom_metadata_map), path)
+        _read_meta(self, _json_fields(self.runner.get_modelmeta().custom_metadata_map), path)
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": batch})[0]
+        return self.runner.run(None, {"images": batch})[0]
 
 
 class Pt2Predictor(_ExportedPredictor):

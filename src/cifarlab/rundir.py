@@ -18,6 +18,7 @@ except ImportError:  # Windows: the `filelock` package instead
 
 METRICS_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
+    "test_loss", "test_acc",  # NaN when the data has no test split; never used to select
 ]  # fmt: skip
 
 
@@ -157,15 +158,33 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
         refuse_if_busy(run_dir)
     found, what = (run_files, "a run") if run_files else (names, "other files")
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    raise UserError(
-        f"--out {run_dir} already holds {what} ({shown}); add --resume to continue it or pick a new --out"
-    )
+    raise RunDirTaken(run_dir, what, shown)
+
+
+class RunDirTaken(UserError):
+    """`claim_run_dir`'s refusal, its fix worded for the caller: the CLI's flags by default,
+    `resume=True` for the Python API (`api.train_model`)."""
+
+    def __init__(self, run_dir: Path, what: str, shown: str):
+        self.run_dir, self.what, self.shown = run_dir, what, shown
+        super().__init__(self.worded())
+
+    def worded(self, resume: str = "add --resume", out: str = "--out") -> str:
+        return (
+            f"{out} {self.run_dir} already holds {self.what} ({self.shown}); "
+            f"{resume} to continue it or pick a new {out}"
+        )
+
+
+def _only_a_stale_lock(run_dir: Path) -> bool:
+    """`run_dir` holds nothing but the `.lock` of a run killed (SIGKILL) before it saved anything."""
+    return [p.name for p in run_dir.iterdir()] == [".lock"] and not _live_holder(run_dir / ".lock")
 
 
 def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
     """Create `run_dir` (and the folders above it) if needed and check it can hold checkpoints;
     the folders this call made, outermost first (`mkdir` says so: of two processes racing for
-    a new `--out`, only one made it)."""
+    a new `--out`, only one made it), `run_dir` among them when it held only a stale `.lock`."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir}: is a file, not a folder; pick another --out")
     missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
@@ -182,6 +201,8 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
         raise UserError(
             f"--out {run_dir}: cannot create the run directory ({exc.strerror})"
         ) from None
+    if not created and _only_a_stale_lock(run_dir):
+        created = [run_dir]  # as good as new: removed like a new one if this run never starts
     with removed_if_unstarted(run_dir, created):
         _check_room(run_dir, need_bytes)
     return created
@@ -233,7 +254,7 @@ def append_metrics(path: Path, row: dict) -> None:
         writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
         if new:
             writer.writeheader()
-        writer.writerow({k: row[k] for k in METRICS_FIELDS})
+        writer.writerow({k: row.get(k, float("nan")) for k in METRICS_FIELDS})
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -10,6 +10,7 @@ something cifarlab does not have yet is listed as not started, with the reason.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts)
     for row in rows:
-        if row["run"] in failed and "best_val_acc" not in row:
+        if row["run"] in failed and "epochs" not in row:
             row["status"] = f"cannot start: {failed[row['run']]}"
     from cifarlab.report.suite import write_suite_report
 
@@ -242,12 +243,9 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
         if run.requires and not histories:
             row["status"] = f"not started: needs {run.requires}"
         if histories:
-            best = [max(r["val_acc"] for r in h) for h in histories]
-            final = [h[-1]["val_acc"] for h in histories]
             row.update(
-                best_val_acc=statistics.mean(best),
-                best_val_acc_std=statistics.stdev(best) if len(best) > 1 else 0.0,
-                final_val_acc=statistics.mean(final),
+                _over_epochs(histories, "val_acc", "val"),
+                **_over_epochs(histories, "test_acc", "test"),
                 epochs=len(histories[0]),
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
@@ -258,15 +256,43 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 if values and all(v is not None for v in values):
                     row[key] = statistics.mean(values)
         rows.append(row)
-    ref = next((r for r in rows if r["run"] == suite.reference and "best_val_acc" in r), None)
+    _gains(rows, suite.reference)
+    return rows
+
+
+def gain_basis(rows: list[dict]) -> str:
+    """What runs are compared on: test accuracy when every run that ran has it (that of best.pt,
+    chosen on validation; without validation the best epoch's, as the lesson compares), else
+    the best validation accuracy."""
+    ran = [r for r in rows if "epochs" in r]
+    key = "test_acc" if any("best_val_acc" in r for r in ran) else "best_test_acc"
+    return key if ran and all(r.get(key) is not None for r in ran) else "best_val_acc"
+
+
+def _gains(rows: list[dict], reference: str) -> None:
+    key = gain_basis(rows)
+    ref = next((r for r in rows if r["run"] == reference and key in r), None)
     previous = None
     for row in rows:
-        if ref is not None and "best_val_acc" in row:
-            row["gain"] = row["best_val_acc"] - ref["best_val_acc"]
-        if previous is not None and "best_val_acc" in row:
-            row["step_gain"] = row["best_val_acc"] - previous["best_val_acc"]
-        previous = row if "best_val_acc" in row else previous
-    return rows
+        if ref is not None and key in row:
+            row["gain"] = row[key] - ref[key]
+        if previous is not None and key in row:
+            row["step_gain"] = row[key] - previous[key]
+        previous = row if key in row else previous
+
+
+def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[str, float]:
+    """best_<split>_acc (mean over seeds of each run's best epoch, and its std) and
+    final_<split>_acc; nothing when no epoch recorded `column` (no such split)."""
+    kept = [[r[column] for r in h if not math.isnan(r.get(column, math.nan))] for h in histories]
+    if not all(kept):
+        return {}
+    best = [max(v) for v in kept]
+    return {
+        f"best_{split}_acc": statistics.mean(best),
+        f"best_{split}_acc_std": statistics.stdev(best) if len(best) > 1 else 0.0,
+        f"final_{split}_acc": statistics.mean(v[-1] for v in kept),
+    }
 
 
 def _result(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ from cifarlab.errors import Interrupted, UserError
 
 MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
 DEFAULT_EXPERIMENT = "cifarlab"
-RESULT_METRICS = ("best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc")
+RESULT_METRICS = (
+    "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
+)  # fmt: skip
 RUN_FILES = ("config.yaml", "metrics.csv", "result.json")  # logged at the end of training
 
 
@@ -96,7 +99,9 @@ def flat_params(config: TrainConfig) -> dict[str, str | int | float | bool]:
 
 # --- TensorBoard ------------------------------------------------------------------------------
 
-EPOCH_SCALARS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
+EPOCH_SCALARS = (
+    "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s",
+)  # fmt: skip
 HPARAM_METRICS = ("val_acc", "val_loss", "train_loss", "best_val_acc", "final_val_acc")
 
 
@@ -114,27 +119,28 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
-        experiment, session_start, _ = _hparams(config)
+        experiment, start, _ = _hparams(config)
         self.writer.file_writer.add_summary(experiment)
-        self.writer.file_writer.add_summary(session_start)
+        self.writer.file_writer.add_summary(start)
         self.writer.flush()
 
     def log_epoch(self, row: dict) -> None:
         for key in EPOCH_SCALARS:
-            self.writer.add_scalar(key, row[key], row["epoch"])
+            if not math.isnan(row.get(key, math.nan)):  # no test split: no test scalars
+                self.writer.add_scalar(key, row[key], row["epoch"])
         self.writer.flush()
 
     def finish(self, result: Any) -> None:
         for key in ("best_val_acc", "final_val_acc"):
             self.writer.add_scalar(key, getattr(result, key), result.epochs)
-        self.writer.file_writer.add_summary(_hparams(None)[2])  # the session ended well
+        self.writer.file_writer.add_summary(_hparams(None)[2])  # the run ended well
 
     def close(self, error: BaseException | None) -> None:
         self.writer.close()
 
 
 def _hparams(config: TrainConfig | None):
-    """(experiment, session start, session end) summaries of the hparams plugin."""
+    """(experiment, start, end) summaries of the hparams plugin."""
     from torch.utils.tensorboard.summary import hparams
 
     values = flat_params(config) if config is not None else {}
@@ -207,7 +213,8 @@ class MLflowTracker:
         )
 
     def log_epoch(self, row: dict) -> None:
-        self._metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        self._metrics({k: v for k, v in values.items() if not math.isnan(v)}, row["epoch"])
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -23,6 +23,7 @@ from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_u
 from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, setup_hardware
+from cifarlab.inference import model_args
 from cifarlab.lookahead import Lookahead
 from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
@@ -57,6 +58,8 @@ class TrainingRun:
     fixed: set[int]  # ids of parameters that never train (e.g. whitened weights)
     dist: Dist
     data_fingerprint: str
+    test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
+    test_labels: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -149,8 +152,17 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
-        fixed, d, data_fingerprint(splits),
+        fixed, d, data_fingerprint(splits), *_test_tensors(splits, hw.device),
     )  # fmt: skip
+
+
+def _test_tensors(splits: Splits, device: torch.device) -> tuple:
+    """The test split on the device, (None, None) without one."""
+    if splits.test is None or len(splits.test) == 0:
+        return None, None
+    return to_device_uint8(splits.test.images, device), torch.from_numpy(splits.test.labels).to(
+        device
+    )
 
 
 def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
@@ -232,8 +244,6 @@ def data_fingerprint(splits: Splits) -> str:
 
 def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
     """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
-    from cifarlab.inference import model_args
-
     try:
         path = resolve_checkpoint(config.init_from)
     except UserError as exc:

@@ -5,7 +5,7 @@ pruned on validation accuracy per epoch (median rule). A study killed mid-trial 
 the dead trial's heartbeat goes stale, it is marked failed and retried, and the study runs
 until `--trials` trials have completed or been pruned.
 
-Search space (documented in the README), relative to the recipe:
+Search space (documented in docs/guide.md), relative to the recipe:
   lr               log-uniform in [recipe lr / 10, recipe lr * 3]
   weight_decay     log-uniform in [recipe wd / 10, recipe wd * 3] ([1e-5, 1e-3] for a recipe without)
   muon_lr          log-uniform in [recipe muon_lr / 3, recipe muon_lr * 3], with optimizer: muon

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import tarfile
@@ -10,7 +11,13 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from cifarlab.data.images import is_junk
 from cifarlab.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock to tell a live extraction's folder from a stale one
+    fcntl = None
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
@@ -20,6 +27,7 @@ ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 MAX_RATIO = 50
 MIN_TOTAL_BYTES = 64 << 20  # small archives may always extract this much
 MAX_MEMBER_BYTES = 64 << 20  # no training image comes near this
+PART = ".part-"  # `<key>.part-XXXX`: an extraction in progress beside its destination
 
 
 def is_archive(path: Path) -> bool:
@@ -72,7 +80,7 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
                 f"{archive}: member '{info.filename}' is a link; links are not extracted "
                 "(archive the files themselves)"
             )
-    return infos
+    return [i for i in infos if not is_junk(PurePosixPath(i.filename))]
 
 
 def _extract_zip(archive: Path, tmp: Path, budget: _Budget) -> None:
@@ -103,7 +111,7 @@ def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tarfile.
             )
         # Refuses absolute paths, '..' and devices; also drops unsafe permission bits.
         members.append(tarfile.data_filter(member, str(tmp)))
-    return members
+    return [m for m in members if not is_junk(PurePosixPath(m.name))]
 
 
 def _extract_tar(archive: Path, tmp: Path, budget: _Budget) -> None:
@@ -121,17 +129,56 @@ def _extract_tar(archive: Path, tmp: Path, budget: _Budget) -> None:
                 budget.copy(m.name, tf.extractfile(m), target)
 
 
+def _sweep_stale_parts(folder: Path) -> None:
+    """Remove the part folders in `folder` that no process holds locked: what an extraction
+    killed midway (SIGKILL, power loss) left; each is as large as the extracted data."""
+    for part in folder.glob("*" + PART + "*"):
+        try:
+            fd = os.open(part, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(part, ignore_errors=True)
+        except OSError:
+            pass  # held: a live extraction's
+        finally:
+            os.close(fd)
+
+
+def _new_part(dest: Path) -> tuple[Path, int | None]:
+    """A new temporary folder beside `dest` and the descriptor holding its `flock` for as long
+    as this process extracts into it (None where flock is missing). Stale parts are swept first,
+    under a lock on the folder that holds them, so no sweep takes a new part before it is locked.
+    """
+    if fcntl is None:
+        return Path(tempfile.mkdtemp(prefix=dest.name + PART, dir=dest.parent)), None
+    guard = os.open(dest.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        _sweep_stale_parts(dest.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + PART, dir=dest.parent))
+        held = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return tmp, held
+    except OSError:  # a file system without flock: extract unlocked, sweep nothing
+        return Path(tempfile.mkdtemp(prefix=dest.name + PART, dir=dest.parent)), None
+    finally:
+        os.close(guard)
+
+
 def extract_archive(archive: Path, dest: Path) -> Path:
     """Extract `archive` into `dest` (once; an existing complete `dest` is reused).
 
     Extraction goes to a temporary sibling folder renamed into place when done, so an
     interrupted extraction never leaves a half-filled `dest` that later runs would trust;
-    on any failure the temporary folder is removed.
+    on any failure the temporary folder is removed, and one left by a killed process is
+    removed by the next extraction (`_sweep_stale_parts`).
     """
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".part-", dir=dest.parent))
+    tmp, held = _new_part(dest)
     budget = _Budget(archive)
     try:
         if archive.name.lower().endswith(".zip"):
@@ -142,9 +189,13 @@ def extract_archive(archive: Path, dest: Path) -> Path:
     except tarfile.FilterError as exc:
         raise UserError(f"{archive}: unsafe member refused ({exc})") from None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as exc:
+        if isinstance(exc, OSError) and dest.is_dir():
+            return dest  # another process extracted the same archive first
         # RuntimeError: zipfile's encrypted members and (NotImplementedError) unknown compression
         raise UserError(f"{archive}: cannot extract ({exc}); is the file complete?") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if held is not None:
+            os.close(held)
     return dest

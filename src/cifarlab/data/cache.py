@@ -16,8 +16,9 @@ import numpy as np
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
-FORMAT = 3  # bump when the cached layout, decoding or key changes
-# (2: val/ folders, test/-only folders; 3: per-file key, 16-bit PNGs)
+FORMAT = 4  # bump when the cached layout, decoding or key changes
+# (2: val/ folders, test/-only folders; 3: per-file key, 16-bit PNGs; 4: junk files and
+# __MACOSX/ left out everywhere, a wrapper folder seen through beside them)
 
 
 def _stat(path: str) -> os.stat_result:

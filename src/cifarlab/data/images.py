@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,6 +20,22 @@ class BadImage(Exception):
 
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_junk(relative: PurePath) -> bool:
+    """Never data, in any command: hidden files and folders (.DS_Store, .ipynb_checkpoints/, the
+    AppleDouble `._x.jpg` macOS writes beside every file on other disks and into archives) and
+    the `__MACOSX/` folder of zips made on macOS. `relative` is a path below the folder walked,
+    so a file in a hidden folder is junk too."""
+    return any(
+        part == "__MACOSX" or (part.startswith(".") and part not in (".", ".."))
+        for part in relative.parts
+    )
+
+
+def visible_entries(folder: Path) -> list[Path]:
+    """Everything below `folder` (files, folders, links) that `is_junk` keeps, in a stable order."""
+    return sorted(p for p in folder.rglob("*") if not is_junk(p.relative_to(folder)))
 
 
 def _to_8bit_gray(img: Image.Image) -> Image.Image:

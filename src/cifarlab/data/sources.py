@@ -9,7 +9,7 @@ import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import ClassVar
 
 import numpy as np
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 import cifarlab.data.cache as cache
 from cifarlab.data.archive import extract_archive, is_archive
-from cifarlab.data.images import BadImage, decode_image, is_image_name
+from cifarlab.data.images import BadImage, decode_image, is_image_name, is_junk, visible_entries
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
@@ -42,7 +42,18 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _latin1_bytes(text, encoding="utf-8"):
+    """What `_codecs.encode` does in a protocol-2 pickle written by Python 3: bytes (the image
+    rows, b'data' keys) stored as `encode(<latin-1 text>, 'latin1')`. Only that form is rebuilt;
+    any other codec (some decompress or import) is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with the {encoding!r} codec")
+    return text.encode("latin1")
 
 
 def _read_batch(path: Path) -> dict:
@@ -158,21 +169,27 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def _visible(folder: Path) -> list[Path]:
+    """The entries of `folder` itself that are data, not junk (`is_junk`)."""
+    return [p for p in folder.iterdir() if not is_junk(PurePath(p.name))]
+
+
 def _holds_images(folder: Path) -> bool:
     """A class folder holds images itself; a wrapper folder holds only folders."""
-    return any(p.is_file() and is_image_name(p) for p in folder.iterdir())
+    return any(p.is_file() and is_image_name(p) for p in _visible(folder))
 
 
 def _find_layout(root: Path) -> Layout:
     """`root/{train,val|valid,test}/<class>` (any of them), `root/<class>`, or one wrapper folder.
 
-    A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper.
+    A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper. Junk
+    beside the wrapper (a zip's `__MACOSX/`, `.DS_Store`) does not count as a second entry.
     """
     for _ in range(2):
         found = _split_folders(root)
         if found:
             return Layout(found.get("train"), found.get("val"), found.get("test"))
-        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+        entries = _visible(root)
         dirs = [p for p in entries if p.is_dir()]
         if len(dirs) == 1 and len(entries) == 1 and not _holds_images(dirs[0]):
             root = dirs[0]  # an archive often wraps everything in one top folder
@@ -189,7 +206,7 @@ def printable(name: str) -> str:
 
 
 def _class_dirs(folder: Path) -> list[str]:
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = sorted(p.name for p in _visible(folder) if p.is_dir())
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
@@ -200,9 +217,7 @@ def _class_dirs(folder: Path) -> list[str]:
 def _class_members(class_dir: Path) -> tuple[list[Path], list[str]]:
     """(image files, "path: reason" of the files left out) below one class folder."""
     images, skipped = [], []
-    for p in sorted(class_dir.rglob("*")):
-        if p.name.startswith("."):
-            continue
+    for p in visible_entries(class_dir):
         if p.is_symlink() and not p.exists():
             skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
         elif p.is_file() and is_image_name(p):
@@ -335,9 +350,25 @@ def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> Sourc
     cached = cache.load(root, key)
     if cached is not None:
         return cached
-    data = _load_folder(_local_folder(path, root, key), size, on_bad)
+    folder = _local_folder(path, root, key)
+    try:
+        data = _load_folder(folder, size, on_bad)
+    except UserError as exc:
+        if folder == path:
+            raise
+        raise UserError(_as_members(str(exc), folder, path)) from None
+    if folder != path:
+        data.skipped = [_as_members(line, folder, path) for line in data.skipped]
     cache.save(root, key, data)
     return data
+
+
+def _as_members(text: str, extracted: Path, archive: Path) -> str:
+    """`text` naming files inside `archive` as members (`pets.zip: pets/cat/1.jpg`), not by the
+    cache folder it was extracted to, which the person never made and should not edit."""
+    for inside in {str(extracted), printable(str(extracted))}:
+        text = text.replace(inside + os.sep, f"{archive}: ").replace(inside, str(archive))
+    return text
 
 
 def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> ImageSet | None:

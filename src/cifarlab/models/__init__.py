@@ -92,7 +92,8 @@ MODELS: dict[str, ModelSpec] = {
 for _name, _arch in ARCHS.items():
     MODELS[_name] = ModelSpec(
         _torchvision(_arch, lesson_stem),
-        f"torchvision {_arch} (pretrained: true for ImageNet weights; stem: cifar|imagenet)",
+        f"tv:{_arch} with the lesson's stem (a ResNet's conv1: fresh 3x3, stride 1); "
+        "stem: imagenet builds exactly tv:" + _arch,
         takes_weights=True,
         has_stems=True,
         named_weights=True,

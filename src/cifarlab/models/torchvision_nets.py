@@ -143,8 +143,9 @@ def _load(net: nn.Module, arch: str, state: dict) -> None:
 
 
 def lesson_stem(net: nn.Module, log) -> None:
-    """The fixed tv-* names' stem: a ResNet's 7x7 conv1 becomes a fresh 3x3 stride-1 conv (its
-    checkpoints hold that shape); other families as `cifar_stem`."""
+    """The fixed tv-* names' stem, the only thing that tells `tv-<builder>` from `tv:<builder>`:
+    a ResNet's 7x7 conv1 becomes a fresh 3x3 stride-1 conv (the lesson's transfer model; its
+    checkpoints hold that shape); other families as `cifar_stem`, so there the names agree."""
     if not hasattr(net, "conv1"):
         cifar_stem(net, log)
         return

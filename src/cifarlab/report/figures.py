@@ -140,6 +140,9 @@ def curves(rows: list[dict], path: Path) -> None:
     axes[0].set_title("loss")
     axes[1].plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
     axes[1].plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
+    if any(not np.isnan(r.get("test_acc", np.nan)) for r in rows):  # a record, not for selection
+        axes[0].plot(epochs, [r["test_loss"] for r in rows], "o-", label="test")
+        axes[1].plot(epochs, [r["test_acc"] for r in rows], "o-", label="test")
     axes[1].set_title("accuracy")
     axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
     axes[2].set_title("learning rate (epoch start)")

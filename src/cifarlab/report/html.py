@@ -81,6 +81,20 @@ def _calibration(r: dict, out: Path) -> str:
     return about + _img(out / "calibration.png", alt) + _note(r.get("calibration_note"))
 
 
+def _test_note(r: dict) -> str:
+    """What the test curve is, and the lesson's best-on-test figure beside the final one."""
+    train = r.get("training", {})
+    if train.get("best_test_acc") is not None:
+        return _note(
+            f"No validation split: best.pt is the last epoch's weights. Final test accuracy "
+            f"{train['final_test_acc']:.2%}; best test accuracy over epochs "
+            f"{train['best_test_acc']:.2%} (chosen on test: optimistic)."
+        )
+    if train.get("final_test_acc") is not None:
+        return _note("Test accuracy per epoch is a record only: best.pt is chosen on validation.")
+    return ""
+
+
 def write_report(report: dict, config: dict, out: Path) -> Path:
     r = report
     cards = [
@@ -109,6 +123,11 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
     pairs = [
         [p["true"], p["predicted"], p["count"], f"{p['share']:.1%}"] for p in r["most_confused"]
     ]
+    both = [
+        [f"{p['classes'][0]} ↔ {p['classes'][1]}", p["count"], p["forward"], p["backward"],
+         f"{p['share']:.1%}"]
+        for p in r.get("most_confused_pairs", [])
+    ]  # fmt: skip
     train = r.get("training", {})
     sub = (
         f"{html.escape(str(config.get('model')))} · recipe {html.escape(str(config.get('recipe')))} · "
@@ -116,7 +135,7 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
         f"split {html.escape(r['split'])} of {html.escape(str(r['data']))}"
     )
     curves = (
-        _img(out / "curves.png", "training curves")
+        _img(out / "curves.png", "training curves") + _test_note(r)
         if (out / "curves.png").exists()
         else f'<p class="note">{html.escape(r.get("curves_note", "no curves"))}</p>'
     )
@@ -126,7 +145,8 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
 <main><div class="cards">{cards_html}</div>
 <section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
 <div class="two"><section><h2>Per-class accuracy</h2>{_img(out / "per_class.png", "per-class accuracy")}</section>
-<section><h2>Most confused pairs</h2>{_table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
+<section><h2>Most confused pairs, both directions</h2>{_table(["pair", "count", "first → second", "second → first", "share of both"], both)}
+<h2>Most confused, one direction</h2>{_table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
 {_gallery(r, out)}
 <section><h2>Calibration</h2>{_calibration(r, out)}</section>
 <section><h2>Per class</h2>{_table(["class", "accuracy", "precision", "recall", "F1", "support"], per_class_rows)}</section>

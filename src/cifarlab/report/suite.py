@@ -14,12 +14,26 @@ from urllib.parse import quote
 from cifarlab.report import figures
 from cifarlab.report.html import CSS
 
-# Each PNG is one graph with every run on it (Exercises 2.4 and 4.3); curves.png shows both.
-FIGURES = {
-    "curves_val_acc.png": [("val_acc", "validation accuracy")],
-    "curves_train_loss.png": [("train_loss", "training loss")],
-    "curves.png": [("val_acc", "validation accuracy"), ("train_loss", "training loss")],
-}
+# Each PNG is one graph with every run on it (Exercises 2.4 and 4.3), drawn only when some run
+# recorded its column; curves.png shows the accuracies and the training loss together.
+PANELS = {
+    "test_acc": ("test accuracy", "Test accuracy per epoch, all runs (a record: best.pt is chosen on validation)"),
+    "val_acc": ("validation accuracy", "Validation accuracy per epoch, all runs"),
+    "train_loss": ("training loss", "Training loss per epoch, all runs"),
+}  # fmt: skip
+
+
+def _recorded(rows: list[dict]) -> list[str]:
+    """The PANELS columns some run's metrics.csv filled (not NaN on every row)."""
+    return [
+        key
+        for key in PANELS
+        if any(not math.isnan(e.get(key, math.nan)) for r in rows for h in r.get("histories") or [] for e in h)
+    ]  # fmt: skip
+
+
+def _filled(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _pct(value, signed=False) -> str:
@@ -28,9 +42,13 @@ def _pct(value, signed=False) -> str:
     return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
 
 
-def _best(r: dict) -> str:
-    std = f" ± {r['best_val_acc_std'] * 100:.2f}" if r.get("seeds", 1) > 1 else ""
-    return _pct(r.get("best_val_acc")) + (std if r.get("best_val_acc") is not None else "")
+def _best(split: str):
+    def cell(r: dict) -> str:
+        value = r.get(f"best_{split}_acc")
+        std = f" ± {r[f'best_{split}_acc_std'] * 100:.2f}" if r.get("seeds", 1) > 1 else ""
+        return _pct(value) + (std if value is not None else "")
+
+    return cell
 
 
 @dataclass(frozen=True)
@@ -38,35 +56,38 @@ class Column:
     key: str  # results.csv name
     header: str  # results.md and index.html heading
     cell: Callable[[dict], str]  # the row's text, for a run that ran
-    optional: bool = False  # shown only when some row has `key` (filled by summarise)
+    optional: bool = True  # shown only when some row has `key` (no column of empty cells)
 
 
 COLUMNS = [
-    Column("run", "run", lambda r: r["run"]),
-    Column("changes", "what changed", lambda r: r["changes"]),
-    Column("seeds", "seeds", lambda r: str(r["seeds"])),
-    Column("best_val_acc", "best val acc % (mean ± std)", _best),
+    Column("run", "run", lambda r: r["run"], optional=False),
+    Column("changes", "what changed", lambda r: r["changes"], optional=False),
+    Column("seeds", "seeds", lambda r: str(r["seeds"]), optional=False),
+    Column("best_val_acc", "best val acc % (mean ± std)", _best("val")),
     Column("best_val_acc_std", "", lambda r: ""),  # CSV only: inside best_val_acc's cell
     Column("final_val_acc", "final val acc %", lambda r: _pct(r.get("final_val_acc"))),
     Column("tta_val_acc", "final with TTA %", lambda r: _pct(r.get("tta_val_acc"))),
-    Column("test_acc", "test acc %", lambda r: _pct(r.get("test_acc")), optional=True),
+    Column("best_test_acc", "best test acc % over epochs", _best("test")),
+    Column("best_test_acc_std", "", lambda r: ""),  # CSV only: inside best_test_acc's cell
+    Column("final_test_acc", "final test acc %", lambda r: _pct(r.get("final_test_acc"))),
+    Column("test_acc", "test acc of best.pt %", lambda r: _pct(r.get("test_acc"))),
     Column("gain", "gain", lambda r: _pct(r.get("gain"), signed=True)),
     Column(
         "step_gain",
         "gain over previous",
         lambda r: _pct(r.get("step_gain"), signed=True),
-        optional=True,
     ),
-    Column("epochs", "epochs", lambda r: str(r["epochs"])),
+    Column("epochs", "epochs", lambda r: str(r["epochs"]), optional=False),
     Column("seconds", "train time", lambda r: f"{r['seconds'] / 60:.1f} min"),
     Column("images_per_s", "img/s", lambda r: f"{r['images_per_s']:.0f}"),
-    Column("status", "", lambda r: ""),  # CSV only: why a run did not run
+    Column("status", "", lambda r: "", optional=False),  # CSV only: why a run did not run
 ]
 
 
 def columns(rows: list[dict]) -> list[Column]:
-    """Every column, less the optional ones no row fills (test_acc only when data has a test split)."""
-    return [c for c in COLUMNS if not c.optional or any(r.get(c.key) is not None for r in rows)]
+    """Every column, less the optional ones no row fills (test columns only when the data has a
+    test split, validation ones only with a validation split)."""
+    return [c for c in COLUMNS if not c.optional or any(_filled(r.get(c.key)) for r in rows)]
 
 
 def _shown(rows: list[dict]) -> list[Column]:
@@ -91,13 +112,26 @@ def write_suite_report(suite, rows: list[dict], out: Path) -> None:
         )
     (out / "results.md").write_text(_markdown(suite, rows))
     runs = [(r["run"], r.get("histories") or []) for r in rows]
-    for name, panels in FIGURES.items():
-        figures.runs_curves(runs, panels, out / name)
+    recorded = _recorded(rows)
+    for key in PANELS:
+        (out / f"curves_{key}.png").unlink(missing_ok=True)  # a figure of an earlier, other table
+    for key in recorded:
+        figures.runs_curves(runs, [(key, PANELS[key][0])], out / f"curves_{key}.png")
+    if recorded:
+        figures.runs_curves(runs, [(k, PANELS[k][0]) for k in recorded], out / "curves.png")
     (out / "index.html").write_text(_index(suite, rows, out))
 
 
 def _notes(suite, rows: list[dict]) -> list[str]:
-    notes = [f"Gain: best validation accuracy minus that of `{suite.reference}`, in points."]
+    from cifarlab.suites import gain_basis
+
+    basis = {
+        "best_val_acc": "best validation accuracy",
+        "test_acc": "test accuracy of best.pt (chosen on validation)",
+        "best_test_acc": "best test accuracy over epochs (no validation split: chosen on test, "
+        "optimistic, as the lesson reports it)",
+    }[gain_basis(rows)]
+    notes = [f"Gain: {basis} minus that of `{suite.reference}`, in points."]
     if any(r.get("step_gain") is not None for r in rows):
         notes.append("Gain over previous: the gain over the run in the row above, in points.")
     return notes
@@ -162,6 +196,14 @@ def _table(rows: list[dict], out: Path) -> str:
 _SUITE_CSS = "td:nth-child(2),th:nth-child(2),td:last-child,th:last-child{text-align:left}"
 
 
+def _curve_sections(rows: list[dict]) -> str:
+    return "\n".join(
+        f'<section><h2>{html.escape(PANELS[k][1])}</h2><img src="curves_{k}.png" '
+        f'alt="{PANELS[k][0]} of every run per epoch"></section>'
+        for k in _recorded(rows)
+    )
+
+
 def _index(suite, rows: list[dict], out: Path) -> str:
     name = html.escape(suite.name)
     notes = "".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in _notes(suite, rows))
@@ -176,6 +218,5 @@ def _index(suite, rows: list[dict], out: Path) -> str:
 <main><div class="cards">{_cards(rows)}</div>
 <section><h2>Results</h2>{_table(rows, out)}{notes}
 <p><a href="results.md">results.md</a> · <a href="results.csv">results.csv</a></p></section>
-<section><h2>Validation accuracy per epoch, all runs</h2><img src="curves_val_acc.png" alt="validation accuracy of every run per epoch"></section>
-<section><h2>Training loss per epoch, all runs</h2><img src="curves_train_loss.png" alt="training loss of every run per epoch"></section>
+{_curve_sections(rows)}
 {examples}</main></body></html>"""
