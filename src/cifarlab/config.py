@@ -507,6 +507,8 @@ def _installed(module: str) -> bool:
 
 
 EPOCH_KEYS = ("warmup_epochs", "freeze_epochs", "whiten_bias_epochs")  # scaled with `epochs`
+# How long a run trains, not what it computes per step: --epochs, --budget or a time budget set these
+LENGTH_KEYS = ("epochs", *EPOCH_KEYS, "time_budget", "train_steps")
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
@@ -605,8 +607,7 @@ def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         wanted = dataclasses.replace(wanted, split_seed=saved.split_seed)
     if wanted.time_budget and not wanted.train_steps and wanted.time_budget == saved.time_budget:
         # an unplanned config of the same budget: the run chose its length
-        length = ("epochs", "train_steps", *EPOCH_KEYS)
-        wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in length})
+        wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in LENGTH_KEYS})
     return [
         f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
         for k in FIELDS
