@@ -161,7 +161,12 @@ def _recipe_settings(recipe: str) -> dict[str, Any]:
 
 
 def cmd_train(args) -> int:
-    from cifarlab.train import train
+    from cifarlab import phases
+
+    if args.profile:
+        phases.enable(args.started)
+    with phases.phase("import (torch, cifarlab.train)"):
+        from cifarlab.train import train
 
     has_run = (args.out / "last.pt").is_file() or (args.out / "config.yaml").is_file()
     if args.resume and has_run:  # the run's own config, plus what is asked
@@ -192,6 +197,9 @@ def cmd_train(args) -> int:
         result = train(config, args.out, resume=args.resume, started=args.started)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
+        if args.profile:
+            phases.mark("command done")
+            print(phases.table())
     return 0
 
 
@@ -364,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = command("train", "train a model into a run directory")
     tr.add_argument("--out", required=True, type=Path, help="run directory")
+    tr.add_argument(
+        "--profile", action="store_true",
+        help="print where start-up and the end of the run went (data, model, probe, TTA, test pass)",
+    )  # fmt: skip
     tr.add_argument(
         "--recipe", help="recipe name (see `cifarlab recipes`) or YAML file (default seed-cnn)"
     )
