@@ -135,3 +135,20 @@ def test_sigterm_caught_and_rewrapped_inside_a_library_still_exits_143(monkeypat
     with pytest.raises(SystemExit) as stop:
         main(["models"])
     assert stop.value.code == 143
+
+
+def test_profile_prints_start_up_and_end_phases_in_order(capsys, synthetic_images, tmp_path):
+    code, out, _ = _cli(
+        capsys, "train", "--out", str(tmp_path / "run"), "--data", str(synthetic_images),
+        "--data-root", str(tmp_path / "d"), "--model", "cnn", "--epochs", "1", "--batch-size", "8",
+        "--val-size", "6", "--set", "width=0.25", "--set", "tta=flip", "--no-progress", "--profile",
+    )  # fmt: skip
+    assert code == 0
+    table = out[out.index("profile (seconds):") :]
+    for name in ("import", "data (cache read, split)", "model build", "first step", "final TTA"):
+        assert name in table
+    marks = [
+        float(line.split()[-1])
+        for line in table.split("since the command started:")[1].splitlines()[1:]
+    ]
+    assert len(marks) == 3 and marks == sorted(marks)  # first step, last step, command done

@@ -87,6 +87,10 @@ def test_a_missing_empty_or_only_hidden_directory_is_claimed(tmp_path):
     claim_run_dir(tmp_path, resume=False)
     (tmp_path / ".lock").write_text("1")
     claim_run_dir(tmp_path, resume=False)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # claiming writes nothing
+    (tmp_path / "notes.txt").write_text("mine")  # a visible file: no longer free to claim
+    with pytest.raises(UserError, match="other files"):
+        claim_run_dir(tmp_path, resume=False)
 
 
 def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):

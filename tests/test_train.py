@@ -1,6 +1,5 @@
 import csv
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -63,7 +62,8 @@ def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, ext
         tmp_path / "r",
         log=lambda s: None,
     )
-    assert len(result.history) == 1 and 0 <= result.final_val_acc <= 1
+    assert len(result.history) == 1
+    assert result.final_val_acc == pytest.approx(result.history[-1]["val_acc"])
     assert (result.tta_val_acc is not None) == ("tta" in extra)
     ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
     if extra.get("ema"):  # the EMA weights are their own average, not a copy of the model's
@@ -118,7 +118,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(real_jpegs, data_root, t
     deadline = time.time() + 120
     while not (killed / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.3))  # soon after the first mid-epoch save: a fast machine
+    time.sleep(0.15)  # soon after the first mid-epoch save: a fast machine
     # finishes the 3 epochs within a second or two of it, and the kill must land mid-run
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before the kill: nothing was tested"

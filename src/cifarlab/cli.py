@@ -149,10 +149,10 @@ def _recipe_settings(recipe: str) -> dict[str, Any]:
     """What `--recipe` asks of a resumed run: every key the recipe (and its bases) sets away from
     the defaults, so a file of the same name with other contents is not taken for it; not its
     length (--epochs, --budget or a time budget shaped the run's own: --epochs is compared)."""
-    from cifarlab.config import EPOCH_KEYS, FIELDS, RUNTIME_KEYS, TrainConfig, load_recipe
+    from cifarlab.config import FIELDS, LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, load_recipe
 
     wanted, default = load_recipe(recipe), TrainConfig()
-    skip = {*RUNTIME_KEYS, "epochs", "train_steps", "time_budget", *EPOCH_KEYS}
+    skip = {*RUNTIME_KEYS, *LENGTH_KEYS}
     return {
         k: getattr(wanted, k)
         for k in FIELDS
@@ -161,7 +161,12 @@ def _recipe_settings(recipe: str) -> dict[str, Any]:
 
 
 def cmd_train(args) -> int:
-    from cifarlab.train import train
+    from cifarlab import phases
+
+    if args.profile:
+        phases.enable(args.started)
+    with phases.phase("import (torch, cifarlab.train)"):
+        from cifarlab.train import train
 
     has_run = (args.out / "last.pt").is_file() or (args.out / "config.yaml").is_file()
     if args.resume and has_run:  # the run's own config, plus what is asked
@@ -192,6 +197,9 @@ def cmd_train(args) -> int:
         result = train(config, args.out, resume=args.resume, started=args.started)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
+        if args.profile:
+            phases.mark("command done")
+            print(phases.table())
     return 0
 
 
@@ -296,8 +304,17 @@ def cmd_suite(args) -> int:
         raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {args.seeds}: each seed once")
+    overrides = run_overrides(args)
+    weights = overrides.pop("weights", "")  # --weights or --set weights=: the pretrained arms only
     opts = SuiteOptions(
-        args.out, seeds or [0], args.only, run_overrides(args), args.epochs, args.budget
+        args.out,
+        seeds or [0],
+        args.only,
+        overrides,
+        args.epochs,
+        args.budget,
+        args.recipe,
+        weights,
     )
     rows = run_suite(args.name, opts)
     failed = [r["run"] for r in rows if str(r.get("status", "")).startswith("cannot start")]
@@ -356,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr = command("train", "train a model into a run directory")
     tr.add_argument("--out", required=True, type=Path, help="run directory")
     tr.add_argument(
+        "--profile", action="store_true",
+        help="print where start-up and the end of the run went (data, model, probe, TTA, test pass)",
+    )  # fmt: skip
+    tr.add_argument(
         "--recipe", help="recipe name (see `cifarlab recipes`) or YAML file (default seed-cnn)"
     )
     _run_flags(tr)
@@ -405,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(su)
     su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     su.add_argument("--only", help="run only this run of the suite")
+    su.add_argument(
+        "--recipe",
+        help="run every run of the suite on this recipe (e.g. lesson-cnn), its own settings on top",
+    )
+    su.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="ImageNet weights file for the runs that ask for them (pretrained: true) only",
+    )
     ex = command("export", "export a checkpoint as ONNX, a torch.export program or safetensors")
     ex.add_argument(
         "model",

@@ -120,6 +120,8 @@ class TrainConfig:
 
     # --- data pipeline and augmentation ---
     loader: str = field(default="device", metadata=_choice("device", "torchvision"))
+    drop_last: bool = True  # an epoch's last partial batch skipped (false: the torchvision
+    # loader trains on it too, as a plain DataLoader does: 391 steps for 50,000 at batch 128)
     crop_padding: int = field(default=4, metadata=_range(0))  # random-crop padding, 0 = no crop
     padding_mode: str = field(default="reflect", metadata=_choice("reflect", "zeros"))
     flip: bool = True
@@ -433,6 +435,10 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             "alt_flip needs loader: device (the torchvision loader flips by coin)",
         ),
         (
+            not config.drop_last and config.loader != "torchvision",
+            "drop_last: false needs loader: torchvision (the device loader trains on full batches)",
+        ),
+        (
             config.crop_padding >= config.image_size,
             f"crop_padding {config.crop_padding} is not below the image side ({config.image_size} px): "
             "a crop would be mostly padding (reflect padding cannot even make it); e.g. 4 for 32 px",
@@ -501,6 +507,8 @@ def _installed(module: str) -> bool:
 
 
 EPOCH_KEYS = ("warmup_epochs", "freeze_epochs", "whiten_bias_epochs")  # scaled with `epochs`
+# How long a run trains, not what it computes per step: --epochs, --budget or a time budget set these
+LENGTH_KEYS = ("epochs", *EPOCH_KEYS, "time_budget", "train_steps")
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
@@ -511,11 +519,19 @@ def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def _shaped(config: TrainConfig, epochs: int) -> TrainConfig:
+    """A staged run (`freeze: backbone`) keeps at least one head-only and one fine-tune epoch,
+    two epochs at the least: shortened until the backbone never unfroze, it would compare a
+    linear probe with fine-tuning under the fine-tuning arm's name."""
     ratio = epochs / config.epochs
+    staged = config.freeze == "backbone" and config.freeze_epochs > 0
+    epochs = max(epochs, 2) if staged else epochs
     values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
     for key in ("freeze_epochs", "whiten_bias_epochs"):
-        old = getattr(config, key)
-        values[key] = max(1, min(epochs, round(old * ratio))) if old else 0
+        old, last = (
+            getattr(config, key),
+            epochs - 1 if key == "freeze_epochs" and staged else epochs,
+        )
+        values[key] = max(1, min(last, round(old * ratio))) if old else 0
     return dataclasses.replace(config, **values)
 
 
@@ -591,8 +607,7 @@ def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         wanted = dataclasses.replace(wanted, split_seed=saved.split_seed)
     if wanted.time_budget and not wanted.train_steps and wanted.time_budget == saved.time_budget:
         # an unplanned config of the same budget: the run chose its length
-        length = ("epochs", "train_steps", *EPOCH_KEYS)
-        wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in length})
+        wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in LENGTH_KEYS})
     return [
         f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
         for k in FIELDS

@@ -59,6 +59,8 @@ class SuiteOptions:
     overrides: dict[str, Any] = field(default_factory=dict)  # for every run (data, --set, ...)
     epochs: int | None = None  # every run this long, its epoch-based settings in proportion
     budget: float | None = None  # every run at this fraction of its own epochs, likewise
+    recipe: str | None = None  # every run starts from this recipe instead of its own
+    weights: str = ""  # ImageNet weights file for the runs that ask for them (pretrained: true)
 
 
 def list_suites() -> dict[str, str]:
@@ -79,10 +81,17 @@ def _shape(config: TrainConfig, epochs: int | None, budget: float | None) -> Tra
 
 
 def load_suite(
-    name: str, base: dict[str, Any], epochs: int | None = None, budget: float | None = None
+    name: str,
+    base: dict[str, Any],
+    epochs: int | None = None,
+    budget: float | None = None,
+    recipe_for_all: str | None = None,
+    weights: str = "",
 ) -> Suite:
     """Parse and validate a suite: every run's config is built and checked (per field and across
-    fields) before anything trains, so a conflict in the last run fails at once."""
+    fields) before anything trains, so a conflict in the last run fails at once.
+    `recipe_for_all` replaces every run's recipe (its `set` still applies on top); `weights`
+    goes to the runs that ask for ImageNet weights only, so a scratch arm stays random."""
     path = _suite_path(name)
     spec = read_yaml_mapping(path)
     unknown = set(spec) - {"description", "reference", "runs", "cumulative", "examples"}
@@ -118,8 +127,11 @@ def load_suite(
         name = str(r["name"])
         if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
             raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
-        config = _shape(apply_overrides(load_recipe(recipe), carried, where=where), epochs, budget)
+        start = load_recipe(recipe_for_all or recipe)
+        config = _shape(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
+        if weights and config.pretrained:
+            config = apply_overrides(config, {"weights": weights}, where="--weights")
         validate_config(config, where=f"{where} ({name})")
         runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
     names = [r.name for r in runs]
@@ -141,7 +153,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.train import train
 
-    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget)
+    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe, opts.weights)
     if opts.only and opts.only not in [r.name for r in suite.runs]:
         raise UserError(
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cifarlab import phases
 from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
@@ -39,6 +40,7 @@ from cifarlab.distributed import all_sum, barrier, init_distributed
 from cifarlab.errors import ConfigChanged, Interrupted, UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
+from cifarlab.phases import phase
 from cifarlab.rundir import (
     RunLock,
     append_metrics,
@@ -175,8 +177,10 @@ def train(
         t_build = time.perf_counter()
         run, plan = build_run(config, log, d), None
         if config.time_budget and ckpt is None:  # choose the length, then build it
-            planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
-            run = build_run(planned, lambda s: None, d)
+            with phase("budget probe"):
+                planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
+            with phase("rebuild at the planned length"):
+                run = build_run(planned, lambda s: None, d)
         config = run.config  # resolved: input size, precision, length
         if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
             raise Interrupted(
@@ -208,6 +212,7 @@ def train(
             step, stats, epoch = 0, EpochStats(), epoch + 1
             if on_epoch is not None:
                 on_epoch(row)
+        phases.mark("last step done")
         result = _finish(run, run_dir, history, saver, log)
         tracker.finish(result)
         barrier(d)
@@ -426,6 +431,9 @@ def train_one_epoch(
         optimizer_step(run, epoch * n + step + 1)
         if step == start_step == 0:
             stats.first_step = time.perf_counter() - t0
+            if epoch == 0:
+                phases.record("first step", stats.first_step)
+                phases.mark("first step done")
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         stats.seen += len(y)
@@ -601,7 +609,8 @@ def _finish(
     tta_acc = None
     if c.tta != "none" and len(run.val_labels):
         t = time.perf_counter()
-        tta_acc = validate(run, c.tta)[1]
+        with phase("final TTA pass"):
+            tta_acc = validate(run, c.tta)[1]
         seconds += time.perf_counter() - t
         log(f"final val acc with {c.tta} TTA: {tta_acc:.2%}")
     if not len(run.val_labels):
@@ -610,15 +619,17 @@ def _finish(
         )
     if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
         val = ValSet(run.val_images, run.val_labels, run.hw, run.config.eval_batch_size)
-        calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
-    test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
+        with phase("temperature fits"):
+            calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
+    with phase("test pass"):
+        test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
     finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     result = Result(
         run_dir, saver.best if finals else float("nan"), finals[-1] if finals else float("nan"),
         c.epochs, seconds, history[-1]["images_per_s"] if history else 0.0, history, tta_acc, test_acc, test_tta,
         None if finals else _best_test(history, log),
     )  # fmt: skip
-    if run.dist.main:
+    if run.dist.main:  # result.json
         (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
 

@@ -29,6 +29,7 @@ from cifarlab.models import ModelArgs, build_model, head_name
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
 from cifarlab.models.whitening import first_conv, init_whitening
 from cifarlab.muon import MuonSGD
+from cifarlab.phases import phase
 from cifarlab.schedules import make_scheduler, stretch
 
 # The usual CIFAR-10 training-set statistics, as lessons hard-code them (per pixel and channel).
@@ -94,11 +95,13 @@ def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: 
 
 
 def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
-    hw = setup_hardware(config, d)
+    with phase("precision decision (hardware)"):
+        hw = setup_hardware(config, d)
     log(hw.amp_reason)
     resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
-    splits = load_splits(config)
+    with phase("data (cache read, split)"):
+        splits = load_splits(config)
     log(
         f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
         + (f" / {len(splits.test)} test" if splits.test is not None else "")
@@ -114,7 +117,8 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
             f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
         )
     normalize = Normalize(*input_statistics(config, splits))
-    args, model, fixed = _build_model(config, splits, normalize, hw, d, log)
+    with phase("model build (whitening init)"):
+        args, model, fixed = _build_model(config, splits, normalize, hw, d, log)
     _warn_small_chunks(config, model, log, d.world)
     step_model = model
     if d.active:
@@ -147,12 +151,14 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     lookahead = None
     if config.lookahead:
         lookahead = Lookahead(model, config.lookahead_every, config.lookahead_decay, total)
+    with phase("data fingerprint"):
+        fingerprint = data_fingerprint(splits)
     return TrainingRun(
         config, hw, splits, args, model, step_model, optimizer, scheduler,
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
         to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
-        fixed, d, data_fingerprint(splits), *_test_tensors(splits, hw.device),
+        fixed, d, fingerprint, *_test_tensors(splits, hw.device),
     )  # fmt: skip
 
 
@@ -339,8 +345,24 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
     BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
     c = run.config
     set_trainable(run.model, c, run.fixed, epoch)
+    if c.freeze == "backbone" and epoch == 0:
+        log(_staged_plan(c))
     if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
+
+
+def _staged_plan(c: TrainConfig) -> str:
+    fresh = (
+        "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and stays "
+        "random until then"
+        if c.model.startswith("tv-resnet") and c.stem == "cifar"
+        else ""
+    )
+    return (
+        f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is frozen "
+        f"(weights and BatchNorm statistics){fresh}; all layers train from epoch "
+        f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+    )
 
 
 def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:

@@ -28,6 +28,7 @@ import yaml
 
 from cifarlab.config import (
     EPOCH_KEYS,
+    LENGTH_KEYS,
     RUNTIME_KEYS,
     TrainConfig,
     apply_overrides,
@@ -250,7 +251,7 @@ def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]
     values, after these)."""
     typed = base.to_dict()
     keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
-    return {k: typed[k] for k in [*keys, "epochs", *EPOCH_KEYS, "time_budget", "train_steps"]}
+    return {k: typed[k] for k in [*keys, *LENGTH_KEYS]}
 
 
 def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:

@@ -136,7 +136,8 @@ class TorchvisionBatches:
         self.batch_size = min(config.batch_size, len(data))
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size
+        whole, part = divmod(len(self.dataset), self.batch_size)
+        return whole + (1 if part and not self.config.drop_last else 0)
 
     def epoch(
         self, epoch: int, start_step: int = 0

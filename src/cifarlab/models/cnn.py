@@ -34,3 +34,33 @@ class CIFAR10CNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+_PER_BLOCK = 8  # conv, bn, relu, conv, bn, relu, pool, dropout
+
+
+def lesson_state_dict(ckpt: dict) -> dict:
+    """A `cnn` checkpoint's weights under the lesson's own keys, for its `CIFAR10CNN` written
+    flat: `features` one `nn.Sequential` of the three blocks' 24 layers (`features.0` the first
+    conv ... `features.23` the last Dropout2d), `classifier` the Linear, ReLU, Dropout, Linear
+    after `x.view(x.size(0), -1)`. `torch.save` the result and `load_state_dict(strict=True)`."""
+    from cifarlab.errors import UserError
+
+    args = ckpt.get("model_args", {})
+    if (
+        args.get("name") != "cnn"
+        or args.get("width", 1.0) != 1.0
+        or args.get("image_size", 32) != 32
+    ):
+        raise UserError(
+            f"the lesson's CIFAR10CNN is model cnn at width 1 on 32 px images; this checkpoint "
+            f"holds {args.get('name')} (width {args.get('width')}); train with --recipe lesson-cnn"
+        )
+    out = {}
+    for key, value in ckpt["model"].items():
+        part, *index, leaf = key.removeprefix("_orig_mod.").split(".")
+        if part == "features":
+            out[f"features.{int(index[0]) * _PER_BLOCK + int(index[1])}.{leaf}"] = value
+        else:  # our classifier starts with nn.Flatten, the lesson's flattens in forward
+            out[f"classifier.{int(index[0]) - 1}.{leaf}"] = value
+    return out
