@@ -174,9 +174,10 @@ def test_calibrating_a_run_being_trained_is_refused(tmp_path):
 
     _tiny_run(tmp_path, val_size=9)
     before = (tmp_path / "run" / "best.pt").read_bytes()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    hold = f"from cifarlab.rundir import RunLock as L; import pathlib, time\nwith L(pathlib.Path({str(tmp_path / 'run')!r})):\n print('held', flush=True); time.sleep(30)"
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / "run" / ".lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "held"
         for target in (tmp_path / "run", tmp_path / "run" / "best.pt"):
             with pytest.raises(UserError, match=rf"in use by process {holder.pid}; wait for it"):
                 calibrate_run(target, log=lambda s: None)
@@ -197,3 +198,38 @@ def test_last_pt_holding_best_pt_weights_is_fitted_once_and_gets_its_temperature
     assert len(lines) == 2 and "same weights as best.pt" in lines[1]
     best, last = (load_checkpoint(tmp_path / "run" / n) for n in ("best.pt", "last.pt"))
     assert last["temperature"] == best["temperature"] != 1.0
+
+
+class _StopAfterOneEpoch(Exception):
+    pass
+
+
+def test_calibrate_holds_the_run_lock_so_a_resume_cannot_roll_last_pt_back(tmp_path, monkeypatch):
+    import cifarlab.calibration as calibration
+    from cifarlab.rundir import read_metrics
+
+    def stop(row):
+        raise _StopAfterOneEpoch
+
+    write_synthetic_folder(tmp_path / "data" / "train")
+    config = make_config(
+        data=str(tmp_path / "data"), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+        epochs=2, batch_size=8, val_size=9, lr=0.01, warmup_epochs=0.0, tta="none",
+    )  # fmt: skip
+    run = tmp_path / "run"
+    with pytest.raises(_StopAfterOneEpoch):
+        train(config, run, log=lambda s: None, on_epoch=stop)
+    fit, raced = calibration.fit_temperature, []
+
+    def fit_while_a_resume_starts(logits, labels):  # the resume starts while calibrate works
+        try:
+            train(None, run, resume=True, log=lambda s: None)
+        except UserError as exc:
+            raced.append(str(exc))
+        return fit(logits, labels)
+
+    monkeypatch.setattr(calibration, "fit_temperature", fit_while_a_resume_starts)
+    calibrate_run(run / "last.pt", log=lambda s: None)  # the file the resume would rewrite
+    assert raced and "in use by process" in raced[0]
+    last_epoch = int(read_metrics(run / "metrics.csv")[-1]["epoch"])
+    assert load_checkpoint(run / "last.pt")["epoch"] >= last_epoch

@@ -116,3 +116,12 @@ def test_a_file_torch_did_not_write_is_named_as_such(tmp_path, capsys, content):
         load_checkpoint(other)
     assert main(["evaluate", str(other)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_disk_room_is_counted_from_the_runs_own_checkpoints_less_what_it_holds(tmp_path):
+    from cifarlab.rundir import checkpoint_room
+
+    assert checkpoint_room(tmp_path) == 3 * 70_000_000  # a new run: the estimate
+    (tmp_path / "last.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "best.pt").write_bytes(b"x" * 1000)
+    assert checkpoint_room(tmp_path) == 1000  # replacing them needs one temporary copy

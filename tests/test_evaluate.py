@@ -414,6 +414,76 @@ def test_scoring_runs_as_training_scored_precision_and_memory_format(monkeypatch
     assert torch.equal(scored, predict_logits(model, images, norm, hardware=as_trained))
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_in_one_line_by_every_command(
+    tiny_run, tmp_path, capsys
+):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+
+    run = tmp_path / "nan-run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval-*", ".lock"))
+    for name in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(run / name)
+        first = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+        ckpt["model"][first].fill_(float("nan"))
+        torch.save(ckpt, run / name)  # as a damaged file would hold it (atomic_save is not checked)
+    image = next((tiny_run.parent / "src" / "train" / "cat").glob("*.png"))
+    for argv in (
+        ["evaluate", str(run)], ["predict", str(run), str(image)],
+        ["export", str(run)], ["calibrate", str(run)],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "non-finite weights" in err and len(err.splitlines()) == 1, (argv, err)
+    assert not (run / "eval-val").exists()
+
+
+def _mtimes(folder):
+    return {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+
+
+def test_an_evaluation_stopped_while_writing_leaves_the_earlier_report_whole(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    from cifarlab.report import figures
+
+    out = tmp_path / "ev"
+    evaluate(EvalOptions(str(tiny_run), out=out), log=lambda s: None)
+    before = _mtimes(out)
+
+    def sigterm(*args, **kwargs):  # what SIGTERM raises in the CLI (exit 143)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(figures, "mistakes", sigterm)
+    with pytest.raises(SystemExit):
+        evaluate(EvalOptions(str(tiny_run), out=out), log=lambda s: None)
+    assert _mtimes(out) == before
+    assert "earlier report, unchanged" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["ev"]  # no temporary folder left
+    with pytest.raises(SystemExit):
+        evaluate(EvalOptions(str(tiny_run), out=tmp_path / "fresh"), log=lambda s: None)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_evaluate_on_a_full_disk_is_one_line_exit_2_and_leaves_nothing(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    from cifarlab.report import figures
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(figures, "confusion_matrix", full)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(tiny_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scoring_leaves_the_callers_model_in_its_memory_format():
     """predict_logits feeds channels_last inputs; the caller's weights stay as they were, and the
     logits equal those of the model converted to channels_last (as training holds it)."""

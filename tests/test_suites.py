@@ -89,6 +89,12 @@ def test_suite_writes_table_plot_index_and_skips_finished_runs(real_jpegs, tmp_p
     messages = []
     run_suite(str(path), opts, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 2
+    # killed during its evaluation: a report without report.json is evaluated again, not skipped
+    (tmp_path / "out" / "flip" / "eval-val" / "report.json").unlink()
+    messages = []
+    run_suite(str(path), opts, log=messages.append)
+    assert sum("finished earlier" in m for m in messages) == 1
+    assert (tmp_path / "out" / "flip" / "eval-val" / "report.json").is_file()
 
 
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):

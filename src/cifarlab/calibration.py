@@ -20,7 +20,7 @@ from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, pick_device
 from cifarlab.inference import load_model, predict_logits
-from cifarlab.rundir import refuse_if_busy
+from cifarlab.rundir import rewrite_lock
 
 CHECKPOINTS = ("best.pt", "last.pt")
 
@@ -132,9 +132,15 @@ def calibrate_run(
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UserError(f"{run_dir}: no such run directory or checkpoint")
-    refuse_if_busy(run_dir.parent if run_dir.is_file() else run_dir)  # its files being rewritten
-    if run_dir.is_file():
-        return calibrate_checkpoint(run_dir, log, device)["temperature"]
+    # held from reading the checkpoints to writing them: a `train --resume` meanwhile would save
+    # an epoch that the write of the copy read before it then rolls back
+    with rewrite_lock(run_dir.parent if run_dir.is_file() else run_dir):
+        if run_dir.is_file():
+            return calibrate_checkpoint(run_dir, log, device)["temperature"]
+        return _calibrate_present(run_dir, log, device, val)
+
+
+def _calibrate_present(run_dir: Path, log, device: str, val: ValSet | None) -> float:
     present = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
     if not present:
         raise UserError(

@@ -84,7 +84,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise UserError(f"{path}: not a readable checkpoint ({read_failure(path, exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
+    bad = non_finite(ckpt["model"]) or non_finite(ckpt.get("ema") or {})
+    if bad:  # scored, argmax of NaN is class 0: a plausible accuracy from broken weights
+        raise UserError(
+            f"{path}: non-finite weights ({bad}); the file is damaged or training diverged, "
+            "use an earlier checkpoint"
+        )
     return ckpt
+
+
+def non_finite(state: dict) -> str | None:
+    """The name of the first floating tensor of `state` holding NaN or inf, else None."""
+    return next(
+        (
+            k
+            for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+        ),
+        None,
+    )
 
 
 def resolve_checkpoint(path_or_run: str | Path, prefer: str = "best.pt") -> Path:
@@ -119,12 +137,10 @@ class Checkpointer:
         Returns whether `best.pt` was written."""
         if not self.enabled:
             return False
-        bad = [
-            k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()
-        ]
+        bad = non_finite(state["model"])
         if bad:
             raise NonFiniteWeights(
-                f"non-finite weights ({bad[0]}) before saving; {self.last} still holds the last "
+                f"non-finite weights ({bad}) before saving; {self.last} still holds the last "
                 "good state (lower --lr, or --set on_nan=skip)"
             )
         improved = end_of_epoch and (val_acc is None or val_acc > self.best)

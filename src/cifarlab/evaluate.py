@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,10 +196,6 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     pc = metrics.per_class(cm)
     calib = metrics.calibration(probs, y)
     pairs = metrics.most_confused(cm, classes)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create it ({exc.strerror})") from None
     report = {
         "accuracy": float((preds == y).mean()),
         "num_images": len(y),
@@ -230,11 +230,50 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     chosen = _chosen_classes(opts, classes, pc)
     groups = _gallery_groups(data, probs, classes, chosen)
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
-    _write_files(report, data, probs, groups, rows, out)
-    write_report(report, ckpt["config"], out)
+    with _report_folder(out) as part:
+        _write_files(report, data, probs, groups, rows, part)
+        write_report(report, ckpt["config"], part)
     log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
     _summary(report, out, log)
     return report
+
+
+@contextlib.contextmanager
+def _report_folder(out: Path):
+    """A temporary sibling of `out` to write the report into, moved into `out` file by file with
+    `report.json` last (removed first): a folder without `report.json` is an incomplete report,
+    and a stopped or failed write leaves `out` as it was, saying so in one line."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        part = Path(tempfile.mkdtemp(prefix=f".{out.name}.part-", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror})") from None
+    try:
+        yield part
+        out.mkdir(exist_ok=True)
+        (out / "report.json").unlink(missing_ok=True)
+        if not (part / "curves.png").exists():  # no metrics.csv now: an earlier run's curves go
+            (out / "curves.png").unlink(missing_ok=True)
+        for f in sorted(part.iterdir(), key=lambda f: f.name == "report.json"):
+            os.replace(f, out / f.name)
+    except OSError as exc:  # a full disk: one line and exit 2, not a PNG writer's traceback
+        raise UserError(
+            f"--out {out}: could not write the report ({exc.strerror or exc}); "
+            f"{_left(out)}; free space and evaluate again"
+        ) from None
+    except (KeyboardInterrupt, SystemExit):
+        print(f"evaluate stopped; {_left(out)}", file=sys.stderr)
+        raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def _left(out: Path) -> str:
+    if (out / "report.json").is_file():
+        return f"{out} holds the earlier report, unchanged"
+    if out.is_dir():
+        return f"{out} has no report.json (incomplete: evaluate again)"
+    return f"nothing was written to {out}"
 
 
 def _training_entry(rows: list[dict]) -> dict:
@@ -310,7 +349,6 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
     if rows:
         figures.curves(rows, out / "curves.png")
     else:
-        (out / "curves.png").unlink(missing_ok=True)
         report["curves_note"] = "no metrics.csv beside the checkpoint, so no training curves"
     (out / "report.json").write_text(json.dumps(report, indent=1))
 

@@ -131,6 +131,17 @@ class RunLock:
             self._fallback = None
 
 
+def rewrite_lock(run_dir: Path):
+    """The run's lock, for a command that rewrites its files; nothing to take when this process
+    holds it already (training calibrates its own run at its end)."""
+    fd = os.open(run_dir / ".lock", os.O_RDONLY) if (run_dir / ".lock").exists() else None
+    pid = None
+    if fd is not None:
+        pid = _pid_in(fd)
+        os.close(fd)
+    return contextlib.nullcontext() if pid == os.getpid() else RunLock(run_dir)
+
+
 def claim_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a `--out` that already holds a run's files or anything else, unless `resume`.
 
@@ -195,6 +206,14 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
     with removed_if_unstarted(run_dir, created):
         _check_room(run_dir, need_bytes)
     return created
+
+
+def checkpoint_room(run_dir: Path, estimate: int = 70_000_000) -> int:
+    """Bytes a run still needs for `last.pt`, `best.pt` and the temporary copy written beside
+    one: three checkpoints the size of its own `last.pt` when it has one (else `estimate`),
+    less what its checkpoints already hold, which the new ones replace."""
+    held = [p.stat().st_size for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
+    return max(0, 3 * max(held, default=estimate) - sum(held))
 
 
 def _check_room(run_dir: Path, need_bytes: int) -> None:

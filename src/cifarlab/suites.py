@@ -171,7 +171,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             log(f"[{run.name}] cannot start: needs {run.requires}")
             continue
         split = "val" if run.config.val_size else "test"
-        if (run_dir / "result.json").is_file() and (run_dir / f"eval-{split}").is_dir():
+        report = run_dir / f"eval-{split}" / "report.json"  # written last: a complete report
+        if (run_dir / "result.json").is_file() and report.is_file():
             log(f"[{run_dir.name}] finished earlier with this config, skipped")
             continue
         say = lambda s, n=run_dir.name: log(f"  [{n}] {s}")  # noqa: E731

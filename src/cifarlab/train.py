@@ -44,6 +44,7 @@ from cifarlab.phases import phase
 from cifarlab.rundir import (
     RunLock,
     append_metrics,
+    checkpoint_room,
     claim_run_dir,
     prepare_run_dir,
     read_metrics,
@@ -164,7 +165,7 @@ def train(
             f"--time-budget {config.time_budget:g}s was spent before training could start "
             f"({spent:.1f} s of start-up); give a budget of minutes, e.g. 15m"
         )
-    created = prepare_run_dir(run_dir, need_bytes=200_000_000) if d.main else []
+    created = prepare_run_dir(run_dir, checkpoint_room(run_dir)) if d.main else []
     barrier(d)
     lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
     with (
