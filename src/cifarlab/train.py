@@ -553,9 +553,12 @@ def validate(
     )
     if labels is None or len(labels) == 0:
         return None, None
+    plain = run.val_logits if split == "val" and tta != "none" else None
     logits = predict_logits(
-        run.eval_model, images, run.normalize, run.config.eval_batch_size, tta, hardware=run.hw
+        run.eval_model, images, run.normalize, run.config.eval_batch_size, tta, run.hw, plain
     )
+    if split == "val" and tta == "none":
+        run.val_logits = logits
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
@@ -622,7 +625,11 @@ def _finish(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
     if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
-        val = ValSet(run.val_images, run.val_labels, run.hw, run.config.eval_batch_size)
+        known = None if run.ema is not None else (run.model.state_dict(), run.val_logits)
+        val = ValSet(
+            run.val_images, run.val_labels, run.hw, run.config.eval_batch_size,
+            None if run.val_logits is None else known,
+        )  # fmt: skip
         with phase("temperature fits"):
             calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
     with phase("test pass"):

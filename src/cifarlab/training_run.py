@@ -62,6 +62,9 @@ class TrainingRun:
     data_fingerprint: str
     test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
     test_labels: torch.Tensor | None = None
+    # the eval model's logits on val from the latest validation, reused by the final TTA pass
+    # (its first view) and the temperature fit (the same weights): two of six passes saved
+    val_logits: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
