@@ -153,7 +153,8 @@ class TrainConfig:
     split_seed: int = field(default=-1, metadata=_range(-1, MAX_SEED))  # draws the subset and
     # the held-out validation split (-1 = `seed`): fix it to compare initialisations on one split
     save_every_steps: int = field(default=0, metadata=_range(0))  # mid-epoch last.pt, 0 = off
-    on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))
+    on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))  # a non-finite or
+    # exploding batch loss (over 10x a uniform guess's): stop as diverged, or skip the batch
     eval_batch_size: int = field(default=500, metadata=_range(1))
     tta: str = field(
         default="none", metadata=_choice("none", "flip", "flip-translate")
