@@ -28,6 +28,9 @@ import torch
 from cifarlab.config import TrainConfig
 from cifarlab.data import load_splits
 
+TIMER_PATCH = [  # main() returns its own timer too (training and the final TTA, CUDA events)
+    ("    return tta_val_acc\n", "    return tta_val_acc, total_time_seconds\n"),
+]
 FP32_PATCHES = [  # (what airbench94.py says, what it says here)
     (".half()", ".float()"),
     ("torch.half", "torch.float"),
@@ -51,9 +54,10 @@ class _WallClock:
 """
 
 
-def write_airbench_data(folder: Path, data: str, seed: int) -> tuple[int, int]:
-    """cifarlab's train/val split `seed` of `data` as airbench's cifar10/train.pt and test.pt."""
-    splits = load_splits(TrainConfig(data=data, seed=seed))
+def write_airbench_data(folder: Path, data: str, seed: int, subset: int = 0, val_size: int = 5000):
+    """cifarlab's train/val split `seed` of `data` as airbench's cifar10/train.pt and test.pt
+    (as `cifarlab train --seed S [--subset N --val-size M]` splits it): (train, val) counts."""
+    splits = load_splits(TrainConfig(data=data, seed=seed, subset=subset, val_size=val_size))
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in (("train.pt", splits.train), ("test.pt", splits.val)):
         torch.save(
@@ -84,6 +88,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="cifarlab split seeds, e.g. 0,1,2")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--fp32", action="store_true", help="on cuda: fp32 instead of fp16")
+    parser.add_argument(
+        "--subset", type=int, default=0, help="as cifarlab's --subset (a quick try)"
+    )
+    parser.add_argument("--val-size", type=int, default=5000)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.device == "cpu":
@@ -91,7 +99,7 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     else:
         patches, precision = (FP32_PATCHES, "fp32") if args.fp32 else ([], "fp16")
-    source = patched(args.airbench, patches)
+    source = patched(args.airbench, [*TIMER_PATCH, *patches])
     source = source.replace("'train_epochs': 9.9", f"'train_epochs': {args.epochs}")
     accs, data = [], str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,20 +108,26 @@ def main() -> None:
         exec(compile(WALL_CLOCK + source, args.airbench, "exec"), namespace)
         namespace["print_columns"](namespace["logging_columns_list"], is_head=True)
         for seed in seeds:
-            n_train, n_val = write_airbench_data(Path(tmp) / "cifar10", data, seed)
+            t0 = time.perf_counter()
+            n_train, n_val = write_airbench_data(
+                Path(tmp) / "cifar10", data, seed, args.subset, args.val_size
+            )
+            written = time.perf_counter() - t0
             if args.device == "cuda" and not accs:
                 namespace["main"]("warmup")  # cudnn's autotuning, on shuffled labels (its own)
             t0 = time.perf_counter()
-            acc = namespace["main"](seed)
+            acc, timer = namespace["main"](seed)
             wall = time.perf_counter() - t0
             accs.append(acc)
             images = round(n_train // 1024 * args.epochs) * 1024
             print(
                 f"airbench94 ({args.device}, {precision}) on split {seed}: {n_train} train / "
                 f"{n_val} val images, {args.epochs} epochs ({images} training images): "
-                f"{acc:.2%} with its TTA; {wall:.1f} s wall (its own timer, training and TTA "
-                "only, is the last column above)"
+                f"{acc:.2%} with its TTA; {timer:.2f} s by its own timer (training and TTA), "
+                f"{wall:.1f} s wall; the split written in {written:.1f} s"
             )
+            # one line for benchmarks/gpu_fast.sh's side-by-side table
+            print(f"RESULT\tairbench94\t{seed}\t{timer:.3f}\t{written:.3f}\t{acc:.4f}")
     if len(accs) > 1:
         mean, std = statistics.mean(accs), statistics.stdev(accs)
         print(f"airbench94 over splits {args.seeds}: mean {mean:.2%}, std {std:.2%} (TTA)")

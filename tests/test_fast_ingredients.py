@@ -1,6 +1,8 @@
 """The speed-record ingredients as switches on any model: alternating flip, lookahead,
 whitening with a bias that stops training after N epochs."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,54 @@ def test_chunks_too_small_for_batchnorm_are_warned_about():
     assert "as small as 8 images" in said(2000, 996)[0]  # 996, 996 and 8
     assert said(2000, 500) == said(2000, 0) == said(2000, 1000, world=2) == []
     assert said(8, 4)  # a small batch is the user's choice; its chunks of 4 still warn
+
+
+def test_sgd_groups_match_torchs_sgd_when_a_parameter_starts_training_later():
+    """A parameter without gradients for the first steps (a frozen backbone, then unfrozen)
+    gets its momentum buffer at its first gradient; the others keep theirs."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    b = copy.deepcopy(a)
+    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-2)
+    ours = MuonSGD([{"params": list(b.parameters()), "weight_decay": 1e-2}], lr=0.1, momentum=0.85,
+                   nesterov=True)  # fmt: skip
+    for step in range(5):
+        x = torch.randn(8, 5)
+        for net, o in ((a, ref), (b, ours)):
+            net[0].requires_grad_(step >= 2)
+            o.zero_grad()
+            net(x).pow(2).sum().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _muon_reference(p, state, lr, momentum):
+    """Muon's step on one filter bank as first written: Nesterov momentum, the filters
+    rescaled to norm sqrt(outputs), the orthogonalised step."""
+    g = p.grad
+    if "buf" not in state:
+        state["buf"] = g.clone()
+    else:
+        state["buf"].mul_(momentum).add_(g)
+    g = g.add(state["buf"], alpha=momentum)
+    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+    p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-lr)
+
+
+def test_muon_groups_step_as_the_per_filter_bank_rule():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+    b = copy.deepcopy(a)
+    ours = MuonSGD([{"params": list(b.parameters()), "muon": True}], lr=0.2, momentum=0.6,
+                   nesterov=True)  # fmt: skip
+    states = [{} for _ in a.parameters()]
+    for _ in range(4):
+        x = torch.randn(2, 3, 9, 9)
+        for net in (a, b):
+            net.zero_grad()
+            net(x).pow(2).sum().backward()
+        with torch.no_grad():
+            for p, s in zip(a.parameters(), states, strict=True):
+                _muon_reference(p, s, 0.2, 0.6)
+        ours.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

@@ -45,23 +45,42 @@ class MuonSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not group["muon"] and group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                state = self.state[p]
-                if momentum:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = g.detach().clone()
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(g)
-                    buf = state["momentum_buffer"]
-                    g = g.add(buf, alpha=momentum) if nesterov else buf
-                if group["muon"]:
-                    p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
-                    g = orthogonalize(g.reshape(len(g), -1)).view_as(p)
-                p.add_(g, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                (_muon_step if group["muon"] else _sgd_step)(params, group, self.state)
         return loss
+
+
+def _momentum(params, grads, group, state) -> list[torch.Tensor]:
+    """The momentum buffers updated with `grads` (a buffer starts as its first gradient, as in
+    torch.optim.SGD); the step direction (Nesterov: gradient + momentum x buffer)."""
+    momentum = group["momentum"]
+    if not momentum:
+        return grads
+    pairs = zip(params, grads, strict=True)
+    held = [(state[p]["momentum_buffer"], g) for p, g in pairs if "momentum_buffer" in state[p]]
+    if held:  # (a parameter that starts training later, e.g. after a frozen backbone, has none)
+        torch._foreach_mul_([b for b, _ in held], momentum)
+        torch._foreach_add_([b for b, _ in held], [g for _, g in held])
+    for p, g in zip(params, grads, strict=True):
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = g.detach().clone()
+    bufs = [state[p]["momentum_buffer"] for p in params]
+    return torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+
+
+def _sgd_step(params, group, state) -> None:
+    """torch.optim.SGD's rule (coupled weight decay, momentum, Nesterov) over the whole group
+    at once: one launch per operation on a GPU, not one per tensor (the same arithmetic, per
+    tensor, on the CPU)."""
+    grads = [p.grad for p in params]
+    if group["weight_decay"]:
+        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    torch._foreach_add_(params, _momentum(params, grads, group, state), alpha=-group["lr"])
+
+
+def _muon_step(params, group, state) -> None:
+    """Filters rescaled to norm sqrt(outputs), then an orthogonalised step of size lr."""
+    for p, g in zip(params, _momentum(params, [p.grad for p in params], group, state), strict=True):
+        p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
+        p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-group["lr"])
