@@ -79,15 +79,15 @@ def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, ext
 def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(
     real_jpegs, data_root, tmp_path, monkeypatch
 ):
-    import cifarlab.train as training
+    import cifarlab.step as step
 
     seen = []
 
     def recording_loss(logits, targets, smoothing):
         seen.append((targets.ndim, targets.dtype, smoothing))
-        return training.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        return step.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
-    monkeypatch.setattr(training, "loss_fn", recording_loss)
+    monkeypatch.setattr(step, "loss_fn", recording_loss)
     train(_config(real_jpegs, data_root, epochs=1, model="fastnet", mixup_alpha=0.2, cutmix_alpha=1.0,
                   label_smoothing=0.1), tmp_path / "mix", log=lambda s: None)  # fmt: skip
     assert seen and all(n == 2 and d == torch.float32 and s == 0.1 for n, d, s in seen)
