@@ -148,8 +148,8 @@ def train(
     on_epoch=None, changes: dict[str, Any] | None = None, started: float | None = None,
 ) -> Result:  # fmt: skip
     """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
-    `config` (or, when None, the saved config with `changes`) must equal the saved one except
-    in RUNTIME_KEYS. `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
+    `config` (or, when None, the saved config with `changes`) must be the same run as the saved
+    one (`config.differences`). `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
     A time budget counts from `started` (a `time.perf_counter()` reading; default: now)."""
     started = time.perf_counter() if started is None else started
     run_dir, d = Path(run_dir), init_distributed()
@@ -245,64 +245,57 @@ def _correct_plan(
 
 
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
-    """The config this call trains, and the checkpoint it continues (or None)."""
-    last = run_dir / "last.pt"
+    """The config this call trains, and the checkpoint it continues (or None). Resumed, the
+    config asked for (`config`, or the saved one with `changes`) must be the same run as the
+    saved one (`config.differences`); before the first checkpoint it starts over."""
+    last, started = run_dir / "last.pt", run_dir / "config.yaml"
     if not resume:
         claim_run_dir(run_dir, resume=False)
         return config, None
-    if not last.is_file():
-        return _restart(config, run_dir, changes, log), None
-    ckpt = load_checkpoint(last)
-    saved = apply_overrides(TrainConfig(), ckpt["config"], where=f"{last} config")
-    wanted = _matching(
-        saved, config, changes,
-        lambda keys: f"--resume {run_dir}: a run continues with the config it started with, and this "
-        f"asks to change {keys}; drop those flags, or train a new --out (--init-from {run_dir})",
-    )  # fmt: skip
-    runtime = {k: getattr(wanted, k) for k in RUNTIME_KEYS}
-    return dataclasses.replace(saved, **runtime), ckpt
+    if not last.is_file() and not started.is_file():
+        return _nothing_to_resume(config, run_dir, log), None
+    ckpt = load_checkpoint(last) if last.is_file() else _refuse_over_results(run_dir)
+    stored = ckpt["config"] if ckpt else read_yaml_mapping(started)
+    saved = apply_overrides(TrainConfig(), stored, where=f"{last} config" if ckpt else str(started))
+    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
+    differ = ", ".join(config_changes(saved, wanted)[:6])
+    if differ and ckpt:
+        raise ConfigChanged(
+            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
+            f"to change {differ}; drop those flags, or train a new --out (--init-from {run_dir})"
+        )
+    if differ:
+        raise ConfigChanged(
+            f"--resume {run_dir}: it started with another config ({differ}); drop those flags, "
+            "or train a new --out"
+        )
+    if ckpt is None:
+        log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
+        return wanted, None
+    return dataclasses.replace(saved, **{k: getattr(wanted, k) for k in RUNTIME_KEYS}), ckpt
 
 
-def _restart(config, run_dir: Path, changes: dict, log) -> TrainConfig:
-    """--resume before the first checkpoint: the run starts over with the config it started
-    with (`config.yaml`), which a given config must match."""
-    started = run_dir / "config.yaml"
-    if not started.is_file():
-        if config is None:
-            raise UserError(
-                f"--resume: {run_dir} holds no run to continue; drop --resume to start one"
-            )
-        if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-            raise UserError(
-                f"--resume: {run_dir} holds no run to continue, only other files; pick an empty --out"
-            )
-        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
-        return config
+def _nothing_to_resume(config, run_dir: Path, log) -> TrainConfig:
+    """--resume into a folder without a run: a given config starts there, if it holds no files."""
+    if config is None:
+        raise UserError(f"--resume: {run_dir} holds no run to continue; drop --resume to start one")
+    if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise UserError(
+            f"--resume: {run_dir} holds no run to continue, only other files; pick an empty --out"
+        )
+    log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
+    return config
+
+
+def _refuse_over_results(run_dir: Path) -> None:
+    """last.pt removed from a run that trained: starting over would replace what it left."""
     kept = [n for n in ("result.json", "best.pt") if (run_dir / n).is_file()]
-    if kept:  # last.pt was removed from a run that trained: starting over would replace these
+    if kept:
         raise UserError(
             f"--resume: {run_dir} has {' and '.join(kept)} but no last.pt "
             f"({'a finished run' if kept[0] == 'result.json' else 'it was removed'}): it cannot be "
             "continued, and starting over would replace them; train a new --out to train it again"
         )
-    saved = apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started))
-    wanted = _matching(
-        saved, config, changes,
-        lambda keys: f"--resume {run_dir}: it started with another config ({keys}); drop those flags, "
-        "or train a new --out",
-    )  # fmt: skip
-    log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
-    return wanted
-
-
-def _matching(saved: TrainConfig, config, changes: dict, refusal) -> TrainConfig:
-    """The config asked for (`config`, or `saved` with `changes`), refused with the message
-    `refusal(changed keys)` when it would compute something other than `saved`."""
-    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
-    differ = config_changes(saved, wanted)
-    if differ:
-        raise ConfigChanged(refusal(", ".join(differ[:6])))
-    return wanted
 
 
 def _finished(ckpt: dict) -> bool:
