@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.config import TrainConfig
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, import_extra
 from cifarlab.rundir import RECORD_FILES
 
 MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
@@ -98,13 +98,8 @@ class TensorBoardTracker:
     HParams dashboard) attached to the same run, with the best and final accuracy as metrics."""
 
     def __init__(self, run_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
-            ) from None
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        tensorboard = import_extra("torch.utils.tensorboard", "tensorboard", "tensorboard: true")
+        self.writer = tensorboard.SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
         experiment, start, _ = _hparams(config)
@@ -138,16 +133,6 @@ def _hparams(config: TrainConfig | None):
 # --- MLflow ---------------------------------------------------------------------------------
 
 
-def _mlflow():
-    try:
-        import mlflow
-    except ImportError:
-        raise UserError(
-            "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'"
-        ) from None
-    return mlflow
-
-
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir.resolve().parent / 'mlflow.db').as_posix()}"
 
@@ -165,7 +150,7 @@ class MLflowTracker:
     """Params (the resolved config), every epoch's metrics, the run's files and `best.pt`."""
 
     def __init__(self, config: TrainConfig, run_dir: Path):
-        mlflow = _mlflow()
+        mlflow = import_extra("mlflow", "mlflow", "tracking: mlflow")
         self.run_dir = run_dir
         self.uri = config.tracking_uri or default_tracking_uri(run_dir)
         self.experiment = config.experiment or DEFAULT_EXPERIMENT
