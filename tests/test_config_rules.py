@@ -6,6 +6,7 @@ import torch
 from cifarlab.cli import main
 from cifarlab.config import (
     apply_overrides,
+    differences,
     load_recipe,
     parse_set_options,
     validate_config,
@@ -146,3 +147,25 @@ def test_cli_version_debug_after_subcommand_and_shared_flags(capsys, tmp_path):
     assert (
         "--budget" in help_text and "(default: sqlite" not in help_text and "--model" in help_text
     )
+
+
+def test_one_same_run_rule_ignores_runtime_keys_and_what_a_run_resolved():
+    saved = make_config(epochs=10, warmup_epochs=2.0, amp="bf16", input_size=64, seed=3)
+    same = dict(threads=4, device="cpu", progress=False, eval_batch_size=7, data_root="/elsewhere")
+    assert differences(saved, make_config(**{**vars(saved), **same})) == []
+    # amp and input_size asked as auto match what the run chose; -1 is the seed it follows
+    asked = {**vars(saved), "amp": "auto", "input_size": 0, "split_seed": 3}
+    assert differences(saved, make_config(**asked)) == []
+    assert differences(saved, make_config(**{**asked, "amp": "off", "lr": 0.5})) == ["lr", "amp"]
+    # a new length: the warm-up that follows it is not a change of its own
+    assert differences(saved, with_epochs(saved, 5)) == ["epochs"]
+    # an unplanned time budget matches the length the budgeted run chose, not another budget
+    budget = make_config(**{**vars(saved), "time_budget": 60.0})
+    planned = make_config(**{**vars(budget), "epochs": 3, "train_steps": 40, "warmup_epochs": 0.5})
+    assert differences(planned, budget) == []
+    assert differences(planned, make_config(**{**vars(budget), "time_budget": 90.0})) == [
+        "time_budget"
+    ]
+    assert differences(planned, make_config(**{**vars(planned), "train_steps": 41})) == [
+        "train_steps"
+    ]  # a planned length is compared

@@ -149,14 +149,14 @@ def _recipe_settings(recipe: str) -> dict[str, Any]:
     """What `--recipe` asks of a resumed run: every key the recipe (and its bases) sets away from
     the defaults, so a file of the same name with other contents is not taken for it; not its
     length (--epochs, --budget or a time budget shaped the run's own: --epochs is compared)."""
-    from cifarlab.config import FIELDS, LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, load_recipe
+    from cifarlab.config import FIELDS, TrainConfig, load_recipe
 
     wanted, default = load_recipe(recipe), TrainConfig()
-    skip = {*RUNTIME_KEYS, *LENGTH_KEYS}
     return {
         k: getattr(wanted, k)
-        for k in FIELDS
-        if k not in skip and (k == "recipe" or getattr(wanted, k) != getattr(default, k))
+        for k, f in FIELDS.items()
+        if not {"runtime", "length"} & f.metadata.keys()
+        and (k == "recipe" or getattr(wanted, k) != getattr(default, k))
     }
 
 

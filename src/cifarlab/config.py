@@ -24,146 +24,148 @@ from cifarlab.errors import UserError
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
-def _choice(*values: str) -> dict:
-    return {"choices": values}
-
-
 MAX_TIME_BUDGET = 7 * 86400  # seconds
-
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"min": lo, "max": hi, "lo_open": lo_open}
-
-
 MAX_SEED = 2**32 - 1
+
+
+def _key(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+         **kind: Any) -> Any:  # fmt: skip
+    """A field with its limits (`lo` <= value <= `hi`, `lo` < value with `lo_open`) and what
+    kind of key it is, read by `differences`, the one "same run?" rule:
+    runtime=True   how a run executes or shows, never what it computes (--resume may change it)
+    length=True    how long a run trains (--epochs, --budget and a time budget set it)
+    scaled=True    a length in epochs, scaled in proportion when `epochs` changes
+    auto=value     a run resolves `value` on its machine and stores its choice, which a config
+                   still asking for `value` matches"""
+    return field(default=default, metadata={"min": lo, "max": hi, "lo_open": lo_open, **kind})
+
+
+def _one_of(*choices: str, **kind: Any) -> Any:
+    """A field that takes one of `choices`, the first by default."""
+    return field(default=choices[0], metadata={"choices": choices, **kind})
 
 
 @dataclass
 class TrainConfig:
     # --- what to train on ---
     data: str = "cifar10"  # cifar10 | cifar100 | folder | .tar/.tar.gz/.zip of a folder
-    data_root: str = (
-        ""  # where torchvision datasets and caches live ("" = $CIFARLAB_DATA or ~/.cache/cifarlab)
-    )
-    image_size: int = field(default=32, metadata=_range(8, 1024))  # pixels, square
-    val_size: int = field(default=5000, metadata=_range(0))  # images held out from train
-    subset: int = field(default=0, metadata=_range(0))  # keep N training images (0 = all)
+    data_root: str = _key("", runtime=True)  # where torchvision datasets and caches live
+    # ("" = $CIFARLAB_DATA or ~/.cache/cifarlab)
+    image_size: int = _key(32, 8, 1024)  # pixels, square
+    val_size: int = _key(5000, 0)  # images held out from train
+    subset: int = _key(0, 0)  # keep N training images (0 = all)
     classes: list[str] = field(default_factory=list)  # train on these classes only ([] = all)
-    on_bad_image: str = field(default="error", metadata=_choice("error", "skip"))
-    normalize: str = field(default="auto", metadata=_choice("auto", "train", "cifar10", "imagenet"))
+    on_bad_image: str = _one_of("error", "skip")
+    normalize: str = _one_of("auto", "train", "cifar10", "imagenet")
     # input statistics: train = computed from the training split; cifar10 / imagenet = the fixed
     # constants; auto = imagenet when starting from ImageNet weights, else train
 
     # --- model ---
     model: str = "cnn"
-    width: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # channel multiplier
+    width: float = _key(1.0, 0.0, lo_open=True)  # channel multiplier
     pretrained: bool = False  # tv-*/tv: models: torchvision's DEFAULT ImageNet weights
     weights: str = ""  # a local state-dict file (tv-*, tv:, timm:), or a torchvision weights
     # name such as IMAGENET1K_V1 (tv-*, tv:): an all-caps name that is not an existing file
-    stem: str = field(default="cifar", metadata=_choice("cifar", "imagenet"))  # tv-*/tv:/timm:
-    input_size: int = field(default=0, metadata=_range(0))  # imagenet stem: side to upsample to
+    stem: str = _one_of("cifar", "imagenet")  # tv-*/tv:/timm:
+    input_size: int = _key(0, 0, auto=0)  # imagenet stem: side to upsample to
     # (0 = 224 on CUDA, 64 on CPU where 224 would be ~12x slower)
     init_from: str = ""  # start from our own run/checkpoint (new head if the classes differ)
-    freeze: str = field(default="none", metadata=_choice("none", "backbone"))
-    freeze_epochs: int = field(default=0, metadata=_range(0))  # train the head only this long
-    backbone_lr_mult: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # lr x this
+    freeze: str = _one_of("none", "backbone")
+    freeze_epochs: int = _key(0, 0, length=True, scaled=True)  # train the head only this long
+    backbone_lr_mult: float = _key(1.0, 0.0, lo_open=True)  # lr x this
     # for everything but the head (discriminative fine-tuning, e.g. 0.1)
     lr_mults: list[str] = field(default_factory=list, metadata={"pairs": True})  # "prefix=x":
     # parameters whose name starts with prefix train at lr x x (e.g. classifier=0.1); longest wins
 
     # --- optimisation ---
-    epochs: int = field(default=100, metadata=_range(1))
-    train_steps: int = field(default=0, metadata=_range(0))  # stop after this many optimiser
+    epochs: int = _key(100, 1, length=True)
+    train_steps: int = _key(0, 0, length=True)  # stop after this many optimiser
     # steps, the schedule ending there (0 = epochs x steps per epoch); set by time_budget
-    time_budget: float = field(default=0.0, metadata=_range(0.0, MAX_TIME_BUDGET))  # s, whole run
+    time_budget: float = _key(0.0, 0.0, MAX_TIME_BUDGET, length=True)  # s, whole run
     # (training, validation, final TTA and test passes); the run times its first steps and
     # picks train_steps to fit (0 = off; `--time-budget 15m` on the command line)
-    batch_size: int = field(default=128, metadata=_range(1))
-    micro_batch: int = field(default=0, metadata=_range(0))  # forward and backward each batch
+    batch_size: int = _key(128, 1)
+    micro_batch: int = _key(0, 0)  # forward and backward each batch
     # in chunks of this many images, one optimiser step on their summed gradients (0, or not
     # below the batch: whole). BatchNorm normalises each chunk on its own ("ghost batches"), so
     # it is part of the recipe. On a 2-core CPU fastnet trains 1.25x faster per image in chunks
     # of 500 than in whole batches of 2,000 (the chunk's activations stay in cache)
-    lr: float = field(
-        default=0.1, metadata=_range(0.0, lo_open=True)
-    )  # peak lr for this batch size
-    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    lr: float = _key(0.1, 0.0, lo_open=True)  # peak lr for this batch size
+    momentum: float = _key(0.9, 0.0, 1.0)
     nesterov: bool = False
-    optimizer: str = field(default="sgd", metadata=_choice("sgd", "muon"))  # muon: conv filters
+    optimizer: str = _one_of("sgd", "muon")  # muon: conv filters
     # (4-D weights) take Muon's orthogonalised steps (airbench94_muon), the rest SGD as above
-    muon_lr: float = field(default=0.24, metadata=_range(0.0, lo_open=True))  # peak, per step
-    muon_momentum: float = field(default=0.6, metadata=_range(0.0, 1.0))  # Nesterov
-    weight_decay: float = field(default=5e-4, metadata=_range(0.0))
+    muon_lr: float = _key(0.24, 0.0, lo_open=True)  # peak, per step
+    muon_momentum: float = _key(0.6, 0.0, 1.0)  # Nesterov
+    weight_decay: float = _key(5e-4, 0.0)
     no_decay_norm_bias: bool = False  # no weight decay on BatchNorm and bias parameters
-    bias_lr_mult: float = field(
-        default=1.0, metadata=_range(0.0, lo_open=True)
-    )  # lr x this for 1-D
+    bias_lr_mult: float = _key(1.0, 0.0, lo_open=True)  # lr x this for 1-D
     # params (norm scales/shifts, biases), their weight decay / this, so their decay per step stays
-    schedule: str = field(
-        default="cosine", metadata=_choice("cosine", "onecycle", "linear", "constant")
-    )  # linear: from the peak (after any warm-up) straight down to zero
-    lr_step: str = field(default="step", metadata=_choice("step", "epoch"))  # the schedule moves
+    schedule: str = _one_of("cosine", "onecycle", "linear", "constant")  # linear: from the peak
+    # (after any warm-up) straight down to zero
+    lr_step: str = _one_of("step", "epoch")  # the schedule moves
     # every optimiser step, or once per epoch (the lesson's scheduler.step() after each epoch)
-    warmup_epochs: float = field(default=0.0, metadata=_range(0.0))
-    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    warmup_epochs: float = _key(0.0, 0.0, length=True, scaled=True)
+    label_smoothing: float = _key(0.0, 0.0, 1.0)
     ema: bool = False  # evaluate and keep an exponential moving average of the weights
-    ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0, lo_open=True))  # per step
+    ema_decay: float = _key(0.999, 0.0, 1.0, lo_open=True)  # per step
 
     # --- speed-record ingredients (airbench); usable with any model ---
     whitening: bool = False  # first conv set to whiten the training patches, weights frozen
-    whiten_bias_epochs: int = field(default=0, metadata=_range(0))  # with whitening: that conv's
+    whiten_bias_epochs: int = _key(0, 0, length=True, scaled=True)  # with whitening: that conv's
     # bias trains for this many epochs, then freezes (0 = it trains throughout)
     lookahead: bool = False  # every lookahead_every steps, weights reset onto their slow average
-    lookahead_every: int = field(default=5, metadata=_range(1))
-    lookahead_decay: float = field(default=0.95, metadata=_range(0.0, 1.0))  # per step, ramped
+    lookahead_every: int = _key(5, 1)
+    lookahead_decay: float = _key(0.95, 0.0, 1.0)  # per step, ramped
     # in as progress^3; the run ends on the slow average
 
     # --- data pipeline and augmentation ---
-    loader: str = field(default="device", metadata=_choice("device", "torchvision"))
+    loader: str = _one_of("device", "torchvision")
     drop_last: bool = True  # an epoch's last partial batch skipped (false: the torchvision
     # loader trains on it too, as a plain DataLoader does: 391 steps for 50,000 at batch 128)
-    crop_padding: int = field(default=4, metadata=_range(0))  # random-crop padding, 0 = no crop
-    padding_mode: str = field(default="reflect", metadata=_choice("reflect", "zeros"))
+    crop_padding: int = _key(4, 0)  # random-crop padding, 0 = no crop
+    padding_mode: str = _one_of("reflect", "zeros")
     flip: bool = True
     alt_flip: bool = False  # with flip: each image is mirrored in every other epoch (random
     # phase per image) instead of by a fresh coin each time it is seen
-    jitter_brightness: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    jitter_contrast: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    jitter_saturation: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    cutout: int = field(default=0, metadata=_range(0))  # side of the square cut out, pixels
-    policy: str = field(
-        default="none", metadata=_choice("none", "autoaugment", "randaugment", "trivialaugment")
-    )
-    mixup_alpha: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
-    cutmix_alpha: float = field(default=0.0, metadata=_range(0.0))  # 0 = off
-    mix_prob: float = field(default=1.0, metadata=_range(0.0, 1.0))  # share of batches mixed
-    switch_prob: float = field(default=0.5, metadata=_range(0.0, 1.0))  # CutMix share when both on
-    workers: int = field(default=2, metadata=_range(0))  # DataLoader workers (torchvision loader)
+    jitter_brightness: float = _key(0.0, 0.0, 1.0)
+    jitter_contrast: float = _key(0.0, 0.0, 1.0)
+    jitter_saturation: float = _key(0.0, 0.0, 1.0)
+    cutout: int = _key(0, 0)  # side of the square cut out, pixels
+    policy: str = _one_of("none", "autoaugment", "randaugment", "trivialaugment")
+    mixup_alpha: float = _key(0.0, 0.0)  # 0 = off
+    cutmix_alpha: float = _key(0.0, 0.0)  # 0 = off
+    mix_prob: float = _key(1.0, 0.0, 1.0)  # share of batches mixed
+    switch_prob: float = _key(0.5, 0.0, 1.0)  # CutMix share when both on
+    workers: int = _key(2, 0, runtime=True)  # DataLoader workers (torchvision loader)
 
     # --- hardware ---
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    threads: int = field(default=0, metadata=_range(0))  # CPU threads, 0 = all cores
-    amp: str = field(default="auto", metadata=_choice("auto", "bf16", "fp16", "off"))
-    channels_last: str = field(default="auto", metadata=_choice("auto", "on", "off"))
+    device: str = _key("auto", runtime=True)  # auto | cpu | cuda | cuda:N | mps
+    threads: int = _key(0, 0, runtime=True)  # CPU threads, 0 = all cores
+    amp: str = _one_of("auto", "bf16", "fp16", "off", auto="auto")
+    channels_last: str = _one_of("auto", "on", "off")
     compile: bool = False
     sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across ranks
 
     # --- run control ---
-    seed: int = field(default=0, metadata=_range(0, MAX_SEED))  # numpy and torch take 0..2**32-1
-    split_seed: int = field(default=-1, metadata=_range(-1, MAX_SEED))  # draws the subset and
+    seed: int = _key(0, 0, MAX_SEED)  # numpy and torch take 0..2**32-1
+    split_seed: int = _key(-1, -1, MAX_SEED)  # draws the subset and
     # the held-out validation split (-1 = `seed`): fix it to compare initialisations on one split
-    save_every_steps: int = field(default=0, metadata=_range(0))  # mid-epoch last.pt, 0 = off
-    on_nan: str = field(default="stop", metadata=_choice("stop", "skip"))
-    eval_batch_size: int = field(default=500, metadata=_range(1))
-    tta: str = field(
-        default="none", metadata=_choice("none", "flip", "flip-translate")
-    )  # after the last epoch, validation once more with TTA (and `evaluate`'s default in suites)
-    progress: bool = True
-    tensorboard: bool = False  # scalars and the config (HParams) under <run>/tensorboard/
-    tracking: str = field(default="none", metadata=_choice("none", "mlflow"))  # mlflow: the
+    save_every_steps: int = _key(0, 0, runtime=True)  # mid-epoch last.pt, 0 = off
+    on_nan: str = _one_of("stop", "skip", runtime=True)  # a non-finite or exploding batch
+    # loss (over 10x a uniform guess's): stop as diverged, or skip the batch
+    eval_batch_size: int = _key(500, 1, runtime=True)
+    tta: str = _one_of("none", "flip", "flip-translate")  # after the last epoch, validation
+    # once more with TTA (and `evaluate`'s default in suites)
+    progress: bool = _key(True, runtime=True)
+    tensorboard: bool = _key(False, runtime=True)  # scalars and the config (HParams) under
+    # <run>/tensorboard/
+    tracking: str = _one_of("none", "mlflow", runtime=True)  # mlflow: the
     # config as params, every epoch's metrics, result files, best.pt and reports as artifacts
-    tracking_uri: str = ""  # MLflow store ("" = sqlite:///<folder holding the run>/mlflow.db)
-    experiment: str = ""  # MLflow experiment ("" = cifarlab; a suite's runs: the suite's name)
+    tracking_uri: str = _key("", runtime=True)  # MLflow store
+    # ("" = sqlite:///<folder holding the run>/mlflow.db)
+    experiment: str = _key("", runtime=True)  # MLflow experiment
+    # ("" = cifarlab; a suite's runs: the suite's name)
     recipe: str = "default"  # the recipe these settings came from (informational)
 
     def to_dict(self) -> dict[str, Any]:
@@ -506,9 +508,8 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-EPOCH_KEYS = ("warmup_epochs", "freeze_epochs", "whiten_bias_epochs")  # scaled with `epochs`
-# How long a run trains, not what it computes per step: --epochs, --budget or a time budget set these
-LENGTH_KEYS = ("epochs", *EPOCH_KEYS, "time_budget", "train_steps")
+RUNTIME_KEYS = frozenset(k for k, f in FIELDS.items() if f.metadata.get("runtime"))
+LENGTH_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata.get("length"))
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
@@ -584,32 +585,30 @@ def with_budget(config: TrainConfig, budget: float) -> TrainConfig:
     return with_epochs(config, max(1, round(config.epochs * budget)))
 
 
-# Keys that change how a run is executed or shown, never what it computes.
-RUNTIME_KEYS = frozenset({
-    "progress", "threads", "device", "workers", "save_every_steps", "eval_batch_size",
-    "tensorboard", "on_nan", "data_root", "tracking", "tracking_uri", "experiment",
-})  # fmt: skip
-
-
 def split_seed(config: TrainConfig) -> int:
     """The seed that draws the subset and the validation split."""
     return config.split_seed if config.split_seed >= 0 else config.seed
 
 
+def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """The one "same run?" rule (--resume, suite reruns, tune continuations): the keys in which
+    `wanted` computes something other than `saved`. Runtime keys may differ; a key `wanted`
+    leaves to the run (its `auto` value; the length, under an unplanned time budget) matches
+    what `saved` resolved it to; split_seed -1 is the seed it follows. When `epochs` differs,
+    the keys scaled with it are not listed."""
+    left = {k for k, f in FIELDS.items() if f.metadata.get("auto", ...) == getattr(wanted, k)}
+    if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
+        left |= set(LENGTH_KEYS) - {"time_budget"}
+    differ = [
+        k for k, f in FIELDS.items()
+        if not f.metadata.get("runtime") and k not in left and getattr(saved, k) != getattr(wanted, k)
+        and not (k == "split_seed" and split_seed(saved) == split_seed(wanted))
+    ]  # fmt: skip
+    return [k for k in differ if "epochs" not in differ or not FIELDS[k].metadata.get("scaled")]
+
+
 def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
-    """ "key: old -> new" for every key that changes what a run computes (an unresolved
-    `input_size: 0` matches the size the saved run resolved it to)."""
-    if wanted.input_size == 0:
-        wanted = dataclasses.replace(wanted, input_size=saved.input_size)
-    if wanted.amp == "auto":  # the run stored what auto chose on its machine
-        wanted = dataclasses.replace(wanted, amp=saved.amp)
-    if split_seed(wanted) == split_seed(saved):  # -1 and the seed it follows are one split
-        wanted = dataclasses.replace(wanted, split_seed=saved.split_seed)
-    if wanted.time_budget and not wanted.train_steps and wanted.time_budget == saved.time_budget:
-        # an unplanned config of the same budget: the run chose its length
-        wanted = dataclasses.replace(wanted, **{k: getattr(saved, k) for k in LENGTH_KEYS})
+    """ "key: old -> new" for each of `differences(saved, wanted)`."""
     return [
-        f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}"
-        for k in FIELDS
-        if k not in RUNTIME_KEYS and getattr(saved, k) != getattr(wanted, k)
+        f"{k}: {getattr(saved, k)!r} -> {getattr(wanted, k)!r}" for k in differences(saved, wanted)
     ]

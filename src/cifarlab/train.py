@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cifarlab import phases
-from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
@@ -51,13 +50,13 @@ from cifarlab.rundir import (
     removed_if_unstarted,
     truncate_metrics,
 )
+from cifarlab.step import optimizer_step, train_step
 from cifarlab.tracking import open_trackers
 from cifarlab.training_run import (
     TrainingRun,
     apply_freeze,
     build_run,
     checkpoint_state,
-    micro_batches,
     restore,
     retarget,
     total_steps,
@@ -65,7 +64,7 @@ from cifarlab.training_run import (
 
 
 class TrainingFailed(Exception):
-    """Training cannot go on (non-finite loss); exit 1, nothing good is overwritten."""
+    """Training diverged (a non-finite or exploding loss); exit 1, nothing good is overwritten."""
 
     exit_code = 1
 
@@ -114,12 +113,6 @@ class EpochStats:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
-    probabilities, with label smoothing applied here exactly once."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-
-
 class _StopSignals:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 130/143."""
 
@@ -148,8 +141,8 @@ def train(
     on_epoch=None, changes: dict[str, Any] | None = None, started: float | None = None,
 ) -> Result:  # fmt: skip
     """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
-    `config` (or, when None, the saved config with `changes`) must equal the saved one except
-    in RUNTIME_KEYS. `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
+    `config` (or, when None, the saved config with `changes`) must be the same run as the saved
+    one (`config.differences`). `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
     A time budget counts from `started` (a `time.perf_counter()` reading; default: now)."""
     started = time.perf_counter() if started is None else started
     run_dir, d = Path(run_dir), init_distributed()
@@ -204,9 +197,10 @@ def train(
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
-            if plan is not None and plan.due(epoch, run.config):
-                seconds = time.perf_counter() - t_epoch
-                _correct_plan(run, plan, epoch, stats, row, seconds, saver, log)
+            if plan is not None:
+                _correct_plan(
+                    run, plan, epoch, stats, row, time.perf_counter() - t_epoch, saver, log
+                )
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
@@ -222,17 +216,16 @@ def train(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after its first epoch, the first at its later pace (the whitening bias
-    stopped, the backbone unfrozen) and the first past half the budget (`Plan.due`): the
-    length that fits the time left, measured on that epoch; when it changes, the run and its
-    saved files (last.pt, config.yaml) take it."""
+    """A budgeted run after epoch `epoch` (`Plan.correct`: once, past half the budget): the
+    length that fits the time left at that epoch's pace; when it changes, the run and its saved
+    files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
     val_seconds = row["seconds"] - stats.seconds
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
-    corrected = plan.correct(run, epoch, steps, pace, val_seconds, seconds - stats.seconds, log)
+    corrected = plan.correct(run, epoch, pace, val_seconds, seconds - stats.seconds, log)
     if corrected is None:
         return
     retarget(run, corrected)
@@ -245,64 +238,57 @@ def _correct_plan(
 
 
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
-    """The config this call trains, and the checkpoint it continues (or None)."""
-    last = run_dir / "last.pt"
+    """The config this call trains, and the checkpoint it continues (or None). Resumed, the
+    config asked for (`config`, or the saved one with `changes`) must be the same run as the
+    saved one (`config.differences`); before the first checkpoint it starts over."""
+    last, started = run_dir / "last.pt", run_dir / "config.yaml"
     if not resume:
         claim_run_dir(run_dir, resume=False)
         return config, None
-    if not last.is_file():
-        return _restart(config, run_dir, changes, log), None
-    ckpt = load_checkpoint(last)
-    saved = apply_overrides(TrainConfig(), ckpt["config"], where=f"{last} config")
-    wanted = _matching(
-        saved, config, changes,
-        lambda keys: f"--resume {run_dir}: a run continues with the config it started with, and this "
-        f"asks to change {keys}; drop those flags, or train a new --out (--init-from {run_dir})",
-    )  # fmt: skip
-    runtime = {k: getattr(wanted, k) for k in RUNTIME_KEYS}
-    return dataclasses.replace(saved, **runtime), ckpt
+    if not last.is_file() and not started.is_file():
+        return _nothing_to_resume(config, run_dir, log), None
+    ckpt = load_checkpoint(last) if last.is_file() else _refuse_over_results(run_dir)
+    stored = ckpt["config"] if ckpt else read_yaml_mapping(started)
+    saved = apply_overrides(TrainConfig(), stored, where=f"{last} config" if ckpt else str(started))
+    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
+    differ = ", ".join(config_changes(saved, wanted)[:6])
+    if differ and ckpt:
+        raise ConfigChanged(
+            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
+            f"to change {differ}; drop those flags, or train a new --out (--init-from {run_dir})"
+        )
+    if differ:
+        raise ConfigChanged(
+            f"--resume {run_dir}: it started with another config ({differ}); drop those flags, "
+            "or train a new --out"
+        )
+    if ckpt is None:
+        log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
+        return wanted, None
+    return dataclasses.replace(saved, **{k: getattr(wanted, k) for k in RUNTIME_KEYS}), ckpt
 
 
-def _restart(config, run_dir: Path, changes: dict, log) -> TrainConfig:
-    """--resume before the first checkpoint: the run starts over with the config it started
-    with (`config.yaml`), which a given config must match."""
-    started = run_dir / "config.yaml"
-    if not started.is_file():
-        if config is None:
-            raise UserError(
-                f"--resume: {run_dir} holds no run to continue; drop --resume to start one"
-            )
-        if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-            raise UserError(
-                f"--resume: {run_dir} holds no run to continue, only other files; pick an empty --out"
-            )
-        log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
-        return config
+def _nothing_to_resume(config, run_dir: Path, log) -> TrainConfig:
+    """--resume into a folder without a run: a given config starts there, if it holds no files."""
+    if config is None:
+        raise UserError(f"--resume: {run_dir} holds no run to continue; drop --resume to start one")
+    if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise UserError(
+            f"--resume: {run_dir} holds no run to continue, only other files; pick an empty --out"
+        )
+    log(f"resume: {run_dir} has no last.pt yet; starting from the beginning")
+    return config
+
+
+def _refuse_over_results(run_dir: Path) -> None:
+    """last.pt removed from a run that trained: starting over would replace what it left."""
     kept = [n for n in ("result.json", "best.pt") if (run_dir / n).is_file()]
-    if kept:  # last.pt was removed from a run that trained: starting over would replace these
+    if kept:
         raise UserError(
             f"--resume: {run_dir} has {' and '.join(kept)} but no last.pt "
             f"({'a finished run' if kept[0] == 'result.json' else 'it was removed'}): it cannot be "
             "continued, and starting over would replace them; train a new --out to train it again"
         )
-    saved = apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started))
-    wanted = _matching(
-        saved, config, changes,
-        lambda keys: f"--resume {run_dir}: it started with another config ({keys}); drop those flags, "
-        "or train a new --out",
-    )  # fmt: skip
-    log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
-    return wanted
-
-
-def _matching(saved: TrainConfig, config, changes: dict, refusal) -> TrainConfig:
-    """The config asked for (`config`, or `saved` with `changes`), refused with the message
-    `refusal(changed keys)` when it would compute something other than `saved`."""
-    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
-    differ = config_changes(saved, wanted)
-    if differ:
-        raise ConfigChanged(refusal(", ".join(differ[:6])))
-    return wanted
 
 
 def _finished(ckpt: dict) -> bool:
@@ -358,51 +344,6 @@ def _params(run: TrainingRun) -> int:
     return sum(p.numel() for p in run.model.parameters())
 
 
-def train_step(
-    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, rand
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward one batch, in `micro_batch` chunks when set: (mean loss, logits).
-    Mixup/CutMix make soft targets over the whole batch; the loss is `loss_fn`."""
-    c = run.config
-    if run.hw.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    targets = y
-    if c.mixup_alpha or c.cutmix_alpha:
-        x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
-    run.optimizer.zero_grad(set_to_none=True)
-    chunks = list(micro_batches(c, x, targets))
-    losses, logits = [], []
-    for i, (xc, tc) in enumerate(chunks):
-        # under DDP the gradients are reduced once, on the last chunk's backward
-        with _no_sync(run.step_model, i < len(chunks) - 1):
-            with run.hw.autocast():
-                out = run.step_model(xc)
-            loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
-            run.scaler.scale(loss).backward()
-        losses.append(loss.detach())
-        logits.append(out.detach())
-    return torch.stack(losses).sum(), torch.cat(logits)
-
-
-def _no_sync(model: torch.nn.Module, skip: bool):
-    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
-    if skip and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        return ddp.no_sync()
-    return contextlib.nullcontext()
-
-
-def optimizer_step(run: TrainingRun, global_step: int) -> None:
-    """The update on the batch's gradients: SGD/Muon (through the AMP scaler), schedule,
-    lookahead, EMA."""
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    if run.lookahead is not None:
-        run.lookahead.after_step(run.model, global_step)
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
-
-
 def train_one_epoch(
     run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log
 ) -> EpochStats:
@@ -425,8 +366,9 @@ def train_one_epoch(
             break
         loss, logits = train_step(run, x, y, rand)
         checked = (step + 1) % check_every == 0 or step == last_step - 1
-        if checked and _non_finite_anywhere(run, loss):
-            _non_finite(run, c, stats, f"epoch {epoch + 1} step {step + 1}", saver)
+        why = _diverging(run, loss) if checked else ""
+        if why:
+            _non_finite(run, c, stats, f"{why} at epoch {epoch + 1} step {step + 1}", saver)
             continue
         optimizer_step(run, epoch * n + step + 1)
         if step == start_step == 0:
@@ -465,19 +407,34 @@ def _progress(run: TrainingRun, epoch: int, start_step: int):
     )  # fmt: skip
 
 
-def _non_finite_anywhere(run: TrainingRun, loss: torch.Tensor) -> bool:
-    """The loss is not finite here or, under torchrun, on another rank, whose NaN gradients the
-    backward's all-reduce has already spread: every rank then skips or stops together."""
-    bad = float(not math.isfinite(loss.item()))
-    return all_sum([bad], run.dist, run.hw.device)[0] > 0
+# A batch loss this many times a uniform guess's (ln classes: 23 for 10 classes) is no
+# early spike: ResNet-18 at lr 0.1 with no warm-up peaks near 6x in its first steps and learns.
+EXPLODED = 10
+
+
+def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
+    """Why training is diverging at this batch, "" when it is not: a non-finite loss, or one past
+    EXPLODED times a uniform guess's; here or, under torchrun, on another rank, whose NaN
+    gradients the backward's all-reduce has already spread: every rank then skips or stops together."""
+    value, limit = loss.item(), EXPLODED * math.log(max(2, len(run.splits.classes)))
+    why = (
+        "non-finite loss"
+        if not math.isfinite(value)
+        else f"loss {value:.4g} (over {limit:.0f}, {EXPLODED}x a uniform guess's)"
+        if value > limit
+        else ""
+    )
+    if all_sum([float(bool(why))], run.dist, run.hw.device)[0] > 0:
+        return why or "a diverging loss on another rank"
+    return ""
 
 
 def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str, saver) -> None:
-    """A non-finite loss: stop (`on_nan: stop`), or skip the batch, the schedule moving on."""
+    """A diverging batch: stop (`on_nan: stop`), or skip it, the schedule moving on."""
     if c.on_nan != "skip":
         raise TrainingFailed(
-            f"non-finite loss at {where}; the last good checkpoint is {saver.last} "
-            "(lower --lr, or --set on_nan=skip to skip such batches)"
+            f"diverged: {where}; the last good checkpoint is {saver.last} "
+            "(lower --lr or add a warm-up, or --set on_nan=skip to skip such batches)"
         )
     stats.nan_skipped += 1
     run.optimizer.zero_grad(set_to_none=True)
@@ -590,7 +547,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     )
     if test_acc is not None:
         val += f"  test loss {test_loss:.3f} acc {test_acc:.1%}"
-    skipped = f"  ({stats.nan_skipped} non-finite batches skipped)" if stats.nan_skipped else ""
+    skipped = f"  ({stats.nan_skipped} diverging batches skipped)" if stats.nan_skipped else ""
     log(
         f"epoch {epoch + 1}/{c.epochs}  lr {stats.lr:.4g}  train loss {row['train_loss']:.3f} "
         f"acc {row['train_acc']:.1%}  {val}  {seconds:.0f}s  {row['images_per_s']:.0f} img/s{skipped}"

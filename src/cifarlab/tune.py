@@ -18,7 +18,6 @@ Search space (documented in docs/guide.md), relative to the recipe:
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,12 @@ from typing import Any
 import yaml
 
 from cifarlab.config import (
-    EPOCH_KEYS,
+    FIELDS,
     LENGTH_KEYS,
     RUNTIME_KEYS,
     TrainConfig,
     apply_overrides,
+    config_changes,
     read_yaml_mapping,
     recipe_path,
     resolve_base,
@@ -199,33 +199,30 @@ def run_tune(opts: TuneOptions, log=print):
 
 SETTINGS = "cifarlab_settings"  # the study's user attribute: what every trial searched around
 PATHS = ("data", "weights", "init_from")  # compared by name: machines sharing a study mount apart
-
-
-def _settings(base: TrainConfig, opts: TuneOptions) -> dict[str, Any]:
-    values = {k: v for k, v in dataclasses.asdict(base).items() if k not in RUNTIME_KEYS}
-    values |= {k: Path(values[k]).name for k in PATHS if values.get(k)}
-    return json.loads(json.dumps({**values, "search_epochs": opts.search_epochs}))
+EPOCHS_SEARCHED = "search_epochs"
 
 
 def _same_settings(study, base: TrainConfig, opts: TuneOptions, log) -> None:
     """Store the settings a new study searches around; refuse to continue one with others (its
-    trials would not be comparable: other data, epochs, subset, recipe). Keys a later cifarlab
-    added are not compared."""
-    settings = _settings(base, opts)
+    trials would not be comparable: other data, epochs, subset, recipe), by the rule --resume
+    follows (`config.differences`). Keys a later cifarlab added are not compared."""
+    named = dataclasses.replace(base, **{k: Path(getattr(base, k)).name for k in PATHS})
     saved = study.user_attrs.get(SETTINGS)
     if saved is None:
         if study.trials:
             log(
                 f"study '{study.study_name}' has no recorded settings (an older cifarlab): recording these"
             )
-        study.set_user_attr(SETTINGS, settings)
+        settings = {k: v for k, v in named.to_dict().items() if k not in RUNTIME_KEYS}
+        study.set_user_attr(SETTINGS, {**settings, EPOCHS_SEARCHED: opts.search_epochs})
         return
-    names = {"search_epochs": "epochs searched (--epochs/--budget fix them)"}
-    differ = [k for k, v in settings.items() if k in saved and saved[k] != v]
-    if "epochs" in differ:
-        # warm-up, whitening-bias and freeze epochs follow it: not the user's change
-        differ = [k for k in differ if k not in EPOCH_KEYS]
-    changed = [f"{names.get(k, k)}: {saved[k]!r} -> {settings[k]!r}" for k in differ]
+    stored = {k: v for k, v in saved.items() if k in FIELDS and k not in RUNTIME_KEYS}
+    changed = config_changes(
+        apply_overrides(named, stored, where=f"study {study.study_name}"), named
+    )
+    if saved.get(EPOCHS_SEARCHED, opts.search_epochs) != opts.search_epochs:
+        changed.append(f"epochs searched (--epochs/--budget fix them): {saved[EPOCHS_SEARCHED]!r} "
+                       f"-> {opts.search_epochs!r}")  # fmt: skip
     if changed:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise UserError(
