@@ -75,15 +75,15 @@ def test_pipeline_variants_train_end_to_end(synthetic_images, tmp_path, extra):
 
 
 def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(synthetic_images, tmp_path, monkeypatch):
-    import cifarlab.train as training
+    import cifarlab.step as step
 
     seen = []
 
     def recording_loss(logits, targets, smoothing):
         seen.append((targets.ndim, targets.dtype, smoothing))
-        return training.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        return step.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
-    monkeypatch.setattr(training, "loss_fn", recording_loss)
+    monkeypatch.setattr(step, "loss_fn", recording_loss)
     config = _tiny(
         synthetic_images, tmp_path, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1
     )
@@ -156,6 +156,20 @@ def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path)
     with pytest.raises(TrainingFailed, match="non-finite loss at epoch 1 step"):
         train(config, tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_a_finite_but_exploding_loss_stops_as_diverged(
+    real_jpegs, data_root, tmp_path, monkeypatch
+):
+    import cifarlab.train as training
+
+    real = training.loss_fn  # every batch's loss 20x: about 46, twice the 23 that means diverged
+    monkeypatch.setattr(training, "loss_fn", lambda *a: real(*a) * 20)
+    config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
+    with pytest.raises(
+        TrainingFailed, match=r"diverged: loss [\d.]+ \(over 23.* at epoch 1 step 1"
+    ):
+        train(config, tmp_path / "r", log=lambda s: None)
 
 
 def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
@@ -264,3 +278,38 @@ def test_the_run_length_estimate_leaves_out_the_first_step(monkeypatch):
         now[0] += 10.0 if step == 1 else 0.5  # a 10 s first step, then 0.5 s a step
         eta.tick(step)
     assert said == ["expected: about 30 s for 3 epochs (0.50 s/step, 20 steps per epoch)"]
+
+
+MUON_STEPS_WITHOUT_DYNAMO = """
+import sys, torch
+from cifarlab.config import TrainConfig, apply_overrides
+from cifarlab.models import create_model
+from cifarlab.training_run import make_optimizer
+torch.manual_seed(0)
+model = create_model("cnn", 10)
+opt = make_optimizer(model, apply_overrides(TrainConfig(), {"optimizer": "muon", "compile": COMPILE}, where="t"))
+for _ in range(2):
+    opt.zero_grad(set_to_none=True)
+    model(torch.rand(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    opt.step()
+opt.load_state_dict(opt.state_dict())
+print("dynamo" if "torch._dynamo" in sys.modules else "none",
+      round(sum(p.double().sum().item() for p in model.parameters()), 6))
+"""
+
+
+def test_the_optimizer_does_not_import_torch_dynamo_unless_compiling():
+    """torch.optim's zero_grad/add_param_group/state_dict import torch._dynamo (about as long as
+    torch's own import) on their first call; a run that compiles nothing skips it, and its
+    steps are the same."""
+
+    def run(compile_: bool) -> list[str]:
+        code = MUON_STEPS_WITHOUT_DYNAMO.replace("COMPILE", str(compile_))
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+        )
+        return out.stdout.split()
+
+    plain, compiling = run(False), run(True)
+    assert plain[0] == "none" and compiling[0] == "dynamo"
+    assert plain[1] == compiling[1]

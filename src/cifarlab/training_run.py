@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ class TrainingRun:
     data_fingerprint: str
     test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
     test_labels: torch.Tensor | None = None
+    # the eval model's logits on val from the latest validation, reused by the final TTA pass
+    # (its first view) and the temperature fit (the same weights): two of six passes saved
+    val_logits: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -70,12 +74,6 @@ class TrainingRun:
         """The schedule's current lr, whatever the first group's multiplier."""
         group = self.optimizer.param_groups[0]
         return group["lr"] / group["lr_mult"]
-
-
-def micro_batches(config: TrainConfig, *tensors: torch.Tensor):
-    """One batch's tensors in chunks of `config.micro_batch` images (one chunk when it is 0)."""
-    size = config.micro_batch or len(tensors[0])
-    return zip(*(t.split(size) for t in tensors), strict=True)
 
 
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
@@ -311,10 +309,27 @@ def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list
     ]
 
 
+def skip_dynamo_import() -> None:
+    """torch.optim.Optimizer's zero_grad, add_param_group, state_dict and load_state_dict import
+    torch._dynamo on their first call, only to keep torch.compile from tracing them: as long as
+    torch's own import (1.5-2 s on a 2-core CPU). No optimizer is compiled here, so each is
+    marked as already wrapped (the attribute torch._compile caches the wrapper in; should torch
+    rename it, this does nothing and the import happens as before)."""
+    if "torch._dynamo" in sys.modules:
+        return
+    opt = torch.optim.Optimizer
+    for method in (opt.zero_grad, opt.add_param_group, opt.state_dict, opt.load_state_dict):
+        inner = getattr(method, "__wrapped__", None)
+        if inner is not None and not hasattr(inner, "__dynamo_disable"):
+            setattr(inner, "__dynamo_disable", inner)
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
     """torch's SGD over `param_groups`; with `optimizer: muon` the conv filters (4-D weights)
     of each group move to a Muon group at `muon_lr` times that group's multiplier (`lr_mults`,
     `backbone_lr_mult`), its `lr_mult` relative to `lr` so that schedules scale it."""
+    if not config.compile:
+        skip_dynamo_import()
     groups = param_groups(model, config, log)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
