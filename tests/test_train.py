@@ -161,10 +161,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path)
 def test_a_finite_but_exploding_loss_stops_as_diverged(
     real_jpegs, data_root, tmp_path, monkeypatch
 ):
-    import cifarlab.train as training
+    import cifarlab.step as step
 
-    real = training.loss_fn  # every batch's loss 20x: about 46, twice the 23 that means diverged
-    monkeypatch.setattr(training, "loss_fn", lambda *a: real(*a) * 20)
+    real = step.loss_fn  # every batch's loss 20x: about 46, twice the 23 that means diverged
+    monkeypatch.setattr(step, "loss_fn", lambda *a: real(*a) * 20)
     config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
     with pytest.raises(
         TrainingFailed, match=r"diverged: loss [\d.]+ \(over 23.* at epoch 1 step 1"
