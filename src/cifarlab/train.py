@@ -365,15 +365,16 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     chunks = list(micro_batches(c, x, targets))
     losses, logits = [], []
-    for i, (xc, tc) in enumerate(chunks):
-        # under DDP the gradients are reduced once, on the last chunk's backward
-        with _no_sync(run.step_model, i < len(chunks) - 1):
-            with run.hw.autocast():
-                out = run.step_model(xc)
-            loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
-            run.scaler.scale(loss).backward()
-        losses.append(loss.detach())
-        logits.append(out.detach())
+    with rand.global_draws():  # dropout draws from torch's generator: seeded for this step
+        for i, (xc, tc) in enumerate(chunks):
+            # under DDP the gradients are reduced once, on the last chunk's backward
+            with _no_sync(run.step_model, i < len(chunks) - 1):
+                with run.hw.autocast():
+                    out = run.step_model(xc)
+                loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
+                run.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+            logits.append(out.detach())
     return torch.stack(losses).sum(), torch.cat(logits)
 
 
