@@ -173,6 +173,24 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     assert "cannot start" in (tmp_path / "o" / "results.md").read_text()
 
 
+def test_a_run_that_diverges_is_shown_as_diverged_and_the_suite_goes_on(real_jpegs, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SUITE.replace("set: {crop_padding: 0}}", "set: {crop_padding: 0, lr: 1.0e+4}}"))
+    opts = SuiteOptions(
+        tmp_path / "o",
+        epochs=1,
+        only="flip",
+        overrides={**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d")},
+    )
+    rows = run_suite(str(path), opts, log=lambda s: None)  # no exception: the table is written
+    assert rows[1]["status"].startswith("diverged: ") and "at epoch 1 step" in rows[1]["status"]
+    assert "best_val_acc" not in rows[1] and "gain" not in rows[1]  # no number for it
+    assert "| flip | + flip | diverged: " in (tmp_path / "o" / "results.md").read_text()
+    messages = []
+    run_suite(str(path), opts, log=messages.append)  # it would diverge again: not retrained
+    assert any("[flip] diverged earlier" in m for m in messages)
+
+
 def test_mixup_examples_show_four_mixed_images_per_alpha(real_jpegs, tmp_path):
     from cifarlab.suites import _mixup_examples
 

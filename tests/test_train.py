@@ -79,15 +79,15 @@ def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, ext
 def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(
     real_jpegs, data_root, tmp_path, monkeypatch
 ):
-    import cifarlab.train as training
+    import cifarlab.step as step
 
     seen = []
 
     def recording_loss(logits, targets, smoothing):
         seen.append((targets.ndim, targets.dtype, smoothing))
-        return training.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        return step.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
-    monkeypatch.setattr(training, "loss_fn", recording_loss)
+    monkeypatch.setattr(step, "loss_fn", recording_loss)
     train(_config(real_jpegs, data_root, epochs=1, model="fastnet", mixup_alpha=0.2, cutmix_alpha=1.0,
                   label_smoothing=0.1), tmp_path / "mix", log=lambda s: None)  # fmt: skip
     assert seen and all(n == 2 and d == torch.float32 and s == 0.1 for n, d, s in seen)
@@ -160,9 +160,23 @@ def test_existing_run_is_not_overwritten_without_resume(real_jpegs, data_root, t
 
 def test_nan_loss_stops_with_the_step_and_keeps_best(real_jpegs, data_root, tmp_path):
     config = _config(real_jpegs, data_root, epochs=2, model="fastnet", lr=1e30, schedule="constant")
-    with pytest.raises(TrainingFailed, match="non-finite loss at epoch 1 step"):
+    with pytest.raises(TrainingFailed, match="diverged: non-finite loss at epoch 1 step"):
         train(config, tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_a_finite_but_exploding_loss_stops_as_diverged(
+    real_jpegs, data_root, tmp_path, monkeypatch
+):
+    import cifarlab.train as training
+
+    real = training.loss_fn  # every batch's loss 20x: about 46, twice the 23 that means diverged
+    monkeypatch.setattr(training, "loss_fn", lambda *a: real(*a) * 20)
+    config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
+    with pytest.raises(
+        TrainingFailed, match=r"diverged: loss [\d.]+ \(over 23.* at epoch 1 step 1"
+    ):
+        train(config, tmp_path / "r", log=lambda s: None)
 
 
 def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):

@@ -4,7 +4,8 @@ summarised as a table, a plot and an index page.
 A suite YAML holds `description`, `reference` (the run gains are measured against) and `runs`,
 each a `recipe` plus `set` overrides and a one-line `changes`. With `cumulative: true` every run
 inherits the previous run's recipe and overrides (the ablation ladder). A run that `requires`
-something cifarlab does not have yet is listed as not started, with the reason.
+something cifarlab does not have yet is listed as not started, with the reason; one that diverges
+(a non-finite or exploding loss) as diverged, with no accuracy.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cifarlab.rundir import prepare_run_dir, read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
+DIVERGED = "diverged.txt"  # in a run's folder: training stopped on a non-finite or exploding loss
 
 
 @dataclass
@@ -151,7 +153,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 
 
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
-    from cifarlab.train import train
+    from cifarlab.train import TrainingFailed, train
 
     suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe, opts.weights)
     if opts.only and opts.only not in [r.name for r in suite.runs]:
@@ -167,13 +169,9 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
     for run, seed, run_dir in jobs:
-        if run.requires:
-            log(f"[{run.name}] cannot start: needs {run.requires}")
-            continue
-        split = "val" if run.config.val_size else "test"
-        report = run_dir / f"eval-{split}" / "report.json"  # written last: a complete report
-        if (run_dir / "result.json").is_file() and report.is_file():
-            log(f"[{run_dir.name}] finished earlier with this config, skipped")
+        skipped = _skipped(run, run_dir)
+        if skipped:
+            log(f"[{run_dir.name}] {skipped}")
             continue
         say = lambda s, n=run_dir.name: log(f"  [{n}] {s}")  # noqa: E731
         log(
@@ -191,11 +189,15 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
                 "are skipped)",
                 exc.exit_code,
             ) from None
+        except TrainingFailed as exc:  # a finding, not an error: the table says "diverged"
+            (run_dir / DIVERGED).write_text(str(exc).split(";")[0] + "\n")
+            log(f"[{run_dir.name}] {exc}")
+            continue
         except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead
             log(f"[{run_dir.name}] cannot start: {exc}")
             failed[run.name] = str(exc)
             continue
-        _evaluate_run(run_dir, split, config.tta, say)
+        _evaluate_run(run_dir, _split(run), config.tta, say)
     if suite.examples == "mixup":
         _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts)
@@ -207,6 +209,23 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     write_suite_report(suite, rows, opts.out)
     log(f"results: {opts.out / 'results.md'}")
     return rows
+
+
+def _split(run: SuiteRun) -> str:
+    """What a run's report scores: validation, or test when there is no validation split."""
+    return "val" if run.config.val_size else "test"
+
+
+def _skipped(run: SuiteRun, run_dir: Path) -> str:
+    """Why a job does not train now ("" when it does)."""
+    if run.requires:
+        return f"cannot start: needs {run.requires}"
+    if (run_dir / DIVERGED).is_file():  # the same config and seed would diverge again
+        return f"diverged earlier ({run_dir / DIVERGED}), skipped"
+    report = run_dir / f"eval-{_split(run)}" / "report.json"  # written last: a complete report
+    if (run_dir / "result.json").is_file() and report.is_file():
+        return "finished earlier with this config, skipped"
+    return ""
 
 
 def _refuse_stale(jobs: list) -> None:
@@ -254,7 +273,10 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
         }
         if run.requires and not histories:
             row["status"] = f"not started: needs {run.requires}"
-        if histories:
+        diverged = _diverged(opts.out, run, opts.seeds)
+        if diverged:  # no accuracy of a diverged run: its cells say why instead
+            row["status"] = diverged
+        elif histories:
             row.update(
                 _over_epochs(histories, "val_acc", "val"),
                 **_over_epochs(histories, "test_acc", "test"),
@@ -298,6 +320,15 @@ def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[s
         f"best_{split}_acc_std": statistics.stdev(best) if len(best) > 1 else 0.0,
         f"final_{split}_acc": statistics.mean(v[-1] for v in kept),
     }
+
+
+def _diverged(out: Path, run: SuiteRun, seeds: list[int]) -> str:
+    """What the first seed of `run` that diverged said ("diverged: ... at epoch E step S")."""
+    for seed in seeds:
+        path = _run_dir(out, run, seed, seeds) / DIVERGED
+        if path.is_file():
+            return path.read_text().strip() + (f" (seed {seed})" if len(seeds) > 1 else "")
+    return ""
 
 
 def _result(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> dict:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cifarlab import phases
-from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
@@ -51,13 +50,13 @@ from cifarlab.rundir import (
     removed_if_unstarted,
     truncate_metrics,
 )
+from cifarlab.step import optimizer_step, train_step
 from cifarlab.tracking import open_trackers
 from cifarlab.training_run import (
     TrainingRun,
     apply_freeze,
     build_run,
     checkpoint_state,
-    micro_batches,
     restore,
     retarget,
     total_steps,
@@ -65,7 +64,7 @@ from cifarlab.training_run import (
 
 
 class TrainingFailed(Exception):
-    """Training cannot go on (non-finite loss); exit 1, nothing good is overwritten."""
+    """Training diverged (a non-finite or exploding loss); exit 1, nothing good is overwritten."""
 
     exit_code = 1
 
@@ -112,12 +111,6 @@ class EpochStats:
     @classmethod
     def from_dict(cls, d: dict) -> EpochStats:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
-    probabilities, with label smoothing applied here exactly once."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 class _StopSignals:
@@ -204,9 +197,10 @@ def train(
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
-            if plan is not None and plan.due(epoch, run.config):
-                seconds = time.perf_counter() - t_epoch
-                _correct_plan(run, plan, epoch, stats, row, seconds, saver, log)
+            if plan is not None:
+                _correct_plan(
+                    run, plan, epoch, stats, row, time.perf_counter() - t_epoch, saver, log
+                )
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
@@ -222,17 +216,16 @@ def train(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after its first epoch, the first at its later pace (the whitening bias
-    stopped, the backbone unfrozen) and the first past half the budget (`Plan.due`): the
-    length that fits the time left, measured on that epoch; when it changes, the run and its
-    saved files (last.pt, config.yaml) take it."""
+    """A budgeted run after epoch `epoch` (`Plan.correct`: once, past half the budget): the
+    length that fits the time left at that epoch's pace; when it changes, the run and its saved
+    files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
     val_seconds = row["seconds"] - stats.seconds
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
-    corrected = plan.correct(run, epoch, steps, pace, val_seconds, seconds - stats.seconds, log)
+    corrected = plan.correct(run, epoch, pace, val_seconds, seconds - stats.seconds, log)
     if corrected is None:
         return
     retarget(run, corrected)
@@ -351,52 +344,6 @@ def _params(run: TrainingRun) -> int:
     return sum(p.numel() for p in run.model.parameters())
 
 
-def train_step(
-    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, rand
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward one batch, in `micro_batch` chunks when set: (mean loss, logits).
-    Mixup/CutMix make soft targets over the whole batch; the loss is `loss_fn`."""
-    c = run.config
-    if run.hw.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    targets = y
-    if c.mixup_alpha or c.cutmix_alpha:
-        x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
-    run.optimizer.zero_grad(set_to_none=True)
-    chunks = list(micro_batches(c, x, targets))
-    losses, logits = [], []
-    with rand.global_draws():  # dropout draws from torch's generator: seeded for this step
-        for i, (xc, tc) in enumerate(chunks):
-            # under DDP the gradients are reduced once, on the last chunk's backward
-            with _no_sync(run.step_model, i < len(chunks) - 1):
-                with run.hw.autocast():
-                    out = run.step_model(xc)
-                loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
-                run.scaler.scale(loss).backward()
-            losses.append(loss.detach())
-            logits.append(out.detach())
-    return torch.stack(losses).sum(), torch.cat(logits)
-
-
-def _no_sync(model: torch.nn.Module, skip: bool):
-    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
-    if skip and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        return ddp.no_sync()
-    return contextlib.nullcontext()
-
-
-def optimizer_step(run: TrainingRun, global_step: int) -> None:
-    """The update on the batch's gradients: SGD/Muon (through the AMP scaler), schedule,
-    lookahead, EMA."""
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    if run.lookahead is not None:
-        run.lookahead.after_step(run.model, global_step)
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
-
-
 def train_one_epoch(
     run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log
 ) -> EpochStats:
@@ -419,8 +366,9 @@ def train_one_epoch(
             break
         loss, logits = train_step(run, x, y, rand)
         checked = (step + 1) % check_every == 0 or step == last_step - 1
-        if checked and _non_finite_anywhere(run, loss):
-            _non_finite(run, c, stats, f"epoch {epoch + 1} step {step + 1}", saver)
+        why = _diverging(run, loss) if checked else ""
+        if why:
+            _non_finite(run, c, stats, f"{why} at epoch {epoch + 1} step {step + 1}", saver)
             continue
         optimizer_step(run, epoch * n + step + 1)
         if step == start_step == 0:
@@ -459,19 +407,34 @@ def _progress(run: TrainingRun, epoch: int, start_step: int):
     )  # fmt: skip
 
 
-def _non_finite_anywhere(run: TrainingRun, loss: torch.Tensor) -> bool:
-    """The loss is not finite here or, under torchrun, on another rank, whose NaN gradients the
-    backward's all-reduce has already spread: every rank then skips or stops together."""
-    bad = float(not math.isfinite(loss.item()))
-    return all_sum([bad], run.dist, run.hw.device)[0] > 0
+# A batch loss this many times a uniform guess's (ln classes: 23 for 10 classes) is no
+# early spike: ResNet-18 at lr 0.1 with no warm-up peaks near 6x in its first steps and learns.
+EXPLODED = 10
+
+
+def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
+    """Why training is diverging at this batch, "" when it is not: a non-finite loss, or one past
+    EXPLODED times a uniform guess's; here or, under torchrun, on another rank, whose NaN
+    gradients the backward's all-reduce has already spread: every rank then skips or stops together."""
+    value, limit = loss.item(), EXPLODED * math.log(max(2, len(run.splits.classes)))
+    why = (
+        "non-finite loss"
+        if not math.isfinite(value)
+        else f"loss {value:.4g} (over {limit:.0f}, {EXPLODED}x a uniform guess's)"
+        if value > limit
+        else ""
+    )
+    if all_sum([float(bool(why))], run.dist, run.hw.device)[0] > 0:
+        return why or "a diverging loss on another rank"
+    return ""
 
 
 def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str, saver) -> None:
-    """A non-finite loss: stop (`on_nan: stop`), or skip the batch, the schedule moving on."""
+    """A diverging batch: stop (`on_nan: stop`), or skip it, the schedule moving on."""
     if c.on_nan != "skip":
         raise TrainingFailed(
-            f"non-finite loss at {where}; the last good checkpoint is {saver.last} "
-            "(lower --lr, or --set on_nan=skip to skip such batches)"
+            f"diverged: {where}; the last good checkpoint is {saver.last} "
+            "(lower --lr or add a warm-up, or --set on_nan=skip to skip such batches)"
         )
     stats.nan_skipped += 1
     run.optimizer.zero_grad(set_to_none=True)
@@ -584,7 +547,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     )
     if test_acc is not None:
         val += f"  test loss {test_loss:.3f} acc {test_acc:.1%}"
-    skipped = f"  ({stats.nan_skipped} non-finite batches skipped)" if stats.nan_skipped else ""
+    skipped = f"  ({stats.nan_skipped} diverging batches skipped)" if stats.nan_skipped else ""
     log(
         f"epoch {epoch + 1}/{c.epochs}  lr {stats.lr:.4g}  train loss {row['train_loss']:.3f} "
         f"acc {row['train_acc']:.1%}  {val}  {seconds:.0f}s  {row['images_per_s']:.0f} img/s{skipped}"

@@ -72,12 +72,6 @@ class TrainingRun:
         return group["lr"] / group["lr_mult"]
 
 
-def micro_batches(config: TrainConfig, *tensors: torch.Tensor):
-    """One batch's tensors in chunks of `config.micro_batch` images (one chunk when it is 0)."""
-    size = config.micro_batch or len(tensors[0])
-    return zip(*(t.split(size) for t in tensors), strict=True)
-
-
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,15 @@ from cifarlab.models.adapt import BackboneOptions, cifar_stem
 from cifarlab.models.cnn import CIFAR10CNN
 from cifarlab.models.fastnet import FastNet
 from cifarlab.models.resnet import ResNet
-from cifarlab.models.torchvision_nets import ARCHS, lesson_stem
+from cifarlab.models.timm_nets import check_timm_name, has_fixed_input, timm_backbone
+from cifarlab.models.torchvision_nets import (
+    ARCHS,
+    check_builder,
+    fixed_size_keywords,
+    lesson_stem,
+    torchvision_backbone,
+    torchvision_names,
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,6 @@ def _ours(make: Callable[[ModelArgs], nn.Module]) -> Build:
 
 
 def _torchvision(arch: str, stem=None) -> Build:
-    from cifarlab.models.torchvision_nets import torchvision_backbone
-
     return lambda a, opts, log: torchvision_backbone(
         arch, a.num_classes, opts, log, stem or cifar_stem
     )
@@ -102,15 +109,11 @@ for _name, _arch in ARCHS.items():
 
 
 def _torchvision_spec(arch: str) -> ModelSpec:
-    from cifarlab.models.torchvision_nets import check_builder, fixed_size_keywords
-
     fixed = bool(fixed_size_keywords(check_builder(arch), 224))
     return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, True, fixed)
 
 
 def _timm_spec(name: str) -> ModelSpec:
-    from cifarlab.models.timm_nets import check_timm_name, has_fixed_input, timm_backbone
-
     fixed = has_fixed_input(check_timm_name(name))
     build: Build = lambda a, opts, log: timm_backbone(name, a.num_classes, opts, log)  # noqa: E731
     return ModelSpec(build, f"timm {name}", True, True, False, fixed)
@@ -139,10 +142,6 @@ def model_spec(name: str) -> ModelSpec:
 def open_names(pattern: str = "") -> dict[str, list[str] | None]:
     """The `tv:` and `timm:` names containing `pattern` (a glob such as `convnext*` also works);
     None for timm when it is not installed."""
-    import fnmatch
-
-    from cifarlab.models.torchvision_nets import torchvision_names
-
     glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
     found: dict[str, list[str] | None] = {"tv:": fnmatch.filter(torchvision_names(), glob)}
     try:
