@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from cifarlab.errors import UserError
@@ -163,15 +164,18 @@ def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:
 
 
 def build_model(
-    args: ModelArgs, pretrained: bool = False, weights: str = "", log=lambda s: None
+    args: ModelArgs, pretrained: bool = False, weights: str = "", log=lambda s: None, seed: int = 0
 ) -> nn.Module:
     """The model `args` describe; `pretrained`/`weights` start a torchvision or timm model from
-    ImageNet weights (DEFAULT / an enum name / a local file)."""
+    ImageNet weights (DEFAULT / an enum name / a local file). Its random initialisation draws
+    from `seed`, leaving torch's global generator as it was."""
     spec = model_spec(args.name)
     if problem := fixed_input_problem(spec, args.name, args.stem):
         raise UserError(problem)
     opts = BackboneOptions(args.stem, args.input_size or 224, pretrained, weights)
-    return spec.build(args, opts, log)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return spec.build(args, opts, log)
 
 
 def create_model(

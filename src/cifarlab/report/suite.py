@@ -122,9 +122,16 @@ def write_suite_report(suite, rows: list[dict], out: Path) -> None:
     (out / "index.html").write_text(_index(suite, rows, out))
 
 
-def _notes(suite, rows: list[dict]) -> list[str]:
-    from cifarlab.suites import gain_basis
+def gain_basis(rows: list[dict]) -> str:
+    """What runs are compared on: test accuracy when every run that ran has it (that of best.pt,
+    chosen on validation; without validation the best epoch's, as the lesson compares), else
+    the best validation accuracy."""
+    ran = [r for r in rows if "epochs" in r]
+    key = "test_acc" if any("best_val_acc" in r for r in ran) else "best_test_acc"
+    return key if ran and all(r.get(key) is not None for r in ran) else "best_val_acc"
 
+
+def _notes(suite, rows: list[dict]) -> list[str]:
     basis = {
         "best_val_acc": "best validation accuracy",
         "test_acc": "test accuracy of best.pt (chosen on validation)",
