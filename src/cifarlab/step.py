@@ -40,15 +40,17 @@ def train_step(run, x: torch.Tensor, y: torch.Tensor, rand) -> tuple[torch.Tenso
     run.optimizer.zero_grad(set_to_none=True)
     chunks = list(micro_batches(c, x, targets))
     losses, logits = [], []
-    for i, (xc, tc) in enumerate(chunks):
-        # under DDP the gradients are reduced once, on the last chunk's backward
-        with _no_sync(run.step_model, i < len(chunks) - 1):
-            with run.hw.autocast():
-                out = run.step_model(xc)
-            loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
-            run.scaler.scale(loss).backward()
-        losses.append(loss.detach())
-        logits.append(out.detach())
+    # dropout draws from torch's generators: seeded for the step (`rand`: a `StepRandom`)
+    with rand.global_draws() if rand is not None else contextlib.nullcontext():
+        for i, (xc, tc) in enumerate(chunks):
+            # under DDP the gradients are reduced once, on the last chunk's backward
+            with _no_sync(run.step_model, i < len(chunks) - 1):
+                with run.hw.autocast():
+                    out = run.step_model(xc)
+                loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
+                run.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+            logits.append(out.detach())
     return torch.stack(losses).sum(), torch.cat(logits)
 
 

@@ -206,7 +206,6 @@ def train(
             step, stats, epoch = 0, EpochStats(), epoch + 1
             if on_epoch is not None:
                 on_epoch(row)
-        phases.mark("last step done")
         result = _finish(run, run_dir, history, saver, log)
         tracker.finish(result)
         barrier(d)
@@ -357,7 +356,7 @@ def train_one_epoch(
         1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
     )  # a sync costs on CUDA
     bar = _progress(run, epoch, start_step)
-    t0 = time.perf_counter() - stats.seconds
+    t0, cpu0 = time.perf_counter() - stats.seconds, time.process_time()
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
@@ -374,7 +373,7 @@ def train_one_epoch(
         if step == start_step == 0:
             stats.first_step = time.perf_counter() - t0
             if epoch == 0:
-                phases.record("first step", stats.first_step)
+                phases.record("first step", stats.first_step, time.process_time() - cpu0)
                 phases.mark("first step done")
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -392,6 +391,8 @@ def train_one_epoch(
             _sync(stats, loss_sum, correct, t0)
             _save_mid_epoch(run, epoch, step + 1, stats, saver, stop, bar)
     bar.close()
+    if epoch == c.epochs - 1:
+        phases.mark("last step done")
     _sync(stats, loss_sum, correct, t0)
     stats.loss_sum, stats.correct, stats.seen = all_sum(
         [stats.loss_sum, stats.correct, stats.seen], run.dist, run.hw.device
@@ -509,9 +510,12 @@ def validate(
     )
     if labels is None or len(labels) == 0:
         return None, None
+    plain = run.val_logits if split == "val" and tta != "none" else None
     logits = predict_logits(
-        run.eval_model, images, run.normalize, run.config.eval_batch_size, tta, hardware=run.hw
+        run.eval_model, images, run.normalize, run.config.eval_batch_size, tta, run.hw, plain
     )
+    if split == "val" and tta == "none":
+        run.val_logits = logits
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
@@ -524,8 +528,9 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     """Validate, append the metrics row, save last.pt (and best.pt when it improved), log a line."""
     c = run.config
     t_val = time.perf_counter()
-    val_loss, val_acc = validate(run)
-    test_loss, test_acc = validate(run, split="test")  # the record the lesson prints; never selects
+    with phase("validation (each epoch)"):
+        val_loss, val_acc = validate(run)
+        test_loss, test_acc = validate(run, split="test")  # the lesson's record; never selects
     seconds = stats.seconds + time.perf_counter() - t_val
     seen = max(stats.seen, 1)
     row = {
@@ -537,9 +542,11 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     }  # fmt: skip
     if run.dist.main:
         append_metrics(saver.run_dir / "metrics.csv", row)
-    improved = saver.save(
-        checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best), val_acc
-    )
+    with phase("checkpoint writes (each epoch)"):
+        improved = saver.save(
+            checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
+            val_acc,
+        )
     val = (
         "no validation"
         if val_acc is None
@@ -575,7 +582,11 @@ def _finish(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
     if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
-        val = ValSet(run.val_images, run.val_labels, run.hw, run.config.eval_batch_size)
+        known = None if run.ema is not None else (run.model.state_dict(), run.val_logits)
+        val = ValSet(
+            run.val_images, run.val_labels, run.hw, run.config.eval_batch_size,
+            None if run.val_logits is None else known,
+        )  # fmt: skip
         with phase("temperature fits"):
             calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
     with phase("test pass"):
