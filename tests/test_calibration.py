@@ -233,3 +233,56 @@ def test_calibrate_holds_the_run_lock_so_a_resume_cannot_roll_last_pt_back(tmp_p
     assert raced and "in use by process" in raced[0]
     last_epoch = int(read_metrics(run / "metrics.csv")[-1]["epoch"])
     assert load_checkpoint(run / "last.pt")["epoch"] >= last_epoch
+
+
+def test_the_end_of_training_reuses_the_last_validation_logits(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """The final TTA pass runs only the views the last validation did not (flip: one of two)
+    and the temperature fit of the final weights runs no pass at all; the TTA accuracy and the
+    temperature are those computed from scratch."""
+    import cifarlab.calibration
+    import cifarlab.train
+
+    calls = []
+
+    def spy(where):
+        def counted(
+            model, images, normalize, batch_size=500, tta="none", hardware=None, plain=None
+        ):
+            calls.append((where, tta, plain is not None))
+            return predict_logits(model, images, normalize, batch_size, tta, hardware, plain)
+
+        return counted
+
+    monkeypatch.setattr(cifarlab.train, "predict_logits", spy("train"))
+    monkeypatch.setattr(cifarlab.calibration, "predict_logits", spy("calibration"))
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=1, batch_size=8, val_size=6, tta="flip", threads=1)  # fmt: skip
+    result = train(config, tmp_path / "run", log=lambda s: None)
+    assert calls.count(("train", "flip", True)) == 1  # the val TTA pass; the test pass runs whole
+    assert not [c for c in calls if c[0] == "calibration"]
+    monkeypatch.undo()
+    at_training = load_checkpoint(tmp_path / "run" / "last.pt")["temperature"]
+    assert calibrate_run(tmp_path / "run", log=lambda s: None) == pytest.approx(
+        at_training, rel=1e-4
+    )
+    assert at_training != 1.0
+    from cifarlab.data import load_splits
+
+    val = load_splits(config).val
+    loaded = load_model(load_checkpoint(tmp_path / "run" / "last.pt"))
+    images = torch.from_numpy(val.images).permute(0, 3, 1, 2).contiguous()
+    logits = predict_logits(loaded.model, images, loaded.normalize, config.eval_batch_size, "flip")
+    acc = (logits.argmax(1) == torch.from_numpy(val.labels)).float().mean().item()
+    assert result.tta_val_acc == pytest.approx(acc)
+
+
+def test_tta_with_the_plain_views_logits_given_equals_tta_from_scratch(trained_run):
+    loaded = load_model(load_checkpoint(trained_run / "best.pt"))
+    images = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8)
+    plain = predict_logits(loaded.model, images, loaded.normalize, 16)
+    for tta in ("flip", "flip-translate"):
+        scratch = predict_logits(loaded.model, images, loaded.normalize, 16, tta)
+        reused = predict_logits(loaded.model, images, loaded.normalize, 16, tta, plain=plain)
+        assert torch.equal(scratch, reused)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cifarlab.data import load_source, load_splits
-from cifarlab.data.splits import onto_classes, stratified_pick
+from cifarlab.data.splits import channel_stats, onto_classes, stratified_pick
 from cifarlab.errors import UserError
 from tests.conftest import make_config
 
@@ -105,3 +105,14 @@ def test_onto_classes_maps_a_subset_onto_the_models_indices(tmp_path, data_root)
     assert mapped.labels.tolist() == [1] * 4 + [2] * 4
     with pytest.raises(UserError, match=r"trained on 1 classes .* does not know \(emu\)"):
         onto_classes(data, ["dog"], "best.pt")
+
+
+def test_channel_stats_match_the_float64_mean_and_std_of_the_pixels(real_jpegs, data_root):
+    train = load_splits(
+        make_config(data=str(real_jpegs), data_root=str(data_root), val_size=100)
+    ).train
+    pixels = train.images.reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = channel_stats(train.images)
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-6)
+    assert mean[0] != mean[2]  # per channel, not one figure for all

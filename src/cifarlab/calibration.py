@@ -32,6 +32,8 @@ class ValSet(NamedTuple):
     labels: torch.Tensor
     hardware: Hardware | None  # the run's precision and memory format (None: the rule's)
     batch_size: int
+    # (weights, their logits on these images): a checkpoint holding those weights is not run again
+    known: tuple[dict, torch.Tensor] | None = None
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -73,6 +75,8 @@ def _val_logits(
             f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "
             "retrain with --set val_size=N, or leave the probabilities uncalibrated"
         )
+    if not use_ema and val.known is not None and _equal(ckpt["model"], val.known[0]):
+        return val.known[1], val.labels.long().cpu()
     loaded = load_model(ckpt, device, use_ema)
     logits = predict_logits(  # in the hardware's memory format, the model's weights included
         loaded.model, val.images.to(device), loaded.normalize, val.batch_size, hardware=val.hardware
@@ -114,13 +118,15 @@ def calibrate_checkpoint(
     return ckpt
 
 
-def _same_weights(a: dict, b: dict) -> bool:
-    def equal(x, y) -> bool:
-        if x is None or y is None:
-            return x is y
-        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+def _equal(x: dict | None, y: dict | None) -> bool:
+    """The same tensors under the same names (wherever each lives)."""
+    if x is None or y is None:
+        return x is y
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k].to(x[k].device)) for k in x)
 
-    return equal(a["model"], b["model"]) and equal(a.get("ema"), b.get("ema"))
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return _equal(a["model"], b["model"]) and _equal(a.get("ema"), b.get("ema"))
 
 
 def calibrate_run(

@@ -34,12 +34,14 @@ def predict_logits(
     batch_size: int = 500,
     tta: str = "none",
     hardware=None,
+    plain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
     logits. Without `hardware`, the precision follows training's rule for the images' device
     (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is
     left in its memory format: channels_last inputs alone pick the channels_last kernels, with the
-    same logits as a channels_last model."""
+    same logits as a channels_last model. `plain`: this model's logits without TTA, computed
+    already at this batch size (the last validation pass): the first view is not run again."""
     hardware = hardware or inference_hardware(images.device)
     was_training = model.training
     model.eval()
@@ -50,15 +52,17 @@ def predict_logits(
             x = x.contiguous(memory_format=torch.channels_last)
         views = _views(x, tta)
         with hardware.autocast():
-            logits = torch.stack([model(v).float() for v in views]).mean(0)
+            known = [] if plain is None else [plain[start : start + batch_size]]
+            logits = [*known, *(model(v).float() for v in views[len(known) :])]
+            logits = torch.stack(logits).mean(0)
         out.append(logits)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, device=images.device)
 
 
 def model_args(ckpt: dict) -> ModelArgs:
-    """The checkpoint's constructor arguments; checkpoints from before they were stored are
-    migrated from their config (the same fields, read from the resolved config)."""
+    """The checkpoint's constructor arguments; a checkpoint without `model_args` has the same
+    fields in its resolved config."""
     if "model_args" in ckpt:
         return ModelArgs.from_dict(ckpt["model_args"])
     c = ckpt["config"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import time
 
-_phases: list[tuple[str, float]] | None = None  # None: not profiling, phase() costs nothing
+# (name, wall seconds, CPU seconds of this process); None: not profiling, phase() costs nothing.
+# CPU time is the column to compare across runs on a shared machine: other processes' load
+# stretches wall time, much less a phase's own CPU time (with 2 threads it may exceed the wall).
+_phases: list[tuple[str, float, float]] | None = None
 _marks: list[tuple[str, float]] = []  # (event, seconds since the command started)
 _origin = 0.0
 
@@ -29,24 +32,27 @@ def phase(name: str):
     if _phases is None:
         yield
         return
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
-        _phases.append((name, time.perf_counter() - t))
+        _phases.append((name, time.perf_counter() - t, time.process_time() - cpu))
 
 
-def record(name: str, seconds: float) -> None:
+def record(name: str, seconds: float, cpu_seconds: float = float("nan")) -> None:
     if _phases is not None:
-        _phases.append((name, seconds))
+        _phases.append((name, seconds, cpu_seconds))
 
 
 def table() -> str:
-    """One line per phase in first-seen order, seconds summed over repeats."""
-    totals: dict[str, float] = {}
-    for name, s in _phases or []:
-        totals[name] = totals.get(name, 0.0) + s
+    """One line per phase in first-seen order (wall and CPU seconds summed over repeats), then
+    the marks."""
+    totals: dict[str, tuple[float, float]] = {}
+    for name, s, cpu in _phases or []:
+        w, c = totals.get(name, (0.0, 0.0))
+        totals[name] = (w + s, c + cpu)
     width = max((len(n) for n in [*totals, *dict(_marks)]), default=5) + 2
-    lines = ["profile (seconds):"] + [f"  {n:<{width}}{s:7.3f}" for n, s in totals.items()]
+    lines = ["profile (seconds):", f"  {'phase':<{width}}{'wall':>7} {'cpu':>7}"]
+    lines += [f"  {n:<{width}}{w:7.3f} {c:7.3f}" for n, (w, c) in totals.items()]
     lines += ["since the command started:"] + [f"  {n:<{width}}{s:7.3f}" for n, s in _marks]
     return "\n".join(lines)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cifarlab import phases
-from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
@@ -51,13 +50,13 @@ from cifarlab.rundir import (
     removed_if_unstarted,
     truncate_metrics,
 )
+from cifarlab.step import optimizer_step, train_step
 from cifarlab.tracking import open_trackers
 from cifarlab.training_run import (
     TrainingRun,
     apply_freeze,
     build_run,
     checkpoint_state,
-    micro_batches,
     restore,
     retarget,
     total_steps,
@@ -112,12 +111,6 @@ class EpochStats:
     @classmethod
     def from_dict(cls, d: dict) -> EpochStats:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
-    probabilities, with label smoothing applied here exactly once."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 class _StopSignals:
@@ -204,15 +197,15 @@ def train(
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
-            if plan is not None and plan.due(epoch, run.config):
-                seconds = time.perf_counter() - t_epoch
-                _correct_plan(run, plan, epoch, stats, row, seconds, saver, log)
+            if plan is not None:
+                _correct_plan(
+                    run, plan, epoch, stats, row, time.perf_counter() - t_epoch, saver, log
+                )
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
             if on_epoch is not None:
                 on_epoch(row)
-        phases.mark("last step done")
         result = _finish(run, run_dir, history, saver, log)
         tracker.finish(result)
         barrier(d)
@@ -222,17 +215,16 @@ def train(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after its first epoch, the first at its later pace (the whitening bias
-    stopped, the backbone unfrozen) and the first past half the budget (`Plan.due`): the
-    length that fits the time left, measured on that epoch; when it changes, the run and its
-    saved files (last.pt, config.yaml) take it."""
+    """A budgeted run after epoch `epoch` (`Plan.correct`: once, past half the budget): the
+    length that fits the time left at that epoch's pace; when it changes, the run and its saved
+    files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
     val_seconds = row["seconds"] - stats.seconds
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
-    corrected = plan.correct(run, epoch, steps, pace, val_seconds, seconds - stats.seconds, log)
+    corrected = plan.correct(run, epoch, pace, val_seconds, seconds - stats.seconds, log)
     if corrected is None:
         return
     retarget(run, corrected)
@@ -351,51 +343,6 @@ def _params(run: TrainingRun) -> int:
     return sum(p.numel() for p in run.model.parameters())
 
 
-def train_step(
-    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, rand
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward one batch, in `micro_batch` chunks when set: (mean loss, logits).
-    Mixup/CutMix make soft targets over the whole batch; the loss is `loss_fn`."""
-    c = run.config
-    if run.hw.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    targets = y
-    if c.mixup_alpha or c.cutmix_alpha:
-        x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
-    run.optimizer.zero_grad(set_to_none=True)
-    chunks = list(micro_batches(c, x, targets))
-    losses, logits = [], []
-    for i, (xc, tc) in enumerate(chunks):
-        # under DDP the gradients are reduced once, on the last chunk's backward
-        with _no_sync(run.step_model, i < len(chunks) - 1):
-            with run.hw.autocast():
-                out = run.step_model(xc)
-            loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
-            run.scaler.scale(loss).backward()
-        losses.append(loss.detach())
-        logits.append(out.detach())
-    return torch.stack(losses).sum(), torch.cat(logits)
-
-
-def _no_sync(model: torch.nn.Module, skip: bool):
-    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
-    if skip and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        return ddp.no_sync()
-    return contextlib.nullcontext()
-
-
-def optimizer_step(run: TrainingRun, global_step: int) -> None:
-    """The update on the batch's gradients: SGD/Muon (through the AMP scaler), schedule,
-    lookahead, EMA."""
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    if run.lookahead is not None:
-        run.lookahead.after_step(run.model, global_step)
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
-
-
 def train_one_epoch(
     run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log
 ) -> EpochStats:
@@ -409,7 +356,7 @@ def train_one_epoch(
         1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
     )  # a sync costs on CUDA
     bar = _progress(run, epoch, start_step)
-    t0 = time.perf_counter() - stats.seconds
+    t0, cpu0 = time.perf_counter() - stats.seconds, time.process_time()
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
@@ -426,7 +373,7 @@ def train_one_epoch(
         if step == start_step == 0:
             stats.first_step = time.perf_counter() - t0
             if epoch == 0:
-                phases.record("first step", stats.first_step)
+                phases.record("first step", stats.first_step, time.process_time() - cpu0)
                 phases.mark("first step done")
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -444,6 +391,8 @@ def train_one_epoch(
             _sync(stats, loss_sum, correct, t0)
             _save_mid_epoch(run, epoch, step + 1, stats, saver, stop, bar)
     bar.close()
+    if epoch == c.epochs - 1:
+        phases.mark("last step done")
     _sync(stats, loss_sum, correct, t0)
     stats.loss_sum, stats.correct, stats.seen = all_sum(
         [stats.loss_sum, stats.correct, stats.seen], run.dist, run.hw.device
@@ -561,9 +510,12 @@ def validate(
     )
     if labels is None or len(labels) == 0:
         return None, None
+    plain = run.val_logits if split == "val" and tta != "none" else None
     logits = predict_logits(
-        run.eval_model, images, run.normalize, run.config.eval_batch_size, tta, hardware=run.hw
+        run.eval_model, images, run.normalize, run.config.eval_batch_size, tta, run.hw, plain
     )
+    if split == "val" and tta == "none":
+        run.val_logits = logits
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
@@ -576,8 +528,9 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     """Validate, append the metrics row, save last.pt (and best.pt when it improved), log a line."""
     c = run.config
     t_val = time.perf_counter()
-    val_loss, val_acc = validate(run)
-    test_loss, test_acc = validate(run, split="test")  # the record the lesson prints; never selects
+    with phase("validation (each epoch)"):
+        val_loss, val_acc = validate(run)
+        test_loss, test_acc = validate(run, split="test")  # the lesson's record; never selects
     seconds = stats.seconds + time.perf_counter() - t_val
     seen = max(stats.seen, 1)
     row = {
@@ -589,9 +542,11 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     }  # fmt: skip
     if run.dist.main:
         append_metrics(saver.run_dir / "metrics.csv", row)
-    improved = saver.save(
-        checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best), val_acc
-    )
+    with phase("checkpoint writes (each epoch)"):
+        improved = saver.save(
+            checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
+            val_acc,
+        )
     val = (
         "no validation"
         if val_acc is None
@@ -627,7 +582,11 @@ def _finish(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
     if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
-        val = ValSet(run.val_images, run.val_labels, run.hw, run.config.eval_batch_size)
+        known = None if run.ema is not None else (run.model.state_dict(), run.val_logits)
+        val = ValSet(
+            run.val_images, run.val_labels, run.hw, run.config.eval_batch_size,
+            None if run.val_logits is None else known,
+        )  # fmt: skip
         with phase("temperature fits"):
             calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
     with phase("test pass"):

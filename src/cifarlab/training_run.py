@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ class TrainingRun:
     data_fingerprint: str
     test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
     test_labels: torch.Tensor | None = None
+    # the eval model's logits on val from the latest validation, reused by the final TTA pass
+    # (its first view) and the temperature fit (the same weights): two of six passes saved
+    val_logits: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -70,12 +74,6 @@ class TrainingRun:
         """The schedule's current lr, whatever the first group's multiplier."""
         group = self.optimizer.param_groups[0]
         return group["lr"] / group["lr_mult"]
-
-
-def micro_batches(config: TrainConfig, *tensors: torch.Tensor):
-    """One batch's tensors in chunks of `config.micro_batch` images (one chunk when it is 0)."""
-    size = config.micro_batch or len(tensors[0])
-    return zip(*(t.split(size) for t in tensors), strict=True)
 
 
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
@@ -218,12 +216,11 @@ def input_statistics(config: TrainConfig, splits: Splits) -> tuple[list[float], 
 def _build_model(config, splits, normalize, hw, d, log):
     """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
     with the ids of parameters that never train."""
-    torch.manual_seed(config.seed)
     args = ModelArgs(
         config.model, len(splits.classes), config.width, config.image_size, config.stem,
         config.input_size,
     )  # fmt: skip
-    model = build_model(args, config.pretrained, config.weights, log)
+    model = build_model(args, config.pretrained, config.weights, log, seed=config.seed)
     if config.whitening:
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
         init_whitening(first_conv(model), normalize(sample))
@@ -311,10 +308,27 @@ def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list
     ]
 
 
+def skip_dynamo_import() -> None:
+    """torch.optim.Optimizer's zero_grad, add_param_group, state_dict and load_state_dict import
+    torch._dynamo on their first call, only to keep torch.compile from tracing them: as long as
+    torch's own import (1.5-2 s on a 2-core CPU). No optimizer is compiled here, so each is
+    marked as already wrapped (the attribute torch._compile caches the wrapper in; should torch
+    rename it, this does nothing and the import happens as before)."""
+    if "torch._dynamo" in sys.modules:
+        return
+    opt = torch.optim.Optimizer
+    for method in (opt.zero_grad, opt.add_param_group, opt.state_dict, opt.load_state_dict):
+        inner = getattr(method, "__wrapped__", None)
+        if inner is not None and not hasattr(inner, "__dynamo_disable"):
+            setattr(inner, "__dynamo_disable", inner)
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
     """torch's SGD over `param_groups`; with `optimizer: muon` the conv filters (4-D weights)
     of each group move to a Muon group at `muon_lr` times that group's multiplier (`lr_mults`,
     `backbone_lr_mult`), its `lr_mult` relative to `lr` so that schedules scale it."""
+    if not config.compile:
+        skip_dynamo_import()
     groups = param_groups(model, config, log)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -396,7 +410,8 @@ def _freeze_backbone(model: torch.nn.Module, fixed: set[int], frozen: bool) -> N
 
 
 def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best: float) -> dict:
-    """Enough to resume exactly, and to rebuild the model on its own (`model_args`)."""
+    """Enough to resume exactly (every random draw of a step is seeded by its position, see
+    `StepRandom`), and to rebuild the model on its own (`model_args`)."""
     return {
         "model": run.model.state_dict(),
         "model_args": run.model_args.to_dict(),
@@ -409,10 +424,6 @@ def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best:
         "next_step": step,
         "best_val_acc": best,
         "accumulators": stats,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
         "config": run.config.to_dict(),
         "classes": run.splits.classes,
         "mean": run.normalize.mean,
@@ -430,6 +441,3 @@ def restore(run: TrainingRun, ckpt: dict) -> None:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
