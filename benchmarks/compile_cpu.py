@@ -1,8 +1,8 @@
 # ruff: noqa: I001  (cifarlab first: it sets the allocator's huge pages before torch loads)
 """torch.compile on the CPU: fastnet's training step compiled against eager.
 
-A benchmark, not a test. Forward and backward of 4 chunks of 500 synthetic images (`fast`'s
-batch as it trains on a CPU), channels_last, all cores; compiled and eager alternate after
+A benchmark, not a test. The training loop's `train_step` (forward and backward) on 4 chunks
+of 500 synthetic images (`fast`'s batch as it trains on a CPU), channels_last, all cores; compiled and eager alternate after
 warm-ups, median of `--rounds`. It answers whether `compile: true` should be the CPU default.
 
     python benchmarks/compile_cpu.py [--bf16] [--rounds 5]
@@ -16,19 +16,20 @@ import time
 
 import cifarlab  # noqa: F401
 import torch
-import torch.nn.functional as F
 
+from cifarlab.config import TrainConfig
+from cifarlab.hardware import Hardware
 from cifarlab.models import create_model
+from cifarlab.step import bare_run, train_step
 
 CHUNK, CHUNKS = 500, 4
 
 
-def step_time(model, x, y, bf16: bool) -> float:
+def step_time(run, model, x, y) -> float:
+    """Seconds of the training loop's `train_step` (CHUNKS chunks of CHUNK) through `model`."""
+    run.step_model = model
     t0 = time.perf_counter()
-    for _ in range(CHUNKS):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        F.cross_entropy(out.float(), y).backward()
+    train_step(run, x, y, rand=None)
     return time.perf_counter() - t0
 
 
@@ -40,17 +41,19 @@ def main() -> None:
     torch.manual_seed(0)
     eager = create_model("fastnet", num_classes=10).to(memory_format=torch.channels_last)
     compiled = torch.compile(eager)
-    x = torch.randn(CHUNK, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (CHUNK,))
+    x = torch.randn(CHUNK * CHUNKS, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (CHUNK * CHUNKS,))
+    hw = Hardware(torch.device("cpu"), torch.bfloat16 if args.bf16 else None, channels_last=True)
+    run = bare_run(eager, hw, TrainConfig(model="fastnet", micro_batch=CHUNK))
     t0 = time.perf_counter()
-    step_time(compiled, x, y, args.bf16)
+    step_time(run, compiled, x, y)
     print(f"compilation and first step: {time.perf_counter() - t0:.1f} s")
     for model in (compiled, eager, eager):  # warm-ups
-        step_time(model, x, y, args.bf16)
+        step_time(run, model, x, y)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(args.rounds):
-        times["eager"].append(step_time(eager, x, y, args.bf16))
-        times["compiled"].append(step_time(compiled, x, y, args.bf16))
+        times["eager"].append(step_time(run, eager, x, y))
+        times["compiled"].append(step_time(run, compiled, x, y))
     e, c = statistics.median(times["eager"]), statistics.median(times["compiled"])
     images = CHUNK * CHUNKS
     print(

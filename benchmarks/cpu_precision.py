@@ -1,7 +1,7 @@
 """CPU training-step throughput: bf16 autocast and flushed denormals against plain fp32.
 
-A benchmark, not a test. Per model, the variants run alternately (ABAB...) in one process on a
-synthetic batch, channels_last, all cores; the table gives median images/s and the ratio to
+A benchmark, not a test. Per model, the variants run the training loop's `train_step`
+alternately (ABAB...) in one process on a synthetic batch, channels_last, all cores; the table gives median images/s and the ratio to
 fp32. It answers two questions of docs/benchmarks.md: does bf16 pay on this CPU (why `amp`
 stays off on the CPU), and are slow first epochs denormal arithmetic (fresh vs trained weights).
 
@@ -16,19 +16,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cifarlab.checkpoint import load_checkpoint
+from cifarlab.hardware import Hardware
 from cifarlab.models import create_model
+from cifarlab.step import bare_run, train_step
 
 
-def step_time(model, x, y, bf16: bool) -> float:
+def step_time(run, x, y, bf16: bool) -> float:
+    """Seconds of the training loop's `train_step` (forward and backward) in fp32 or bf16."""
+    run.hw = Hardware(torch.device("cpu"), torch.bfloat16 if bf16 else None, channels_last=True)
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = model(x)
-    loss = F.cross_entropy(out.float(), y)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
+    train_step(run, x, y, rand=None)
     return time.perf_counter() - t0
 
 
@@ -50,16 +49,17 @@ def main() -> None:
         if ckpt:
             model.load_state_dict(ckpt["model"])
         model = model.to(memory_format=torch.channels_last)
+        run = bare_run(model, hw=None)
         x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch,))
         times = {"fp32": [], "bf16": [], "flush": []}
         for variant in times:  # warm-up: oneDNN builds its kernels on first use
             torch.set_flush_denormal(variant == "flush")
-            step_time(model, x, y, variant == "bf16")
+            step_time(run, x, y, variant == "bf16")
         for _ in range(args.rounds):
             for variant in times:
                 torch.set_flush_denormal(variant == "flush")
-                times[variant].append(step_time(model, x, y, variant == "bf16"))
+                times[variant].append(step_time(run, x, y, variant == "bf16"))
         torch.set_flush_denormal(False)
         ips = {k: batch / statistics.median(v) for k, v in times.items()}
         print(

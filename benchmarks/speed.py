@@ -1,8 +1,10 @@
 """Training and evaluation images/s: our device-resident pipeline against the lesson's DataLoader.
 
-A benchmark, not a test: it takes minutes. For each model, the two pipelines are measured
-alternately (ABAB...) in one process so machine noise hits both alike; the table reports
-medians and the ratio, and is appended to docs/benchmarks.md with the machine's description.
+A benchmark, not a test: it takes minutes. For each model, two runs are built as training
+builds them (`seed-cnn` with that model, one per pipeline) and timed through the loop's own
+`train_step` and `optimizer_step`, alternately (ABAB...) in one process so machine noise hits
+both alike; the table reports medians and the ratio, and is appended to docs/benchmarks.md
+with the machine's description.
 
     python benchmarks/speed.py --data ../shared/data/cifar10-train-jpg.tar.gz [--models cnn,resnet18]
 """
@@ -18,15 +20,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.config import apply_overrides, load_recipe
-from cifarlab.data import load_splits
-from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
-from cifarlab.hardware import setup_hardware
+from cifarlab.distributed import init_distributed
+from cifarlab.hardware import synchronize
 from cifarlab.inference import predict_logits
-from cifarlab.models import create_model
+from cifarlab.step import optimizer_step, train_step
+from cifarlab.training_run import build_run
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -45,64 +45,57 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
 
 
-def time_steps(batches, model, optimizer, hw, steps: int, epoch: int) -> float:
-    """Seconds per training step over `steps` steps (after one warm-up step)."""
-    it = batches.epoch(epoch)
+def time_steps(run, steps: int, epoch: int) -> float:
+    """Seconds per training step of `run` (`train_step` and `optimizer_step`, the batch drawn
+    from its pipeline) over `steps` steps, after one warm-up step."""
+    it = run.batches.epoch(epoch)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        x, y, _ = next(it)
-        if hw.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with hw.autocast():
-            loss = F.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if hw.device.type == "cuda":
-            torch.cuda.synchronize()
+        x, y, rand = next(it)
+        train_step(run, x, y, rand)
+        optimizer_step(run, epoch * len(run.batches) + i + 1)
+        synchronize(run.hw.device)
         if i:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def bench_model(name: str, splits, args) -> dict:
-    config = apply_overrides(
-        load_recipe("seed-cnn"),
-        {"model": name, "batch_size": args.batch_size, "workers": args.workers},
-        "bench",
-    )
-    hw = setup_hardware(config)
-    normalize = Normalize(splits.mean, splits.std)
-    model = create_model(name, len(splits.classes)).to(hw.device)
-    if hw.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ours = DeviceBatches(splits.train, config, hw.device, BatchAugment(config, normalize))
-    lesson = TorchvisionBatches(splits.train, config, hw.device, normalize)
+def bench_model(name: str, args) -> dict:
+    """Two runs of `seed-cnn` with `name`, one per pipeline, built as training builds them."""
+    runs = {}
+    for loader in ("device", "torchvision"):
+        config = apply_overrides(
+            load_recipe("seed-cnn"),
+            {"model": name, "batch_size": args.batch_size, "workers": args.workers,
+             "data": args.data, "progress": False, "loader": loader},
+            "bench",
+        )  # fmt: skip
+        runs[loader] = build_run(config, lambda s: None, init_distributed())
+    ours, lesson = runs["device"], runs["torchvision"]
     t_ours, t_lesson = [], []
     for rnd in range(args.rounds):  # alternate so drift and noise hit both pipelines alike
-        t_ours.append(time_steps(ours, model, optimizer, hw, args.steps, rnd))
-        t_lesson.append(time_steps(lesson, model, optimizer, hw, args.steps, rnd))
+        t_ours.append(time_steps(ours, args.steps, rnd))
+        t_lesson.append(time_steps(lesson, args.steps, rnd))
     # the data pipeline's own share of a step: batches drawn without the model
-    it = ours.epoch(99)
+    it = ours.batches.epoch(99)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         next(it)
     data_s = (time.perf_counter() - t0) / args.steps
-    images = to_device_uint8(splits.val.images[: args.eval_images], hw.device)
-    predict_logits(model, images[:256], normalize, 256, hardware=hw)
+    images = ours.val_images[: args.eval_images]
+    predict_logits(ours.model, images[:256], ours.normalize, 256, hardware=ours.hw)
     t0 = time.perf_counter()
-    predict_logits(model, images, normalize, 500, hardware=hw)
+    predict_logits(ours.model, images, ours.normalize, 500, hardware=ours.hw)
     eval_ips = len(images) / (time.perf_counter() - t0)
-    bs = ours.batch_size
+    bs = ours.batches.batch_size
     return {
         "model": name,
         "ours": bs / statistics.median(t_ours),
         "lesson": bs / statistics.median(t_lesson),
         "data_share": data_s / statistics.median(t_ours),
         "eval": eval_ips,
-        "hw": hw.describe(),
+        "hw": ours.hw.describe(),
     }
 
 
@@ -121,11 +114,7 @@ def main() -> None:
         "--no-write", action="store_true", help="print only, do not append to docs/benchmarks.md"
     )
     args = p.parse_args()
-    config = apply_overrides(
-        load_recipe("seed-cnn"), {"data": args.data, "progress": False}, "bench"
-    )
-    splits = load_splits(config)
-    rows = [bench_model(m.strip(), splits, args) for m in args.models.split(",") if m.strip()]
+    rows = [bench_model(m.strip(), args) for m in args.models.split(",") if m.strip()]
     lines = [
         f"### Speed, {date.today()}: {machine()}",
         "",

@@ -70,58 +70,75 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
     run = build_run(config, lambda s: None, init_distributed())
     trains = []
 
-    def fake_step(run, model, opt, batches):
-        trains.append(first_conv(model).bias.requires_grad)
+    def fake_step(run, batches, global_step):
+        trains.append(first_conv(run.model).bias.requires_grad)
         return 0.5 if trains[-1] else 0.4
 
     monkeypatch.setattr(budget, "_step_seconds", fake_step)
     timings = budget.measure(run)
     assert trains == [True, False] * 4  # alternating: 1 warm-up + 3 timed steps each
     assert (timings.step, timings.later) == (0.5, 0.4)
-    assert first_conv(run.model).bias.requires_grad  # the run's own model is untouched
     first = budget.early_steps(config, 12)
     assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3
 
 
-def test_after_its_pace_settles_the_run_is_corrected_again_at_the_measured_pace(monkeypatch):
-    """bf16 `fast-cpu`: the probe read the steps after the whitening bias stops as 12% cheaper,
-    they were 6%, and the run ended 3.7% late; the second correction measures that pace."""
+def test_the_probe_times_the_runs_own_step_with_its_optimiser_ema_and_lookahead(
+    real_jpegs, data_root, monkeypatch
+):
+    import torch
+
+    import cifarlab.budget as budget
+    from cifarlab.distributed import init_distributed
+    from cifarlab.muon import MuonSGD
+    from cifarlab.training_run import build_run
+
+    config = make_config(data=str(real_jpegs), data_root=str(data_root), val_size=100, subset=400,
+                         batch_size=100, micro_batch=50, model="fastnet", width=0.25, optimizer="muon",
+                         ema=True, lookahead=True, mixup_alpha=0.2, epochs=2, amp="off")  # fmt: skip
+    calls = {"train_step": 0, "muon": 0}
+    real_train_step, real_muon = budget.train_step, MuonSGD.step
+
+    def train_step(*args):
+        calls["train_step"] += 1
+        return real_train_step(*args)
+
+    def muon_step(self, *args):
+        calls["muon"] += 1
+        return real_muon(self, *args)
+
+    monkeypatch.setattr(budget, "train_step", train_step)
+    monkeypatch.setattr(MuonSGD, "step", muon_step)  # before the run binds its optimiser
+    run = build_run(config, lambda s: None, init_distributed())
+    ema_before = [p.clone() for p in run.ema.parameters()]
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    budget.measure(run, steps=2, warmup=1)
+    assert calls == {"train_step": 3, "muon": 3}  # the run's Muon, not a stand-in SGD
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, run.ema.parameters(), strict=True))
+    assert torch.equal(torch.rand(2), expected)  # the global random state as it was
+
+
+def test_the_plan_is_corrected_once_after_the_first_epoch_past_half_the_budget(monkeypatch):
     import types
 
     import cifarlab.budget as budget
 
-    shape = make_config(model="fastnet", whitening=True, whiten_bias_epochs=3, epochs=9,
-                        time_budget=900.0, tta="none")  # fmt: skip
-    config = with_steps(shape, 180, 10)  # the plan after the first epoch: 18 epochs of 10 steps
-    assert config.whiten_bias_epochs == 6
+    config = with_steps(make_config(epochs=9, time_budget=900.0, tta="none"), 180, 10)
     run = types.SimpleNamespace(config=config, batches=[None] * 10, val_labels=[0] * 100)
-    plan = budget.Plan(shape, started=0.0, n_test=0, timings=Timings(2.0, 0.001, settled=1.6))
-    monkeypatch.setattr(budget.time, "perf_counter", lambda: 700.0)  # 7 epochs took 700 s
-    said = []
-    corrected = plan.correct(run, 6, 10, 2.0, 0.1, 1.0, said.append)  # 2.0 s a step, not 1.6
-    final = 0.001 * final_images(config, 100, 0)
-    assert corrected.train_steps == 70 + plan_steps(2.0, 1.0, 200.0, 10, final) < 180
-    assert corrected.epochs == -(-corrected.train_steps // 10)
-    assert corrected.whiten_bias_epochs == 6  # what already happened stays as it was
-    assert said[0].startswith("time budget: epoch 7 ran at 2.000 s/step")
-
-
-def test_corrections_come_after_the_first_epoch_the_settled_one_and_half_the_budget(
-    monkeypatch,
-):
-    import cifarlab.budget as budget
-
-    shape = make_config(model="fastnet", whitening=True, whiten_bias_epochs=3, epochs=9,
-                        time_budget=100.0)  # fmt: skip
-    plan = budget.Plan(shape, started=0.0, n_test=0, timings=Timings(1.0, 0.001))
-    clock = [10.0]
+    plan = budget.Plan(900.0, started=0.0, n_test=0)
+    clock = [400.0]
     monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
-    due = []
-    for epoch in range(9):
-        due.append(plan.due(epoch, shape))
-        clock[0] += 10.0
-    # after epoch 1, epoch 4 (the bias stopped after 3) and epoch 5 (ending at 50 s of 100)
-    assert [e + 1 for e, d in enumerate(due) if d] == [1, 4, 5]
+    said = []
+    assert plan.correct(run, 3, 2.0, 0.1, 1.0, said.append) is None  # before half the budget
+    clock[0] = 500.0  # 5 epochs took 500 s, the last at 8 s a step: slower than planned
+    corrected = plan.correct(run, 4, 8.0, 0.1, 1.0, said.append)
+    final = 0.001 * budget.final_images(config, 100, 0)
+    assert corrected.train_steps == 50 + budget.plan_steps(8.0, 1.0, 400.0, 10, final) < 180
+    assert corrected.epochs == -(-corrected.train_steps // 10)
+    assert said[0].startswith("time budget: epoch 5 ran at 8.000 s/step")
+    clock[0] = 700.0
+    assert plan.correct(run, 6, 4.0, 0.1, 1.0, said.append) is None  # once only
 
 
 def test_the_final_passes_count_tta_calibration_and_test():
@@ -175,11 +192,10 @@ def test_a_bad_budget_is_said_before_any_flag_conflict(args, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_budgeted_run_says_what_it_chose_and_corrects_it_after_the_first_epoch(
+def test_a_budgeted_run_says_what_it_chose_and_trains_that_length(
     synthetic_images, tmp_path, monkeypatch
 ):
-    # the probe is told a step takes 0.4 s: the plan fits a few epochs of 3 steps; the first
-    # epoch's real steps take milliseconds, so the correction lengthens the run to fill the time left
+    # the probe is told a step takes 0.4 s: the plan fits a few epochs of 3 steps
     monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=0.4, val_image=0.001))
     messages = []
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
@@ -187,19 +203,42 @@ def test_a_budgeted_run_says_what_it_chose_and_corrects_it_after_the_first_epoch
                          threads=1, lookahead=True)  # fmt: skip
     result = train(config, tmp_path / "run", log=messages.append)
     chosen = [m for m in messages if m.startswith("time budget")]
-    assert "steps (" in chosen[0] and "epoch 1 ran at" in chosen[1]
-    assert len(chosen) <= 3  # and maybe once more past half the budget (Plan.due)
+    assert "steps (" in chosen[0] and len(chosen) <= 2  # and maybe once past half the budget
+    assert all("ran at" in m for m in chosen[1:])
     first = int(chosen[0].split(" steps (")[0].split()[-1])
+    length = int(chosen[-1].split(" steps instead")[0].split()[-1]) if chosen[1:] else first
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert 3 < first < saved["train_steps"] and saved["time_budget"] == 8.0
+    assert first > 3 and saved["train_steps"] == length and saved["time_budget"] == 8.0
     steps_per_epoch = 30 // 8
-    assert saved["epochs"] == -(-saved["train_steps"] // steps_per_epoch) == len(result.history)
+    assert saved["epochs"] == -(-length // steps_per_epoch) == len(result.history)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert ckpt["scheduler"]["last_epoch"] == saved["train_steps"]  # the schedule ran to its end
-    assert ckpt["config"]["train_steps"] == saved["train_steps"]
+    assert ckpt["scheduler"]["last_epoch"] == length  # the schedule ran to its end
+    assert ckpt["config"]["train_steps"] == length
     again = []
     train(config, tmp_path / "run", resume=True, log=again.append)  # the same budgeted run
     assert any("already finished" in m for m in again)
+
+
+def test_the_probe_leaves_no_trace_a_budgeted_run_equals_its_planned_length_run(
+    synthetic_images, tmp_path, monkeypatch
+):
+    # the probe trains the run it times (with its lookahead and EMA), then the run is built
+    # again: the weights must be those of a run given the planned length from the start
+    import torch
+
+    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)  # no re-plan
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=4, batch_size=8, val_size=6, lr=0.005, time_budget=5.0, threads=1,
+                         ema=True, lookahead=True, mixup_alpha=0.2)  # fmt: skip
+    train(config, tmp_path / "budgeted", log=lambda s: None)
+    planned = yaml.safe_load((tmp_path / "budgeted" / "config.yaml").read_text())
+    fixed = make_config(**{**planned, "time_budget": 0.0})
+    train(fixed, tmp_path / "fixed", log=lambda s: None)
+    a = load_checkpoint(tmp_path / "budgeted" / "last.pt")
+    b = load_checkpoint(tmp_path / "fixed" / "last.pt")
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == planned["train_steps"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 def test_a_budget_too_short_for_one_step_is_refused_and_leaves_no_run(
@@ -225,28 +264,6 @@ def test_a_budget_spent_before_training_starts_is_refused_before_the_data_loads(
     with pytest.raises(UserError, match=r"--time-budget 2s was spent before training could start"):
         train(config, tmp_path / "run", log=lambda s: None, started=time.perf_counter() - 3.0)
     assert not (tmp_path / "run").exists() and not (tmp_path / "d").exists()
-
-
-def test_a_budgeted_run_is_corrected_after_its_first_epoch_and_once_its_pace_settles(
-    synthetic_images, tmp_path, monkeypatch
-):
-    import cifarlab.budget as budget
-
-    monkeypatch.setattr(budget, "measure", lambda run: Timings(0.4, 0.001, settled=0.3))
-    corrected_after = []
-    correct = budget.Plan.correct
-
-    def spy(self, run, epoch, *args):
-        corrected_after.append((epoch, run.config.freeze_epochs))
-        return correct(self, run, epoch, *args)
-
-    monkeypatch.setattr(budget.Plan, "correct", spy)
-    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
-                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=8.0, threads=1,
-                         freeze="backbone", freeze_epochs=3)  # fmt: skip
-    train(config, tmp_path / "run", log=lambda s: None)
-    assert corrected_after[0][0] == 0 and len(corrected_after) <= 3  # (and half the budget)
-    assert any(epoch == frozen > 0 for epoch, frozen in corrected_after[1:])  # backbone trains
 
 
 def test_an_explicit_length_replaces_the_recipes_time_budget():

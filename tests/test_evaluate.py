@@ -11,26 +11,17 @@ from cifarlab.cli import main
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.train import train
-from tests.conftest import make_config, read_only_folder
+from tests.conftest import copy_run, make_config, read_only_folder
 
 FILES = ["report.json", "confusion_matrix.png", "per_class.png", "per_class.csv", "mistakes.png",
          "calibration.png", "curves.png", "report.html"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def small_run(real_jpegs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    config = make_config(
-        data=str(real_jpegs),
-        data_root=str(root / "data"),
-        model="fastnet",
-        epochs=2,
-        batch_size=50,
-        val_size=200,
-        lr=0.2,
-    )
-    train(config, root / "run", log=lambda s: None)
-    return root / "run"
+def small_run(fastnet_run, tmp_path_factory):
+    """The session's fastnet run on real images (100 of them held out), copied: evaluations
+    write into the run directory."""
+    return copy_run(fastnet_run, tmp_path_factory.mktemp("eval") / "run")
 
 
 def test_evaluate_writes_every_file_and_consistent_numbers(small_run):
@@ -39,7 +30,7 @@ def test_evaluate_writes_every_file_and_consistent_numbers(small_run):
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
     cm = np.asarray(report["confusion_matrix"])
-    assert cm.sum() == report["num_images"] == 200
+    assert cm.sum() == report["num_images"] == 100
     pc = report["per_class"]
     weighted = sum(pc[c]["accuracy"] * pc[c]["support"] for c in pc) / report["num_images"]
     assert weighted == pytest.approx(report["accuracy"])

@@ -68,6 +68,18 @@ def test_the_bf16_timing_is_a_ratio_and_leaves_the_random_state_alone():
         assert 0.05 < time_bf16_speedup(rounds=1) < 20
 
 
+def test_the_bf16_timing_times_the_training_loops_own_step_in_both_precisions(monkeypatch):
+    seen = []
+
+    def train_step(run, x, y, rand):
+        seen.append(run.hw.amp_dtype)
+        return torch.zeros(()), torch.zeros(len(x), 10)
+
+    monkeypatch.setattr("cifarlab.hardware.train_step", train_step)
+    time_bf16_speedup(rounds=1)
+    assert sorted(map(str, seen)) == ["None", "None", "torch.bfloat16", "torch.bfloat16"]
+
+
 def test_an_explicit_choice_is_kept_on_any_cpu():
     assert choose_amp("bf16", CPU, NO_AMX)[0] == "bf16"
     assert choose_amp("off", CPU, AMX)[0] == "off"

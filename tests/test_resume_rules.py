@@ -272,3 +272,35 @@ def test_export_never_overwrites_the_runs_own_files_even_with_force(
         )
         assert "is a file of the run being exported" in capsys.readouterr().err
         assert (tmp_path / "run" / name).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "more", [{"policy": "trivialaugment"}, {"loader": "torchvision", "workers": 0, "flip": True}]
+)
+def test_a_run_with_dropout_and_torchvisions_draws_resumes_exactly_and_leaves_torchs_generator(
+    synthetic_images, tmp_path, monkeypatch, more
+):
+    import cifarlab.train as training
+
+    config = _config(synthetic_images, tmp_path, save_every_steps=1, **more)  # cnn: dropout
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    train(config, tmp_path / "whole", log=QUIET)
+    assert torch.equal(torch.rand(3), expected)  # the caller's generator, as it left it
+    real_step, calls = training.optimizer_step, []
+
+    def crash_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("power cut")
+        real_step(*args)
+
+    monkeypatch.setattr(training, "optimizer_step", crash_in_epoch_two)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(config, tmp_path / "cut", log=QUIET)
+    monkeypatch.setattr(training, "optimizer_step", real_step)
+    torch.manual_seed(99)  # whatever the caller's generator holds, the resumed steps are the same
+    train(config, tmp_path / "cut", resume=True, log=QUIET)
+    whole, cut = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -1,10 +1,9 @@
-"""Train to a time budget: time the run's first steps on a throwaway copy of the model, then
+"""Train to a time budget: time the run's first steps (the run is then built again), then
 choose how many steps fit, so that training, every validation pass, the final TTA pass and the
 test pass end within the budget. The schedule (warm-up included) is shaped to that length."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import math
@@ -13,14 +12,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig, with_steps
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import TTA_VIEWS, predict_logits
-from cifarlab.training_run import micro_batches, set_trainable, settling_epoch, total_steps
+from cifarlab.step import optimizer_step, train_step
+from cifarlab.training_run import set_trainable, settling_epoch, total_steps
 
 
 @dataclass(frozen=True)
@@ -36,30 +35,25 @@ class Timings:
 
 
 def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
-    """Median step time of a copy of the model (lr 0: nothing learns) as its first epoch trains
+    """Median seconds of the run's own step (`step.train_step` and `optimizer_step`: its
+    optimiser, EMA, lookahead, Mixup/CutMix, chunks and precision) as its first epoch trains
     and, when that changes later (`settling_epoch`), as it trains from then on; and the
-    evaluation cost. Leaves the run and the global random state as they were. Few steps: they
-    are spent out of the budget (on a 2-core CPU, 8 fastnet steps of 2,000 images take ~30 s
-    in fp32, two phases of 1 + 3)."""
+    evaluation cost. These steps train `run` itself, so no copy of the model is made: the caller
+    builds the run again at the planned length. The global random state is left as it was. Few
+    steps: they are spent out of the budget."""
     rng = torch.get_rng_state()
-    model = copy.deepcopy(run.model)
-    fixed = {
-        id(mine)
-        for mine, theirs in zip(model.parameters(), run.model.parameters(), strict=True)
-        if id(theirs) in run.fixed
-    }
-    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-    batches, flags = _batches(run), [p.requires_grad for p in model.parameters()]
+    run.step_model = run.model  # eager: a compiled run would compile here and again when rebuilt
+    batches, flags = _batches(run), [p.requires_grad for p in run.model.parameters()]
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
     times = {epoch: [] for epoch in phases}
     for i in range(warmup + steps):
         for epoch in phases:  # alternating, so that the machine's drift hits both alike
-            for p, flag in zip(model.parameters(), flags, strict=True):
+            for p, flag in zip(run.model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
-            model.train()
-            set_trainable(model, run.config, fixed, epoch)
-            seconds = _step_seconds(run, model, opt, batches)
+            run.model.train()
+            set_trainable(run.model, run.config, run.fixed, epoch)
+            seconds = _step_seconds(run, batches, i * len(phases) + phases.index(epoch) + 1)
             if i >= warmup:
                 times[epoch].append(seconds)
     step = statistics.median(times[0])
@@ -70,7 +64,9 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
             run.splits.train.images[: run.config.eval_batch_size], run.hw.device
         )
     t0 = time.perf_counter()
-    predict_logits(model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw)
+    predict_logits(
+        run.eval_model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw
+    )
     synchronize(run.hw.device)
     val_image = (time.perf_counter() - t0) / max(1, len(images))
     torch.set_rng_state(rng)
@@ -83,17 +79,12 @@ def _batches(run):
         yield from run.batches.epoch(0)
 
 
-def _step_seconds(run, model, opt, batches) -> float:
+def _step_seconds(run, batches, global_step: int) -> float:
+    """One training step of `run` as its loop takes it, timed from drawing the batch."""
     t0 = time.perf_counter()
-    x, y, _rand = next(batches)
-    if run.hw.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    opt.zero_grad(set_to_none=True)
-    for xc, yc in micro_batches(run.config, x, y):  # as the run steps: in its chunks
-        with run.hw.autocast():
-            loss = F.cross_entropy(model(xc).float(), yc)
-        loss.backward()
-    opt.step()
+    x, y, rand = next(batches)
+    train_step(run, x, y, rand)
+    optimizer_step(run, global_step)
     synchronize(run.hw.device)
     return time.perf_counter() - t0
 
@@ -173,68 +164,49 @@ def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
 
 @dataclass
 class Plan:
-    """A budgeted run's length: chosen from a probe before training, corrected once from the
-    measured first epoch (a probe's few steps are not a whole epoch's pace)."""
+    """A budgeted run's length, corrected once: after the first epoch to end past half the
+    budget, to the pace that epoch ran at. The probe times the run's own step, but a machine's
+    pace drifts over a long run (`seed-cnn` in 60 minutes ended 5.8% early on its first epoch's
+    pace), which no probe before training can see."""
 
-    shape: TrainConfig  # the recipe's config before planning: its `epochs` shape the schedule
+    time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
     n_test: int
-    timings: Timings  # the probe's
-    halfway: bool = False  # corrected once half the budget had passed
+    corrected: bool = False
 
-    def due(self, epoch: int, config: TrainConfig) -> bool:
-        """Whether to correct after epoch `epoch`: the first epoch, the first at the later pace
-        (`settling_epoch`), and the first to end past half the budget (a machine's pace drifts
-        over a long run: `seed-cnn` in 60 minutes ended 5.8% early on its first epoch's pace)."""
-        if epoch in (0, settling_epoch(config)):
-            return True
-        if not self.halfway and time.perf_counter() - self.started >= self.shape.time_budget / 2:
-            self.halfway = True
-            return True
-        return False
-
-    def correct(self, run, epoch: int, steps: int, step: float, val_seconds: float,
-                per_epoch: float, log) -> TrainConfig | None:  # fmt: skip
-        """After epoch `epoch` (`steps` steps at `step` seconds each once warm, its validation
-        in `val_seconds`, `per_epoch` seconds of validation and saving): the config whose
-        remaining steps fit the time left, or None when the plan stands (within a step) or the
-        run ends in this epoch. After the first epoch the later pace is the probe's ratio
-        applied to the measured one; later (`due`) the rest runs at the measured pace, and the
-        settings already passed (whitening-bias and freeze epochs) stay where they are."""
+    def correct(self, run, epoch: int, step: float, val_seconds: float, per_epoch: float,
+                log) -> TrainConfig | None:  # fmt: skip
+        """After epoch `epoch` (its steps at `step` seconds each once warm, its validation in
+        `val_seconds`, `per_epoch` seconds of validation and saving): the first time past half
+        the budget, the config whose remaining steps fit the time left; else None, as when the
+        plan stands (within a step) or the run ends in this epoch. Settings already passed
+        (whitening-bias and freeze epochs) stay where they are."""
+        spent = time.perf_counter() - self.started
+        if self.corrected or spent < self.time_budget / 2:
+            return None
+        self.corrected = True
         c, n = run.config, len(run.batches)
-        done, total, n_val = epoch * n + steps, total_steps(c, n), len(run.val_labels)
+        done, total, n_val = (epoch + 1) * n, total_steps(c, n), len(run.val_labels)
         if total <= done:
             return None
         scored = n_val + self.n_test  # each epoch scores validation and test (a record)
         val_image = val_seconds / scored if scored else 0.0
         final = val_image * final_images(c, n_val, self.n_test)
-        left = self.shape.time_budget - (time.perf_counter() - self.started)
-        if epoch == 0:
-            later = self.timings.later * step / self.timings.step  # the probe's ratio, this pace
-            first = early_steps(self.shape, n, done=done)
-            new_total = done + plan_steps(step, per_epoch, left, n, final, later, first)
-            # whitening-bias and freeze epochs move with the length; the lr schedule does not
-            # restart from this config's warm-up: `retarget` stretches the one in progress
-            corrected = with_steps(self.shape, new_total, n)
-        else:
-            new_total = done + plan_steps(step, per_epoch, left, n, final)
-            corrected = dataclasses.replace(
-                c, train_steps=new_total, epochs=math.ceil(new_total / n)
-            )
+        new_total = done + plan_steps(step, per_epoch, self.time_budget - spent, n, final)
         if abs(new_total - total) <= 1:
             return None
         log(
             f"time budget: epoch {epoch + 1} ran at {step:.3f} s/step; {new_total} steps instead "
             f"of {total} ({new_total / n:.2f} epochs) end the run on time"
         )
-        return corrected
+        return dataclasses.replace(c, train_steps=new_total, epochs=math.ceil(new_total / n))
 
 
 def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[TrainConfig, Plan]:
     """The run's config with `train_steps` (and its epoch-based settings) chosen to end within
-    `time_budget` seconds of `started` (a `time.perf_counter()` reading), and the plan that
-    corrects it after the first epoch; the run is built once more for that length, which costs
-    about `build_seconds` again."""
+    `time_budget` seconds of `started` (a `time.perf_counter()` reading), timed on `run`'s own
+    first steps, and the plan that corrects it once past half the budget; the run is built once
+    more for that length, which costs about `build_seconds` again."""
     c, n = run.config, len(run.batches)
     timings = measure(run)
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
@@ -264,4 +236,4 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} step{'s' * (steps != 1)} "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
-    return planned, Plan(c, started, n_test, timings)
+    return planned, Plan(c.time_budget, started, n_test)

@@ -1,5 +1,7 @@
 """The errors cifarlab reports to a person rather than as a traceback."""
 
+import importlib
+
 
 class UserError(Exception):
     """Bad input: a one-line message saying what is wrong, where, and how to fix it (exit 2)."""
@@ -17,6 +19,14 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def import_extra(module: str, extra: str, what: str):
+    """`module`, or one line saying which of cifarlab's optional extras brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{what} needs the extra: pip install 'cifarlab[{extra}]'") from None
 
 
 def first_line(exc: BaseException) -> str:

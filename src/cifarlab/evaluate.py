@@ -184,18 +184,35 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         )
     device = pick_device(opts.device, "--device cpu")
     loaded = load_model(ckpt, device, opts.ema)
-    model, normalize = loaded.model, loaded.normalize
+    report, probs, pc = _score(loaded, data, opts, device)
+    report.update(checkpoint=str(ckpt_path), ema=opts.ema, data=source, split=opts.split)
+    report["classes"] = classes
+    rows = read_metrics(ckpt_path.parent / "metrics.csv")
+    report["training"] = _training_entry(rows)
+    groups = _gallery_groups(data, probs, classes, _chosen_classes(opts, classes, pc))
+    report["gradcam"] = _add_gradcam(groups, loaded, classes)
+    with _report_folder(out) as part:
+        _write_files(report, data, probs, groups, rows, part)
+        write_report(report, ckpt["config"], part)
+    log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
+    _summary(report, out, log)
+    return report
+
+
+def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.ndarray, dict]:
+    """The report's measurements of `loaded` on `data`, its probabilities (with the model's
+    temperature, as predict prints them) and the per-class arrays."""
+    classes = loaded.classes
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)
-    logits = predict_logits(model, images, normalize, opts.batch_size)
+    logits = predict_logits(loaded.model, images, loaded.normalize, opts.batch_size)
     mean_loss = F.cross_entropy(logits, labels).item()  # of the raw logits, as training's val_loss
-    probs = torch.softmax(logits / loaded.temperature, 1).cpu().numpy()  # what predict prints
+    probs = torch.softmax(logits / loaded.temperature, 1).cpu().numpy()
     y = data.labels
     preds = probs.argmax(1)
     cm = metrics.confusion_matrix(y, preds, len(classes))
     pc = metrics.per_class(cm)
     calib = metrics.calibration(probs, y)
-    pairs = metrics.most_confused(cm, classes)
     report = {
         "accuracy": float((preds == y).mean()),
         "num_images": len(y),
@@ -212,30 +229,17 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
             }
             for i, c in enumerate(classes)
         },
-        "most_confused": pairs,
+        "most_confused": metrics.most_confused(cm, classes),
         "most_confused_pairs": metrics.most_confused_pairs(cm, classes),
         "calibration": calib,
         **_temperature_entries(loaded.temperature, logits, y, opts.split),
-        "checkpoint": str(ckpt_path),
-        "ema": opts.ema,
-        "data": source,
-        "split": opts.split,
-        "classes": classes,
     }
     if opts.tta != "none":
-        tta_logits = predict_logits(model, images, normalize, opts.batch_size, opts.tta)
+        tta_logits = predict_logits(
+            loaded.model, images, loaded.normalize, opts.batch_size, opts.tta
+        )
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
-    rows = read_metrics(ckpt_path.parent / "metrics.csv")
-    report["training"] = _training_entry(rows)
-    chosen = _chosen_classes(opts, classes, pc)
-    groups = _gallery_groups(data, probs, classes, chosen)
-    report["gradcam"] = _add_gradcam(groups, loaded, classes)
-    with _report_folder(out) as part:
-        _write_files(report, data, probs, groups, rows, part)
-        write_report(report, ckpt["config"], part)
-    log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
-    _summary(report, out, log)
-    return report
+    return report, probs, pc
 
 
 @contextlib.contextmanager

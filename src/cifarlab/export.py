@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.adapt import Upsample
 from cifarlab.models.torchvision_nets import ARCHS
@@ -170,11 +170,8 @@ def _exported_program(net: nn.Module, example: torch.Tensor) -> torch.export.Exp
 
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:
-    try:
-        import onnx
-        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
-    except ImportError:
-        raise UserError("ONNX export needs the extra: pip install 'cifarlab[onnx]'") from None
+    onnx = import_extra("onnx", "onnx", "ONNX export")
+    import_extra("onnxscript", "onnx", "ONNX export")  # the torch.export-based exporter's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -202,12 +199,7 @@ def sidecar(path: Path) -> Path:
 
 
 def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise UserError(
-            "safetensors export needs the extra: pip install 'cifarlab[safetensors]'"
-        ) from None
+    save_file = import_extra("safetensors.torch", "safetensors", "safetensors export").save_file
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
     with _replaced_when_complete(out) as tmp:
         save_file(state, str(tmp), metadata={"producer": "cifarlab"})

@@ -16,6 +16,7 @@ from cifarlab.distributed import from_rank0
 from cifarlab.errors import UserError
 from cifarlab.memory import ENV
 from cifarlab.models import create_model
+from cifarlab.step import bare_run, train_step
 
 
 def synchronize(device: torch.device) -> None:
@@ -208,24 +209,24 @@ def _cpu_model() -> str:
 
 
 def time_bf16_speedup(rounds: int = 4) -> float:
-    """How many times faster a training step runs under bf16 autocast than in fp32 on this
-    CPU: fastnet's forward and backward on 64 random images, alternating, after one warm-up
-    each; the fastest of `rounds` each, since other work on the machine only ever slows a step
-    (medians of 2 read 0.5x-3.9x under a load of 3). The global random state is left as it was."""
+    """How many times faster a training step (`step.train_step`: forward and backward) runs
+    under bf16 autocast than in fp32 on this CPU: fastnet on 64 random images, alternating,
+    after one warm-up each; the fastest of `rounds` each, since other work on the machine only
+    ever slows a step (medians of 2 read 0.5x-3.9x under a load of 3). The global random state
+    is left as it was."""
     # callers may be scoring under inference mode (predict_logits): this times a backward pass
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(0)
         model = create_model("fastnet", 10).to(memory_format=torch.channels_last)
-        x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (64,))
+        cpu = torch.device("cpu")
+        run = bare_run(model, Hardware(cpu, None, channels_last=True), TrainConfig(model="fastnet"))
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
         times: dict[bool, list[float]] = {False: [], True: []}
         for i in range(rounds + 1):
             for bf16 in (False, True) if i % 2 else (True, False):
+                run.hw = Hardware(cpu, torch.bfloat16 if bf16 else None, channels_last=True)
                 t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-                loss.backward()
-                model.zero_grad(set_to_none=True)
+                train_step(run, x, y, rand=None)
                 if i:
                     times[bf16].append(time.perf_counter() - t0)
     return min(times[False]) / min(times[True])

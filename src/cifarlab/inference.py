@@ -61,8 +61,8 @@ def predict_logits(
 
 
 def model_args(ckpt: dict) -> ModelArgs:
-    """The checkpoint's constructor arguments; checkpoints from before they were stored are
-    migrated from their config (the same fields, read from the resolved config)."""
+    """The checkpoint's constructor arguments; a checkpoint without `model_args` has the same
+    fields in its resolved config."""
     if "model_args" in ckpt:
         return ModelArgs.from_dict(ckpt["model_args"])
     c = ckpt["config"]

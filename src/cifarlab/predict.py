@@ -15,7 +15,7 @@ from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.data.images import BadImage, decode_image, is_image_name, visible_entries
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import printable
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, first_line, import_extra
 from cifarlab.hardware import pick_device
 from cifarlab.inference import load_model, predict_logits
 
@@ -50,23 +50,12 @@ class Predictor:
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
 
-def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    logits = logits / temperature
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
-
-
 def _as_float(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _read_meta(predictor, meta: dict, where: str, required=("classes",)) -> None:
-    """An export's classes, image size and temperature (1.0 in files from before calibration)."""
+    """An export's classes, image size and temperature (1.0 when absent: never calibrated)."""
     missing = [k for k in required if k not in meta]
     if missing:
         raise UserError(
@@ -78,21 +67,25 @@ def _read_meta(predictor, meta: dict, where: str, required=("classes",)) -> None
 
 
 class _ExportedPredictor:
-    """Shared by the exported formats with normalisation inside: batches of [0, 1] floats in."""
+    """Shared by the exported formats with normalisation inside: batches of [0, 1] floats in;
+    `model` a torch program (pt2, TorchScript), ONNX overrides `_logits`."""
 
     classes: list[str]
     size: int
     temperature: float
+    model: torch.nn.Module
 
+    @torch.inference_mode()
     def _logits(self, batch: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        return self.model(torch.from_numpy(batch)).numpy()
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         outs = [
             self._logits(_as_float(images[i : i + batch_size]))
             for i in range(0, len(images), batch_size)
         ]
-        return _softmax(np.concatenate(outs), self.temperature)
+        logits = torch.from_numpy(np.concatenate(outs))
+        return torch.softmax(logits / self.temperature, 1).numpy()
 
 
 def _one_line(path: Path) -> str:
@@ -129,16 +122,11 @@ class OnnxPredictor(_ExportedPredictor):
     """An exported `.onnx` file run by onnxruntime (normalisation is inside the graph)."""
 
     def __init__(self, path: str):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UserError(
-                "predicting with .onnx needs the extra: pip install 'cifarlab[onnx]'"
-            ) from None
+        ort = import_extra("onnxruntime", "onnx", "predicting with .onnx")
         try:
             self.runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise UserError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
+            raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
         _read_meta(self, _json_fields(self.runner.get_modelmeta().custom_metadata_map), path)
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
@@ -154,15 +142,11 @@ class Pt2Predictor(_ExportedPredictor):
             program = torch.export.load(path, extra_files=extra)
         except Exception as exc:
             raise UserError(
-                f"{path}: not a loadable torch.export program ({_first_line(exc)}); "
+                f"{path}: not a loadable torch.export program ({first_line(exc)}); "
                 "export it again with cifarlab export --format pt2"
             ) from None
         _read_meta(self, _metadata(extra["cifarlab.json"] or "{}", path), path)
         self.model = program.module()
-
-    @torch.inference_mode()
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(batch)).numpy()
 
 
 class SafetensorsPredictor(Predictor):
@@ -172,12 +156,7 @@ class SafetensorsPredictor(Predictor):
         from cifarlab.export import sidecar, torchvision_core
         from cifarlab.models import ModelArgs, build_model
 
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserError(
-                "predicting with .safetensors needs the extra: pip install 'cifarlab[safetensors]'"
-            ) from None
+        st = import_extra("safetensors.torch", "safetensors", "predicting with .safetensors")
         meta_path = sidecar(Path(path))
         if not meta_path.is_file():
             raise UserError(
@@ -188,11 +167,11 @@ class SafetensorsPredictor(Predictor):
         _read_meta(self, meta, str(meta_path), ("classes", "model_args", "mean", "std"))
         model = build_model(ModelArgs.from_dict(meta["model_args"]))
         try:
-            torchvision_core(model).load_state_dict(load_file(path))
+            torchvision_core(model).load_state_dict(st.load_file(path))
         except Exception as exc:
             raise UserError(
                 f"{path}: its weights do not fit the {meta['model']} that {meta_path.name} "
-                f"describes ({_first_line(exc)[:200]})"
+                f"describes ({first_line(exc)[:200]})"
             ) from None
         self.device = pick_device(device, "device='cpu'")
         self.model = model.to(self.device).eval()
@@ -200,7 +179,7 @@ class SafetensorsPredictor(Predictor):
 
 
 class TorchScriptPredictor(_ExportedPredictor):
-    """A TorchScript file (`.ts`) exported by earlier cifarlab versions (read only)."""
+    """A TorchScript file (`.ts`): read, no longer written (`export.DROPPED`)."""
 
     def __init__(self, path: str):
         extra = {"cifarlab.json": ""}
@@ -208,15 +187,11 @@ class TorchScriptPredictor(_ExportedPredictor):
             self.model = torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
         except Exception as exc:
             raise UserError(
-                f"{path}: not a loadable TorchScript file ({_first_line(exc)})"
+                f"{path}: not a loadable TorchScript file ({first_line(exc)})"
             ) from None
         if not extra["cifarlab.json"]:
             raise UserError(f"{path}: no class names inside; export it with cifarlab export")
         _read_meta(self, _json_fields(_metadata(extra["cifarlab.json"], path)), path)
-
-    @torch.inference_mode()
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(batch)).numpy()
 
 
 PREDICTORS = {  # file suffix -> reader; anything else is a run directory or checkpoint

@@ -22,7 +22,8 @@ METRICS_FIELDS = [
 ]  # fmt: skip
 
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.yaml", "result.json")
+RECORD_FILES = ("metrics.csv", "config.yaml", "result.json")  # what a tracker mirrors
+RUN_FILES = ("last.pt", "best.pt", *RECORD_FILES)
 
 
 def _pid_in(fd: int) -> int | None:
@@ -32,17 +33,22 @@ def _pid_in(fd: int) -> int | None:
         return None  # the holder has locked but not yet written its pid
 
 
-def _live_holder(lock: Path) -> int | None:
-    """The pid written in `lock` when that process is alive (read only: no lock is taken, so a
-    process acquiring it is never disturbed); None otherwise."""
+def _written_pid(lock: Path) -> int | None:
+    """The pid written in `lock` (read only: no lock is taken, so a process acquiring it is never
+    disturbed)."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return None
     try:
-        pid = _pid_in(fd)
+        return _pid_in(fd)
     finally:
         os.close(fd)
+
+
+def _live_holder(lock: Path) -> int | None:
+    """The pid written in `lock` when that process is alive and not this one; None otherwise."""
+    pid = _written_pid(lock)
     if not pid or pid == os.getpid():
         return None
     try:
@@ -73,8 +79,7 @@ class RunLock:
 
     The kernel drops the lock when its holder dies, whatever later happens to its pid, so a
     lock file left by a crash is simply taken. The pid written into the file only names the
-    holder in the message. (The pid file created with O_EXCL that this replaces was read while
-    still empty, taken as stale, and held by both of two racing processes in about 1/3 of trials.)
+    holder in the message; it is never what decides who holds the run.
     """
 
     def __init__(self, run_dir: Path):
@@ -134,19 +139,13 @@ class RunLock:
 def rewrite_lock(run_dir: Path):
     """The run's lock, for a command that rewrites its files; nothing to take when this process
     holds it already (training calibrates its own run at its end)."""
-    fd = os.open(run_dir / ".lock", os.O_RDONLY) if (run_dir / ".lock").exists() else None
-    pid = None
-    if fd is not None:
-        pid = _pid_in(fd)
-        os.close(fd)
-    return contextlib.nullcontext() if pid == os.getpid() else RunLock(run_dir)
+    held = _written_pid(run_dir / ".lock") == os.getpid()
+    return contextlib.nullcontext() if held else RunLock(run_dir)
 
 
 def claim_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse a `--out` that already holds a run's files or anything else, unless `resume`.
-
-    A directory with `best.pt`, `metrics.csv` or `config.yaml` but no `last.pt` used to be
-    trained over without a word. Hidden entries (`.lock`) do not count; a missing or empty
+    """Refuse a `--out` that already holds a run's files (any of `RUN_FILES`, not only `last.pt`)
+    or anything else, unless `resume`. Hidden entries (`.lock`) do not count; a missing or empty
     directory is fine."""
     if resume or not run_dir.is_dir():
         return

@@ -294,16 +294,9 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
     return rows
 
 
-def gain_basis(rows: list[dict]) -> str:
-    """What runs are compared on: test accuracy when every run that ran has it (that of best.pt,
-    chosen on validation; without validation the best epoch's, as the lesson compares), else
-    the best validation accuracy."""
-    ran = [r for r in rows if "epochs" in r]
-    key = "test_acc" if any("best_val_acc" in r for r in ran) else "best_test_acc"
-    return key if ran and all(r.get(key) is not None for r in ran) else "best_val_acc"
-
-
 def _gains(rows: list[dict], reference: str) -> None:
+    from cifarlab.report.suite import gain_basis  # matplotlib
+
     key = gain_basis(rows)
     ref = next((r for r in rows if r["run"] == reference and key in r), None)
     previous = None

@@ -19,37 +19,25 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cifarlab.config import TrainConfig
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, import_extra
+from cifarlab.rundir import RECORD_FILES
 
 MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
 DEFAULT_EXPERIMENT = "cifarlab"
 RESULT_METRICS = (
     "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
 )  # fmt: skip
-RUN_FILES = ("config.yaml", "metrics.csv", "result.json")  # logged at the end of training
-
-
-class Tracker(Protocol):
-    def start(self, config: TrainConfig, history: list[dict]) -> None:
-        """The resolved config; `history` holds the rows of epochs trained before this call."""
-
-    def log_epoch(self, row: dict) -> None:
-        """One metrics.csv row (its `epoch` is the step)."""
-
-    def finish(self, result: Any) -> None:
-        """The run's `Result`; its files are complete."""
-
-    def close(self, error: BaseException | None) -> None:
-        """Always called last; `error` is what stopped training, if anything did."""
 
 
 class Trackers:
-    """The trackers one run writes to, called together."""
+    """The trackers one run writes to, called together: `start(config, history)` with the rows
+    of epochs trained before, `log_epoch(row)` per metrics row, `finish(result)` once its files
+    are complete, and always `close(error)` last, with what stopped training, if anything did."""
 
-    def __init__(self, trackers: list[Tracker]):
+    def __init__(self, trackers: list):
         self.trackers = trackers
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
@@ -76,7 +64,7 @@ class Trackers:
 @contextlib.contextmanager
 def open_trackers(config: TrainConfig, run_dir: Path, enabled: bool = True) -> Iterator[Trackers]:
     """The trackers `config` asks for (none when not `enabled`: torchrun's other ranks)."""
-    chosen: list[Tracker] = []
+    chosen = []
     if enabled and config.tensorboard:
         chosen.append(TensorBoardTracker(run_dir))
     if enabled and config.tracking == "mlflow":
@@ -110,13 +98,8 @@ class TensorBoardTracker:
     HParams dashboard) attached to the same run, with the best and final accuracy as metrics."""
 
     def __init__(self, run_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
-            ) from None
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        tensorboard = import_extra("torch.utils.tensorboard", "tensorboard", "tensorboard: true")
+        self.writer = tensorboard.SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
         experiment, start, _ = _hparams(config)
@@ -150,16 +133,6 @@ def _hparams(config: TrainConfig | None):
 # --- MLflow ---------------------------------------------------------------------------------
 
 
-def _mlflow():
-    try:
-        import mlflow
-    except ImportError:
-        raise UserError(
-            "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'"
-        ) from None
-    return mlflow
-
-
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir.resolve().parent / 'mlflow.db').as_posix()}"
 
@@ -177,7 +150,7 @@ class MLflowTracker:
     """Params (the resolved config), every epoch's metrics, the run's files and `best.pt`."""
 
     def __init__(self, config: TrainConfig, run_dir: Path):
-        mlflow = _mlflow()
+        mlflow = import_extra("mlflow", "mlflow", "tracking: mlflow")
         self.run_dir = run_dir
         self.uri = config.tracking_uri or default_tracking_uri(run_dir)
         self.experiment = config.experiment or DEFAULT_EXPERIMENT
@@ -213,19 +186,13 @@ class MLflowTracker:
         )
 
     def log_epoch(self, row: dict) -> None:
-        values = {k: v for k, v in row.items() if k != "epoch"}
-        self._metrics({k: v for k, v in values.items() if not math.isnan(v)}, row["epoch"])
-
-    def _metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        values = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}
+        _log_metrics(self.client, self.run_id, values, row["epoch"])
 
     def finish(self, result: Any) -> None:
-        self._metrics({k: getattr(result, k) for k in RESULT_METRICS}, result.epochs)
-        for name in RUN_FILES:
+        values = {k: getattr(result, k) for k in RESULT_METRICS}
+        _log_metrics(self.client, self.run_id, values, result.epochs)
+        for name in RECORD_FILES:
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
         if (self.run_dir / "best.pt").is_file():
@@ -241,13 +208,23 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, "KILLED" if stopped else "FAILED")
 
 
+def _log_metrics(client, run_id: str, values: dict[str, float | None], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def _link(run_dir: Path) -> dict | None:
+    path = run_dir / MLFLOW_LINK
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _linked_run(client, run_dir: Path, uri: str) -> str | None:
     """The MLflow run this run directory logged to before, when it is in the same store."""
-    path = run_dir / MLFLOW_LINK
-    if not path.is_file():
-        return None
-    link = json.loads(path.read_text())
-    if link.get("tracking_uri") != uri:
+    link = _link(run_dir)
+    if link is None or link.get("tracking_uri") != uri:
         return None
     try:
         return client.get_run(link["run_id"]).info.run_id
@@ -258,10 +235,9 @@ def _linked_run(client, run_dir: Path, uri: str) -> str | None:
 def log_report(run_dir: Path, report_dir: Path, report: dict, log=print) -> None:
     """Attach an evaluation report to the run's MLflow run (when it has one): the report's files
     as artifacts `report/<folder>/`, its accuracy and calibration error as metrics."""
-    path = run_dir / MLFLOW_LINK
-    if not path.is_file():
+    link = _link(run_dir)
+    if link is None:
         return
-    link = json.loads(path.read_text())
     try:
         import mlflow
     except ImportError:
@@ -270,10 +246,6 @@ def log_report(run_dir: Path, report_dir: Path, report: dict, log=print) -> None
     client = mlflow.tracking.MlflowClient(link["tracking_uri"])
     client.log_artifacts(link["run_id"], str(report_dir), f"report/{report_dir.name}")
     split = report.get("split", "val")
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
     values = {f"{split}_accuracy": report["accuracy"]}
     values[f"{split}_ece"] = report["expected_calibration_error"]
-    metrics = [Metric(k, float(v), now, 0) for k, v in values.items()]
-    client.log_batch(link["run_id"], metrics=metrics)
+    _log_metrics(client, link["run_id"], values, 0)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cifarlab import phases
-from cifarlab.augment import mix_batch
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
@@ -51,13 +50,13 @@ from cifarlab.rundir import (
     removed_if_unstarted,
     truncate_metrics,
 )
+from cifarlab.step import optimizer_step, train_step
 from cifarlab.tracking import open_trackers
 from cifarlab.training_run import (
     TrainingRun,
     apply_freeze,
     build_run,
     checkpoint_state,
-    micro_batches,
     restore,
     retarget,
     total_steps,
@@ -112,12 +111,6 @@ class EpochStats:
     @classmethod
     def from_dict(cls, d: dict) -> EpochStats:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
-    probabilities, with label smoothing applied here exactly once."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 class _StopSignals:
@@ -204,9 +197,10 @@ def train(
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
-            if plan is not None and plan.due(epoch, run.config):
-                seconds = time.perf_counter() - t_epoch
-                _correct_plan(run, plan, epoch, stats, row, seconds, saver, log)
+            if plan is not None:
+                _correct_plan(
+                    run, plan, epoch, stats, row, time.perf_counter() - t_epoch, saver, log
+                )
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
@@ -221,17 +215,16 @@ def train(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after its first epoch, the first at its later pace (the whitening bias
-    stopped, the backbone unfrozen) and the first past half the budget (`Plan.due`): the
-    length that fits the time left, measured on that epoch; when it changes, the run and its
-    saved files (last.pt, config.yaml) take it."""
+    """A budgeted run after epoch `epoch` (`Plan.correct`: once, past half the budget): the
+    length that fits the time left at that epoch's pace; when it changes, the run and its saved
+    files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
     val_seconds = row["seconds"] - stats.seconds
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
-    corrected = plan.correct(run, epoch, steps, pace, val_seconds, seconds - stats.seconds, log)
+    corrected = plan.correct(run, epoch, pace, val_seconds, seconds - stats.seconds, log)
     if corrected is None:
         return
     retarget(run, corrected)
@@ -348,51 +341,6 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
 
 def _params(run: TrainingRun) -> int:
     return sum(p.numel() for p in run.model.parameters())
-
-
-def train_step(
-    run: TrainingRun, x: torch.Tensor, y: torch.Tensor, rand
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward one batch, in `micro_batch` chunks when set: (mean loss, logits).
-    Mixup/CutMix make soft targets over the whole batch; the loss is `loss_fn`."""
-    c = run.config
-    if run.hw.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    targets = y
-    if c.mixup_alpha or c.cutmix_alpha:
-        x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
-    run.optimizer.zero_grad(set_to_none=True)
-    chunks = list(micro_batches(c, x, targets))
-    losses, logits = [], []
-    for i, (xc, tc) in enumerate(chunks):
-        # under DDP the gradients are reduced once, on the last chunk's backward
-        with _no_sync(run.step_model, i < len(chunks) - 1):
-            with run.hw.autocast():
-                out = run.step_model(xc)
-            loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
-            run.scaler.scale(loss).backward()
-        losses.append(loss.detach())
-        logits.append(out.detach())
-    return torch.stack(losses).sum(), torch.cat(logits)
-
-
-def _no_sync(model: torch.nn.Module, skip: bool):
-    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
-    if skip and isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-        return ddp.no_sync()
-    return contextlib.nullcontext()
-
-
-def optimizer_step(run: TrainingRun, global_step: int) -> None:
-    """The update on the batch's gradients: SGD/Muon (through the AMP scaler), schedule,
-    lookahead, EMA."""
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    if run.lookahead is not None:
-        run.lookahead.after_step(run.model, global_step)
-    if run.ema is not None:
-        run.ema.update_parameters(run.model)
 
 
 def train_one_epoch(

@@ -76,12 +76,6 @@ class TrainingRun:
         return group["lr"] / group["lr_mult"]
 
 
-def micro_batches(config: TrainConfig, *tensors: torch.Tensor):
-    """One batch's tensors in chunks of `config.micro_batch` images (one chunk when it is 0)."""
-    size = config.micro_batch or len(tensors[0])
-    return zip(*(t.split(size) for t in tensors), strict=True)
-
-
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
 
 
@@ -222,12 +216,11 @@ def input_statistics(config: TrainConfig, splits: Splits) -> tuple[list[float], 
 def _build_model(config, splits, normalize, hw, d, log):
     """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
     with the ids of parameters that never train."""
-    torch.manual_seed(config.seed)
     args = ModelArgs(
         config.model, len(splits.classes), config.width, config.image_size, config.stem,
         config.input_size,
     )  # fmt: skip
-    model = build_model(args, config.pretrained, config.weights, log)
+    model = build_model(args, config.pretrained, config.weights, log, seed=config.seed)
     if config.whitening:
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
         init_whitening(first_conv(model), normalize(sample))
@@ -417,7 +410,8 @@ def _freeze_backbone(model: torch.nn.Module, fixed: set[int], frozen: bool) -> N
 
 
 def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best: float) -> dict:
-    """Enough to resume exactly, and to rebuild the model on its own (`model_args`)."""
+    """Enough to resume exactly (every random draw of a step is seeded by its position, see
+    `StepRandom`), and to rebuild the model on its own (`model_args`)."""
     return {
         "model": run.model.state_dict(),
         "model_args": run.model_args.to_dict(),
@@ -430,10 +424,6 @@ def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best:
         "next_step": step,
         "best_val_acc": best,
         "accumulators": stats,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
         "config": run.config.to_dict(),
         "classes": run.splits.classes,
         "mean": run.normalize.mean,
@@ -451,6 +441,3 @@ def restore(run: TrainingRun, ckpt: dict) -> None:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -10,6 +10,7 @@ run resumed mid-epoch sees exactly the batches and augmentations the uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,18 +42,35 @@ def flip_phase(n: int, seed: int) -> torch.Tensor:
 
 @dataclass
 class StepRandom:
-    """The generators of one training step: per-image draws on the device, per-batch on the host."""
+    """The randomness of one training step: per-image draws on the device (`gen`), per-batch
+    draws on the host (`rng`), and `global_draws()` for code that draws only from torch's global
+    generators (dropout, torchvision's policies and transforms)."""
 
     gen: torch.Generator
     rng: np.random.Generator
+    seed: int
 
     @classmethod
     def for_step(
         cls, seed: int, epoch: int, step: int, device: torch.device, rank: int = 0
     ) -> StepRandom:
         s = step_seed(seed, epoch, step, rank)
-        torch.manual_seed(s)  # dropout and the torchvision policies draw from the global generator
-        return cls(torch.Generator(device=device).manual_seed(s), np.random.default_rng(s))
+        return cls(torch.Generator(device=device).manual_seed(s), np.random.default_rng(s), s)
+
+    @contextlib.contextmanager
+    def global_draws(self):
+        """Torch's global generators (the CPU's and this step's device's) seeded for this step,
+        and given back as they were afterwards: the caller's draws are left alone."""
+        device = self.gen.device
+        accelerated = device.type in ("cuda", "mps")
+        index = device.index or 0
+        with torch.random.fork_rng([index] if accelerated else [], device_type=device.type if accelerated else None):  # fmt: skip
+            torch.default_generator.manual_seed(self.seed)
+            if device.type == "cuda":
+                torch.cuda.default_generators[index].manual_seed(self.seed)
+            elif device.type == "mps":
+                torch.mps.manual_seed(self.seed)
+            yield
 
 
 def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -89,7 +107,9 @@ class DeviceBatches:
             ]
             rand = StepRandom.for_step(self.config.seed, epoch, step, self.device, self.rank)
             flips = None if self.flip_phase is None else self.flip_phase[idx] ^ bool(epoch % 2)
-            yield self.augment(self.images[idx], rand.gen, flips), self.labels[idx], rand
+            with rand.global_draws():  # a `policy` draws from torch's generator
+                x = self.augment(self.images[idx], rand.gen, flips)
+            yield x, self.labels[idx], rand
 
 
 class _LessonDataset(torch.utils.data.Dataset):
@@ -145,13 +165,13 @@ class TorchvisionBatches:
         order = epoch_order(len(self.dataset), self.config.seed, epoch)
         order = order[start_step * self.batch_size : len(self) * self.batch_size].tolist()
         loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=order,
-            num_workers=self.config.workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
-        for step, (x, y) in enumerate(loader, start=start_step):
+            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator().manual_seed(step_seed(self.config.seed, epoch, 2**31 - 2)),
+        )  # fmt: skip
+        batches = iter(loader)  # the workers' seeds come from `generator`
+        for step in range(start_step, start_step + len(loader)):
             rand = StepRandom.for_step(self.config.seed, epoch, step, self.device)
+            with rand.global_draws():  # without workers the transforms draw here
+                x, y = next(batches)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), rand

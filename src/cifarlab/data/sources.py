@@ -199,9 +199,8 @@ def _find_layout(root: Path) -> Layout:
 
 
 def printable(name: str) -> str:
-    """`name` as valid UTF-8 text: bytes that are not UTF-8 (b'caf\\xe9') shown as \\xe9.
-
-    Such names decode to lone surrogates, which every later write (CSV, YAML, HTML) refused."""
+    """`name` as valid UTF-8 text: bytes that are not UTF-8 (b'caf\\xe9') shown as \\xe9, not
+    as the lone surrogates that CSV, YAML and HTML writers refuse."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 

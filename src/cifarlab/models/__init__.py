@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from cifarlab.errors import UserError
@@ -23,7 +25,15 @@ from cifarlab.models.adapt import BackboneOptions, cifar_stem
 from cifarlab.models.cnn import CIFAR10CNN
 from cifarlab.models.fastnet import FastNet
 from cifarlab.models.resnet import ResNet
-from cifarlab.models.torchvision_nets import ARCHS, lesson_stem
+from cifarlab.models.timm_nets import check_timm_name, has_fixed_input, timm_backbone
+from cifarlab.models.torchvision_nets import (
+    ARCHS,
+    check_builder,
+    fixed_size_keywords,
+    lesson_stem,
+    torchvision_backbone,
+    torchvision_names,
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,6 @@ def _ours(make: Callable[[ModelArgs], nn.Module]) -> Build:
 
 
 def _torchvision(arch: str, stem=None) -> Build:
-    from cifarlab.models.torchvision_nets import torchvision_backbone
-
     return lambda a, opts, log: torchvision_backbone(
         arch, a.num_classes, opts, log, stem or cifar_stem
     )
@@ -101,15 +109,11 @@ for _name, _arch in ARCHS.items():
 
 
 def _torchvision_spec(arch: str) -> ModelSpec:
-    from cifarlab.models.torchvision_nets import check_builder, fixed_size_keywords
-
     fixed = bool(fixed_size_keywords(check_builder(arch), 224))
     return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, True, fixed)
 
 
 def _timm_spec(name: str) -> ModelSpec:
-    from cifarlab.models.timm_nets import check_timm_name, has_fixed_input, timm_backbone
-
     fixed = has_fixed_input(check_timm_name(name))
     build: Build = lambda a, opts, log: timm_backbone(name, a.num_classes, opts, log)  # noqa: E731
     return ModelSpec(build, f"timm {name}", True, True, False, fixed)
@@ -138,10 +142,6 @@ def model_spec(name: str) -> ModelSpec:
 def open_names(pattern: str = "") -> dict[str, list[str] | None]:
     """The `tv:` and `timm:` names containing `pattern` (a glob such as `convnext*` also works);
     None for timm when it is not installed."""
-    import fnmatch
-
-    from cifarlab.models.torchvision_nets import torchvision_names
-
     glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
     found: dict[str, list[str] | None] = {"tv:": fnmatch.filter(torchvision_names(), glob)}
     try:
@@ -164,15 +164,18 @@ def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:
 
 
 def build_model(
-    args: ModelArgs, pretrained: bool = False, weights: str = "", log=lambda s: None
+    args: ModelArgs, pretrained: bool = False, weights: str = "", log=lambda s: None, seed: int = 0
 ) -> nn.Module:
     """The model `args` describe; `pretrained`/`weights` start a torchvision or timm model from
-    ImageNet weights (DEFAULT / an enum name / a local file)."""
+    ImageNet weights (DEFAULT / an enum name / a local file). Its random initialisation draws
+    from `seed`, leaving torch's global generator as it was."""
     spec = model_spec(args.name)
     if problem := fixed_input_problem(spec, args.name, args.stem):
         raise UserError(problem)
     opts = BackboneOptions(args.stem, args.input_size or 224, pretrained, weights)
-    return spec.build(args, opts, log)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return spec.build(args, opts, log)
 
 
 def create_model(

@@ -11,18 +11,12 @@ from pathlib import Path
 
 from torch import nn
 
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, import_extra
 from cifarlab.models.adapt import BackboneOptions, with_stem
 
 
 def _timm():
-    try:
-        import timm
-    except ImportError:
-        raise UserError(
-            "timm: models need timm, which is not installed: pip install 'cifarlab[timm]'"
-        ) from None
-    return timm
+    return import_extra("timm", "timm", "a timm: model")
 
 
 def timm_names(pattern: str = "") -> list[str]:

@@ -38,6 +38,14 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def cards(pairs: list[tuple[str, str]]) -> str:
+    """The figures at the top of a page, one (label, value) card each."""
+    return "".join(
+        f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{html.escape(v)}</div></div>'
+        for k, v in pairs
+    )
+
+
 def _ece_card(r: dict) -> str:
     if "expected_calibration_error_before" in r:
         return (
@@ -97,17 +105,13 @@ def _test_note(r: dict) -> str:
 
 def write_report(report: dict, config: dict, out: Path) -> Path:
     r = report
-    cards = [
+    figures = [
         ("accuracy", f"{r['accuracy']:.2%}"), ("top-5", f"{r['top5_accuracy']:.2%}"),
         ("mean loss", f"{r['mean_loss']:.3f}"), ("ECE", _ece_card(r)),
         ("images", f"{r['num_images']:,}"),
     ]  # fmt: skip
     if r.get("tta_accuracy") is not None:
-        cards.insert(1, ("accuracy with TTA", f"{r['tta_accuracy']:.2%}"))
-    cards_html = "".join(
-        f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div></div>'
-        for k, v in cards
-    )
+        figures.insert(1, ("accuracy with TTA", f"{r['tta_accuracy']:.2%}"))
     pc = r["per_class"]
     per_class_rows = [
         [
@@ -142,7 +146,7 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>cifarlab report — {r["accuracy"]:.2%}</title><style>{CSS}</style></head><body>
 <header><h1>{r["accuracy"]:.2%} accuracy on {r["num_images"]:,} images</h1><div class="sub">{sub}</div></header>
-<main><div class="cards">{cards_html}</div>
+<main><div class="cards">{cards(figures)}</div>
 <section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
 <div class="two"><section><h2>Per-class accuracy</h2>{_img(out / "per_class.png", "per-class accuracy")}</section>
 <section><h2>Most confused pairs, both directions</h2>{_table(["pair", "count", "first → second", "second → first", "share of both"], both)}

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cifarlab.report import figures
-from cifarlab.report.html import CSS
+from cifarlab.report.html import CSS, cards
 
 # Each PNG is one graph with every run on it (Exercises 2.4 and 4.3), drawn only when some run
 # recorded its column; curves.png shows the accuracies and the training loss together.
@@ -37,7 +37,7 @@ def _filled(value) -> bool:
 
 
 def _pct(value, signed=False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not _filled(value):
         return "–"
     return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
 
@@ -122,9 +122,16 @@ def write_suite_report(suite, rows: list[dict], out: Path) -> None:
     (out / "index.html").write_text(_index(suite, rows, out))
 
 
-def _notes(suite, rows: list[dict]) -> list[str]:
-    from cifarlab.suites import gain_basis
+def gain_basis(rows: list[dict]) -> str:
+    """What runs are compared on: test accuracy when every run that ran has it (that of best.pt,
+    chosen on validation; without validation the best epoch's, as the lesson compares), else
+    the best validation accuracy."""
+    ran = [r for r in rows if "epochs" in r]
+    key = "test_acc" if any("best_val_acc" in r for r in ran) else "best_test_acc"
+    return key if ran and all(r.get(key) is not None for r in ran) else "best_val_acc"
 
+
+def _notes(suite, rows: list[dict]) -> list[str]:
     basis = {
         "best_val_acc": "best validation accuracy",
         "test_acc": "test accuracy of best.pt (chosen on validation)",
@@ -169,17 +176,14 @@ def _cards(rows: list[dict]) -> str:
     ran = [r for r in rows if "epochs" in r]
     key = "test_acc" if any(r.get("test_acc") is not None for r in ran) else "best_val_acc"
     scored = [r for r in ran if r.get(key) is not None and not math.isnan(r[key])]
-    cards = [("runs finished", f"{len(ran)} of {len(rows)}")]
+    shown = [("runs finished", f"{len(ran)} of {len(rows)}")]
     if scored:
         top = max(scored, key=lambda r: r[key])
         what = "test acc" if key == "test_acc" else "best val acc"
-        cards.append((f"best run by {what}", f"{_pct(top[key])}% · {top['run']}"))
+        shown.append((f"best run by {what}", f"{_pct(top[key])}% · {top['run']}"))
     minutes = sum(r["seconds"] * max(r.get("seeds", 1), 1) for r in ran) / 60
-    cards.append(("training time", f"{minutes:.1f} min"))
-    return "".join(
-        f'<div class="card"><div class="k">{html.escape(k)}</div><div class="v">{html.escape(v)}</div></div>'
-        for k, v in cards
-    )
+    shown.append(("training time", f"{minutes:.1f} min"))
+    return cards(shown)
 
 
 def _table(rows: list[dict], out: Path) -> str:
