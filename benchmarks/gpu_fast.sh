@@ -26,8 +26,9 @@
 #   AIRBENCH94_PY: legacy/airbench94.py of github.com/KellerJordan/cifar10-airbench (default:
 #     shared/airbench94.py or ../shared/airbench94.py; without it its rows are skipped). A GPU
 #     machine has no network: put the file there beforehand.
-#   TINY=1: every section on 2,500 images for one epoch (on the CPU where there is no GPU):
-#     checks the script end to end in a few minutes; its figures mean nothing.
+#   TINY=1: every section on about 1,000 training images for one epoch (on the CPU where there
+#     is no GPU, with 10x the timeouts): checks the script end to end; its figures mean nothing.
+#   STOP_AFTER_S: nothing new starts after this many seconds (default 420).
 # Runs this checkout's src/ with $PY, else the project's .venv where there is one, else python3
 # (a GPU machine's own PyTorch image).
 set -uo pipefail
@@ -53,11 +54,13 @@ if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     [[ -n "${TINY:-}" ]] || { echo "no CUDA device: run with TINY=1 to try the script on the CPU"; exit 1; }
     DEVICE=cpu
 fi
-SIZE=()  # TINY: 2,000 training and 500 validation images, one epoch
+SIZE=()  # TINY: 1,000 training images in 2 steps, 200 validation images, one epoch
 AIRSIZE=()
+SLOW=1  # timeouts x this (TINY on a CPU: a shared CPU takes minutes where a GPU takes seconds)
 if [[ -n "${TINY:-}" ]]; then
-    SIZE=(--subset 2500 --val-size 500 --epochs 1)
-    AIRSIZE=(--subset 2500 --val-size 500 --epochs 1)
+    SIZE=(--subset 1200 --val-size 200 --epochs 1 --batch-size 500)
+    AIRSIZE=(--subset 1224 --val-size 200 --epochs 1)  # airbench94's batch is 1,024 images
+    [[ $DEVICE == cpu ]] && SLOW=10
 fi
 
 section() { printf '\n=== %s (at %s s)\n' "$1" "$(since "$t0")"; }
@@ -69,7 +72,7 @@ train() {  # train NAME TIMEOUT ARGS...: one run, its wall time and result.json
     shift 2
     late "$name" && return 1
     start=$(now_ms)
-    timeout "$limit" "$PY" -m cifarlab train --data "$DATA" --out "$runs/$name" --no-progress \
+    timeout "$((limit * SLOW))" "$PY" -m cifarlab train --data "$DATA" --out "$runs/$name" --no-progress \
         --set device="$DEVICE" "$@"
     local rc=$?
     echo "$name: exit $rc, wall $(since "$start") s (start-up and data included)"
@@ -101,7 +104,7 @@ airbench_row() {  # airbench_row SPLIT ARGS...: airbench94 in its own process, a
     shift
     late "airbench94 split $split" && return 1
     start=$(now_ms)
-    timeout 150 "$PY" benchmarks/airbench_anchor.py --airbench "$AIRBENCH" --data "$DATA" \
+    timeout "$((150 * SLOW))" "$PY" benchmarks/airbench_anchor.py --airbench "$AIRBENCH" --data "$DATA" \
         --device "$DEVICE" --seeds "$split" "${AIRSIZE[@]}" "$@" | tee "$runs/airbench-$split.log"
     wall=$(since "$start")
     # RESULT name split timer written acc: its command is the process less the split's writing
@@ -144,10 +147,10 @@ all_sections() {
     if wanted 3; then
         section "3. torch.profiler: 20 steps of fast, whole batches, then chunks of 500"
         local steps=(--steps 20 --warmup 5) tiny=()
-        [[ -n "${TINY:-}" ]] && { steps=(--steps 2 --warmup 1); tiny=(--subset 2500 --val-size 500); }
-        late profile || timeout 120 "$PY" benchmarks/profile_step.py --data "$DATA" --device "$DEVICE" "${steps[@]}" \
+        [[ -n "${TINY:-}" ]] && { steps=(--steps 2 --warmup 1); tiny=(--subset 1200 --val-size 200 --set batch_size=500); }
+        late profile || timeout "$((120 * SLOW))" "$PY" benchmarks/profile_step.py --data "$DATA" --device "$DEVICE" "${steps[@]}" \
             "${tiny[@]}" --set micro_batch=0 ${OUT:+--trace "$OUT/fast_step_trace.json"}
-        late profile || timeout 90 "$PY" benchmarks/profile_step.py --data "$DATA" --device "$DEVICE" "${steps[@]}" \
+        late profile || timeout "$((90 * SLOW))" "$PY" benchmarks/profile_step.py --data "$DATA" --device "$DEVICE" "${steps[@]}" \
             "${tiny[@]}" --rows 8
     fi
 

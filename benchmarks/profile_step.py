@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from cifarlab.config import apply_overrides, load_recipe, parse_set_options
 from cifarlab.distributed import Dist
 from cifarlab.hardware import synchronize
-from cifarlab.train import optimizer_step, train_step
+from cifarlab.step import optimizer_step, train_step
 from cifarlab.training_run import apply_freeze, build_run
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")

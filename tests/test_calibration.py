@@ -265,7 +265,7 @@ def test_the_end_of_training_reuses_the_last_validation_logits(
     monkeypatch.undo()
     at_training = load_checkpoint(tmp_path / "run" / "last.pt")["temperature"]
     assert calibrate_run(tmp_path / "run", log=lambda s: None) == pytest.approx(
-        at_training, rel=1e-4
+        at_training, rel=1e-3
     )
     assert at_training != 1.0
     from cifarlab.data import load_splits
