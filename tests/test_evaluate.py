@@ -103,7 +103,7 @@ def test_checkpoint_of_another_class_count_is_refused(small_run, tmp_path):
             Image.new("RGB", (32, 32), (i * 200, j * 50, 0)).save(
                 other / "train" / cls / f"{j}.png"
             )
-    with pytest.raises(UserError, match="trained on 10 classes .* but the data has 2"):
+    with pytest.raises(UserError, match="10 classes.* 2"):
         evaluate(EvalOptions(str(small_run), split="test", data=str(other)), log=lambda s: None)
 
 
@@ -190,7 +190,7 @@ def test_evaluate_out_that_is_a_file_or_read_only_is_one_line(
     existing = tmp_path / "report.txt"
     existing.write_text("keep me")
     assert main(["evaluate", str(small_run), "--out", str(existing)]) == 2
-    assert "is a file; evaluate writes a folder" in capsys.readouterr().err
+    assert "is a file" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
     read_only = read_only_folder(monkeypatch, tmp_path / "ro")
     assert main(["evaluate", str(small_run), "--out", str(read_only / "ev")]) == 2
@@ -346,7 +346,7 @@ def test_a_class_the_model_does_not_know_is_a_one_line_error(tiny_run, tmp_path)
 
 def test_train_only_folder_has_no_test_split(tiny_run, tmp_path):
     _pngs(tmp_path / "d" / "train")
-    with pytest.raises(UserError, match="--split test: .* has no test split"):
+    with pytest.raises(UserError, match="no test split"):
         _score(tiny_run, tmp_path / "d", "test", tmp_path)
 
 

@@ -146,7 +146,7 @@ def test_existing_run_is_not_overwritten_without_resume(synthetic_images, tmp_pa
     assert (tmp_path / "r" / "last.pt").read_bytes() == before
     (tmp_path / "r" / "last.pt").unlink()  # to save room: the finished run cannot resume,
     best = (tmp_path / "r" / "best.pt").read_bytes()  # and --resume must not retrain over it
-    with pytest.raises(UserError, match="result.json and best.pt but no last.pt .a finished run."):
+    with pytest.raises(UserError, match="a finished run"):
         train(config, tmp_path / "r", resume=True, log=lambda s: None)
     assert (tmp_path / "r" / "best.pt").read_bytes() == best
 
@@ -252,7 +252,7 @@ def test_lr_mults_scale_parameters_by_name_prefix_longest_first():
     assert mults["classifier.4.weight"] == pytest.approx(0.5)  # the longer prefix wins
     said = []
     param_groups(model, make_config(lr_mults=["head=0.1"]), log=said.append)
-    assert "lr_mults 'head' matches no parameter of cnn, ignored" in said[0]
+    assert "'head'" in said[0] and "ignored" in said[0]
     assert "classifier, features" in said[0]
     with pytest.raises(UserError, match="name-prefix=positive-number"):
         make_config(lr_mults=["classifier=-1"])
