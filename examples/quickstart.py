@@ -4,7 +4,7 @@
     CIFARLAB_EXAMPLE_DATA=cifar10-train-jpg.tar.gz python examples/quickstart.py --subset 5000
 
 At the defaults (fast-cpu, 4 epochs) on all of CIFAR-10 it takes about 14 minutes on 2 CPU
-cores (docs: 86.6%); its test runs it on 500 images at width 0.5 in ~20 s (23-25%).
+cores (docs: 86.6%); its test runs it for one epoch at width 0.25 (the steps, not the accuracy).
 
 `--data` (or $CIFARLAB_EXAMPLE_DATA) is anything `cifarlab train --data` takes: cifar10, a
 folder of <class>/ image folders, or an archive of one. The last line printed is a JSON summary

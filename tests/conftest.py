@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -66,24 +67,57 @@ def _fp32_on_every_cpu(monkeypatch):
     monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set())
 
 
-@pytest.fixture(scope="session")
-def real_jpegs(tmp_path_factory) -> Path:
-    """`<root>/train/<class>/*.jpg`: the first 60 real images of each CIFAR-10 class."""
-    root = tmp_path_factory.mktemp("cifar-jpg")
-    per_class: dict[str, int] = {}
+def _cut_from_tarball(dest: Path, start: int, stop: int) -> Path:
+    """`dest/<class>/*.jpg`: the real images start..stop-1 (in tarball order) of each class."""
+    seen: dict[str, int] = {}
     with tarfile.open(TEST_DATA) as tf:
         for member in tf:
             parts = Path(member.name).parts
             if not member.isfile() or len(parts) < 3:
                 continue
             cls = parts[-2]
-            if per_class.get(cls, 0) >= 60:
-                continue
-            per_class[cls] = per_class.get(cls, 0) + 1
-            dest = root / "train" / cls / parts[-1]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(tf.extractfile(member).read())
-    return root
+            seen[cls] = seen.get(cls, 0) + 1
+            if start < seen[cls] <= stop:
+                (dest / cls).mkdir(parents=True, exist_ok=True)
+                (dest / cls / parts[-1]).write_bytes(tf.extractfile(member).read())
+            if len(seen) == 10 and min(seen.values()) >= stop:
+                break  # the tarball holds 50,000 more members: reading on costs seconds
+    return dest
+
+
+@pytest.fixture(scope="session")
+def real_jpegs(tmp_path_factory) -> Path:
+    """`<root>/train/<class>/*.jpg`: the first 60 real images of each CIFAR-10 class."""
+    return _cut_from_tarball(tmp_path_factory.mktemp("cifar-jpg") / "train", 0, 60).parent
+
+
+@pytest.fixture(scope="session")
+def unseen_jpegs(tmp_path_factory) -> Path:
+    """`<root>/test/<class>/*.jpg`: the next 20 real images of each class, which no shared run
+    trains, selects or calibrates on."""
+    return _cut_from_tarball(tmp_path_factory.mktemp("cifar-unseen") / "test", 60, 80).parent
+
+
+@pytest.fixture(scope="session")
+def fastnet_run(real_jpegs, tmp_path_factory) -> Path:
+    """fastnet trained 4 epochs on the 500 real JPEGs (100 held out for val), with colour jitter:
+    the one run on real images that the training, evaluation, prediction and export tests read.
+    Tests that change a run copy it first (`copy_run`)."""
+    root = tmp_path_factory.mktemp("fastnet-run")
+    config = make_config(
+        data=str(real_jpegs), data_root=str(root / "data"), model="fastnet", epochs=4,
+        batch_size=50, val_size=100, lr=0.2, jitter_brightness=0.2, jitter_contrast=0.2,
+    )  # fmt: skip
+    from cifarlab.train import train
+
+    train(config, root / "run", log=lambda s: None)
+    return root / "run"
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A private copy of a shared run (fixture), for a test that writes into it."""
+    shutil.copytree(run, dest)
+    return dest
 
 
 @pytest.fixture

@@ -219,6 +219,28 @@ def test_a_budgeted_run_says_what_it_chose_and_trains_that_length(
     assert any("already finished" in m for m in again)
 
 
+def test_the_probe_leaves_no_trace_a_budgeted_run_equals_its_planned_length_run(
+    synthetic_images, tmp_path, monkeypatch
+):
+    # the probe trains the run it times (with its lookahead and EMA), then the run is built
+    # again: the weights must be those of a run given the planned length from the start
+    import torch
+
+    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)  # no re-plan
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=4, batch_size=8, val_size=6, lr=0.005, time_budget=5.0, threads=1,
+                         ema=True, lookahead=True, mixup_alpha=0.2)  # fmt: skip
+    train(config, tmp_path / "budgeted", log=lambda s: None)
+    planned = yaml.safe_load((tmp_path / "budgeted" / "config.yaml").read_text())
+    fixed = make_config(**{**planned, "time_budget": 0.0})
+    train(fixed, tmp_path / "fixed", log=lambda s: None)
+    a = load_checkpoint(tmp_path / "budgeted" / "last.pt")
+    b = load_checkpoint(tmp_path / "fixed" / "last.pt")
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == planned["train_steps"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
 def test_a_budget_too_short_for_one_step_is_refused_and_leaves_no_run(
     synthetic_images, tmp_path, monkeypatch
 ):

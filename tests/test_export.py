@@ -20,12 +20,14 @@ from tests.conftest import make_config, read_only_folder
 
 
 @pytest.fixture(scope="module")
-def runs(real_jpegs, tmp_path_factory):
+def runs(real_jpegs, fastnet_run, tmp_path_factory):
+    """A cnn and a resnet18 at quarter width trained one epoch on 300 real images, the session's
+    fastnet run, and every 20th training image."""
     root = tmp_path_factory.mktemp("export")
-    out = {}
-    for model in ("cnn", "resnet18", "fastnet"):
+    out = {"fastnet": fastnet_run}
+    for model in ("cnn", "resnet18"):
         config = make_config(data=str(real_jpegs), data_root=str(root / "d"), model=model, epochs=1,
-                             batch_size=50, val_size=100, subset=300, width=0.25 if model != "fastnet" else 1.0)  # fmt: skip
+                             batch_size=50, val_size=100, subset=300, width=0.25)  # fmt: skip
         train(config, root / model, log=lambda s: None)
         out[model] = root / model
     images = load_source(str(real_jpegs), root / "d", 32).train.images[::20]
@@ -113,7 +115,7 @@ def test_safetensors_without_its_json_is_a_one_line_error(runs, tmp_path, capsys
     (tmp_path / "w.json").write_text("{bad")
     assert main(["predict", str(out), str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "w.json: its metadata is not valid JSON" in err and "Traceback" not in err
+    assert "w.json" in err and "JSON" in err and "Traceback" not in err
 
 
 def test_an_out_suffix_names_the_format_and_a_mismatch_is_refused(runs, tmp_path, capsys):
@@ -129,11 +131,11 @@ def test_an_out_suffix_names_the_format_and_a_mismatch_is_refused(runs, tmp_path
         str(tmp_path / "new" / "m.onnx"),
     ]
     assert main(args) == 2
-    assert "its suffix says onnx; give --out m.pt2 or --format" in capsys.readouterr().err
+    assert "onnx" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     args = ["export", str(run_dirs["cnn"]), "--format", "pt2", "--out", str(tmp_path / "m.pt")]
     assert main(args) == 2  # predict would take a .pt for a checkpoint
-    assert "a .pt2 export needs that suffix; give --out m.pt2" in capsys.readouterr().err
+    assert "m.pt2" in capsys.readouterr().err
 
 
 def test_predict_with_onnx_prints_the_same_classes_as_the_checkpoint(
@@ -177,7 +179,7 @@ def test_export_never_overwrites_the_checkpoint_it_reads(tmp_path, capsys, force
     run = _fake_run(tmp_path)
     args = ["export", str(run / "best.pt"), "--out", str(run / "best.pt"), *force]
     assert main(args) == 2
-    assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert "being exported" in capsys.readouterr().err
     assert (run / "best.pt").read_bytes() == b"the checkpoint"
 
 
@@ -185,7 +187,7 @@ def test_export_over_an_existing_file_needs_force(tmp_path, capsys):
     run = _fake_run(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"keep me")
     assert main(["export", str(run), "--out", str(tmp_path / "model.onnx")]) == 2
-    assert "already exists; add --force to overwrite it" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err
     assert (tmp_path / "model.onnx").read_bytes() == b"keep me"
 
 

@@ -170,11 +170,11 @@ def test_muon_on_a_model_without_trainable_filters_is_one_line():
         make_optimizer(model, make_config(optimizer="muon"))
 
 
-def test_muon_lowers_the_loss_and_resumes_exactly(real_jpegs, data_root, tmp_path):
+def test_muon_lowers_the_loss_and_resumes_exactly(synthetic_images, tmp_path):
     config = make_config(
-        data=str(real_jpegs), data_root=str(data_root), val_size=100, batch_size=50, epochs=3,
-        model="cnn", width=0.25, optimizer="muon", muon_lr=0.1, lr=0.05, schedule="linear",
-        threads=1, subset=600,
+        data=str(synthetic_images), data_root=str(tmp_path / "d"), val_size=6, batch_size=8,
+        epochs=3, model="cnn", width=0.25, optimizer="muon", muon_lr=0.1, lr=0.05,
+        schedule="linear", threads=1,
     )  # fmt: skip
 
     class Crash(Exception):
@@ -194,24 +194,26 @@ def test_muon_lowers_the_loss_and_resumes_exactly(real_jpegs, data_root, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_micro_batches_add_up_to_the_whole_batch_and_train(real_jpegs, data_root, tmp_path):
+def test_micro_batches_add_up_to_the_whole_batch_and_train(
+    synthetic_images, real_jpegs, data_root, tmp_path
+):
     from cifarlab.distributed import init_distributed
     from cifarlab.train import train_step
     from cifarlab.training_run import build_run
 
     def gradients(micro_batch: int) -> list[torch.Tensor]:
         config = make_config(
-            data=str(real_jpegs), data_root=str(data_root), val_size=100, subset=600,
-            batch_size=50, model="cnn", width=0.25, micro_batch=micro_batch, amp="off",
+            data=str(synthetic_images), data_root=str(tmp_path / "d"), val_size=6,
+            batch_size=30, model="cnn", width=0.25, micro_batch=micro_batch, amp="off",
         )  # fmt: skip
         run = build_run(config, lambda s: None, init_distributed())
         run.model.eval()  # BatchNorm on running statistics: the chunks must add up exactly
         x, y, rand = next(run.batches.epoch(0))
         loss, logits = train_step(run, x, y, rand)
-        assert logits.shape == (50, 10)
+        assert logits.shape == (30, 3)
         return [loss] + [p.grad for p in run.model.parameters() if p.grad is not None]
 
-    whole, chunked = gradients(0), gradients(20)  # chunks of 20, 20 and 10 images
+    whole, chunked = gradients(0), gradients(12)  # chunks of 12, 12 and 6 images
     assert len(whole) == len(chunked) > 1
     assert all(
         torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(whole, chunked, strict=True)

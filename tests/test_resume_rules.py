@@ -92,7 +92,7 @@ def test_resume_after_the_data_changed_is_refused(tmp_path):
     with pytest.raises(UserError):  # stop after the first epoch by making the second impossible
         train(config, tmp_path / "run", log=_stop_after("epoch 1/2"))
     write_synthetic_folder(tmp_path / "data", classes=("red", "green", "blue", "gray"))
-    with pytest.raises(UserError, match="the data changed since this run started"):
+    with pytest.raises(UserError, match="data changed"):
         train(config, tmp_path / "run", resume=True, log=QUIET)
 
 
@@ -153,7 +153,7 @@ def test_lr_column_after_a_mid_epoch_resume_is_the_epochs_starting_lr(
 def test_checkpointer_never_saves_non_finite_weights(tmp_path):
     saver = Checkpointer(tmp_path)
     saver.save({"model": {"w": torch.ones(2)}}, val_acc=0.5)
-    with pytest.raises(NonFiniteWeights, match="still holds the last good state"):
+    with pytest.raises(NonFiniteWeights, match="last good state"):
         saver.save({"model": {"w": torch.tensor([1.0, float("nan")])}}, val_acc=0.9)
     assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
 
@@ -168,7 +168,7 @@ def test_disk_full_while_saving_says_last_pt_is_intact_and_how_to_go_on(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("cifarlab.checkpoint.atomic_save", full)
-    with pytest.raises(UserError, match=r"No space left on device.*last.pt is intact.*--resume"):
+    with pytest.raises(UserError, match=r"No space left.*intact.*--resume"):
         saver.save({"model": {"w": torch.zeros(2)}}, val_acc=0.6)
     assert torch.equal(torch.load(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
 
@@ -182,11 +182,11 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(
     torch.save(ckpt, tmp_path / "edited.pt")
     assert main(["evaluate", str(tmp_path / "edited.pt")]) == 2
     err = capsys.readouterr().err
-    assert "weights do not fit a cnn built from its own arguments" in err and "Traceback" not in err
+    assert "do not fit" in err and "Traceback" not in err
     del ckpt["classes"]
     torch.save(ckpt, tmp_path / "cut.pt")
     assert main(["predict", str(tmp_path / "cut.pt"), str(synthetic_images / "test")]) == 2
-    assert "incomplete cifarlab checkpoint (missing classes)" in capsys.readouterr().err
+    assert "missing classes" in capsys.readouterr().err
 
 
 def test_a_suite_rerun_with_other_settings_refuses_the_old_runs(synthetic_images, tmp_path):
@@ -197,7 +197,7 @@ def test_a_suite_rerun_with_other_settings_refuses_the_old_runs(synthetic_images
     base = {"data": str(synthetic_images), "data_root": str(tmp_path / "d"), "batch_size": 8, "val_size": 6,
             "threads": 1, "progress": False}  # fmt: skip
     run_suite(str(path), SuiteOptions(tmp_path / "out", overrides=base), log=QUIET)
-    with pytest.raises(UserError, match=r"holds a run with another config \(lr: 0.1 -> 0.05"):
+    with pytest.raises(UserError, match=r"another config \(lr: 0.1 -> 0.05"):
         run_suite(
             str(path), SuiteOptions(tmp_path / "out", overrides={**base, "lr": 0.05}), log=QUIET
         )
@@ -212,9 +212,9 @@ def test_resume_before_the_first_checkpoint_keeps_the_runs_own_config(
 
     save_config(config, tmp_path / "run" / "config.yaml")  # killed before its first save
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--lr", "0.3"]) == 2
-    assert "it started with another config (lr: 0.02 -> 0.3" in capsys.readouterr().err
+    assert "lr: 0.02 -> 0.3" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
-    assert "starting it over with its config" in capsys.readouterr().out
+    assert "starting it over" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["model"] == "cnn"
 
 
@@ -246,7 +246,7 @@ def test_resume_into_a_folder_of_other_files_says_there_is_no_run(
     args = ["train", "--out", str(tmp_path / "out"), "--resume", "--data", str(synthetic_images)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "holds no run to continue, only other files" in err and "add --resume" not in err
+    assert "no run to continue" in err and "add --resume" not in err
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep"
 
 
@@ -270,7 +270,7 @@ def test_export_never_overwrites_the_runs_own_files_even_with_force(
             )
             == 2
         )
-        assert "is a file of the run being exported" in capsys.readouterr().err
+        assert "being exported" in capsys.readouterr().err
         assert (tmp_path / "run" / name).read_bytes() == before
 
 

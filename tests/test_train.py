@@ -11,8 +11,16 @@ import torch
 
 from cifarlab.checkpoint import load_checkpoint
 from cifarlab.errors import UserError
+from cifarlab.rundir import read_metrics
 from cifarlab.train import TrainingFailed, train
 from tests.conftest import make_config
+
+
+def _tiny(synthetic_images, tmp_path, **kw):
+    """The lesson's CNN at quarter width on the three colour classes: 30 images, 4 steps an epoch."""
+    base = dict(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                epochs=1, batch_size=8, val_size=6, lr=0.02, threads=1)  # fmt: skip
+    return make_config(**{**base, **kw})
 
 
 def _config(real_jpegs, data_root, **kw):
@@ -23,18 +31,14 @@ def _config(real_jpegs, data_root, **kw):
     return make_config(**{**base, **kw})
 
 
-def test_a_few_epochs_on_real_images_lower_the_loss(real_jpegs, data_root, tmp_path):
-    result = train(
-        _config(real_jpegs, data_root, model="fastnet", epochs=4, lr=0.2),
-        tmp_path / "run",
-        log=lambda s: None,
-    )
-    losses = [row["train_loss"] for row in result.history]
-    assert losses[-1] < losses[0] * 0.85, losses
-    assert result.best_val_acc > 0.2  # 10 classes: chance is 0.1
-    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt"):
-        assert (tmp_path / "run" / name).is_file()
-    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+def test_a_few_epochs_on_real_images_lower_the_loss(fastnet_run):
+    history = read_metrics(fastnet_run / "metrics.csv")
+    losses = [float(row["train_loss"]) for row in history]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.85, losses
+    assert max(float(row["val_acc"]) for row in history) > 0.2  # 10 classes: chance is 0.1
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "result.json"):
+        assert (fastnet_run / name).is_file()
+    ckpt = load_checkpoint(fastnet_run / "best.pt")
     assert (
         ckpt["classes"][0] == "airplane"
         and len(ckpt["mean"]) == 3
@@ -56,12 +60,8 @@ def test_a_few_epochs_on_real_images_lower_the_loss(real_jpegs, data_root, tmp_p
         },
     ],
 )
-def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, extra):
-    result = train(
-        _config(real_jpegs, data_root, epochs=1, model="fastnet", **extra),
-        tmp_path / "r",
-        log=lambda s: None,
-    )
+def test_pipeline_variants_train_end_to_end(synthetic_images, tmp_path, extra):
+    result = train(_tiny(synthetic_images, tmp_path, **extra), tmp_path / "r", log=lambda s: None)
     assert len(result.history) == 1
     assert result.final_val_acc == pytest.approx(result.history[-1]["val_acc"])
     assert (result.tta_val_acc is not None) == ("tta" in extra)
@@ -70,15 +70,11 @@ def test_pipeline_variants_train_end_to_end(real_jpegs, data_root, tmp_path, ext
         ema = {
             k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")
         }
-        floats = [
-            k for k, v in ckpt["model"].items() if v.is_floating_point() and "whiten" not in k
-        ]
+        floats = [k for k, v in ckpt["model"].items() if v.is_floating_point()]
         assert any(not torch.equal(ema[k], ckpt["model"][k]) for k in floats)
 
 
-def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(
-    real_jpegs, data_root, tmp_path, monkeypatch
-):
+def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(synthetic_images, tmp_path, monkeypatch):
     import cifarlab.step as step
 
     seen = []
@@ -88,8 +84,10 @@ def test_mixup_and_cutmix_reach_the_loss_as_soft_targets(
         return step.F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
     monkeypatch.setattr(step, "loss_fn", recording_loss)
-    train(_config(real_jpegs, data_root, epochs=1, model="fastnet", mixup_alpha=0.2, cutmix_alpha=1.0,
-                  label_smoothing=0.1), tmp_path / "mix", log=lambda s: None)  # fmt: skip
+    config = _tiny(
+        synthetic_images, tmp_path, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1
+    )
+    train(config, tmp_path / "mix", log=lambda s: None)
     assert seen and all(n == 2 and d == torch.float32 and s == 0.1 for n, d, s in seen)
 
 
@@ -133,19 +131,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(real_jpegs, data_root, t
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
-def test_resume_without_a_checkpoint_starts_over_and_says_so(real_jpegs, data_root, tmp_path):
+def test_resume_without_a_checkpoint_starts_over_and_says_so(synthetic_images, tmp_path):
     messages = []
-    train(
-        _config(real_jpegs, data_root, epochs=1, model="fastnet"),
-        tmp_path / "r",
-        resume=True,
-        log=messages.append,
-    )
+    train(_tiny(synthetic_images, tmp_path), tmp_path / "r", resume=True, log=messages.append)
     assert any("no last.pt yet; starting from the beginning" in m for m in messages)
 
 
-def test_existing_run_is_not_overwritten_without_resume(real_jpegs, data_root, tmp_path):
-    config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
+def test_existing_run_is_not_overwritten_without_resume(synthetic_images, tmp_path):
+    config = _tiny(synthetic_images, tmp_path)
     train(config, tmp_path / "r", log=lambda s: None)
     before = (tmp_path / "r" / "last.pt").read_bytes()
     with pytest.raises(UserError, match="already holds a run"):
@@ -153,14 +146,14 @@ def test_existing_run_is_not_overwritten_without_resume(real_jpegs, data_root, t
     assert (tmp_path / "r" / "last.pt").read_bytes() == before
     (tmp_path / "r" / "last.pt").unlink()  # to save room: the finished run cannot resume,
     best = (tmp_path / "r" / "best.pt").read_bytes()  # and --resume must not retrain over it
-    with pytest.raises(UserError, match="result.json and best.pt but no last.pt .a finished run."):
+    with pytest.raises(UserError, match="a finished run"):
         train(config, tmp_path / "r", resume=True, log=lambda s: None)
     assert (tmp_path / "r" / "best.pt").read_bytes() == best
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_best(real_jpegs, data_root, tmp_path):
-    config = _config(real_jpegs, data_root, epochs=2, model="fastnet", lr=1e30, schedule="constant")
-    with pytest.raises(TrainingFailed, match="diverged: non-finite loss at epoch 1 step"):
+def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path):
+    config = _tiny(synthetic_images, tmp_path, epochs=2, lr=1e30, schedule="constant")
+    with pytest.raises(TrainingFailed, match="non-finite loss at epoch 1 step"):
         train(config, tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r" / "best.pt").exists()
 
@@ -168,10 +161,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_best(real_jpegs, data_root, tmp_
 def test_a_finite_but_exploding_loss_stops_as_diverged(
     real_jpegs, data_root, tmp_path, monkeypatch
 ):
-    import cifarlab.train as training
+    import cifarlab.step as step
 
-    real = training.loss_fn  # every batch's loss 20x: about 46, twice the 23 that means diverged
-    monkeypatch.setattr(training, "loss_fn", lambda *a: real(*a) * 20)
+    real = step.loss_fn  # every batch's loss 20x: about 46, twice the 23 that means diverged
+    monkeypatch.setattr(step, "loss_fn", lambda *a: real(*a) * 20)
     config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
     with pytest.raises(
         TrainingFailed, match=r"diverged: loss [\d.]+ \(over 23.* at epoch 1 step 1"
@@ -183,7 +176,7 @@ def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
     out = tmp_path / "r"
     proc = _run_cli(
         ["train", "--data", str(real_jpegs), "--data-root", str(data_root), "--out", str(out), "--epochs", "50",
-         "--batch-size", "50", "--val-size", "100", "--no-progress", "--set", "model=fastnet"],
+         "--batch-size", "50", "--val-size", "100", "--no-progress", "--set", "model=cnn", "--set", "width=0.25"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
@@ -192,7 +185,8 @@ def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "--resume" in err and load_checkpoint(out / "last.pt")["next_step"] >= 0
+    cut = load_checkpoint(out / "last.pt")  # saved at the signal: after epoch 1, before the end
+    assert "--resume" in err and (1, 0) <= (cut["epoch"], cut["next_step"]) < (50, 0)
     assert not (out / ".lock").exists()
 
 
@@ -258,7 +252,7 @@ def test_lr_mults_scale_parameters_by_name_prefix_longest_first():
     assert mults["classifier.4.weight"] == pytest.approx(0.5)  # the longer prefix wins
     said = []
     param_groups(model, make_config(lr_mults=["head=0.1"]), log=said.append)
-    assert "lr_mults 'head' matches no parameter of cnn, ignored" in said[0]
+    assert "'head'" in said[0] and "ignored" in said[0]
     assert "classifier, features" in said[0]
     with pytest.raises(UserError, match="name-prefix=positive-number"):
         make_config(lr_mults=["classifier=-1"])
