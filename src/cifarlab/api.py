@@ -24,8 +24,7 @@ from cifarlab.config import (
     apply_overrides,
     load_recipe,
     validate_config,
-    with_budget,
-    with_epochs,
+    with_length,
 )
 from cifarlab.data.images import BadImage, decode_image, image_array
 from cifarlab.errors import UserError
@@ -45,16 +44,11 @@ def recipe(
     """A shipped recipe (or a .yaml path) as a checked `TrainConfig`: `epochs` (or `budget`, a
     fraction of the recipe's epochs) shortens it keeping the schedule's shape, then `overrides`
     set any config key, e.g. `recipe("fast-cpu", epochs=2, data="data.tar.gz", subset=2000)`."""
-    if epochs is not None and budget is not None:
-        raise UserError(f"recipe({name!r}): give epochs or budget, not both")
-    config = load_recipe(name)
-    if epochs is not None:
-        checked = apply_overrides(config, {"epochs": epochs}, where=f"recipe({name!r})").epochs
-        config = with_epochs(config, checked)
-    elif budget is not None:
-        config = with_budget(config, budget)
-    config = apply_overrides(config, overrides, where=f"recipe({name!r})")
-    return validate_config(config, where=f"recipe({name!r})")
+    where = f"recipe({name!r})"
+    if epochs is not None:  # type-checked as the key is
+        epochs = apply_overrides(TrainConfig(), {"epochs": epochs}, where=where).epochs
+    config = with_length(load_recipe(name), epochs, budget, where)
+    return validate_config(apply_overrides(config, overrides, where=where), where=where)
 
 
 def train_model(

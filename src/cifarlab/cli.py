@@ -89,31 +89,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar, epoch lines only")
 
 
-_FLAG_KEYS = (
-    "data",
-    "data_root",
-    "model",
-    "batch_size",
-    "lr",
-    "seed",
-    "subset",
-    "val_size",
-    "classes",
-)
-
-
 def run_overrides(args) -> dict[str, Any]:
-    """The config keys the shared flags set explicitly, --set last (an explicit value wins)."""
-    from cifarlab.config import parse_duration, parse_set_options
+    """The config keys the shared flags set explicitly (each flag named as its key, but
+    --recipe; --time-budget parsed; --no-progress), --set last: an explicit value wins."""
+    from cifarlab.config import FIELDS, parse_duration, parse_set_options
 
-    out: dict[str, Any] = {
-        k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None
-    }
-    for key in ("weights", "init_from"):
-        if getattr(args, key, None) is not None:
-            out[key] = getattr(args, key)
-    if getattr(args, "time_budget", None) is not None:
-        out["time_budget"] = parse_duration(args.time_budget)
+    out = {k: v for k, v in vars(args).items() if k in FIELDS and k != "recipe" and v is not None}
+    if "time_budget" in out:
+        out["time_budget"] = parse_duration(out["time_budget"])
     if args.no_progress:
         out["progress"] = False
     return {**out, **parse_set_options(args.set)}
@@ -121,21 +104,16 @@ def run_overrides(args) -> dict[str, Any]:
 
 def shape_epochs(config, args):
     """--epochs N or --budget F: the run's length with its epoch-based settings in proportion."""
-    from cifarlab.config import parse_duration, with_budget, with_epochs
+    from cifarlab.config import parse_duration, with_length
 
     if getattr(args, "time_budget", None) is not None:
         parse_duration(args.time_budget)  # a bad value is the first thing to say
-    if args.epochs is not None and args.budget is not None:
-        raise UserError("--epochs and --budget both set the run's length; give one")
+    shaped = with_length(config, args.epochs, args.budget)
     if getattr(args, "time_budget", None) is not None and (args.epochs or args.budget):
         raise UserError(
             "--time-budget chooses the run's length: drop --epochs/--budget, or drop --time-budget"
         )
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise UserError(f"--epochs {args.epochs}: must be >= 1")
-        return with_epochs(config, args.epochs)
-    return with_budget(config, args.budget) if args.budget is not None else config
+    return shaped
 
 
 def _config_from_args(args):
@@ -175,8 +153,6 @@ def cmd_train(args) -> int:
             changes = {**_recipe_settings(args.recipe), **changes}
         if args.budget is not None:
             raise UserError("--budget: a resumed run keeps its length; drop --budget")
-        if args.epochs is not None:
-            changes["epochs"] = args.epochs
         try:
             result = train(None, args.out, resume=True, changes=changes, started=args.started)
         except ConfigChanged as exc:
@@ -298,8 +274,6 @@ def cmd_suite(args) -> int:
         raise UserError(
             f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2"
         ) from None
-    if args.epochs is not None and args.budget is not None:
-        raise UserError("--epochs and --budget both set the runs' length; give one")
     if args.seed is not None:
         raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
     if len(set(seeds)) != len(seeds):
@@ -367,126 +341,143 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def command(name: str, about: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=about, description=about, parents=[common])
+    for name, (about, add_flags, _run) in _COMMANDS.items():
+        add_flags(sub.add_parser(name, help=about, description=about, parents=[common]))
+    return parser
 
-    tr = command("train", "train a model into a run directory")
-    tr.add_argument("--out", required=True, type=Path, help="run directory")
-    tr.add_argument(
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument(
         "--profile", action="store_true",
         help="print where start-up and the end of the run went (data, model, probe, TTA, test pass)",
     )  # fmt: skip
-    tr.add_argument(
+    p.add_argument(
         "--recipe", help="recipe name (see `cifarlab recipes`) or YAML file (default seed-cnn)"
     )
-    _run_flags(tr)
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    tr.add_argument(
+    _run_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument(
         "--weights",
         help="torchvision/timm models: a local state-dict file, or a torchvision weights name (IMAGENET1K_V1)",
     )
-    tr.add_argument(
+    p.add_argument(
         "--init-from", metavar="RUN_DIR|CHECKPOINT", help="start from our own trained weights"
     )
-    ev = command("evaluate", "metrics, figures and an HTML report for a trained run")
-    ev.add_argument(
+
+
+def _evaluate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "model",
         metavar="RUN_DIR|CHECKPOINT",
         help="a run directory (its best.pt) or a checkpoint file",
     )
-    ev.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
-    ev.add_argument(
+    p.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
+    p.add_argument(
         "--data", help="evaluate on another data source (a labelled folder is scored whole)"
     )
-    ev.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
-                    help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
-    ev.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    ev.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval-<split>)")
-    ev.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    ev.add_argument("--on-bad-image", choices=["error", "skip"],
-                    help="unreadable or non-image files: stop (error) or leave them out (skip); "
-                    "default: as the run was trained")  # fmt: skip
-    pr = command("predict", "classify image files and folders")
-    pr.add_argument(
+    p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
+                   help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval-<split>)")
+    p.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--on-bad-image", choices=["error", "skip"],
+                   help="unreadable or non-image files: stop (error) or leave them out (skip); "
+                   "default: as the run was trained")  # fmt: skip
+
+
+def _predict_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "model",
         metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.pt2|FILE.safetensors",
         help="a run, a checkpoint or an exported model",
     )
-    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
-    pr.add_argument("--json", action="store_true", help="one JSON object per line")
-    pr.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    su = command("suite", "run an experiment suite and tabulate it")
-    su.add_argument("name", nargs="?", metavar="NAME|FILE", help="a shipped suite or a suite YAML")
-    su.add_argument("--list", action="store_true", help="list the shipped suites")
-    su.add_argument(
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+
+
+def _suite_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", metavar="NAME|FILE", help="a shipped suite or a suite YAML")
+    p.add_argument("--list", action="store_true", help="list the shipped suites")
+    p.add_argument(
         "--out", type=Path, help="suite folder: one run directory per run, and the tables"
     )
-    _run_flags(su)
-    su.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    su.add_argument("--only", help="run only this run of the suite")
-    su.add_argument(
+    _run_flags(p)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--only", help="run only this run of the suite")
+    p.add_argument(
         "--recipe",
         help="run every run of the suite on this recipe (e.g. lesson-cnn), its own settings on top",
     )
-    su.add_argument(
+    p.add_argument(
         "--weights",
         metavar="FILE",
         help="ImageNet weights file for the runs that ask for them (pretrained: true) only",
     )
-    ex = command("export", "export a checkpoint as ONNX, a torch.export program or safetensors")
-    ex.add_argument(
+
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "model",
         metavar="RUN_DIR|CHECKPOINT",
         help="a run directory (its best.pt) or a checkpoint file",
     )
-    ex.add_argument("--format", metavar="{onnx,pt2,safetensors}",
-                    help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
-                    "safetensors (weights + a .json beside them); default: the one --out's "
-                    "suffix names, else onnx")  # fmt: skip
-    ex.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.<format>)")
-    ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    ca = command(
-        "calibrate", "fit a run's temperature on its validation split (into its checkpoints)"
-    )
-    ca.add_argument(
+    p.add_argument("--format", metavar="{onnx,pt2,safetensors}",
+                   help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
+                   "safetensors (weights + a .json beside them); default: the one --out's "
+                   "suffix names, else onnx")  # fmt: skip
+    p.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.<format>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+
+def _calibrate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "run",
         metavar="RUN_DIR|CHECKPOINT",
         help="a run directory (both checkpoints) or one checkpoint",
     )
-    ca.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    tu = command("tune", "hyperparameter search with Optuna (shared, resumable study)")
-    tu.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
-    _run_flags(tu)
-    tu.add_argument(
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _tune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
+    _run_flags(p)
+    p.add_argument(
         "--trials", type=int, required=True, help="trials to finish (completed or pruned)"
     )
-    tu.add_argument("--storage", default="sqlite:///study.db", help="any Optuna RDB URL")
-    tu.add_argument("--study", help="study name (default <recipe>-<data name>)")
-    tu.add_argument(
+    p.add_argument("--storage", default="sqlite:///study.db", help="any Optuna RDB URL")
+    p.add_argument("--study", help="study name (default <recipe>-<data name>)")
+    p.add_argument(
         "--out", type=Path, default=Path("tune"), help="folder for the trials' run directories"
     )
-    mo = command("models", "list the models: the fixed names, and torchvision's and timm's")
-    mo.add_argument("--all", action="store_true", help="list every tv: name and count timm's")
-    mo.add_argument(
+
+
+def _models_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="list every tv: name and count timm's")
+    p.add_argument(
         "--filter", metavar="WORD", help="tv: and timm: names containing WORD (or a glob)"
     )
-    command("recipes", "list the shipped recipes")
-    return parser
 
 
-COMMANDS = {
-    "train": cmd_train,
-    "evaluate": cmd_evaluate,
-    "predict": cmd_predict,
-    "suite": cmd_suite,
-    "export": cmd_export,
-    "calibrate": cmd_calibrate,
-    "tune": cmd_tune,
-    "models": cmd_models,
-    "recipes": cmd_recipes,
-}
+# Each command: what it does, the function that adds its flags, the one that runs it.
+_COMMANDS = {
+    "train": ("train a model into a run directory", _train_flags, cmd_train),
+    "evaluate": ("metrics, figures and an HTML report for a trained run", _evaluate_flags, cmd_evaluate),
+    "predict": ("classify image files and folders", _predict_flags, cmd_predict),
+    "suite": ("run an experiment suite and tabulate it", _suite_flags, cmd_suite),
+    "export": ("export a checkpoint as ONNX, a torch.export program or safetensors", _export_flags,
+               cmd_export),
+    "calibrate": ("fit a run's temperature on its validation split (into its checkpoints)",
+                  _calibrate_flags, cmd_calibrate),
+    "tune": ("hyperparameter search with Optuna (shared, resumable study)", _tune_flags, cmd_tune),
+    "models": ("list the models: the fixed names, and torchvision's and timm's", _models_flags,
+               cmd_models),
+    "recipes": ("list the shipped recipes", lambda p: None, cmd_recipes),
+}  # fmt: skip
+COMMANDS = {name: run for name, (_about, _flags, run) in _COMMANDS.items()}
 
 
 def _after_ctrl_c() -> str:

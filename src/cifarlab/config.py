@@ -398,13 +398,21 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
     """Every field against its type and limits, then the rules between fields. Called by
     `train` (fresh and on --resume), by `suite` for every run before the first trains, and by
     `tune`; `world` is the number of torchrun processes. Returns `config` unchanged."""
-    from cifarlab.models import fixed_input_problem, model_spec
-
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
+    rules = [*_model_rules(config), *_training_rules(config), *_run_rules(config, world)]
+    for broken, message in rules:
+        if broken:
+            raise UserError(f"{where}: {message}")
+    return config
+
+
+def _model_rules(config: TrainConfig) -> list[tuple[Any, str]]:
+    """(broken, message) for what the model can take: weights, stems, input sizes."""
+    from cifarlab.models import fixed_input_problem, model_spec  # torch, unneeded by --help
+
     spec = model_spec(config.model)
-    per_process, smallest = smallest_chunk(config, world)
-    rules = [
+    return [
         (
             (config.pretrained or config.weights) and not spec.takes_weights,
             f"model {config.model} has no ImageNet weights; pretrained/--weights apply to the "
@@ -432,6 +440,12 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             config.whiten_bias_epochs and not config.whitening,
             "whiten_bias_epochs needs whitening: true (or --set whiten_bias_epochs=0)",
         ),
+    ]
+
+
+def _training_rules(config: TrainConfig) -> list[tuple[Any, str]]:
+    """(broken, message) between the data, augmentation and schedule keys."""
+    return [
         (
             config.alt_flip and config.loader != "device",
             "alt_flip needs loader: device (the torchvision loader flips by coin)",
@@ -469,6 +483,13 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             len(config.classes) == 1,
             f"classes {config.classes}: name at least two classes (or none for all)",
         ),
+    ]
+
+
+def _run_rules(config: TrainConfig, world: int) -> list[tuple[Any, str]]:
+    """(broken, message) for where and how the run executes: devices, extras, processes."""
+    per_process, smallest = smallest_chunk(config, world)
+    return [
         (
             config.amp == "fp16" and config.device in ("cpu", "mps"),
             f"amp: fp16 needs a CUDA device, not {config.device} (use bf16, auto or off)",
@@ -498,10 +519,6 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
             f"batch_size={config.batch_size} must divide by the {world} processes (global batch)",
         ),
     ]
-    for broken, message in rules:
-        if broken:
-            raise UserError(f"{where}: {message}")
-    return config
 
 
 def _installed(module: str) -> bool:
@@ -576,6 +593,20 @@ def _seconds(text: str, where: str) -> float:
     if value > MAX_TIME_BUDGET:
         raise UserError(f"{where} {text}: at most 7 days (168h)")
     return value
+
+
+def with_length(
+    config: TrainConfig, epochs: int | None, budget: float | None, where: str = "--epochs/--budget"
+) -> TrainConfig:
+    """`config` trained for `epochs` (`with_epochs`), or for `budget` times its own epochs
+    (`with_budget`), or as it is when neither is given."""
+    if epochs is not None and budget is not None:
+        raise UserError(f"{where}: both set the run's length; give epochs or budget, not both")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs {epochs}: must be >= 1")
+    if epochs is not None:
+        return with_epochs(config, epochs)
+    return config if budget is None else with_budget(config, budget)
 
 
 def with_budget(config: TrainConfig, budget: float) -> TrainConfig:

@@ -25,8 +25,7 @@ from cifarlab.config import (
     named_yaml,
     read_yaml_mapping,
     validate_config,
-    with_budget,
-    with_epochs,
+    with_length,
 )
 from cifarlab.errors import Interrupted, UserError
 from cifarlab.rundir import prepare_run_dir, read_metrics
@@ -74,12 +73,6 @@ def list_suites() -> dict[str, str]:
 
 def _suite_path(name: str) -> Path:
     return named_yaml(name, SUITE_DIR, "suite", list_suites)
-
-
-def _shape(config: TrainConfig, epochs: int | None, budget: float | None) -> TrainConfig:
-    if epochs is not None:
-        return with_epochs(config, epochs)
-    return with_budget(config, budget) if budget is not None else config
 
 
 def load_suite(
@@ -130,7 +123,7 @@ def load_suite(
         if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
             raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
         start = load_recipe(recipe_for_all or recipe)
-        config = _shape(apply_overrides(start, carried, where=where), epochs, budget)
+        config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
         if weights and config.pretrained:
             config = apply_overrides(config, {"weights": weights}, where="--weights")

@@ -167,29 +167,10 @@ def train(
         _StopSignals() as stop,
         open_trackers(config, run_dir, d.main) as tracker,
     ):
-        t_build = time.perf_counter()
-        run, plan = build_run(config, log, d), None
-        if config.time_budget and ckpt is None:  # choose the length, then build it
-            with phase("budget probe"):
-                planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
-            with phase("rebuild at the planned length"):
-                run = build_run(planned, lambda s: None, d)
+        run, plan = _built(config, ckpt, started, d, stop, log)
         config = run.config  # resolved: input size, precision, length
-        if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
-            raise Interrupted(
-                f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
-                130 if stop.received == signal.SIGINT else 143,
-            )
         saver = Checkpointer(run_dir, enabled=d.main)
         first, step, stats = _start(run, ckpt, saver, log)
-        if d.main:
-            save_config(run.config, run_dir / "config.yaml")
-            truncate_metrics(run_dir / "metrics.csv", first)
-            if run.splits.skipped:  # on_bad_image: skip
-                (run_dir / "skipped_images.txt").write_text("\n".join(run.splits.skipped) + "\n")
-        log(
-            f"model: {config.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {config.recipe}"
-        )
         history = read_metrics(run_dir / "metrics.csv") if d.main else []
         tracker.start(run.config, history)
         epoch = first
@@ -210,6 +191,23 @@ def train(
         tracker.finish(result)
         barrier(d)
     return result
+
+
+def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[TrainingRun, Any]:
+    """The run, built at the length a time budget plans (and that plan, else None)."""
+    t_build = time.perf_counter()
+    run, plan = build_run(config, log, d), None
+    if config.time_budget and ckpt is None:  # choose the length, then build it
+        with phase("budget probe"):
+            planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
+        with phase("rebuild at the planned length"):
+            run = build_run(planned, lambda s: None, d)
+    if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
+        raise Interrupted(
+            f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
+            130 if stop.received == signal.SIGINT else 143,
+        )
+    return run, plan
 
 
 def _correct_plan(
@@ -318,9 +316,23 @@ def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
 
 
 def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
-    """(epoch, step, stats) to start from: zero, or the checkpoint's position after restoring it."""
-    if ckpt is None:
-        return 0, 0, EpochStats()
+    """(epoch, step, stats) to start from: zero, or the checkpoint's position after restoring
+    it; the run's config and metrics files brought to that point."""
+    first, step, stats = _restored(run, ckpt, saver, log) if ckpt else (0, 0, EpochStats())
+    if run.dist.main:
+        save_config(run.config, saver.run_dir / "config.yaml")
+        truncate_metrics(saver.run_dir / "metrics.csv", first)
+        if run.splits.skipped:  # on_bad_image: skip
+            text = "\n".join(run.splits.skipped) + "\n"
+            (saver.run_dir / "skipped_images.txt").write_text(text)
+    c = run.config
+    log(
+        f"model: {c.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {c.recipe}"
+    )
+    return first, step, stats
+
+
+def _restored(run: TrainingRun, ckpt: dict, saver: Checkpointer, log):
     theirs = ckpt.get("data_fingerprint")
     if theirs is not None and theirs != run.data_fingerprint:
         raise UserError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +106,34 @@ def _trial_dir(out: Path, number: int) -> Path:
 
 def run_tune(opts: TuneOptions, log=print):
     try:
-        import optuna
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
     except ImportError:
         raise UserError("tune needs Optuna: pip install 'cifarlab[tune]'") from None
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
 
-    from cifarlab.train import train
+    base = _checked_base(opts)
+    name = opts.study or f"{base.recipe}-{Path(base.data).name}"
+    study = _open_study(name, opts.storage)
+    _same_settings(study, base, opts, log)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = [t for t in study.trials if t.state in finished]
+    log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+    _say_search(base, opts, log)
+    if len(done) < opts.trials:
+        objective = partial(_trial, base=base, opts=opts, log=log)
+        study.optimize(objective, callbacks=[MaxTrialsCallback(opts.trials, states=finished)])
+    best = study.best_trial
+    out = write_best_recipe(
+        opts.recipe, {**_recipe_keys(opts.overrides, trial_config(base, best.params)), **best.params},
+        opts.out / "best-recipe.yaml", best.value, name,
+    )  # fmt: skip
+    log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
+    return study
 
+
+def _checked_base(opts: TuneOptions) -> TrainConfig:
+    """The config every trial searches around, refused in one line before anything is stored
+    when tune cannot select on it, its data cannot load or --out cannot hold the trials."""
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
@@ -124,21 +144,29 @@ def run_tune(opts: TuneOptions, log=print):
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
-    load_splits(base)  # data that cannot load is one line now, before a study or trial is stored
-    prepare_run_dir(opts.out, need_bytes=0)  # so is an --out that cannot hold the trials
-    name = opts.study or f"{base.recipe}-{Path(base.data).name}"
+    load_splits(base)
+    prepare_run_dir(opts.out, need_bytes=0)
+    return base
+
+
+def _open_study(name: str, url: str):
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
     with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
         warnings.simplefilter("ignore", ExperimentalWarning)
-        storage = _storage(opts.storage)
+        storage = _storage(url)
     # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(
+    return optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )  # fmt: skip
-    _same_settings(study, base, opts, log)
-    done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+
+
+def _say_search(base: TrainConfig, opts: TuneOptions, log) -> None:
+    """One line on what is searched and how long a trial runs; a note on command-line values
+    that the search replaces."""
     low = max(1, base.epochs // 2)
     epochs = (
         f"epochs {low}-{base.epochs}"
@@ -154,47 +182,35 @@ def run_tune(opts: TuneOptions, log=print):
         log(f"note: {', '.join(replaced)} set on the command line: searched, so each trial "
             "replaces it (lr, weight_decay and muon_lr are searched around it)")  # fmt: skip
 
-    def objective(trial) -> float:
-        values = suggest(trial, base, opts.search_epochs)
-        config = trial_config(base, values, where=f"trial {trial.number}")
-        validate_config(config, f"trial {trial.number}")
-        run_dir = _trial_dir(opts.out, trial.number)
 
-        def report(row: dict) -> None:
-            trial.report(row["val_acc"], int(row["epoch"]))
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
+    """One trial: its config trained into `trial-NNN`, pruned on validation accuracy per epoch."""
+    import optuna
 
-        log(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
-        try:
-            result = train(
-                config, run_dir, log=lambda s: log(f"  [trial {trial.number}] {s}"), on_epoch=report
-            )
-        except Interrupted as exc:
-            # its settings go first when the study continues; train's own hint (--resume the
-            # trial) does not continue a study
-            trial.study.enqueue_trial(trial.params)
-            raise Interrupted(
-                f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
-                "to continue the study: the stopped trial runs again under a new number",
-                exc.exit_code,
-            ) from None
-        return result.best_val_acc
+    from cifarlab.train import train
 
-    if len(done) < opts.trials:
-        study.optimize(
-            objective,
-            callbacks=[
-                MaxTrialsCallback(opts.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            ],
-        )
-    best = study.best_trial
-    out = write_best_recipe(
-        opts.recipe, {**_recipe_keys(opts.overrides, trial_config(base, best.params)), **best.params},
-        opts.out / "best-recipe.yaml", best.value, name,
-    )  # fmt: skip
-    log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
-    return study
+    config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
+    validate_config(config, f"trial {trial.number}")
+    run_dir = _trial_dir(opts.out, trial.number)
+
+    def report(row: dict) -> None:
+        trial.report(row["val_acc"], int(row["epoch"]))
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    log(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
+    try:
+        say = lambda s: log(f"  [trial {trial.number}] {s}")  # noqa: E731
+        return train(config, run_dir, log=say, on_epoch=report).best_val_acc
+    except Interrupted as exc:
+        # its settings go first when the study continues; train's own hint (--resume the
+        # trial) does not continue a study
+        trial.study.enqueue_trial(trial.params)
+        raise Interrupted(
+            f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
+            "to continue the study: the stopped trial runs again under a new number",
+            exc.exit_code,
+        ) from None
 
 
 SETTINGS = "cifarlab_settings"  # the study's user attribute: what every trial searched around
