@@ -65,8 +65,8 @@ def _torch_header(path: Path) -> bool:
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint dict; files that would run code on load are refused."""
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint dict, its tensors on the CPU; files that would run code on load are refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size and not _torch_header(path):
@@ -75,7 +75,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             "nor a pickle); the file is damaged or of another kind"
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(
             f"{path}: refused to load, it holds more than tensors and plain data ({refusal_reason(exc)})"
@@ -105,15 +105,15 @@ def non_finite(state: dict) -> str | None:
     )
 
 
-def resolve_checkpoint(path_or_run: str | Path, prefer: str = "best.pt") -> Path:
+def resolve_checkpoint(path_or_run: str | Path) -> Path:
     """A run directory means its `best.pt` (else `last.pt`); a file is taken as it is."""
     path = Path(path_or_run)
     if path.is_dir():
-        for name in (prefer, "last.pt"):
+        for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
                 return path / name
         raise UserError(
-            f"{path}: no {prefer} or last.pt in this run directory; has it trained an epoch?"
+            f"{path}: no best.pt or last.pt in this run directory; has it trained an epoch?"
         )
     if not path.exists():
         raise UserError(f"{path}: no such run directory or checkpoint")

@@ -65,7 +65,7 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
         config = apply_overrides(
             config, {"on_bad_image": opts.on_bad_image}, where="--on-bad-image"
         )
-    data = _labelled_data(config, opts.split) if opts.data else None
+    data = load_labelled(*_source_args(config), opts.split) if opts.data else None
     if data is None:
         data = load_splits(config).val if opts.split == "val" else _test_split(config)
     if config.classes and own_data:  # the run's own data: the classes it was trained on
@@ -73,14 +73,12 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
     return onto_classes(data, list(ckpt["classes"]), where), config.data
 
 
-def _labelled_data(config: TrainConfig, split: str) -> ImageSet | None:
-    args = (config.data, data_root(config), config.image_size, config.on_bad_image)
-    return load_labelled(*args, split)
+def _source_args(config: TrainConfig) -> tuple:
+    return config.data, data_root(config), config.image_size, config.on_bad_image
 
 
 def _test_split(config: TrainConfig) -> ImageSet:
-    args = (config.data, data_root(config), config.image_size, config.on_bad_image)
-    test = load_source(*args).test
+    test = load_source(*_source_args(config)).test
     if test is None:
         raise UserError(
             f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "

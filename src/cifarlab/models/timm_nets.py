@@ -19,15 +19,10 @@ def _timm():
     return import_extra("timm", "timm", "a timm: model")
 
 
-def timm_names(pattern: str = "") -> list[str]:
-    """timm's architectures, those matching a glob (`*convnext*`) when given."""
-    return _timm().list_models(pattern or "")
-
-
 def check_timm_name(name: str) -> str:
     """`name` if timm builds it, else an error naming the closest architectures."""
     if not _timm().is_model(name):
-        close = difflib.get_close_matches(name, timm_names(), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, _timm().list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join('timm:' + c for c in close)}? " if close else ""
         raise UserError(
             f"unknown timm model 'timm:{name}'; {hint}`cifarlab models --filter WORD` searches"
