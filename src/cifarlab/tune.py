@@ -112,7 +112,7 @@ def run_tune(opts: TuneOptions, log=print):
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    from cifarlab.train import train
+    from cifarlab.train import TrainingFailed, train
 
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
@@ -179,6 +179,9 @@ def run_tune(opts: TuneOptions, log=print):
                 "to continue the study: the stopped trial runs again under a new number",
                 exc.exit_code,
             ) from None
+        except TrainingFailed as exc:  # diverged (an lr too high, say): the study goes on
+            log(f"trial {trial.number}: {str(exc).split(';')[0]}; pruned")
+            raise optuna.TrialPruned() from None
         return result.best_val_acc
 
     if len(done) < opts.trials:
