@@ -187,7 +187,7 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
     """One trial: its config trained into `trial-NNN`, pruned on validation accuracy per epoch."""
     import optuna
 
-    from cifarlab.train import train
+    from cifarlab.train import TrainingFailed, train
 
     config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
     validate_config(config, f"trial {trial.number}")
@@ -211,6 +211,9 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
             "to continue the study: the stopped trial runs again under a new number",
             exc.exit_code,
         ) from None
+    except TrainingFailed as exc:  # diverged (an lr too high, say): the study goes on
+        log(f"trial {trial.number}: {str(exc).split(';')[0]}; pruned")
+        raise optuna.TrialPruned() from None
 
 
 SETTINGS = "cifarlab_settings"  # the study's user attribute: what every trial searched around
