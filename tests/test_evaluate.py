@@ -298,8 +298,14 @@ def test_train_folder_without_val_folder_scores_the_runs_held_out_slice(tiny_run
 
 def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(tmp_path):
     data = _pngs(tmp_path / "src" / "train", per_class=6).parent
-    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1, batch_size=4,
-                         val_size=0)  # fmt: skip
+    config = make_config(
+        data=str(data),
+        data_root=str(tmp_path / "cache"),
+        epochs=1,
+        batch_size=4,
+        val_size=0,
+        lr=0.01,
+    )  # batches of 4 at the recipe's lr explode
     train(config, tmp_path / "run", log=lambda s: None)
     with pytest.raises(
         UserError, match=r"no validation split \(val_size 0\).*--split test.*--data"

@@ -153,7 +153,7 @@ class TrainConfig:
     # the held-out validation split (-1 = `seed`): fix it to compare initialisations on one split
     save_every_steps: int = _key(0, 0, runtime=True)  # mid-epoch last.pt, 0 = off
     on_nan: str = _one_of("stop", "skip", runtime=True)  # a non-finite or exploding batch
-    # loss (over 10x a uniform guess's): stop as diverged, or skip the batch
+    # loss (over 50x a uniform guess's): stop as diverged, or skip the batch
     eval_batch_size: int = _key(500, 1, runtime=True)
     tta: str = _one_of("none", "flip", "flip-translate")  # after the last epoch, validation
     # once more with TTA (and `evaluate`'s default in suites)
