@@ -168,8 +168,10 @@ def test_a_finite_but_exploding_loss_stops_as_diverged(
     config = _config(real_jpegs, data_root, epochs=1, model="fastnet")
     with pytest.raises(
         TrainingFailed, match=r"diverged: loss [\d.]+ \(over 115.* at epoch 1 step 1"
-    ):
+    ) as failed:
         train(config, tmp_path / "r", log=lambda s: None)
+    assert "no checkpoint saved yet" in str(failed.value)  # not a last.pt that is not there
+    assert not (tmp_path / "r" / "last.pt").exists()
 
 
 def test_sigterm_saves_last_and_exits_143(real_jpegs, data_root, tmp_path):

@@ -446,8 +446,10 @@ def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
 def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str, saver) -> None:
     """A diverging batch: stop (`on_nan: stop`), or skip it, the schedule moving on."""
     if c.on_nan != "skip":
+        kept = Path(saver.last)
+        kept = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint saved yet"
         raise TrainingFailed(
-            f"diverged: {where}; the last good checkpoint is {saver.last} "
+            f"diverged: {where}; {kept} "
             "(lower --lr or add a warm-up, or --set on_nan=skip to skip such batches)"
         )
     stats.nan_skipped += 1
