@@ -130,9 +130,7 @@ def test_muon_groups_are_the_conv_filters_and_sgd_groups_follow_torchs_sgd():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
-    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-2)
-    ours = MuonSGD([{"params": list(b.parameters()), "weight_decay": 1e-2}], lr=0.1, momentum=0.85,
-                   nesterov=True)  # fmt: skip
+    ref, ours = _sgd_and_muonsgd(a, b)
     for _ in range(4):
         x = torch.randn(8, 5)
         for net, o in ((a, ref), (b, ours)):
@@ -260,9 +258,7 @@ def test_sgd_groups_match_torchs_sgd_when_a_parameter_starts_training_later():
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
     b = copy.deepcopy(a)
-    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-2)
-    ours = MuonSGD([{"params": list(b.parameters()), "weight_decay": 1e-2}], lr=0.1, momentum=0.85,
-                   nesterov=True)  # fmt: skip
+    ref, ours = _sgd_and_muonsgd(a, b)
     for step in range(5):
         x = torch.randn(8, 5)
         for net, o in ((a, ref), (b, ours)):
@@ -303,3 +299,11 @@ def test_muon_groups_step_as_the_per_filter_bank_rule():
                 _muon_reference(p, s, 0.2, 0.6)
         ours.step()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _sgd_and_muonsgd(a: torch.nn.Module, b: torch.nn.Module):
+    """torch.optim.SGD on `a` and MuonSGD's SGD group on `b`, with the same settings."""
+    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-2)
+    ours = MuonSGD([{"params": list(b.parameters()), "weight_decay": 1e-2}], lr=0.1, momentum=0.85,
+                   nesterov=True)  # fmt: skip
+    return ref, ours

@@ -129,22 +129,9 @@ def test_fixed_cifar10_normalisation_travels_in_the_checkpoint(synthetic_images,
 def test_lr_column_after_a_mid_epoch_resume_is_the_epochs_starting_lr(
     synthetic_images, tmp_path, monkeypatch
 ):
-    import cifarlab.train as training
-
     config = _config(synthetic_images, tmp_path, epochs=2, save_every_steps=1, schedule="cosine")
     whole = train(config, tmp_path / "whole", log=QUIET).history  # 30 images / 8: 3 steps an epoch
-    real_step, calls = training.optimizer_step, []
-
-    def crash_in_epoch_two(*args):
-        calls.append(1)
-        if len(calls) == 5:  # epoch 2, step 2: last.pt holds epoch 2 after its first step
-            raise RuntimeError("power cut")
-        real_step(*args)
-
-    monkeypatch.setattr(training, "optimizer_step", crash_in_epoch_two)
-    with pytest.raises(RuntimeError, match="power cut"):
-        train(config, tmp_path / "cut", log=QUIET)
-    monkeypatch.setattr(training, "optimizer_step", real_step)
+    _power_cut_in_epoch_two(monkeypatch, config, tmp_path / "cut")
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["next_step"] == 1
     resumed = train(config, tmp_path / "cut", resume=True, log=QUIET).history
     assert [r["lr"] for r in resumed] == [r["lr"] for r in whole]
@@ -280,14 +267,24 @@ def test_export_never_overwrites_the_runs_own_files_even_with_force(
 def test_a_run_with_dropout_and_torchvisions_draws_resumes_exactly_and_leaves_torchs_generator(
     synthetic_images, tmp_path, monkeypatch, more
 ):
-    import cifarlab.train as training
-
     config = _config(synthetic_images, tmp_path, save_every_steps=1, **more)  # cnn: dropout
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
     train(config, tmp_path / "whole", log=QUIET)
     assert torch.equal(torch.rand(3), expected)  # the caller's generator, as it left it
+    _power_cut_in_epoch_two(monkeypatch, config, tmp_path / "cut")
+    torch.manual_seed(99)  # whatever the caller's generator holds, the resumed steps are the same
+    train(config, tmp_path / "cut", resume=True, log=QUIET)
+    whole, cut = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def _power_cut_in_epoch_two(monkeypatch, config, run_dir) -> None:
+    """Train `config` into `run_dir` until a crash at its 5th optimiser step (with 2-step
+    epochs: epoch 2's second step, when last.pt holds epoch 2 after its first)."""
+    import cifarlab.train as training
+
     real_step, calls = training.optimizer_step, []
 
     def crash_in_epoch_two(*args):
@@ -298,9 +295,5 @@ def test_a_run_with_dropout_and_torchvisions_draws_resumes_exactly_and_leaves_to
 
     monkeypatch.setattr(training, "optimizer_step", crash_in_epoch_two)
     with pytest.raises(RuntimeError, match="power cut"):
-        train(config, tmp_path / "cut", log=QUIET)
+        train(config, run_dir, log=QUIET)
     monkeypatch.setattr(training, "optimizer_step", real_step)
-    torch.manual_seed(99)  # whatever the caller's generator holds, the resumed steps are the same
-    train(config, tmp_path / "cut", resume=True, log=QUIET)
-    whole, cut = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "cut"))
-    assert all(torch.equal(whole[k], cut[k]) for k in whole)
