@@ -26,13 +26,22 @@ def first_conv(model: nn.Module) -> nn.Conv2d:
 
 def patch_whitening_filters(images: torch.Tensor, kernel: tuple[int, int], eps: float = 5e-4):
     """Whitening filters for `kernel`-sized patches of normalised NCHW `images`, the
-    largest-variance direction first: shape (3*kh*kw, 3, kh, kw)."""
+    largest-variance direction first: shape (3*kh*kw, 3, kh, kw).
+
+    One row per (channel, dy, dx) from shifted slices (contiguous copies), centred, multiplied
+    in float32 blocks summed in double: several times faster than unfolding the patches into
+    double-precision rows, to within float32 rounding of their filters."""
     kh, kw = kernel
-    c = images.shape[1]
-    patches = images.double().unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
-    patches = patches - patches.mean(0)
-    cov = patches.T @ patches / len(patches)
+    _, c, h, w = images.shape
+    rows = [
+        images[:, ch, dy : h - kh + 1 + dy, dx : w - kw + 1 + dx]
+        for ch in range(c)
+        for dy in range(kh)
+        for dx in range(kw)
+    ]
+    patches = torch.stack(rows).reshape(c * kh * kw, -1).float()
+    patches -= patches.double().mean(1, keepdim=True).float()
+    cov = sum((p @ p.T).double() for p in patches.split(65536, dim=1)) / patches.shape[1]
     eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
     filters = eigvecs.T / torch.sqrt(eigvals.clamp(min=0) + eps)[:, None]
