@@ -32,7 +32,7 @@ from cifarlab.config import (
     with_epochs,
 )
 from cifarlab.data.splits import load_splits
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, UserError, import_extra
 from cifarlab.rundir import prepare_run_dir
 
 
@@ -78,23 +78,20 @@ def _trial_dir(out: Path, number: int) -> Path:
 
 
 def run_tune(opts: TuneOptions, log=print):
-    try:
-        from optuna.study import MaxTrialsCallback
-        from optuna.trial import TrialState
-    except ImportError:
-        raise UserError("tune needs Optuna: pip install 'cifarlab[tune]'") from None
-
+    optuna = import_extra("optuna", "tune", "tune (Optuna)")
     base = _checked_base(opts)
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     study = _open_study(name, opts.storage)
     _same_settings(study, base, opts)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [t for t in study.trials if t.state in finished]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
     _say_search(base, opts, log)
     if len(done) < opts.trials:
         objective = partial(_trial, base=base, opts=opts, log=log)
-        study.optimize(objective, callbacks=[MaxTrialsCallback(opts.trials, states=finished)])
+        study.optimize(
+            objective, callbacks=[optuna.study.MaxTrialsCallback(opts.trials, states=finished)]
+        )
     best = study.best_trial
     out = write_best_recipe(
         opts.recipe, {**_recipe_keys(opts.overrides, trial_config(base, best.params)), **best.params},
