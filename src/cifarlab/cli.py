@@ -74,30 +74,23 @@ def run_overrides(args) -> dict[str, Any]:
     return {**out, **parse_set_options(args.set)}
 
 
-def shape_epochs(config, args):
-    """--epochs N or --budget F: the run's length with its epoch-based settings in proportion."""
-    from cifarlab.config import parse_duration, with_length
-
-    if args.time_budget is not None:
-        parse_duration(args.time_budget)  # a bad value is the first thing to say
-        if args.epochs or args.budget:
-            raise UserError(
-                "--time-budget chooses the run's length: drop --epochs/--budget or --time-budget"
-            )
-    return with_length(config, args.epochs, args.budget)
-
-
 def _config_from_args(args):
-    from cifarlab.config import apply_overrides, load_recipe
+    """The recipe, at --epochs or --budget (its epoch-based settings in proportion), with the
+    flags' overrides; --time-budget instead chooses the length once the run has started."""
+    from cifarlab.config import apply_overrides, load_recipe, with_length
 
-    config = shape_epochs(load_recipe(args.recipe or "seed-cnn"), args)
-    return apply_overrides(config, run_overrides(args), where="command line")
+    overrides = run_overrides(args)  # a bad --time-budget is said first
+    if args.time_budget is not None and (args.epochs or args.budget):
+        raise UserError(
+            "--time-budget chooses the run's length: drop --epochs/--budget or --time-budget"
+        )
+    config = with_length(load_recipe(args.recipe or "seed-cnn"), args.epochs, args.budget)
+    return apply_overrides(config, overrides, where="command line")
 
 
 def _recipe_settings(recipe: str) -> dict[str, Any]:
-    """What `--recipe` asks of a resumed run: every key the recipe (and its bases) sets away from
-    the defaults, so a file of the same name with other contents is not taken for it; not its
-    length (--epochs, --budget or a time budget shaped the run's own: --epochs is compared)."""
+    """What `--recipe` asks of a resumed run: every key the recipe sets away from the defaults (a
+    file of the same name with other contents is not taken for it), but its length."""
     from cifarlab.config import FIELDS, TrainConfig, load_recipe
 
     wanted, default = load_recipe(recipe), TrainConfig()
@@ -171,13 +164,19 @@ def _result_line(result) -> str:
     return ", ".join(parts)
 
 
+def _print_named(about: dict[str, str]) -> int:
+    """One line per name, its description in a column beside it."""
+    width = max(map(len, about))
+    for name, text in about.items():
+        print(f"{name:<{width}}  {text}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from cifarlab.models import MODELS, open_names
 
     if args.filter is None and not args.all:
-        width = max(map(len, MODELS))
-        for name, spec in MODELS.items():
-            print(f"{name:<{width}}  {spec.about}")
+        _print_named({name: spec.about for name, spec in MODELS.items()})
         print(MODELS_FOOTER)
         return 0
     for prefix, names in open_names(args.filter or "").items():
@@ -203,11 +202,7 @@ timm:<name>  any timm model, e.g. timm:resnet10t (pip install 'cifarlab[timm]'; 
 def cmd_recipes(_args) -> int:
     from cifarlab.config import list_recipes
 
-    recipes = list_recipes()
-    width = max(map(len, recipes))
-    for name, about in recipes.items():
-        print(f"{name:<{width}}  {about}")
-    return 0
+    return _print_named(list_recipes())
 
 
 def cmd_evaluate(args) -> int:
@@ -232,11 +227,7 @@ def cmd_suite(args) -> int:
     from cifarlab.suites import SuiteOptions, list_suites, run_suite
 
     if args.list:
-        suites = list_suites()
-        width = max(map(len, suites))
-        for name, about in suites.items():
-            print(f"{name:<{width}}  {about}")
-        return 0
+        return _print_named(list_suites())
     if not args.name or not args.data or not args.out:
         raise UserError("suite: NAME, --data and --out are required (or --list)")
     if args.seed is not None:
