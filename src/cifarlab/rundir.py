@@ -180,16 +180,28 @@ def _only_a_stale_lock(run_dir: Path) -> bool:
     return [p.name for p in run_dir.iterdir()] == [".lock"] and not _live_holder(run_dir / ".lock")
 
 
+def check_out(out: Path, folder: bool = True) -> None:
+    """One line, before any work, for an --out that cannot be written: a file where a folder
+    goes (or, not `folder`, a folder where a file goes), a file above it, or no permission."""
+    if out.exists() and out.is_dir() != folder:
+        raise UserError(
+            f"--out {out}: is a file, not a folder; pick another --out"
+            if folder
+            else f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}"
+        )
+    existing = next(p for p in ([out] if folder else []) + list(out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; pick another --out")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
+
+
 def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
     """Create `run_dir` (and the folders above it) if needed and check it can hold checkpoints;
     the folders this call made, outermost first (`mkdir` says so: of two processes racing for
     a new `--out`, only one made it), `run_dir` among them when it held only a stale `.lock`."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir}: is a file, not a folder; pick another --out")
+    check_out(run_dir)
     missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"--out {run_dir}: {blocking} is a file, not a folder; pick another --out")
     created = []
     try:
         for folder in reversed(missing):  # outermost first
@@ -202,8 +214,13 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
         ) from None
     if not created and _only_a_stale_lock(run_dir):
         created = [run_dir]  # as good as new: removed like a new one if this run never starts
-    with removed_if_unstarted(run_dir, created):
-        _check_room(run_dir, need_bytes)
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        with removed_if_unstarted(run_dir, created):
+            raise UserError(
+                f"--out {run_dir}: {free / 1e6:.0f} MB free, checkpoints need about "
+                f"{need_bytes / 1e6:.0f} MB"
+            )
     return created
 
 
@@ -213,18 +230,6 @@ def checkpoint_room(run_dir: Path, estimate: int = 70_000_000) -> int:
     less what its checkpoints already hold, which the new ones replace."""
     held = [p.stat().st_size for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
     return max(0, 3 * max(held, default=estimate) - sum(held))
-
-
-def _check_room(run_dir: Path, need_bytes: int) -> None:
-    if not os.access(run_dir, os.W_OK):
-        raise UserError(
-            f"--out {run_dir}: the run directory is not writable; pick a writable --out"
-        )
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        raise UserError(
-            f"--out {run_dir}: {free / 1e6:.0f} MB free, checkpoints need about {need_bytes / 1e6:.0f} MB"
-        )
 
 
 @contextmanager
