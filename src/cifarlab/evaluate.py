@@ -308,18 +308,12 @@ def _temperature_entries(temperature: float, logits: torch.Tensor, y: np.ndarray
 
 def _write_files(report, data, probs, groups, rows, out: Path) -> None:
     classes, pc = report["classes"], report["per_class"]
+    fields = ["accuracy", "precision", "recall", "f1", "support"]
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", "accuracy", "precision", "recall", "f1", "support"])
-        for c in classes:
-            w.writerow(  # no images of a class: no accuracy, recall or f1 ("")
-                [
-                    c,
-                    *("" if pc[c][k] is None else round(pc[c][k], 5)
-                      for k in ("accuracy", "precision", "recall", "f1")),
-                    pc[c]["support"],
-                ]
-            )  # fmt: skip
+        w.writerow(["class", *fields])
+        for c in classes:  # no images of a class: no accuracy, recall or f1 ("")
+            w.writerow([c, *("" if pc[c][k] is None else round(pc[c][k], 5) for k in fields)])
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "path", "true", "predicted", "confidence"])

@@ -26,24 +26,13 @@ RECORD_FILES = ("metrics.csv", "config.yaml", "result.json")  # what a tracker m
 RUN_FILES = ("last.pt", "best.pt", *RECORD_FILES)
 
 
-def _pid_in(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None  # the holder has locked but not yet written its pid
-
-
 def _written_pid(lock: Path) -> int | None:
     """The pid written in `lock` (read only: no lock is taken, so a process acquiring it is never
-    disturbed)."""
+    disturbed); None while its holder has locked it but not yet written its pid."""
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
         return None
-    try:
-        return _pid_in(fd)
-    finally:
-        os.close(fd)
 
 
 def _live_holder(lock: Path) -> int | None:
@@ -58,13 +47,6 @@ def _live_holder(lock: Path) -> int | None:
     except OSError:
         return None
     return pid
-
-
-def refuse_if_busy(run_dir: Path) -> None:
-    """One line naming the process when another live one is training `run_dir` (read only)."""
-    holder = _live_holder(run_dir / ".lock")
-    if holder:
-        raise RunLock(run_dir)._busy(holder)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -101,10 +83,9 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                pid = _pid_in(fd)
                 os.close(fd)
                 if isinstance(exc, BlockingIOError):
-                    raise self._busy(pid) from None
+                    raise self._busy(_written_pid(self.path)) from None
                 raise UserError(
                     f"{self.path}: cannot lock the run directory ({exc.strerror})"
                 ) from None
@@ -153,8 +134,9 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     if not names:
         return
     run_files = [n for n in names if n in RUN_FILES]
-    if run_files:  # being trained right now: say so, not "add --resume", which would be refused
-        refuse_if_busy(run_dir)
+    holder = _live_holder(run_dir / ".lock") if run_files else None
+    if holder:  # being trained right now: say so, not "add --resume", which would be refused
+        raise RunLock(run_dir)._busy(holder)
     found, what = (run_files, "a run") if run_files else (names, "other files")
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise RunDirTaken(run_dir, what, shown)
@@ -271,9 +253,6 @@ def read_metrics(path: Path) -> list[dict]:
 def truncate_metrics(path: Path, last_epoch: int) -> None:
     """Keep rows up to `last_epoch` (1-based): a resumed run rewrites what the checkpoint lacks."""
     rows = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
-    if not path.exists():
-        return
-    path.unlink()
+    path.unlink(missing_ok=True)
     for r in rows:
-        r["epoch"] = int(r["epoch"])
-        append_metrics(path, r)
+        append_metrics(path, {**r, "epoch": int(r["epoch"])})
