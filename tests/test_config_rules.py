@@ -34,7 +34,6 @@ from tests.conftest import make_config
         ({"epochs": 2, "warmup_epochs": 2.0}, "must be less than epochs=2"),
         ({"classes": ["cat", "cat"]}, "\\['cat'\\] listed more than once"),
         ({"classes": ["cat"]}, "name at least two classes"),
-        ({"amp": "fp16", "device": "cpu"}, "fp16 needs a CUDA device"),
     ],
 )
 def test_cross_field_conflicts_are_refused_by_the_one_validator(overrides, needle):

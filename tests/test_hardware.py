@@ -5,7 +5,13 @@ import torch
 import yaml
 
 from cifarlab.errors import UserError
-from cifarlab.hardware import bf16_speedup, choose_amp, pick_device, time_bf16_speedup
+from cifarlab.hardware import (
+    bf16_speedup,
+    choose_amp,
+    pick_device,
+    setup_hardware,
+    time_bf16_speedup,
+)
 from cifarlab.train import train
 from tests.conftest import make_config
 
@@ -122,3 +128,11 @@ def test_a_device_this_machine_lacks_is_one_line_naming_how_to_use_the_cpu(name,
         pick_device(name, "--device cpu")
     with pytest.raises(UserError, match="use --set device=cpu$"):
         pick_device(name)
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_fp16_is_refused_off_cuda_whether_the_device_is_named_or_chosen(device):
+    if device == "auto" and torch.cuda.is_available():
+        pytest.skip("auto picks CUDA here")
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        setup_hardware(make_config(amp="fp16", device=device))

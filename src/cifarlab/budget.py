@@ -1,9 +1,11 @@
-"""Train to a time budget: time the run's first steps (the run is then built again), then
+"""Train to a time budget: time the run's first steps (then put the run back as built) and
 choose how many steps fit, so that training, every validation pass, the final TTA pass and the
 test pass end within the budget. The schedule (warm-up included) is shaped to that length."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -19,7 +21,14 @@ from cifarlab.errors import UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.step import optimizer_step, train_step
-from cifarlab.training_run import set_trainable, settling_epoch, total_steps
+from cifarlab.training_run import (
+    checkpoint_state,
+    relength,
+    restore,
+    set_trainable,
+    settling_epoch,
+    total_steps,
+)
 
 
 @dataclass(frozen=True)
@@ -38,11 +47,10 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     """Median seconds of the run's own step (`step.train_step` and `optimizer_step`: its
     optimiser, EMA, lookahead, Mixup/CutMix, chunks and precision) as its first epoch trains
     and, when that changes later (`settling_epoch`), as it trains from then on; and the
-    evaluation cost. These steps train `run` itself, so no copy of the model is made: the caller
-    builds the run again at the planned length. The global random state is left as it was. Few
-    steps: they are spent out of the budget."""
+    evaluation cost. These steps train `run` itself (`_put_back` undoes them). The global random
+    state is left as it was. Few steps: they are spent out of the budget."""
     rng = torch.get_rng_state()
-    run.step_model = run.model  # eager: a compiled run would compile here and again when rebuilt
+    run.step_model = run.model  # eager: compiling here would time the compilation
     batches, flags = _batches(run), [p.requires_grad for p in run.model.parameters()]
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
@@ -71,6 +79,19 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     val_image = (time.perf_counter() - t0) / max(1, len(images))
     torch.set_rng_state(rng)
     return Timings(step, val_image, settled)
+
+
+@contextlib.contextmanager
+def _put_back(run):
+    """`run` as it was built once the probe's steps are done: weights, optimiser, EMA,
+    lookahead, scaler, schedule, what trains and the step model."""
+    built = copy.deepcopy(checkpoint_state(run, 0, 0, {}, 0.0))
+    step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
+    yield
+    restore(run, built)
+    run.step_model = step_model
+    for p, flag in zip(run.model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
 
 
 def _batches(run):
@@ -202,17 +223,17 @@ class Plan:
         return dataclasses.replace(c, train_steps=new_total, epochs=math.ceil(new_total / n))
 
 
-def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[TrainConfig, Plan]:
-    """The run's config with `train_steps` (and its epoch-based settings) chosen to end within
-    `time_budget` seconds of `started` (a `time.perf_counter()` reading), timed on `run`'s own
-    first steps, and the plan that corrects it once past half the budget; the run is built once
-    more for that length, which costs about `build_seconds` again."""
+def fit_to_budget(run, started: float, log) -> Plan:
+    """Give `run` the `train_steps` (and epoch-based settings) that end it within `time_budget`
+    seconds of `started` (a `time.perf_counter()` reading), timed on its own first steps; the
+    plan that corrects it once past half the budget."""
     c, n = run.config, len(run.batches)
-    timings = measure(run)
+    with _put_back(run):
+        timings = measure(run)
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
     per_epoch = (n_val + n_test) * timings.val_image  # each epoch scores val and test
     final = timings.val_image * final_images(c, n_val, n_test)
-    left = c.time_budget - (time.perf_counter() - started) - build_seconds
+    left = c.time_budget - (time.perf_counter() - started)
     first = early_steps(c, n)
     steps = plan_steps(timings.step, per_epoch, left, n, final, timings.later, first)
     planned = with_steps(c, steps, n)
@@ -236,4 +257,5 @@ def fit_to_budget(run, started: float, build_seconds: float, log) -> tuple[Train
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} step{'s' * (steps != 1)} "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
-    return planned, Plan(c.time_budget, started, n_test)
+    relength(run, planned)
+    return Plan(c.time_budget, started, n_test)

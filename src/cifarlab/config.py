@@ -491,10 +491,6 @@ def _run_rules(config: TrainConfig, world: int) -> list[tuple[Any, str]]:
     per_process, smallest = smallest_chunk(config, world)
     return [
         (
-            config.amp == "fp16" and config.device in ("cpu", "mps"),
-            f"amp: fp16 needs a CUDA device, not {config.device} (use bf16, auto or off)",
-        ),
-        (
             config.tracking_uri and config.tracking == "none",
             f"tracking_uri {config.tracking_uri!r} is set but tracking is none; add --set tracking=mlflow",
         ),

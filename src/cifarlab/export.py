@@ -17,7 +17,6 @@ from cifarlab import rundir
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
-from cifarlab.models.adapt import Upsample
 from cifarlab.models.torchvision_nets import ARCHS
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
@@ -164,7 +163,7 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -
 
 def torchvision_core(model: nn.Module) -> nn.Module:
     """The torchvision network itself: tv-* models with stem imagenet wrap it after an Upsample."""
-    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], Upsample):
+    if isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[0], nn.Upsample):
         return model[1]
     return model
 

@@ -194,14 +194,11 @@ def train(
 
 
 def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[TrainingRun, Any]:
-    """The run, built at the length a time budget plans (and that plan, else None)."""
-    t_build = time.perf_counter()
+    """The run, at the length a time budget plans (and that plan, else None)."""
     run, plan = build_run(config, log, d), None
-    if config.time_budget and ckpt is None:  # choose the length, then build it
+    if config.time_budget and ckpt is None:  # choose the length
         with phase("budget probe"):
-            planned, plan = fit_to_budget(run, started, time.perf_counter() - t_build, log)
-        with phase("rebuild at the planned length"):
-            run = build_run(planned, lambda s: None, d)
+            plan = fit_to_budget(run, started, log)
     if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
         raise Interrupted(
             f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",

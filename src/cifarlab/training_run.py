@@ -176,6 +176,15 @@ def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
     )  # fmt: skip
 
 
+def relength(run: TrainingRun, config: TrainConfig) -> None:
+    """Give a run that has not stepped yet another length (`config` differs in its length fields
+    only): a schedule and lookahead as `build_run` makes them for `config`."""
+    run.config = config
+    run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
+    if run.lookahead is not None:
+        run.lookahead.total = total_steps(config, len(run.batches))
+
+
 def retarget(run: TrainingRun, config: TrainConfig) -> None:
     """Give a live run another length (`config` differs in its length fields only, as a time
     budget's correction makes it): the schedule's rest is spread over the steps left, from the

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import ClassVar
 
@@ -17,7 +16,14 @@ from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 import cifarlab.data.cache as cache
 from cifarlab.data.archive import extract_archive, is_archive
-from cifarlab.data.images import BadImage, decode_image, is_image_name, is_junk, visible_entries
+from cifarlab.data.images import (
+    BadImage,
+    decode_image,
+    image_array,
+    is_image_name,
+    is_junk,
+    visible_entries,
+)
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
@@ -64,19 +70,15 @@ def _read_batch(path: Path) -> dict:
         raise UserError(f"{path}: not a CIFAR pickle batch ({exc})") from None
 
 
-def _cifar_dataset_class(name: str):
-    from torchvision import datasets
-
-    return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-
-
 def _load_cifar(name: str, root: Path) -> SourceData:
     """torchvision's layout (`cifar-10-batches-py/`), downloaded by torchvision when missing.
 
     The pickles are read here rather than through `datasets.CIFAR10`, which insists on the
     md5 of the official files; this accepts any batch in the same format (and our tests').
     """
-    ds = _cifar_dataset_class(name)
+    from torchvision import datasets
+
+    ds = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = root / ds.base_folder
     if not folder.is_dir():
         missing = [d for d in (root, *root.parents) if not d.exists()]  # what a download makes
@@ -146,16 +148,6 @@ def _text(name) -> str:
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
 
 
-@dataclass
-class Layout:
-    """Where a class-folder dataset keeps its splits; `plain` is `<root>/<class>/*`, no split folders."""
-
-    train: Path | None
-    val: Path | None = None
-    test: Path | None = None
-    plain: bool = False
-
-
 def _split_folders(root: Path) -> dict[str, Path]:
     found = {}
     for split, names in SPLIT_FOLDERS.items():
@@ -179,8 +171,9 @@ def _holds_images(folder: Path) -> bool:
     return any(p.is_file() and is_image_name(p) for p in _visible(folder))
 
 
-def _find_layout(root: Path) -> Layout:
-    """`root/{train,val|valid,test}/<class>` (any of them), `root/<class>`, or one wrapper folder.
+def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
+    """The split folders of `root/{train,val|valid,test}/<class>` (any of them), and whether the
+    layout is plain: `root/<class>`, all of it one labelled set. One wrapper folder is looked through.
 
     A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper. Junk
     beside the wrapper (a zip's `__MACOSX/`, `.DS_Store`) does not count as a second entry.
@@ -188,14 +181,14 @@ def _find_layout(root: Path) -> Layout:
     for _ in range(2):
         found = _split_folders(root)
         if found:
-            return Layout(found.get("train"), found.get("val"), found.get("test"))
+            return found, False
         entries = _visible(root)
         dirs = [p for p in entries if p.is_dir()]
         if len(dirs) == 1 and len(entries) == 1 and not _holds_images(dirs[0]):
             root = dirs[0]  # an archive often wraps everything in one top folder
             continue
         break
-    return Layout(root, plain=True)
+    return {"train": root}, True
 
 
 def printable(name: str) -> str:
@@ -204,35 +197,25 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def _list_class_folder(
+    folder: Path, on_bad: str
+) -> tuple[list[str], list[Path], list[int], list[str]]:
+    """(classes kept, image files, their labels, "path: reason" of what was left out)."""
     names = sorted(p.name for p in _visible(folder) if p.is_dir())
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
-        )
-    return names  # one class is fine to score; training needs two (`splits.load_splits`)
-
-
-def _class_members(class_dir: Path) -> tuple[list[Path], list[str]]:
-    """(image files, "path: reason" of the files left out) below one class folder."""
-    images, skipped = [], []
-    for p in visible_entries(class_dir):
-        if p.is_symlink() and not p.exists():
-            skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
-        elif p.is_file() and is_image_name(p):
-            images.append(p)
-        elif p.is_file():
-            skipped.append(f"{printable(str(p))}: not an image file")
-    return images, skipped
-
-
-def _list_class_folder(
-    folder: Path, on_bad: str
-) -> tuple[list[str], list[Path], list[int], list[str]]:
+        )  # one class is fine to score; training needs two (`splits.load_splits`)
     files, labels, skipped, kept = [], [], [], []
-    for name in _class_dirs(folder):
-        images, left_out = _class_members(folder / name)
-        skipped += left_out
+    for name in names:
+        images = []
+        for p in visible_entries(folder / name):
+            if p.is_symlink() and not p.exists():
+                skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
+            elif p.is_file() and is_image_name(p):
+                images.append(p)
+            elif p.is_file():
+                skipped.append(f"{printable(str(p))}: not an image file")
         if not images:
             if on_bad == "error":
                 raise UserError(
@@ -298,13 +281,12 @@ def _load_folder_split(
 
 
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
-    layout = _find_layout(root)
+    folders, _plain = _find_layout(root)
     splits: dict[str, ImageSet] = {}
     skipped: list[str] = []
     for name in ("train", "val", "test"):
-        folder = getattr(layout, name)
-        if folder is not None:
-            splits[name], bad = _load_folder_split(folder, size, on_bad, f"decoding {name}")
+        if name in folders:
+            splits[name], bad = _load_folder_split(folders[name], size, on_bad, f"decoding {name}")
             skipped += bad
     _check_same_classes(root, splits)
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
@@ -381,7 +363,7 @@ def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> I
     if src not in ("cifar10", "cifar100"):
         path = Path(src).expanduser()
         folder = _local_folder(path, root, cache.source_key(path, size, on_bad))
-        if _find_layout(folder).plain:
+        if _find_layout(folder)[1]:
             return data.train
     return data.test if split == "test" else data.val
 
@@ -389,10 +371,5 @@ def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> I
 def _resize(ds: ImageSet, size: int) -> ImageSet:
     from PIL import Image
 
-    out = np.stack(
-        [
-            np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
-            for im in ds.images
-        ]
-    )
+    out = np.stack([image_array(Image.fromarray(im), size) for im in ds.images])
     return ImageSet(out, ds.labels, ds.classes, ds.paths)
