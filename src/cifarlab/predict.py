@@ -224,18 +224,10 @@ def run_predict(
             continue
         probs = predictor.probabilities(np.stack(images), batch_size)
         for f, p in zip(chunk, probs, strict=True):
-            top = np.argsort(-p, kind="stable")[:k]
-            if as_json:
-                entry = {
-                    "path": printable(str(f)),  # strict JSON has no lone surrogates
-                    "top_k": [
-                        {"class": predictor.classes[i], "prob": round(float(p[i]), 6)} for i in top
-                    ],
-                }
-                print(json.dumps(entry))
+            top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
+            if as_json:  # the path made printable: strict JSON has no lone surrogates
+                ranked = [{"class": c, "prob": round(q, 6)} for c, q in top]
+                print(json.dumps({"path": printable(str(f)), "top_k": ranked}))
             else:
-                print(
-                    f"{_one_line(f):<{width}}  "
-                    + "  ".join(f"{predictor.classes[i]} {p[i]:.1%}" for i in top)
-                )
+                print(f"{_one_line(f):<{width}}  " + "  ".join(f"{c} {q:.1%}" for c, q in top))
     return 1 if failed else 0
