@@ -85,7 +85,7 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
 def _put_back(run):
     """`run` as it was built once the probe's steps are done: weights, optimiser, EMA,
     lookahead, scaler, schedule, what trains and the step model."""
-    built = copy.deepcopy(checkpoint_state(run, 0, 0, {}, 0.0))
+    built = copy.deepcopy(checkpoint_state(run, 0))
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     yield
     restore(run, built)

@@ -89,9 +89,7 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     """The run's device, threads, precision and memory format; under torchrun (`d`, a
     `distributed.Dist`) every rank takes rank 0's timing of bf16, so all train alike."""
     device = pick_device(config.device)
-    local_procs = int(
-        os.environ.get("LOCAL_WORLD_SIZE", "1")
-    )  # torchrun's processes on this machine
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's, on this machine
     if device.type == "cuda" and device.index is None and local_procs > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
@@ -118,16 +116,18 @@ def _channels_last(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type != "mps")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo does not exist."""
+def _cpuinfo(name: str) -> str:
+    """The first `name` line's value in Linux's /proc/cpuinfo; "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), "")
     except OSError:
-        pass
-    return set()
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (none elsewhere)."""
+    return set(_cpuinfo("flags").split())
 
 
 BF16_PAYS = 1.15  # bf16 must time at least this much faster than fp32 to be chosen
@@ -177,7 +177,7 @@ def bf16_speedup() -> float:
     flips with the load of the moment (other processes on the CPU can turn a 1.9x gain into 0.2x).
     Delete the file to time again."""
     path = default_data_root() / KEPT
-    key = f"{_cpu_model()} | torch {torch.__version__}"  # not the threads: evaluate and predict
+    key = f"{_cpuinfo('model name') or 'cpu'} | torch {torch.__version__}"  # not the threads: evaluate and predict
     # run with torch's default count, training with its own, and they must choose alike
     try:
         kept = json.loads(path.read_text())
@@ -195,17 +195,6 @@ def bf16_speedup() -> float:
     except OSError:
         pass
     return ratio
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                "cpu",
-            )
-    except OSError:
-        return "cpu"
 
 
 def time_bf16_speedup(rounds: int = 4) -> float:

@@ -223,10 +223,7 @@ def _correct_plan(
     if corrected is None:
         return
     retarget(run, corrected)
-    saver.save(
-        checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
-        end_of_epoch=False,
-    )
+    saver.save(checkpoint_state(run, epoch + 1), end_of_epoch=False)
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
 
@@ -246,15 +243,11 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
     saved = apply_overrides(TrainConfig(), stored, where=f"{last} config" if ckpt else str(started))
     wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
     differ = ", ".join(config_changes(saved, wanted)[:6])
-    if differ and ckpt:
-        raise ConfigChanged(
-            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
-            f"to change {differ}; drop those flags, or train a new --out (--init-from {run_dir})"
-        )
     if differ:
         raise ConfigChanged(
-            f"--resume {run_dir}: it started with another config ({differ}); drop those flags, "
-            "or train a new --out"
+            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
+            f"to change {differ}; drop those flags, or train a new --out"
+            + (f" (--init-from {run_dir})" if ckpt else "")
         )
     if ckpt is None:
         log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
@@ -291,20 +284,9 @@ def _finished(ckpt: dict) -> bool:
 
 def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
     """A finished run resumed: nothing to train; its own figures, read back from its files."""
-    history = read_metrics(run_dir / "metrics.csv")
-    saved = (
-        json.loads((run_dir / "result.json").read_text())
-        if (run_dir / "result.json").is_file()
-        else {}
-    )
-    final = history[-1]["val_acc"] if history else float("nan")
-    result = Result(
-        run_dir, float(saved.get("best_val_acc", ckpt["best_val_acc"])), float(saved.get("final_val_acc", final)),
-        ckpt["epoch"], float(saved.get("seconds", sum(r["seconds"] for r in history))),
-        history[-1]["images_per_s"] if history else 0.0, history,
-        saved.get("tta_val_acc"), saved.get("test_acc"), saved.get("test_tta_acc"),
-        saved.get("best_test_acc"),
-    )  # fmt: skip
+    saved = json.loads((run_dir / "result.json").read_text())
+    known = {k: v for k, v in saved.items() if k in Result.__dataclass_fields__}
+    result = Result(run_dir=run_dir, history=read_metrics(run_dir / "metrics.csv"), **known)
     n = ckpt["epoch"]
     log(
         f"resume: {run_dir} already finished {'all ' * (n != 1)}{n} epoch{'s' * (n != 1)}; nothing to train"
@@ -457,8 +439,7 @@ def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str,
 def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, stop, bar) -> None:
     """`last.pt` mid-epoch (every `save_every_steps`, or on a stop signal, then exit 130/143)."""
     saver.save(
-        checkpoint_state(run, epoch, next_step, dataclasses.asdict(stats), saver.best),
-        end_of_epoch=False,
+        checkpoint_state(run, epoch, next_step, dataclasses.asdict(stats)), end_of_epoch=False
     )
     if stop.received is not None:
         bar.close()
@@ -555,10 +536,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     if run.dist.main:
         append_metrics(saver.run_dir / "metrics.csv", row)
     with phase("checkpoint writes (each epoch)"):
-        improved = saver.save(
-            checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
-            val_acc,
-        )
+        improved = saver.save(checkpoint_state(run, epoch + 1), val_acc)
     val = (
         "no validation"
         if val_acc is None

@@ -155,18 +155,14 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         config, hw, splits, args, model, step_model, optimizer, scheduler,
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
-        to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
-        fixed, d, fingerprint, *_test_tensors(splits, hw.device),
+        *_on_device(splits.val, hw.device), fixed, d, fingerprint,
+        *(_on_device(splits.test, hw.device) if splits.test is not None and len(splits.test) else ()),
     )  # fmt: skip
 
 
-def _test_tensors(splits: Splits, device: torch.device) -> tuple:
-    """The test split on the device, (None, None) without one."""
-    if splits.test is None or len(splits.test) == 0:
-        return None, None
-    return to_device_uint8(splits.test.images, device), torch.from_numpy(splits.test.labels).to(
-        device
-    )
+def _on_device(part, device: torch.device) -> tuple:
+    """A split's images and labels on the device."""
+    return to_device_uint8(part.images, device), torch.from_numpy(part.labels).to(device)
 
 
 def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
@@ -418,9 +414,12 @@ def _freeze_backbone(model: torch.nn.Module, fixed: set[int], frozen: bool) -> N
                 m.eval()
 
 
-def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best: float) -> dict:
+def checkpoint_state(
+    run: TrainingRun, epoch: int, step: int = 0, stats: dict | None = None
+) -> dict:
     """Enough to resume exactly (every random draw of a step is seeded by its position, see
-    `StepRandom`), and to rebuild the model on its own (`model_args`)."""
+    `StepRandom`), and to rebuild the model on its own (`model_args`); `stats`: the epoch's
+    running totals so far (none at its start). `Checkpointer.save` adds `best_val_acc`."""
     return {
         "model": run.model.state_dict(),
         "model_args": run.model_args.to_dict(),
@@ -431,8 +430,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best:
         "scaler": run.scaler.state_dict(),
         "epoch": epoch,  # 0-based epoch in progress (== epochs done when next_step == 0)
         "next_step": step,
-        "best_val_acc": best,
-        "accumulators": stats,
+        "accumulators": stats or {},
         "config": run.config.to_dict(),
         "classes": run.splits.classes,
         "mean": run.normalize.mean,
