@@ -1,9 +1,6 @@
-"""`train(config, run_dir) -> Result`: the training loop.
-
-Reads like the lesson: resolve the config, build the run, restore it when resuming, then for
-each epoch train, validate, log and save; at the end the final TTA pass and, when the data has
-a test split, the selected checkpoint's test accuracy. The pieces live in `training_run.py`.
-"""
+"""`train(config, run_dir) -> Result`: resolve the config, build the run (`training_run.py`),
+restore it when resuming, then each epoch train, validate, log and save; at the end the final
+TTA pass, the temperature fits and the selected checkpoint's test accuracy."""
 
 from __future__ import annotations
 
@@ -210,9 +207,8 @@ def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[Tra
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after epoch `epoch` (`Plan.correct`: once, past half the budget): the
-    length that fits the time left at that epoch's pace; when it changes, the run and its saved
-    files (last.pt, config.yaml) take it."""
+    """A budgeted run after epoch `epoch` (`Plan.correct`): when the length changes, the run
+    and its saved files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
@@ -229,9 +225,8 @@ def _correct_plan(
 
 
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
-    """The config this call trains, and the checkpoint it continues (or None). Resumed, the
-    config asked for (`config`, or the saved one with `changes`) must be the same run as the
-    saved one (`config.differences`); before the first checkpoint it starts over."""
+    """The config this call trains, and the checkpoint it continues (or None); see `train`.
+    Before the first checkpoint a resumed run starts over."""
     last, started = run_dir / "last.pt", run_dir / "config.yaml"
     if not resume:
         claim_run_dir(run_dir, resume=False)
@@ -305,9 +300,8 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
             text = "\n".join(run.splits.skipped) + "\n"
             (saver.run_dir / "skipped_images.txt").write_text(text)
     c = run.config
-    log(
-        f"model: {c.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {c.recipe}"
-    )
+    params = sum(p.numel() for p in run.model.parameters())
+    log(f"model: {c.model} ({params / 1e6:.2f}M params) on {run.hw.describe()}, recipe {c.recipe}")
     return first, step, stats
 
 
@@ -328,10 +322,6 @@ def _restored(run: TrainingRun, ckpt: dict, saver: Checkpointer, log):
     saver.best = ckpt["best_val_acc"]
     log(f"resume: from epoch {ckpt['epoch'] + 1} step {ckpt['next_step']} of {saver.last}")
     return ckpt["epoch"], ckpt["next_step"], EpochStats.from_dict(ckpt["accumulators"])
-
-
-def _params(run: TrainingRun) -> int:
-    return sum(p.numel() for p in run.model.parameters())
 
 
 def train_one_epoch(
@@ -456,7 +446,7 @@ def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
 
 
 class _Eta:
-    """Once the first steps of a run are timed, say how long the whole run should take."""
+    """Once a run's first steps are timed, say how long the whole run should take."""
 
     AFTER = 10  # steps timed before the estimate, after the first
 
@@ -466,8 +456,7 @@ class _Eta:
         self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
         self.t0 = time.perf_counter()
 
-    def tick(self, step: int) -> None:
-        """After step `step` (counted from 1)."""
+    def tick(self, step: int) -> None:  # after step `step`, counted from 1
         timed = step - self.first - 1  # the first step warms up: allocations, cuDNN's autotuning
         if self.done or 0 < timed < self.AFTER:
             return
@@ -496,8 +485,8 @@ def _human(seconds: float) -> str:
 def validate(
     run: TrainingRun, tta: str = "none", split: str = "val"
 ) -> tuple[float, float] | tuple[None, None]:
-    """(loss, accuracy) of the weights being evaluated on the validation (or test) split;
-    (None, None) without one."""
+    """(loss, accuracy) of the evaluated weights on the validation (or test) split; (None, None)
+    without one."""
     images, labels = (
         (run.val_images, run.val_labels) if split == "val" else (run.test_images, run.test_labels)
     )
