@@ -186,13 +186,13 @@ def test_an_extraction_finished_first_by_another_process_is_used(tmp_path, monke
     with tarfile.open(path, "w") as tf:
         _add(tf, "cat/0.png", _png(0))
     dest = tmp_path / "root" / "extracted" / "k"
-    real = archive_mod._extract_tar
+    real = archive_mod._extract
 
     def raced(archive, tmp, budget):  # the other process renames its copy into place meanwhile
         real(archive, tmp, budget)
         (dest / "cat").mkdir(parents=True)
         (dest / "cat" / "0.png").write_bytes(_png(0))
 
-    monkeypatch.setattr(archive_mod, "_extract_tar", raced)
+    monkeypatch.setattr(archive_mod, "_extract", raced)
     assert archive_mod.extract_archive(path, dest) == dest
     assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # its own part removed

@@ -36,56 +36,28 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    """The data and training flags that train, suite and tune share (one builder, one meaning)."""
-    p.add_argument(
-        "--data", help="cifar10, cifar100, a class folder, or a .tar/.tar.gz/.zip of one"
-    )
-    p.add_argument(
-        "--data-root",
-        help="where datasets and caches live (default $CIFARLAB_DATA or ~/.cache/cifarlab)",
-    )
-    p.add_argument(
-        "--model",
-        help="model name (see `cifarlab models`), instead of the recipe's (default: the recipe's)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        help="epochs; warm-up, freeze and other epoch-based settings scale with it",
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        help="a fraction of the recipe's epochs, e.g. 0.1, scaled as --epochs",
-    )
-    p.add_argument(
-        "--time-budget",
-        help="the whole run in this time, e.g. 900, 90s, 15m, 1.5h (length chosen after timing the first steps)",
-    )
-    p.add_argument(
-        "--batch-size", type=int, help="images per optimiser step (default: the recipe's)"
-    )
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument(
-        "--seed",
-        type=int,
-        help="seed of the split (unless --set split_seed=N holds it), the initialisation and the batches",
-    )
-    p.add_argument("--subset", type=int, help="keep a stratified subset of N training images")
-    p.add_argument(
-        "--val-size",
-        type=int,
-        help="validation images held out from train (0: train on all, no selection)",
-    )
-    p.add_argument("--classes", help="train on these classes only, comma-separated")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config key (repeatable)",
-    )
+# The flags train, suite and tune share, each setting the config key of its name (--set any).
+_RUN_FLAGS = [
+    ("--data", str, "cifar10, cifar100, a class folder, or a .tar/.tar.gz/.zip of one"),
+    ("--data-root", str, "datasets and caches (default $CIFARLAB_DATA or ~/.cache/cifarlab)"),
+    ("--model", str, "model name (see `cifarlab models`) instead of the recipe's"),
+    ("--epochs", int, "epochs; warm-up and other epoch-based settings scale with it"),
+    ("--budget", float, "a fraction of the recipe's epochs, e.g. 0.1, scaled as --epochs"),
+    ("--time-budget", str, "the whole run in this time, e.g. 900, 90s, 15m, 1.5h"),
+    ("--batch-size", int, "images per optimiser step (default: the recipe's)"),
+    ("--lr", float, "peak learning rate (default: the recipe's)"),
+    ("--seed", int, "seed of the split (unless split_seed is set), the init and the batches"),
+    ("--subset", int, "keep a stratified subset of N training images"),
+    ("--val-size", int, "validation images held out from train (0: train on all)"),
+    ("--classes", str, "train on these classes only, comma-separated"),
+]
+
+
+def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
+    p.add_argument("--recipe", help=recipe_help)
+    for flag, kind, text in _RUN_FLAGS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, epoch lines only")
 
 
@@ -106,14 +78,13 @@ def shape_epochs(config, args):
     """--epochs N or --budget F: the run's length with its epoch-based settings in proportion."""
     from cifarlab.config import parse_duration, with_length
 
-    if getattr(args, "time_budget", None) is not None:
+    if args.time_budget is not None:
         parse_duration(args.time_budget)  # a bad value is the first thing to say
-    shaped = with_length(config, args.epochs, args.budget)
-    if getattr(args, "time_budget", None) is not None and (args.epochs or args.budget):
-        raise UserError(
-            "--time-budget chooses the run's length: drop --epochs/--budget, or drop --time-budget"
-        )
-    return shaped
+        if args.epochs or args.budget:
+            raise UserError(
+                "--time-budget chooses the run's length: drop --epochs/--budget or --time-budget"
+            )
+    return with_length(config, args.epochs, args.budget)
 
 
 def _config_from_args(args):
@@ -268,33 +239,30 @@ def cmd_suite(args) -> int:
         return 0
     if not args.name or not args.data or not args.out:
         raise UserError("suite: NAME, --data and --out are required (or --list)")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(
-            f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2"
-        ) from None
     if args.seed is not None:
         raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {args.seeds}: each seed once")
     overrides = run_overrides(args)
     weights = overrides.pop("weights", "")  # --weights or --set weights=: the pretrained arms only
     opts = SuiteOptions(
-        args.out,
-        seeds or [0],
-        args.only,
-        overrides,
-        args.epochs,
-        args.budget,
-        args.recipe,
-        weights,
+        args.out, args.seeds, args.only, overrides, args.epochs, args.budget, args.recipe, weights
     )
     rows = run_suite(args.name, opts)
     failed = [r["run"] for r in rows if str(r.get("status", "")).startswith("cannot start")]
     if failed:
         print(f"error: {len(failed)} run(s) could not start: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "expected integers separated by commas, e.g. 0,1,2"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text}: each seed once")
+    return seeds or [0]
 
 
 def cmd_export(args) -> int:
@@ -352,10 +320,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
         "--profile", action="store_true",
         help="print where start-up and the end of the run went (data, model, probe, TTA, test pass)",
     )  # fmt: skip
-    p.add_argument(
-        "--recipe", help="recipe name (see `cifarlab recipes`) or YAML file (default seed-cnn)"
-    )
-    _run_flags(p)
+    _run_flags(p, "recipe name (see `cifarlab recipes`) or YAML file (default seed-cnn)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument(
         "--weights",
@@ -368,9 +333,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model",
-        metavar="RUN_DIR|CHECKPOINT",
-        help="a run directory (its best.pt) or a checkpoint file",
+        "model", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt) or a checkpoint"
     )
     p.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
     p.add_argument(
@@ -405,13 +368,9 @@ def _suite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, help="suite folder: one run directory per run, and the tables"
     )
-    _run_flags(p)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    _run_flags(p, "run every run on this recipe (e.g. lesson-cnn), its own settings on top")
+    p.add_argument("--seeds", default="0", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--only", help="run only this run of the suite")
-    p.add_argument(
-        "--recipe",
-        help="run every run of the suite on this recipe (e.g. lesson-cnn), its own settings on top",
-    )
     p.add_argument(
         "--weights",
         metavar="FILE",
@@ -421,9 +380,7 @@ def _suite_flags(p: argparse.ArgumentParser) -> None:
 
 def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model",
-        metavar="RUN_DIR|CHECKPOINT",
-        help="a run directory (its best.pt) or a checkpoint file",
+        "model", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt) or a checkpoint"
     )
     p.add_argument("--format", metavar="{onnx,pt2,safetensors}",
                    help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
@@ -443,8 +400,7 @@ def _calibrate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _tune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="recipe to search around (default seed-cnn)")
-    _run_flags(p)
+    _run_flags(p, "recipe to search around (default seed-cnn)")
     p.add_argument(
         "--trials", type=int, required=True, help="trials to finish (completed or pruned)"
     )

@@ -27,37 +27,34 @@ def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _largest_cells(counts: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """(row, column) of the `n` largest non-zero cells, largest first, ties in reading order."""
+    order = np.argsort(-counts, axis=None, kind="stable")[:n]
+    cells = [divmod(int(flat), counts.shape[1]) for flat in order]
+    return [(r, c) for r, c in cells if counts[r, c] > 0]
+
+
 def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict]:
     """The largest off-diagonal cells: true -> predicted, count, share of the true class."""
     off = cm.copy()
     np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:n]
-    pairs = []
-    for flat in order:
-        t, p = divmod(int(flat), cm.shape[0])
-        if off[t, p] == 0:
-            break
-        pairs.append(
-            {
-                "true": classes[t],
-                "predicted": classes[p],
-                "count": int(off[t, p]),
-                "share": float(off[t, p] / cm[t].sum()),
-            }
-        )
-    return pairs
+    return [
+        {
+            "true": classes[t],
+            "predicted": classes[p],
+            "count": int(off[t, p]),
+            "share": float(off[t, p] / cm[t].sum()),
+        }
+        for t, p in _largest_cells(off, n)
+    ]
 
 
 def most_confused_pairs(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict]:
     """The class pairs mistaken for each other most, both directions summed (cat<->dog):
     each direction's count, their sum, and the sum's share of both classes' images."""
     both = np.triu(cm + cm.T, k=1)
-    order = np.argsort(-both, axis=None, kind="stable")[:n]
     pairs = []
-    for flat in order:
-        a, b = divmod(int(flat), cm.shape[0])
-        if both[a, b] == 0:
-            break
+    for a, b in _largest_cells(both, n):
         support = cm[a].sum() + cm[b].sum()
         pairs.append(
             {
@@ -77,18 +74,16 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
     correct = probs.argmax(1) == labels
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    out = {"edges": edges.tolist(), "confidence": [], "accuracy": [], "count": []}
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        n = int(mask.sum())
-        out["count"].append(n)
-        out["confidence"].append(float(conf[mask].mean()) if n else None)
-        out["accuracy"].append(float(correct[mask].mean()) if n else None)
-        if n:
-            ece += n / len(labels) * abs(conf[mask].mean() - correct[mask].mean())
-    out["ece"] = float(ece)
-    return out
+    count = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, conf, minlength=bins)
+    right = np.bincount(which, correct, minlength=bins)
+    return {
+        "edges": edges.tolist(),
+        "confidence": [float(s / k) if k else None for s, k in zip(conf_sum, count, strict=True)],
+        "accuracy": [float(s / k) if k else None for s, k in zip(right, count, strict=True)],
+        "count": count.tolist(),
+        "ece": float(np.abs(conf_sum - right).sum() / len(labels)),
+    }
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:

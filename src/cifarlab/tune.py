@@ -3,16 +3,8 @@
 Many processes (or machines) pointed at the same `--storage` share one study. Trials are
 pruned on validation accuracy per epoch (median rule). A study killed mid-trial continues:
 the dead trial's heartbeat goes stale, it is marked failed and retried, and the study runs
-until `--trials` trials have completed or been pruned.
-
-Search space (documented in docs/guide.md), relative to the recipe:
-  lr               log-uniform in [recipe lr / 10, recipe lr * 3]
-  weight_decay     log-uniform in [recipe wd / 10, recipe wd * 3] ([1e-5, 1e-3] for a recipe without)
-  muon_lr          log-uniform in [recipe muon_lr / 3, recipe muon_lr * 3], with optimizer: muon
-  mixup_alpha      one of 0, 0.2, 0.5, 1.0
-  cutmix_alpha     one of 0, 1.0
-  label_smoothing  uniform in [0, 0.2]
-  epochs           integer in [max(1, epochs // 2), epochs], unless --epochs or --budget fixed it
+until `--trials` trials have completed or been pruned. The search space (`suggest`, around the
+recipe's values) is documented in docs/guide.md.
 """
 
 from __future__ import annotations
@@ -72,24 +64,6 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
             "muon_lr", base.muon_lr / 3, base.muon_lr * 3, log=True
         )
     return values
-
-
-def _storage(url: str):
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=30,
-            grace_period=90,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    except (optuna.exceptions.OptunaError, Exception) as exc:
-        raise UserError(
-            f"--storage {url}: cannot open the study database ({str(exc).splitlines()[0]})"
-            + ("; a file is named as sqlite:///path/study.db" if "://" not in url else "")
-        ) from None
 
 
 def _trial_dir(out: Path, number: int) -> Path:
@@ -152,10 +126,20 @@ def _checked_base(opts: TuneOptions) -> TrainConfig:
 def _open_study(name: str, url: str):
     import optuna
     from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        storage = _storage(url)
+    try:
+        with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+            storage = RDBStorage(
+                url, heartbeat_interval=30, grace_period=90, heartbeat_stale_trial_callback=retry
+            )
+    except Exception as exc:
+        raise UserError(
+            f"--storage {url}: cannot open the study database ({str(exc).splitlines()[0]})"
+            + ("; a file is named as sqlite:///path/study.db" if "://" not in url else "")
+        ) from None
     # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna.create_study(

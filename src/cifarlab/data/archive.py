@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -69,9 +70,9 @@ class _Budget:
                 out.write(chunk)
 
 
-def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
-    infos = zf.infolist()
-    for info in infos:
+def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple]:
+    members = []
+    for info in zf.infolist():
         name = PurePosixPath(info.filename)
         if name.is_absolute() or ".." in name.parts or ":" in info.filename:
             raise UserError(f"{archive}: member '{info.filename}' would land outside its folder")
@@ -80,26 +81,12 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
                 f"{archive}: member '{info.filename}' is a link; links are not extracted "
                 "(archive the files themselves)"
             )
-    return [i for i in infos if not is_junk(PurePosixPath(i.filename))]
+        size = None if info.is_dir() else info.file_size
+        members.append((info.filename, size, functools.partial(zf.open, info)))
+    return members
 
 
-def _extract_zip(archive: Path, tmp: Path, budget: _Budget) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        infos = _zip_members(zf, archive)
-        for info in infos:
-            budget.check_member(info.filename, info.file_size)
-        budget.check_total(sum(i.file_size for i in infos))
-        for info in infos:
-            target = tmp / info.filename
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src:  # sizes in the headers may lie: counted again here
-                budget.copy(info.filename, src, target)
-
-
-def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tarfile.TarInfo]:
+def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tuple]:
     members = []
     for member in tf.getmembers():
         if member.issym() or member.islnk():
@@ -110,23 +97,38 @@ def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tarfile.
                 "(archive the files themselves, e.g. tar --dereference)"
             )
         # Refuses absolute paths, '..' and devices; also drops unsafe permission bits.
-        members.append(tarfile.data_filter(member, str(tmp)))
-    return [m for m in members if not is_junk(PurePosixPath(m.name))]
+        m = tarfile.data_filter(member, str(tmp))
+        if m.isdir() or m.isfile():
+            members.append(
+                (m.name, None if m.isdir() else m.size, functools.partial(tf.extractfile, m))
+            )
+    return members
 
 
-def _extract_tar(archive: Path, tmp: Path, budget: _Budget) -> None:
-    with tarfile.open(archive) as tf:
-        members = _tar_members(tf, archive, tmp)
-        for m in members:
-            budget.check_member(m.name, m.size if m.isfile() else 0)
-        budget.check_total(sum(m.size for m in members if m.isfile()))
-        for m in members:
-            target = tmp / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-            elif m.isfile():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                budget.copy(m.name, tf.extractfile(m), target)
+def _write_members(members: list[tuple], tmp: Path, budget: _Budget) -> None:
+    """(name, size or None for a folder, opener) each, junk left out: the sizes the headers claim
+    are checked first, and counted again while writing, as headers may lie."""
+    members = [m for m in members if not is_junk(PurePosixPath(m[0]))]
+    for name, size, _ in members:
+        budget.check_member(name, size or 0)
+    budget.check_total(sum(size or 0 for _, size, _ in members))
+    for name, size, opener in members:
+        target = tmp / name
+        if size is None:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with opener() as src:
+            budget.copy(name, src, target)
+
+
+def _extract(archive: Path, tmp: Path, budget: _Budget) -> None:
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            _write_members(_zip_members(zf, archive), tmp, budget)
+    else:
+        with tarfile.open(archive) as tf:
+            _write_members(_tar_members(tf, archive, tmp), tmp, budget)
 
 
 def _sweep_stale_parts(folder: Path) -> None:
@@ -181,10 +183,7 @@ def extract_archive(archive: Path, dest: Path) -> Path:
     tmp, held = _new_part(dest)
     budget = _Budget(archive)
     try:
-        if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, tmp, budget)
-        else:
-            _extract_tar(archive, tmp, budget)
+        _extract(archive, tmp, budget)
         tmp.rename(dest)
     except tarfile.FilterError as exc:
         raise UserError(f"{archive}: unsafe member refused ({exc})") from None

@@ -75,11 +75,8 @@ def ensure_writable(root: Path) -> None:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _files(root: Path, key: str) -> tuple[Path, Path]:
@@ -89,7 +86,6 @@ def _files(root: Path, key: str) -> tuple[Path, Path]:
 
 def load(root: Path, key: str):
     """The cached SourceData, or None when absent or damaged (then it is rebuilt)."""
-
     npz, checksum = _files(root, key)
     if not (npz.is_file() and checksum.is_file()):
         return None
@@ -113,15 +109,7 @@ def load(root: Path, key: str):
 
 
 def save(root: Path, key: str, data) -> None:
-    try:
-        _save(root, key, data)
-    except OSError as exc:
-        raise _not_writable(root, exc.strerror or type(exc).__name__) from None
-
-
-def _save(root: Path, key: str, data) -> None:
     npz, checksum = _files(root, key)
-    npz.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str)}
     for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
         if ds is None:
@@ -131,10 +119,14 @@ def _save(root: Path, key: str, data) -> None:
         arrays[f"{name}_classes"] = np.asarray(ds.classes, dtype=str)
         arrays[f"{name}_paths"] = np.asarray(ds.paths, dtype=str)
     tmp = npz.with_suffix(f".tmp{os.getpid()}.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _digest(tmp)
-    os.replace(tmp, npz)
-    checksum.write_text(digest + "\n")
+    try:
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _digest(tmp)
+        os.replace(tmp, npz)
+        checksum.write_text(digest + "\n")
+    except OSError as exc:
+        raise _not_writable(root, exc.strerror or type(exc).__name__) from None

@@ -17,7 +17,14 @@ from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 import cifarlab.data.cache as cache
 from cifarlab.data.archive import extract_archive, is_archive
-from cifarlab.data.images import BadImage, decode_image, is_image_name, is_junk, visible_entries
+from cifarlab.data.images import (
+    BadImage,
+    decode_image,
+    image_array,
+    is_image_name,
+    is_junk,
+    visible_entries,
+)
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
@@ -64,19 +71,15 @@ def _read_batch(path: Path) -> dict:
         raise UserError(f"{path}: not a CIFAR pickle batch ({exc})") from None
 
 
-def _cifar_dataset_class(name: str):
-    from torchvision import datasets
-
-    return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-
-
 def _load_cifar(name: str, root: Path) -> SourceData:
     """torchvision's layout (`cifar-10-batches-py/`), downloaded by torchvision when missing.
 
     The pickles are read here rather than through `datasets.CIFAR10`, which insists on the
     md5 of the official files; this accepts any batch in the same format (and our tests').
     """
-    ds = _cifar_dataset_class(name)
+    from torchvision import datasets
+
+    ds = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = root / ds.base_folder
     if not folder.is_dir():
         missing = [d for d in (root, *root.parents) if not d.exists()]  # what a download makes
@@ -204,35 +207,25 @@ def printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def _list_class_folder(
+    folder: Path, on_bad: str
+) -> tuple[list[str], list[Path], list[int], list[str]]:
+    """(classes kept, image files, their labels, "path: reason" of what was left out)."""
     names = sorted(p.name for p in _visible(folder) if p.is_dir())
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
-        )
-    return names  # one class is fine to score; training needs two (`splits.load_splits`)
-
-
-def _class_members(class_dir: Path) -> tuple[list[Path], list[str]]:
-    """(image files, "path: reason" of the files left out) below one class folder."""
-    images, skipped = [], []
-    for p in visible_entries(class_dir):
-        if p.is_symlink() and not p.exists():
-            skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
-        elif p.is_file() and is_image_name(p):
-            images.append(p)
-        elif p.is_file():
-            skipped.append(f"{printable(str(p))}: not an image file")
-    return images, skipped
-
-
-def _list_class_folder(
-    folder: Path, on_bad: str
-) -> tuple[list[str], list[Path], list[int], list[str]]:
+        )  # one class is fine to score; training needs two (`splits.load_splits`)
     files, labels, skipped, kept = [], [], [], []
-    for name in _class_dirs(folder):
-        images, left_out = _class_members(folder / name)
-        skipped += left_out
+    for name in names:
+        images = []
+        for p in visible_entries(folder / name):
+            if p.is_symlink() and not p.exists():
+                skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
+            elif p.is_file() and is_image_name(p):
+                images.append(p)
+            elif p.is_file():
+                skipped.append(f"{printable(str(p))}: not an image file")
         if not images:
             if on_bad == "error":
                 raise UserError(
@@ -389,10 +382,5 @@ def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> I
 def _resize(ds: ImageSet, size: int) -> ImageSet:
     from PIL import Image
 
-    out = np.stack(
-        [
-            np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
-            for im in ds.images
-        ]
-    )
+    out = np.stack([image_array(Image.fromarray(im), size) for im in ds.images])
     return ImageSet(out, ds.labels, ds.classes, ds.paths)

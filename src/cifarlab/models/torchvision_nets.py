@@ -71,46 +71,41 @@ def fixed_size_keywords(arch: str, side: int) -> dict:
     return sized(side) if sized else {}
 
 
-def is_enum_name(weights: str) -> bool:
-    return bool(_ENUM_NAME.fullmatch(weights)) and not Path(weights).is_file()
-
-
-def _weights_enum(arch: str, opts: BackboneOptions):
+def _weights_enum(arch: str, name: str):
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(arch)
-    if not opts.weights:
-        return enum.DEFAULT
     valid = [w.name for w in enum]
-    if opts.weights not in [*valid, "DEFAULT"]:
-        close = difflib.get_close_matches(opts.weights, valid, n=2, cutoff=0.4)
+    if name in ("", "DEFAULT"):
+        return enum.DEFAULT
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=2, cutoff=0.4)
         raise UserError(
-            f"weights: {opts.weights} is neither a file nor a weights name of {arch}"
+            f"weights: {name} is neither a file nor a weights name of {arch}"
             + (f"; did you mean {' or '.join(close)}?" if close else "")
             + f" (its weights: {', '.join(valid)})"
         )
-    return enum[opts.weights]
-
-
-def _downloaded_state(arch: str, opts: BackboneOptions) -> dict:
-    weights = _weights_enum(arch, opts)
-    try:
-        return weights.get_state_dict(progress=False)
-    except Exception as exc:
-        name = weights.url.rsplit("/", 1)[-1]
-        target = Path(torch.hub.get_dir()) / "checkpoints" / name
-        raise UserError(
-            f"ImageNet weights for {arch} are not cached and could not be downloaded ({type(exc).__name__}); "
-            f"put {name} (from {weights.url}) at {target}, or pass --weights FILE"
-        ) from None
+    return enum[name]
 
 
 def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
-    if opts.weights and not is_enum_name(opts.weights):
-        return load_state_file(Path(opts.weights))
-    if opts.pretrained or opts.weights:
-        return _downloaded_state(arch, opts)
-    return None
+    """From a local file, or by weights name (DEFAULT for `pretrained`) from torch's cache,
+    downloaded when missing; None for random weights."""
+    name = opts.weights
+    if name and (Path(name).is_file() or not _ENUM_NAME.fullmatch(name)):
+        return load_state_file(Path(name))
+    if not (opts.pretrained or name):
+        return None
+    weights = _weights_enum(arch, name)
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:
+        file = weights.url.rsplit("/", 1)[-1]
+        target = Path(torch.hub.get_dir()) / "checkpoints" / file
+        raise UserError(
+            f"ImageNet weights for {arch} are not cached and could not be downloaded ({type(exc).__name__}); "
+            f"put {file} (from {weights.url}) at {target}, or pass --weights FILE"
+        ) from None
 
 
 def _vit_positions(net: nn.Module, state: dict) -> dict:
