@@ -128,6 +128,10 @@ class _StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.received == signal.SIGINT else 143
+
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
@@ -199,7 +203,7 @@ def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[Tra
     if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
         raise Interrupted(
             f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
-            130 if stop.received == signal.SIGINT else 143,
+            stop.exit_code,
         )
     return run, plan
 
@@ -436,7 +440,7 @@ def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, s
         raise Interrupted(
             f"stopped at epoch {epoch + 1} step {next_step}; saved {saver.last}. "
             f"Resume with: cifarlab train --out {saver.run_dir} --resume",
-            130 if stop.received == signal.SIGINT else 143,
+            stop.exit_code,
         )
 
 

@@ -97,16 +97,12 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
     with phase("data (cache read, split)"):
         splits = load_splits(config)
-    log(
-        f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
-        + (f" / {len(splits.test)} test" if splits.test is not None else "")
-        + f" images, {len(splits.classes)} classes"
-        + (
-            f", {len(splits.skipped)} skipped (listed in skipped_images.txt)"
-            if splits.skipped
-            else ""
-        )
+    test = f" / {len(splits.test)} test" if splits.test is not None else ""
+    skipped = f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" * bool(
+        splits.skipped
     )
+    sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
+    log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
     if len(splits.train) < config.batch_size:
         raise UserError(
             f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
