@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import ClassVar
 
@@ -149,16 +148,6 @@ def _text(name) -> str:
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
 
 
-@dataclass
-class Layout:
-    """Where a class-folder dataset keeps its splits; `plain` is `<root>/<class>/*`, no split folders."""
-
-    train: Path | None
-    val: Path | None = None
-    test: Path | None = None
-    plain: bool = False
-
-
 def _split_folders(root: Path) -> dict[str, Path]:
     found = {}
     for split, names in SPLIT_FOLDERS.items():
@@ -182,8 +171,9 @@ def _holds_images(folder: Path) -> bool:
     return any(p.is_file() and is_image_name(p) for p in _visible(folder))
 
 
-def _find_layout(root: Path) -> Layout:
-    """`root/{train,val|valid,test}/<class>` (any of them), `root/<class>`, or one wrapper folder.
+def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
+    """The split folders of `root/{train,val|valid,test}/<class>` (any of them), and whether the
+    layout is plain: `root/<class>`, all of it one labelled set. One wrapper folder is looked through.
 
     A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper. Junk
     beside the wrapper (a zip's `__MACOSX/`, `.DS_Store`) does not count as a second entry.
@@ -191,14 +181,14 @@ def _find_layout(root: Path) -> Layout:
     for _ in range(2):
         found = _split_folders(root)
         if found:
-            return Layout(found.get("train"), found.get("val"), found.get("test"))
+            return found, False
         entries = _visible(root)
         dirs = [p for p in entries if p.is_dir()]
         if len(dirs) == 1 and len(entries) == 1 and not _holds_images(dirs[0]):
             root = dirs[0]  # an archive often wraps everything in one top folder
             continue
         break
-    return Layout(root, plain=True)
+    return {"train": root}, True
 
 
 def printable(name: str) -> str:
@@ -291,13 +281,12 @@ def _load_folder_split(
 
 
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
-    layout = _find_layout(root)
+    folders, _plain = _find_layout(root)
     splits: dict[str, ImageSet] = {}
     skipped: list[str] = []
     for name in ("train", "val", "test"):
-        folder = getattr(layout, name)
-        if folder is not None:
-            splits[name], bad = _load_folder_split(folder, size, on_bad, f"decoding {name}")
+        if name in folders:
+            splits[name], bad = _load_folder_split(folders[name], size, on_bad, f"decoding {name}")
             skipped += bad
     _check_same_classes(root, splits)
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
@@ -374,7 +363,7 @@ def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> I
     if src not in ("cifar10", "cifar100"):
         path = Path(src).expanduser()
         folder = _local_folder(path, root, cache.source_key(path, size, on_bad))
-        if _find_layout(folder).plain:
+        if _find_layout(folder)[1]:
             return data.train
     return data.test if split == "test" else data.val
 

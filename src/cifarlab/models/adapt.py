@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.checkpoint import read_failure, refusal_reason
@@ -26,17 +25,6 @@ class BackboneOptions:
     input_size: int = 224  # imagenet stem: images are upsampled to this side
     pretrained: bool = False  # the DEFAULT weights (from torch's cache, downloaded if online)
     weights: str = ""  # a local state-dict file, or a torchvision weights name (IMAGENET1K_V1)
-
-
-class Upsample(nn.Module):
-    """Resize on the device, inside the model, so evaluation, prediction and export all see it."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x):
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
 def load_state_file(path: Path) -> dict:
@@ -91,7 +79,9 @@ def with_stem(net: nn.Module, opts: BackboneOptions, log, stem=cifar_stem) -> nn
     if opts.stem == "cifar":
         stem(net, log)
         return net
-    return nn.Sequential(Upsample(opts.input_size), net)
+    # resized inside the model, so evaluation, prediction and export all see it
+    side = (opts.input_size, opts.input_size)
+    return nn.Sequential(nn.Upsample(side, mode="bilinear", align_corners=False), net)
 
 
 def _strided_conv(module: nn.Module) -> bool:
