@@ -19,13 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifarlab.config import (
-    TrainConfig,
-    apply_overrides,
-    load_recipe,
-    validate_config,
-    with_length,
-)
+from cifarlab.config import TrainConfig, apply_overrides, load_recipe, validate_config, with_length
 from cifarlab.data.images import BadImage, decode_image, image_array
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate

@@ -2,10 +2,9 @@
 summarised as a table, a plot and an index page.
 
 A suite YAML holds `description`, `reference` (the run gains are measured against) and `runs`,
-each a `recipe` plus `set` overrides and a one-line `changes`. With `cumulative: true` every run
-inherits the previous run's recipe and overrides (the ablation ladder). A run that `requires`
-something cifarlab does not have yet is listed as not started, with the reason; one that diverges
-(a non-finite or exploding loss) as diverged, with no accuracy.
+each a `recipe`, `set` overrides and a one-line `changes`; with `cumulative: true` each run
+inherits the previous one's recipe and overrides. A run that `requires` what cifarlab lacks is
+listed as not started; one that diverges as diverged, with no accuracy.
 """
 
 from __future__ import annotations
@@ -71,10 +70,6 @@ def list_suites() -> dict[str, str]:
     }
 
 
-def _suite_path(name: str) -> Path:
-    return named_yaml(name, SUITE_DIR, "suite", list_suites)
-
-
 def load_suite(
     name: str,
     base: dict[str, Any],
@@ -83,11 +78,9 @@ def load_suite(
     recipe_for_all: str | None = None,
     weights: str = "",
 ) -> Suite:
-    """Parse and validate a suite: every run's config is built and checked (per field and across
-    fields) before anything trains, so a conflict in the last run fails at once.
-    `recipe_for_all` replaces every run's recipe (its `set` still applies on top); `weights`
-    goes to the runs that ask for ImageNet weights only, so a scratch arm stays random."""
-    path = _suite_path(name)
+    """Parse a suite and check every run's config before anything trains. `recipe_for_all`
+    replaces every run's recipe (its `set` on top); `weights` goes to the pretrained runs only."""
+    path = named_yaml(name, SUITE_DIR, "suite", list_suites)
     spec = read_yaml_mapping(path)
     unknown = set(spec) - {"description", "reference", "runs", "cumulative", "examples"}
     if unknown:
@@ -95,10 +88,8 @@ def load_suite(
             f"{path}: unknown suite keys {sorted(unknown)}; valid: description, reference, runs, cumulative, examples"
         )
     runs_spec = spec.get("runs")
-    if (
-        not isinstance(runs_spec, list)
-        or not runs_spec
-        or not all(isinstance(r, dict) for r in runs_spec)
+    if not (
+        isinstance(runs_spec, list) and runs_spec and all(isinstance(r, dict) for r in runs_spec)
     ):
         raise UserError(
             f"{path}: 'runs' must be a non-empty list of mappings (name, recipe, changes, set)"
@@ -277,7 +268,8 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
             )
-            results = [_result(opts.out, run, s, opts.seeds) for s in opts.seeds]
+            paths = [_run_dir(opts.out, run, s, opts.seeds) / "result.json" for s in opts.seeds]
+            results = [json.loads(p.read_text()) if p.is_file() else {} for p in paths]
             for key in ("tta_val_acc", "test_acc", "test_tta_acc"):
                 values = [r.get(key) for r in results]
                 if values and all(v is not None for v in values):
@@ -322,11 +314,6 @@ def _diverged(out: Path, run: SuiteRun, seeds: list[int]) -> str:
         if path.is_file():
             return path.read_text().strip() + (f" (seed {seed})" if len(seeds) > 1 else "")
     return ""
-
-
-def _result(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> dict:
-    path = _run_dir(out, run, seed, seeds) / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _mixup_examples(suite: Suite, path: Path) -> None:

@@ -32,7 +32,7 @@ from cifarlab.config import (
     with_epochs,
 )
 from cifarlab.data.splits import load_splits
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, UserError, import_extra
 from cifarlab.rundir import prepare_run_dir
 
 
@@ -67,8 +67,7 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
 
 
 def _trial_dir(out: Path, number: int) -> Path:
-    """`out/trial-NNN`, refused when it holds files: tune has no --resume (a study continues
-    through --storage, and each of its trials gets a new number and so a new directory)."""
+    """`out/trial-NNN`, refused when it holds files (a continued study numbers trials anew)."""
     run_dir = out / f"trial-{number:03d}"
     if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise UserError(
@@ -79,23 +78,20 @@ def _trial_dir(out: Path, number: int) -> Path:
 
 
 def run_tune(opts: TuneOptions, log=print):
-    try:
-        from optuna.study import MaxTrialsCallback
-        from optuna.trial import TrialState
-    except ImportError:
-        raise UserError("tune needs Optuna: pip install 'cifarlab[tune]'") from None
-
+    optuna = import_extra("optuna", "tune", "tune (Optuna)")
     base = _checked_base(opts)
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     study = _open_study(name, opts.storage)
-    _same_settings(study, base, opts, log)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    _same_settings(study, base, opts)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [t for t in study.trials if t.state in finished]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
     _say_search(base, opts, log)
     if len(done) < opts.trials:
         objective = partial(_trial, base=base, opts=opts, log=log)
-        study.optimize(objective, callbacks=[MaxTrialsCallback(opts.trials, states=finished)])
+        study.optimize(
+            objective, callbacks=[optuna.study.MaxTrialsCallback(opts.trials, states=finished)]
+        )
     best = study.best_trial
     out = write_best_recipe(
         opts.recipe, {**_recipe_keys(opts.overrides, trial_config(base, best.params)), **best.params},
@@ -205,17 +201,12 @@ PATHS = ("data", "weights", "init_from")  # compared by name: machines sharing a
 EPOCHS_SEARCHED = "search_epochs"
 
 
-def _same_settings(study, base: TrainConfig, opts: TuneOptions, log) -> None:
+def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
     """Store the settings a new study searches around; refuse to continue one with others (its
-    trials would not be comparable: other data, epochs, subset, recipe), by the rule --resume
-    follows (`config.differences`). Keys a later cifarlab added are not compared."""
+    trials would not be comparable), by the rule --resume follows (`config.differences`)."""
     named = dataclasses.replace(base, **{k: Path(getattr(base, k)).name for k in PATHS})
     saved = study.user_attrs.get(SETTINGS)
     if saved is None:
-        if study.trials:
-            log(
-                f"study '{study.study_name}' has no recorded settings (an older cifarlab): recording these"
-            )
         settings = {k: v for k, v in named.to_dict().items() if k not in RUNTIME_KEYS}
         study.set_user_attr(SETTINGS, {**settings, EPOCHS_SEARCHED: opts.search_epochs})
         return

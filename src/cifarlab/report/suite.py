@@ -72,11 +72,7 @@ COLUMNS = [
     Column("final_test_acc", "final test acc %", lambda r: _pct(r.get("final_test_acc"))),
     Column("test_acc", "test acc of best.pt %", lambda r: _pct(r.get("test_acc"))),
     Column("gain", "gain", lambda r: _pct(r.get("gain"), signed=True)),
-    Column(
-        "step_gain",
-        "gain over previous",
-        lambda r: _pct(r.get("step_gain"), signed=True),
-    ),
+    Column("step_gain", "gain over previous", lambda r: _pct(r.get("step_gain"), signed=True)),
     Column("epochs", "epochs", lambda r: str(r["epochs"]), optional=False),
     Column("seconds", "train time", lambda r: f"{r['seconds'] / 60:.1f} min"),
     Column("images_per_s", "img/s", lambda r: f"{r['images_per_s']:.0f}"),
