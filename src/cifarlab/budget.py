@@ -85,7 +85,7 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
 def _put_back(run):
     """`run` as it was built once the probe's steps are done: weights, optimiser, EMA,
     lookahead, scaler, schedule, what trains and the step model."""
-    built = copy.deepcopy(checkpoint_state(run, 0, 0, {}, 0.0))
+    built = copy.deepcopy(checkpoint_state(run, 0))
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     yield
     restore(run, built)
@@ -185,10 +185,9 @@ def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
 
 @dataclass
 class Plan:
-    """A budgeted run's length, corrected once: after the first epoch to end past half the
-    budget, to the pace that epoch ran at. The probe times the run's own step, but a machine's
-    pace drifts over a long run (`seed-cnn` in 60 minutes ended 5.8% early on its first epoch's
-    pace), which no probe before training can see."""
+    """A budgeted run's length, corrected once, after the first epoch to end past half the
+    budget, to that epoch's pace: a machine's pace drifts over a long run (`seed-cnn` in 60
+    minutes ended 5.8% early on its first epoch's pace)."""
 
     time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
@@ -197,11 +196,10 @@ class Plan:
 
     def correct(self, run, epoch: int, step: float, val_seconds: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
-        """After epoch `epoch` (its steps at `step` seconds each once warm, its validation in
-        `val_seconds`, `per_epoch` seconds of validation and saving): the first time past half
-        the budget, the config whose remaining steps fit the time left; else None, as when the
-        plan stands (within a step) or the run ends in this epoch. Settings already passed
-        (whitening-bias and freeze epochs) stay where they are."""
+        """After epoch `epoch` (`step` seconds a warm step, `val_seconds` of validation,
+        `per_epoch` seconds of validation and saving): the first time past half the budget, the
+        config whose remaining steps fit the time left; else None (the plan stands within a
+        step, or the run ends in this epoch)."""
         spent = time.perf_counter() - self.started
         if self.corrected or spent < self.time_budget / 2:
             return None

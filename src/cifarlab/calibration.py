@@ -138,22 +138,18 @@ def calibrate_run(
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UserError(f"{run_dir}: no such run directory or checkpoint")
-    # held from reading the checkpoints to writing them: a `train --resume` meanwhile would save
-    # an epoch that the write of the copy read before it then rolls back
-    with rewrite_lock(run_dir.parent if run_dir.is_file() else run_dir):
-        if run_dir.is_file():
-            return calibrate_checkpoint(run_dir, log, device)["temperature"]
-        return _calibrate_present(run_dir, log, device, val)
-
-
-def _calibrate_present(run_dir: Path, log, device: str, val: ValSet | None) -> float:
     present = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
+    if run_dir.is_file():
+        present, val = [run_dir], None
     if not present:
         raise UserError(
             f"{run_dir}: no best.pt or last.pt to calibrate; pass a run directory that has "
             "trained an epoch, or a checkpoint file"
         )
-    first = calibrate_checkpoint(present[0], log, device, val)
-    for path in present[1:]:
-        calibrate_checkpoint(path, log, device, val, same_as=(present[0].name, first))
+    # held from reading the checkpoints to writing them: a `train --resume` meanwhile would save
+    # an epoch that the write of the copy read before it then rolls back
+    with rewrite_lock(present[0].parent):
+        first = calibrate_checkpoint(present[0], log, device, val)
+        for path in present[1:]:
+            calibrate_checkpoint(path, log, device, val, same_as=(present[0].name, first))
     return first["temperature"]

@@ -95,14 +95,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def non_finite(state: dict) -> str | None:
     """The name of the first floating tensor of `state` holding NaN or inf, else None."""
-    return next(
-        (
-            k
-            for k, v in state.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
-        ),
-        None,
-    )
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all():
+            return k
+    return None
 
 
 def resolve_checkpoint(path_or_run: str | Path) -> Path:

@@ -88,8 +88,7 @@ class TrainConfig:
     micro_batch: int = _key(0, 0)  # forward and backward each batch
     # in chunks of this many images, one optimiser step on their summed gradients (0, or not
     # below the batch: whole). BatchNorm normalises each chunk on its own ("ghost batches"), so
-    # it is part of the recipe. On a 2-core CPU fastnet trains 1.25x faster per image in chunks
-    # of 500 than in whole batches of 2,000 (the chunk's activations stay in cache)
+    # it is part of the recipe; a chunk's activations may stay in cache (faster on a CPU)
     lr: float = _key(0.1, 0.0, lo_open=True)  # peak lr for this batch size
     momentum: float = _key(0.9, 0.0, 1.0)
     nesterov: bool = False
@@ -214,7 +213,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(bad)
     if kind in (int, float):
         if key == "time_budget" and isinstance(value, str) and value.strip()[-1:].isalpha():
-            value = _seconds(value, f"{where}: 'time_budget'")  # 15m, 1.5h as on the command line
+            value = parse_duration(
+                value, f"{where}: 'time_budget'"
+            )  # 15m, 1.5h as on the command line
         if isinstance(value, str):
             try:
                 value = kind(value)
@@ -226,7 +227,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return kind(value)
     if kind == list[str]:
         if isinstance(value, str) and value.strip().startswith("["):
-            value = _yaml_scalar(value, bad)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(bad) from None
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -238,13 +242,6 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if not isinstance(value, str):
         raise UserError(f"{where}: '{key}' must be a string, got {value!r} (quote it in YAML)")
     return value
-
-
-def _yaml_scalar(raw: str, bad: str) -> Any:
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise UserError(bad) from None
 
 
 def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, float]:
@@ -569,12 +566,8 @@ def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:
     return per_process, min(chunk, per_process % chunk or chunk)
 
 
-def parse_duration(text: str) -> float:
-    """ "900", "90s", "15m", "1.5h", "2d" -> seconds (`--time-budget`)."""
-    return _seconds(text, "--time-budget")
-
-
-def _seconds(text: str, where: str) -> float:
+def parse_duration(text: str, where: str = "--time-budget") -> float:
+    """ "900", "90s", "15m", "1.5h", "2d" -> seconds; `where` names the setting in errors."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     raw = text.strip().lower()
     scale = units.get(raw[-1:])

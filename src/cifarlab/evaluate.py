@@ -29,7 +29,7 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
-from cifarlab.rundir import RUN_FILES, read_metrics
+from cifarlab.rundir import RUN_FILES, check_out, read_metrics
 from cifarlab.tracking import log_report
 
 
@@ -130,29 +130,17 @@ def _add_gradcam(groups: list, loaded, classes: list[str]) -> dict:
 
 
 def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int]:
-    """--classes (checked by _gallery_classes before any work), else the two hardest of the
-    classes the data has images of."""
+    """--classes (checked before any work), else the two hardest of the classes the data has
+    images of."""
     if not opts.classes:
         ranked = np.argsort(np.where(pc["support"] > 0, pc["accuracy"], np.inf), kind="stable")
         return [int(i) for i in ranked[: min(2, int((pc["support"] > 0).sum()))]]
     return [classes.index(c) for c in opts.classes]
 
 
-def _gallery_classes(wanted: list[str] | None, classes: list[str]) -> None:
-    unknown = [c for c in wanted or [] if c not in classes]
-    if unknown:
-        raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
-
-
 def _check_out(out: Path) -> None:
     """One line for an --out that cannot hold the report, checked before any work or file."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; evaluate writes a folder of files there")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
+    check_out(out)
     held = [n for n in RUN_FILES if (out / n).exists()]
     if held:  # its curves.png and report would replace the run's own
         raise UserError(
@@ -169,7 +157,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     ckpt_path = resolve_checkpoint(opts.target)
     ckpt = load_checkpoint(ckpt_path)
     classes = list(ckpt["classes"])
-    _gallery_classes(opts.classes, classes)
+    unknown = [c for c in opts.classes or [] if c not in classes]
+    if unknown:
+        raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
     out = opts.out or ckpt_path.parent / f"eval-{opts.split}"
     _check_out(out)
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
@@ -318,18 +308,12 @@ def _temperature_entries(temperature: float, logits: torch.Tensor, y: np.ndarray
 
 def _write_files(report, data, probs, groups, rows, out: Path) -> None:
     classes, pc = report["classes"], report["per_class"]
+    fields = ["accuracy", "precision", "recall", "f1", "support"]
     with open(out / "per_class.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["class", "accuracy", "precision", "recall", "f1", "support"])
-        for c in classes:
-            w.writerow(  # no images of a class: no accuracy, recall or f1 ("")
-                [
-                    c,
-                    *("" if pc[c][k] is None else round(pc[c][k], 5)
-                      for k in ("accuracy", "precision", "recall", "f1")),
-                    pc[c]["support"],
-                ]
-            )  # fmt: skip
+        w.writerow(["class", *fields])
+        for c in classes:  # no images of a class: no accuracy, recall or f1 ("")
+            w.writerow([c, *("" if pc[c][k] is None else round(pc[c][k], 5) for k in fields)])
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "path", "true", "predicted", "confidence"])
@@ -356,36 +340,25 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
 
 
 def _summary(report: dict, out: Path, log) -> None:
-    pc = report["per_class"]
+    pc, r = report["per_class"], report
     hardest = sorted((c for c in pc if pc[c]["support"]), key=lambda c: pc[c]["accuracy"])[:3]
     tta = (
-        f" (with {report['tta']} TTA: {report['tta_accuracy']:.2%})"
-        if report["tta_accuracy"] is not None
-        else ""
+        f" (with {r['tta']} TTA: {r['tta_accuracy']:.2%})" if r["tta_accuracy"] is not None else ""
     )
-    log(
-        f"accuracy {report['accuracy']:.2%}{tta} on {report['num_images']} {report['split']} images"
-    )
+    one_way = [f"{p['true']} -> {p['predicted']} ({p['count']})" for p in r["most_confused"][:3]]
+    both = [
+        f"{p['classes'][0]} <-> {p['classes'][1]} ({p['count']})"
+        for p in r["most_confused_pairs"][:3]
+    ]
+    log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {r['split']} images")
     log("hardest classes: " + ", ".join(f"{c} {pc[c]['accuracy']:.1%}" for c in hardest))
-    pairs = report["most_confused"][:3]
-    log(
-        "most confused: "
-        + (", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs) or "none")
-    )
-    both = report["most_confused_pairs"][:3]
-    log(
-        "most confused pairs (both directions): "
-        + (
-            ", ".join(f"{p['classes'][0]} <-> {p['classes'][1]} ({p['count']})" for p in both)
-            or "none"
-        )
-    )
-    if "expected_calibration_error_before" in report:
+    log("most confused: " + (", ".join(one_way) or "none"))
+    log("most confused pairs (both directions): " + (", ".join(both) or "none"))
+    if "expected_calibration_error_before" in r:
         log(
-            f"calibration: temperature {report['temperature']:.3f}, ECE "
-            f"{report['expected_calibration_error_before']:.3f} -> "
-            f"{report['expected_calibration_error']:.3f}"
+            f"calibration: temperature {r['temperature']:.3f}, ECE "
+            f"{r['expected_calibration_error_before']:.3f} -> {r['expected_calibration_error']:.3f}"
         )
-    if "curves_note" in report:
-        log(f"note: {report['curves_note']}")
+    if "curves_note" in r:
+        log(f"note: {r['curves_note']}")
     log(f"report: {out / 'report.html'}")

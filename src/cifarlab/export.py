@@ -1,22 +1,6 @@
-"""`cifarlab export`: a checkpoint as ONNX, a `torch.export` program, or safetensors weights.
-
-- `onnx`: the `torch.export`-based exporter (`dynamo=True`), opset 18. Input `images`: float
-  RGB in [0, 1], NCHW, any batch size (normalisation is inside the graph); output `logits`.
-  The metadata below is in the model's `metadata_props`.
-- `pt2`: a `torch.export` program (`torch.export.save`), same input and output, dynamic batch;
-  the metadata is the archive's extra file `cifarlab.json` (read it back with
-  `torch.export.load(path, extra_files={"cifarlab.json": ""})`).
-- `safetensors`: the bare network's weights (no normalisation inside) in `<name>.safetensors`
-  and the metadata as `<name>.json` beside it, for loading without cifarlab (docs/guide.md).
-
-Metadata (strings in ONNX, JSON values otherwise): `classes`, `image_size`, `mean`, `std`,
-`temperature` (calibrated probabilities are softmax(logits / temperature); 1.0 if never
-calibrated), `model` (cifarlab's model name), `model_args` (cifarlab's constructor arguments),
-`torchvision` (tv-* models: the builder name, stem and input size), `producer`.
-
-TorchScript (`torch.jit.trace`, deprecated by PyTorch) is no longer written; `cifarlab predict`
-still reads `.ts` files exported before.
-"""
+"""`cifarlab export`: a checkpoint as ONNX (the `torch.export`-based exporter), a `torch.export`
+program (`.pt2`), or safetensors weights with a `.json` beside them. The inputs, outputs and
+metadata of each format are in docs/guide.md (`cifarlab export`)."""
 
 from __future__ import annotations
 
@@ -29,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cifarlab import rundir
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.torchvision_nets import ARCHS
-from cifarlab.rundir import RUN_FILES
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
 _BY_SUFFIX = {suffix: name for name, suffix in FORMATS.items()}
@@ -57,15 +41,10 @@ class Deployable(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def torchvision_info(loaded: LoadedModel) -> dict | None:
-    """For tv-* models: what a plain torchvision user needs to rebuild the network."""
-    builder = ARCHS.get(loaded.args.name)
-    if builder is None:
-        return None
-    return {"builder": builder, "stem": loaded.args.stem, "input_size": loaded.args.input_size}
-
-
 def metadata(ckpt: dict, loaded: LoadedModel) -> dict:
+    """What predict and a plain torchvision user need beside the network (docs/guide.md)."""
+    builder = ARCHS.get(loaded.args.name)  # tv-* models: how to rebuild them with torchvision
+    tv = {"builder": builder, "stem": loaded.args.stem, "input_size": loaded.args.input_size}
     return {
         "classes": list(loaded.classes),
         "image_size": loaded.image_size,
@@ -74,7 +53,7 @@ def metadata(ckpt: dict, loaded: LoadedModel) -> dict:
         "temperature": loaded.temperature,
         "model": loaded.args.name,
         "model_args": loaded.args.to_dict(),
-        "torchvision": torchvision_info(loaded),
+        "torchvision": tv if builder else None,
         "producer": "cifarlab",
     }
 
@@ -98,10 +77,13 @@ def check_out(out: Path, source: Path, force: bool, suffix: str = "") -> None:
     `suffix`) does not end in it: `predict` tells the formats apart by their suffix."""
     if out.exists() and out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint being exported; pick another file")
-    if out.exists() and out.parent.resolve() == source.parent.resolve() and out.name in RUN_FILES:
+    if (
+        out.exists()
+        and out.parent.resolve() == source.parent.resolve()
+        and out.name in rundir.RUN_FILES
+    ):
         raise UserError(f"--out {out} is a file of the run being exported; pick another file")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    rundir.check_out(out, folder=False)
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; add --force to overwrite it")
     if suffix and out.suffix.lower() != suffix:
@@ -114,8 +96,6 @@ def check_out(out: Path, source: Path, force: bool, suffix: str = "") -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out {out}: its folder {out.parent} is not writable")
 
 
 def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
@@ -141,7 +121,7 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
         if fmt == "onnx":
             _export_onnx(net, example, tmp, meta)
         else:
-            program = _exported_program(net, example)
+            program = torch.export.export(net, (example,), dynamic_shapes=(_batch_dim(),))
             torch.export.save(program, tmp, extra_files={"cifarlab.json": json.dumps(meta)})
     return out
 
@@ -162,10 +142,6 @@ def _replaced_when_complete(out: Path):
 
 def _batch_dim() -> dict:
     return {0: torch.export.Dim("batch", min=1, max=65536)}
-
-
-def _exported_program(net: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    return torch.export.export(net, (example,), dynamic_shapes=(_batch_dim(),))
 
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, out: Path, meta: dict) -> None:

@@ -48,15 +48,9 @@ class Hardware:
         return f"{self.device} ({amp}{', channels_last' if self.channels_last else ''}{threads})"
 
 
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def pick_device(name: str, cpu_hint: str = "--set device=cpu") -> torch.device:
     """The device `name` names, refused in one line where this machine has none of it
-    (`cpu_hint`: how the command in use asks for the CPU instead)."""
+    (`cpu_hint`: how the command asks for the CPU instead)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -89,13 +83,13 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     """The run's device, threads, precision and memory format; under torchrun (`d`, a
     `distributed.Dist`) every rank takes rank 0's timing of bf16, so all train alike."""
     device = pick_device(config.device)
-    local_procs = int(
-        os.environ.get("LOCAL_WORLD_SIZE", "1")
-    )  # torchrun's processes on this machine
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's, on this machine
     if device.type == "cuda" and device.index is None and local_procs > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
-        torch.set_num_threads(config.threads or max(1, _usable_cores() // local_procs))
+        # Linux: the cores this process may run on
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(config.threads or max(1, (cores or 1) // local_procs))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -112,22 +106,23 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
 
 
 def _channels_last(setting: str, device: torch.device) -> bool:
-    """channels_last: measured on this 2-core CPU, training img/s 1.4x for cnn and 1.18x for
-    fastnet (oneDNN's NHWC kernels); a clear win with cuDNN too. MPS support is patchy, so off
-    there under `auto`."""
+    """channels_last: training img/s 1.4x for cnn, 1.18x for fastnet on a 2-core CPU (oneDNN's
+    NHWC kernels), a win with cuDNN too; off on MPS under `auto` (its support is patchy)."""
     return setting == "on" or (setting == "auto" and device.type != "mps")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo does not exist."""
+def _cpuinfo(name: str) -> str:
+    """The first `name` line's value in Linux's /proc/cpuinfo; "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), "")
     except OSError:
-        pass
-    return set()
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (none elsewhere)."""
+    return set(_cpuinfo("flags").split())
 
 
 BF16_PAYS = 1.15  # bf16 must time at least this much faster than fp32 to be chosen
@@ -137,10 +132,9 @@ def choose_amp(
     requested: str, device: torch.device, flags: set[str] | None = None, speedup=None
 ) -> tuple[str, str]:
     """(off | bf16 | fp16, reason). `auto` on CUDA is bf16 where supported. On the CPU: bf16
-    with AMX tiles (about 3x fp32); with AVX512-BF16 but no AMX the answer differs by CPU
-    (slower than fp32 on some, twice as fast on others: benchmarks/cpu_precision.py and
-    docs/benchmarks.md), so `speedup()` times both (`bf16_speedup`, about 1 s alone, once per machine); else fp32. `flags` and
-    `speedup` inject the CPU's."""
+    with AMX tiles (about 3x fp32); with AVX512-BF16 but no AMX, bf16 is slower than fp32 on
+    some CPUs and twice as fast on others (benchmarks/cpu_precision.py), so `speedup()` decides
+    (default `bf16_speedup`); else fp32. `flags` and `speedup` stand in for the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"
     if device.type == "cuda":
@@ -171,13 +165,12 @@ KEPT = "hardware.json"  # in the default data root: this machine's bf16 timing, 
 
 @functools.cache
 def bf16_speedup() -> float:
-    """`time_bf16_speedup` once per machine: kept in `hardware.json` in the default data root
-    ($CIFARLAB_DATA, else ~/.cache/cifarlab) under the CPU's model and torch's version, so that
-    every later run here (training, evaluate, predict) makes the same choice instead of one that
-    flips with the load of the moment (other processes on the CPU can turn a 1.9x gain into 0.2x).
-    Delete the file to time again."""
+    """`time_bf16_speedup` once per machine, kept in `hardware.json` in the default data root
+    under the CPU's model and torch's version: every later run here (training, evaluate,
+    predict) makes the same choice, not one that flips with the load of the moment. Delete the
+    file to time again."""
     path = default_data_root() / KEPT
-    key = f"{_cpu_model()} | torch {torch.__version__}"  # not the threads: evaluate and predict
+    key = f"{_cpuinfo('model name') or 'cpu'} | torch {torch.__version__}"  # not the threads: evaluate and predict
     # run with torch's default count, training with its own, and they must choose alike
     try:
         kept = json.loads(path.read_text())
@@ -197,22 +190,10 @@ def bf16_speedup() -> float:
     return ratio
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                "cpu",
-            )
-    except OSError:
-        return "cpu"
-
-
 def time_bf16_speedup(rounds: int = 4) -> float:
-    """How many times faster a training step (`step.train_step`: forward and backward) runs
-    under bf16 autocast than in fp32 on this CPU: fastnet on 64 random images, alternating,
-    after one warm-up each; the fastest of `rounds` each, since other work on the machine only
-    ever slows a step (medians of 2 read 0.5x-3.9x under a load of 3). The global random state
+    """How many times faster `step.train_step` (forward and backward) runs under bf16 autocast
+    than in fp32 on this CPU: fastnet on 64 random images, alternating, after a warm-up; the
+    fastest of `rounds` each, since other work only ever slows a step. The global random state
     is left as it was."""
     # callers may be scoring under inference mode (predict_logits): this times a backward pass
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
@@ -233,11 +214,9 @@ def time_bf16_speedup(rounds: int = 4) -> float:
 
 
 def inference_hardware(device: torch.device) -> Hardware:
-    """What evaluate and predict run with: the training rule for precision (on this machine the
-    same answer as training's, `bf16_speedup` being kept: the same image gets the same
-    probabilities whatever else is scored with it), and training's memory format."""
+    """What evaluate and predict run with: training's precision rule (the same answer, as
+    `bf16_speedup` is kept) and memory format (in bf16 it moves a logit enough to flip an image
+    now and then), so that evaluate reproduces training's own test figure."""
     amp, reason = choose_amp("auto", device)
-    # channels_last as training has it: in bf16 the memory format moves a logit enough to flip an
-    # image now and then, and evaluate must reproduce training's own test figure
     dtype = {"off": None, "bf16": torch.bfloat16}[amp]
     return Hardware(device, dtype, _channels_last("auto", device), reason)

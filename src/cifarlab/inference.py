@@ -38,10 +38,9 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
     logits. Without `hardware`, the precision follows training's rule for the images' device
-    (bf16 on CUDA and on CPUs where it pays, else fp32: `hardware.choose_amp`). The model is
-    left in its memory format: channels_last inputs alone pick the channels_last kernels, with the
-    same logits as a channels_last model. `plain`: this model's logits without TTA, computed
-    already at this batch size (the last validation pass): the first view is not run again."""
+    (`hardware.choose_amp`). The model keeps its memory format (channels_last inputs alone pick
+    the channels_last kernels). `plain`: this model's logits without TTA at this batch size,
+    already computed (the last validation pass): the first view is not run again."""
     hardware = hardware or inference_hardware(images.device)
     was_training = model.training
     model.eval()

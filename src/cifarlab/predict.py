@@ -50,12 +50,20 @@ class Predictor:
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
 
-def _as_float(images: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
-
-
-def _read_meta(predictor, meta: dict, where: str, required=("classes",)) -> None:
-    """An export's classes, image size and temperature (1.0 when absent: never calibrated)."""
+def _read_meta(predictor, meta: str | bytes | dict, where: str, required=("classes",)) -> dict:
+    """An export's metadata: a JSON text (str or bytes), or a map whose string values may hold JSON (ONNX's,
+    and older TorchScript files'). Sets the predictor's classes, image size and temperature
+    (1.0 when absent: never calibrated); a damaged or incomplete one is refused in one line."""
+    if isinstance(meta, str | bytes):
+        try:
+            meta = json.loads(meta)
+        except ValueError as exc:
+            raise UserError(
+                f"{where}: its metadata is not valid JSON ({exc}); export the model again"
+            ) from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: its metadata is not a JSON object; export the model again")
+    meta = {k: _json_value(v) for k, v in meta.items()}
     missing = [k for k in required if k not in meta]
     if missing:
         raise UserError(
@@ -64,6 +72,16 @@ def _read_meta(predictor, meta: dict, where: str, required=("classes",)) -> None
     predictor.classes = list(meta["classes"])
     predictor.size = int(meta.get("image_size", 32))
     predictor.temperature = float(meta.get("temperature", 1.0))
+    return meta
+
+
+def _json_value(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 class _ExportedPredictor:
@@ -80,10 +98,8 @@ class _ExportedPredictor:
         return self.model(torch.from_numpy(batch)).numpy()
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        outs = [
-            self._logits(_as_float(images[i : i + batch_size]))
-            for i in range(0, len(images), batch_size)
-        ]
+        floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        outs = [self._logits(floats[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         logits = torch.from_numpy(np.concatenate(outs))
         return torch.softmax(logits / self.temperature, 1).numpy()
 
@@ -92,30 +108,6 @@ def _one_line(path: Path) -> str:
     """A file name as one line of text: undecodable bytes and control characters escaped."""
     text = printable(str(path))
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def _metadata(text: str, where: str) -> dict:
-    """An export's JSON metadata, a damaged one refused in one line."""
-    try:
-        meta = json.loads(text)
-    except ValueError as exc:
-        raise UserError(
-            f"{where}: its metadata is not valid JSON ({exc}); export the model again"
-        ) from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{where}: its metadata is not a JSON object; export the model again")
-    return meta
-
-
-def _json_fields(meta: dict[str, str]) -> dict:
-    """ONNX metadata values are strings; the JSON ones (lists, numbers) decoded."""
-    out = {}
-    for key, value in meta.items():
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 class OnnxPredictor(_ExportedPredictor):
@@ -127,7 +119,7 @@ class OnnxPredictor(_ExportedPredictor):
             self.runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
-        _read_meta(self, _json_fields(self.runner.get_modelmeta().custom_metadata_map), path)
+        _read_meta(self, self.runner.get_modelmeta().custom_metadata_map, path)
 
     def _logits(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.run(None, {"images": batch})[0]
@@ -139,14 +131,13 @@ class Pt2Predictor(_ExportedPredictor):
     def __init__(self, path: str):
         extra = {"cifarlab.json": ""}
         try:
-            program = torch.export.load(path, extra_files=extra)
+            self.model = torch.export.load(path, extra_files=extra).module()
         except Exception as exc:
             raise UserError(
                 f"{path}: not a loadable torch.export program ({first_line(exc)}); "
                 "export it again with cifarlab export --format pt2"
             ) from None
-        _read_meta(self, _metadata(extra["cifarlab.json"] or "{}", path), path)
-        self.model = program.module()
+        _read_meta(self, extra["cifarlab.json"] or "{}", path)
 
 
 class SafetensorsPredictor(Predictor):
@@ -163,8 +154,8 @@ class SafetensorsPredictor(Predictor):
                 f"{path}: no {meta_path.name} beside it (classes, model, normalisation); "
                 "export both with cifarlab export --format safetensors"
             )
-        meta = _metadata(meta_path.read_text(errors="replace"), str(meta_path))
-        _read_meta(self, meta, str(meta_path), ("classes", "model_args", "mean", "std"))
+        required = ("classes", "model_args", "mean", "std")
+        meta = _read_meta(self, meta_path.read_text(errors="replace"), str(meta_path), required)
         model = build_model(ModelArgs.from_dict(meta["model_args"]))
         try:
             torchvision_core(model).load_state_dict(st.load_file(path))
@@ -189,9 +180,7 @@ class TorchScriptPredictor(_ExportedPredictor):
             raise UserError(
                 f"{path}: not a loadable TorchScript file ({first_line(exc)})"
             ) from None
-        if not extra["cifarlab.json"]:
-            raise UserError(f"{path}: no class names inside; export it with cifarlab export")
-        _read_meta(self, _json_fields(_metadata(extra["cifarlab.json"], path)), path)
+        _read_meta(self, extra["cifarlab.json"] or "{}", path)
 
 
 PREDICTORS = {  # file suffix -> reader; anything else is a run directory or checkpoint
@@ -235,18 +224,10 @@ def run_predict(
             continue
         probs = predictor.probabilities(np.stack(images), batch_size)
         for f, p in zip(chunk, probs, strict=True):
-            top = np.argsort(-p, kind="stable")[:k]
-            if as_json:
-                entry = {
-                    "path": printable(str(f)),  # strict JSON has no lone surrogates
-                    "top_k": [
-                        {"class": predictor.classes[i], "prob": round(float(p[i]), 6)} for i in top
-                    ],
-                }
-                print(json.dumps(entry))
+            top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
+            if as_json:  # the path made printable: strict JSON has no lone surrogates
+                ranked = [{"class": c, "prob": round(q, 6)} for c, q in top]
+                print(json.dumps({"path": printable(str(f)), "top_k": ranked}))
             else:
-                print(
-                    f"{_one_line(f):<{width}}  "
-                    + "  ".join(f"{predictor.classes[i]} {p[i]:.1%}" for i in top)
-                )
+                print(f"{_one_line(f):<{width}}  " + "  ".join(f"{c} {q:.1%}" for c, q in top))
     return 1 if failed else 0

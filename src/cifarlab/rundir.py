@@ -26,24 +26,13 @@ RECORD_FILES = ("metrics.csv", "config.yaml", "result.json")  # what a tracker m
 RUN_FILES = ("last.pt", "best.pt", *RECORD_FILES)
 
 
-def _pid_in(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None  # the holder has locked but not yet written its pid
-
-
 def _written_pid(lock: Path) -> int | None:
     """The pid written in `lock` (read only: no lock is taken, so a process acquiring it is never
-    disturbed)."""
+    disturbed); None while its holder has locked it but not yet written its pid."""
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
         return None
-    try:
-        return _pid_in(fd)
-    finally:
-        os.close(fd)
 
 
 def _live_holder(lock: Path) -> int | None:
@@ -58,13 +47,6 @@ def _live_holder(lock: Path) -> int | None:
     except OSError:
         return None
     return pid
-
-
-def refuse_if_busy(run_dir: Path) -> None:
-    """One line naming the process when another live one is training `run_dir` (read only)."""
-    holder = _live_holder(run_dir / ".lock")
-    if holder:
-        raise RunLock(run_dir)._busy(holder)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -101,10 +83,9 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                pid = _pid_in(fd)
                 os.close(fd)
                 if isinstance(exc, BlockingIOError):
-                    raise self._busy(pid) from None
+                    raise self._busy(_written_pid(self.path)) from None
                 raise UserError(
                     f"{self.path}: cannot lock the run directory ({exc.strerror})"
                 ) from None
@@ -153,8 +134,9 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     if not names:
         return
     run_files = [n for n in names if n in RUN_FILES]
-    if run_files:  # being trained right now: say so, not "add --resume", which would be refused
-        refuse_if_busy(run_dir)
+    holder = _live_holder(run_dir / ".lock") if run_files else None
+    if holder:  # being trained right now: say so, not "add --resume", which would be refused
+        raise RunLock(run_dir)._busy(holder)
     found, what = (run_files, "a run") if run_files else (names, "other files")
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
     raise RunDirTaken(run_dir, what, shown)
@@ -180,16 +162,28 @@ def _only_a_stale_lock(run_dir: Path) -> bool:
     return [p.name for p in run_dir.iterdir()] == [".lock"] and not _live_holder(run_dir / ".lock")
 
 
+def check_out(out: Path, folder: bool = True) -> None:
+    """One line, before any work, for an --out that cannot be written: a file where a folder
+    goes (or, not `folder`, a folder where a file goes), a file above it, or no permission."""
+    if out.exists() and out.is_dir() != folder:
+        raise UserError(
+            f"--out {out}: is a file, not a folder; pick another --out"
+            if folder
+            else f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}"
+        )
+    existing = next(p for p in ([out] if folder else []) + list(out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; pick another --out")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
+
+
 def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
     """Create `run_dir` (and the folders above it) if needed and check it can hold checkpoints;
     the folders this call made, outermost first (`mkdir` says so: of two processes racing for
     a new `--out`, only one made it), `run_dir` among them when it held only a stale `.lock`."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir}: is a file, not a folder; pick another --out")
+    check_out(run_dir)
     missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"--out {run_dir}: {blocking} is a file, not a folder; pick another --out")
     created = []
     try:
         for folder in reversed(missing):  # outermost first
@@ -202,8 +196,13 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
         ) from None
     if not created and _only_a_stale_lock(run_dir):
         created = [run_dir]  # as good as new: removed like a new one if this run never starts
-    with removed_if_unstarted(run_dir, created):
-        _check_room(run_dir, need_bytes)
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        with removed_if_unstarted(run_dir, created):
+            raise UserError(
+                f"--out {run_dir}: {free / 1e6:.0f} MB free, checkpoints need about "
+                f"{need_bytes / 1e6:.0f} MB"
+            )
     return created
 
 
@@ -213,18 +212,6 @@ def checkpoint_room(run_dir: Path, estimate: int = 70_000_000) -> int:
     less what its checkpoints already hold, which the new ones replace."""
     held = [p.stat().st_size for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
     return max(0, 3 * max(held, default=estimate) - sum(held))
-
-
-def _check_room(run_dir: Path, need_bytes: int) -> None:
-    if not os.access(run_dir, os.W_OK):
-        raise UserError(
-            f"--out {run_dir}: the run directory is not writable; pick a writable --out"
-        )
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        raise UserError(
-            f"--out {run_dir}: {free / 1e6:.0f} MB free, checkpoints need about {need_bytes / 1e6:.0f} MB"
-        )
 
 
 @contextmanager
@@ -266,9 +253,6 @@ def read_metrics(path: Path) -> list[dict]:
 def truncate_metrics(path: Path, last_epoch: int) -> None:
     """Keep rows up to `last_epoch` (1-based): a resumed run rewrites what the checkpoint lacks."""
     rows = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
-    if not path.exists():
-        return
-    path.unlink()
+    path.unlink(missing_ok=True)
     for r in rows:
-        r["epoch"] = int(r["epoch"])
-        append_metrics(path, r)
+        append_metrics(path, {**r, "epoch": int(r["epoch"])})

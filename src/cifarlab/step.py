@@ -1,8 +1,6 @@
-"""One training step of a run: forward and backward in `micro_batch` chunks (`train_step`), then
-the update (`optimizer_step`). The loop in `train.py`, the time budget's probe, the bf16 timing
-and the benchmarks all call these, so that what is timed is what trains.
-
-`run` is a `training_run.TrainingRun`, or `bare_run`'s stand-in around a model alone."""
+"""One training step of a run (a `training_run.TrainingRun`, or `bare_run`'s stand-in): forward
+and backward in `micro_batch` chunks (`train_step`), then the update (`optimizer_step`). The
+loop, the time budget's probe, the bf16 timing and the benchmarks all call these."""
 
 from __future__ import annotations
 
@@ -74,10 +72,9 @@ def optimizer_step(run, global_step: int) -> None:
 
 
 def bare_run(model: torch.nn.Module, hw, config: TrainConfig | None = None, classes: int = 10):
-    """What `train_step` reads of a run, around `model` alone (no data, schedule or checkpoint):
-    for timing a step in isolation, as the bf16 decision and the benchmarks do. `hw` is a
-    `hardware.Hardware` (None: set `run.hw` before stepping); swap `run.hw` or `run.config`
-    between steps to compare settings."""
+    """What `train_step` reads of a run, around `model` alone: for timing a step in isolation.
+    `hw` is a `hardware.Hardware` (None: set `run.hw` before stepping); swap `run.hw` or
+    `run.config` between steps to compare settings."""
     return SimpleNamespace(
         config=config or TrainConfig(), hw=hw, model=model, step_model=model,
         optimizer=torch.optim.SGD(model.parameters()),

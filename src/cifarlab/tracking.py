@@ -1,14 +1,10 @@
-"""Experiment tracking: copies of a run's record for MLflow and TensorBoard.
-
-`metrics.csv`, `config.yaml` and `result.json` stay the record; a tracker mirrors them. `train`
-opens the trackers its config asks for (`tracking: mlflow`, `tensorboard: true`) and calls
-`start(config, history)`, `log_epoch(row)` once per metrics row and `finish(result)`;
-`evaluate` attaches its report to the run's MLflow run with `log_report`.
+"""Experiment tracking: MLflow and TensorBoard copies of a run's record (`metrics.csv`,
+`config.yaml`, `result.json` stay the record).
 
 MLflow's default store is SQLite beside the run (`<runs folder>/mlflow.db`, artifacts in
-`<runs folder>/mlartifacts/`): MLflow 3 refuses its file store unless told to allow it, so a
-database is the local store it supports. A run directory remembers its MLflow run in
-`mlflow.json`, so a resumed run and a later evaluation log into the same MLflow run.
+`<runs folder>/mlartifacts/`): MLflow 3 refuses its file store unless told to allow it. A run
+directory remembers its MLflow run in `mlflow.json`, so a resumed run and a later evaluation
+log into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -32,33 +28,13 @@ RESULT_METRICS = (
 )  # fmt: skip
 
 
-class Trackers:
-    """The trackers one run writes to, called together: `start(config, history)` with the rows
-    of epochs trained before, `log_epoch(row)` per metrics row, `finish(result)` once its files
-    are complete, and always `close(error)` last, with what stopped training, if anything did."""
+class Trackers(list):
+    """The trackers one run writes to, each called in turn: `start(config, history)` with the
+    rows of epochs trained before, `log_epoch(row)` per metrics row, `finish(result)` once the
+    run's files are complete, and `close(error)` last (`open_trackers` calls it)."""
 
-    def __init__(self, trackers: list):
-        self.trackers = trackers
-
-    def start(self, config: TrainConfig, history: list[dict]) -> None:
-        for t in self.trackers:
-            t.start(config, history)
-
-    def log_epoch(self, row: dict) -> None:
-        for t in self.trackers:
-            t.log_epoch(row)
-
-    def finish(self, result: Any) -> None:
-        for t in self.trackers:
-            t.finish(result)
-
-    def close(self, error: BaseException | None) -> None:
-        for t in self.trackers:
-            if error is None:
-                t.close(None)
-                continue
-            with contextlib.suppress(Exception):  # a tracker's failure must not hide the error
-                t.close(error)
+    def __getattr__(self, method: str):
+        return lambda *args: [getattr(t, method)(*args) for t in self]
 
 
 @contextlib.contextmanager
@@ -73,7 +49,9 @@ def open_trackers(config: TrainConfig, run_dir: Path, enabled: bool = True) -> I
     try:
         yield group
     except BaseException as exc:
-        group.close(exc)
+        for t in group:
+            with contextlib.suppress(Exception):  # a tracker's failure must not hide the error
+                t.close(exc)
         raise
     group.close(None)
 

@@ -1,9 +1,6 @@
-"""`train(config, run_dir) -> Result`: the training loop.
-
-Reads like the lesson: resolve the config, build the run, restore it when resuming, then for
-each epoch train, validate, log and save; at the end the final TTA pass and, when the data has
-a test split, the selected checkpoint's test accuracy. The pieces live in `training_run.py`.
-"""
+"""`train(config, run_dir) -> Result`: resolve the config, build the run (`training_run.py`),
+restore it when resuming, then each epoch train, validate, log and save; at the end the final
+TTA pass, the temperature fits and the selected checkpoint's test accuracy."""
 
 from __future__ import annotations
 
@@ -131,6 +128,10 @@ class _StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.received == signal.SIGINT else 143
+
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
@@ -202,7 +203,7 @@ def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[Tra
     if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
         raise Interrupted(
             f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
-            130 if stop.received == signal.SIGINT else 143,
+            stop.exit_code,
         )
     return run, plan
 
@@ -210,9 +211,8 @@ def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[Tra
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after epoch `epoch` (`Plan.correct`: once, past half the budget): the
-    length that fits the time left at that epoch's pace; when it changes, the run and its saved
-    files (last.pt, config.yaml) take it."""
+    """A budgeted run after epoch `epoch` (`Plan.correct`): when the length changes, the run
+    and its saved files (last.pt, config.yaml) take it."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
@@ -223,18 +223,14 @@ def _correct_plan(
     if corrected is None:
         return
     retarget(run, corrected)
-    saver.save(
-        checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
-        end_of_epoch=False,
-    )
+    saver.save(checkpoint_state(run, epoch + 1), end_of_epoch=False)
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
 
 
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
-    """The config this call trains, and the checkpoint it continues (or None). Resumed, the
-    config asked for (`config`, or the saved one with `changes`) must be the same run as the
-    saved one (`config.differences`); before the first checkpoint it starts over."""
+    """The config this call trains, and the checkpoint it continues (or None); see `train`.
+    Before the first checkpoint a resumed run starts over."""
     last, started = run_dir / "last.pt", run_dir / "config.yaml"
     if not resume:
         claim_run_dir(run_dir, resume=False)
@@ -246,15 +242,11 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
     saved = apply_overrides(TrainConfig(), stored, where=f"{last} config" if ckpt else str(started))
     wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
     differ = ", ".join(config_changes(saved, wanted)[:6])
-    if differ and ckpt:
-        raise ConfigChanged(
-            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
-            f"to change {differ}; drop those flags, or train a new --out (--init-from {run_dir})"
-        )
     if differ:
         raise ConfigChanged(
-            f"--resume {run_dir}: it started with another config ({differ}); drop those flags, "
-            "or train a new --out"
+            f"--resume {run_dir}: a run continues with the config it started with, and this asks "
+            f"to change {differ}; drop those flags, or train a new --out"
+            + (f" (--init-from {run_dir})" if ckpt else "")
         )
     if ckpt is None:
         log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
@@ -291,20 +283,9 @@ def _finished(ckpt: dict) -> bool:
 
 def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
     """A finished run resumed: nothing to train; its own figures, read back from its files."""
-    history = read_metrics(run_dir / "metrics.csv")
-    saved = (
-        json.loads((run_dir / "result.json").read_text())
-        if (run_dir / "result.json").is_file()
-        else {}
-    )
-    final = history[-1]["val_acc"] if history else float("nan")
-    result = Result(
-        run_dir, float(saved.get("best_val_acc", ckpt["best_val_acc"])), float(saved.get("final_val_acc", final)),
-        ckpt["epoch"], float(saved.get("seconds", sum(r["seconds"] for r in history))),
-        history[-1]["images_per_s"] if history else 0.0, history,
-        saved.get("tta_val_acc"), saved.get("test_acc"), saved.get("test_tta_acc"),
-        saved.get("best_test_acc"),
-    )  # fmt: skip
+    saved = json.loads((run_dir / "result.json").read_text())
+    known = {k: v for k, v in saved.items() if k in Result.__dataclass_fields__}
+    result = Result(run_dir=run_dir, history=read_metrics(run_dir / "metrics.csv"), **known)
     n = ckpt["epoch"]
     log(
         f"resume: {run_dir} already finished {'all ' * (n != 1)}{n} epoch{'s' * (n != 1)}; nothing to train"
@@ -323,9 +304,8 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
             text = "\n".join(run.splits.skipped) + "\n"
             (saver.run_dir / "skipped_images.txt").write_text(text)
     c = run.config
-    log(
-        f"model: {c.model} ({_params(run) / 1e6:.2f}M params) on {run.hw.describe()}, recipe {c.recipe}"
-    )
+    params = sum(p.numel() for p in run.model.parameters())
+    log(f"model: {c.model} ({params / 1e6:.2f}M params) on {run.hw.describe()}, recipe {c.recipe}")
     return first, step, stats
 
 
@@ -346,10 +326,6 @@ def _restored(run: TrainingRun, ckpt: dict, saver: Checkpointer, log):
     saver.best = ckpt["best_val_acc"]
     log(f"resume: from epoch {ckpt['epoch'] + 1} step {ckpt['next_step']} of {saver.last}")
     return ckpt["epoch"], ckpt["next_step"], EpochStats.from_dict(ckpt["accumulators"])
-
-
-def _params(run: TrainingRun) -> int:
-    return sum(p.numel() for p in run.model.parameters())
 
 
 def train_one_epoch(
@@ -457,15 +433,14 @@ def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str,
 def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, stop, bar) -> None:
     """`last.pt` mid-epoch (every `save_every_steps`, or on a stop signal, then exit 130/143)."""
     saver.save(
-        checkpoint_state(run, epoch, next_step, dataclasses.asdict(stats), saver.best),
-        end_of_epoch=False,
+        checkpoint_state(run, epoch, next_step, dataclasses.asdict(stats)), end_of_epoch=False
     )
     if stop.received is not None:
         bar.close()
         raise Interrupted(
             f"stopped at epoch {epoch + 1} step {next_step}; saved {saver.last}. "
             f"Resume with: cifarlab train --out {saver.run_dir} --resume",
-            130 if stop.received == signal.SIGINT else 143,
+            stop.exit_code,
         )
 
 
@@ -475,7 +450,7 @@ def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
 
 
 class _Eta:
-    """Once the first steps of a run are timed, say how long the whole run should take."""
+    """Once a run's first steps are timed, say how long the whole run should take."""
 
     AFTER = 10  # steps timed before the estimate, after the first
 
@@ -485,8 +460,7 @@ class _Eta:
         self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
         self.t0 = time.perf_counter()
 
-    def tick(self, step: int) -> None:
-        """After step `step` (counted from 1)."""
+    def tick(self, step: int) -> None:  # after step `step`, counted from 1
         timed = step - self.first - 1  # the first step warms up: allocations, cuDNN's autotuning
         if self.done or 0 < timed < self.AFTER:
             return
@@ -515,8 +489,8 @@ def _human(seconds: float) -> str:
 def validate(
     run: TrainingRun, tta: str = "none", split: str = "val"
 ) -> tuple[float, float] | tuple[None, None]:
-    """(loss, accuracy) of the weights being evaluated on the validation (or test) split;
-    (None, None) without one."""
+    """(loss, accuracy) of the evaluated weights on the validation (or test) split; (None, None)
+    without one."""
     images, labels = (
         (run.val_images, run.val_labels) if split == "val" else (run.test_images, run.test_labels)
     )
@@ -555,10 +529,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     if run.dist.main:
         append_metrics(saver.run_dir / "metrics.csv", row)
     with phase("checkpoint writes (each epoch)"):
-        improved = saver.save(
-            checkpoint_state(run, epoch + 1, 0, dataclasses.asdict(EpochStats()), saver.best),
-            val_acc,
-        )
+        improved = saver.save(checkpoint_state(run, epoch + 1), val_acc)
     val = (
         "no validation"
         if val_acc is None

@@ -1,8 +1,5 @@
-"""Everything a training run needs, built once from a validated config: hardware, data, the
-model (through the one constructor), optimiser, schedule, EMA, AMP scaler, lookahead, batches.
-
-`train.py` holds the loop; this module holds the pieces it turns.
-"""
+"""The pieces `train.py`'s loop turns, built once from a validated config: hardware, data, the
+model (through the one constructor), optimiser, schedule, EMA, AMP scaler, lookahead, batches."""
 
 from __future__ import annotations
 
@@ -80,8 +77,8 @@ SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hu
 
 
 def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: int = 1) -> None:
-    """`micro_batch` is allowed down to 2 (the config rule refuses 1), but few images a chunk
-    ruin BatchNorm's statistics: say so rather than refuse (a user may want to see it)."""
+    """Chunks of 2-15 images ruin BatchNorm's statistics: said, not refused (the config rule
+    refuses only 1)."""
     per_process, smallest = smallest_chunk(config, world)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and 0 < smallest < SMALL_CHUNK:
@@ -100,16 +97,12 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
     with phase("data (cache read, split)"):
         splits = load_splits(config)
-    log(
-        f"data: {config.data} — {len(splits.train)} train / {len(splits.val)} val"
-        + (f" / {len(splits.test)} test" if splits.test is not None else "")
-        + f" images, {len(splits.classes)} classes"
-        + (
-            f", {len(splits.skipped)} skipped (listed in skipped_images.txt)"
-            if splits.skipped
-            else ""
-        )
+    test = f" / {len(splits.test)} test" if splits.test is not None else ""
+    skipped = f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" * bool(
+        splits.skipped
     )
+    sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
+    log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
     if len(splits.train) < config.batch_size:
         raise UserError(
             f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
@@ -155,18 +148,14 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         config, hw, splits, args, model, step_model, optimizer, scheduler,
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
-        to_device_uint8(splits.val.images, hw.device), torch.from_numpy(splits.val.labels).to(hw.device),
-        fixed, d, fingerprint, *_test_tensors(splits, hw.device),
+        *_on_device(splits.val, hw.device), fixed, d, fingerprint,
+        *(_on_device(splits.test, hw.device) if splits.test is not None and len(splits.test) else ()),
     )  # fmt: skip
 
 
-def _test_tensors(splits: Splits, device: torch.device) -> tuple:
-    """The test split on the device, (None, None) without one."""
-    if splits.test is None or len(splits.test) == 0:
-        return None, None
-    return to_device_uint8(splits.test.images, device), torch.from_numpy(splits.test.labels).to(
-        device
-    )
+def _on_device(part, device: torch.device) -> tuple:
+    """A split's images and labels on the device."""
+    return to_device_uint8(part.images, device), torch.from_numpy(part.labels).to(device)
 
 
 def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
@@ -177,8 +166,8 @@ def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 def relength(run: TrainingRun, config: TrainConfig) -> None:
-    """Give a run that has not stepped yet another length (`config` differs in its length fields
-    only): a schedule and lookahead as `build_run` makes them for `config`."""
+    """A run that has not stepped given `config`'s length (its only difference): a schedule and
+    lookahead as `build_run` makes them."""
     run.config = config
     run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
     if run.lookahead is not None:
@@ -186,9 +175,8 @@ def relength(run: TrainingRun, config: TrainConfig) -> None:
 
 
 def retarget(run: TrainingRun, config: TrainConfig) -> None:
-    """Give a live run another length (`config` differs in its length fields only, as a time
-    budget's correction makes it): the schedule's rest is spread over the steps left, from the
-    lr it has now, and the lookahead ends at the new last step."""
+    """A live run given `config`'s length (a time budget's correction): the schedule's rest is
+    spread over the steps left from the lr it has now; the lookahead ends at the new last step."""
     run.config = config
     stretch(run.scheduler, total_steps(config, len(run.batches)))
     if run.lookahead is not None:
@@ -285,9 +273,8 @@ def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], l
 
 
 def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list[dict]:
-    """Parameters grouped by lr multiplier and weight decay: the head at the peak lr, the rest at
-    `backbone_lr_mult`; 1-D parameters (norm scales/shifts, biases) at `bias_lr_mult` with their
-    decay divided by it (so their decay per step stays), or none with `no_decay_norm_bias`."""
+    """Parameters grouped by lr multiplier and weight decay (`lr_mults`, `backbone_lr_mult`,
+    `bias_lr_mult`, `no_decay_norm_bias`: see their config comments)."""
     head = head_name(model) + "."
     by_name = name_multipliers(config.lr_mults)
     names = [n for n, _ in model.named_parameters()]
@@ -319,10 +306,9 @@ def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list
 
 def skip_dynamo_import() -> None:
     """torch.optim.Optimizer's zero_grad, add_param_group, state_dict and load_state_dict import
-    torch._dynamo on their first call, only to keep torch.compile from tracing them: as long as
-    torch's own import (1.5-2 s on a 2-core CPU). No optimizer is compiled here, so each is
-    marked as already wrapped (the attribute torch._compile caches the wrapper in; should torch
-    rename it, this does nothing and the import happens as before)."""
+    torch._dynamo on first call (1.5-2 s on a 2-core CPU) only to keep torch.compile from
+    tracing them; without compile each is marked as already wrapped (torch._compile's cache
+    attribute: should torch rename it, the import happens as before)."""
     if "torch._dynamo" in sys.modules:
         return
     opt = torch.optim.Optimizer
@@ -364,8 +350,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
 
 
 def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
-    """What trains this epoch: the head only during `freeze: backbone`'s `freeze_epochs` (frozen
-    BatchNorm in eval mode); the whitened conv's bias only for its `whiten_bias_epochs`."""
+    """`set_trainable` for this epoch, and the log lines of a staged run."""
     c = run.config
     set_trainable(run.model, c, run.fixed, epoch)
     if c.freeze == "backbone" and epoch == 0:
@@ -389,8 +374,9 @@ def _staged_plan(c: TrainConfig) -> str:
 
 
 def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:
-    """`model`'s parameters (but `fixed`, the ids of those that never train) set to train as
-    they do in `epoch`; also on the time-budget probe's copy of the model."""
+    """What trains in `epoch` (never the `fixed` ids): the head only during `freeze: backbone`'s
+    `freeze_epochs` (frozen BatchNorm in eval mode); the whitened conv's bias only for its
+    `whiten_bias_epochs`."""
     if c.freeze == "backbone":
         _freeze_backbone(model, fixed, epoch < c.freeze_epochs)
     if c.whitening and c.whiten_bias_epochs and epoch >= c.whiten_bias_epochs:
@@ -418,9 +404,12 @@ def _freeze_backbone(model: torch.nn.Module, fixed: set[int], frozen: bool) -> N
                 m.eval()
 
 
-def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best: float) -> dict:
+def checkpoint_state(
+    run: TrainingRun, epoch: int, step: int = 0, stats: dict | None = None
+) -> dict:
     """Enough to resume exactly (every random draw of a step is seeded by its position, see
-    `StepRandom`), and to rebuild the model on its own (`model_args`)."""
+    `StepRandom`), and to rebuild the model on its own (`model_args`); `stats`: the epoch's
+    running totals so far (none at its start). `Checkpointer.save` adds `best_val_acc`."""
     return {
         "model": run.model.state_dict(),
         "model_args": run.model_args.to_dict(),
@@ -431,8 +420,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, step: int, stats: dict, best:
         "scaler": run.scaler.state_dict(),
         "epoch": epoch,  # 0-based epoch in progress (== epochs done when next_step == 0)
         "next_step": step,
-        "best_val_acc": best,
-        "accumulators": stats,
+        "accumulators": stats or {},
         "config": run.config.to_dict(),
         "classes": run.splits.classes,
         "mean": run.normalize.mean,

@@ -133,23 +133,13 @@ def _epoch_axis(ax) -> None:
 
 
 def curves(rows: list[dict], path: Path) -> None:
-    epochs = [r["epoch"] for r in rows]
+    """One run's loss, accuracy (test, when recorded, is a record, not for selection) and
+    learning rate per epoch."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    axes[0].plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
-    axes[0].set_title("loss")
-    axes[1].plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
-    axes[1].plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
-    if any(not np.isnan(r.get("test_acc", np.nan)) for r in rows):  # a record, not for selection
-        axes[0].plot(epochs, [r["test_loss"] for r in rows], "o-", label="test")
-        axes[1].plot(epochs, [r["test_acc"] for r in rows], "o-", label="test")
-    axes[1].set_title("accuracy")
-    axes[2].plot(epochs, [r["lr"] for r in rows], "o-")
-    axes[2].set_title("learning rate (epoch start)")
-    for ax in axes:
-        _epoch_axis(ax)
-    axes[0].legend()
-    axes[1].legend()
+    for ax, metric in zip(axes, ("loss", "acc"), strict=False):
+        splits = [(split, [rows], f"{split}_{metric}") for split in ("train", "val", "test")]
+        _runs_panel(ax, splits, metric, "accuracy" if metric == "acc" else metric)
+    _runs_panel(axes[2], [("lr", [rows])], "lr", "learning rate (epoch start)")
     _save(fig, path)
 
 
@@ -160,10 +150,11 @@ def _per_epoch(histories: list[list[dict]], key: str) -> np.ndarray:
     return np.asarray([[np.nan if v is None else float(v) for v in vs] for vs in values])
 
 
-def _runs_panel(ax, runs: list[tuple[str, list[list[dict]]]], key: str, label: str) -> None:
+def _runs_panel(ax, runs: list[tuple], key: str, label: str) -> None:
+    """(name, seeds' histories) per line, of column `key`, or of the column a third item names."""
     drawn = 0
-    for name, histories in runs:
-        values = _per_epoch(histories, key) if histories else np.empty((0, 0))
+    for name, histories, *column in runs:
+        values = _per_epoch(histories, *column or [key]) if histories else np.empty((0, 0))
         if values.size == 0 or np.isnan(values).all():
             continue
         epochs = np.arange(1, values.shape[1] + 1)

@@ -76,17 +76,16 @@ def _gallery(r: dict, out: Path) -> str:
 
 
 def _calibration(r: dict, out: Path) -> str:
-    alt = "reliability diagram before and after temperature scaling"
+    note = _note(r.get("calibration_note"))
     if "expected_calibration_error_before" not in r:
-        alt = "reliability diagram"
+        return _img(out / "calibration.png", "reliability diagram") + note
     about = (
         f"<p>Temperature {r['temperature']:.3f} (probabilities are softmax(logits / T)): "
         f"ECE {r['expected_calibration_error_before']:.3f} before, "
         f"{r['expected_calibration_error']:.3f} after.</p>"
-        if "expected_calibration_error_before" in r
-        else ""
     )
-    return about + _img(out / "calibration.png", alt) + _note(r.get("calibration_note"))
+    alt = "reliability diagram before and after temperature scaling"
+    return about + _img(out / "calibration.png", alt) + note
 
 
 def _test_note(r: dict) -> str:
