@@ -43,7 +43,7 @@ _RUN_FLAGS = [
     ("--model", str, "model name (see `cifarlab models`) instead of the recipe's"),
     ("--epochs", int, "epochs; warm-up and other epoch-based settings scale with it"),
     ("--budget", float, "a fraction of the recipe's epochs, e.g. 0.1, scaled as --epochs"),
-    ("--time-budget", str, "the whole run in this time, e.g. 900, 90s, 15m, 1.5h"),
+    ("--time-budget", str, "fit the run in this time (900, 90s, 15m), timing its first steps"),
     ("--batch-size", int, "images per optimiser step (default: the recipe's)"),
     ("--lr", float, "peak learning rate (default: the recipe's)"),
     ("--seed", int, "seed of the split (unless split_seed is set), the init and the batches"),
@@ -57,7 +57,9 @@ def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
     p.add_argument("--recipe", help=recipe_help)
     for flag, kind, text in _RUN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config key (repeatable)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, epoch lines only")
 
 
