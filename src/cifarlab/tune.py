@@ -226,9 +226,8 @@ def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
 
 
 def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial") -> TrainConfig:
-    """`base` with a trial's `values`; a searched `epochs` reshapes the epoch-based settings
-    (warm-up, whitening-bias, freeze epochs) as `--epochs` does, so a shorter trial keeps the
-    recipe's schedule."""
+    """`base` with a trial's `values`; a searched `epochs` reshapes the epoch-based settings as
+    `--epochs` does, so a shorter trial keeps the recipe's schedule."""
     values = dict(values)
     epochs = values.pop("epochs", base.epochs)
     shaped = base if epochs == base.epochs else with_epochs(base, epochs)
@@ -236,10 +235,8 @@ def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial"
 
 
 def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
-    """What the trials ran with beyond the recipe: the command line's overrides as typed values
-    (not where the data lives or how progress shows), and the length with the epoch-based
-    settings as --epochs or --budget shaped them (a searched `epochs` comes with the trial's
-    values, after these)."""
+    """What the trials ran with beyond the recipe: the command line's overrides (not where the
+    data lives or how progress shows), typed, and the length as --epochs or --budget shaped it."""
     typed = base.to_dict()
     keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
     return {k: typed[k] for k in [*keys, *LENGTH_KEYS]}
