@@ -2,6 +2,7 @@
 hide a cycle between cifarlab's modules (a deferred import is for heavy or optional packages)."""
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -65,3 +66,15 @@ def test_no_import_inside_a_function_hides_an_import_cycle():
         if not target.startswith(name + ".") and name in reaches(target)
     ]
     assert not hidden, f"these imports inside functions hide a cycle: {hidden}"
+
+
+def test_no_source_file_names_a_machine_or_a_review():
+    """What a recipe reaches, and on which machine, belongs in docs/benchmarks.md, not in code."""
+    word = re.compile(r"hostile|H100|H200|A100|EPYC|Xeon", re.IGNORECASE)
+    found = [
+        f"{path.relative_to(SRC)}:{n}"
+        for path in sorted([*SRC.rglob("*.py"), *SRC.rglob("*.yaml")])
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if word.search(line)
+    ]
+    assert not found, f"name no machine or review in the sources: {found}"
