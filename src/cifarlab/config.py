@@ -214,9 +214,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(bad)
     if kind in (int, float):
         if key == "time_budget" and isinstance(value, str) and value.strip()[-1:].isalpha():
-            value = parse_duration(
-                value, f"{where}: 'time_budget'"
-            )  # 15m, 1.5h as on the command line
+            value = parse_duration(value, f"{where}: 'time_budget'")  # 15m, 1.5h as on the CLI
         if isinstance(value, str):
             try:
                 value = kind(value)
@@ -393,9 +391,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
-    """Every field against its type and limits, then the rules between fields. Called by
-    `train` (fresh and on --resume), by `suite` for every run before the first trains, and by
-    `tune`; `world` is the number of torchrun processes. Returns `config` unchanged."""
+    """Every field against its type and limits, then the rules between fields (`world`: the
+    number of torchrun processes). Returns `config` unchanged."""
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
     rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
@@ -510,10 +507,8 @@ def _shaped(config: TrainConfig, epochs: int) -> TrainConfig:
     epochs = max(epochs, 2) if staged else epochs
     values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
     for key in ("freeze_epochs", "whiten_bias_epochs"):
-        old, last = (
-            getattr(config, key),
-            epochs - 1 if key == "freeze_epochs" and staged else epochs,
-        )
+        old = getattr(config, key)
+        last = epochs - 1 if key == "freeze_epochs" and staged else epochs
         values[key] = max(1, min(last, round(old * ratio))) if old else 0
     return dataclasses.replace(config, **values)
 
