@@ -367,18 +367,17 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     base = overrides.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
-    if base:
-        base = resolve_base(path, base)
     start = TrainConfig()
     if base:
+        base = resolve_base(path, base)
         try:
             start = load_recipe(base, (*_seen, path.resolve()))
         except UserError as exc:
             if "in a circle" in str(exc):
                 raise
             raise UserError(f"{path}: base {base}: {exc}") from None
-    if base and ("epochs" in overrides or "train_steps" in overrides):
-        overrides.setdefault("time_budget", 0.0)  # a length set here replaces an inherited budget
+        if "epochs" in overrides or "train_steps" in overrides:
+            overrides.setdefault("time_budget", 0.0)  # a length set here replaces the base's budget
     overrides["recipe"] = overrides.get("recipe", path.stem)
     return apply_overrides(start, overrides, where=str(path))
 

@@ -147,7 +147,8 @@ def train(
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
     validate_config(config, "config", d.world)
-    if ckpt is not None and _finished(ckpt) and (run_dir / "result.json").is_file():
+    finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
+    if finished and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
     spent = time.perf_counter() - started
     if config.time_budget and ckpt is None and spent >= config.time_budget:
@@ -165,12 +166,10 @@ def train(
         open_trackers(config, run_dir, d.main) as tracker,
     ):
         run, plan = _built(config, ckpt, started, d, stop, log)
-        config = run.config  # resolved: input size, precision, length
         saver = Checkpointer(run_dir, enabled=d.main)
-        first, step, stats = _start(run, ckpt, saver, log)
+        epoch, step, stats = _start(run, ckpt, saver, log)
         history = read_metrics(run_dir / "metrics.csv") if d.main else []
-        tracker.start(run.config, history)
-        epoch = first
+        tracker.start(run.config, history)  # resolved: input size, precision, length
         while epoch < run.config.epochs:  # a time budget's correction may change the count
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
@@ -271,10 +270,6 @@ def _refuse_over_results(run_dir: Path) -> None:
             f"({'a finished run' if kept[0] == 'result.json' else 'it was removed'}): it cannot be "
             "continued, and starting over would replace them; train a new --out to train it again"
         )
-
-
-def _finished(ckpt: dict) -> bool:
-    return ckpt["next_step"] == 0 and ckpt["epoch"] >= ckpt["config"]["epochs"]
 
 
 def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
@@ -450,13 +445,13 @@ class _Eta:
     AFTER = 10  # steps timed before the estimate, after the first
 
     def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
-        self.run, self.log, self.first = run, log, start_step
+        self.run, self.log = run, log
         # once per run, from its first epoch; a time budget has said its own estimate
         self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
         self.t0 = time.perf_counter()
 
     def tick(self, step: int) -> None:  # after step `step`, counted from 1
-        timed = step - self.first - 1  # the first step warms up: allocations, cuDNN's autotuning
+        timed = step - 1  # the first step warms up: allocations, cuDNN's autotuning
         if self.done or 0 < timed < self.AFTER:
             return
         synchronize(self.run.hw.device)
@@ -471,13 +466,10 @@ class _Eta:
         scored = len(self.run.val_labels) + (0 if test is None else len(test))
         val_steps = scored / max(1, c.batch_size) / 3
         total = per_step * (total_steps(c, n) + val_steps * c.epochs)
+        took = f"{total / 60:.0f} min" if total >= 120 else f"{total:.0f} s"
         self.log(
-            f"expected: about {_human(total)} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
+            f"expected: about {took} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
         )
-
-
-def _human(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 @torch.inference_mode()
