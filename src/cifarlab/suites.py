@@ -111,7 +111,7 @@ def load_suite(
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
         name = str(r["name"])
-        if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        if "/" in name or "\\" in name or name.startswith("."):
             raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
         start = load_recipe(recipe_for_all or recipe)
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
@@ -237,6 +237,8 @@ def _refuse_stale(jobs: list) -> None:
 
 def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
     """One row per run: accuracies as mean ± std over seeds, time, speed, gain over the reference."""
+    from cifarlab.report.suite import gain_basis  # matplotlib
+
     rows = []
     for run in suite.runs:
         dirs = {seed: _run_dir(opts.out, run, seed, opts.seeds) for seed in opts.seeds}
@@ -268,22 +270,15 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 if values and all(v is not None for v in values):
                     row[key] = statistics.mean(values)
         rows.append(row)
-    _gains(rows, suite.reference)
-    return rows
-
-
-def _gains(rows: list[dict], reference: str) -> None:
-    from cifarlab.report.suite import gain_basis  # matplotlib
-
-    key = gain_basis(rows)
-    ref = next((r for r in rows if r["run"] == reference and key in r), None)
-    previous = None
-    for row in rows:
-        if ref is not None and key in row:
+    key = gain_basis(rows)  # each gain: over the reference, and over the scored run above
+    scored = [r for r in rows if key in r]
+    ref = next((r for r in scored if r["run"] == suite.reference), None)
+    for above, row in zip([None, *scored], scored, strict=False):
+        if ref is not None:
             row["gain"] = row[key] - ref[key]
-        if previous is not None and key in row:
-            row["step_gain"] = row[key] - previous[key]
-        previous = row if key in row else previous
+        if above is not None:
+            row["step_gain"] = row[key] - above[key]
+    return rows
 
 
 def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[str, float]:
