@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from cifarlab.errors import UserError
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
@@ -44,8 +46,6 @@ def lesson_state_dict(ckpt: dict) -> dict:
     flat: `features` one `nn.Sequential` of the three blocks' 24 layers (`features.0` the first
     conv ... `features.23` the last Dropout2d), `classifier` the Linear, ReLU, Dropout, Linear
     after `x.view(x.size(0), -1)`. `torch.save` the result and `load_state_dict(strict=True)`."""
-    from cifarlab.errors import UserError
-
     args = ckpt.get("model_args", {})
     if (
         args.get("name") != "cnn"
