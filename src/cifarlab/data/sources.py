@@ -238,9 +238,8 @@ def _decode_all(
         except BadImage as exc:
             return i, printable(str(exc))
 
-    threads = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        results = pool.map(work, range(len(files)), chunksize=256)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(work, range(len(files)))
         for i, err in tqdm(
             results,
             total=len(files),
