@@ -267,8 +267,9 @@ def test_a_budget_spent_before_training_starts_is_refused_before_the_data_loads(
 
 
 def test_an_explicit_length_replaces_the_recipes_time_budget():
-    from cifarlab.config import with_budget, with_epochs
+    from cifarlab.config import with_epochs, with_length
 
     fast_cpu = load_recipe("fast-cpu")
     assert fast_cpu.time_budget == 900
-    assert with_epochs(fast_cpu, 2).time_budget == 0 and with_budget(fast_cpu, 0.5).time_budget == 0
+    assert with_epochs(fast_cpu, 2).time_budget == 0
+    assert with_length(fast_cpu, None, 0.5).time_budget == 0

@@ -10,8 +10,8 @@ from cifarlab.config import (
     load_recipe,
     parse_set_options,
     validate_config,
-    with_budget,
     with_epochs,
+    with_length,
 )
 from cifarlab.errors import UserError
 from cifarlab.schedules import make_scheduler
@@ -75,10 +75,10 @@ def test_shorter_runs_keep_the_schedules_shape_and_still_anneal():
         opt.step()
         sched.step()
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.1  # it peaked, then annealed
-    staged = with_budget(load_recipe("resnet18"), 0.1)
+    staged = with_length(load_recipe("resnet18"), None, 0.1)
     assert staged.epochs == 10
-    transfer = with_budget(apply_overrides(load_recipe("resnet18"), {"epochs": 30, "freeze": "backbone",
-                                                                     "freeze_epochs": 10}, "t"), 0.1)  # fmt: skip
+    transfer = with_length(apply_overrides(load_recipe("resnet18"), {"epochs": 30, "freeze": "backbone",
+                                                                     "freeze_epochs": 10}, "t"), None, 0.1)  # fmt: skip
     assert (transfer.epochs, transfer.freeze_epochs) == (3, 1)
 
 

@@ -101,11 +101,12 @@ class Classifier:
 
     def probabilities(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """(N, classes) float32, each row summing to 1, in the order of `self.classes`."""
-        arrays = [self._array(x) for x in _items(images)]
+        batch = isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4  # N images
+        many = batch or isinstance(images, list | tuple)
+        arrays = [self._array(x) for x in (images if many else [images])]
         if not arrays:
             return np.zeros((0, len(self.classes)), np.float32)
-        batch = np.stack(arrays)
-        return self.predictor.probabilities(batch, self.batch_size).astype(np.float32)
+        return self.predictor.probabilities(np.stack(arrays), self.batch_size).astype(np.float32)
 
     def top_k(self, images, k: int = 3) -> list[list[tuple[str, float]]]:
         """Per image, the `k` likeliest (class, probability) pairs, likeliest first."""
@@ -129,15 +130,6 @@ class Classifier:
         if isinstance(image, Image.Image):
             return image_array(image, size)
         return image_array(Image.fromarray(_uint8_hwc(image)), size)
-
-
-def _items(images) -> list:
-    """One image, or the images of a sequence or of an N-image batch array/tensor."""
-    if isinstance(images, list | tuple):
-        return list(images)
-    if isinstance(images, np.ndarray | torch.Tensor) and images.ndim == 4:
-        return list(images)
-    return [images]
 
 
 def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -23,8 +23,8 @@ from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.step import optimizer_step, train_step
 from cifarlab.training_run import (
     checkpoint_state,
-    relength,
     restore,
+    retarget,
     set_trainable,
     settling_epoch,
     total_steps,
@@ -120,57 +120,38 @@ def plan_steps(
     run of that many epochs (by default all steps take `step`)."""
     later = later or step
 
-    def early_of(epochs: int) -> int:
-        return epochs * steps_per_epoch if first_steps is None else first_steps(epochs)
-
-    best = 0
-    start = max(
-        1,
-        _whole_epochs(seconds_left - final, per_epoch, steps_per_epoch, step, later, early_of) - 1,
-    )
-    for epochs in itertools.count(start):  # the epochs before `start` all fit whole
+    def fit(epochs: int) -> int:  # the most steps of a run `epochs` long that fit, up to its all
         room = seconds_left - final - epochs * per_epoch
-        early = early_of(epochs)
+        early = epochs * steps_per_epoch if first_steps is None else first_steps(epochs)
         if room <= early * step:
-            fit = int(max(0.0, room) // step)
+            steps = int(max(0.0, room) // step)
         else:
-            fit = early + int((room - early * step) // later)
-        steps = min(epochs * steps_per_epoch, fit)
-        if steps <= (epochs - 1) * steps_per_epoch:
-            break
-        best = steps
-    return max(1, best)
+            steps = early + int((room - early * step) // later)
+        return min(epochs * steps_per_epoch, steps)
 
-
-def _whole_epochs(room: float, per_epoch: float, steps_per_epoch: int, step: float, later: float,
-                  early_of) -> int:  # fmt: skip
-    """The most whole epochs that fit in `room` seconds (bisection: a week's budget of a
-    sub-second epoch is millions of epochs, too many to count one by one)."""
-
-    def fits(epochs: int) -> bool:
-        early = min(epochs * steps_per_epoch, early_of(epochs))
-        cost = early * step + (epochs * steps_per_epoch - early) * later + epochs * per_epoch
-        return cost <= room
-
+    # the most whole epochs that fit, by bisection: a week's budget of sub-second epochs is
+    # millions of epochs, too many to count one by one
     low, high = 0, 1
-    while fits(high):
+    while fit(high) == high * steps_per_epoch:
         low, high = high, high * 2
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+        low, high = (middle, high) if fit(middle) == middle * steps_per_epoch else (low, middle)
+    best = 0
+    for epochs in itertools.count(max(1, low - 1)):  # then a last, partial epoch
+        if fit(epochs) <= (epochs - 1) * steps_per_epoch:
+            break
+        best = fit(epochs)
+    return max(1, best)
 
 
-def early_steps(shape: TrainConfig, steps_per_epoch: int, done: int = 0):
-    """`first_steps` for `plan_steps`: a run of `shape` made `epochs` long (after `done` steps
-    already taken, which count as one epoch) steps at its first pace until `settling_epoch`."""
-    extra = 1 if done else 0
+def early_steps(shape: TrainConfig, steps_per_epoch: int):
+    """`first_steps` for `plan_steps`: a run of `shape` made `epochs` long steps at its first
+    pace until `settling_epoch`."""
 
     def first(epochs: int) -> int:
-        total = (epochs + extra) * steps_per_epoch
-        return max(
-            0, settling_epoch(with_steps(shape, total, steps_per_epoch)) * steps_per_epoch - done
-        )
+        shaped = with_steps(shape, epochs * steps_per_epoch, steps_per_epoch)
+        return settling_epoch(shaped) * steps_per_epoch
 
     return first
 
@@ -244,16 +225,12 @@ def fit_to_budget(run, started: float, log) -> Plan:
             f"--time-budget {c.time_budget:g}s is too short for this run here: start-up, one step "
             f"and the final passes take about {need:.0f} s; give --time-budget {math.ceil(need * 1.25)}s or more"
         )
+    at = settling_epoch(planned) + 1
+    settled = f" ({timings.settled:.3f} from epoch {at})" if timings.settled else ""
     log(
-        f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step"
-        + (
-            f" ({timings.settled:.3f} from epoch {settling_epoch(planned) + 1})"
-            if timings.settled
-            else ""
-        )
-        + ", "
+        f"time budget {c.time_budget / 60:.1f} min: {timings.step:.3f} s/step{settled}, "
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} step{'s' * (steps != 1)} "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
-    relength(run, planned)
+    retarget(run, planned)
     return Plan(c.time_budget, started, n_test)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import stat
@@ -146,8 +147,6 @@ def cmd_train(args) -> int:
 
 
 def _result_line(result) -> str:
-    import math
-
     parts = []
     if not math.isnan(result.best_val_acc):
         tta = "" if result.tta_val_acc is None else f" ({result.tta_val_acc:.2%} with TTA)"
@@ -211,11 +210,10 @@ def cmd_evaluate(args) -> int:
     from cifarlab.evaluate import EvalOptions, evaluate
 
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    opts = EvalOptions(
+    evaluate(EvalOptions(
         args.model, args.split, args.data, args.tta, args.ema, args.out, classes, args.device,
         on_bad_image=args.on_bad_image,
-    )  # fmt: skip
-    evaluate(opts)
+    ))  # fmt: skip
     return 0
 
 
@@ -429,11 +427,6 @@ _COMMANDS = {
 COMMANDS = {name: run for name, (_about, _flags, run) in _COMMANDS.items()}
 
 
-def _after_ctrl_c() -> str:
-    """A terminal shows ^C where the cursor was: start the message on a line of its own."""
-    return "\n" if sys.stderr.isatty() else ""
-
-
 @contextlib.contextmanager
 def _sigterm_unwinds():
     """SIGTERM exits 143 through every `finally` (an export's temporary file is removed), not
@@ -482,11 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                 code = COMMANDS[args.command](args)
                 sys.stdout.flush()  # inside: a closed pipe shows here, not at interpreter exit
                 return code
-            except UserError:
-                raise
-            except Exception:
-                if _TERMINATED:  # the SystemExit landed inside a library (torch's exporter, an
-                    raise SystemExit(143) from None  # import) that turned it into its own error
+            except Exception as exc:  # SIGTERM's exit rewrapped by a library (torch's exporter)
+                if _TERMINATED and not isinstance(exc, UserError):
+                    raise SystemExit(143) from None
                 raise
     except BrokenPipeError:
         if not _stdout_gone():
@@ -497,12 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Interrupted as exc:
-        print(f"{_after_ctrl_c()}{exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{_after_ctrl_c()}interrupted", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        newline = "\n" if sys.stderr.isatty() else ""  # a terminal shows ^C where the cursor was
+        print(f"{newline}{exc if isinstance(exc, Interrupted) else 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except Exception as exc:
         if debug or not hasattr(exc, "exit_code"):
             raise

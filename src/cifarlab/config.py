@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -213,9 +214,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(bad)
     if kind in (int, float):
         if key == "time_budget" and isinstance(value, str) and value.strip()[-1:].isalpha():
-            value = parse_duration(
-                value, f"{where}: 'time_budget'"
-            )  # 15m, 1.5h as on the command line
+            value = parse_duration(value, f"{where}: 'time_budget'")  # 15m, 1.5h as on the CLI
         if isinstance(value, str):
             try:
                 value = kind(value)
@@ -368,18 +367,17 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     base = overrides.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
-    if base:
-        base = resolve_base(path, base)
     start = TrainConfig()
     if base:
+        base = resolve_base(path, base)
         try:
             start = load_recipe(base, (*_seen, path.resolve()))
         except UserError as exc:
             if "in a circle" in str(exc):
                 raise
             raise UserError(f"{path}: base {base}: {exc}") from None
-    if base and ("epochs" in overrides or "train_steps" in overrides):
-        overrides.setdefault("time_budget", 0.0)  # a length set here replaces an inherited budget
+        if "epochs" in overrides or "train_steps" in overrides:
+            overrides.setdefault("time_budget", 0.0)  # a length set here replaces the base's budget
     overrides["recipe"] = overrides.get("recipe", path.stem)
     return apply_overrides(start, overrides, where=str(path))
 
@@ -392,126 +390,96 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
-    """Every field against its type and limits, then the rules between fields. Called by
-    `train` (fresh and on --resume), by `suite` for every run before the first trains, and by
-    `tune`; `world` is the number of torchrun processes. Returns `config` unchanged."""
+    """Every field against its type and limits, then the rules between fields (`world`: the
+    number of torchrun processes). Returns `config` unchanged."""
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
-    rules = [*_model_rules(config), *_training_rules(config), *_run_rules(config, world)]
-    for broken, message in rules:
-        if broken:
-            raise UserError(f"{where}: {message}")
+    rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
+    broken = next(itertools.chain(*rules), None)
+    if broken:
+        raise UserError(f"{where}: {broken}")
     return config
 
 
-def _model_rules(config: TrainConfig) -> list[tuple[Any, str]]:
-    """(broken, message) for what the model can take: weights, stems, input sizes."""
+def _model_rules(config: TrainConfig) -> Iterator[str]:
+    """What is wrong with what the model can take: weights, stems, input sizes."""
     from cifarlab.models import fixed_input_problem, model_spec  # torch, unneeded by --help
 
     spec = model_spec(config.model)
-    return [
-        (
-            (config.pretrained or config.weights) and not spec.takes_weights,
+    if (config.pretrained or config.weights) and not spec.takes_weights:
+        yield (
             f"model {config.model} has no ImageNet weights; pretrained/--weights apply to the "
-            "tv-*, tv:<name> and timm:<name> models (see `cifarlab models`)",
-        ),
-        (
-            config.pretrained and not spec.named_weights,
+            "tv-*, tv:<name> and timm:<name> models (see `cifarlab models`)"
+        )
+    if config.pretrained and not spec.named_weights:
+        yield (
             f"pretrained: true downloads torchvision weights; {config.model} takes them only "
-            "from a local file (weights: FILE)",
-        ),
-        (
-            config.stem != "cifar" and not spec.has_stems,
+            "from a local file (weights: FILE)"
+        )
+    if config.stem != "cifar" and not spec.has_stems:
+        yield (
             f"stem: {config.stem} applies to the tv-* models only and to tv:/timm: names, "
-            f"not {config.model}",
-        ),
-        (
-            bool(problem := fixed_input_problem(spec, config.model, config.stem)),
-            problem,
-        ),
-        (
-            config.whitening and (config.pretrained or config.weights),
-            "whitening: true would overwrite the pretrained first layer; drop one of the two",
-        ),
-        (
-            config.whiten_bias_epochs and not config.whitening,
-            "whiten_bias_epochs needs whitening: true (or --set whiten_bias_epochs=0)",
-        ),
-    ]
+            f"not {config.model}"
+        )
+    if problem := fixed_input_problem(spec, config.model, config.stem):
+        yield problem
+    if config.whitening and (config.pretrained or config.weights):
+        yield "whitening: true would overwrite the pretrained first layer; drop one of the two"
+    if config.whiten_bias_epochs and not config.whitening:
+        yield "whiten_bias_epochs needs whitening: true (or --set whiten_bias_epochs=0)"
 
 
-def _training_rules(config: TrainConfig) -> list[tuple[Any, str]]:
-    """(broken, message) between the data, augmentation and schedule keys."""
-    return [
-        (
-            config.alt_flip and config.loader != "device",
-            "alt_flip needs loader: device (the torchvision loader flips by coin)",
-        ),
-        (
-            not config.drop_last and config.loader != "torchvision",
-            "drop_last: false needs loader: torchvision (the device loader trains on full batches)",
-        ),
-        (
-            config.crop_padding >= config.image_size,
+def _training_rules(config: TrainConfig) -> Iterator[str]:
+    """What is wrong between the data, augmentation and schedule keys."""
+    if config.alt_flip and config.loader != "device":
+        yield "alt_flip needs loader: device (the torchvision loader flips by coin)"
+    if not config.drop_last and config.loader != "torchvision":
+        yield "drop_last: false needs loader: torchvision (the device loader trains on full batches)"
+    if config.crop_padding >= config.image_size:
+        yield (
             f"crop_padding {config.crop_padding} is not below the image side ({config.image_size} px): "
-            "a crop would be mostly padding (reflect padding cannot even make it); e.g. 4 for 32 px",
-        ),
-        (
-            config.alt_flip and not config.flip,
+            "a crop would be mostly padding (reflect padding cannot even make it); e.g. 4 for 32 px"
+        )
+    if config.alt_flip and not config.flip:
+        yield (
             "alt_flip: true needs flip: true (it decides when each image is mirrored); "
-            "add --set alt_flip=false",
-        ),
-        (
-            config.freeze == "backbone" and config.freeze_epochs < 1,
-            "freeze: backbone needs freeze_epochs >= 1 (the epochs the head trains alone)",
-        ),
-        (
-            config.warmup_epochs >= config.epochs,
+            "add --set alt_flip=false"
+        )
+    if config.freeze == "backbone" and config.freeze_epochs < 1:
+        yield "freeze: backbone needs freeze_epochs >= 1 (the epochs the head trains alone)"
+    if config.warmup_epochs >= config.epochs:
+        yield (
             f"warmup_epochs={config.warmup_epochs:g} must be less than epochs={config.epochs}, "
-            "or the lr never anneals",
-        ),
-        (
-            len(set(config.classes)) != len(config.classes),
-            f"classes {config.classes}: "
-            f"{sorted({c for c in config.classes if config.classes.count(c) > 1})} listed more "
-            "than once; name each class once",
-        ),
-        (
-            len(config.classes) == 1,
-            f"classes {config.classes}: name at least two classes (or none for all)",
-        ),
-    ]
+            "or the lr never anneals"
+        )
+    twice = sorted({c for c in config.classes if config.classes.count(c) > 1})
+    if twice:
+        yield f"classes {config.classes}: {twice} listed more than once; name each class once"
+    if len(config.classes) == 1:
+        yield f"classes {config.classes}: name at least two classes (or none for all)"
 
 
-def _run_rules(config: TrainConfig, world: int) -> list[tuple[Any, str]]:
-    """(broken, message) for where and how the run executes: devices, extras, processes."""
+def _run_rules(config: TrainConfig, world: int) -> Iterator[str]:
+    """What is wrong with where and how the run executes: devices, extras, processes."""
+    if config.tracking_uri and config.tracking == "none":
+        yield f"tracking_uri {config.tracking_uri!r} is set but tracking is none; add --set tracking=mlflow"
+    if config.tracking == "mlflow" and not _installed("mlflow"):
+        yield "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'"
+    if config.tensorboard and not _installed("tensorboard"):
+        yield "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
     per_process, smallest = smallest_chunk(config, world)
-    return [
-        (
-            config.tracking_uri and config.tracking == "none",
-            f"tracking_uri {config.tracking_uri!r} is set but tracking is none; add --set tracking=mlflow",
-        ),
-        (
-            config.tracking == "mlflow" and not _installed("mlflow"),
-            "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'",
-        ),
-        (
-            config.tensorboard and not _installed("tensorboard"),
-            "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'",
-        ),
-        (
-            smallest == 1,
+    if smallest == 1:
+        yield (
             f"micro_batch={config.micro_batch} leaves a chunk of one image in each batch of {per_process} "
             "images per process, whose BatchNorm statistics are meaningless; pick chunks of 2 or "
-            "more that leave no single image over, or 0 for whole batches",
-        ),
-        (world > 1 and config.loader != "device", "under torchrun use loader: device"),
-        (world > 1 and config.time_budget, "time_budget is for a single process (not torchrun)"),
-        (
-            world > 1 and config.batch_size % world != 0,
-            f"batch_size={config.batch_size} must divide by the {world} processes (global batch)",
-        ),
-    ]
+            "more that leave no single image over, or 0 for whole batches"
+        )
+    if world > 1 and config.loader != "device":
+        yield "under torchrun use loader: device"
+    if world > 1 and config.time_budget:
+        yield "time_budget is for a single process (not torchrun)"
+    if world > 1 and config.batch_size % world != 0:
+        yield f"batch_size={config.batch_size} must divide by the {world} processes (global batch)"
 
 
 def _installed(module: str) -> bool:
@@ -538,10 +506,8 @@ def _shaped(config: TrainConfig, epochs: int) -> TrainConfig:
     epochs = max(epochs, 2) if staged else epochs
     values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
     for key in ("freeze_epochs", "whiten_bias_epochs"):
-        old, last = (
-            getattr(config, key),
-            epochs - 1 if key == "freeze_epochs" and staged else epochs,
-        )
+        old = getattr(config, key)
+        last = epochs - 1 if key == "freeze_epochs" and staged else epochs
         values[key] = max(1, min(last, round(old * ratio))) if old else 0
     return dataclasses.replace(config, **values)
 
@@ -587,22 +553,17 @@ def parse_duration(text: str, where: str = "--time-budget") -> float:
 def with_length(
     config: TrainConfig, epochs: int | None, budget: float | None, where: str = "--epochs/--budget"
 ) -> TrainConfig:
-    """`config` trained for `epochs` (`with_epochs`), or for `budget` times its own epochs
-    (`with_budget`), or as it is when neither is given."""
+    """`config` trained for `epochs` (`with_epochs`), or for `budget` times its own epochs (at
+    least one), or as it is when neither is given."""
     if epochs is not None and budget is not None:
         raise UserError(f"{where}: both set the run's length; give epochs or budget, not both")
-    if epochs is not None and epochs < 1:
+    if budget is not None:
+        if not (math.isfinite(budget) and budget > 0):
+            raise UserError(f"--budget {budget}: must be a positive fraction, e.g. 0.1")
+        epochs = max(1, round(config.epochs * budget))
+    elif epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: must be >= 1")
-    if epochs is not None:
-        return with_epochs(config, epochs)
-    return config if budget is None else with_budget(config, budget)
-
-
-def with_budget(config: TrainConfig, budget: float) -> TrainConfig:
-    """`config` at `budget` times its epochs (at least one), shaped as `with_epochs` does."""
-    if not (math.isfinite(budget) and budget > 0):
-        raise UserError(f"--budget {budget}: must be a positive fraction, e.g. 0.1")
-    return with_epochs(config, max(1, round(config.epochs * budget)))
+    return config if epochs is None else with_epochs(config, epochs)
 
 
 def split_seed(config: TrainConfig) -> int:

@@ -17,7 +17,6 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -34,10 +33,9 @@ def init_distributed() -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Dist(dist.get_rank(), dist.get_world_size(), local)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size())
 
 
 def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:

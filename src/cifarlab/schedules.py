@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 import torch
 
-from cifarlab.errors import UserError
-
 
 def _cosine(step: float, total: int, warmup: int) -> float:
     if step < warmup:  # capped: a stretched schedule reads between the last two warm-up steps
@@ -77,8 +75,6 @@ def make_scheduler(
 ):
     """A per-step LambdaLR; with `steps_per_epoch` > 1 the lr holds for each epoch, at the value
     of its first step (the lesson's `scheduler.step()` once per epoch)."""
-    if name not in SCHEDULES:
-        raise UserError(f"unknown schedule '{name}'; valid: {', '.join(SCHEDULES)}")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, StepSchedule(name, total_steps, warmup_steps, steps_per_epoch)
     )

@@ -14,12 +14,6 @@ from cifarlab.augment import mix_batch
 from cifarlab.config import TrainConfig
 
 
-def micro_batches(config: TrainConfig, *tensors: torch.Tensor):
-    """One batch's tensors in chunks of `config.micro_batch` images (one chunk when it is 0)."""
-    size = config.micro_batch or len(tensors[0])
-    return zip(*(t.split(size) for t in tensors), strict=True)
-
-
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
     probabilities, with label smoothing applied here exactly once."""
@@ -36,7 +30,8 @@ def train_step(run, x: torch.Tensor, y: torch.Tensor, rand) -> tuple[torch.Tenso
     if c.mixup_alpha or c.cutmix_alpha:
         x, targets = mix_batch(x, F.one_hot(y, len(run.splits.classes)).float(), c, rand.rng)
     run.optimizer.zero_grad(set_to_none=True)
-    chunks = list(micro_batches(c, x, targets))
+    size = c.micro_batch or len(x)
+    chunks = list(zip(x.split(size), targets.split(size), strict=True))
     losses, logits = [], []
     # dropout draws from torch's generators: seeded for the step (`rand`: a `StepRandom`)
     with rand.global_draws() if rand is not None else contextlib.nullcontext():

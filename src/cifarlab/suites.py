@@ -111,7 +111,7 @@ def load_suite(
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
         name = str(r["name"])
-        if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        if "/" in name or "\\" in name or name.startswith("."):
             raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
         start = load_recipe(recipe_for_all or recipe)
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
@@ -137,6 +137,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 
 
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
+    from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.train import TrainingFailed, train
 
     suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe, opts.weights)
@@ -144,15 +145,18 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         raise UserError(
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
         )
-    every = [(r, s, _run_dir(opts.out, r, s, opts.seeds)) for r in suite.runs for s in opts.seeds]
-    for seed in opts.seeds:  # a bad seed is said before --out is made
-        apply_overrides(suite.runs[0].config, {"seed": seed}, where="--seeds")
+    every = []  # (run, its folder, its config) per seed; a bad seed is said before --out is made
+    for run in suite.runs:
+        for seed in opts.seeds:  # MLflow files every run under the suite's name
+            named = {"seed": seed, "experiment": run.config.experiment or suite.name}
+            config = apply_overrides(run.config, named, where="--seeds")
+            every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
-    for run, seed, run_dir in jobs:
+    for run, run_dir, config in jobs:
         skipped = _skipped(run, run_dir)
         if skipped:
             log(f"[{run_dir.name}] {skipped}")
@@ -161,8 +165,6 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         log(
             f"[{run_dir.name}] {'resuming' if (run_dir / 'last.pt').is_file() else 'training'}: {run.changes}"
         )
-        one_experiment = {"experiment": run.config.experiment or suite.name}  # MLflow: the suite
-        config = apply_overrides(run.config, {"seed": seed, **one_experiment}, where="--seeds")
         started = (run_dir / "last.pt").is_file() or (run_dir / "config.yaml").is_file()
         try:
             train(config, run_dir, resume=started, log=say)
@@ -181,7 +183,10 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             log(f"[{run_dir.name}] cannot start: {exc}")
             failed[run.name] = str(exc)
             continue
-        _evaluate_run(run_dir, _split(run), config.tta, say)
+        try:  # the run's report, eval-<split>/
+            evaluate(EvalOptions(str(run_dir), split=_split(run), tta=config.tta), log=say)
+        except UserError as exc:
+            say(f"no report: {exc}")
     if suite.examples == "mixup":
         _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts)
@@ -217,12 +222,11 @@ def _refuse_stale(jobs: list) -> None:
     suite would report someone else's results as its own."""
     from cifarlab.checkpoint import load_checkpoint
 
-    for run, seed, run_dir in jobs:
+    for _run, run_dir, wanted in jobs:
         last = run_dir / "last.pt"
         if not last.is_file():
             continue
         saved = apply_overrides(TrainConfig(), load_checkpoint(last)["config"], where=str(last))
-        wanted = apply_overrides(run.config, {"seed": seed}, where="--seeds")
         differ = config_changes(saved, wanted)
         if differ:
             raise UserError(
@@ -231,24 +235,14 @@ def _refuse_stale(jobs: list) -> None:
             )
 
 
-def _evaluate_run(run_dir: Path, split: str, tta: str, log) -> None:
-    """The run's report (`eval-<split>/`): validation, or test when there is no validation split."""
-    from cifarlab.evaluate import EvalOptions, evaluate
-
-    try:
-        evaluate(EvalOptions(str(run_dir), split=split, tta=tta), log=log)
-    except UserError as exc:
-        log(f"no report: {exc}")
-
-
 def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
     """One row per run: accuracies as mean ± std over seeds, time, speed, gain over the reference."""
+    from cifarlab.report.suite import gain_basis  # matplotlib
+
     rows = []
     for run in suite.runs:
-        histories = [
-            read_metrics(_run_dir(opts.out, run, s, opts.seeds) / "metrics.csv") for s in opts.seeds
-        ]
-        histories = [h for h in histories if h]
+        dirs = {seed: _run_dir(opts.out, run, seed, opts.seeds) for seed in opts.seeds}
+        histories = [h for h in (read_metrics(d / "metrics.csv") for d in dirs.values()) if h]
         row: dict[str, Any] = {
             "run": run.name,
             "changes": run.changes,
@@ -257,9 +251,10 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
         }
         if run.requires and not histories:
             row["status"] = f"not started: needs {run.requires}"
-        diverged = _diverged(opts.out, run, opts.seeds)
-        if diverged:  # no accuracy of a diverged run: its cells say why instead
-            row["status"] = diverged
+        diverged = [(seed, d / DIVERGED) for seed, d in dirs.items() if (d / DIVERGED).is_file()]
+        if diverged:  # no accuracy of a diverged run: its first diverged seed's words instead
+            seed, path = diverged[0]
+            row["status"] = path.read_text().strip() + (f" (seed {seed})" if len(dirs) > 1 else "")
         elif histories:
             row.update(
                 _over_epochs(histories, "val_acc", "val"),
@@ -268,29 +263,22 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
             )
-            paths = [_run_dir(opts.out, run, s, opts.seeds) / "result.json" for s in opts.seeds]
+            paths = [d / "result.json" for d in dirs.values()]
             results = [json.loads(p.read_text()) if p.is_file() else {} for p in paths]
             for key in ("tta_val_acc", "test_acc", "test_tta_acc"):
                 values = [r.get(key) for r in results]
                 if values and all(v is not None for v in values):
                     row[key] = statistics.mean(values)
         rows.append(row)
-    _gains(rows, suite.reference)
-    return rows
-
-
-def _gains(rows: list[dict], reference: str) -> None:
-    from cifarlab.report.suite import gain_basis  # matplotlib
-
-    key = gain_basis(rows)
-    ref = next((r for r in rows if r["run"] == reference and key in r), None)
-    previous = None
-    for row in rows:
-        if ref is not None and key in row:
+    key = gain_basis(rows)  # each gain: over the reference, and over the scored run above
+    scored = [r for r in rows if key in r]
+    ref = next((r for r in scored if r["run"] == suite.reference), None)
+    for above, row in zip([None, *scored], scored, strict=False):
+        if ref is not None:
             row["gain"] = row[key] - ref[key]
-        if previous is not None and key in row:
-            row["step_gain"] = row[key] - previous[key]
-        previous = row if key in row else previous
+        if above is not None:
+            row["step_gain"] = row[key] - above[key]
+    return rows
 
 
 def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[str, float]:
@@ -305,15 +293,6 @@ def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[s
         f"best_{split}_acc_std": statistics.stdev(best) if len(best) > 1 else 0.0,
         f"final_{split}_acc": statistics.mean(v[-1] for v in kept),
     }
-
-
-def _diverged(out: Path, run: SuiteRun, seeds: list[int]) -> str:
-    """What the first seed of `run` that diverged said ("diverged: ... at epoch E step S")."""
-    for seed in seeds:
-        path = _run_dir(out, run, seed, seeds) / DIVERGED
-        if path.is_file():
-            return path.read_text().strip() + (f" (seed {seed})" if len(seeds) > 1 else "")
-    return ""
 
 
 def _mixup_examples(suite: Suite, path: Path) -> None:

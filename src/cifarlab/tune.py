@@ -66,17 +66,6 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
     return values
 
 
-def _trial_dir(out: Path, number: int) -> Path:
-    """`out/trial-NNN`, refused when it holds files (a continued study numbers trials anew)."""
-    run_dir = out / f"trial-{number:03d}"
-    if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise UserError(
-            f"--out {out} already holds {run_dir.name}, from another study or --storage; "
-            f"pick a new --out for this study, or move {run_dir} away"
-        )
-    return run_dir
-
-
 def run_tune(opts: TuneOptions, log=print):
     optuna = import_extra("optuna", "tune", "tune (Optuna)")
     base = _checked_base(opts)
@@ -93,10 +82,7 @@ def run_tune(opts: TuneOptions, log=print):
             objective, callbacks=[optuna.study.MaxTrialsCallback(opts.trials, states=finished)]
         )
     best = study.best_trial
-    out = write_best_recipe(
-        opts.recipe, {**_recipe_keys(opts.overrides, trial_config(base, best.params)), **best.params},
-        opts.out / "best-recipe.yaml", best.value, name,
-    )  # fmt: skip
+    out = write_best_recipe(opts, base, best, name)
     log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
     return study
 
@@ -171,7 +157,12 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
 
     config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
     validate_config(config, f"trial {trial.number}")
-    run_dir = _trial_dir(opts.out, trial.number)
+    run_dir = opts.out / f"trial-{trial.number:03d}"  # a continued study numbers trials anew
+    if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise UserError(
+            f"--out {opts.out} already holds {run_dir.name}, from another study or --storage; "
+            f"pick a new --out for this study, or move {run_dir} away"
+        )
 
     def report(row: dict) -> None:
         trial.report(row["val_acc"], int(row["epoch"]))
@@ -234,21 +225,21 @@ def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial"
     return apply_overrides(shaped, values, where=where)
 
 
-def _recipe_keys(overrides: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
-    """What the trials ran with beyond the recipe: the command line's overrides (not where the
-    data lives or how progress shows), typed, and the length as --epochs or --budget shaped it."""
-    typed = base.to_dict()
-    keys = [k for k in overrides if k not in ("data", "data_root", "progress")]
-    return {k: typed[k] for k in [*keys, *LENGTH_KEYS]}
-
-
-def write_best_recipe(recipe: str, params: dict, path: Path, value: float, study: str) -> Path:
-    source = recipe_path(recipe)
-    values = {**read_yaml_mapping(source), **params}
+def write_best_recipe(opts: TuneOptions, base: TrainConfig, best, study: str) -> Path:
+    """`--out/best-recipe.yaml`: the recipe's own keys, then what the trials ran with beyond it
+    (the command line's overrides, typed, but where the data lives and how progress shows; the
+    length as --epochs or --budget shaped it), then the best trial's values."""
+    typed = trial_config(base, best.params).to_dict()
+    keys = [k for k in opts.overrides if k not in ("data", "data_root", "progress")]
+    source, path = recipe_path(opts.recipe), opts.out / "best-recipe.yaml"
+    values = {**read_yaml_mapping(source), **{k: typed[k] for k in [*keys, *LENGTH_KEYS]}}
+    values.update(best.params)
     if isinstance(values.get("base"), str):  # the new file lives elsewhere
         values["base"] = resolve_base(source, values["base"])
     values["recipe"] = path.stem
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# Best trial of study '{study}' (val acc {value:.4f}), from recipe {recipe}\n"
+    header = (
+        f"# Best trial of study '{study}' (val acc {best.value:.4f}), from recipe {opts.recipe}\n"
+    )
     path.write_text(header + yaml.safe_dump(values, sort_keys=False))
     return path

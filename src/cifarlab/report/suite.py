@@ -62,7 +62,7 @@ class Column:
 COLUMNS = [
     Column("run", "run", lambda r: r["run"], optional=False),
     Column("changes", "what changed", lambda r: r["changes"], optional=False),
-    Column("seeds", "seeds", lambda r: str(r["seeds"]), optional=False),
+    Column("seeds", "", lambda r: "", optional=False),  # CSV only
     Column("best_val_acc", "best val acc % (mean ± std)", _best("val")),
     Column("best_val_acc_std", "", lambda r: ""),  # CSV only: inside best_val_acc's cell
     Column("final_val_acc", "final val acc %", lambda r: _pct(r.get("final_val_acc"))),
@@ -87,7 +87,7 @@ def columns(rows: list[dict]) -> list[Column]:
 
 
 def _shown(rows: list[dict]) -> list[Column]:
-    return [c for c in columns(rows) if c.header and c.key != "seeds"]
+    return [c for c in columns(rows) if c.header]
 
 
 def _cells(r: dict, shown: list[Column]) -> list[str]:
@@ -149,17 +149,11 @@ def _markdown(suite, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_dirs(out: Path, run: str) -> list[Path]:
-    """`out/<run>` or `out/<run>-seed<N>`: this run's folders only, not crop-flip-jitter's for crop-flip."""
-    own = re.compile(re.escape(run) + r"(-seed\d+)?")
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir() if p.is_dir() and own.fullmatch(p.name))
-
-
 def _report_links(out: Path, run: str) -> str:
+    """Links to the reports of `out/<run>` or `out/<run>-seed<N>` only (not crop-flip-jitter's)."""
+    own = re.compile(re.escape(run) + r"(-seed\d+)?")
     links = []
-    for folder in run_dirs(out, run):
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and own.fullmatch(p.name)):
         seed = folder.name[len(run) :].lstrip("-")
         for page in sorted(folder.glob("eval-*/report.html")):
             label = " ".join(filter(None, [seed, page.parent.name.removeprefix("eval-")]))
@@ -196,17 +190,14 @@ def _table(rows: list[dict], out: Path) -> str:
 _SUITE_CSS = "td:nth-child(2),th:nth-child(2),td:last-child,th:last-child{text-align:left}"
 
 
-def _curve_sections(rows: list[dict]) -> str:
-    return "\n".join(
+def _index(suite, rows: list[dict], out: Path) -> str:
+    name = html.escape(suite.name)
+    notes = "".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in _notes(suite, rows))
+    curves = "\n".join(
         f'<section><h2>{html.escape(PANELS[k][1])}</h2><img src="curves_{k}.png" '
         f'alt="{PANELS[k][0]} of every run per epoch"></section>'
         for k in _recorded(rows)
     )
-
-
-def _index(suite, rows: list[dict], out: Path) -> str:
-    name = html.escape(suite.name)
-    notes = "".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in _notes(suite, rows))
     examples = (
         '<section><h2>Mixup examples</h2><img src="mixup_examples.png" alt="mixup examples"></section>'
         if (out / "mixup_examples.png").is_file()
@@ -218,5 +209,5 @@ def _index(suite, rows: list[dict], out: Path) -> str:
 <main><div class="cards">{_cards(rows)}</div>
 <section><h2>Results</h2>{_table(rows, out)}{notes}
 <p><a href="results.md">results.md</a> · <a href="results.csv">results.csv</a></p></section>
-{_curve_sections(rows)}
+{curves}
 {examples}</main></body></html>"""
