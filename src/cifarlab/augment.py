@@ -16,8 +16,6 @@ import torch.nn.functional as F
 
 from cifarlab.config import TrainConfig
 
-_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-
 
 def random_crop(x: torch.Tensor, padding: int, mode: str, gen: torch.Generator) -> torch.Tensor:
     """Per-image random crop of a padded batch back to its size (the padding is `mode`)."""
@@ -42,7 +40,8 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_GRAY, device=x.device, dtype=x.dtype)[None, :, None, None]
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale."""
+    weights = torch.tensor((0.299, 0.587, 0.114), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * weights).sum(1, keepdim=True)
 
 

@@ -27,11 +27,12 @@ class CamLayer:
 
 def last_conv_layer(model: nn.Module, example: torch.Tensor) -> CamLayer:
     """The last convolution run on `example` (a normalised batch) with an output map over 1x1."""
-    names = {m: n for n, m in model.named_modules()}
-    seen: list[tuple[nn.Module, int]] = []
+    seen: list[CamLayer] = []
     hooks = [
-        m.register_forward_hook(lambda mod, _i, out: seen.append((mod, out.shape[-1])))
-        for m in model.modules()
+        m.register_forward_hook(
+            lambda mod, _i, out, n=n: seen.append(CamLayer(n, mod, out.shape[-1]))
+        )
+        for n, m in model.named_modules()
         if isinstance(m, nn.Conv2d)
     ]
     try:
@@ -42,9 +43,7 @@ def last_conv_layer(model: nn.Module, example: torch.Tensor) -> CamLayer:
             h.remove()
     if not seen:
         raise UserError(f"Grad-CAM: {type(model).__name__} runs no Conv2d layer to explain")
-    spatial = [(m, side) for m, side in seen if side > 1] or seen
-    module, side = spatial[-1]
-    return CamLayer(names[module], module, int(side))
+    return ([layer for layer in seen if layer.side > 1] or seen)[-1]
 
 
 def gradcam_maps(

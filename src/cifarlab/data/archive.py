@@ -35,15 +35,12 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def total_limit(archive: Path) -> int:
-    return max(MIN_TOTAL_BYTES, MAX_RATIO * archive.stat().st_size)
-
-
 class _Budget:
     """Counts extracted bytes against the limits, from the headers first and again while writing."""
 
     def __init__(self, archive: Path):
-        self.archive, self.limit, self.used = archive, total_limit(archive), 0
+        self.archive, self.used = archive, 0
+        self.limit = max(MIN_TOTAL_BYTES, MAX_RATIO * archive.stat().st_size)
 
     def check_member(self, name: str, size: int) -> None:
         if size > MAX_MEMBER_BYTES:
@@ -70,8 +67,7 @@ class _Budget:
                 out.write(chunk)
 
 
-def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple]:
-    members = []
+def _zip_members(zf: zipfile.ZipFile, archive: Path):
     for info in zf.infolist():
         name = PurePosixPath(info.filename)
         if name.is_absolute() or ".." in name.parts or ":" in info.filename:
@@ -82,12 +78,10 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[tuple]:
                 "(archive the files themselves)"
             )
         size = None if info.is_dir() else info.file_size
-        members.append((info.filename, size, functools.partial(zf.open, info)))
-    return members
+        yield info.filename, size, functools.partial(zf.open, info)
 
 
-def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tuple]:
-    members = []
+def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path):
     for member in tf.getmembers():
         if member.issym() or member.islnk():
             # The 'data' filter lets links inside the folder through: one image would then
@@ -99,13 +93,10 @@ def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path) -> list[tuple]:
         # Refuses absolute paths, '..' and devices; also drops unsafe permission bits.
         m = tarfile.data_filter(member, str(tmp))
         if m.isdir() or m.isfile():
-            members.append(
-                (m.name, None if m.isdir() else m.size, functools.partial(tf.extractfile, m))
-            )
-    return members
+            yield m.name, None if m.isdir() else m.size, functools.partial(tf.extractfile, m)
 
 
-def _write_members(members: list[tuple], tmp: Path, budget: _Budget) -> None:
+def _write_members(members, tmp: Path, budget: _Budget) -> None:
     """(name, size or None for a folder, opener) each, junk left out: the sizes the headers claim
     are checked first, and counted again while writing, as headers may lie."""
     members = [m for m in members if not is_junk(PurePosixPath(m[0]))]

@@ -100,12 +100,10 @@ def load(root: Path, key: str):
         def split(name: str):
             if f"{name}_images" not in z:
                 return None
-            paths = [str(p) for p in z[f"{name}_paths"]]
-            classes = [str(c) for c in z[f"{name}_classes"]]
+            classes, paths = z[f"{name}_classes"].tolist(), z[f"{name}_paths"].tolist()
             return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
 
-        skipped = [str(s) for s in z["skipped"]]
-        return SourceData(split("train"), split("test"), skipped, split("val"))
+        return SourceData(split("train"), split("test"), z["skipped"].tolist(), split("val"))
 
 
 def save(root: Path, key: str, data) -> None:

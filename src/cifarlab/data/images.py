@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-# 16-bit grayscale PNGs open as I;16 (older Pillow: I); Pillow's convert("RGB") clips them, so a
-# mid-grey 30000/65535 became 255 (white).
+# 16-bit grayscale PNGs open as I;16 (or I); Pillow's convert("RGB") clips them to 255, so they
+# are scaled to 8 bits first.
 _WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -38,12 +38,6 @@ def visible_entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if not is_junk(p.relative_to(folder)))
 
 
-def _to_8bit_gray(img: Image.Image) -> Image.Image:
-    """A 16-bit (or 32-bit integer) grayscale image scaled from 0..65535 to 0..255 ("L")."""
-    wide = np.asarray(img).astype(np.float32)
-    return Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8), "L")
-
-
 def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB. Grayscale, palette and RGBA become RGB (alpha on white)."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
@@ -59,9 +53,10 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
 
 
 def image_array(img: Image.Image, size: int) -> np.ndarray:
-    """An opened image as (size, size, 3) uint8 RGB: the conversion and resize of `decode_image`."""
+    """An opened image as `decode_image` returns it."""
     if img.mode in _WIDE_GRAY:
-        img = _to_8bit_gray(img)
+        wide = np.clip(np.asarray(img).astype(np.float32), 0, 65535)
+        img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.config import TrainConfig
@@ -73,6 +74,9 @@ class StepRandom:
             yield
 
 
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]  # (images, labels, randomness)
+
+
 def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
 
@@ -97,14 +101,11 @@ class DeviceBatches:
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size  # drop_last: every step sees a full batch
 
-    def epoch(
-        self, epoch: int, start_step: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Batches:
         order = epoch_order(len(self.labels), self.config.seed, epoch).to(self.device)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size][
-                self.rank :: self.world
-            ]
+            start = step * self.batch_size
+            idx = order[start : start + self.batch_size][self.rank :: self.world]
             rand = StepRandom.for_step(self.config.seed, epoch, step, self.device, self.rank)
             flips = None if self.flip_phase is None else self.flip_phase[idx] ^ bool(epoch % 2)
             with rand.global_draws():  # a `policy` draws from torch's generator
@@ -120,8 +121,6 @@ class _LessonDataset(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         return self.transform(Image.fromarray(self.data.images[i])), int(self.data.labels[i])
 
 
@@ -159,9 +158,7 @@ class TorchvisionBatches:
         whole, part = divmod(len(self.dataset), self.batch_size)
         return whole + (1 if part and not self.config.drop_last else 0)
 
-    def epoch(
-        self, epoch: int, start_step: int = 0
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Batches:
         order = epoch_order(len(self.dataset), self.config.seed, epoch)
         order = order[start_step * self.batch_size : len(self) * self.batch_size].tolist()
         loader = torch.utils.data.DataLoader(

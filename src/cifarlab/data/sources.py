@@ -12,6 +12,7 @@ from pathlib import Path, PurePath
 from typing import ClassVar
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 import cifarlab.data.cache as cache
@@ -77,14 +78,13 @@ def _load_cifar(name: str, root: Path) -> SourceData:
     md5 of the official files; this accepts any batch in the same format (and our tests').
     """
     from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
 
     ds = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = root / ds.base_folder
     if not folder.is_dir():
         missing = [d for d in (root, *root.parents) if not d.exists()]  # what a download makes
         try:
-            from torchvision.datasets.utils import download_and_extract_archive
-
             download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
         except Exception as exc:
             for made in missing:  # the folders the failed download made, while empty
@@ -166,11 +166,6 @@ def _visible(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if not is_junk(PurePath(p.name))]
 
 
-def _holds_images(folder: Path) -> bool:
-    """A class folder holds images itself; a wrapper folder holds only folders."""
-    return any(p.is_file() and is_image_name(p) for p in _visible(folder))
-
-
 def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
     """The split folders of `root/{train,val|valid,test}/<class>` (any of them), and whether the
     layout is plain: `root/<class>`, all of it one labelled set. One wrapper folder is looked through.
@@ -179,19 +174,18 @@ def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
     beside the wrapper (a zip's `__MACOSX/`, `.DS_Store`) does not count as a second entry.
     """
     for _ in range(2):
-        found = _split_folders(root)
-        if found:
+        if found := _split_folders(root):
             return found, False
         entries = _visible(root)
-        dirs = [p for p in entries if p.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1 and not _holds_images(dirs[0]):
-            root = dirs[0]  # an archive often wraps everything in one top folder
-            continue
-        break
+        if len(entries) != 1 or not entries[0].is_dir():
+            break
+        if any(p.is_file() and is_image_name(p) for p in _visible(entries[0])):
+            break  # a class folder, not a wrapper
+        root = entries[0]  # an archive often wraps everything in one top folder
     return {"train": root}, True
 
 
-def printable(name: str) -> str:
+def printable(name: str | os.PathLike) -> str:
     """`name` as valid UTF-8 text: bytes that are not UTF-8 (b'caf\\xe9') shown as \\xe9, not
     as the lone surrogates that CSV, YAML and HTML writers refuse."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
@@ -211,17 +205,17 @@ def _list_class_folder(
         images = []
         for p in visible_entries(folder / name):
             if p.is_symlink() and not p.exists():
-                skipped.append(f"{printable(str(p))}: a symbolic link to a missing file")
+                skipped.append(f"{printable(p)}: a symbolic link to a missing file")
             elif p.is_file() and is_image_name(p):
                 images.append(p)
             elif p.is_file():
-                skipped.append(f"{printable(str(p))}: not an image file")
+                skipped.append(f"{printable(p)}: not an image file")
         if not images:
             if on_bad == "error":
                 raise UserError(
-                    f"{printable(str(folder / name))}: class folder holds no images; add images or remove it"
+                    f"{printable(folder / name)}: class folder holds no images; add images or remove it"
                 )
-            skipped.append(f"{printable(str(folder / name))}: empty class folder, class dropped")
+            skipped.append(f"{printable(folder / name)}: empty class folder, class dropped")
             continue
         kept.append(printable(name))
         files += images
@@ -244,9 +238,8 @@ def _decode_all(
         except BadImage as exc:
             return i, printable(str(exc))
 
-    threads = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        results = pool.map(work, range(len(files)), chunksize=256)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(work, range(len(files)))
         for i, err in tqdm(
             results,
             total=len(files),
@@ -274,7 +267,7 @@ def _load_folder_split(
         raise UserError(f"{folder}: none of its {len(files)} images could be read")
     idx = np.asarray(good, dtype=np.int64)
     root = folder.parent
-    paths = [printable(str(files[i].relative_to(root))) for i in good]
+    paths = [printable(files[i].relative_to(root)) for i in good]
     return ImageSet(
         images[idx], np.asarray(labels, dtype=np.int64)[idx], classes, paths
     ), skipped + bad
@@ -347,7 +340,7 @@ def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> Sourc
 def _as_members(text: str, extracted: Path, archive: Path) -> str:
     """`text` naming files inside `archive` as members (`pets.zip: pets/cat/1.jpg`), not by the
     cache folder it was extracted to, which the person never made and should not edit."""
-    for inside in {str(extracted), printable(str(extracted))}:
+    for inside in {str(extracted), printable(extracted)}:
         text = text.replace(inside + os.sep, f"{archive}: ").replace(inside, str(archive))
     return text
 
@@ -369,7 +362,5 @@ def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> I
 
 
 def _resize(ds: ImageSet, size: int) -> ImageSet:
-    from PIL import Image
-
     out = np.stack([image_array(Image.fromarray(im), size) for im in ds.images])
     return ImageSet(out, ds.labels, ds.classes, ds.paths)

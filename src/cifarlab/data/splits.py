@@ -25,8 +25,6 @@ class Splits:
 
 def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Sorted indices of `n` items whose class shares match `labels`' (largest remainder)."""
-    if n == 0:
-        return np.empty(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts / counts.sum() * n

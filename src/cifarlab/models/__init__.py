@@ -69,31 +69,25 @@ class ModelSpec:
     fixed_input: bool = False  # embeddings fix the input side: stem imagenet only
 
 
-def _ours(make: Callable[[ModelArgs], nn.Module]) -> Build:
-    return lambda args, _opts, _log: make(args)
+def _torchvision(arch: str, stem=cifar_stem) -> Build:
+    return lambda a, opts, log: torchvision_backbone(arch, a.num_classes, opts, log, stem)
 
 
-def _torchvision(arch: str, stem=None) -> Build:
-    return lambda a, opts, log: torchvision_backbone(
-        arch, a.num_classes, opts, log, stem or cifar_stem
-    )
-
-
-MODELS: dict[str, ModelSpec] = {
+MODELS: dict[str, ModelSpec] = {  # our own nets take neither weights nor stem options
     "cnn": ModelSpec(
-        _ours(lambda a: CIFAR10CNN(a.num_classes, a.width, a.image_size)),
+        lambda a, *_: CIFAR10CNN(a.num_classes, a.width, a.image_size),
         "the lesson's CIFAR10CNN: 3 conv blocks 64/128/256, 3.3M params",
     ),
     "resnet18": ModelSpec(
-        _ours(lambda a: ResNet([2, 2, 2, 2], a.num_classes, a.width)),
+        lambda a, *_: ResNet([2, 2, 2, 2], a.num_classes, a.width),
         "CIFAR ResNet-18 (3x3 stem, no max-pool), 11M params",
     ),
     "resnet34": ModelSpec(
-        _ours(lambda a: ResNet([3, 4, 6, 3], a.num_classes, a.width)),
+        lambda a, *_: ResNet([3, 4, 6, 3], a.num_classes, a.width),
         "CIFAR ResNet-34, 21M params",
     ),
     "fastnet": ModelSpec(
-        _ours(lambda a: FastNet(a.num_classes, a.width)),
+        lambda a, *_: FastNet(a.num_classes, a.width),
         "speed-record-class net (airbench-style, GELU/BN, 3 blocks)",
     ),
 }
@@ -119,18 +113,13 @@ def _timm_spec(name: str) -> ModelSpec:
     return ModelSpec(build, f"timm {name}", True, True, False, fixed)
 
 
-FAMILIES: dict[str, Callable[[str], ModelSpec]] = {  # name prefix -> its spec by name
-    "tv:": _torchvision_spec,
-    "timm:": _timm_spec,
-}
-
-
 def model_spec(name: str) -> ModelSpec:
     if name in MODELS:
         return MODELS[name]
-    for prefix, spec in FAMILIES.items():
-        if name.startswith(prefix):
-            return spec(name.removeprefix(prefix))
+    if name.startswith("tv:"):
+        return _torchvision_spec(name.removeprefix("tv:"))
+    if name.startswith("timm:"):
+        return _timm_spec(name.removeprefix("timm:"))
     close = difflib.get_close_matches(name, MODELS, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     raise UserError(

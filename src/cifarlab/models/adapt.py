@@ -42,15 +42,13 @@ def load_state_file(path: Path) -> dict:
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
 
-def replace_head(net: nn.Module, num_classes: int, where: str) -> str:
+def replace_head(net: nn.Module, num_classes: int, where: str) -> None:
     """The last `Linear` (fc, classifier[-1], heads.head, ...) replaced by a fresh one with
-    `num_classes` outputs; returns its qualified name."""
+    `num_classes` outputs."""
     linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError(f"{where} has no Linear classifier to replace; pick another model")
-    path = linears[-1]
-    _set(net, path, nn.Linear(net.get_submodule(path).in_features, num_classes))
-    return path
+    _set(net, linears[-1], nn.Linear(net.get_submodule(linears[-1]).in_features, num_classes))
 
 
 def cifar_stem(net: nn.Module, log) -> None:

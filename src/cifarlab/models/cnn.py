@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from cifarlab.errors import UserError
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
@@ -44,14 +46,8 @@ def lesson_state_dict(ckpt: dict) -> dict:
     flat: `features` one `nn.Sequential` of the three blocks' 24 layers (`features.0` the first
     conv ... `features.23` the last Dropout2d), `classifier` the Linear, ReLU, Dropout, Linear
     after `x.view(x.size(0), -1)`. `torch.save` the result and `load_state_dict(strict=True)`."""
-    from cifarlab.errors import UserError
-
     args = ckpt.get("model_args", {})
-    if (
-        args.get("name") != "cnn"
-        or args.get("width", 1.0) != 1.0
-        or args.get("image_size", 32) != 32
-    ):
+    if (args.get("name"), args.get("width", 1.0), args.get("image_size", 32)) != ("cnn", 1, 32):
         raise UserError(
             f"the lesson's CIFAR10CNN is model cnn at width 1 on 32 px images; this checkpoint "
             f"holds {args.get('name')} (width {args.get('width')}); train with --recipe lesson-cnn"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,11 +33,6 @@ ARCHS = {  # our fixed names (checkpoints carry them) -> torchvision builder nam
 }
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# builder-name prefix -> the builder keywords sizing its embeddings for an input side
-FIXED_SIZE: dict[str, Callable[[int], dict]] = {
-    "vit_": lambda side: {"image_size": side},
-    "maxvit_": lambda side: {"input_size": (side, side)},
-}
 # builder-name -> keywords without which the model is no plain classifier (aux heads in training)
 _NO_AUX = {"aux_logits": False, "init_weights": True}
 BUILDER_KWARGS = {"googlenet": _NO_AUX, "inception_v3": _NO_AUX}
@@ -66,9 +60,12 @@ def check_builder(arch: str) -> str:
 
 
 def fixed_size_keywords(arch: str, side: int) -> dict:
-    """The builder keywords fixing the input side to `side` ({} when any size goes)."""
-    sized = next((f for prefix, f in FIXED_SIZE.items() if arch.startswith(prefix)), None)
-    return sized(side) if sized else {}
+    """The builder keywords sizing the embeddings for input side `side` ({} when any side goes)."""
+    if arch.startswith("vit_"):
+        return {"image_size": side}
+    if arch.startswith("maxvit_"):
+        return {"input_size": (side, side)}
+    return {}
 
 
 def _weights_enum(arch: str, name: str):
@@ -76,16 +73,14 @@ def _weights_enum(arch: str, name: str):
 
     enum = get_model_weights(arch)
     valid = [w.name for w in enum]
-    if name in ("", "DEFAULT"):
-        return enum.DEFAULT
-    if name not in valid:
+    if name not in ("", "DEFAULT", *valid):
         close = difflib.get_close_matches(name, valid, n=2, cutoff=0.4)
         raise UserError(
             f"weights: {name} is neither a file nor a weights name of {arch}"
             + (f"; did you mean {' or '.join(close)}?" if close else "")
             + f" (its weights: {', '.join(valid)})"
         )
-    return enum[name]
+    return enum[name or "DEFAULT"]
 
 
 def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
@@ -108,29 +103,13 @@ def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
         ) from None
 
 
-def _vit_positions(net: nn.Module, state: dict) -> dict:
-    """ImageNet position embeddings (224 px) resampled to the side this ViT was built for."""
-    from torchvision.models.vision_transformer import interpolate_embeddings
-
-    return interpolate_embeddings(net.image_size, net.patch_size, state)
-
-
-def _drop_aux(net: nn.Module, state: dict) -> dict:
-    """ImageNet weights of GoogLeNet/Inception include the auxiliary heads we build without."""
-    ours = net.state_dict()
-    return {k: v for k, v in state.items() if k in ours}
-
-
-# builder-name prefix -> how its ImageNet state dict is fitted to the model we build
-STATE_ADAPTERS: dict[str, Callable[[nn.Module, dict], dict]] = {
-    "vit_": _vit_positions, "googlenet": _drop_aux, "inception_v3": _drop_aux,
-}  # fmt: skip
-
-
 def _load(net: nn.Module, arch: str, state: dict) -> None:
-    for prefix, adapt in STATE_ADAPTERS.items():
-        if arch.startswith(prefix):
-            state = adapt(net, state)
+    if arch.startswith("vit_"):  # ImageNet position embeddings resampled to the side built for
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        state = interpolate_embeddings(net.image_size, net.patch_size, state)
+    elif arch in BUILDER_KWARGS:  # ImageNet weights include the auxiliary heads built without
+        state = {k: v for k, v in state.items() if k in net.state_dict()}
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
