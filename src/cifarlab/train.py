@@ -165,7 +165,15 @@ def train(
         _stop_signals() as stop,
         open_trackers(config, run_dir, d.main) as tracker,
     ):
-        run, plan = _built(config, ckpt, started, d, stop, log)
+        run, plan = build_run(config, log, d), None
+        if config.time_budget and ckpt is None:  # choose the length
+            with phase("budget probe"):
+                plan = fit_to_budget(run, started, log)
+        if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
+            raise Interrupted(
+                f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
+                stop.exit_code,
+            )
         saver = Checkpointer(run_dir, enabled=d.main)
         epoch, step, stats = _start(run, ckpt, saver, log)
         history = read_metrics(run_dir / "metrics.csv") if d.main else []
@@ -187,20 +195,6 @@ def train(
         tracker.finish(result)
         barrier(d)
     return result
-
-
-def _built(config: TrainConfig, ckpt, started: float, d, stop, log) -> tuple[TrainingRun, Any]:
-    """The run, at the length a time budget plans (and that plan, else None)."""
-    run, plan = build_run(config, log, d), None
-    if config.time_budget and ckpt is None:  # choose the length
-        with phase("budget probe"):
-            plan = fit_to_budget(run, started, log)
-    if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
-        raise Interrupted(
-            f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
-            stop.exit_code,
-        )
-    return run, plan
 
 
 def _correct_plan(
@@ -330,7 +324,10 @@ def train_one_epoch(
         stats.lr = run.peak_lr()
     # how often the loss is checked: each check waits for the device (a cost on CUDA)
     check_every = 1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
-    bar = _progress(run, epoch, start_step)
+    bar = tqdm(
+        total=n, initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}", disable=True if not c.progress else None,
+        leave=False, unit="step", mininterval=1, file=sys.stderr,
+    )  # fmt: skip
     t0, cpu0 = time.perf_counter() - stats.seconds, time.process_time()
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
@@ -373,14 +370,6 @@ def train_one_epoch(
         [stats.loss_sum, stats.correct, stats.seen], run.dist, run.hw.device
     )  # every rank's share of the epoch
     return stats
-
-
-def _progress(run: TrainingRun, epoch: int, start_step: int):
-    c = run.config
-    return tqdm(
-        total=len(run.batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
-        disable=True if not c.progress else None, leave=False, unit="step", mininterval=1, file=sys.stderr,
-    )  # fmt: skip
 
 
 # A batch loss this many times a uniform guess's (ln classes: 115 for 10 classes) is no early
