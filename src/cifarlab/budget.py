@@ -23,8 +23,8 @@ from cifarlab.inference import TTA_VIEWS, predict_logits
 from cifarlab.step import optimizer_step, train_step
 from cifarlab.training_run import (
     checkpoint_state,
-    relength,
     restore,
+    retarget,
     set_trainable,
     settling_epoch,
     total_steps,
@@ -232,5 +232,5 @@ def fit_to_budget(run, started: float, log) -> Plan:
         f"{timings.val_image * 1e3:.2f} ms per evaluated image; {steps} step{'s' * (steps != 1)} "
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
-    relength(run, planned)
+    retarget(run, planned)
     return Plan(c.time_budget, started, n_test)

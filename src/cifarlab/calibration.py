@@ -22,8 +22,6 @@ from cifarlab.hardware import Hardware, pick_device
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import rewrite_lock
 
-CHECKPOINTS = ("best.pt", "last.pt")
-
 
 class ValSet(NamedTuple):
     """A run's validation split already in memory (the end of training): no second load."""
@@ -84,26 +82,10 @@ def _val_logits(
     return logits, val.labels.long().cpu()
 
 
-def calibrate_checkpoint(
-    path: Path, log=print, device: str = "auto", val: ValSet | None = None, same_as=None
-) -> dict:
-    """Fit the temperature of `path`'s weights (and EMA weights) on its run's validation split
-    (`val`: that split already in memory, as uint8 images and labels, e.g. at the end of
-    training) and write it into the file atomically; returns the checkpoint. `same_as`
-    (name, checkpoint) already fitted: its temperatures are copied when the weights are equal."""
-    ckpt, dev = load_checkpoint(path), pick_device(device, "--device cpu")
-    if same_as is not None and _same_weights(ckpt, same_as[1]):  # last.pt == best.pt: one fit
-        for key in ("temperature", "temperature_ema"):
-            if key in same_as[1]:
-                ckpt[key] = same_as[1][key]
-        log(
-            f"{path.name}: temperature {ckpt['temperature']:.3f} (the same weights as {same_as[0]})"
-        )
-        atomic_save(ckpt, path)
-        return ckpt
-    val = val or _load_val(ckpt, path, dev)  # once for the weights and the EMA weights
+def _fit(ckpt: dict, path: Path, val: ValSet, device: torch.device, log) -> None:
+    """Fit the temperature of `ckpt`'s weights, and of its EMA weights, into `ckpt`."""
     for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
-        logits, labels = _val_logits(ckpt, path, use_ema, dev, val)
+        logits, labels = _val_logits(ckpt, path, use_ema, device, val)
         t = fit_temperature(logits, labels)
         logits = logits.float().cpu()
         before = F.cross_entropy(logits, labels).item()
@@ -114,8 +96,6 @@ def calibrate_checkpoint(
             f"{path.name}: temperature {t:.3f} for its {weights} "
             f"(val NLL {before:.3f} -> {after:.3f} on {len(labels)} images)"
         )
-    atomic_save(ckpt, path)
-    return ckpt
 
 
 def _equal(x: dict | None, y: dict | None) -> bool:
@@ -133,12 +113,14 @@ def calibrate_run(
     run_dir: Path | str, log=print, device: str = "auto", val: ValSet | None = None
 ) -> float:
     """`cifarlab calibrate RUN`, and the end of training: each of the run's checkpoints gets the
-    temperature of its own weights (best.pt and last.pt may hold different epochs). Returns
-    the temperature of the checkpoint predict uses (best.pt, else last.pt)."""
+    temperature of its own weights (best.pt and last.pt may hold different epochs), fitted on the
+    validation split (`val`: that split already in memory) and written into the file atomically;
+    weights already fitted are not fitted again. Returns the temperature of the checkpoint
+    predict uses (best.pt, else last.pt)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UserError(f"{run_dir}: no such run directory or checkpoint")
-    present = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
+    present = [run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()]
     if run_dir.is_file():
         present, val = [run_dir], None
     if not present:
@@ -146,10 +128,22 @@ def calibrate_run(
             f"{run_dir}: no best.pt or last.pt to calibrate; pass a run directory that has "
             "trained an epoch, or a checkpoint file"
         )
+    dev, fitted = pick_device(device, "--device cpu"), []
     # held from reading the checkpoints to writing them: a `train --resume` meanwhile would save
     # an epoch that the write of the copy read before it then rolls back
     with rewrite_lock(present[0].parent):
-        first = calibrate_checkpoint(present[0], log, device, val)
-        for path in present[1:]:
-            calibrate_checkpoint(path, log, device, val, same_as=(present[0].name, first))
-    return first["temperature"]
+        for path in present:
+            ckpt = load_checkpoint(path)
+            twin = next((f for f in fitted if _same_weights(ckpt, f[1])), None)
+            if twin is None:
+                val = val or _load_val(ckpt, path, dev)  # loaded once, for every fit
+                _fit(ckpt, path, val, dev, log)
+            else:  # last.pt == best.pt: one fit
+                keys = [k for k in ("temperature", "temperature_ema") if k in twin[1]]
+                ckpt.update({k: twin[1][k] for k in keys})
+                log(
+                    f"{path.name}: temperature {ckpt['temperature']:.3f} (the same weights as {twin[0]})"
+                )
+            atomic_save(ckpt, path)
+            fitted.append((path.name, ckpt))
+    return fitted[0][1]["temperature"]

@@ -58,18 +58,13 @@ def read_failure(path: Path, exc: BaseException) -> str:
     return "the file is empty" if path.stat().st_size == 0 else first_line(exc)
 
 
-def _torch_header(path: Path) -> bool:
-    """Whether `path` starts as torch.save's files do: a zip archive, or a legacy pickle."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint dict, its tensors on the CPU; files that would run code on load are refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    if path.stat().st_size and not _torch_header(path):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head and head != b"PK\x03\x04" and head[:1] != b"\x80":
         raise UserError(
             f"{path}: not a checkpoint (torch.save did not write it: it is neither a zip archive "
             "nor a pickle); the file is damaged or of another kind"
@@ -120,8 +115,8 @@ class Checkpointer:
     """Owns a run's `last.pt` and `best.pt`: the best-so-far policy, atomic writes, and a
     finiteness check before every save, so no file named "the last good one" holds NaNs."""
 
-    def __init__(self, run_dir: Path, best: float = float("-inf"), enabled: bool = True):
-        self.run_dir, self.best, self.enabled = run_dir, best, enabled
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled, self.best = run_dir, enabled, float("-inf")
 
     @property
     def last(self) -> Path:

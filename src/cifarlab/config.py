@@ -214,9 +214,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise UserError(bad)
     if kind in (int, float):
         if key == "time_budget" and isinstance(value, str) and value.strip()[-1:].isalpha():
-            value = parse_duration(
-                value, f"{where}: 'time_budget'"
-            )  # 15m, 1.5h as on the command line
+            value = parse_duration(value, f"{where}: 'time_budget'")  # 15m, 1.5h as on the CLI
         if isinstance(value, str):
             try:
                 value = kind(value)
@@ -369,18 +367,17 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
     base = overrides.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise UserError(f"{path}: 'base' must be a recipe name or file, got {base!r}")
-    if base:
-        base = resolve_base(path, base)
     start = TrainConfig()
     if base:
+        base = resolve_base(path, base)
         try:
             start = load_recipe(base, (*_seen, path.resolve()))
         except UserError as exc:
             if "in a circle" in str(exc):
                 raise
             raise UserError(f"{path}: base {base}: {exc}") from None
-    if base and ("epochs" in overrides or "train_steps" in overrides):
-        overrides.setdefault("time_budget", 0.0)  # a length set here replaces an inherited budget
+        if "epochs" in overrides or "train_steps" in overrides:
+            overrides.setdefault("time_budget", 0.0)  # a length set here replaces the base's budget
     overrides["recipe"] = overrides.get("recipe", path.stem)
     return apply_overrides(start, overrides, where=str(path))
 
@@ -393,9 +390,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
-    """Every field against its type and limits, then the rules between fields. Called by
-    `train` (fresh and on --resume), by `suite` for every run before the first trains, and by
-    `tune`; `world` is the number of torchrun processes. Returns `config` unchanged."""
+    """Every field against its type and limits, then the rules between fields (`world`: the
+    number of torchrun processes). Returns `config` unchanged."""
     for key, value in config.to_dict().items():
         _check_limits(key, _coerce(key, value, where), where)
     rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
@@ -510,10 +506,8 @@ def _shaped(config: TrainConfig, epochs: int) -> TrainConfig:
     epochs = max(epochs, 2) if staged else epochs
     values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
     for key in ("freeze_epochs", "whiten_bias_epochs"):
-        old, last = (
-            getattr(config, key),
-            epochs - 1 if key == "freeze_epochs" and staged else epochs,
-        )
+        old = getattr(config, key)
+        last = epochs - 1 if key == "freeze_epochs" and staged else epochs
         values[key] = max(1, min(last, round(old * ratio))) if old else 0
     return dataclasses.replace(config, **values)
 

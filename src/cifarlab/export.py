@@ -47,7 +47,7 @@ def metadata(ckpt: dict, loaded: LoadedModel) -> dict:
     tv = {"builder": builder, "stem": loaded.args.stem, "input_size": loaded.args.input_size}
     return {
         "classes": list(loaded.classes),
-        "image_size": loaded.image_size,
+        "image_size": loaded.args.image_size,
         "mean": list(ckpt["mean"]),
         "std": list(ckpt["std"]),
         "temperature": loaded.temperature,
@@ -75,14 +75,13 @@ def default_output(model: str, fmt: str) -> Path:
 def check_out(out: Path, source: Path, force: bool, suffix: str = "") -> None:
     """One line, before any work, for an --out that would lose a file, cannot be written or (with
     `suffix`) does not end in it: `predict` tells the formats apart by their suffix."""
-    if out.exists() and out.resolve() == source.resolve():
-        raise UserError(f"--out {out} is the checkpoint being exported; pick another file")
-    if (
-        out.exists()
-        and out.parent.resolve() == source.parent.resolve()
-        and out.name in rundir.RUN_FILES
+    if out.exists() and (
+        out.resolve() == source.resolve()
+        or (out.parent.resolve() == source.parent.resolve() and out.name in rundir.RUN_FILES)
     ):
-        raise UserError(f"--out {out} is a file of the run being exported; pick another file")
+        raise UserError(
+            f"--out {out} is the checkpoint being exported or a file of its run; pick another file"
+        )
     rundir.check_out(out, folder=False)
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; add --force to overwrite it")
@@ -116,7 +115,7 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
         _export_safetensors(loaded.model, out, meta)
         return out
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
-    example = torch.rand(2, 3, loaded.image_size, loaded.image_size)
+    example = torch.rand(2, 3, loaded.args.image_size, loaded.args.image_size)
     with _replaced_when_complete(out) as tmp:
         if fmt == "onnx":
             _export_onnx(net, example, tmp, meta)

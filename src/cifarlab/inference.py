@@ -81,10 +81,6 @@ class LoadedModel:
     args: ModelArgs
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); see calibration
 
-    @property
-    def image_size(self) -> int:
-        return self.args.image_size
-
 
 def _ema_state(ckpt: dict) -> dict:
     if ckpt.get("ema") is None:

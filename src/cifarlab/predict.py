@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ class Predictor:
     def __init__(self, model_path: str, device: str = "auto"):
         self.device = pick_device(device, "device='cpu'")
         loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
-        self.classes, self.size = loaded.classes, loaded.image_size
+        self.classes, self.size = loaded.classes, loaded.args.image_size
         self.model, self.normalize = loaded.model, loaded.normalize
         self.temperature = loaded.temperature
 
@@ -76,22 +77,25 @@ def _read_meta(predictor, meta: str | bytes | dict, where: str, required=("class
 
 
 def _json_value(value):
-    if not isinstance(value, str):
-        return value
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # a plain string, or not a string at all
         return json.loads(value)
-    except ValueError:
-        return value
+    return value
 
 
 class _ExportedPredictor:
-    """Shared by the exported formats with normalisation inside: batches of [0, 1] floats in;
-    `model` a torch program (pt2, TorchScript), ONNX overrides `_logits`."""
+    """The exported formats, normalisation inside: batches of [0, 1] floats in. A torch program
+    (pt2, TorchScript) comes from the subclass's `_load`, its metadata from the `cifarlab.json`
+    file inside; ONNX overrides `__init__` and `_logits`."""
 
-    classes: list[str]
-    size: int
-    temperature: float
-    model: torch.nn.Module
+    def __init__(self, path: str):
+        extra = {"cifarlab.json": ""}
+        try:
+            self.model = self._load(path, extra)
+        except Exception as exc:
+            raise UserError(
+                f"{path}: not a loadable {self.kind} ({first_line(exc)}){self.advice}"
+            ) from None
+        _read_meta(self, extra["cifarlab.json"] or "{}", path)
 
     @torch.inference_mode()
     def _logits(self, batch: np.ndarray) -> np.ndarray:
@@ -126,18 +130,13 @@ class OnnxPredictor(_ExportedPredictor):
 
 
 class Pt2Predictor(_ExportedPredictor):
-    """An exported `torch.export` program (`.pt2`, normalisation inside)."""
+    """An exported `torch.export` program (`.pt2`)."""
 
-    def __init__(self, path: str):
-        extra = {"cifarlab.json": ""}
-        try:
-            self.model = torch.export.load(path, extra_files=extra).module()
-        except Exception as exc:
-            raise UserError(
-                f"{path}: not a loadable torch.export program ({first_line(exc)}); "
-                "export it again with cifarlab export --format pt2"
-            ) from None
-        _read_meta(self, extra["cifarlab.json"] or "{}", path)
+    kind, advice = "torch.export program", "; export it again with cifarlab export --format pt2"
+
+    @staticmethod
+    def _load(path: str, extra: dict) -> torch.nn.Module:
+        return torch.export.load(path, extra_files=extra).module()
 
 
 class SafetensorsPredictor(Predictor):
@@ -172,15 +171,11 @@ class SafetensorsPredictor(Predictor):
 class TorchScriptPredictor(_ExportedPredictor):
     """A TorchScript file (`.ts`): read, no longer written (`export.DROPPED`)."""
 
-    def __init__(self, path: str):
-        extra = {"cifarlab.json": ""}
-        try:
-            self.model = torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
-        except Exception as exc:
-            raise UserError(
-                f"{path}: not a loadable TorchScript file ({first_line(exc)})"
-            ) from None
-        _read_meta(self, extra["cifarlab.json"] or "{}", path)
+    kind, advice = "TorchScript file", ""
+
+    @staticmethod
+    def _load(path: str, extra: dict) -> torch.nn.Module:
+        return torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
 
 
 PREDICTORS = {  # file suffix -> reader; anything else is a run directory or checkpoint
@@ -192,7 +187,6 @@ PREDICTORS = {  # file suffix -> reader; anything else is a run directory or che
 
 
 def load_predictor(model: str):
-    """By file type (`PREDICTORS`), else a run directory or checkpoint."""
     return PREDICTORS.get(Path(model).suffix.lower(), Predictor)(model)
 
 

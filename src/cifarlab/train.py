@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -110,30 +111,25 @@ class EpochStats:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and exits 130/143."""
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT/SIGTERM set `received` and `exit_code` (130/143); the loop finishes its step,
+    saves and exits with that code."""
+    stop = SimpleNamespace(received=None, exit_code=0)
 
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.received is not None:  # a second Ctrl-C means now
+    def handle(signum, _frame):
+        if stop.received is not None:  # a second Ctrl-C means now
             raise KeyboardInterrupt
-        self.received = signum
+        stop.received, stop.exit_code = signum, 130 if signum == signal.SIGINT else 143
 
-    @property
-    def exit_code(self) -> int:
-        return 130 if self.received == signal.SIGINT else 143
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            old[sig] = signal.signal(sig, handle)
+    try:
+        yield stop
+    finally:
+        for sig, handler in old.items():
             signal.signal(sig, handler)
 
 
@@ -151,7 +147,8 @@ def train(
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
     validate_config(config, "config", d.world)
-    if ckpt is not None and _finished(ckpt) and (run_dir / "result.json").is_file():
+    finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
+    if finished and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
     spent = time.perf_counter() - started
     if config.time_budget and ckpt is None and spent >= config.time_budget:
@@ -165,16 +162,14 @@ def train(
     with (
         lock,
         removed_if_unstarted(run_dir, created),  # bad data, a budget too short: no empty --out
-        _StopSignals() as stop,
+        _stop_signals() as stop,
         open_trackers(config, run_dir, d.main) as tracker,
     ):
         run, plan = _built(config, ckpt, started, d, stop, log)
-        config = run.config  # resolved: input size, precision, length
         saver = Checkpointer(run_dir, enabled=d.main)
-        first, step, stats = _start(run, ckpt, saver, log)
+        epoch, step, stats = _start(run, ckpt, saver, log)
         history = read_metrics(run_dir / "metrics.csv") if d.main else []
-        tracker.start(run.config, history)
-        epoch = first
+        tracker.start(run.config, history)  # resolved: input size, precision, length
         while epoch < run.config.epochs:  # a time budget's correction may change the count
             t_epoch = time.perf_counter()
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
@@ -277,10 +272,6 @@ def _refuse_over_results(run_dir: Path) -> None:
         )
 
 
-def _finished(ckpt: dict) -> bool:
-    return ckpt["next_step"] == 0 and ckpt["epoch"] >= ckpt["config"]["epochs"]
-
-
 def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
     """A finished run resumed: nothing to train; its own figures, read back from its files."""
     saved = json.loads((run_dir / "result.json").read_text())
@@ -337,9 +328,8 @@ def train_one_epoch(
     apply_freeze(run, epoch, log)
     if stats.lr is None:
         stats.lr = run.peak_lr()
-    check_every = (
-        1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
-    )  # a sync costs on CUDA
+    # how often the loss is checked: each check waits for the device (a cost on CUDA)
+    check_every = 1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
     bar = _progress(run, epoch, start_step)
     t0, cpu0 = time.perf_counter() - stats.seconds, time.process_time()
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
@@ -352,7 +342,7 @@ def train_one_epoch(
         checked = (step + 1) % check_every == 0 or step == last_step - 1
         why = _diverging(run, loss) if checked else ""
         if why:
-            _non_finite(run, c, stats, f"{why} at epoch {epoch + 1} step {step + 1}", saver)
+            _non_finite(run, stats, f"{why} at epoch {epoch + 1} step {step + 1}", saver)
             continue
         optimizer_step(run, epoch * n + step + 1)
         if step == start_step == 0:
@@ -416,9 +406,9 @@ def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
     return ""
 
 
-def _non_finite(run: TrainingRun, c: TrainConfig, stats: EpochStats, where: str, saver) -> None:
+def _non_finite(run: TrainingRun, stats: EpochStats, where: str, saver) -> None:
     """A diverging batch: stop (`on_nan: stop`), or skip it, the schedule moving on."""
-    if c.on_nan != "skip":
+    if run.config.on_nan != "skip":
         kept = Path(saver.last)
         kept = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint saved yet"
         raise TrainingFailed(
@@ -455,13 +445,13 @@ class _Eta:
     AFTER = 10  # steps timed before the estimate, after the first
 
     def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
-        self.run, self.log, self.first = run, log, start_step
+        self.run, self.log = run, log
         # once per run, from its first epoch; a time budget has said its own estimate
         self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
         self.t0 = time.perf_counter()
 
     def tick(self, step: int) -> None:  # after step `step`, counted from 1
-        timed = step - self.first - 1  # the first step warms up: allocations, cuDNN's autotuning
+        timed = step - 1  # the first step warms up: allocations, cuDNN's autotuning
         if self.done or 0 < timed < self.AFTER:
             return
         synchronize(self.run.hw.device)
@@ -476,13 +466,10 @@ class _Eta:
         scored = len(self.run.val_labels) + (0 if test is None else len(test))
         val_steps = scored / max(1, c.batch_size) / 3
         total = per_step * (total_steps(c, n) + val_steps * c.epochs)
+        took = f"{total / 60:.0f} min" if total >= 120 else f"{total:.0f} s"
         self.log(
-            f"expected: about {_human(total)} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
+            f"expected: about {took} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
         )
-
-
-def _human(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 @torch.inference_mode()
@@ -565,11 +552,10 @@ def _finish(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
     if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
-        known = None if run.ema is not None else (run.model.state_dict(), run.val_logits)
-        val = ValSet(
-            run.val_images, run.val_labels, run.hw, run.config.eval_batch_size,
-            None if run.val_logits is None else known,
-        )  # fmt: skip
+        # the latest validation's logits, when they are those of `run.model` (with EMA: the EMA's)
+        mine = run.ema is None and run.val_logits is not None
+        known = (run.model.state_dict(), run.val_logits) if mine else None
+        val = ValSet(run.val_images, run.val_labels, run.hw, c.eval_batch_size, known)
         with phase("temperature fits"):
             calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
     with phase("test pass"):

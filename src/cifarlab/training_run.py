@@ -134,11 +134,8 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         )
     total = total_steps(config, len(batches))
     scheduler = _scheduler(config, optimizer, len(batches))
-    ema = None
-    if config.ema:
-        ema = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-        )
+    average = get_ema_multi_avg_fn(config.ema_decay)
+    ema = AveragedModel(model, multi_avg_fn=average, use_buffers=True) if config.ema else None
     lookahead = None
     if config.lookahead:
         lookahead = Lookahead(model, config.lookahead_every, config.lookahead_decay, total)
@@ -165,22 +162,17 @@ def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
     )  # fmt: skip
 
 
-def relength(run: TrainingRun, config: TrainConfig) -> None:
-    """A run that has not stepped given `config`'s length (its only difference): a schedule and
-    lookahead as `build_run` makes them."""
-    run.config = config
-    run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
-    if run.lookahead is not None:
-        run.lookahead.total = total_steps(config, len(run.batches))
-
-
 def retarget(run: TrainingRun, config: TrainConfig) -> None:
-    """A live run given `config`'s length (a time budget's correction): the schedule's rest is
-    spread over the steps left from the lr it has now; the lookahead ends at the new last step."""
-    run.config = config
-    stretch(run.scheduler, total_steps(config, len(run.batches)))
+    """`run` given `config`'s length (a time budget's plan, or its correction): before the first
+    step a schedule as `build_run` makes one; later the schedule's rest spread over the steps
+    left, from the lr it has now. The lookahead ends at the new last step."""
+    run.config, total = config, total_steps(config, len(run.batches))
+    if run.scheduler.last_epoch == 0:
+        run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
+    else:
+        stretch(run.scheduler, total)
     if run.lookahead is not None:
-        run.lookahead.total = total_steps(config, len(run.batches))
+        run.lookahead.total = total
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:

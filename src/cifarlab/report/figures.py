@@ -102,34 +102,22 @@ def mistakes(groups: list[tuple[str, list[dict]]], path: Path) -> None:
     _save(fig, path)
 
 
-def _reliability_panel(ax, calib: dict, title: str) -> None:
-    edges = np.asarray(calib["edges"])
-    centers = (edges[:-1] + edges[1:]) / 2
-    acc = np.asarray([a if a is not None else np.nan for a in calib["accuracy"]])
-    ax.bar(centers, np.nan_to_num(acc), width=edges[1] - edges[0], edgecolor="k",
-           color="#4f81bd", label="accuracy")  # fmt: skip
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE {calib['ece']:.3f})")
-    ax.legend(loc="upper left")
-
-
 def reliability(calib: dict, path: Path, before: dict | None = None, temperature: float = 1.0):
     """The reliability diagram; with `before` (the uncalibrated probabilities) both, side by side."""
     panels = [(before, "Before (T = 1)"), (calib, f"After (T = {temperature:.2f})")]
     panels = panels if before is not None else [(calib, "Reliability")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (data, title) in zip(axes[0], panels, strict=True):
-        _reliability_panel(ax, data, title)
+        edges = np.asarray(data["edges"])
+        acc = np.asarray([a if a is not None else np.nan for a in data["accuracy"]])
+        ax.bar((edges[:-1] + edges[1:]) / 2, np.nan_to_num(acc), width=edges[1] - edges[0],
+               edgecolor="k", color="#4f81bd", label="accuracy")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{title} (ECE {data['ece']:.3f})")
+        ax.legend(loc="upper left")
     _save(fig, path)
-
-
-def _epoch_axis(ax) -> None:
-    """Whole epochs only: matplotlib's default ticks a 5-epoch run at 1.5, 2.0, 2.5."""
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
 
 
 def curves(rows: list[dict], path: Path) -> None:
@@ -165,7 +153,9 @@ def _runs_panel(ax, runs: list[tuple], key: str, label: str) -> None:
         if len(values) > 1:  # seeds: the band spans their min and max
             ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
         drawn += 1
-    _epoch_axis(ax)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # not 1.5, 2.0, 2.5 for 5 epochs
+    ax.grid(alpha=0.3)
     ax.set_ylabel(label)
     if drawn:
         ax.legend(fontsize=8)
