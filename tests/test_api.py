@@ -152,6 +152,9 @@ def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
         model.predict(np.full((32, 32, 3), np.nan))
     with pytest.raises(UserError, match="dtype bool"):
         model.predict(np.zeros((32, 32, 3), bool))
+    for empty in (np.zeros((0, 0)), np.zeros((0, 5, 3), np.uint8), torch.zeros(3, 0, 0)):
+        with pytest.raises(UserError, match="empty image"):
+            model.predict(empty)
     with pytest.raises(UserError, match="k=0; give a whole number >= 1"):
         model.top_k(np.zeros((32, 32, 3), np.uint8), k=0)
     half = torch.rand(3, 32, 32)  # bf16 tensors (numpy has no bf16) are read as their floats

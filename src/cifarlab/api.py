@@ -149,11 +149,13 @@ def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
         raise UserError(
             f"image of shape {image.shape}: expected HxW, HxWx3 or HxWx4 (arrays) or 3xHxW (tensors)"
         )
+    if image.size == 0:
+        raise UserError(f"empty image of shape {image.shape}: give an image at least 1x1 pixel")
     if image.dtype == np.uint8:
         return image
     if image.dtype.kind not in "uif":
         raise UserError(f"image of dtype {image.dtype}: expected uint8 0..255 or floats in 0..1")
-    if image.size and not np.isfinite(image).all():
+    if not np.isfinite(image).all():
         raise UserError(
             "image with NaN or infinite values: expected uint8 0..255 or floats in 0..1"
         )

@@ -182,7 +182,6 @@ def default_data_root() -> Path:
 
 
 def data_root(config: TrainConfig) -> Path:
-    """Where `config`'s datasets and caches live: `data_root`, else the default."""
     return Path(config.data_root).expanduser() if config.data_root else default_data_root()
 
 

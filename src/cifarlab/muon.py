@@ -52,20 +52,18 @@ class MuonSGD(torch.optim.Optimizer):
 
 
 def _momentum(params, grads, group, state) -> list[torch.Tensor]:
-    """The momentum buffers updated with `grads` (a buffer starts as its first gradient, as in
-    torch.optim.SGD); the step direction (Nesterov: gradient + momentum x buffer)."""
+    """The momentum buffers updated with `grads`, the step direction (Nesterov: gradient +
+    momentum x buffer). A new buffer starts at zero, so it holds its first gradient exactly, as
+    torch.optim.SGD's does (a parameter that starts training later has none before)."""
     momentum = group["momentum"]
     if not momentum:
         return grads
-    pairs = zip(params, grads, strict=True)
-    held = [(state[p]["momentum_buffer"], g) for p, g in pairs if "momentum_buffer" in state[p]]
-    if held:  # (a parameter that starts training later, e.g. after a frozen backbone, has none)
-        torch._foreach_mul_([b for b, _ in held], momentum)
-        torch._foreach_add_([b for b, _ in held], [g for _, g in held])
-    for p, g in zip(params, grads, strict=True):
+    for p in params:
         if "momentum_buffer" not in state[p]:
-            state[p]["momentum_buffer"] = g.detach().clone()
+            state[p]["momentum_buffer"] = torch.zeros_like(p)
     bufs = [state[p]["momentum_buffer"] for p in params]
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
     return torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
 
 

@@ -394,13 +394,11 @@ def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
     EXPLODED times a uniform guess's; here or, under torchrun, on another rank, whose NaN
     gradients the backward's all-reduce has already spread: every rank then skips or stops together."""
     value, limit = loss.item(), EXPLODED * math.log(max(2, len(run.splits.classes)))
-    why = (
-        "non-finite loss"
-        if not math.isfinite(value)
-        else f"loss {value:.4g} (over {limit:.0f}, {EXPLODED}x a uniform guess's)"
-        if value > limit
-        else ""
-    )
+    why = ""
+    if not math.isfinite(value):
+        why = "non-finite loss"
+    elif value > limit:
+        why = f"loss {value:.4g} (over {limit:.0f}, {EXPLODED}x a uniform guess's)"
     if all_sum([float(bool(why))], run.dist, run.hw.device)[0] > 0:
         return why or "a diverging loss on another rank"
     return ""
@@ -517,11 +515,8 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
         append_metrics(saver.run_dir / "metrics.csv", row)
     with phase("checkpoint writes (each epoch)"):
         improved = saver.save(checkpoint_state(run, epoch + 1), val_acc)
-    val = (
-        "no validation"
-        if val_acc is None
-        else f"val loss {val_loss:.3f} acc {val_acc:.1%}{' *' if improved else ''}"
-    )
+    star = " *" if improved else ""
+    val = "no validation" if val_acc is None else f"val loss {val_loss:.3f} acc {val_acc:.1%}{star}"
     if test_acc is not None:
         val += f"  test loss {test_loss:.3f} acc {test_acc:.1%}"
     skipped = f"  ({stats.nan_skipped} diverging batches skipped)" if stats.nan_skipped else ""

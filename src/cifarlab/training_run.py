@@ -176,7 +176,6 @@ def retarget(run: TrainingRun, config: TrainConfig) -> None:
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimiser steps in the whole run: `train_steps` when set, else whole epochs."""
     return config.train_steps or config.epochs * steps_per_epoch
 
 
@@ -346,23 +345,19 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
     c = run.config
     set_trainable(run.model, c, run.fixed, epoch)
     if c.freeze == "backbone" and epoch == 0:
-        log(_staged_plan(c))
+        fresh = ""
+        if c.model.startswith("tv-resnet") and c.stem == "cifar":
+            fresh = (
+                "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and "
+                "stays random until then"
+            )
+        log(
+            f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is "
+            f"frozen (weights and BatchNorm statistics){fresh}; all layers train from epoch "
+            f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+        )
     if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
-
-
-def _staged_plan(c: TrainConfig) -> str:
-    fresh = (
-        "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and stays "
-        "random until then"
-        if c.model.startswith("tv-resnet") and c.stem == "cifar"
-        else ""
-    )
-    return (
-        f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is frozen "
-        f"(weights and BatchNorm statistics){fresh}; all layers train from epoch "
-        f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
-    )
 
 
 def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:
