@@ -210,18 +210,24 @@ def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.
         "expected_calibration_error": calib["ece"],
         "tta_accuracy": None,
         "tta": opts.tta,
-        "per_class": {  # a class with no images here has no accuracy, recall or f1 (null)
-            c: {
-                k: int(v[i]) if k == "support" else None if _undefined(k, pc, i) else float(v[i])
-                for k, v in pc.items()
-            }
-            for i, c in enumerate(classes)
-        },
+        "per_class": {c: _class_entry(pc, i) for i, c in enumerate(classes)},
         "most_confused": metrics.most_confused(cm, classes),
         "most_confused_pairs": metrics.most_confused_pairs(cm, classes),
         "calibration": calib,
-        **_temperature_entries(loaded.temperature, logits, y, opts.split),
+        "temperature": loaded.temperature,
     }
+    if loaded.temperature == 1.0:
+        report["calibration_note"] = (
+            "not calibrated: cifarlab calibrate RUN fits a temperature on the validation split"
+        )
+    else:  # the uncalibrated ECE and bins beside the calibrated ones
+        before = metrics.calibration(torch.softmax(logits, 1).cpu().numpy(), y)
+        report.update(expected_calibration_error_before=before["ece"], calibration_before=before)
+        if opts.split == "val":
+            report["calibration_note"] = (
+                "the temperature was fitted on this validation split, so the ECE after it is "
+                "in-sample; --split test (or --data) measures it on held-out images"
+            )
     if opts.tta != "none":
         tta_logits = predict_logits(
             loaded.model, images, loaded.normalize, opts.batch_size, opts.tta
@@ -280,30 +286,10 @@ def _training_entry(rows: list[dict]) -> dict:
     return entry
 
 
-def _undefined(key: str, pc: dict, i: int) -> bool:
-    return key in ("accuracy", "recall", "f1") and pc["support"][i] == 0
-
-
-def _temperature_entries(temperature: float, logits: torch.Tensor, y: np.ndarray, split: str):
-    """The report's temperature, and the uncalibrated ECE and bins beside the calibrated ones."""
-    if temperature == 1.0:
-        return {
-            "temperature": 1.0,
-            "calibration_note": "not calibrated: cifarlab calibrate RUN fits a temperature "
-            "on the validation split",
-        }
-    before = metrics.calibration(torch.softmax(logits, 1).cpu().numpy(), y)
-    entries = {
-        "temperature": temperature,
-        "expected_calibration_error_before": before["ece"],
-        "calibration_before": before,
-    }
-    if split == "val":
-        entries["calibration_note"] = (
-            "the temperature was fitted on this validation split, so the ECE after it is "
-            "in-sample; --split test (or --data) measures it on held-out images"
-        )
-    return entries
+def _class_entry(pc: dict, i: int) -> dict:
+    """One class's figures; with no images of it here, no accuracy, recall or f1 (null)."""
+    entry = {k: int(v[i]) if k == "support" else float(v[i]) for k, v in pc.items()}
+    return entry | (dict.fromkeys(("accuracy", "recall", "f1")) if not entry["support"] else {})
 
 
 def _write_files(report, data, probs, groups, rows, out: Path) -> None:

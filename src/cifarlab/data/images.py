@@ -8,6 +8,8 @@ from pathlib import Path, PurePath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cifarlab.errors import first_line
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 # 16-bit grayscale PNGs open as I;16 (or I); Pillow's convert("RGB") clips them to 255, so they
 # are scaled to 8 bits first.
@@ -46,8 +48,7 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
             img.load()  # decode now, so a truncated file fails here and not later
             return image_array(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).split("\n")[0] or type(exc).__name__
-        raise BadImage(f"{name}: not a readable image ({reason})") from None
+        raise BadImage(f"{name}: not a readable image ({first_line(exc)})") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"{name}: image too large ({exc})") from None
 

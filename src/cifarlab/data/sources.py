@@ -265,12 +265,9 @@ def _load_folder_split(
     images, good, bad = _decode_all(files, size, on_bad, desc)
     if not good:
         raise UserError(f"{folder}: none of its {len(files)} images could be read")
-    idx = np.asarray(good, dtype=np.int64)
-    root = folder.parent
-    paths = [printable(files[i].relative_to(root)) for i in good]
-    return ImageSet(
-        images[idx], np.asarray(labels, dtype=np.int64)[idx], classes, paths
-    ), skipped + bad
+    paths = [printable(files[i].relative_to(folder.parent)) for i in good]
+    labels = np.asarray(labels, dtype=np.int64)[good]
+    return ImageSet(images[good], labels, classes, paths), skipped + bad
 
 
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:

@@ -46,14 +46,6 @@ def cards(pairs: list[tuple[str, str]]) -> str:
     )
 
 
-def _ece_card(r: dict) -> str:
-    if "expected_calibration_error_before" in r:
-        return (
-            f"{r['expected_calibration_error_before']:.3f} → {r['expected_calibration_error']:.3f}"
-        )
-    return f"{r['expected_calibration_error']:.3f}"
-
-
 def _note(text: str | None) -> str:
     return f'<p class="note">{html.escape(text)}</p>' if text else ""
 
@@ -104,9 +96,12 @@ def _test_note(r: dict) -> str:
 
 def write_report(report: dict, config: dict, out: Path) -> Path:
     r = report
+    ece = f"{r['expected_calibration_error']:.3f}"
+    if "expected_calibration_error_before" in r:
+        ece = f"{r['expected_calibration_error_before']:.3f} → {ece}"
     figures = [
         ("accuracy", f"{r['accuracy']:.2%}"), ("top-5", f"{r['top5_accuracy']:.2%}"),
-        ("mean loss", f"{r['mean_loss']:.3f}"), ("ECE", _ece_card(r)),
+        ("mean loss", f"{r['mean_loss']:.3f}"), ("ECE", ece),
         ("images", f"{r['num_images']:,}"),
     ]  # fmt: skip
     if r.get("tta_accuracy") is not None:
@@ -140,7 +135,7 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
     curves = (
         _img(out / "curves.png", "training curves") + _test_note(r)
         if (out / "curves.png").exists()
-        else f'<p class="note">{html.escape(r.get("curves_note", "no curves"))}</p>'
+        else _note(r.get("curves_note", "no curves"))
     )
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>cifarlab report — {r["accuracy"]:.2%}</title><style>{CSS}</style></head><body>
