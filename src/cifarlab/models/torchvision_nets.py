@@ -109,7 +109,8 @@ def _load(net: nn.Module, arch: str, state: dict) -> None:
 
         state = interpolate_embeddings(net.image_size, net.patch_size, state)
     elif arch in BUILDER_KWARGS:  # ImageNet weights include the auxiliary heads built without
-        state = {k: v for k, v in state.items() if k in net.state_dict()}
+        ours = net.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in ours}
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
