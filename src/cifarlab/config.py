@@ -493,33 +493,26 @@ def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
     """`config` trained for `epochs` (a fixed length: any time budget is dropped), its
     epoch-based settings scaled in proportion, so that a shorter run keeps the schedule's shape
     (warm-up, freeze, whitening-bias) and still anneals."""
-    return dataclasses.replace(_shaped(config, epochs), time_budget=0.0, train_steps=0)
+    return dataclasses.replace(with_steps(config, epochs, 1), time_budget=0.0, train_steps=0)
 
 
-def _shaped(config: TrainConfig, epochs: int) -> TrainConfig:
-    """A staged run (`freeze: backbone`) keeps at least one head-only and one fine-tune epoch,
-    two epochs at the least: shortened until the backbone never unfroze, it would compare a
-    linear probe with fine-tuning under the fine-tuning arm's name."""
+def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
+    """`config` stopped after `steps` optimiser steps (the last epoch may be partial), its
+    epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`)
+    keeps at least one head-only and one fine-tune epoch, two epochs at the least: shortened
+    until the backbone never unfroze, it would compare a linear probe with fine-tuning under
+    the fine-tuning arm's name."""
+    epochs = max(1, math.ceil(steps / steps_per_epoch))
     ratio = epochs / config.epochs
     staged = config.freeze == "backbone" and config.freeze_epochs > 0
     epochs = max(epochs, 2) if staged else epochs
-    values = {"epochs": epochs, "warmup_epochs": round(config.warmup_epochs * ratio, 4)}
+    warmup = config.warmup_epochs * (steps / steps_per_epoch / config.epochs)
+    values = {"epochs": epochs, "train_steps": steps, "warmup_epochs": round(warmup, 4)}
     for key in ("freeze_epochs", "whiten_bias_epochs"):
         old = getattr(config, key)
         last = epochs - 1 if key == "freeze_epochs" and staged else epochs
         values[key] = max(1, min(last, round(old * ratio))) if old else 0
     return dataclasses.replace(config, **values)
-
-
-def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
-    """`config` stopped after `steps` optimiser steps (the last epoch may be partial), shaped
-    as `with_epochs` shapes a whole number of epochs."""
-    epochs = max(1, math.ceil(steps / steps_per_epoch))
-    shaped = _shaped(config, epochs)
-    ratio = steps / steps_per_epoch / config.epochs
-    return dataclasses.replace(
-        shaped, train_steps=steps, warmup_epochs=round(config.warmup_epochs * ratio, 4)
-    )
 
 
 def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:

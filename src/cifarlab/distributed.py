@@ -46,15 +46,6 @@ def all_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def from_rank0(value: float, d: Dist, device: torch.device) -> float:
-    """Rank 0's `value` on every rank: a decision that timing makes (bf16 or fp32) must be one."""
-    if not d.active:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return t.item()
-
-
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()

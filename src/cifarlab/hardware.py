@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cifarlab.config import TrainConfig, default_data_root
-from cifarlab.distributed import from_rank0
+from cifarlab.distributed import all_sum
 from cifarlab.errors import UserError
 from cifarlab.memory import ENV
 from cifarlab.models import create_model
@@ -96,8 +96,8 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
         torch.backends.cudnn.allow_tf32 = True
     speedup = None
     if d is not None and d.active:
-        # rank 0 alone times (and writes the kept file); the others take its answer
-        speedup = lambda: from_rank0(bf16_speedup() if d.main else 0.0, d, device)  # noqa: E731
+        # rank 0 alone times (and writes the kept file); the others add 0 and take its answer
+        speedup = lambda: all_sum([bf16_speedup() if d.main else 0.0], d, device)[0]  # noqa: E731
     amp, reason = choose_amp(config.amp, device, speedup=speedup)
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")

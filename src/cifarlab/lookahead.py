@@ -18,19 +18,13 @@ class Lookahead:
             k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
         }
 
-    def pull(self, step: int) -> float | None:
-        """How much of the slow copy stays after global step `step` (1-based); None = no update."""
-        if step >= self.total:
-            return 1.0
-        if step % self.every:
-            return None
-        return self.decay**self.every * (step / self.total) ** 3
-
     @torch.no_grad()
     def after_step(self, model: torch.nn.Module, step: int) -> None:
-        keep = self.pull(step)
-        if keep is None:
+        """After global step `step` (1-based): every `every` steps, and at the last, the slow copy
+        keeps `keep` of itself and takes the rest from the live weights, which are reset onto it."""
+        if step < self.total and step % self.every:
             return
+        keep = 1.0 if step >= self.total else self.decay**self.every * (step / self.total) ** 3
         for name, value in model.state_dict().items():
             if name in self.slow:
                 self.slow[name].lerp_(value, 1.0 - keep)
