@@ -77,7 +77,7 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
     monkeypatch.setattr(budget, "_step_seconds", fake_step)
     timings = budget.measure(run)
     assert trains == [True, False] * 4  # alternating: 1 warm-up + 3 timed steps each
-    assert (timings.step, timings.later) == (0.5, 0.4)
+    assert (timings.step, timings.settled) == (0.5, 0.4)
     first = budget.early_steps(config, 12)
     assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3
 

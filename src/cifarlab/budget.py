@@ -38,10 +38,6 @@ class Timings:
     settled: float = 0.0  # seconds per step from `settling_epoch` on (0: as `step`), e.g.
     # fastnet's steps are ~10% cheaper once its whitening bias stops; a frozen backbone's dearer
 
-    @property
-    def later(self) -> float:
-        return self.settled or self.step
-
 
 def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     """Median seconds of the run's own step (`step.train_step` and `optimizer_step`: its
@@ -213,11 +209,11 @@ def fit_to_budget(run, started: float, log) -> Plan:
     per_epoch = (n_val + n_test) * timings.val_image  # each epoch scores val and test
     final = timings.val_image * final_images(c, n_val, n_test)
     left = c.time_budget - (time.perf_counter() - started)
-    first = early_steps(c, n)
-    steps = plan_steps(timings.step, per_epoch, left, n, final, timings.later, first)
+    first, later = early_steps(c, n), timings.settled or timings.step
+    steps = plan_steps(timings.step, per_epoch, left, n, final, later, first)
     planned = with_steps(c, steps, n)
     early = min(steps, first(planned.epochs))
-    expected = early * timings.step + (steps - early) * timings.later
+    expected = early * timings.step + (steps - early) * later
     expected += planned.epochs * per_epoch + final
     if expected > left:  # not even one step fits: a run that ends late is not what was asked
         need = c.time_budget - left + expected

@@ -54,7 +54,7 @@ def pick_device(name: str, cpu_hint: str = "--set device=cpu") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if _has_mps():
+        if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -68,15 +68,11 @@ def pick_device(name: str, cpu_hint: str = "--set device=cpu") -> torch.device:
         missing = "CUDA is not available here"
     elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         missing = f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-    elif device.type == "mps" and not _has_mps():
+    elif device.type == "mps" and not torch.backends.mps.is_available():
         missing = "MPS (Apple's GPU) is not available here"
     if missing:
         raise UserError(f"device '{name}' asked for, but {missing}; use {cpu_hint}")
     return device
-
-
-def _has_mps() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def setup_hardware(config: TrainConfig, d=None) -> Hardware:
