@@ -30,7 +30,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_old_file_loadable(tmp_path
     )
     assert proc.stdout.readline().strip() == "writing"
     deadline = time.time() + 60
-    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
+    while not any(".tmp" in p.name for p in tmp_path.iterdir()) and time.time() < deadline:
         time.sleep(0.01)  # kill while a temporary file is being filled
     proc.send_signal(signal.SIGKILL)
     proc.wait()

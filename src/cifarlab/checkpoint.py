@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,24 @@ from cifarlab.errors import UserError, first_line
 def atomic_save(obj: Any, path: Path) -> None:
     """Write `obj` so that `path` holds either the old file or the complete new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with replaced_when_complete(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def replaced_when_complete(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed onto `path` (durably) only if the write
+    succeeded, and removed in any case."""
+    # the suffix stays last: torch.export.save warns about an archive not ending in .pt2
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:

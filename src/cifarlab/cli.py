@@ -29,10 +29,6 @@ class _Help(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Help)
-        super().__init__(*args, **kwargs)
-
     def error(self, message: str):  # one line and exit 2, like every other bad input
         raise UserError(f"{self.prog}: {message} (see --help)")
 
@@ -232,10 +228,9 @@ def cmd_suite(args) -> int:
         raise UserError("suite: NAME, --data and --out are required (or --list)")
     if args.seed is not None:
         raise UserError("suite: give seeds with --seeds (e.g. --seeds 0,1,2), not --seed")
-    overrides = run_overrides(args)
-    weights = overrides.pop("weights", "")  # --weights or --set weights=: the pretrained arms only
+    overrides = run_overrides(args)  # --weights or --set weights=: the pretrained runs only
     opts = SuiteOptions(
-        args.out, args.seeds, args.only, overrides, args.epochs, args.budget, args.recipe, weights
+        args.out, args.seeds, args.only, overrides, args.epochs, args.budget, args.recipe
     )
     rows = run_suite(args.name, opts)
     failed = [r["run"] for r in rows if str(r.get("status", "")).startswith("cannot start")]
@@ -293,15 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    shared = {"parents": [common], "formatter_class": _Help}  # every parser's
     parser = _Parser(
         prog="cifarlab", description="Train, analyse and compare small-image classifiers.",
-        parents=[common],
+        **shared,
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     for name, (about, add_flags, _run) in _COMMANDS.items():
-        add_flags(sub.add_parser(name, help=about, description=about, parents=[common]))
+        add_flags(sub.add_parser(name, help=about, description=about, **shared))
     return parser
 
 

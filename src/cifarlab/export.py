@@ -5,16 +5,14 @@ metadata of each format are in docs/guide.md (`cifarlab export`)."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cifarlab import rundir
-from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
+from cifarlab.checkpoint import load_checkpoint, replaced_when_complete, resolve_checkpoint
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.torchvision_nets import ARCHS
@@ -110,33 +108,24 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
         check_out(sidecar(out), source, force)
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
-    meta = metadata(ckpt, loaded)
+    try:
+        _write(fmt, loaded, metadata(ckpt, loaded), out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
+    return out
+
+
+def _write(fmt: str, loaded: LoadedModel, meta: dict, out: Path) -> None:
     if fmt == "safetensors":
-        _export_safetensors(loaded.model, out, meta)
-        return out
+        return _export_safetensors(loaded.model, out, meta)
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
     example = torch.rand(2, 3, loaded.args.image_size, loaded.args.image_size)
-    with _replaced_when_complete(out) as tmp:
+    with replaced_when_complete(out) as tmp:
         if fmt == "onnx":
             _export_onnx(net, example, tmp, meta)
         else:
             program = torch.export.export(net, (example,), dynamic_shapes=(_batch_dim(),))
             torch.export.save(program, tmp, extra_files={"cifarlab.json": json.dumps(meta)})
-    return out
-
-
-@contextmanager
-def _replaced_when_complete(out: Path):
-    """A temporary path beside `out` to write; renamed onto `out` only if the write succeeded."""
-    # the suffix stays last: torch.export.save warns about an archive not ending in .pt2
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _batch_dim() -> dict:
@@ -175,7 +164,7 @@ def sidecar(path: Path) -> Path:
 def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
     save_file = import_extra("safetensors.torch", "safetensors", "safetensors export").save_file
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
-    with _replaced_when_complete(out) as tmp:
+    with replaced_when_complete(out) as tmp:
         save_file(state, str(tmp), metadata={"producer": "cifarlab"})
-    with _replaced_when_complete(sidecar(out)) as tmp:
+    with replaced_when_complete(sidecar(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")

@@ -60,7 +60,6 @@ class SuiteOptions:
     epochs: int | None = None  # every run this long, its epoch-based settings in proportion
     budget: float | None = None  # every run at this fraction of its own epochs, likewise
     recipe: str | None = None  # every run starts from this recipe instead of its own
-    weights: str = ""  # ImageNet weights file for the runs that ask for them (pretrained: true)
 
 
 def list_suites() -> dict[str, str]:
@@ -76,10 +75,11 @@ def load_suite(
     epochs: int | None = None,
     budget: float | None = None,
     recipe_for_all: str | None = None,
-    weights: str = "",
 ) -> Suite:
     """Parse a suite and check every run's config before anything trains. `recipe_for_all`
-    replaces every run's recipe (its `set` on top); `weights` goes to the pretrained runs only."""
+    replaces every run's recipe (its `set` on top); `base`'s `weights` goes to pretrained runs only."""
+    base = dict(base)
+    weights = base.pop("weights", "")
     path = named_yaml(name, SUITE_DIR, "suite", list_suites)
     spec = read_yaml_mapping(path)
     unknown = set(spec) - {"description", "reference", "runs", "cumulative", "examples"}
@@ -140,7 +140,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.train import TrainingFailed, train
 
-    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe, opts.weights)
+    suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe)
     if opts.only and opts.only not in [r.name for r in suite.runs]:
         raise UserError(
             f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
