@@ -47,7 +47,9 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     state is left as it was. Few steps: they are spent out of the budget."""
     rng = torch.get_rng_state()
     run.step_model = run.model  # eager: compiling here would time the compilation
-    batches, flags = _batches(run), [p.requires_grad for p in run.model.parameters()]
+    # batches without end (a tiny data set is walked again)
+    batches = itertools.chain.from_iterable(map(run.batches.epoch, itertools.repeat(0)))
+    flags = [p.requires_grad for p in run.model.parameters()]
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
     times = {epoch: [] for epoch in phases}
@@ -88,12 +90,6 @@ def _put_back(run):
     run.step_model = step_model
     for p, flag in zip(run.model.parameters(), flags, strict=True):
         p.requires_grad_(flag)
-
-
-def _batches(run):
-    """Training batches without end (a tiny data set is walked again)."""
-    while True:
-        yield from run.batches.epoch(0)
 
 
 def _step_seconds(run, batches, global_step: int) -> float:

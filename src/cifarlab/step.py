@@ -14,15 +14,10 @@ from cifarlab.augment import mix_batch
 from cifarlab.config import TrainConfig
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """The one place the loss is decided: cross-entropy on class indices or Mixup/CutMix
-    probabilities, with label smoothing applied here exactly once."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-
-
 def train_step(run, x: torch.Tensor, y: torch.Tensor, rand) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward one batch, in `micro_batch` chunks when set: (mean loss, logits).
-    Mixup/CutMix make soft targets over the whole batch; the loss is `loss_fn`."""
+    Mixup/CutMix make soft targets over the whole batch; the loss is cross-entropy on class
+    indices or those probabilities, in float32, with label smoothing applied here exactly once."""
     c = run.config
     if run.hw.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -40,7 +35,8 @@ def train_step(run, x: torch.Tensor, y: torch.Tensor, rand) -> tuple[torch.Tenso
             with _no_sync(run.step_model, i < len(chunks) - 1):
                 with run.hw.autocast():
                     out = run.step_model(xc)
-                loss = loss_fn(out, tc, c.label_smoothing) * (len(xc) / len(x))
+                loss = F.cross_entropy(out.float(), tc, label_smoothing=c.label_smoothing)
+                loss = loss * (len(xc) / len(x))
                 run.scaler.scale(loss).backward()
             losses.append(loss.detach())
             logits.append(out.detach())

@@ -320,8 +320,9 @@ def train_one_epoch(
     last_step = min(n, total_steps(c, n) - epoch * n)  # a step-limited run ends mid-epoch
     run.model.train()
     apply_freeze(run, epoch, log)
-    if stats.lr is None:
-        stats.lr = run.peak_lr()
+    if stats.lr is None:  # the schedule's lr, whatever the first group's multiplier
+        group = run.optimizer.param_groups[0]
+        stats.lr = group["lr"] / group["lr_mult"]
     # how often the loss is checked: each check waits for the device (a cost on CUDA)
     check_every = 1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
     bar = tqdm(

@@ -67,11 +67,6 @@ class TrainingRun:
     def eval_model(self) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def peak_lr(self) -> float:
-        """The schedule's current lr, whatever the first group's multiplier."""
-        group = self.optimizer.param_groups[0]
-        return group["lr"] / group["lr_mult"]
-
 
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
 
