@@ -80,7 +80,7 @@ def test_suite_recipe_runs_every_arm_on_lesson_cnn_with_its_own_settings_on_top(
 
 
 def test_suite_weights_go_to_the_pretrained_arms_only(imagenet_stand_in, tmp_path):
-    suite = load_suite("exercise-4", {"data": "x"}, weights=str(imagenet_stand_in))
+    suite = load_suite("exercise-4", {"data": "x", "weights": str(imagenet_stand_in)})
     weights = {r.name: r.config.weights for r in suite.runs}
     assert weights == {"scratch": "", "pretrained": str(imagenet_stand_in),
                        "head-then-finetune": str(imagenet_stand_in)}  # fmt: skip
@@ -95,8 +95,11 @@ def test_cli_suite_weights_flag_and_set_weights_never_reach_the_scratch_arm(
     monkeypatch.setattr(suites, "run_suite", lambda name, opts: seen.setdefault("o", opts) and [])
     for flags in (["--weights", str(imagenet_stand_in)], ["--set", f"weights={imagenet_stand_in}"]):
         cli.main(["suite", "exercise-4", "--data", "x", "--out", str(tmp_path / "o"), *flags])
-        opts = seen.pop("o")
-        assert "weights" not in opts.overrides and opts.weights == str(imagenet_stand_in)
+        suite = suites.load_suite("exercise-4", seen.pop("o").overrides)
+        assert {r.name: r.config.weights for r in suite.runs} == {
+            "scratch": "", "pretrained": str(imagenet_stand_in),
+            "head-then-finetune": str(imagenet_stand_in),
+        }  # fmt: skip
 
 
 def test_a_budget_too_short_to_unfreeze_still_fine_tunes_one_epoch(
