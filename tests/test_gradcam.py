@@ -8,7 +8,7 @@ from cifarlab.inference import LoadedModel
 from cifarlab.models import MODELS, ModelArgs, build_model
 
 VARIANTS = [(name, "cifar") for name in MODELS] + [
-    (name, "imagenet") for name, spec in MODELS.items() if spec.has_stems
+    (name, "imagenet") for name, spec in MODELS.items() if spec.backbone
 ]
 
 

@@ -21,7 +21,7 @@ from cifarlab.train import train
 from tests.conftest import make_config
 
 VARIANTS = [(name, "cifar") for name in MODELS] + [
-    (name, "imagenet") for name, spec in MODELS.items() if spec.has_stems
+    (name, "imagenet") for name, spec in MODELS.items() if spec.backbone
 ]
 
 

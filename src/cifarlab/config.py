@@ -405,7 +405,7 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
     from cifarlab.models import fixed_input_problem, model_spec  # torch, unneeded by --help
 
     spec = model_spec(config.model)
-    if (config.pretrained or config.weights) and not spec.takes_weights:
+    if (config.pretrained or config.weights) and not spec.backbone:
         yield (
             f"model {config.model} has no ImageNet weights; pretrained/--weights apply to the "
             "tv-*, tv:<name> and timm:<name> models (see `cifarlab models`)"
@@ -415,7 +415,7 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
             f"pretrained: true downloads torchvision weights; {config.model} takes them only "
             "from a local file (weights: FILE)"
         )
-    if config.stem != "cifar" and not spec.has_stems:
+    if config.stem != "cifar" and not spec.backbone:
         yield (
             f"stem: {config.stem} applies to the tv-* models only and to tv:/timm: names, "
             f"not {config.model}"

@@ -63,8 +63,7 @@ Build = Callable[[ModelArgs, BackboneOptions, Callable[[str], None]], nn.Module]
 class ModelSpec:
     build: Build  # (args, weights and stem options, log) -> the model
     about: str
-    takes_weights: bool = False  # starts from ImageNet weights (`weights: FILE`)
-    has_stems: bool = False  # stem: cifar | imagenet applies
+    backbone: bool = False  # an ImageNet backbone: takes `weights: FILE`; stem: cifar | imagenet
     named_weights: bool = False  # `pretrained: true` and `weights: ENUM_NAME` (torchvision)
     fixed_input: bool = False  # embeddings fix the input side: stem imagenet only
 
@@ -96,21 +95,20 @@ for _name, _arch in ARCHS.items():
         _torchvision(_arch, lesson_stem),
         f"tv:{_arch} with the lesson's stem (a ResNet's conv1: fresh 3x3, stride 1); "
         "stem: imagenet builds exactly tv:" + _arch,
-        takes_weights=True,
-        has_stems=True,
+        backbone=True,
         named_weights=True,
     )
 
 
 def _torchvision_spec(arch: str) -> ModelSpec:
     fixed = bool(fixed_size_keywords(check_builder(arch), 224))
-    return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, True, fixed)
+    return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, fixed)
 
 
 def _timm_spec(name: str) -> ModelSpec:
     fixed = has_fixed_input(check_timm_name(name))
     build: Build = lambda a, opts, log: timm_backbone(name, a.num_classes, opts, log)  # noqa: E731
-    return ModelSpec(build, f"timm {name}", True, True, False, fixed)
+    return ModelSpec(build, f"timm {name}", True, False, fixed)
 
 
 def model_spec(name: str) -> ModelSpec:
