@@ -125,3 +125,10 @@ def test_disk_room_is_counted_from_the_runs_own_checkpoints_less_what_it_holds(t
     (tmp_path / "last.pt").write_bytes(b"x" * 1000)
     (tmp_path / "best.pt").write_bytes(b"x" * 1000)
     assert checkpoint_room(tmp_path) == 1000  # replacing them needs one temporary copy
+
+
+def test_a_file_name_at_the_file_systems_limit_is_written_whole(tmp_path):
+    path = tmp_path / ("a" * 250 + ".pt")  # 253 bytes: legal, so its temporary name must be too
+    atomic_save({"x": 1}, path)
+    assert torch.load(path)["x"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -200,3 +200,8 @@ def test_mixup_examples_show_four_mixed_images_per_alpha(real_jpegs, tmp_path):
     assert sorted(r.config.mixup_alpha for r in suite.runs) == [0.0, 0.2, 0.5, 1.0]
     _mixup_examples(suite, tmp_path / "mixup_examples.png")
     assert (tmp_path / "mixup_examples.png").stat().st_size > 30_000
+
+
+def test_weights_for_a_suite_without_pretrained_runs_are_refused_not_ignored():
+    with pytest.raises(UserError, match="--weights.*no run of suite exercise-2"):
+        load_suite("exercise-2", {"weights": "imagenet.pth"})

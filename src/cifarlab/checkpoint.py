@@ -28,8 +28,9 @@ def atomic_save(obj: Any, path: Path) -> None:
 def replaced_when_complete(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write; renamed onto `path` (durably) only if the write
     succeeded, and removed in any case."""
-    # the suffix stays last: torch.export.save warns about an archive not ending in .pt2
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # the suffix stays last: torch.export.save warns about an archive not ending in .pt2; the
+    # stem is cut so that the temporary name is no longer than any name the file system took
+    tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
     try:
         yield tmp
         os.replace(tmp, path)

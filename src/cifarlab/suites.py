@@ -120,6 +120,10 @@ def load_suite(
             config = apply_overrides(config, {"weights": weights}, where="--weights")
         validate_config(config, where=f"{where} ({name})")
         runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
+    if weights and not any(r.config.pretrained for r in runs):
+        raise UserError(
+            f"--weights: no run of suite {path.stem} starts from pretrained weights; drop --weights"
+        )
     names = [r.name for r in runs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
