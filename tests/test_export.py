@@ -196,6 +196,21 @@ def test_export_out_that_is_a_folder_or_read_only_is_one_line(tmp_path, capsys, 
     run = _fake_run(tmp_path)
     assert main(["export", str(run), "--out", str(tmp_path)]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
+    (tmp_path / "s.json").mkdir()  # where a safetensors export's metadata would go
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--format",
+                "safetensors",
+                "--out",
+                str(tmp_path / "s.safetensors"),
+            ]
+        )
+        == 2
+    )
+    assert "metadata file" in capsys.readouterr().err and (tmp_path / "s.json").is_dir()
     read_only = read_only_folder(monkeypatch, tmp_path / "ro")
     assert main(["export", str(run), "--out", str(read_only / "m.onnx")]) == 2
     err = capsys.readouterr().err

@@ -154,8 +154,7 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
     path.write_text(
         SUITE.replace(
             "set: {crop_padding: 0}}",
-            "set: {crop_padding: 0, weights: /no/such.pth, model: tv-resnet18, whitening: false, "
-            "whiten_bias_epochs: 0, optimizer: sgd}}",
+            "set: {crop_padding: 0, classes: [cat, unicorn]}}",
         )
     )
     messages = []
@@ -168,7 +167,9 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
         ),
         log=messages.append,
     )
-    assert any("[flip] cannot start: --weights /no/such.pth: no such file" in m for m in messages)
+    assert any(
+        "[flip] cannot start: " in m and "unknown classes ['unicorn']" in m for m in messages
+    )
     assert "cannot start" in rows[1]["status"] and "best_val_acc" in rows[0]
     assert "cannot start" in (tmp_path / "o" / "results.md").read_text()
 
@@ -205,3 +206,24 @@ def test_mixup_examples_show_four_mixed_images_per_alpha(real_jpegs, tmp_path):
 def test_weights_for_a_suite_without_pretrained_runs_are_refused_not_ignored():
     with pytest.raises(UserError, match="--weights.*no run of suite exercise-2"):
         load_suite("exercise-2", {"weights": "imagenet.pth"})
+
+
+def test_a_missing_weights_file_stops_a_suite_before_any_run_trains(tmp_path, capsys):
+    with pytest.raises(UserError, match="weights /no/such.pth: no such file"):
+        load_suite("exercise-4", {"data": "x", "weights": "/no/such.pth"})
+    args = [
+        "suite",
+        "exercise-4",
+        "--data",
+        "x",
+        "--weights",
+        "/no/such.pth",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 2 and not (tmp_path / "o").exists()
+    assert "no such file" in capsys.readouterr().err
+    named = load_suite(
+        "exercise-4", {"data": "x", "weights": "IMAGENET1K_V1"}
+    )  # a torchvision name
+    assert {r.config.weights for r in named.runs if r.config.pretrained} == {"IMAGENET1K_V1"}

@@ -96,6 +96,11 @@ def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):
     empty.touch()
     with pytest.raises(UserError, match=r"not a readable state dict \(the file is empty\)"):
         build_model(ModelArgs("tv-resnet18", 10), weights=str(empty))
+    for junk in (b"\x80" + bytes(range(200)), b"a text file, not weights\n"):
+        (tmp_path / "junk.pth").write_bytes(junk)
+        with pytest.raises(UserError, match="junk.pth: .*state dict.*damaged") as damaged:
+            build_model(ModelArgs("tv-resnet18", 10), weights=str(tmp_path / "junk.pth"))
+        assert "\n" not in str(damaged.value)
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": print}, evil)
     with pytest.raises(UserError, match="refused to load") as refused:

@@ -54,38 +54,39 @@ def _fsync_dir(folder: Path) -> None:
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def refusal_reason(exc: pickle.UnpicklingError) -> str:
-    """What torch's weights_only refusal names, without the rest of its message.
-
-    torch's message advises re-running with `weights_only` set to False, which "will likely
-    succeed" and runs whatever the file holds: a user must never be told that."""
-    found = _GLOBAL.search(str(exc))
-    return f"it would import {found.group(1)}" if found else "unsupported pickle content"
-
-
-def read_failure(path: Path, exc: BaseException) -> str:
-    return "the file is empty" if path.stat().st_size == 0 else first_line(exc)
+def read_tensors(path: Path, where: str, kind: str) -> Any:
+    """`torch.load` of a file of tensors and plain data, onto the CPU. A file that torch.save did
+    not write, that is damaged, or that would run code on load is one line: `where` then why,
+    naming the `kind` of file expected."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise UserError(f"{where}: not a readable {kind} (the file is empty)")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise UserError(
+            f"{where}: not a {kind} (torch.save did not write it: it is neither a zip archive "
+            "nor a pickle); the file is damaged or of another kind"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # never its message: it advises weights_only=False
+        code = _GLOBAL.search(str(exc))
+        raise UserError(
+            f"{where}: refused to load, "
+            + (f"it would import {code.group(1)}" if code else "unsupported pickle content")
+            + f" (a {kind} holds tensors and plain data only; the file is damaged or not one)"
+        ) from None
+    except Exception as exc:  # EOFError, KeyError, RuntimeError, ... : any way damage shows
+        raise UserError(
+            f"{where}: not a readable {kind}, the file is damaged ({first_line(exc)[:200]})"
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint dict, its tensors on the CPU; files that would run code on load are refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head and head != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise UserError(
-            f"{path}: not a checkpoint (torch.save did not write it: it is neither a zip archive "
-            "nor a pickle); the file is damaged or of another kind"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UserError(
-            f"{path}: refused to load, it holds more than tensors and plain data ({refusal_reason(exc)})"
-        ) from None
-    except Exception as exc:  # EOFError, RuntimeError, ... : any way a damaged file can fail
-        raise UserError(f"{path}: not a readable checkpoint ({read_failure(path, exc)})") from None
+    ckpt = read_tensors(path, str(path), "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
     bad = non_finite(ckpt["model"]) or non_finite(ckpt.get("ema") or {})

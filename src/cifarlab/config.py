@@ -403,6 +403,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
 def _model_rules(config: TrainConfig) -> Iterator[str]:
     """What is wrong with what the model can take: weights, stems, input sizes."""
     from cifarlab.models import fixed_input_problem, model_spec  # torch, unneeded by --help
+    from cifarlab.models.adapt import weights_file
 
     spec = model_spec(config.model)
     if (config.pretrained or config.weights) and not spec.backbone:
@@ -415,6 +416,10 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
             f"pretrained: true downloads torchvision weights; {config.model} takes them only "
             "from a local file (weights: FILE)"
         )
+    file = weights_file(config.weights, spec.named_weights)
+    if spec.backbone and file and not file.is_file():
+        named = ", or a torchvision weights name such as IMAGENET1K_V1" * spec.named_weights
+        yield f"weights {file}: no such file; give a state-dict file{named}"
     if config.stem != "cifar" and not spec.backbone:
         yield (
             f"stem: {config.stem} applies to the tv-* models only and to tv:/timm: names, "

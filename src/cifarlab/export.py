@@ -105,6 +105,10 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
     source = resolve_checkpoint(target)
     check_out(out, source, force, FORMATS[fmt])  # makes the folders above `out`
     if fmt == "safetensors":
+        if sidecar(out).is_dir():
+            raise UserError(
+                f"--out {out}: its metadata file {sidecar(out)} is a folder; pick another --out"
+            )
         check_out(sidecar(out), source, force)
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)

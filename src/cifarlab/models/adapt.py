@@ -8,14 +8,13 @@ the stem and upsamples the batch, inside the model, to `input_size`.
 
 from __future__ import annotations
 
-import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from cifarlab.checkpoint import read_failure, refusal_reason
+from cifarlab.checkpoint import read_tensors
 from cifarlab.errors import UserError
 
 
@@ -27,18 +26,22 @@ class BackboneOptions:
     weights: str = ""  # a local state-dict file, or a torchvision weights name (IMAGENET1K_V1)
 
 
+_WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # IMAGENET1K_V1, DEFAULT: a torchvision enum name
+
+
+def weights_file(weights: str, named: bool) -> Path | None:
+    """The local file `weights` names: None when it is empty or, for a model that takes
+    torchvision's weights by name (`named`), such a name that is not an existing file."""
+    if not weights or (named and _WEIGHTS_NAME.fullmatch(weights) and not Path(weights).is_file()):
+        return None
+    return Path(weights)
+
+
 def load_state_file(path: Path) -> dict:
     """A state dict from a local file (also our own `{"model": state}` wrapping)."""
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UserError(f"--weights {path}: refused to load ({refusal_reason(exc)})") from None
-    except Exception as exc:
-        raise UserError(
-            f"--weights {path}: not a readable state dict ({read_failure(path, exc)})"
-        ) from None
+    state = read_tensors(path, f"--weights {path}", "state dict")
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
 

@@ -9,7 +9,6 @@ to it with torchvision's own `interpolate_embeddings`.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from cifarlab.models.adapt import (
     cifar_stem,
     load_state_file,
     replace_head,
+    weights_file,
     with_stem,
 )
 
@@ -36,7 +36,6 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # builder-name -> keywords without which the model is no plain classifier (aux heads in training)
 _NO_AUX = {"aux_logits": False, "init_weights": True}
 BUILDER_KWARGS = {"googlenet": _NO_AUX, "inception_v3": _NO_AUX}
-_ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # IMAGENET1K_V1, DEFAULT: a weights enum, not a file
 
 
 def torchvision_names() -> list[str]:
@@ -87,8 +86,8 @@ def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
     """From a local file, or by weights name (DEFAULT for `pretrained`) from torch's cache,
     downloaded when missing; None for random weights."""
     name = opts.weights
-    if name and (Path(name).is_file() or not _ENUM_NAME.fullmatch(name)):
-        return load_state_file(Path(name))
+    if file := weights_file(name, named=True):
+        return load_state_file(file)
     if not (opts.pretrained or name):
         return None
     weights = _weights_enum(arch, name)
