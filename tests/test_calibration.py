@@ -276,3 +276,20 @@ def test_tta_with_the_plain_views_logits_given_equals_tta_from_scratch(trained_r
         scratch = predict_logits(loaded.model, images, loaded.normalize, 16, tta)
         reused = predict_logits(loaded.model, images, loaded.normalize, 16, tta, plain=plain)
         assert torch.equal(scratch, reused)
+
+
+def test_calibrating_after_the_data_changed_or_moved_is_refused_naming_the_runs_data(
+    tmp_path, capsys
+):
+    _tiny_run(tmp_path, val_size=9)
+    run, data = tmp_path / "run", tmp_path / "data"
+    before = load_checkpoint(run / "best.pt")["temperature"]
+    write_synthetic_folder(data / "train", classes=("red",), per_class=14)  # two images more
+    assert main(["calibrate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data changed" in err and "training images" in err and "\n" not in err
+    assert load_checkpoint(run / "best.pt")["temperature"] == before  # nothing fitted on it
+    shutil.move(data, tmp_path / "moved")
+    assert main(["calibrate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"trained on {data}, which is no longer there" in err and "--data" not in err

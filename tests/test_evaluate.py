@@ -316,6 +316,37 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
     assert _score(tmp_path / "run", tmp_path / "held", "val", tmp_path)["num_images"] == 6
 
 
+def test_the_runs_own_val_split_is_refused_once_its_data_changed(tmp_path):
+    from cifarlab.checkpoint import atomic_save, load_checkpoint
+
+    data = _pngs(tmp_path / "src" / "train", per_class=12).parent
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=6)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    _pngs(data / "train", per_class=14, seed=3)  # two cats and dogs more, the rest redrawn
+    with pytest.raises(UserError, match="data changed.*would include training images.*--data"):
+        evaluate(EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev"), log=lambda s: None)
+    assert not (tmp_path / "ev").exists()
+    held = _pngs(tmp_path / "held", per_class=3, seed=1)  # the way out it names
+    assert _score(tmp_path / "run", held, "val", tmp_path)["num_images"] == 6
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")  # a run from before the fingerprint
+    del ckpt["data_fingerprint"]
+    atomic_save(ckpt, tmp_path / "run" / "best.pt")
+    report = evaluate(EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev"), log=lambda s: None)
+    assert report["num_images"] == 6
+
+
+def test_a_run_whose_data_moved_names_that_data_not_a_flag(tiny_run, tmp_path):
+    from cifarlab.checkpoint import atomic_save, load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    ckpt["config"] = {**ckpt["config"], "data": str(tmp_path / "gone")}
+    atomic_save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(UserError, match=r"trained on .*gone, which is no longer there") as err:
+        evaluate(EvalOptions(str(tmp_path / "moved.pt"), out=tmp_path / "ev"), log=lambda s: None)
+    assert not str(err.value).startswith("--data")
+
+
 def test_a_subset_of_the_models_classes_is_scored_on_its_indices(tiny_run, tmp_path):
     lines = []
     opts = EvalOptions(str(tiny_run), split="test", data=str(_pngs(tmp_path / "dogs", classes=("dog",))),

@@ -59,9 +59,10 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
     """The run's validation split, loaded again from the data its config names."""
-    from cifarlab.evaluate import EvalOptions, load_eval_set  # matplotlib, unneeded by train
+    # matplotlib, unneeded by train
+    from cifarlab.evaluate import CALIBRATE_WAY_OUT, EvalOptions, load_eval_set
 
-    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
+    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path), CALIBRATE_WAY_OUT)
     return ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)
 
 

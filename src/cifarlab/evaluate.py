@@ -51,7 +51,14 @@ def run_config(ckpt: dict, where: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), {**ckpt["config"], "progress": False}, where=where)
 
 
-def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, str]:
+# how each command that redraws the run's own split gets past data that is gone or changed
+EVALUATE_WAY_OUT = "restore the data, or pass --data with a held-out folder of <class>/ images"
+CALIBRATE_WAY_OUT = "restore the data, then calibrate again"
+
+
+def load_eval_set(
+    ckpt: dict, opts: EvalOptions, where: str, way_out: str = EVALUATE_WAY_OUT
+) -> tuple[ImageSet, str]:
     """The images to score, labelled with the checkpoint's class indices, and their source.
 
     `--data DIR` is scored whole: its test/ (or val/) folder, or all of a plain `<class>/`
@@ -59,6 +66,10 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
     """
     config = run_config(ckpt, where)
     own_data = opts.data in (None, config.data)
+    if own_data and not _data_present(config.data):
+        raise UserError(
+            f"{where} was trained on {config.data}, which is no longer there; {way_out}"
+        )
     if opts.data:
         config = apply_overrides(config, {"data": opts.data}, where="--data")
     if opts.on_bad_image:
@@ -66,11 +77,34 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
             config, {"on_bad_image": opts.on_bad_image}, where="--on-bad-image"
         )
     data = load_labelled(*_source_args(config), opts.split) if opts.data else None
+    if data is None and opts.split == "val":
+        splits = load_splits(config)
+        if own_data and not splits.val_folder:
+            _check_fingerprint(ckpt, splits, where, config.data, way_out)
+        data = splits.val
     if data is None:
-        data = load_splits(config).val if opts.split == "val" else _test_split(config)
+        data = _test_split(config)
     if config.classes and own_data:  # the run's own data: the classes it was trained on
         data = select_classes(data, [c for c in config.classes if c in data.classes], "classes")
     return onto_classes(data, list(ckpt["classes"]), where), config.data
+
+
+def _data_present(src: str) -> bool:
+    return src in ("cifar10", "cifar100") or Path(src).expanduser().exists()
+
+
+def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -> None:
+    """A validation split held out of changed training data is not the one the run held out:
+    it mixes in images the run trained on, so its scores (and a temperature) would be in-sample.
+    Checkpoints from before the fingerprint have none and pass."""
+    from cifarlab.training_run import data_fingerprint  # the digest training stored
+
+    theirs = ckpt.get("data_fingerprint")
+    if theirs is not None and theirs != data_fingerprint(splits):
+        raise UserError(
+            f"{where}: the data changed since the run trained ({src}: images, labels or classes "
+            f"differ), so its validation split would include training images; {way_out}"
+        )
 
 
 def _source_args(config: TrainConfig) -> tuple:
