@@ -347,6 +347,36 @@ def test_a_run_whose_data_moved_names_that_data_not_a_flag(tiny_run, tmp_path):
     assert not str(err.value).startswith("--data")
 
 
+def test_a_report_on_other_data_gets_its_own_default_folder(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    evaluate(EvalOptions(str(run)), log=lambda s: None)
+    own = (run / "eval-val" / "report.json").read_text()
+    other = _pngs(tmp_path / "held out!", per_class=3, seed=1)
+    report = evaluate(EvalOptions(str(run), data=str(other)), log=lambda s: None)
+    assert (run / "eval-val" / "report.json").read_text() == own  # not replaced
+    saved = json.loads((run / "eval-val-held_out" / "report.json").read_text())
+    assert saved["num_images"] == report["num_images"] == 6
+    evaluate(EvalOptions(str(run), data=str(other), out=tmp_path / "ev"), log=lambda s: None)
+    assert (tmp_path / "ev" / "report.json").is_file()  # --out still wins
+
+
+def test_a_run_without_best_pt_says_it_scores_last_pt(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "best.pt").unlink()
+    lines = []
+    evaluate(EvalOptions(str(run), out=tmp_path / "ev"), log=lines.append)
+    assert lines[0] == f"note: {run} has no best.pt; scoring last.pt"
+
+
+@pytest.mark.parametrize("name", ["m.onnx", "m.pt2", "m.safetensors"])
+def test_an_exported_model_is_sent_to_predict_by_evaluate_and_calibrate(tmp_path, capsys, name):
+    (tmp_path / name).write_bytes(b"\x08\x07 any exported bytes")
+    for command in ("evaluate", "calibrate"):
+        assert main([command, str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "exported model" in err and "cifarlab predict" in err and "damaged" not in err
+
+
 def test_a_subset_of_the_models_classes_is_scored_on_its_indices(tiny_run, tmp_path):
     lines = []
     opts = EvalOptions(str(tiny_run), split="test", data=str(_pngs(tmp_path / "dogs", classes=("dog",))),

@@ -118,6 +118,28 @@ def test_safetensors_without_its_json_is_a_one_line_error(runs, tmp_path, capsys
     assert "w.json" in err and "JSON" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_safetensors_export_has_the_mode_of_every_other_file(runs, tmp_path, umask):
+    import os
+
+    run_dirs, _ = runs
+    before = os.umask(umask)
+    try:
+        out = tmp_path / "model.safetensors"
+        assert main(["export", str(run_dirs["cnn"]), "--out", str(out)]) == 0
+    finally:
+        os.umask(before)
+    for name in ("model.safetensors", "model.json"):  # save_file alone makes it 0600
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_predict_on_a_damaged_pt2_writes_only_its_one_line(tmp_path, capfd):
+    (tmp_path / "bad.pt2").write_bytes(b"junk\n")
+    assert main(["predict", str(tmp_path / "bad.pt2"), str(tmp_path)]) == 2
+    err = capfd.readouterr().err  # torch's logger writes past capsys, to the process's stderr
+    assert err.count("\n") == 1 and "not a loadable torch.export program" in err, err
+
+
 def test_an_out_suffix_names_the_format_and_a_mismatch_is_refused(runs, tmp_path, capsys):
     run_dirs, _ = runs
     assert main(["export", str(run_dirs["cnn"]), "--out", str(tmp_path / "m.pt2")]) == 0

@@ -82,10 +82,18 @@ def read_tensors(path: Path, where: str, kind: str) -> Any:
         ) from None
 
 
+EXPORTED = (".onnx", ".pt2", ".safetensors", ".ts")  # what `cifarlab export` writes
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint dict, its tensors on the CPU; files that would run code on load are refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() in EXPORTED:  # not damaged: a model for predict, without a run's state
+        raise UserError(
+            f"{path}: an exported model ({path.suffix}), which is for `cifarlab predict`; "
+            "give a run directory or its checkpoint (best.pt, last.pt) instead"
+        )
     ckpt = read_tensors(path, str(path), "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")

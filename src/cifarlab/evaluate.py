@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -172,6 +173,15 @@ def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int
     return [classes.index(c) for c in opts.classes]
 
 
+def _default_out(opts: EvalOptions, ckpt: dict) -> str:
+    """`eval-<split>` for the run's own data; `eval-<split>-<data name>` for other data, so that
+    no default report replaces another's."""
+    if opts.data in (None, ckpt["config"].get("data")):
+        return f"eval-{opts.split}"
+    name = re.sub(r"[^\w.-]+", "_", Path(opts.data).expanduser().resolve().name).strip("._")
+    return f"eval-{opts.split}-{name[:64] or 'data'}"
+
+
 def _check_out(out: Path) -> None:
     """One line for an --out that cannot hold the report, checked before any work or file."""
     check_out(out)
@@ -189,12 +199,14 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     if opts.tta not in TTA_VIEWS:
         raise UserError(f"tta {opts.tta!r}: give one of {', '.join(TTA_VIEWS)}")
     ckpt_path = resolve_checkpoint(opts.target)
+    if Path(opts.target).is_dir() and ckpt_path.name != "best.pt":  # no epoch was chosen yet
+        log(f"note: {opts.target} has no best.pt; scoring {ckpt_path.name}")
     ckpt = load_checkpoint(ckpt_path)
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
-    out = opts.out or ckpt_path.parent / f"eval-{opts.split}"
+    out = opts.out or ckpt_path.parent / _default_out(opts, ckpt)
     _check_out(out)
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     if len(data) == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,7 +137,14 @@ class Pt2Predictor(_ExportedPredictor):
 
     @staticmethod
     def _load(path: str, extra: dict) -> torch.nn.Module:
-        return torch.export.load(path, extra_files=extra).module()
+        # torch logs a damaged archive's traceback before raising; our one line says it
+        logger = logging.getLogger("torch.export")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            return torch.export.load(path, extra_files=extra).module()
+        finally:
+            logger.setLevel(level)
 
 
 class SafetensorsPredictor(Predictor):
