@@ -172,7 +172,8 @@ class Plan:
     def correct(self, run, epoch: int, step: float, val_seconds: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
         """After epoch `epoch` (`step` seconds a warm step, `val_seconds` of validation,
-        `per_epoch` seconds of validation and saving): the first time past half the budget, the
+        `per_epoch` seconds of validation and saving): the first time past half the budget or the
+        planned run, the
         config whose remaining steps fit the time left; else None (the plan stands within a
         step, or the run ends in this epoch)."""
         spent = time.perf_counter() - self.started
