@@ -173,9 +173,8 @@ class Plan:
                 log) -> TrainConfig | None:  # fmt: skip
         """After epoch `epoch` (`step` seconds a warm step, `val_seconds` of validation,
         `per_epoch` seconds of validation and saving): the first time past half the budget or the
-        planned run, the
-        config whose remaining steps fit the time left; else None (the plan stands within a
-        step, or the run ends in this epoch)."""
+        planned run, the config whose remaining steps fit the time left; else None (the plan
+        stands within a step, or the run ends in this epoch)."""
         spent = time.perf_counter() - self.started
         if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
             return None
