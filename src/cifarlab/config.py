@@ -402,7 +402,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
 
 def _model_rules(config: TrainConfig) -> Iterator[str]:
     """What is wrong with what the model can take: weights, stems, input sizes."""
-    from cifarlab.models import fixed_input_problem, model_spec  # torch, unneeded by --help
+    from cifarlab.models import fixed_input_problem, image_size_problem, model_spec  # torch
     from cifarlab.models.adapt import weights_file
 
     spec = model_spec(config.model)
@@ -426,6 +426,8 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
             f"not {config.model}"
         )
     if problem := fixed_input_problem(spec, config.model, config.stem):
+        yield problem
+    if problem := image_size_problem(spec, config.model, config.image_size):
         yield problem
     if config.whitening and (config.pretrained or config.weights):
         yield "whitening: true would overwrite the pretrained first layer; drop one of the two"
