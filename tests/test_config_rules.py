@@ -53,6 +53,11 @@ def test_an_image_side_the_model_cannot_take_is_refused_before_out_is_made(capsy
             validate_config(make_config(model=name, image_size=size))
 
 
+def test_an_lr_beyond_float32_is_refused_in_one_line(capsys, tmp_path):
+    assert main(["train", "--lr", "1e39", "--data", "/nowhere", "--out", str(tmp_path / "r")]) == 2
+    assert "'lr' must be <= 1000000" in capsys.readouterr().err
+
+
 def test_torchrun_rules_need_the_world_size():
     config = make_config(batch_size=100)
     validate_config(config, world=4)
