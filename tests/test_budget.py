@@ -141,6 +141,22 @@ def test_the_plan_is_corrected_once_after_the_first_epoch_past_half_the_budget(m
     assert plan.correct(run, 6, 4.0, 0.1, 1.0, said.append) is None  # once only
 
 
+def test_a_plan_far_shorter_than_the_budget_is_corrected_halfway_through_itself(monkeypatch):
+    import types
+
+    import cifarlab.budget as budget
+
+    config = with_steps(make_config(epochs=9, time_budget=900.0, tta="none"), 80, 10)
+    run = types.SimpleNamespace(config=config, batches=[None] * 10, val_labels=[0] * 100)
+    plan = budget.Plan(900.0, started=0.0, n_test=0, planned_end=200.0)  # a probe slowed 4x
+    clock = [90.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    assert plan.correct(run, 2, 0.5, 0.1, 1.0, lambda s: None) is None  # before half the plan
+    clock[0] = 120.0  # 4 epochs in 120 s, at 0.5 s a step: the rest of the budget fits more
+    corrected = plan.correct(run, 3, 0.5, 0.1, 1.0, lambda s: None)
+    assert corrected is not None and corrected.train_steps > 80 * 5
+
+
 def test_the_final_passes_count_tta_calibration_and_test():
     fast = load_recipe("fast")  # flip-translate: 4 views
     assert final_images(fast, n_val=1000, n_test=0) == 4 * 1000 + 2 * 1000

@@ -27,6 +27,11 @@ def test_unknown_key_names_the_closest_valid_key():
         ("batch_size", 1.5, "'batch_size' must be int"),
         ("lr", float("nan"), "'lr' must be float"),
         ("weight_decay", "inf", "'weight_decay' must be float"),
+        ("lr", "1e39", "'lr' must be <= 1000000"),  # above float32's max: the step overflowed
+        ("muon_lr", 1e7, "'muon_lr' must be <= 1000000"),
+        ("bias_lr_mult", 1e7, "'bias_lr_mult' must be <= 1000000"),
+        ("backbone_lr_mult", 1e39, "'backbone_lr_mult' must be <= 1000000"),
+        ("lr_mults", "classifier=1e39", "at most 1e\\+06"),
     ],
 )
 def test_bad_values_are_refused_with_the_rule(key, value, message):

@@ -34,11 +34,28 @@ from tests.conftest import make_config
         ({"epochs": 2, "warmup_epochs": 2.0}, "must be less than epochs=2"),
         ({"classes": ["cat", "cat"]}, "\\['cat'\\] listed more than once"),
         ({"classes": ["cat"]}, "name at least two classes"),
+        ({"model": "fastnet", "image_size": 16}, "fastnet takes images of 25 to 48 px, not 16"),
+        ({"model": "fastnet", "image_size": 64}, "fastnet takes images of 25 to 48 px, not 64"),
     ],
 )
 def test_cross_field_conflicts_are_refused_by_the_one_validator(overrides, needle):
     with pytest.raises(UserError, match=needle):
         validate_config(make_config(**overrides))
+
+
+def test_an_image_side_the_model_cannot_take_is_refused_before_out_is_made(capsys, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", "fastnet", "--set", "image_size=16", "--data", "/nowhere"]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "takes images of 25 to 48 px" in capsys.readouterr().err and not out.exists()
+    for size in (8, 24, 32, 128):  # the other fixed models take any side the config allows
+        for name in ("cnn", "resnet18", "tv-resnet18", "tv-mobilenet_v3_small"):
+            validate_config(make_config(model=name, image_size=size))
+
+
+def test_an_lr_beyond_float32_is_refused_in_one_line(capsys, tmp_path):
+    assert main(["train", "--lr", "1e39", "--data", "/nowhere", "--out", str(tmp_path / "r")]) == 2
+    assert "'lr' must be <= 1000000" in capsys.readouterr().err
 
 
 def test_torchrun_rules_need_the_world_size():

@@ -284,6 +284,16 @@ def test_decode_rejects_random_bytes_with_the_file_name(tmp_path):
         decode_image(path, 32)
 
 
+def test_a_large_image_is_shrunk_quietly_and_a_bomb_refused(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns past it, refuses past 2x
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "large.png")
+    assert decode_image(tmp_path / "large.png", 32).shape == (32, 32, 3)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    Image.new("RGB", (50, 50), "red").save(tmp_path / "bomb.png")
+    with pytest.raises(BadImage, match="bomb.png: image too large"):
+        decode_image(tmp_path / "bomb.png", 32)
+
+
 def test_stratified_pick_keeps_class_shares():
     labels = np.repeat(np.arange(10), 100)
     picked = stratified_pick(labels, 250, seed=0)

@@ -227,3 +227,44 @@ def test_a_missing_weights_file_stops_a_suite_before_any_run_trains(tmp_path, ca
         "exercise-4", {"data": "x", "weights": "IMAGENET1K_V1"}
     )  # a torchvision name
     assert {r.config.weights for r in named.runs if r.config.pretrained} == {"IMAGENET1K_V1"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x" * 300, "''", "null", '"a\\nb"', '"a\\tb"', "' a'", "3"],
+    ids=["too-long", "empty", "null", "newline", "tab", "leading-space", "number"],
+)
+def test_a_suite_run_name_that_is_no_plain_line_is_refused_before_training(tmp_path, capsys, name):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"runs:\n  - {{name: {name}, recipe: fast}}\n  - {{name: ok, recipe: fast}}\n")
+    out = tmp_path / "out"
+    assert main(["suite", str(path), "--data", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path} run 1: run name" in err and "plain folder name" in err
+    assert len(err.splitlines()) == 1 and len(err) < 300 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('cumulative: "false"', "'cumulative' must be true or false"),
+        ("description: 3", "'description' must be a string"),
+        ("reference: [a]", "'reference' must be a run's name"),
+        ("examples: {a: 1}", "'examples' must be a string"),
+    ],
+)
+def test_suite_keys_of_the_wrong_type_are_refused(tmp_path, capsys, line, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(f"{line}\nruns:\n  - {{name: a, recipe: fast}}\n")
+    assert main(["suite", str(path), "--data", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and str(path) in err and len(err.splitlines()) == 1
+
+
+def test_suite_run_keys_of_the_wrong_type_are_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "runs:\n  - {name: a, recipe: fast}\n  - {name: b, recipe: fast, changes: no}\n"
+    )
+    with pytest.raises(UserError, match=r"run 2: 'changes' must be a string, got False"):
+        load_suite(str(path), {"data": "x"})

@@ -159,22 +159,24 @@ def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
 @dataclass
 class Plan:
     """A budgeted run's length, corrected once, after the first epoch to end past half the
-    budget, to that epoch's pace: a machine's pace drifts over a long run (`seed-cnn` in 60
-    minutes ended 5.8% early on its first epoch's pace)."""
+    budget or half the planned run, whichever comes first, to that epoch's pace: a machine's
+    pace drifts over a long run (`seed-cnn` in 60 minutes ended 5.8% early on its first epoch's
+    pace), and a probe slowed by other work plans a run that would end long before the budget."""
 
     time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
     n_test: int
+    planned_end: float = math.inf  # seconds after `started` the plan expects the run to end
     corrected: bool = False
 
     def correct(self, run, epoch: int, step: float, val_seconds: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
         """After epoch `epoch` (`step` seconds a warm step, `val_seconds` of validation,
-        `per_epoch` seconds of validation and saving): the first time past half the budget, the
-        config whose remaining steps fit the time left; else None (the plan stands within a
-        step, or the run ends in this epoch)."""
+        `per_epoch` seconds of validation and saving): the first time past half the budget or the
+        planned run, the config whose remaining steps fit the time left; else None (the plan
+        stands within a step, or the run ends in this epoch)."""
         spent = time.perf_counter() - self.started
-        if self.corrected or spent < self.time_budget / 2:
+        if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
             return None
         self.corrected = True
         c, n = run.config, len(run.batches)
@@ -197,7 +199,7 @@ class Plan:
 def fit_to_budget(run, started: float, log) -> Plan:
     """Give `run` the `train_steps` (and epoch-based settings) that end it within `time_budget`
     seconds of `started` (a `time.perf_counter()` reading), timed on its own first steps; the
-    plan that corrects it once past half the budget."""
+    plan that corrects it once (`Plan`)."""
     c, n = run.config, len(run.batches)
     with _put_back(run):
         timings = measure(run)
@@ -225,4 +227,4 @@ def fit_to_budget(run, started: float, log) -> Plan:
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
     retarget(run, planned)
-    return Plan(c.time_budget, started, n_test)
+    return Plan(c.time_budget, started, n_test, c.time_budget - left + expected)

@@ -27,6 +27,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 
 MAX_TIME_BUDGET = 7 * 86400  # seconds
 MAX_SEED = 2**32 - 1
+MAX_LR = 1e6  # lr and its multipliers: far above any that trains, and well inside float32
 
 
 def _key(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -73,7 +74,7 @@ class TrainConfig:
     init_from: str = ""  # start from our own run/checkpoint (new head if the classes differ)
     freeze: str = _one_of("none", "backbone")
     freeze_epochs: int = _key(0, 0, length=True, scaled=True)  # train the head only this long
-    backbone_lr_mult: float = _key(1.0, 0.0, lo_open=True)  # lr x this
+    backbone_lr_mult: float = _key(1.0, 0.0, MAX_LR, lo_open=True)  # lr x this
     # for everything but the head (discriminative fine-tuning, e.g. 0.1)
     lr_mults: list[str] = field(default_factory=list, metadata={"pairs": True})  # "prefix=x":
     # parameters whose name starts with prefix train at lr x x (e.g. classifier=0.1); longest wins
@@ -90,16 +91,16 @@ class TrainConfig:
     # in chunks of this many images, one optimiser step on their summed gradients (0, or not
     # below the batch: whole). BatchNorm normalises each chunk on its own ("ghost batches"), so
     # it is part of the recipe; a chunk's activations may stay in cache (faster on a CPU)
-    lr: float = _key(0.1, 0.0, lo_open=True)  # peak lr for this batch size
+    lr: float = _key(0.1, 0.0, MAX_LR, lo_open=True)  # peak lr for this batch size
     momentum: float = _key(0.9, 0.0, 1.0)
     nesterov: bool = False
     optimizer: str = _one_of("sgd", "muon")  # muon: conv filters
     # (4-D weights) take Muon's orthogonalised steps (airbench94_muon), the rest SGD as above
-    muon_lr: float = _key(0.24, 0.0, lo_open=True)  # peak, per step
+    muon_lr: float = _key(0.24, 0.0, MAX_LR, lo_open=True)  # peak, per step
     muon_momentum: float = _key(0.6, 0.0, 1.0)  # Nesterov
     weight_decay: float = _key(5e-4, 0.0)
     no_decay_norm_bias: bool = False  # no weight decay on BatchNorm and bias parameters
-    bias_lr_mult: float = _key(1.0, 0.0, lo_open=True)  # lr x this for 1-D
+    bias_lr_mult: float = _key(1.0, 0.0, MAX_LR, lo_open=True)  # lr x this for 1-D
     # params (norm scales/shifts, biases), their weight decay / this, so their decay per step stays
     schedule: str = _one_of("cosine", "onecycle", "linear", "constant")  # linear: from the peak
     # (after any warm-up) straight down to zero
@@ -243,7 +244,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, float]:
-    """["prefix=0.1", ...] -> {"prefix": 0.1}; each multiplier a positive number."""
+    """["prefix=0.1", ...] -> {"prefix": 0.1}; each multiplier a positive number up to MAX_LR."""
     out = {}
     for item in items:
         prefix, _, mult = item.partition("=")
@@ -251,9 +252,10 @@ def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, flo
             value = float(mult)
         except ValueError:
             value = float("nan")
-        if not prefix.strip() or not (math.isfinite(value) and value > 0):
+        if not prefix.strip() or not 0 < value <= MAX_LR:
             raise UserError(
-                f"{where}: {item!r} must be name-prefix=positive-number, e.g. classifier=0.1"
+                f"{where}: {item!r} must be name-prefix=positive-number (at most {MAX_LR:g}), "
+                "e.g. classifier=0.1"
             )
         out[prefix.strip()] = value
     return out
@@ -402,7 +404,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
 
 def _model_rules(config: TrainConfig) -> Iterator[str]:
     """What is wrong with what the model can take: weights, stems, input sizes."""
-    from cifarlab.models import fixed_input_problem, model_spec  # torch, unneeded by --help
+    from cifarlab.models import fixed_input_problem, image_size_problem, model_spec  # torch
     from cifarlab.models.adapt import weights_file
 
     spec = model_spec(config.model)
@@ -426,6 +428,8 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
             f"not {config.model}"
         )
     if problem := fixed_input_problem(spec, config.model, config.stem):
+        yield problem
+    if problem := image_size_problem(spec, config.model, config.image_size):
         yield problem
     if config.whitening and (config.pretrained or config.weights):
         yield "whitening: true would overwrite the pretrained first layer; drop one of the two"

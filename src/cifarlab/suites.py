@@ -31,6 +31,14 @@ from cifarlab.rundir import prepare_run_dir, read_metrics
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
+_SUITE_TYPES = {
+    "description": (str, "a string"),
+    "reference": (str, "a run's name"),
+    "cumulative": (bool, "true or false (unquoted)"),
+    "examples": (str, "a string (mixup)"),
+}
+_RUN_TYPES = {k: (str, "a string") for k in ("recipe", "changes", "requires")}
+MAX_NAME = 100  # a run's folder, with its -seed<N>, stays far below a file system's 255
 DIVERGED = "diverged.txt"  # in a run's folder: training stopped on a non-finite or exploding loss
 
 
@@ -87,6 +95,7 @@ def load_suite(
         raise UserError(
             f"{path}: unknown suite keys {sorted(unknown)}; valid: description, reference, runs, cumulative, examples"
         )
+    _check_types(spec, _SUITE_TYPES, str(path))
     runs_spec = spec.get("runs")
     if not (
         isinstance(runs_spec, list) and runs_spec and all(isinstance(r, dict) for r in runs_spec)
@@ -100,6 +109,8 @@ def load_suite(
         bad = set(r) - _RUN_KEYS
         if bad or "name" not in r:
             raise UserError(f"{where}: needs 'name' and only {sorted(_RUN_KEYS)}; got {sorted(r)}")
+        name = _run_name(r["name"], where)
+        _check_types(r, _RUN_TYPES, where)
         sets = r.get("set") or {}
         if not isinstance(sets, dict):
             raise UserError(f"{where}: 'set' must be a mapping of config keys")
@@ -110,16 +121,13 @@ def load_suite(
             recipe, carried = r.get("recipe"), dict(sets)
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
-        name = str(r["name"])
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise UserError(f"{where}: run name {name!r} must be a plain folder name inside --out")
         start = load_recipe(recipe_for_all or recipe)
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
         if weights and config.pretrained:
             config = apply_overrides(config, {"weights": weights}, where="--weights")
         validate_config(config, where=f"{where} ({name})")
-        runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
+        runs.append(SuiteRun(name, config, r.get("changes", ""), r.get("requires", "")))
     if weights and not any(r.config.pretrained for r in runs):
         raise UserError(
             f"--weights: no run of suite {path.stem} starts from pretrained weights; drop --weights"
@@ -128,12 +136,37 @@ def load_suite(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
-    reference = str(spec.get("reference", names[0]))
+    reference = spec.get("reference", names[0])
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
     return Suite(
         path.stem, str(spec.get("description", "")), reference, runs, str(spec.get("examples", ""))
     )
+
+
+def _run_name(name: Any, where: str) -> str:
+    """`name` if it is one folder inside --out and one clean line in logs and tables."""
+    plain = (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_NAME
+        and name.isprintable()
+        and name == name.strip()
+        and not ({"/", "\\"} & set(name) or name.startswith("."))
+    )
+    if not plain:
+        shown = repr(name)[:50] + ("..." if len(repr(name)) > 50 else "")  # one short line
+        raise UserError(
+            f"{where}: run name {shown} must be a plain folder name inside --out: 1 to "
+            f"{MAX_NAME} printable characters, no '/' or '\\', not starting with '.'"
+        )
+    return name
+
+
+def _check_types(spec: dict, types: dict[str, tuple[type, str]], where: str) -> None:
+    """Each key present holds its kind of value: `cumulative: "false"` is a string, not false."""
+    for key, (kind, words) in types.items():
+        if key in spec and not isinstance(spec[key], kind):
+            raise UserError(f"{where}: '{key}' must be {words}, got {spec[key]!r}")
 
 
 def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:

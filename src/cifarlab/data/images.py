@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -44,7 +45,10 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB. Grayscale, palette and RGBA become RGB (alpha on white)."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with (  # a large photo is shrunk like any other; Pillow still refuses a bomb
+            warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning),
+            Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img,
+        ):
             img.load()  # decode now, so a truncated file fails here and not later
             return image_array(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -66,6 +66,7 @@ class ModelSpec:
     backbone: bool = False  # an ImageNet backbone: takes `weights: FILE`; stem: cifar | imagenet
     named_weights: bool = False  # `pretrained: true` and `weights: ENUM_NAME` (torchvision)
     fixed_input: bool = False  # embeddings fix the input side: stem imagenet only
+    sides: tuple[int, int] = (8, 1024)  # the image sides it can take, smallest and largest
 
 
 def _torchvision(arch: str, stem=cifar_stem) -> Build:
@@ -88,6 +89,7 @@ MODELS: dict[str, ModelSpec] = {  # our own nets take neither weights nor stem o
     "fastnet": ModelSpec(
         lambda a, *_: FastNet(a.num_classes, a.width),
         "speed-record-class net (airbench-style, GELU/BN, 3 blocks)",
+        sides=(25, 48),  # its 3x3 pool after three halvings must leave one pixel
     ),
 }
 for _name, _arch in ARCHS.items():
@@ -148,6 +150,14 @@ def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:
         f"model {name} has patch/position embeddings of a fixed input side; set stem: imagenet "
         "(it upsamples to input_size, 224 matches ImageNet weights)"
     )
+
+
+def image_size_problem(spec: ModelSpec, name: str, image_size: int) -> str:
+    """Why model `name` cannot take `image_size` px images ('' when it can)."""
+    lo, hi = spec.sides
+    if lo <= image_size <= hi:
+        return ""
+    return f"model {name} takes images of {lo} to {hi} px, not {image_size}; e.g. image_size: 32"
 
 
 def build_model(
