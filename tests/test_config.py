@@ -80,6 +80,28 @@ def test_recipe_file_with_misspelt_key_fails(tmp_path):
         load_recipe(str(path))
 
 
+def test_a_key_written_twice_in_a_yaml_is_refused_with_its_line(tmp_path, capsys):
+    from cifarlab.cli import main
+    from cifarlab.config import read_yaml_mapping
+    from cifarlab.suites import load_suite
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model: cnn\nlr: 0.1\nepochs: 3\nlr: 0.5\n")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--data", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{recipe} line 4" in err and "key 'lr' is set twice" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    suite = tmp_path / "s.yaml"  # at any depth: here inside a run's `set`
+    suite.write_text(
+        "runs:\n  - name: a\n    recipe: fast\n    set: {lr: 0.1, width: 1, lr: 0.2}\n"
+    )
+    with pytest.raises(UserError, match=r"s.yaml line 4: .*key 'lr' is set twice"):
+        load_suite(str(suite), {"data": "x"})
+    recipe.write_text("common: &c {lr: 0.1}\nmine:\n  <<: *c\n  lr: 0.2\n")  # a merge: fine
+    assert read_yaml_mapping(recipe)["mine"] == {"lr": 0.2}
+
+
 def test_a_recipe_may_start_from_another(tmp_path):
     fast, cpu = load_recipe("fast"), load_recipe("fast-cpu")
     assert cpu.time_budget == 900 and fast.time_budget == 0 and cpu.recipe == "fast-cpu"
