@@ -102,6 +102,21 @@ def test_a_key_written_twice_in_a_yaml_is_refused_with_its_line(tmp_path, capsys
     assert read_yaml_mapping(recipe)["mine"] == {"lr": 0.2}
 
 
+def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hint(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("recipe: seed-cnn\nepochs: 2\n")  # trained the defaults, logged seed-cnn
+    with pytest.raises(UserError, match=r"mine.yaml: 'recipe: seed-cnn' .*'base: seed-cnn'"):
+        load_recipe(str(mine))
+    child = tmp_path / "child.yaml"
+    child.write_text("base: mine.yaml\n")
+    with pytest.raises(UserError, match="base .*mine.yaml: .*'recipe: seed-cnn'"):
+        load_recipe(str(child))
+    mine.write_text("base: seed-cnn\nepochs: 2\n")
+    assert load_recipe(str(mine)).recipe == "mine" and load_recipe(str(child)).recipe == "child"
+    mine.write_text("recipe: mine\nepochs: 2\n")  # its own name, as older best-recipe files say
+    assert load_recipe(str(mine)).recipe == "mine"
+
+
 def test_a_recipe_may_start_from_another(tmp_path):
     fast, cpu = load_recipe("fast"), load_recipe("fast-cpu")
     assert cpu.time_budget == 900 and fast.time_budget == 0 and cpu.recipe == "fast-cpu"
