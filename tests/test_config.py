@@ -6,6 +6,7 @@ from cifarlab.config import (
     list_recipes,
     load_recipe,
     parse_set_options,
+    save_config,
 )
 from cifarlab.errors import UserError
 
@@ -115,6 +116,9 @@ def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hin
     assert load_recipe(str(mine)).recipe == "mine" and load_recipe(str(child)).recipe == "child"
     mine.write_text("recipe: mine\nepochs: 2\n")  # its own name, as older best-recipe files say
     assert load_recipe(str(mine)).recipe == "mine"
+    trained = load_recipe("fast")  # a run's config.yaml names every key: it is that run again
+    save_config(trained, tmp_path / "config.yaml")
+    assert load_recipe(str(tmp_path / "config.yaml")) == trained
 
 
 def test_a_recipe_may_start_from_another(tmp_path):

@@ -397,7 +397,8 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         if "epochs" in overrides or "train_steps" in overrides:
             overrides.setdefault("time_budget", 0.0)  # a length set here replaces the base's budget
     named = overrides.setdefault("recipe", path.stem)  # a recipe file is named by its file
-    if named != path.stem:  # `recipe: fast` would log "recipe fast" and train something else
+    saved_run = FIELDS.keys() <= overrides.keys()  # a run's config.yaml: every key as it trained
+    if named != path.stem and not saved_run:  # `recipe: fast` would train something else
         raise UserError(
             f"{path}: 'recipe: {named}' only labels runs and loads nothing: drop it (this file "
             f"is the recipe '{path.stem}'), or write 'base: {named}' to start from {named}"
