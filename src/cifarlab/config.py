@@ -478,6 +478,13 @@ def _training_rules(config: TrainConfig) -> Iterator[str]:
         )
     if config.freeze == "backbone" and config.freeze_epochs < 1:
         yield "freeze: backbone needs freeze_epochs >= 1 (the epochs the head trains alone)"
+    if config.freeze == "backbone" and config.freeze_epochs > config.epochs:
+        yield (
+            f"freeze_epochs={config.freeze_epochs} is more than epochs={config.epochs}; at most "
+            "epochs (equal: the backbone stays frozen throughout, a linear probe)"
+        )
+    if config.freeze_epochs and config.freeze != "backbone":
+        yield "freeze_epochs needs freeze: backbone (or --set freeze_epochs=0)"
     if config.warmup_epochs >= config.epochs:
         yield (
             f"warmup_epochs={config.warmup_epochs:g} must be less than epochs={config.epochs}, "
@@ -530,13 +537,13 @@ def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
     """`config` stopped after `steps` optimiser steps (the last epoch may be partial), its
-    epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`)
-    keeps at least one head-only and one fine-tune epoch, two epochs at the least: shortened
+    epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`
+    for fewer than all epochs) keeps at least one head-only and one fine-tune epoch, two epochs at the least: shortened
     until the backbone never unfroze, it would compare a linear probe with fine-tuning under
     the fine-tuning arm's name."""
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     ratio = epochs / config.epochs
-    staged = config.freeze == "backbone" and config.freeze_epochs > 0
+    staged = config.freeze == "backbone" and 0 < config.freeze_epochs < config.epochs
     epochs = max(epochs, 2) if staged else epochs
     warmup = config.warmup_epochs * (steps / steps_per_epoch / config.epochs)
     values = {"epochs": epochs, "train_steps": steps, "warmup_epochs": round(warmup, 4)}
@@ -544,6 +551,8 @@ def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainCo
         old = getattr(config, key)
         last = epochs - 1 if key == "freeze_epochs" and staged else epochs
         values[key] = max(1, min(last, round(old * ratio))) if old else 0
+    if config.freeze == "backbone" and config.freeze_epochs >= config.epochs:
+        values["freeze_epochs"] = epochs  # a linear probe stays one
     return dataclasses.replace(config, **values)
 
 

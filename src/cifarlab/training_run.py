@@ -346,10 +346,15 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
                 "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and "
                 "stays random until then"
             )
+        after = (
+            f"all layers train from epoch {c.freeze_epochs + 1} "
+            f"({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+            if c.freeze_epochs < c.epochs
+            else "it stays frozen for the whole run (a linear probe)"
+        )
         log(
             f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is "
-            f"frozen (weights and BatchNorm statistics){fresh}; all layers train from epoch "
-            f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+            f"frozen (weights and BatchNorm statistics){fresh}; {after}"
         )
     if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
