@@ -65,7 +65,7 @@ def load_eval_set(ckpt: dict, opts: EvalOptions, where: str) -> tuple[ImageSet, 
         config = apply_overrides(
             config, {"on_bad_image": opts.on_bad_image}, where="--on-bad-image"
         )
-    data = load_labelled(*_source_args(config), opts.split) if opts.data else None
+    data = load_labelled(*_source_args(config), opts.split, ckpt["classes"]) if opts.data else None
     if data is None:
         data = load_splits(config).val if opts.split == "val" else _test_split(config)
     if config.classes and own_data:  # the run's own data: the classes it was trained on
@@ -78,7 +78,7 @@ def _source_args(config: TrainConfig) -> tuple:
 
 
 def _test_split(config: TrainConfig) -> ImageSet:
-    test = load_source(*_source_args(config)).test
+    test = load_source(*_source_args(config), config.classes).test
     if test is None:
         raise UserError(
             f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
