@@ -88,6 +88,8 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     with phase("precision decision (hardware)"):
         hw = setup_hardware(config, d)
     log(hw.amp_reason)
+    if hw.threads_warning:
+        log(hw.threads_warning)
     resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
     with phase("data (cache read, split)"):
