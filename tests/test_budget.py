@@ -196,7 +196,8 @@ def test_bad_durations_are_one_line_errors(text):
 
 
 @pytest.mark.parametrize("args", [["--time-budget", "200h"], ["--time-budget", "-3", "--epochs", "2"],
-                                  ["--time-budget", "1e9", "--epochs", "2"]])  # fmt: skip
+                                  ["--time-budget", "1e9", "--epochs", "2"], ["--time-budget", "-5s"],
+                                  ["--time-budget", "-.5h", "--epochs", "2"]])  # fmt: skip
 def test_a_bad_budget_is_said_before_any_flag_conflict(args, tmp_path, capsys):
     from cifarlab.cli import main
 

@@ -6,6 +6,7 @@ from cifarlab.config import (
     list_recipes,
     load_recipe,
     parse_set_options,
+    save_config,
 )
 from cifarlab.errors import UserError
 
@@ -78,6 +79,46 @@ def test_recipe_file_with_misspelt_key_fails(tmp_path):
     path.write_text("model: [cnn\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(str(path))
+
+
+def test_a_key_written_twice_in_a_yaml_is_refused_with_its_line(tmp_path, capsys):
+    from cifarlab.cli import main
+    from cifarlab.config import read_yaml_mapping
+    from cifarlab.suites import load_suite
+
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model: cnn\nlr: 0.1\nepochs: 3\nlr: 0.5\n")
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--data", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{recipe} line 4" in err and "key 'lr' is set twice" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    suite = tmp_path / "s.yaml"  # at any depth: here inside a run's `set`
+    suite.write_text(
+        "runs:\n  - name: a\n    recipe: fast\n    set: {lr: 0.1, width: 1, lr: 0.2}\n"
+    )
+    with pytest.raises(UserError, match=r"s.yaml line 4: .*key 'lr' is set twice"):
+        load_suite(str(suite), {"data": "x"})
+    recipe.write_text("common: &c {lr: 0.1}\nmine:\n  <<: *c\n  lr: 0.2\n")  # a merge: fine
+    assert read_yaml_mapping(recipe)["mine"] == {"lr": 0.2}
+
+
+def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hint(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("recipe: seed-cnn\nepochs: 2\n")  # trained the defaults, logged seed-cnn
+    with pytest.raises(UserError, match=r"mine.yaml: 'recipe: seed-cnn' .*'base: seed-cnn'"):
+        load_recipe(str(mine))
+    child = tmp_path / "child.yaml"
+    child.write_text("base: mine.yaml\n")
+    with pytest.raises(UserError, match="base .*mine.yaml: .*'recipe: seed-cnn'"):
+        load_recipe(str(child))
+    mine.write_text("base: seed-cnn\nepochs: 2\n")
+    assert load_recipe(str(mine)).recipe == "mine" and load_recipe(str(child)).recipe == "child"
+    mine.write_text("recipe: mine\nepochs: 2\n")  # its own name, as older best-recipe files say
+    assert load_recipe(str(mine)).recipe == "mine"
+    trained = load_recipe("fast")  # a run's config.yaml names every key: it is that run again
+    save_config(trained, tmp_path / "config.yaml")
+    assert load_recipe(str(tmp_path / "config.yaml")) == trained
 
 
 def test_a_recipe_may_start_from_another(tmp_path):

@@ -31,6 +31,11 @@ from tests.conftest import make_config
         ({"whiten_bias_epochs": 2}, "needs whitening: true"),
         ({"alt_flip": True, "loader": "torchvision"}, "alt_flip needs loader: device"),
         ({"freeze": "backbone"}, "needs freeze_epochs >= 1"),
+        (
+            {"freeze": "backbone", "epochs": 3, "freeze_epochs": 4},
+            "freeze_epochs=4 is more than epochs=3",
+        ),
+        ({"freeze_epochs": 2}, "freeze_epochs needs freeze: backbone"),
         ({"epochs": 2, "warmup_epochs": 2.0}, "must be less than epochs=2"),
         ({"classes": ["cat", "cat"]}, "\\['cat'\\] listed more than once"),
         ({"classes": ["cat"]}, "name at least two classes"),
@@ -97,6 +102,21 @@ def test_shorter_runs_keep_the_schedules_shape_and_still_anneal():
     transfer = with_length(apply_overrides(load_recipe("resnet18"), {"epochs": 30, "freeze": "backbone",
                                                                      "freeze_epochs": 10}, "t"), None, 0.1)  # fmt: skip
     assert (transfer.epochs, transfer.freeze_epochs) == (3, 1)
+
+
+def test_a_linear_probe_stays_one_when_shortened_and_says_so():
+    from types import SimpleNamespace
+
+    from cifarlab.models import create_model
+    from cifarlab.training_run import apply_freeze
+
+    probe = make_config(model="resnet18", width=0.125, freeze="backbone", epochs=4, freeze_epochs=4)
+    short = validate_config(with_epochs(probe, 2))
+    assert (short.epochs, short.freeze_epochs) == (2, 2)
+    lines = []
+    run = SimpleNamespace(config=probe, model=create_model("resnet18", 10, 0.125), fixed=set())
+    apply_freeze(run, 0, lines.append)
+    assert "stays frozen for the whole run" in lines[0] and "fine-tune" not in lines[0]
 
 
 def test_lr_stepped_per_epoch_holds_within_each_epoch():

@@ -134,3 +134,11 @@ def test_runs_without_validation_are_left_off_the_val_graph(tmp_path):
     assert ax.get_legend() is None
     plt.close("all")
     assert [t.get_text() for t in ax.texts] == ["no run recorded validation accuracy"]
+
+
+def test_a_pipe_in_a_run_name_or_change_keeps_the_markdown_table_whole(tmp_path):
+    rows = [_row("plain", 0.3), {**_row("a|b", 0.4), "changes": "flip | jitter"}]
+    write_suite_report(SUITE, rows, tmp_path)
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line[:1] == "|"]
+    cells = [len(re.split(r"(?<!\\)\|", line)) for line in table]
+    assert len(set(cells)) == 1 and "| a\\|b | flip \\| jitter |" in table[-1]

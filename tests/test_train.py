@@ -151,8 +151,12 @@ def test_existing_run_is_not_overwritten_without_resume(synthetic_images, tmp_pa
     assert (tmp_path / "r" / "best.pt").read_bytes() == best
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path):
-    config = _tiny(synthetic_images, tmp_path, epochs=2, lr=1e30, schedule="constant")
+def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path, monkeypatch):
+    import cifarlab.step as step
+
+    real = step.loss_fn  # every batch's loss NaN (an lr that overflows is refused upfront)
+    monkeypatch.setattr(step, "loss_fn", lambda *a: real(*a) * float("nan"))
+    config = _tiny(synthetic_images, tmp_path, epochs=2, schedule="constant")
     with pytest.raises(TrainingFailed, match="non-finite loss at epoch 1 step"):
         train(config, tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r" / "best.pt").exists()

@@ -458,10 +458,23 @@ def _exit_143(signum, frame):
     raise SystemExit(143)
 
 
+def _negative_values_joined(argv: list[str]) -> list[str]:
+    """`--time-budget -5s` as `--time-budget=-5s`: argparse takes '-5s' for an option and says
+    only 'expected one argument'; joined, the duration's own message says what is wrong."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--time-budget" and arg[:1] == "-" and arg[1:2] in set("0123456789."):
+            out[-1] = f"--time-budget={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    words = _negative_values_joined(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(words)
         # a --time-budget counts from the command's start: a process's own command from the
         # import (torch's import is part of its time), a call of main() in a running one from now
         args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()

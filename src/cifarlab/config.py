@@ -334,9 +334,26 @@ def recipe_path(name_or_file: str) -> Path:
     return named_yaml(name_or_file, RECIPE_DIR, "recipe", list_recipes)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is set twice; keep one", key_node.start_mark
+                )
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -379,7 +396,13 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
             raise UserError(f"{path}: base {base}: {exc}") from None
         if "epochs" in overrides or "train_steps" in overrides:
             overrides.setdefault("time_budget", 0.0)  # a length set here replaces the base's budget
-    overrides["recipe"] = overrides.get("recipe", path.stem)
+    named = overrides.setdefault("recipe", path.stem)  # a recipe file is named by its file
+    saved_run = FIELDS.keys() <= overrides.keys()  # a run's config.yaml: every key as it trained
+    if named != path.stem and not saved_run:  # `recipe: fast` would train something else
+        raise UserError(
+            f"{path}: 'recipe: {named}' only labels runs and loads nothing: drop it (this file "
+            f"is the recipe '{path.stem}'), or write 'base: {named}' to start from {named}"
+        )
     return apply_overrides(start, overrides, where=str(path))
 
 
@@ -455,6 +478,13 @@ def _training_rules(config: TrainConfig) -> Iterator[str]:
         )
     if config.freeze == "backbone" and config.freeze_epochs < 1:
         yield "freeze: backbone needs freeze_epochs >= 1 (the epochs the head trains alone)"
+    if config.freeze == "backbone" and config.freeze_epochs > config.epochs:
+        yield (
+            f"freeze_epochs={config.freeze_epochs} is more than epochs={config.epochs}; at most "
+            "epochs (equal: the backbone stays frozen throughout, a linear probe)"
+        )
+    if config.freeze_epochs and config.freeze != "backbone":
+        yield "freeze_epochs needs freeze: backbone (or --set freeze_epochs=0)"
     if config.warmup_epochs >= config.epochs:
         yield (
             f"warmup_epochs={config.warmup_epochs:g} must be less than epochs={config.epochs}, "
@@ -507,13 +537,13 @@ def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
     """`config` stopped after `steps` optimiser steps (the last epoch may be partial), its
-    epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`)
-    keeps at least one head-only and one fine-tune epoch, two epochs at the least: shortened
+    epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`
+    for fewer than all epochs) keeps at least one head-only and one fine-tune epoch, two epochs at the least: shortened
     until the backbone never unfroze, it would compare a linear probe with fine-tuning under
     the fine-tuning arm's name."""
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     ratio = epochs / config.epochs
-    staged = config.freeze == "backbone" and config.freeze_epochs > 0
+    staged = config.freeze == "backbone" and 0 < config.freeze_epochs < config.epochs
     epochs = max(epochs, 2) if staged else epochs
     warmup = config.warmup_epochs * (steps / steps_per_epoch / config.epochs)
     values = {"epochs": epochs, "train_steps": steps, "warmup_epochs": round(warmup, 4)}
@@ -521,6 +551,8 @@ def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainCo
         old = getattr(config, key)
         last = epochs - 1 if key == "freeze_epochs" and staged else epochs
         values[key] = max(1, min(last, round(old * ratio))) if old else 0
+    if config.freeze == "backbone" and config.freeze_epochs >= config.epochs:
+        values["freeze_epochs"] = epochs  # a linear probe stays one
     return dataclasses.replace(config, **values)
 
 

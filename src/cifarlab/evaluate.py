@@ -77,7 +77,7 @@ def load_eval_set(
         config = apply_overrides(
             config, {"on_bad_image": opts.on_bad_image}, where="--on-bad-image"
         )
-    data = load_labelled(*_source_args(config), opts.split) if opts.data else None
+    data = load_labelled(*_source_args(config), opts.split, ckpt["classes"]) if opts.data else None
     if data is None and opts.split == "val":
         splits = load_splits(config)
         if own_data and not splits.val_folder:
@@ -113,7 +113,7 @@ def _source_args(config: TrainConfig) -> tuple:
 
 
 def _test_split(config: TrainConfig) -> ImageSet:
-    test = load_source(*_source_args(config)).test
+    test = load_source(*_source_args(config), config.classes).test
     if test is None:
         raise UserError(
             f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "

@@ -33,6 +33,7 @@ class Hardware:
     amp_dtype: torch.dtype | None  # autocast dtype, None = full precision
     channels_last: bool
     amp_reason: str = ""  # why this precision (said in the log)
+    threads_warning: str = ""  # more CPU threads asked for than there are cores (said in the log)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -82,10 +83,16 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's, on this machine
     if device.type == "cuda" and device.index is None and local_procs > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    threads_warning = ""
     if device.type == "cpu":
         # Linux: the cores this process may run on
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(config.threads or max(1, (cores or 1) // local_procs))
+        if cores and config.threads > cores:
+            threads_warning = (
+                f"warning: threads={config.threads} is more than the {cores} cores this run may "
+                "use; the threads wait on each other and training slows down (0 = all cores)"
+            )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -98,7 +105,8 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return Hardware(device, dtype, _channels_last(config.channels_last, device), reason)
+    channels_last = _channels_last(config.channels_last, device)
+    return Hardware(device, dtype, channels_last, reason, threads_warning)
 
 
 def _channels_last(setting: str, device: torch.device) -> bool:

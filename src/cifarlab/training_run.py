@@ -88,6 +88,8 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     with phase("precision decision (hardware)"):
         hw = setup_hardware(config, d)
     log(hw.amp_reason)
+    if hw.threads_warning:
+        log(hw.threads_warning)
     resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
     with phase("data (cache read, split)"):
@@ -346,10 +348,15 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
                 "; conv1 is freshly initialised (stem: cifar replaces the 7x7 ImageNet conv) and "
                 "stays random until then"
             )
+        after = (
+            f"all layers train from epoch {c.freeze_epochs + 1} "
+            f"({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+            if c.freeze_epochs < c.epochs
+            else "it stays frozen for the whole run (a linear probe)"
+        )
         log(
             f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is "
-            f"frozen (weights and BatchNorm statistics){fresh}; all layers train from epoch "
-            f"{c.freeze_epochs + 1} ({c.epochs - c.freeze_epochs} fine-tune epoch(s))"
+            f"frozen (weights and BatchNorm statistics){fresh}; {after}"
         )
     if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")

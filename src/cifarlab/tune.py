@@ -236,7 +236,7 @@ def write_best_recipe(opts: TuneOptions, base: TrainConfig, best, study: str) ->
     values.update(best.params)
     if isinstance(values.get("base"), str):  # the new file lives elsewhere
         values["base"] = resolve_base(source, values["base"])
-    values["recipe"] = path.stem
+    values.pop("recipe", None)  # the file's name names it
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# Best trial of study '{study}' (val acc {best.value:.4f}), from recipe {opts.recipe}\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePath
 from typing import ClassVar
@@ -278,20 +279,25 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
         if name in folders:
             splits[name], bad = _load_folder_split(folders[name], size, on_bad, f"decoding {name}")
             skipped += bad
-    _check_same_classes(root, splits)
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
 
 
-def _check_same_classes(root: Path, splits: dict[str, ImageSet]) -> None:
-    """Every split folder must hold the same class folders as the first (train, when present)."""
-    (first, ref), *others = splits.items()
-    for name, ds in others:
-        if ds.classes != ref.classes:
-            only_a = sorted(set(ref.classes) - set(ds.classes))
-            only_b = sorted(set(ds.classes) - set(ref.classes))
+def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
+    """Every split folder must hold the same class folders as the first (train, when present);
+    with `classes` (a selection), the same of those: the others are never read."""
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    named = [(k, {c for c in ds.classes if not classes or c in classes})
+             for k, ds in splits.items() if ds is not None]  # fmt: skip
+    if not named:
+        return
+    (first, ref), *others = named
+    for name, have in others:
+        if have != ref:
+            among = " among the selected classes" if classes else ""
             raise UserError(
-                f"{root}: {first} and {name} classes differ (only in {first}: {only_a}, "
-                f"only in {name}: {only_b}); make both folders hold the same class folders"
+                f"--data {src}: {first} and {name} classes differ{among} (only in {first}: "
+                f"{sorted(ref - have)}, only in {name}: {sorted(have - ref)}); make both folders "
+                "hold the same class folders"
             )
 
 
@@ -306,8 +312,11 @@ def _local_folder(path: Path, root: Path, key: str) -> Path:
     )
 
 
-def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> SourceData:
-    """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode)."""
+def load_source(
+    src: str, root: Path, size: int, on_bad: str = "error", classes: Sequence[str] = ()
+) -> SourceData:
+    """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode).
+    Its split folders must hold the same classes, or the same of `classes` when given."""
     if src in ("cifar10", "cifar100"):
         data = _load_cifar(src, root / src)
         if size != 32:
@@ -318,9 +327,14 @@ def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> Sourc
         raise UserError(f"--data {src}: no such file or folder (and not cifar10/cifar100)")
     cache.ensure_writable(root)
     key = cache.source_key(path, size, on_bad)
-    cached = cache.load(root, key)
-    if cached is not None:
-        return cached
+    data = cache.load(root, key)
+    if data is None:
+        data = _decode_folder(path, root, key, size, on_bad)
+    _check_same_classes(src, data, classes)
+    return data
+
+
+def _decode_folder(path: Path, root: Path, key: str, size: int, on_bad: str) -> SourceData:
     folder = _local_folder(path, root, key)
     try:
         data = _load_folder(folder, size, on_bad)
@@ -342,14 +356,17 @@ def _as_members(text: str, extracted: Path, archive: Path) -> str:
     return text
 
 
-def load_labelled(src: str, root: Path, size: int, on_bad: str, split: str) -> ImageSet | None:
+def load_labelled(
+    src: str, root: Path, size: int, on_bad: str, split: str, classes: Sequence[str] = ()
+) -> ImageSet | None:
     """Every image `src` holds for `split` ("val" or "test"), to score whole, never sliced.
 
     A plain `<class>/` folder (or archive) is all of one labelled set, so it answers any split;
     otherwise its `test/` or `val/`/`valid/` folder. None when `src` has no such folder: then
-    `--split val` falls back to the held-out slice of `train/`, as in training.
+    `--split val` falls back to the held-out slice of `train/`, as in training. `classes`: those
+    the split folders must agree on (a model's), as `load_source`.
     """
-    data = load_source(src, root, size, on_bad)
+    data = load_source(src, root, size, on_bad, classes)
     if src not in ("cifar10", "cifar100"):
         path = Path(src).expanduser()
         folder = _local_folder(path, root, cache.source_key(path, size, on_bad))

@@ -92,7 +92,7 @@ def load_splits(config: TrainConfig) -> Splits:
     ignored; otherwise `val_size` training images held out (stratified, seeded), none for 0.
     """
     root = data_root(config)
-    source = load_source(config.data, root, config.image_size, config.on_bad_image)
+    source = load_source(config.data, root, config.image_size, config.on_bad_image, config.classes)
     if source.train is None:
         raise UserError(
             f"--data {config.data}: no train/ folder beside test/ or val/; training and a held-out "

@@ -145,7 +145,10 @@ def _markdown(suite, rows: list[dict]) -> str:
     lines = [f"# Suite `{suite.name}`", "", suite.description, "", *_notes(suite, rows), ""]
     lines.append("| " + " | ".join(c.header for c in shown) + " |")
     lines.append("|" + " --- |" * len(shown))
-    lines += ["| " + " | ".join(_cells(r, shown)) + " |" for r in rows]
+    # a '|' in a name, a change or a status would end its cell early
+    lines += [
+        "| " + " | ".join(t.replace("|", "\\|") for t in _cells(r, shown)) + " |" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
