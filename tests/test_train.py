@@ -151,6 +151,13 @@ def test_existing_run_is_not_overwritten_without_resume(synthetic_images, tmp_pa
     assert (tmp_path / "r" / "best.pt").read_bytes() == best
 
 
+def test_an_open_model_that_cannot_take_the_image_side_leaves_no_out(synthetic_images, tmp_path):
+    config = _tiny(synthetic_images, tmp_path, model="tv:alexnet", image_size=8)
+    with pytest.raises(UserError, match="tv:alexnet cannot take 8 px images"):
+        train(config, tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r").exists()  # nothing that would refuse the retry
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path, monkeypatch):
     import cifarlab.step as step
 

@@ -206,6 +206,8 @@ def _build_model(config, splits, normalize, hw, d, log):
         config.input_size,
     )  # fmt: skip
     model = build_model(args, config.pretrained, config.weights, log, seed=config.seed)
+    if ":" in config.model:  # tv:/timm: names; the fixed models' sides are checked with the config
+        _check_image_side(model, config)
     if config.whitening:
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
         init_whitening(first_conv(model), normalize(sample))
@@ -218,6 +220,23 @@ def _build_model(config, splits, normalize, hw, d, log):
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return args, model, fixed
+
+
+def _check_image_side(model: torch.nn.Module, config: TrainConfig) -> None:
+    """One blank image forward: a model whose pooling leaves nothing of a small image fails here,
+    before the run saves anything, not in its first step with a config.yaml left behind."""
+    side, was = config.image_size, model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, side, side))
+    except RuntimeError as exc:
+        raise UserError(
+            f"model {config.model} cannot take {side} px images ({str(exc).splitlines()[0]}); "
+            "set a larger image_size, or stem: imagenet (it upsamples to input_size)"
+        ) from None
+    finally:
+        model.train(was)
 
 
 def data_fingerprint(splits: Splits) -> str:
