@@ -329,7 +329,8 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
                    help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval-<split>)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default RUN_DIR/eval-<split>; with --data, eval-<split>-<data name>)")  # fmt: skip
     p.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--on-bad-image", choices=["error", "skip"],
