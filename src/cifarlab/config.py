@@ -538,9 +538,9 @@ def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
     """`config` stopped after `steps` optimiser steps (the last epoch may be partial), its
     epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`
-    for fewer than all epochs) keeps at least one head-only and one fine-tune epoch, two epochs at the least: shortened
-    until the backbone never unfroze, it would compare a linear probe with fine-tuning under
-    the fine-tuning arm's name."""
+    for fewer than all epochs) keeps at least one head-only and one fine-tune epoch, two epochs
+    at the least: shortened until the backbone never unfroze, it would compare a linear probe
+    with fine-tuning under the fine-tuning arm's name."""
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     ratio = epochs / config.epochs
     staged = config.freeze == "backbone" and 0 < config.freeze_epochs < config.epochs

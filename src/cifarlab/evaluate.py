@@ -32,6 +32,7 @@ from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import RUN_FILES, check_out, read_metrics
 from cifarlab.tracking import log_report
+from cifarlab.training_run import data_fingerprint
 
 
 @dataclass
@@ -98,8 +99,6 @@ def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -
     """A validation split held out of changed training data is not the one the run held out:
     it mixes in images the run trained on, so its scores (and a temperature) would be in-sample.
     Checkpoints from before the fingerprint have none and pass."""
-    from cifarlab.training_run import data_fingerprint  # the digest training stored
-
     theirs = ckpt.get("data_fingerprint")
     if theirs is not None and theirs != data_fingerprint(splits):
         raise UserError(
