@@ -152,3 +152,17 @@ def test_profile_prints_start_up_and_end_phases_in_order(capsys, synthetic_image
         for line in table.split("since the command started:")[1].splitlines()[1:]
     ]
     assert len(marks) == 3 and marks == sorted(marks)  # first step, last step, command done
+
+
+def test_epochs_on_the_command_line_scale_a_staged_recipe_as_budget_does(tmp_path):
+    from cifarlab.cli import _config_from_args, build_parser
+
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text(
+        "base: resnet18\nmodel: tv-resnet18\nepochs: 4\nfreeze: backbone\nfreeze_epochs: 3\n"
+    )
+    configs = [
+        _config_from_args(build_parser().parse_args(["train", "--recipe", str(recipe), "--out", "o", *flags]))
+        for flags in (["--epochs", "1"], ["--budget", "0.25"])
+    ]  # fmt: skip
+    assert {(c.epochs, c.freeze_epochs) for c in configs} == {(2, 1)}  # head first, then all

@@ -119,6 +119,14 @@ def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hin
     trained = load_recipe("fast")  # a run's config.yaml names every key: it is that run again
     save_config(trained, tmp_path / "config.yaml")
     assert load_recipe(str(tmp_path / "config.yaml")) == trained
+    older = tmp_path / "config.yaml"  # one from a version with fewer keys still loads
+    older.write_text(
+        "".join(line for line in older.read_text().splitlines(True) if "threads" not in line)
+    )
+    assert load_recipe(str(older)).recipe == "fast"
+    mine.write_text("base: seed-cnn\nrecipe: seed-cnn\n")  # base given: no hint to write it
+    with pytest.raises(UserError, match=r"this file is the recipe 'mine'\)$"):
+        load_recipe(str(mine))
 
 
 def test_a_recipe_may_start_from_another(tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cifarlab.cli import main
 from cifarlab.errors import UserError
@@ -358,6 +359,11 @@ def test_a_report_on_other_data_gets_its_own_default_folder(tiny_run, tmp_path):
     assert saved["num_images"] == report["num_images"] == 6
     evaluate(EvalOptions(str(run), data=str(other), out=tmp_path / "ev"), log=lambda s: None)
     assert (tmp_path / "ev" / "report.json").is_file()  # --out still wins
+    own_data = yaml.safe_load((run / "config.yaml").read_text())["data"]  # the run's own, as --data
+    again = evaluate(EvalOptions(str(run), data=own_data), log=lambda s: None)
+    assert again["num_images"] == 8  # its train/ alone: the run's own held-out split, as it was
+    assert (run / "eval-val" / "report.json").read_text() == own  # still not replaced
+    assert (run / f"eval-val-{Path(own_data).name}" / "report.json").is_file()
 
 
 def test_a_run_without_best_pt_says_it_scores_last_pt(tiny_run, tmp_path):

@@ -208,6 +208,15 @@ def test_weights_for_a_suite_without_pretrained_runs_are_refused_not_ignored():
         load_suite("exercise-2", {"weights": "imagenet.pth"})
 
 
+def test_unquoted_numbers_in_a_suite_read_as_their_text(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "runs:\n  - {name: 0.1, recipe: fast, changes: 0.5}\n  - {name: b, recipe: fast}\n"
+    )
+    suite = load_suite(str(path), {"data": "x"})
+    assert suite.runs[0].name == "0.1" and suite.runs[0].changes == "0.5"
+
+
 def test_a_missing_weights_file_stops_a_suite_before_any_run_trains(tmp_path, capsys):
     with pytest.raises(UserError, match="weights /no/such.pth: no such file"):
         load_suite("exercise-4", {"data": "x", "weights": "/no/such.pth"})
@@ -223,16 +232,16 @@ def test_a_missing_weights_file_stops_a_suite_before_any_run_trains(tmp_path, ca
     ]
     assert main(args) == 2 and not (tmp_path / "o").exists()
     assert "no such file" in capsys.readouterr().err
-    named = load_suite(
-        "exercise-4", {"data": "x", "weights": "IMAGENET1K_V1"}
-    )  # a torchvision name
+    with pytest.raises(UserError, match="weights .* is a folder"):
+        load_suite("exercise-4", {"data": "x", "weights": str(tmp_path)})
+    named = load_suite("exercise-4", {"data": "x", "weights": "IMAGENET1K_V1"})  # torchvision's
     assert {r.config.weights for r in named.runs if r.config.pretrained} == {"IMAGENET1K_V1"}
 
 
 @pytest.mark.parametrize(
     "name",
-    ["x" * 300, "''", "null", '"a\\nb"', '"a\\tb"', "' a'", "3"],
-    ids=["too-long", "empty", "null", "newline", "tab", "leading-space", "number"],
+    ["x" * 300, "''", "null", '"a\\nb"', '"a\\tb"', "' a'", "true"],
+    ids=["too-long", "empty", "null", "newline", "tab", "leading-space", "boolean"],
 )
 def test_a_suite_run_name_that_is_no_plain_line_is_refused_before_training(tmp_path, capsys, name):
     path = tmp_path / "s.yaml"
@@ -248,7 +257,7 @@ def test_a_suite_run_name_that_is_no_plain_line_is_refused_before_training(tmp_p
     ("line", "needle"),
     [
         ('cumulative: "false"', "'cumulative' must be true or false"),
-        ("description: 3", "'description' must be a string"),
+        ("description: yes", "'description' must be a string"),
         ("reference: [a]", "'reference' must be a run's name"),
         ("examples: {a: 1}", "'examples' must be a string"),
     ],

@@ -169,6 +169,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path,
     assert not (tmp_path / "r" / "best.pt").exists()
 
 
+def test_a_non_finite_validation_loss_stops_before_any_checkpoint(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import cifarlab.train as train_module
+
+    real = train_module.validate  # outputs blown up by the last steps: training's loss was finite
+    monkeypatch.setattr(
+        train_module, "validate", lambda run, *a, **k: (float("nan"), real(run, *a, **k)[1])
+    )
+    config = _tiny(synthetic_images, tmp_path, epochs=1)
+    with pytest.raises(TrainingFailed, match="validation loss after epoch 1 is nan"):
+        train(config, tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r" / "best.pt").exists()
+
+
 def test_a_finite_but_exploding_loss_stops_as_diverged(
     real_jpegs, data_root, tmp_path, monkeypatch
 ):

@@ -62,10 +62,12 @@ def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
 
 def run_overrides(args) -> dict[str, Any]:
     """The config keys the shared flags set explicitly (each flag named as its key, but
-    --recipe; --time-budget parsed; --no-progress), --set last: an explicit value wins."""
+    --recipe, and --epochs: a length `with_length` applies, scaling the epoch-based keys;
+    --time-budget parsed; --no-progress), --set last: an explicit value wins."""
     from cifarlab.config import FIELDS, parse_duration, parse_set_options
 
-    out = {k: v for k, v in vars(args).items() if k in FIELDS and k != "recipe" and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
+    out = {k: v for k, v in flags.items() if k not in ("recipe", "epochs")}
     if "time_budget" in out:
         out["time_budget"] = parse_duration(out["time_budget"])
     if args.no_progress:
@@ -112,6 +114,8 @@ def cmd_train(args) -> int:
     has_run = (args.out / "last.pt").is_file() or (args.out / "config.yaml").is_file()
     if args.resume and has_run:  # the run's own config, plus what is asked
         changes = run_overrides(args)
+        if args.epochs is not None:  # a length the run must already have
+            changes = {"epochs": args.epochs, **changes}
         if args.recipe:
             changes = {**_recipe_settings(args.recipe), **changes}
         if args.budget is not None:

@@ -397,11 +397,13 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
         if "epochs" in overrides or "train_steps" in overrides:
             overrides.setdefault("time_budget", 0.0)  # a length set here replaces the base's budget
     named = overrides.setdefault("recipe", path.stem)  # a recipe file is named by its file
-    saved_run = FIELDS.keys() <= overrides.keys()  # a run's config.yaml: every key as it trained
+    # a run's config.yaml names every key (one from an older version nearly every key)
+    saved_run = len(overrides) > len(FIELDS) // 2
     if named != path.stem and not saved_run:  # `recipe: fast` would train something else
+        hint = "" if base else f", or write 'base: {named}' to start from {named}"
         raise UserError(
             f"{path}: 'recipe: {named}' only labels runs and loads nothing: drop it (this file "
-            f"is the recipe '{path.stem}'), or write 'base: {named}' to start from {named}"
+            f"is the recipe '{path.stem}'){hint}"
         )
     return apply_overrides(start, overrides, where=str(path))
 
@@ -444,7 +446,8 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
     file = weights_file(config.weights, spec.named_weights)
     if spec.backbone and file and not file.is_file():
         named = ", or a torchvision weights name such as IMAGENET1K_V1" * spec.named_weights
-        yield f"weights {file}: no such file; give a state-dict file{named}"
+        what = "is a folder" if file.is_dir() else "no such file"
+        yield f"weights {file}: {what}; give a state-dict file{named}"
     if config.stem != "cifar" and not spec.backbone:
         yield (
             f"stem: {config.stem} applies to the tv-* models only and to tv:/timm: names, "

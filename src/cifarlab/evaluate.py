@@ -67,7 +67,7 @@ def load_eval_set(
     folder; without one, `--split val` holds out the run's slice of DIR/train (same seed).
     """
     config = run_config(ckpt, where)
-    own_data = opts.data in (None, config.data)
+    own_data = opts.data is None or _same_source(opts.data, config.data)
     if own_data and not _data_present(config.data):
         raise UserError(
             f"{where} was trained on {config.data}, which is no longer there; {way_out}"
@@ -89,6 +89,11 @@ def load_eval_set(
     if config.classes and own_data:  # the run's own data: the classes it was trained on
         data = select_classes(data, [c for c in config.classes if c in data.classes], "classes")
     return onto_classes(data, list(ckpt["classes"]), where), config.data
+
+
+def _same_source(a: str, b: str) -> bool:
+    """`--data` spellings of one source: cifar10, or one folder however its path is written."""
+    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _data_present(src: str) -> bool:
@@ -173,9 +178,9 @@ def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int
 
 
 def _default_out(opts: EvalOptions, ckpt: dict) -> str:
-    """`eval-<split>` for the run's own data; `eval-<split>-<data name>` for other data, so that
-    no default report replaces another's."""
-    if opts.data in (None, ckpt["config"].get("data")):
+    """`eval-<split>` for the run's own split; `eval-<split>-<data name>` for `--data`, scored
+    whole (the run's own folder included), so that no default report replaces another's."""
+    if opts.data is None:
         return f"eval-{opts.split}"
     name = re.sub(r"[^\w.-]+", "_", Path(opts.data).expanduser().resolve().name).strip("._")
     return f"eval-{opts.split}-{name[:64] or 'data'}"

@@ -127,7 +127,7 @@ def load_suite(
         if weights and config.pretrained:
             config = apply_overrides(config, {"weights": weights}, where="--weights")
         validate_config(config, where=f"{where} ({name})")
-        runs.append(SuiteRun(name, config, r.get("changes", ""), r.get("requires", "")))
+        runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
     if weights and not any(r.config.pretrained for r in runs):
         raise UserError(
             f"--weights: no run of suite {path.stem} starts from pretrained weights; drop --weights"
@@ -136,7 +136,7 @@ def load_suite(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
-    reference = spec.get("reference", names[0])
+    reference = str(spec.get("reference", names[0]))
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
     return Suite(
@@ -145,7 +145,9 @@ def load_suite(
 
 
 def _run_name(name: Any, where: str) -> str:
-    """`name` if it is one folder inside --out and one clean line in logs and tables."""
+    """`name` if it is one folder inside --out and one clean line in logs and tables (a number
+    such as 0.1 is read as its text)."""
+    name = str(name) if _number(name) else name
     plain = (
         isinstance(name, str)
         and 0 < len(name) <= MAX_NAME
@@ -165,8 +167,15 @@ def _run_name(name: Any, where: str) -> str:
 def _check_types(spec: dict, types: dict[str, tuple[type, str]], where: str) -> None:
     """Each key present holds its kind of value: `cumulative: "false"` is a string, not false."""
     for key, (kind, words) in types.items():
-        if key in spec and not isinstance(spec[key], kind):
+        if key in spec and not (
+            isinstance(spec[key], kind) or (kind is str and _number(spec[key]))
+        ):
             raise UserError(f"{where}: '{key}' must be {words}, got {spec[key]!r}")
+
+
+def _number(value: Any) -> bool:
+    """An unquoted YAML number (not a boolean): it reads as the text written."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:

@@ -492,6 +492,12 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     with phase("validation (each epoch)"):
         val_loss, val_acc = validate(run)
         test_loss, test_acc = validate(run, split="test")  # the lesson's record; never selects
+    if val_loss is not None and not math.isfinite(val_loss):  # before it reaches a checkpoint
+        kept = f"{saver.last} holds the epoch before" if saver.last.exists() else "nothing saved"
+        raise TrainingFailed(
+            f"diverged: the validation loss after epoch {epoch + 1} is {val_loss} (the model's "
+            f"outputs are no longer finite); {kept}; lower --lr or add a warm-up"
+        )
     seconds = stats.seconds + time.perf_counter() - t_val
     seen = max(stats.seen, 1)
     row = {
