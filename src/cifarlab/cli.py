@@ -66,8 +66,10 @@ def run_overrides(args) -> dict[str, Any]:
     --time-budget parsed; --no-progress), --set last: an explicit value wins."""
     from cifarlab.config import FIELDS, parse_duration, parse_set_options
 
-    flags = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
-    out = {k: v for k, v in flags.items() if k not in ("recipe", "epochs")}
+    out = {
+        k: v for k, v in vars(args).items()
+        if k in FIELDS and k not in ("recipe", "epochs") and v is not None
+    }  # fmt: skip
     if "time_budget" in out:
         out["time_budget"] = parse_duration(out["time_budget"])
     if args.no_progress:

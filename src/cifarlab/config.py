@@ -553,9 +553,7 @@ def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainCo
     for key in ("freeze_epochs", "whiten_bias_epochs"):
         old = getattr(config, key)
         last = epochs - 1 if key == "freeze_epochs" and staged else epochs
-        values[key] = max(1, min(last, round(old * ratio))) if old else 0
-    if config.freeze == "backbone" and config.freeze_epochs >= config.epochs:
-        values["freeze_epochs"] = epochs  # a linear probe stays one
+        values[key] = max(1, min(last, round(old * ratio))) if old else 0  # a probe stays one
     return dataclasses.replace(config, **values)
 
 

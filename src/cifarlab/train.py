@@ -397,15 +397,21 @@ def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
 def _non_finite(run: TrainingRun, stats: EpochStats, where: str, saver) -> None:
     """A diverging batch: stop (`on_nan: stop`), or skip it, the schedule moving on."""
     if run.config.on_nan != "skip":
-        kept = Path(saver.last)
-        kept = f"the last good checkpoint is {kept}" if kept.exists() else "no checkpoint saved yet"
-        raise TrainingFailed(
-            f"diverged: {where}; {kept} "
-            "(lower --lr or add a warm-up, or --set on_nan=skip to skip such batches)"
-        )
+        advice = "lower --lr or add a warm-up, or --set on_nan=skip to skip such batches"
+        raise _diverged(where, saver, advice)
     stats.nan_skipped += 1
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+
+
+def _diverged(why: str, saver, advice: str) -> TrainingFailed:
+    """The stop of a diverging run: why, what it kept, what to change."""
+    kept = (
+        f"the last good checkpoint is {saver.last}"
+        if saver.last.exists()
+        else "no checkpoint saved yet"
+    )
+    return TrainingFailed(f"diverged: {why}; {kept} ({advice})")
 
 
 def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, stop, bar) -> None:
@@ -493,11 +499,8 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
         val_loss, val_acc = validate(run)
         test_loss, test_acc = validate(run, split="test")  # the lesson's record; never selects
     if val_loss is not None and not math.isfinite(val_loss):  # before it reaches a checkpoint
-        kept = f"{saver.last} holds the epoch before" if saver.last.exists() else "nothing saved"
-        raise TrainingFailed(
-            f"diverged: the validation loss after epoch {epoch + 1} is {val_loss} (the model's "
-            f"outputs are no longer finite); {kept}; lower --lr or add a warm-up"
-        )
+        why = f"the validation loss after epoch {epoch + 1} is {val_loss} (outputs not finite)"
+        raise _diverged(why, saver, "lower --lr or add a warm-up")
     seconds = stats.seconds + time.perf_counter() - t_val
     seen = max(stats.seen, 1)
     row = {
