@@ -86,6 +86,7 @@ def load_model(source: str | Path | Result, *, batch_size: int = 256) -> Classif
 
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+_RANGES = "give floats in 0..1 or uint8 in 0..255"
 
 
 class Classifier:
@@ -153,19 +154,11 @@ def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
         raise UserError(f"empty image of shape {image.shape}: give an image at least 1x1 pixel")
     if image.dtype == np.uint8:
         return image
-    if image.dtype.kind not in "uif":
-        raise UserError(f"image of dtype {image.dtype}: expected uint8 0..255 or floats in 0..1")
-    if not np.isfinite(image).all():
-        raise UserError(
-            "image with NaN or infinite values: expected uint8 0..255 or floats in 0..1"
-        )
-    lo, hi = float(image.min()), float(image.max())
-    if image.dtype.kind == "f":
-        if lo < 0 or hi > 1:
-            raise UserError(
-                f"float image with values {lo:g}..{hi:g}: floats must be in 0..1; pass uint8 for 0..255"
-            )
-        return np.round(image * 255).astype(np.uint8)
-    if lo < 0 or hi > 255:
-        raise UserError(f"integer image with values {lo:g}..{hi:g}: expected 0..255")
-    return image.astype(np.uint8)
+    if image.dtype.kind not in "uif" or not np.isfinite(image).all():
+        what = f"dtype {image.dtype}" if image.dtype.kind not in "uif" else "NaN or infinite values"
+        raise UserError(f"image with {what}: {_RANGES}")
+    floats, lo, hi = image.dtype.kind == "f", float(image.min()), float(image.max())
+    if lo < 0 or hi > (1 if floats else 255):
+        kind = "float" if floats else "integer"
+        raise UserError(f"{kind} image with values {lo:g}..{hi:g}: {_RANGES}")
+    return np.round(image * (255 if floats else 1)).astype(np.uint8)

@@ -90,10 +90,10 @@ def load_suite(
     weights = base.pop("weights", "")
     path = named_yaml(name, SUITE_DIR, "suite", list_suites)
     spec = read_yaml_mapping(path)
-    unknown = set(spec) - {"description", "reference", "runs", "cumulative", "examples"}
+    unknown = set(spec) - {"runs", *_SUITE_TYPES}
     if unknown:
         raise UserError(
-            f"{path}: unknown suite keys {sorted(unknown)}; valid: description, reference, runs, cumulative, examples"
+            f"{path}: unknown suite keys {sorted(unknown)}; valid: runs, {', '.join(_SUITE_TYPES)}"
         )
     _check_types(spec, _SUITE_TYPES, str(path))
     runs_spec = spec.get("runs")
@@ -106,8 +106,7 @@ def load_suite(
     runs, recipe, carried = [], None, {}
     for i, r in enumerate(runs_spec):
         where = f"{path} run {i + 1}"
-        bad = set(r) - _RUN_KEYS
-        if bad or "name" not in r:
+        if not set(r) <= _RUN_KEYS or "name" not in r:
             raise UserError(f"{where}: needs 'name' and only {sorted(_RUN_KEYS)}; got {sorted(r)}")
         name = _run_name(r["name"], where)
         _check_types(r, _RUN_TYPES, where)
@@ -208,12 +207,10 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             log(f"[{run_dir.name}] {skipped}")
             continue
         say = lambda s, n=run_dir.name: log(f"  [{n}] {s}")  # noqa: E731
-        log(
-            f"[{run_dir.name}] {'resuming' if (run_dir / 'last.pt').is_file() else 'training'}: {run.changes}"
-        )
-        started = (run_dir / "last.pt").is_file() or (run_dir / "config.yaml").is_file()
+        resuming = (run_dir / "last.pt").is_file()
+        log(f"[{run_dir.name}] {'resuming' if resuming else 'training'}: {run.changes}")
         try:
-            train(config, run_dir, resume=started, log=say)
+            train(config, run_dir, resume=resuming or (run_dir / "config.yaml").is_file(), log=say)
         except Interrupted as exc:  # train's own hint (--resume the run) skips its evaluation
             said = str(exc).split(" Resume with:")[0].rstrip(" .;")
             raise Interrupted(
@@ -235,10 +232,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             say(f"no report: {exc}")
     if suite.examples == "mixup":
         _mixup_examples(suite, opts.out / "mixup_examples.png")
-    rows = summarise(suite, opts)
-    for row in rows:
-        if row["run"] in failed and "epochs" not in row:
-            row["status"] = f"cannot start: {failed[row['run']]}"
+    rows = summarise(suite, opts, failed)
     from cifarlab.report.suite import write_suite_report
 
     write_suite_report(suite, rows, opts.out)
@@ -281,8 +275,9 @@ def _refuse_stale(jobs: list) -> None:
             )
 
 
-def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
-    """One row per run: accuracies as mean ± std over seeds, time, speed, gain over the reference."""
+def summarise(suite: Suite, opts: SuiteOptions, failed: dict[str, str]) -> list[dict]:
+    """One row per run: accuracies as mean ± std over seeds, time, speed, gain over the reference;
+    a run without results says why (`failed`: the error of a run that could not start)."""
     from cifarlab.report.suite import gain_basis  # matplotlib
 
     rows = []
@@ -297,6 +292,8 @@ def summarise(suite: Suite, opts: SuiteOptions) -> list[dict]:
         }
         if run.requires and not histories:
             row["status"] = f"not started: needs {run.requires}"
+        elif run.name in failed and not histories:
+            row["status"] = f"cannot start: {failed[run.name]}"
         diverged = [(seed, d / DIVERGED) for seed, d in dirs.items() if (d / DIVERGED).is_file()]
         if diverged:  # no accuracy of a diverged run: its first diverged seed's words instead
             seed, path = diverged[0]
@@ -342,32 +339,11 @@ def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[s
 
 
 def _mixup_examples(suite: Suite, path: Path) -> None:
-    """Four pairs of training images mixed at each of the suite's alphas, one row per alpha,
-    titled with both labels and their weights."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """Training images mixed at each of the suite's Mixup alphas (0.2 when it sets none)."""
     from cifarlab.data import load_splits
+    from cifarlab.report.figures import mixup_examples
 
     alphas = sorted({r.config.mixup_alpha for r in suite.runs if r.config.mixup_alpha}) or [0.2]
     splits = load_splits(suite.runs[0].config)
-    rng = np.random.default_rng(0)
-    idx = rng.choice(len(splits.train), size=8, replace=False)
-    images = splits.train.images[idx].astype(np.float32) / 255
-    names = [splits.classes[splits.train.labels[j]] for j in idx]
-    fig, axes = plt.subplots(len(alphas), 4, figsize=(11, 3.2 * len(alphas)), squeeze=False)
-    for row, alpha in zip(axes, alphas, strict=True):
-        for i, ax in enumerate(row):
-            lam = float(rng.beta(alpha, alpha))
-            ax.imshow(lam * images[2 * i] + (1 - lam) * images[2 * i + 1], interpolation="nearest")
-            ax.set_title(f"{names[2 * i]} {lam:.2f}\n{names[2 * i + 1]} {1 - lam:.2f}", fontsize=10)
-            ax.axis("off")
-        row[0].text(-0.15, 0.5, f"alpha {alpha:g}", transform=row[0].transAxes, rotation=90,
-                    va="center", ha="right", fontsize=11)  # fmt: skip
-    fig.suptitle("Mixup: label weights = lambda, 1 - lambda, lambda ~ Beta(alpha, alpha)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    names = [splits.classes[k] for k in splits.train.labels]
+    mixup_examples(splits.train.images, names, alphas, path)

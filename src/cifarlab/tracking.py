@@ -40,12 +40,11 @@ class Trackers(list):
 @contextlib.contextmanager
 def open_trackers(config: TrainConfig, run_dir: Path, enabled: bool = True) -> Iterator[Trackers]:
     """The trackers `config` asks for (none when not `enabled`: torchrun's other ranks)."""
-    chosen = []
+    group = Trackers()
     if enabled and config.tensorboard:
-        chosen.append(TensorBoardTracker(run_dir))
+        group.append(TensorBoardTracker(run_dir))
     if enabled and config.tracking == "mlflow":
-        chosen.append(MLflowTracker(config, run_dir))
-    group = Trackers(chosen)
+        group.append(MLflowTracker(config, run_dir))
     try:
         yield group
     except BaseException as exc:
@@ -63,8 +62,6 @@ def flat_params(config: TrainConfig) -> dict[str, str | int | float | bool]:
     }
 
 
-# --- TensorBoard ------------------------------------------------------------------------------
-
 EPOCH_SCALARS = (
     "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s",
 )  # fmt: skip
@@ -80,9 +77,8 @@ class TensorBoardTracker:
         self.writer = tensorboard.SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
-        experiment, start, _ = _hparams(config)
-        self.writer.file_writer.add_summary(experiment)
-        self.writer.file_writer.add_summary(start)
+        for summary in _hparams(config)[:2]:  # the experiment, this session's start
+            self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 
     def log_epoch(self, row: dict) -> None:
@@ -106,9 +102,6 @@ def _hparams(config: TrainConfig | None):
 
     values = flat_params(config) if config is not None else {}
     return hparams(values, dict.fromkeys(HPARAM_METRICS, 0.0))
-
-
-# --- MLflow ---------------------------------------------------------------------------------
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -224,6 +217,5 @@ def log_report(run_dir: Path, report_dir: Path, report: dict, log=print) -> None
     client = mlflow.tracking.MlflowClient(link["tracking_uri"])
     client.log_artifacts(link["run_id"], str(report_dir), f"report/{report_dir.name}")
     split = report.get("split", "val")
-    values = {f"{split}_accuracy": report["accuracy"]}
-    values[f"{split}_ece"] = report["expected_calibration_error"]
-    _log_metrics(client, link["run_id"], values, 0)
+    values = {"accuracy": report["accuracy"], "ece": report["expected_calibration_error"]}
+    _log_metrics(client, link["run_id"], {f"{split}_{k}": v for k, v in values.items()}, 0)

@@ -33,7 +33,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.splits import load_splits
 from cifarlab.errors import Interrupted, UserError, import_extra
-from cifarlab.rundir import prepare_run_dir
+from cifarlab.rundir import RunDirTaken, prepare_run_dir
 
 
 @dataclass
@@ -132,21 +132,21 @@ def _open_study(name: str, url: str):
 
 def _say_search(base: TrainConfig, opts: TuneOptions, log) -> None:
     """One line on what is searched and how long a trial runs; a note on command-line values
-    that the search replaces."""
+    that the search replaces (the search's values win)."""
+    searched = ["lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing"]
+    searched += ["muon_lr"] if base.optimizer == "muon" else []  # as `suggest` searches
     low = max(1, base.epochs // 2)
-    epochs = (
+    length = (
         f"epochs {low}-{base.epochs}"
         if opts.search_epochs and low < base.epochs
         else f"{base.epochs} epoch{'s' if base.epochs > 1 else ''} a trial"
         + ("" if opts.search_epochs else " (fixed by --epochs/--budget)")
     )
-    muon = ", muon_lr" if base.optimizer == "muon" else ""
-    log(f"searching lr{muon}, weight decay, mixup, cutmix, label smoothing; {epochs}")
-    searched = {"lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing", "muon_lr"}
-    replaced = sorted(searched & set(opts.overrides) - ({"muon_lr"} if not muon else set()))
-    if replaced:  # the search's values win; the command line's are where it searches around
-        log(f"note: {', '.join(replaced)} set on the command line: searched, so each trial "
-            "replaces it (lr, weight_decay and muon_lr are searched around it)")  # fmt: skip
+    log(f"searching {', '.join(searched)}; {length}")
+    replaced = [k for k in searched if k in opts.overrides]
+    if replaced:
+        log(f"note: {', '.join(replaced)} set on the command line: each trial replaces it "
+            "(lr, weight_decay and muon_lr are searched around it)")  # fmt: skip
 
 
 def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
@@ -158,11 +158,6 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
     config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
     validate_config(config, f"trial {trial.number}")
     run_dir = opts.out / f"trial-{trial.number:03d}"  # a continued study numbers trials anew
-    if run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise UserError(
-            f"--out {opts.out} already holds {run_dir.name}, from another study or --storage; "
-            f"pick a new --out for this study, or move {run_dir} away"
-        )
 
     def report(row: dict) -> None:
         trial.report(row["val_acc"], int(row["epoch"]))
@@ -181,6 +176,11 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
             f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
             "to continue the study: the stopped trial runs again under a new number",
             exc.exit_code,
+        ) from None
+    except RunDirTaken:  # not resumable: a trial continues under a new number
+        raise UserError(
+            f"--out {opts.out} already holds {run_dir.name}, from another study or --storage; "
+            f"pick a new --out for this study, or move {run_dir} away"
         ) from None
     except TrainingFailed as exc:  # diverged (an lr too high, say): the study goes on
         log(f"trial {trial.number}: {str(exc).split(';')[0]}; pruned")

@@ -134,8 +134,7 @@ def curves(rows: list[dict], path: Path) -> None:
 def _per_epoch(histories: list[list[dict]], key: str) -> np.ndarray:
     """(seeds, epochs) of `key` over the epochs every seed reached; NaN where not recorded."""
     n = min(len(h) for h in histories)
-    values = [[row.get(key) for row in h[:n]] for h in histories]
-    return np.asarray([[np.nan if v is None else float(v) for v in vs] for vs in values])
+    return np.array([[row.get(key) for row in h[:n]] for h in histories], dtype=float)
 
 
 def _runs_panel(ax, runs: list[tuple], key: str, label: str) -> None:
@@ -171,4 +170,22 @@ def runs_curves(
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels) + 1.5, 4.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         _runs_panel(ax, runs, key, label)
+    _save(fig, path)
+
+
+def mixup_examples(images: np.ndarray, names: list[str], alphas: list[float], path: Path) -> None:
+    """Four pairs of `images` (uint8, NHWC; `names` their labels) mixed at each alpha, one row
+    per alpha, titled with both labels and their weights."""
+    rng = np.random.default_rng(0)
+    pairs = rng.choice(len(images), size=(4, 2), replace=False)
+    fig, axes = plt.subplots(len(alphas), 4, figsize=(11, 3.2 * len(alphas)), squeeze=False)
+    for row, alpha in zip(axes, alphas, strict=True):
+        for ax, (a, b) in zip(row, pairs, strict=True):
+            lam = float(rng.beta(alpha, alpha))
+            ax.imshow((lam * images[a] + (1 - lam) * images[b]) / 255, interpolation="nearest")
+            ax.set_title(f"{names[a]} {lam:.2f}\n{names[b]} {1 - lam:.2f}", fontsize=10)
+            ax.axis("off")
+        row[0].text(-0.15, 0.5, f"alpha {alpha:g}", transform=row[0].transAxes, rotation=90,
+                    va="center", ha="right", fontsize=11)  # fmt: skip
+    fig.suptitle("Mixup: label weights = lambda, 1 - lambda, lambda ~ Beta(alpha, alpha)")
     _save(fig, path)

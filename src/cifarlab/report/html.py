@@ -8,7 +8,6 @@ from pathlib import Path
 
 import yaml
 
-# The look of every cifarlab page (evaluation report, suite index).
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f6f8;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:24px 40px}header h1{margin:0 0 6px;font-size:26px}
@@ -30,11 +29,23 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+# Every cifarlab page (evaluation report, suite index): a header, a row of cards, sections.
+PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>{title}</title><style>{css}</style></head><body>
+<header><h1>{heading}</h1><div class="sub">{sub}</div></header>
+<main><div class="cards">{cards}</div>
+{body}
+</main></body></html>"""
+
+
+class Raw(str):
+    """A table cell that is HTML already (links): `table` leaves it unescaped."""
+
+
+def table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
+    cell = lambda c: c if isinstance(c, Raw) else html.escape(str(c))  # noqa: E731
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -106,18 +117,11 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
     ]  # fmt: skip
     if r.get("tta_accuracy") is not None:
         figures.insert(1, ("accuracy with TTA", f"{r['tta_accuracy']:.2%}"))
-    pc = r["per_class"]
-    per_class_rows = [
-        [
-            c,
-            f"{pc[c]['accuracy']:.1%}" if pc[c]["support"] else "n/a (no images)",
-            f"{pc[c]['precision']:.3f}",
-            f"{pc[c]['recall']:.3f}" if pc[c]["support"] else "n/a",
-            f"{pc[c]['f1']:.3f}" if pc[c]["support"] else "n/a",
-            pc[c]["support"],
-        ]
-        for c in sorted(pc, key=lambda c: (not pc[c]["support"], pc[c]["accuracy"] or 0.0))
-    ]
+    per_class_rows = [  # hardest first; a class without images at the end
+        [c, f"{s['accuracy']:.1%}", f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}", s["support"]]
+        if s["support"] else [c, "n/a (no images)", f"{s['precision']:.3f}", "n/a", "n/a", 0]
+        for c, s in sorted(r["per_class"].items(), key=lambda cs: (not cs[1]["support"], cs[1]["accuracy"] or 0.0))
+    ]  # fmt: skip
     pairs = [
         [p["true"], p["predicted"], p["count"], f"{p['share']:.1%}"] for p in r["most_confused"]
     ]
@@ -137,21 +141,20 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
         if (out / "curves.png").exists()
         else _note(r.get("curves_note", "no curves"))
     )
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>cifarlab report — {r["accuracy"]:.2%}</title><style>{CSS}</style></head><body>
-<header><h1>{r["accuracy"]:.2%} accuracy on {r["num_images"]:,} images</h1><div class="sub">{sub}</div></header>
-<main><div class="cards">{cards(figures)}</div>
-<section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
+    body = f"""<section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
 <div class="two"><section><h2>Per-class accuracy</h2>{_img(out / "per_class.png", "per-class accuracy")}</section>
-<section><h2>Most confused pairs, both directions</h2>{_table(["pair", "count", "first → second", "second → first", "share of both"], both)}
-<h2>Most confused, one direction</h2>{_table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
+<section><h2>Most confused pairs, both directions</h2>{table(["pair", "count", "first → second", "second → first", "share of both"], both)}
+<h2>Most confused, one direction</h2>{table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
 {_gallery(r, out)}
 <section><h2>Calibration</h2>{_calibration(r, out)}</section>
-<section><h2>Per class</h2>{_table(["class", "accuracy", "precision", "recall", "F1", "support"], per_class_rows)}</section>
+<section><h2>Per class</h2>{table(["class", "accuracy", "precision", "recall", "F1", "support"], per_class_rows)}</section>
 <section><h2>Training curves</h2>{curves}</section>
 <section><h2>Checkpoint and config</h2><p>{html.escape(r["checkpoint"])}</p>
-<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre></section>
-</main></body></html>"""
+<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre></section>"""
+    page = PAGE.format(
+        title=f"cifarlab report — {r['accuracy']:.2%}", css=CSS, sub=sub, cards=cards(figures),
+        heading=f"{r['accuracy']:.2%} accuracy on {r['num_images']:,} images", body=body,
+    )  # fmt: skip
     path = out / "report.html"
     path.write_text(page)
     return path

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cifarlab.report import figures
-from cifarlab.report.html import CSS, cards
+from cifarlab.report.html import CSS, PAGE, Raw, cards, table
 
 # Each PNG is one graph with every run on it (Exercises 2.4 and 4.3), drawn only when some run
 # recorded its column; curves.png shows the accuracies and the training loss together.
@@ -42,13 +42,10 @@ def _pct(value, signed=False) -> str:
     return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
 
 
-def _best(split: str):
-    def cell(r: dict) -> str:
-        value = r.get(f"best_{split}_acc")
-        std = f" ± {r[f'best_{split}_acc_std'] * 100:.2f}" if r.get("seeds", 1) > 1 else ""
-        return _pct(value) + (std if value is not None else "")
-
-    return cell
+def _best(r: dict, split: str) -> str:
+    value = r.get(f"best_{split}_acc")
+    std = f" ± {r[f'best_{split}_acc_std'] * 100:.2f}" if r.get("seeds", 1) > 1 else ""
+    return _pct(value) + (std if value is not None else "")
 
 
 @dataclass(frozen=True)
@@ -63,11 +60,11 @@ COLUMNS = [
     Column("run", "run", lambda r: r["run"], optional=False),
     Column("changes", "what changed", lambda r: r["changes"], optional=False),
     Column("seeds", "", lambda r: "", optional=False),  # CSV only
-    Column("best_val_acc", "best val acc % (mean ± std)", _best("val")),
+    Column("best_val_acc", "best val acc % (mean ± std)", lambda r: _best(r, "val")),
     Column("best_val_acc_std", "", lambda r: ""),  # CSV only: inside best_val_acc's cell
     Column("final_val_acc", "final val acc %", lambda r: _pct(r.get("final_val_acc"))),
     Column("tta_val_acc", "final with TTA %", lambda r: _pct(r.get("tta_val_acc"))),
-    Column("best_test_acc", "best test acc % over epochs", _best("test")),
+    Column("best_test_acc", "best test acc % over epochs", lambda r: _best(r, "test")),
     Column("best_test_acc_std", "", lambda r: ""),  # CSV only: inside best_test_acc's cell
     Column("final_test_acc", "final test acc %", lambda r: _pct(r.get("final_test_acc"))),
     Column("test_acc", "test acc of best.pt %", lambda r: _pct(r.get("test_acc"))),
@@ -93,8 +90,7 @@ def _shown(rows: list[dict]) -> list[Column]:
 def _cells(r: dict, shown: list[Column]) -> list[str]:
     """The row's texts; a run that never ran shows its status where its accuracy would be."""
     if "epochs" not in r:
-        status = r.get("status", "not run")
-        return [r["run"], r["changes"], status] + [""] * (len(shown) - 3)
+        return [r["run"], r["changes"], r.get("status", "not run")] + [""] * (len(shown) - 3)
     return [c.cell(r) for c in shown]
 
 
@@ -118,6 +114,15 @@ def write_suite_report(suite, rows: list[dict], out: Path) -> None:
     (out / "index.html").write_text(_index(suite, rows, out))
 
 
+# What runs are compared on (`gain_basis`): (its words in a card, its words in the notes)
+BASIS = {
+    "best_val_acc": ("best val acc", "best validation accuracy"),
+    "test_acc": ("test acc", "test accuracy of best.pt (chosen on validation)"),
+    "best_test_acc": ("best test acc", "best test accuracy over epochs (no validation split: "
+                      "chosen on test, optimistic, as the lesson reports it)"),
+}  # fmt: skip
+
+
 def gain_basis(rows: list[dict]) -> str:
     """What runs are compared on: test accuracy when every run that ran has it (that of best.pt,
     chosen on validation; without validation the best epoch's, as the lesson compares), else
@@ -128,13 +133,7 @@ def gain_basis(rows: list[dict]) -> str:
 
 
 def _notes(suite, rows: list[dict]) -> list[str]:
-    basis = {
-        "best_val_acc": "best validation accuracy",
-        "test_acc": "test accuracy of best.pt (chosen on validation)",
-        "best_test_acc": "best test accuracy over epochs (no validation split: chosen on test, "
-        "optimistic, as the lesson reports it)",
-    }[gain_basis(rows)]
-    notes = [f"Gain: {basis} minus that of `{suite.reference}`, in points."]
+    notes = [f"Gain: {BASIS[gain_basis(rows)][1]} minus that of `{suite.reference}`, in points."]
     if any(r.get("step_gain") is not None for r in rows):
         notes.append("Gain over previous: the gain over the run in the row above, in points.")
     return notes
@@ -152,7 +151,7 @@ def _markdown(suite, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _report_links(out: Path, run: str) -> str:
+def _report_links(out: Path, run: str) -> Raw:
     """Links to the reports of `out/<run>` or `out/<run>-seed<N>` only (not crop-flip-jitter's)."""
     own = re.compile(re.escape(run) + r"(-seed\d+)?")
     links = []
@@ -162,31 +161,20 @@ def _report_links(out: Path, run: str) -> str:
             label = " ".join(filter(None, [seed, page.parent.name.removeprefix("eval-")]))
             href = quote(str(page.relative_to(out)))
             links.append(f'<a href="{html.escape(href)}">{html.escape(label)}</a>')
-    return " · ".join(links) or "–"
+    return Raw(" · ".join(links) or "–")
 
 
 def _cards(rows: list[dict]) -> str:
     ran = [r for r in rows if "epochs" in r]
-    key = "test_acc" if any(r.get("test_acc") is not None for r in ran) else "best_val_acc"
-    scored = [r for r in ran if r.get(key) is not None and not math.isnan(r[key])]
+    key = gain_basis(rows)
+    scored = [r for r in ran if _filled(r.get(key))]
     shown = [("runs finished", f"{len(ran)} of {len(rows)}")]
     if scored:
         top = max(scored, key=lambda r: r[key])
-        what = "test acc" if key == "test_acc" else "best val acc"
-        shown.append((f"best run by {what}", f"{_pct(top[key])}% · {top['run']}"))
+        shown.append((f"best run by {BASIS[key][0]}", f"{_pct(top[key])}% · {top['run']}"))
     minutes = sum(r["seconds"] * max(r.get("seeds", 1), 1) for r in ran) / 60
     shown.append(("training time", f"{minutes:.1f} min"))
     return cards(shown)
-
-
-def _table(rows: list[dict], out: Path) -> str:
-    shown = _shown(rows)
-    head = "".join(f"<th>{html.escape(c.header)}</th>" for c in shown) + "<th>reports</th>"
-    body = ""
-    for r in rows:
-        cells = "".join(f"<td>{html.escape(t)}</td>" for t in _cells(r, shown))
-        body += f"<tr>{cells}<td>{_report_links(out, r['run'])}</td></tr>"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # The results table mixes text and figures: text columns read better left-aligned.
@@ -194,23 +182,24 @@ _SUITE_CSS = "td:nth-child(2),th:nth-child(2),td:last-child,th:last-child{text-a
 
 
 def _index(suite, rows: list[dict], out: Path) -> str:
-    name = html.escape(suite.name)
+    shown = _shown(rows)
+    results = table(
+        [c.header for c in shown] + ["reports"],
+        [[*_cells(r, shown), _report_links(out, r["run"])] for r in rows],
+    )
     notes = "".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in _notes(suite, rows))
-    curves = "\n".join(
-        f'<section><h2>{html.escape(PANELS[k][1])}</h2><img src="curves_{k}.png" '
-        f'alt="{PANELS[k][0]} of every run per epoch"></section>'
-        for k in _recorded(rows)
+    files = '<p><a href="results.md">results.md</a> · <a href="results.csv">results.csv</a></p>'
+    pictures = [(PANELS[k][1], f"curves_{k}.png", f"{PANELS[k][0]} of every run per epoch")
+                for k in _recorded(rows)]  # fmt: skip
+    if (out / "mixup_examples.png").is_file():
+        pictures.append(("Mixup examples", "mixup_examples.png", "mixup examples"))
+    sections = "".join(
+        f'\n<section><h2>{html.escape(title)}</h2><img src="{src}" alt="{alt}"></section>'
+        for title, src, alt in pictures
     )
-    examples = (
-        '<section><h2>Mixup examples</h2><img src="mixup_examples.png" alt="mixup examples"></section>'
-        if (out / "mixup_examples.png").is_file()
-        else ""
-    )
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>cifarlab suite {name}</title><style>{CSS}{_SUITE_CSS}</style></head><body>
-<header><h1>Suite {name}</h1><div class="sub">{html.escape(suite.description)}</div></header>
-<main><div class="cards">{_cards(rows)}</div>
-<section><h2>Results</h2>{_table(rows, out)}{notes}
-<p><a href="results.md">results.md</a> · <a href="results.csv">results.csv</a></p></section>
-{curves}
-{examples}</main></body></html>"""
+    name = html.escape(suite.name)
+    return PAGE.format(
+        title=f"cifarlab suite {name}", css=CSS + _SUITE_CSS, heading=f"Suite {name}",
+        sub=html.escape(suite.description), cards=_cards(rows),
+        body=f"<section><h2>Results</h2>{results}{notes}\n{files}</section>{sections}",
+    )  # fmt: skip
