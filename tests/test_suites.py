@@ -1,3 +1,5 @@
+import dataclasses
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ runs:
 TINY = {
     "batch_size": 50,
     "val_size": 100,
+    "subset": 300,
     "progress": False,
     "threads": 1,
     "tta": "none",
@@ -73,28 +76,33 @@ def test_list_and_unknown_suite(capsys):
     assert main(["suite", "nope", "--data", "x", "--out", "y"]) == 2
 
 
-def test_suite_writes_table_plot_index_and_skips_finished_runs(real_jpegs, tmp_path):
-    path = tmp_path / "s.yaml"
-    path.write_text(SUITE)
-    opts = SuiteOptions(
-        tmp_path / "out",
-        epochs=1,
-        overrides={**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d")},
-    )
-    rows = run_suite(str(path), opts, log=lambda s: None)
+@pytest.fixture(scope="module")
+def finished(real_jpegs, tmp_path_factory):
+    """SUITE trained (1 epoch a run) into `<root>/out`: (its file, its options, its rows).
+    Tests that write into --out copy it first."""
+    root = tmp_path_factory.mktemp("suite")
+    (root / "s.yaml").write_text(SUITE)
+    overrides = {**TINY, "data": str(real_jpegs), "data_root": str(root / "d")}
+    opts = SuiteOptions(root / "out", epochs=1, overrides=overrides)
+    return root / "s.yaml", opts, run_suite(str(root / "s.yaml"), opts, log=lambda s: None)
+
+
+def test_suite_writes_table_plot_index_and_skips_finished_runs(finished, tmp_path):
+    path, opts, rows = finished
     assert [r["run"] for r in rows] == ["plain", "flip"] and rows[0]["gain"] == 0.0
     for name in ("results.csv", "results.md", "curves.png", "index.html"):
-        assert (tmp_path / "out" / name).is_file()
-    assert "| flip | + flip |" in (tmp_path / "out" / "results.md").read_text()
+        assert (opts.out / name).is_file()
+    assert "| flip | + flip |" in (opts.out / "results.md").read_text()
+    opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"))
     messages = []
     run_suite(str(path), opts, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 2
     # killed during its evaluation: a report without report.json is evaluated again, not skipped
-    (tmp_path / "out" / "flip" / "eval-val" / "report.json").unlink()
+    (opts.out / "flip" / "eval-val" / "report.json").unlink()
     messages = []
     run_suite(str(path), opts, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 1
-    assert (tmp_path / "out" / "flip" / "eval-val" / "report.json").is_file()
+    assert (opts.out / "flip" / "eval-val" / "report.json").is_file()
 
 
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
@@ -106,6 +114,7 @@ def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_pa
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (tmp_path / "o" / "flip" / "last.pt").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the suite ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -149,7 +158,9 @@ def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypat
     assert stop.value.exit_code == 130 and "cifarlab train" not in str(stop.value)
 
 
-def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, tmp_path):
+def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(finished, tmp_path):
+    _path, opts, _rows = finished
+    shutil.copytree(opts.out / "plain", tmp_path / "o" / "plain")  # finished: skipped
     path = tmp_path / "s.yaml"
     path.write_text(
         SUITE.replace(
@@ -158,15 +169,7 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(real_jpegs, t
         )
     )
     messages = []
-    rows = run_suite(
-        str(path),
-        SuiteOptions(
-            tmp_path / "o",
-            epochs=1,
-            overrides={**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d")},
-        ),
-        log=messages.append,
-    )
+    rows = run_suite(str(path), dataclasses.replace(opts, out=tmp_path / "o"), log=messages.append)
     assert any(
         "[flip] cannot start: " in m and "unknown classes ['unicorn']" in m for m in messages
     )

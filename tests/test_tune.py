@@ -10,7 +10,7 @@ from cifarlab.config import apply_overrides, load_recipe
 from cifarlab.errors import UserError
 from cifarlab.tune import TuneOptions, run_tune
 
-TINY = {"model": "fastnet", "batch_size": 50, "val_size": 100, "subset": 300, "progress": False, "threads": 1,
+TINY = {"model": "fastnet", "batch_size": 50, "val_size": 100, "subset": 200, "progress": False, "threads": 1,
         "tta": "none", "warmup_epochs": 0.0}  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpeg
     assert best.lr == study.best_trial.params["lr"] and best.model == "fastnet"
     assert best.muon_lr == study.best_trial.params["muon_lr"]  # fast's filters follow muon_lr
     assert 2.4e-4 <= best.weight_decay <= 7.2e-3  # around fast's 2.4e-3
-    assert best.batch_size == 50 and best.subset == 300  # the command line's overrides are kept
+    assert best.batch_size == 50 and best.subset == 200  # the command line's overrides are kept
     searched = study.best_trial.params["epochs"]  # 1 or 2 of the base's 2: fast's 3 whitening-bias
     assert best.whiten_bias_epochs == (1 if searched == 1 else 3)  # epochs shaped as --epochs does
     # same storage: continues; threads and where the cache lives are not settings of the search
