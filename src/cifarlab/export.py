@@ -13,12 +13,18 @@ import torch
 from torch import nn
 
 from cifarlab import rundir
-from cifarlab.checkpoint import load_checkpoint, replaced_when_complete, resolve_checkpoint
+from cifarlab.checkpoint import (
+    EXPORTED,
+    load_checkpoint,
+    replaced_when_complete,
+    resolve_checkpoint,
+)
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.torchvision_nets import ARCHS
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
+# format -> suffix: each exported suffix but the dropped TorchScript's, named by itself
+FORMATS = {suffix[1:]: suffix for suffix in EXPORTED if suffix != ".ts"}
 _BY_SUFFIX = {suffix: name for name, suffix in FORMATS.items()}
 OPSET = 18  # the torch.export-based exporter's own (torchlib) opset; onnxruntime >= 1.14 runs it
 DROPPED = {

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cifarlab.augment import Normalize
-from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
+from cifarlab.checkpoint import EXPORTED, load_checkpoint, resolve_checkpoint
 from cifarlab.data.images import BadImage, decode_image, is_image_name, visible_entries
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import printable
@@ -186,12 +186,10 @@ class TorchScriptPredictor(_ExportedPredictor):
         return torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
 
 
-PREDICTORS = {  # file suffix -> reader; anything else is a run directory or checkpoint
-    ".onnx": OnnxPredictor,
-    ".pt2": Pt2Predictor,
-    ".safetensors": SafetensorsPredictor,
-    ".ts": TorchScriptPredictor,
-}
+# file suffix -> reader: one per suffix that load_checkpoint refuses (`EXPORTED`, in its order);
+# anything else is a run directory or checkpoint
+_READERS = (OnnxPredictor, Pt2Predictor, SafetensorsPredictor, TorchScriptPredictor)
+PREDICTORS = dict(zip(EXPORTED, _READERS, strict=True))
 
 
 def load_predictor(model: str):
