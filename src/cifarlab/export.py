@@ -5,7 +5,6 @@ metadata of each format are in docs/guide.md (`cifarlab export`)."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -172,17 +171,10 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading it means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
 def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
-    save_file = import_extra("safetensors.torch", "safetensors", "safetensors export").save_file
+    st = import_extra("safetensors.torch", "safetensors", "safetensors export")
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
-    with replaced_when_complete(out) as tmp:
-        save_file(state, str(tmp), metadata={"producer": "cifarlab"})
-        os.chmod(tmp, 0o666 & ~_umask())  # save_file creates it 0600; as open() would instead
+    with replaced_when_complete(out) as tmp:  # written by open(): save_file would make it 0600
+        tmp.write_bytes(st.save(state, metadata={"producer": "cifarlab"}))
     with replaced_when_complete(sidecar(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
