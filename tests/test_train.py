@@ -158,6 +158,21 @@ def test_an_open_model_that_cannot_take_the_image_side_leaves_no_out(synthetic_i
     assert not (tmp_path / "r").exists()  # nothing that would refuse the retry
 
 
+def test_a_validation_split_smaller_than_the_classes_is_refused_before_anything_is_written(
+    synthetic_images, tmp_path, capsys
+):
+    from cifarlab.cli import main
+
+    out = tmp_path / "r"
+    args = ["train", "--data", str(synthetic_images), "--data-root", str(tmp_path / "d"), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8", "--no-progress", "--set", "model=cnn", "--set", "width=0.25"]  # fmt: skip
+    assert main([*args, "--val-size", "2"]) == 2  # 3 classes
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--val-size 2" in err and "3 classes" in err
+    assert "--val-size 3" in err and not out.exists()
+    assert main([*args, "--val-size", "3"]) == 0  # one image a class is enough to train
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path, monkeypatch):
     import cifarlab.step as step
 

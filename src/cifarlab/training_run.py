@@ -98,7 +98,13 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" if splits.skipped else ""
     )
     sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
-    log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
+    classes = len(splits.classes)
+    log(f"data: {config.data} — {sizes} images, {classes} classes{skipped}")
+    if 0 < len(splits.val) < classes and not splits.val_folder:  # a temperature fit on 3 images
+        raise UserError(
+            f"--val-size {config.val_size} holds out fewer images than the {classes} classes; "
+            f"give --val-size {classes} or more (one image a class at the least), or 0 for none"
+        )
     if len(splits.train) < config.batch_size:
         raise UserError(
             f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
