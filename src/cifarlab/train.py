@@ -432,14 +432,20 @@ def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
 
 
 class _Eta:
-    """Once a run's first steps are timed, say how long the whole run should take."""
+    """Once a run's first steps are timed, say how long it should take. A backbone frozen for
+    the first epochs makes their steps cheaper than the fine-tune ones: each stage is estimated
+    once its own first steps are timed."""
 
     AFTER = 10  # steps timed before the estimate, after the first
 
     def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
-        self.run, self.log = run, log
-        # once per run, from its first epoch; a time budget has said its own estimate
-        self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
+        self.run, self.log, c = run, log, run.config
+        starts = [0]
+        if c.freeze == "backbone" and 0 < c.freeze_epochs < c.epochs:
+            starts.append(c.freeze_epochs)
+        # from a stage's first step; a time budget has said its own estimate
+        self.done = epoch not in starts or start_step != 0 or c.time_budget > 0
+        self.first, self.end = epoch, next((e for e in starts if e > epoch), c.epochs)
         self.t0 = time.perf_counter()
 
     def tick(self, step: int) -> None:  # after step `step`, counted from 1
@@ -452,16 +458,19 @@ class _Eta:
             return
         self.done = True
         per_step = (time.perf_counter() - self.t0) / timed
-        n, c = len(self.run.batches), self.run.config
+        n, c, epochs = len(self.run.batches), self.run.config, self.end - self.first
         # validation reads each image once, without a backward pass: about a third of a train step's cost
         test = self.run.test_labels
         scored = len(self.run.val_labels) + (0 if test is None else len(test))
         val_steps = scored / max(1, c.batch_size) / 3
-        total = per_step * (total_steps(c, n) + val_steps * c.epochs)
+        steps = min(total_steps(c, n), self.end * n) - self.first * n
+        total = per_step * (steps + val_steps * epochs)
         took = f"{total / 60:.0f} min" if total >= 120 else f"{total:.0f} s"
-        self.log(
-            f"expected: about {took} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
-        )
+        what = f"{epochs} epoch{'s' * (epochs != 1)}"
+        if epochs != c.epochs:  # a staged run: its frozen epochs, or the fine-tune ones
+            stage = "the backbone frozen" if self.first == 0 else "all layers training"
+            what += f" of {c.epochs}, {stage}"
+        self.log(f"expected: about {took} for {what} ({per_step:.2f} s/step, {n} steps per epoch)")
 
 
 @torch.inference_mode()
