@@ -334,8 +334,12 @@ def recipe_path(name_or_file: str) -> Path:
     return named_yaml(name_or_file, RECIPE_DIR, "recipe", list_recipes)
 
 
+class _KeySetTwice(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping: valid YAML, which would keep the last silently."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (YAML would keep the last)."""
+    """SafeLoader that refuses a key written twice in one mapping."""
 
     def construct_mapping(self, node, deep=False):
         seen = []
@@ -344,7 +348,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
+                raise _KeySetTwice(
                     None, None, f"key {key!r} is set twice; keep one", key_node.start_mark
                 )
             seen.append(key)
@@ -356,8 +360,11 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", exc)
+        if not isinstance(exc, _KeySetTwice):
+            problem = f"not valid YAML ({problem})"
+        raise UserError(f"{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
