@@ -205,3 +205,14 @@ def test_one_same_run_rule_ignores_runtime_keys_and_what_a_run_resolved():
     assert differences(planned, make_config(**{**vars(planned), "train_steps": 41})) == [
         "train_steps"
     ]  # a planned length is compared
+
+
+@pytest.mark.parametrize("flag", ["--time-budget", "--time", "--time-b"])
+def test_a_negative_time_budget_is_refused_by_its_own_rule_however_the_flag_is_spelt(
+    capsys, tmp_path, flag
+):
+    out = tmp_path / "r"
+    assert main(["train", "--data", "/nowhere", "--out", str(out), flag, "-5s"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a positive duration" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -466,12 +467,13 @@ def _exit_143(signum, frame):
 
 
 def _negative_values_joined(argv: list[str]) -> list[str]:
-    """`--time-budget -5s` as `--time-budget=-5s`: argparse takes '-5s' for an option and says
-    only 'expected one argument'; joined, the duration's own message says what is wrong."""
+    """A long flag (or its abbreviation) and a value that starts with '-' and a digit joined:
+    `--time -5s` as `--time=-5s`. Apart, argparse takes '-5s' for an option and says only
+    'expected one argument'; joined, the value's own check says what is wrong."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] == "--time-budget" and arg[:1] == "-" and arg[1:2] in set("0123456789."):
-            out[-1] = f"--time-budget={arg}"
+        if out and re.fullmatch(r"--\w[\w-]*", out[-1]) and re.match(r"-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
