@@ -207,6 +207,25 @@ def test_one_same_run_rule_ignores_runtime_keys_and_what_a_run_resolved():
     ]  # a planned length is compared
 
 
+def test_a_data_path_is_stored_absolute_and_a_dataset_name_as_given(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cifarlab.cli import _config_from_args, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "cifar10").mkdir()
+
+    def data(*flags):
+        args = build_parser().parse_args(["train", "--out", "o", *flags])
+        return _config_from_args(args).data
+
+    assert data("--data", "d") == str(Path.cwd() / "d") == data("--set", "data=./d")
+    assert data("--data", "cifar10") == "cifar10"  # the dataset, though a folder has its name
+    assert data("--data", "gone") == "gone"  # the run says it is missing, as it was given
+    assert differences(make_config(data="d"), make_config(data=data("--data", "d"))) == []
+
+
 @pytest.mark.parametrize("flag", ["--time-budget", "--time", "--time-b"])
 def test_a_negative_time_budget_is_refused_by_its_own_rule_however_the_flag_is_spelt(
     capsys, tmp_path, flag

@@ -64,8 +64,9 @@ def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
 def run_overrides(args) -> dict[str, Any]:
     """The config keys the shared flags set explicitly (each flag named as its key, but
     --recipe, and --epochs: a length `with_length` applies, scaling the epoch-based keys;
-    --time-budget parsed; --no-progress), --set last: an explicit value wins."""
-    from cifarlab.config import FIELDS, parse_duration, parse_set_options
+    --time-budget parsed; --no-progress), --set last: an explicit value wins; a data path made
+    absolute."""
+    from cifarlab.config import FIELDS, absolute_data, parse_duration, parse_set_options
 
     out = {
         k: v for k, v in vars(args).items()
@@ -75,7 +76,10 @@ def run_overrides(args) -> dict[str, Any]:
         out["time_budget"] = parse_duration(out["time_budget"])
     if args.no_progress:
         out["progress"] = False
-    return {**out, **parse_set_options(args.set)}
+    out.update(parse_set_options(args.set))
+    if "data" in out:
+        out["data"] = absolute_data(out["data"])
+    return out
 
 
 def _config_from_args(args):

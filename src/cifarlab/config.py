@@ -186,6 +186,13 @@ def data_root(config: TrainConfig) -> Path:
     return Path(config.data_root).expanduser() if config.data_root else default_data_root()
 
 
+def absolute_data(src: str) -> str:
+    """`data` as a run stores it: a path that exists made absolute, so that the run's commands
+    (evaluate, calibrate) find it from any working directory; a dataset name as given."""
+    path = Path(src).expanduser()
+    return os.path.abspath(path) if src not in ("cifar10", "cifar100") and path.exists() else src
+
+
 # what other tools call some keys (timm, Keras, the lesson's notebook)
 OTHER_NAMES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
                "n_epochs": "epochs", "smoothing": "label_smoothing", "mixup": "mixup_alpha",
@@ -616,7 +623,8 @@ def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """The one "same run?" rule (--resume, suite reruns, tune continuations): the keys in which
     `wanted` computes something other than `saved`. Runtime keys may differ; a key `wanted`
     leaves to the run (its `auto` value; the length, under an unplanned time budget) matches
-    what `saved` resolved it to; split_seed -1 is the seed it follows. When `epochs` differs,
+    what `saved` resolved it to; split_seed -1 is the seed it follows; a relative data path is
+    the absolute one it names. When `epochs` differs,
     the keys scaled with it are not listed."""
     left = {k for k, f in FIELDS.items() if f.metadata.get("auto", ...) == getattr(wanted, k)}
     if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
@@ -625,6 +633,7 @@ def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         k for k, f in FIELDS.items()
         if not f.metadata.get("runtime") and k not in left and getattr(saved, k) != getattr(wanted, k)
         and not (k == "split_seed" and split_seed(saved) == split_seed(wanted))
+        and not (k == "data" and absolute_data(saved.data) == absolute_data(wanted.data))
     ]  # fmt: skip
     return [k for k in differ if "epochs" not in differ or not FIELDS[k].metadata.get("scaled")]
 
