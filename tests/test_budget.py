@@ -85,6 +85,8 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
 def test_the_probe_times_the_runs_own_step_with_its_optimiser_ema_and_lookahead(
     real_jpegs, data_root, monkeypatch
 ):
+    import copy
+
     import torch
 
     import cifarlab.budget as budget
@@ -95,7 +97,7 @@ def test_the_probe_times_the_runs_own_step_with_its_optimiser_ema_and_lookahead(
     config = make_config(data=str(real_jpegs), data_root=str(data_root), val_size=100, subset=400,
                          batch_size=100, micro_batch=50, model="fastnet", width=0.25, optimizer="muon",
                          ema=True, lookahead=True, mixup_alpha=0.2, epochs=2, amp="off")  # fmt: skip
-    calls = {"train_step": 0, "muon": 0}
+    calls = {"train_step": 0, "muon": 0, "ema": 0}
     real_train_step, real_muon = budget.train_step, MuonSGD.step
 
     def train_step(*args):
@@ -109,13 +111,21 @@ def test_the_probe_times_the_runs_own_step_with_its_optimiser_ema_and_lookahead(
     monkeypatch.setattr(budget, "train_step", train_step)
     monkeypatch.setattr(MuonSGD, "step", muon_step)  # before the run binds its optimiser
     run = build_run(config, lambda s: None, init_distributed())
-    ema_before = [p.clone() for p in run.ema.parameters()]
+    real_ema = run.ema.update_parameters
+
+    def ema_update(model):
+        calls["ema"] += 1
+        return real_ema(model)
+
+    run.ema.update_parameters = ema_update
+    built = copy.deepcopy({"model": run.model.state_dict(), "ema": run.ema.state_dict()})
     torch.manual_seed(3)
     expected = torch.rand(2)
     torch.manual_seed(3)
     budget.measure(run, steps=2, warmup=1)
-    assert calls == {"train_step": 3, "muon": 3}  # the run's Muon, not a stand-in SGD
-    assert any(not torch.equal(a, b) for a, b in zip(ema_before, run.ema.parameters(), strict=True))
+    assert calls == {"train_step": 3, "muon": 3, "ema": 3}  # the run's Muon and EMA, no stand-in
+    for part, state in (("model", run.model.state_dict()), ("ema", run.ema.state_dict())):
+        assert all(torch.equal(v, state[k]) for k, v in built[part].items()), part  # put back
     assert torch.equal(torch.rand(2), expected)  # the global random state as it was
 
 

@@ -133,8 +133,8 @@ def test_training_ends_with_the_nll_minimising_temperature_in_both_checkpoints(t
     for name in ("best.pt", "last.pt"):
         ckpt = load_checkpoint(trained_run / name)
         val = _load_val(ckpt, trained_run / name, torch.device("cpu"))
-        logits, labels = _val_logits(ckpt, trained_run / name, False, torch.device("cpu"), val)
-        nll = lambda t: torch.nn.functional.cross_entropy(logits.float() / t, labels).item()  # noqa: B023, E731
+        logits, labels = _val_logits(ckpt, False, torch.device("cpu"), val), val.labels.long()
+        nll = lambda t: torch.nn.functional.cross_entropy(logits / t, labels).item()  # noqa: B023, E731
         t = ckpt["temperature"]
         assert nll(t) < nll(1.0) and nll(t) <= min(nll(t * 1.1), nll(t / 1.1)), (name, t)
 

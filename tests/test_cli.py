@@ -166,3 +166,19 @@ def test_epochs_on_the_command_line_scale_a_staged_recipe_as_budget_does(tmp_pat
         for flags in (["--epochs", "1"], ["--budget", "0.25"])
     ]  # fmt: skip
     assert {(c.epochs, c.freeze_epochs) for c in configs} == {(2, 1)}  # head first, then all
+
+
+def test_a_run_trained_on_a_relative_data_path_is_calibrated_from_another_folder(
+    capsys, synthetic_images, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(synthetic_images.parent)
+    run = tmp_path / "run"
+    code, _, err = _cli(
+        capsys, "train", "--out", str(run), "--data", synthetic_images.name,
+        "--data-root", str(tmp_path / "d"), "--model", "cnn", "--epochs", "1", "--batch-size", "8",
+        "--val-size", "6", "--set", "width=0.25", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, "calibrate", str(run))
+    assert code == 0, err

@@ -30,10 +30,10 @@ from tests.conftest import make_config
         ),
         ({"whiten_bias_epochs": 2}, "needs whitening: true"),
         ({"alt_flip": True, "loader": "torchvision"}, "alt_flip needs loader: device"),
-        ({"freeze": "backbone"}, "needs freeze_epochs >= 1"),
+        ({"freeze": "backbone"}, r"needs freeze_epochs from 1 to epochs=\d+, got 0"),
         (
             {"freeze": "backbone", "epochs": 3, "freeze_epochs": 4},
-            "freeze_epochs=4 is more than epochs=3",
+            "needs freeze_epochs from 1 to epochs=3, got 4",
         ),
         ({"freeze_epochs": 2}, "freeze_epochs needs freeze: backbone"),
         ({"epochs": 2, "warmup_epochs": 2.0}, "must be less than epochs=2"),
@@ -205,3 +205,43 @@ def test_one_same_run_rule_ignores_runtime_keys_and_what_a_run_resolved():
     assert differences(planned, make_config(**{**vars(planned), "train_steps": 41})) == [
         "train_steps"
     ]  # a planned length is compared
+
+
+def test_a_data_path_is_stored_absolute_and_a_dataset_name_as_given(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cifarlab.cli import _config_from_args, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "cifar10").mkdir()
+
+    def data(*flags):
+        args = build_parser().parse_args(["train", "--out", "o", *flags])
+        return _config_from_args(args).data
+
+    assert data("--data", "d") == str(Path.cwd() / "d") == data("--set", "data=./d")
+    assert data("--data", "cifar10") == "cifar10"  # the dataset, though a folder has its name
+    assert data("--data", "gone") == "gone"  # the run says it is missing, as it was given
+    assert differences(make_config(data="d"), make_config(data=data("--data", "d"))) == []
+
+
+@pytest.mark.parametrize("flag", ["--time-budget", "--time", "--time-b"])
+def test_a_negative_time_budget_is_refused_by_its_own_rule_however_the_flag_is_spelt(
+    capsys, tmp_path, flag
+):
+    out = tmp_path / "r"
+    assert main(["train", "--data", "/nowhere", "--out", str(out), flag, "-5s"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a positive duration" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "suite", "tune"])
+def test_a_time_budget_with_another_length_is_refused_by_every_command(capsys, tmp_path, command):
+    extra = {"train": [], "suite": ["exercise-1"], "tune": ["--trials", "1"]}[command]
+    out = tmp_path / "o"
+    args = [command, *extra, "--data", "/nowhere", "--out", str(out), "--time-budget", "10m"]
+    assert main([*args, "--epochs", "2"]) == 2
+    assert "--time-budget chooses the run's length" in capsys.readouterr().err
+    assert not out.exists()

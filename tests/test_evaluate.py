@@ -434,6 +434,28 @@ def test_cifar10_test_split_still_scores_its_test_batch(tmp_path):
     assert report["num_images"] == 5 and report["data"] == "cifar10"
 
 
+def test_predict_on_a_folder_names_the_files_it_leaves_out_for_their_suffix(
+    tiny_run, tmp_path, capsys
+):
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    img = Image.fromarray(np.zeros((16, 16, 3), np.uint8))
+    for name in ("a.png", "b.gif", "c.tif"):
+        img.save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["predict", str(tiny_run), str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and "a.png" in out
+    assert len(err.splitlines()) == 1 and "skipped 3" in err and ".png" in err
+    assert all(name in err for name in ("b.gif", "c.tif", "notes.txt"))
+    # a file named on the command line is read whatever its suffix
+    assert main(["predict", str(tiny_run), str(folder / "b.gif")]) == 0
+    out, err = capsys.readouterr()
+    assert "b.gif" in out and err == ""
+
+
 def test_predict_prints_one_line_and_strict_json_per_image_whatever_the_names(
     tiny_run, tmp_path, capsys
 ):

@@ -269,3 +269,29 @@ def test_sigterm_during_an_export_leaves_no_temporary_file(runs, tmp_path, monke
         main(["export", str(run_dirs["cnn"]), "--out", str(tmp_path / "m.onnx")])
     assert stop.value.code == 143 and list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the default back
+
+
+def test_each_exported_suffix_goes_to_its_reader_from_the_one_list(tmp_path):
+    """evaluate and calibrate send the suffixes of `checkpoint.EXPORTED` to predict, whose
+    table is built from that list: a suffix added there without a reader stops the import."""
+    import re
+    import subprocess
+    import sys
+
+    from cifarlab.checkpoint import EXPORTED, load_checkpoint
+    from cifarlab.errors import UserError
+    from cifarlab.predict import load_predictor
+
+    says = {".onnx": "ONNX", ".pt2": "torch.export", ".safetensors": ".json beside it",
+            ".ts": "TorchScript"}  # fmt: skip
+    assert set(says) == set(EXPORTED)
+    for suffix in EXPORTED:
+        path = tmp_path / f"m{suffix}"
+        path.write_bytes(b"\x08\x07 not a model")
+        with pytest.raises(UserError, match="exported model"):
+            load_checkpoint(path)
+        with pytest.raises(UserError, match=re.escape(says[suffix])):
+            load_predictor(str(path))
+    code = "import cifarlab.checkpoint as c; c.EXPORTED += ('.new',); import cifarlab.predict"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "ValueError" in done.stderr

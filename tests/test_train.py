@@ -158,6 +158,21 @@ def test_an_open_model_that_cannot_take_the_image_side_leaves_no_out(synthetic_i
     assert not (tmp_path / "r").exists()  # nothing that would refuse the retry
 
 
+def test_a_validation_split_smaller_than_the_classes_is_refused_before_anything_is_written(
+    synthetic_images, tmp_path, capsys
+):
+    from cifarlab.cli import main
+
+    out = tmp_path / "r"
+    args = ["train", "--data", str(synthetic_images), "--data-root", str(tmp_path / "d"), "--out", str(out),
+            "--epochs", "1", "--batch-size", "8", "--no-progress", "--set", "model=cnn", "--set", "width=0.25"]  # fmt: skip
+    assert main([*args, "--val-size", "2"]) == 2  # 3 classes
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--val-size 2" in err and "3 classes" in err
+    assert "--val-size 3" in err and not out.exists()
+    assert main([*args, "--val-size", "3"]) == 0  # one image a class is enough to train
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path, monkeypatch):
     import cifarlab.step as step
 
@@ -286,26 +301,47 @@ def test_lr_mults_scale_parameters_by_name_prefix_longest_first():
         make_config(lr_mults=["classifier=-1"])
 
 
-def test_the_run_length_estimate_leaves_out_the_first_step(monkeypatch):
-    """On a GPU the first step (allocations, cuDNN's autotuning) took seconds, the pace was
-    ~0.013 s: an estimate that counted it said about 81 s for a run that trained in 7."""
+def _estimates(monkeypatch, config, paces: dict[int, float]) -> list[str]:
+    """What `_Eta` says over the first 12 steps of each epoch in `paces` (seconds a step after a
+    10 s first step), on a run of 20 steps an epoch."""
     import types
 
     from cifarlab import train as train_module
-    from cifarlab.config import TrainConfig
 
     now = [0.0]
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
     run = types.SimpleNamespace(
         batches=[None] * 20, val_labels=[], test_labels=None, hw=types.SimpleNamespace(device=torch.device("cpu")),
-        config=TrainConfig(epochs=3, batch_size=100),
+        config=config,
     )  # fmt: skip
     said = []
-    eta = train_module._Eta(run, 0, 0, said.append)
-    for step in range(1, 13):
-        now[0] += 10.0 if step == 1 else 0.5  # a 10 s first step, then 0.5 s a step
-        eta.tick(step)
+    for epoch, pace in paces.items():
+        eta = train_module._Eta(run, epoch, 0, said.append)
+        for step in range(1, 13):
+            now[0] += 10.0 if step == 1 else pace
+            eta.tick(step)
+    return said
+
+
+def test_the_run_length_estimate_leaves_out_the_first_step(monkeypatch):
+    """On a GPU the first step (allocations, cuDNN's autotuning) took seconds, the pace was
+    ~0.013 s: an estimate that counted it said about 81 s for a run that trained in 7."""
+    from cifarlab.config import TrainConfig
+
+    said = _estimates(monkeypatch, TrainConfig(epochs=3, batch_size=100), {0: 0.5, 1: 0.5})
     assert said == ["expected: about 30 s for 3 epochs (0.50 s/step, 20 steps per epoch)"]
+
+
+def test_a_staged_runs_estimate_times_its_dearer_fine_tune_epochs_when_they_start(monkeypatch):
+    """With the backbone frozen a step skips most of the backward pass: the first epochs' pace
+    says little of the fine-tune epochs', so each stage is estimated at its own pace."""
+    from cifarlab.config import TrainConfig
+
+    staged = TrainConfig(epochs=3, batch_size=100, freeze="backbone", freeze_epochs=1)
+    said = _estimates(monkeypatch, staged, {0: 0.5, 1: 1.5, 2: 1.5})
+    assert len(said) == 2
+    assert "about 10 s for 1 epoch of 3, the backbone frozen (0.50 s/step" in said[0]
+    assert "about 60 s for 2 epochs of 3, all layers training (1.50 s/step" in said[1]
 
 
 MUON_STEPS_WITHOUT_DYNAMO = """

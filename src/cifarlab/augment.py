@@ -23,11 +23,8 @@ def random_crop(x: torch.Tensor, padding: int, mode: str, gen: torch.Generator) 
     padded = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
     dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
     dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=gen)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, dy, dx, h, w), a view
+    return windows[torch.arange(n, device=x.device), :, dy, dx]
 
 
 def mirror(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -72,13 +69,11 @@ def color_jitter(
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """Zero one `size`x`size` square per image (centre anywhere, square may leave the image)."""
     n, _c, h, w = x.shape
-    cy = torch.randint(0, h, (n, 1), device=x.device, generator=gen)
-    cx = torch.randint(0, w, (n, 1), device=x.device, generator=gen)
-    ys = torch.arange(h, device=x.device)[None, :]
-    xs = torch.arange(w, device=x.device)[None, :]
-    in_y = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)
-    in_x = (xs >= cx - size // 2) & (xs < cx - size // 2 + size)
-    mask = in_y[:, :, None] & in_x[:, None, :]
+    top = torch.randint(0, h, (n, 1, 1), device=x.device, generator=gen) - size // 2
+    left = torch.randint(0, w, (n, 1, 1), device=x.device, generator=gen) - size // 2
+    ys = torch.arange(h, device=x.device)[:, None]
+    xs = torch.arange(w, device=x.device)
+    mask = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
     return x.masked_fill(mask[:, None], 0.0)
 
 

@@ -4,7 +4,6 @@ test pass end within the budget. The schedule (warm-up included) is shaped to th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -43,27 +42,25 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     """Median seconds of the run's own step (`step.train_step` and `optimizer_step`: its
     optimiser, EMA, lookahead, Mixup/CutMix, chunks and precision) as its first epoch trains
     and, when that changes later (`settling_epoch`), as it trains from then on; and the
-    evaluation cost. These steps train `run` itself (`_put_back` undoes them). The global random
-    state is left as it was. Few steps: they are spent out of the budget."""
-    rng = torch.get_rng_state()
+    evaluation cost. These few steps train `run` itself and are spent out of the budget; then
+    `run` is put back as built (weights, optimiser, EMA, lookahead, scaler, schedule, what
+    trains, the step model) and the global random state as it was."""
+    built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
+    step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     run.step_model = run.model  # eager: compiling here would time the compilation
     # batches without end (a tiny data set is walked again)
     batches = itertools.chain.from_iterable(map(run.batches.epoch, itertools.repeat(0)))
-    flags = [p.requires_grad for p in run.model.parameters()]
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
     times = {epoch: [] for epoch in phases}
     for i in range(warmup + steps):
         for epoch in phases:  # alternating, so that the machine's drift hits both alike
-            for p, flag in zip(run.model.parameters(), flags, strict=True):
-                p.requires_grad_(flag)
+            _set_flags(run, flags)
             run.model.train()
             set_trainable(run.model, run.config, run.fixed, epoch)
             seconds = _step_seconds(run, batches, i * len(phases) + phases.index(epoch) + 1)
             if i >= warmup:
                 times[epoch].append(seconds)
-    step = statistics.median(times[0])
-    settled = statistics.median(times[settle]) if settle else 0.0
     images = run.val_images[: 2 * run.config.eval_batch_size]
     if len(images) == 0:  # no validation split: time a training batch instead
         images = to_device_uint8(
@@ -75,19 +72,15 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     )
     synchronize(run.hw.device)
     val_image = (time.perf_counter() - t0) / max(1, len(images))
-    torch.set_rng_state(rng)
-    return Timings(step, val_image, settled)
-
-
-@contextlib.contextmanager
-def _put_back(run):
-    """`run` as it was built once the probe's steps are done: weights, optimiser, EMA,
-    lookahead, scaler, schedule, what trains and the step model."""
-    built = copy.deepcopy(checkpoint_state(run, 0))
-    step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
-    yield
     restore(run, built)
     run.step_model = step_model
+    _set_flags(run, flags)
+    torch.set_rng_state(rng)
+    settled = statistics.median(times[settle]) if settle else 0.0
+    return Timings(statistics.median(times[0]), val_image, settled)
+
+
+def _set_flags(run, flags: list[bool]) -> None:
     for p, flag in zip(run.model.parameters(), flags, strict=True):
         p.requires_grad_(flag)
 
@@ -201,8 +194,7 @@ def fit_to_budget(run, started: float, log) -> Plan:
     seconds of `started` (a `time.perf_counter()` reading), timed on its own first steps; the
     plan that corrects it once (`Plan`)."""
     c, n = run.config, len(run.batches)
-    with _put_back(run):
-        timings = measure(run)
+    timings = measure(run)
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
     per_epoch = (n_val + n_test) * timings.val_image  # each epoch scores val and test
     final = timings.val_image * final_images(c, n_val, n_test)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from cifarlab.checkpoint import atomic_save, load_checkpoint
+from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, pick_device
@@ -63,34 +63,33 @@ def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
     from cifarlab.evaluate import CALIBRATE_WAY_OUT, EvalOptions, load_eval_set
 
     data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path), CALIBRATE_WAY_OUT)
-    return ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)
-
-
-def _val_logits(
-    ckpt: dict, path: Path, use_ema: bool, device: torch.device, val: ValSet
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(val.labels) == 0:
+    if len(data) == 0:
         raise UserError(
             f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "
             "retrain with --set val_size=N, or leave the probabilities uncalibrated"
         )
+    return ValSet(to_device_uint8(data.images, device), torch.from_numpy(data.labels), None, 500)
+
+
+def _val_logits(ckpt: dict, use_ema: bool, device: torch.device, val: ValSet) -> torch.Tensor:
+    """The logits of `ckpt`'s weights (or its EMA weights) on `val`, on the CPU; those of the
+    weights `val` knows are not computed again."""
     if not use_ema and val.known is not None and _equal(ckpt["model"], val.known[0]):
-        return val.known[1], val.labels.long().cpu()
+        return val.known[1].float().cpu()
     loaded = load_model(ckpt, device, use_ema)
     logits = predict_logits(  # in the hardware's memory format, the model's weights included
         loaded.model, val.images.to(device), loaded.normalize, val.batch_size, hardware=val.hardware
     )
-    return logits, val.labels.long().cpu()
+    return logits.float().cpu()
 
 
 def _fit(ckpt: dict, path: Path, val: ValSet, device: torch.device, log) -> None:
     """Fit the temperature of `ckpt`'s weights, and of its EMA weights, into `ckpt`."""
+    labels = val.labels.long().cpu()
     for use_ema in (False, True) if ckpt.get("ema") is not None else (False,):
-        logits, labels = _val_logits(ckpt, path, use_ema, device, val)
+        logits = _val_logits(ckpt, use_ema, device, val)
         t = fit_temperature(logits, labels)
-        logits = logits.float().cpu()
-        before = F.cross_entropy(logits, labels).item()
-        after = F.cross_entropy(logits / t, labels).item()
+        before, after = (F.cross_entropy(logits / s, labels).item() for s in (1.0, t))
         ckpt["temperature_ema" if use_ema else "temperature"] = t
         weights = "EMA weights" if use_ema else "weights"
         log(
@@ -119,16 +118,10 @@ def calibrate_run(
     weights already fitted are not fitted again. Returns the temperature of the checkpoint
     predict uses (best.pt, else last.pt)."""
     run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise UserError(f"{run_dir}: no such run directory or checkpoint")
+    resolve_checkpoint(run_dir)  # one line for a missing path, or a run without checkpoints
     present = [run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()]
     if run_dir.is_file():
         present, val = [run_dir], None
-    if not present:
-        raise UserError(
-            f"{run_dir}: no best.pt or last.pt to calibrate; pass a run directory that has "
-            "trained an epoch, or a checkpoint file"
-        )
     dev, fitted = pick_device(device, "--device cpu"), []
     # held from reading the checkpoints to writing them: a `train --resume` meanwhile would save
     # an epoch that the write of the copy read before it then rolls back
@@ -140,8 +133,7 @@ def calibrate_run(
                 val = val or _load_val(ckpt, path, dev)  # loaded once, for every fit
                 _fit(ckpt, path, val, dev, log)
             else:  # last.pt == best.pt: one fit
-                keys = [k for k in ("temperature", "temperature_ema") if k in twin[1]]
-                ckpt.update({k: twin[1][k] for k in keys})
+                ckpt.update({k: v for k, v in twin[1].items() if k.startswith("temperature")})
                 log(
                     f"{path.name}: temperature {ckpt['temperature']:.3f} (the same weights as {twin[0]})"
                 )

@@ -82,7 +82,8 @@ def read_tensors(path: Path, where: str, kind: str) -> Any:
         ) from None
 
 
-EXPORTED = (".onnx", ".pt2", ".safetensors", ".ts")  # what `cifarlab export` writes
+# what `cifarlab export` writes (and .ts, which it wrote): `predict.PREDICTORS` reads each
+EXPORTED = (".onnx", ".pt2", ".safetensors", ".ts")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

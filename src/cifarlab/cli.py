@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import cifarlab
+from cifarlab import config as cfg
+from cifarlab import phases
 from cifarlab.errors import ConfigChanged, Interrupted, UserError
 
 
@@ -63,51 +66,47 @@ def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
 def run_overrides(args) -> dict[str, Any]:
     """The config keys the shared flags set explicitly (each flag named as its key, but
     --recipe, and --epochs: a length `with_length` applies, scaling the epoch-based keys;
-    --time-budget parsed; --no-progress), --set last: an explicit value wins."""
-    from cifarlab.config import FIELDS, parse_duration, parse_set_options
-
+    --time-budget parsed; --no-progress), --set last: an explicit value wins; a data path made
+    absolute."""
     out = {
         k: v for k, v in vars(args).items()
-        if k in FIELDS and k not in ("recipe", "epochs") and v is not None
+        if k in cfg.FIELDS and k not in ("recipe", "epochs") and v is not None
     }  # fmt: skip
-    if "time_budget" in out:
-        out["time_budget"] = parse_duration(out["time_budget"])
+    if "time_budget" in out:  # a bad value is said before the conflict
+        out["time_budget"] = cfg.parse_duration(out["time_budget"])
+        if args.epochs is not None or args.budget is not None:
+            raise UserError(
+                "--time-budget chooses the run's length: drop --epochs/--budget or --time-budget"
+            )
     if args.no_progress:
         out["progress"] = False
-    return {**out, **parse_set_options(args.set)}
+    out.update(cfg.parse_set_options(args.set))
+    if "data" in out:
+        out["data"] = cfg.absolute_data(out["data"])
+    return out
 
 
 def _config_from_args(args):
     """The recipe, at --epochs or --budget (its epoch-based settings in proportion), with the
     flags' overrides; --time-budget instead chooses the length once the run has started."""
-    from cifarlab.config import apply_overrides, load_recipe, with_length
-
-    overrides = run_overrides(args)  # a bad --time-budget is said first
-    if args.time_budget is not None and (args.epochs or args.budget):
-        raise UserError(
-            "--time-budget chooses the run's length: drop --epochs/--budget or --time-budget"
-        )
-    config = with_length(load_recipe(args.recipe or "seed-cnn"), args.epochs, args.budget)
-    return apply_overrides(config, overrides, where="command line")
+    overrides = run_overrides(args)
+    config = cfg.with_length(cfg.load_recipe(args.recipe or "seed-cnn"), args.epochs, args.budget)
+    return cfg.apply_overrides(config, overrides, where="command line")
 
 
 def _recipe_settings(recipe: str) -> dict[str, Any]:
     """What `--recipe` asks of a resumed run: every key the recipe sets away from the defaults (a
     file of the same name with other contents is not taken for it), but its length."""
-    from cifarlab.config import FIELDS, TrainConfig, load_recipe
-
-    wanted, default = load_recipe(recipe), TrainConfig()
+    wanted, default = cfg.load_recipe(recipe), cfg.TrainConfig()
     return {
         k: getattr(wanted, k)
-        for k, f in FIELDS.items()
+        for k, f in cfg.FIELDS.items()
         if not {"runtime", "length"} & f.metadata.keys()
         and (k == "recipe" or getattr(wanted, k) != getattr(default, k))
     }
 
 
 def cmd_train(args) -> int:
-    from cifarlab import phases
-
     if args.profile:
         phases.enable(args.started)
     with phases.phase("import (torch, cifarlab.train)"):
@@ -131,15 +130,13 @@ def cmd_train(args) -> int:
                 f"{exc} (--recipe {args.recipe} sets these; give the same --set flags the run "
                 "started with, or drop --recipe: the run keeps its own)"
             ) from None
+    elif args.resume and not (args.recipe or args.data):  # a mistyped --out: not the defaults
+        raise UserError(
+            f"--resume: {args.out} holds no run to continue; drop --resume and give --recipe "
+            "or --data to start one there"
+        )
     else:
-        # a mistyped --out must not train the defaults
-        if args.resume and not (args.recipe or args.data):
-            raise UserError(
-                f"--resume: {args.out} holds no run to continue; drop --resume and give --recipe "
-                "or --data to start one there"
-            )
-        config = _config_from_args(args)
-        result = train(config, args.out, resume=args.resume, started=args.started)
+        result = train(_config_from_args(args), args.out, resume=args.resume, started=args.started)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
         if args.profile:
@@ -203,9 +200,7 @@ timm:<name>  any timm model, e.g. timm:resnet10t (pip install 'cifarlab[timm]'; 
 
 
 def cmd_recipes(_args) -> int:
-    from cifarlab.config import list_recipes
-
-    return _print_named(list_recipes())
+    return _print_named(cfg.list_recipes())
 
 
 def cmd_evaluate(args) -> int:
@@ -290,8 +285,6 @@ def cmd_tune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cifarlab import __version__
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     shared = {"parents": [common], "formatter_class": _Help}  # every parser's
@@ -299,12 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cifarlab", description="Train, analyse and compare small-image classifiers.",
         **shared,
     )  # fmt: skip
-    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
+    parser.add_argument("--version", action="version", version=f"cifarlab {cifarlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     for name, (about, add_flags, _run) in _COMMANDS.items():
         add_flags(sub.add_parser(name, help=about, description=about, **shared))
     return parser
+
+
+_RUN_OR_CHECKPOINT = {
+    "metavar": "RUN_DIR|CHECKPOINT",
+    "help": "a run directory (its best.pt) or a checkpoint",
+}
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -325,9 +324,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "model", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt) or a checkpoint"
-    )
+    p.add_argument("model", **_RUN_OR_CHECKPOINT)
     p.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
     p.add_argument(
         "--data", help="evaluate on another data source (a labelled folder is scored whole)"
@@ -373,9 +370,7 @@ def _suite_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _export_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "model", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its best.pt) or a checkpoint"
-    )
+    p.add_argument("model", **_RUN_OR_CHECKPOINT)
     p.add_argument("--format", metavar="{onnx,pt2,safetensors}",
                    help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
                    "safetensors (weights + a .json beside them); default: the one --out's "
@@ -466,12 +461,13 @@ def _exit_143(signum, frame):
 
 
 def _negative_values_joined(argv: list[str]) -> list[str]:
-    """`--time-budget -5s` as `--time-budget=-5s`: argparse takes '-5s' for an option and says
-    only 'expected one argument'; joined, the duration's own message says what is wrong."""
+    """A long flag (or its abbreviation) and a value that starts with '-' and a digit joined:
+    `--time -5s` as `--time=-5s`. Apart, argparse takes '-5s' for an option and says only
+    'expected one argument'; joined, the value's own check says what is wrong."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] == "--time-budget" and arg[:1] == "-" and arg[1:2] in set("0123456789."):
-            out[-1] = f"--time-budget={arg}"
+        if out and re.fullmatch(r"--\w[\w-]*", out[-1]) and re.match(r"-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
@@ -499,18 +495,15 @@ def main(argv: list[str] | None = None) -> int:
         if not _stdout_gone():
             raise
         return 141  # the reader of our output went away (`| head`): stop quietly, as Unix tools do
-    except UserError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except (Interrupted, KeyboardInterrupt) as exc:
         newline = "\n" if sys.stderr.isatty() else ""  # a terminal shows ^C where the cursor was
         print(f"{newline}{exc if isinstance(exc, Interrupted) else 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     except Exception as exc:
-        if debug or not hasattr(exc, "exit_code"):
+        if not hasattr(exc, "exit_code"):  # a bug: its traceback
             raise
+        if debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 

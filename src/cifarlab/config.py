@@ -186,11 +186,24 @@ def data_root(config: TrainConfig) -> Path:
     return Path(config.data_root).expanduser() if config.data_root else default_data_root()
 
 
+def absolute_data(src: str) -> str:
+    """`data` as a run stores it: a path that exists made absolute, so that the run's commands
+    (evaluate, calibrate) find it from any working directory; a dataset name as given."""
+    path = Path(src).expanduser()
+    return os.path.abspath(path) if src not in ("cifar10", "cifar100") and path.exists() else src
+
+
 # what other tools call some keys (timm, Keras, the lesson's notebook)
 OTHER_NAMES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
                "n_epochs": "epochs", "smoothing": "label_smoothing", "mixup": "mixup_alpha",
                "cutmix": "cutmix_alpha", "warmup": "warmup_epochs", "opt": "optimizer",
                "sched": "schedule", "lr_schedule": "schedule", "arch": "model"}  # fmt: skip
+
+
+_BOOLS = {
+    **dict.fromkeys(("true", "1", "yes", "on"), True),
+    **dict.fromkeys(("false", "0", "no", "off"), False),
+}
 
 
 def _closest(key: str) -> str:
@@ -199,32 +212,33 @@ def _closest(key: str) -> str:
     return f" (did you mean '{names[match[0]]}'?)" if match else ""
 
 
-def _coerce(key: str, value: Any, where: str) -> Any:
-    """Check `value` against the type of field `key`; strings from the command line are parsed."""
-    kind = _TYPES[key]
+def _checked(key: str, value: Any, where: str) -> Any:
+    """`value` as field `key` takes it (strings from the command line parsed), within its limits."""
+    kind, meta = _TYPES[key], FIELDS[key].metadata
     finite = " (a finite number)" if kind in (int, float) else ""
     bad = f"{where}: '{key}' must be {getattr(kind, '__name__', kind)}{finite}, got {value!r}"
     if kind is bool:
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        if isinstance(value, bool):
-            return value
-        raise UserError(bad)
-    if kind in (int, float):
+        value = _BOOLS.get(value.lower(), value) if isinstance(value, str) else value
+        if not isinstance(value, bool):
+            raise UserError(bad)
+    elif kind in (int, float):
         if key == "time_budget" and isinstance(value, str) and value.strip()[-1:].isalpha():
             value = parse_duration(value, f"{where}: 'time_budget'")  # 15m, 1.5h as on the CLI
-        if isinstance(value, str):
-            try:
-                value = kind(value)
-            except ValueError:
-                raise UserError(bad) from None
+        try:
+            value = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise UserError(bad) from None
         allowed = int if kind is int else int | float
         if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value):
             raise UserError(bad)
-        return kind(value)
-    if kind == list[str]:
+        value, lo, hi, lo_open = kind(value), meta.get("min"), meta.get("max"), meta.get("lo_open")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise UserError(
+                f"{where}: '{key}' must be {'>' if lo_open else '>='} {lo}, got {value}"
+            )
+        if hi is not None and value > hi:
+            raise UserError(f"{where}: '{key}' must be <= {hi}, got {value}")
+    elif kind == list[str]:
         if isinstance(value, str) and value.strip().startswith("["):
             try:
                 value = yaml.safe_load(value)
@@ -234,12 +248,18 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise UserError(bad)
-        return value
-    word = {True: "on", False: "off"}.get(value) if isinstance(value, bool) else None
-    if word in FIELDS[key].metadata.get("choices", ()):
-        return word  # YAML 1.1 reads an unquoted on/off as a boolean
-    if not isinstance(value, str):
-        raise UserError(f"{where}: '{key}' must be a string, got {value!r} (quote it in YAML)")
+        if meta.get("pairs"):
+            name_multipliers(value, f"{where}: '{key}'")
+    else:
+        word = {True: "on", False: "off"}.get(value) if isinstance(value, bool) else None
+        if word in meta.get("choices", ()):
+            value = word  # YAML 1.1 reads an unquoted on/off as a boolean
+        if not isinstance(value, str):
+            raise UserError(f"{where}: '{key}' must be a string, got {value!r} (quote it in YAML)")
+        if value not in meta.get("choices", (value,)):
+            raise UserError(
+                f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}"
+            )
     return value
 
 
@@ -261,31 +281,13 @@ def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, flo
     return out
 
 
-def _check_limits(key: str, value: Any, where: str) -> None:
-    meta = FIELDS[key].metadata
-    if meta.get("pairs"):
-        name_multipliers(value, f"{where}: '{key}'")
-    if "choices" in meta and value not in meta["choices"]:
-        raise UserError(
-            f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}"
-        )
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        op = ">" if meta.get("lo_open") else ">="
-        raise UserError(f"{where}: '{key}' must be {op} {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise UserError(f"{where}: '{key}' must be <= {hi}, got {value}")
-
-
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfig:
     """A copy of `config` with `overrides` applied, each checked against its field."""
     values = config.to_dict()
     for key, value in overrides.items():
         if key not in FIELDS:
             raise UserError(f"{where}: unknown config key '{key}'{_closest(key)}")
-        value = _coerce(key, value, where)
-        _check_limits(key, value, where)
-        values[key] = value
+        values[key] = _checked(key, value, where)
     return TrainConfig(**values)
 
 
@@ -334,8 +336,12 @@ def recipe_path(name_or_file: str) -> Path:
     return named_yaml(name_or_file, RECIPE_DIR, "recipe", list_recipes)
 
 
+class _KeySetTwice(yaml.constructor.ConstructorError):
+    """A key written twice in one mapping: valid YAML, which would keep the last silently."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (YAML would keep the last)."""
+    """SafeLoader that refuses a key written twice in one mapping."""
 
     def construct_mapping(self, node, deep=False):
         seen = []
@@ -344,7 +350,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
+                raise _KeySetTwice(
                     None, None, f"key {key!r} is set twice; keep one", key_node.start_mark
                 )
             seen.append(key)
@@ -356,8 +362,11 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", exc)
+        if not isinstance(exc, _KeySetTwice):
+            problem = f"not valid YAML ({problem})"
+        raise UserError(f"{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -419,7 +428,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
     """Every field against its type and limits, then the rules between fields (`world`: the
     number of torchrun processes). Returns `config` unchanged."""
     for key, value in config.to_dict().items():
-        _check_limits(key, _coerce(key, value, where), where)
+        _checked(key, value, where)
     rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
     broken = next(itertools.chain(*rules), None)
     if broken:
@@ -479,12 +488,10 @@ def _training_rules(config: TrainConfig) -> Iterator[str]:
             "alt_flip: true needs flip: true (it decides when each image is mirrored); "
             "add --set alt_flip=false"
         )
-    if config.freeze == "backbone" and config.freeze_epochs < 1:
-        yield "freeze: backbone needs freeze_epochs >= 1 (the epochs the head trains alone)"
-    if config.freeze == "backbone" and config.freeze_epochs > config.epochs:
+    if config.freeze == "backbone" and not 1 <= config.freeze_epochs <= config.epochs:
         yield (
-            f"freeze_epochs={config.freeze_epochs} is more than epochs={config.epochs}; at most "
-            "epochs (equal: the backbone stays frozen throughout, a linear probe)"
+            f"freeze: backbone needs freeze_epochs from 1 to epochs={config.epochs}, got "
+            f"{config.freeze_epochs}: the epochs the head trains alone (all of them: a linear probe)"
         )
     if config.freeze_epochs and config.freeze != "backbone":
         yield "freeze_epochs needs freeze: backbone (or --set freeze_epochs=0)"
@@ -504,9 +511,9 @@ def _run_rules(config: TrainConfig, world: int) -> Iterator[str]:
     """What is wrong with where and how the run executes: devices, extras, processes."""
     if config.tracking_uri and config.tracking == "none":
         yield f"tracking_uri {config.tracking_uri!r} is set but tracking is none; add --set tracking=mlflow"
-    if config.tracking == "mlflow" and not _installed("mlflow"):
+    if config.tracking == "mlflow" and importlib.util.find_spec("mlflow") is None:
         yield "tracking: mlflow needs the extra: pip install 'cifarlab[mlflow]'"
-    if config.tensorboard and not _installed("tensorboard"):
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         yield "tensorboard: true needs the extra: pip install 'cifarlab[tensorboard]'"
     per_process, smallest = smallest_chunk(config, world)
     if smallest == 1:
@@ -521,10 +528,6 @@ def _run_rules(config: TrainConfig, world: int) -> Iterator[str]:
         yield "time_budget is for a single process (not torchrun)"
     if world > 1 and config.batch_size % world != 0:
         yield f"batch_size={config.batch_size} must divide by the {world} processes (global batch)"
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 RUNTIME_KEYS = frozenset(k for k, f in FIELDS.items() if f.metadata.get("runtime"))
@@ -609,7 +612,8 @@ def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """The one "same run?" rule (--resume, suite reruns, tune continuations): the keys in which
     `wanted` computes something other than `saved`. Runtime keys may differ; a key `wanted`
     leaves to the run (its `auto` value; the length, under an unplanned time budget) matches
-    what `saved` resolved it to; split_seed -1 is the seed it follows. When `epochs` differs,
+    what `saved` resolved it to; split_seed -1 is the seed it follows; a relative data path is
+    the absolute one it names. When `epochs` differs,
     the keys scaled with it are not listed."""
     left = {k for k, f in FIELDS.items() if f.metadata.get("auto", ...) == getattr(wanted, k)}
     if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
@@ -618,6 +622,7 @@ def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         k for k, f in FIELDS.items()
         if not f.metadata.get("runtime") and k not in left and getattr(saved, k) != getattr(wanted, k)
         and not (k == "split_seed" and split_seed(saved) == split_seed(wanted))
+        and not (k == "data" and absolute_data(saved.data) == absolute_data(wanted.data))
     ]  # fmt: skip
     return [k for k in differ if "epochs" not in differ or not FIELDS[k].metadata.get("scaled")]
 

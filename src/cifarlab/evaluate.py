@@ -45,7 +45,6 @@ class EvalOptions:
     out: Path | None = None
     classes: list[str] | None = None  # classes for the mistakes gallery (default: the two hardest)
     device: str = "auto"
-    batch_size: int = 500
     on_bad_image: str | None = None  # error | skip; None: as the run was trained
 
 
@@ -72,12 +71,9 @@ def load_eval_set(
         raise UserError(
             f"{where} was trained on {config.data}, which is no longer there; {way_out}"
         )
-    if opts.data:
-        config = apply_overrides(config, {"data": opts.data}, where="--data")
-    if opts.on_bad_image:
-        config = apply_overrides(
-            config, {"on_bad_image": opts.on_bad_image}, where="--on-bad-image"
-        )
+    for key, value in (("data", opts.data), ("on_bad_image", opts.on_bad_image)):
+        if value:  # as the command line says; else as the run was trained
+            config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
     data = load_labelled(*_source_args(config), opts.split, ckpt["classes"]) if opts.data else None
     if data is None and opts.split == "val":
         splits = load_splits(config)
@@ -223,10 +219,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     device = pick_device(opts.device, "--device cpu")
     loaded = load_model(ckpt, device, opts.ema)
     report, probs, pc = _score(loaded, data, opts, device)
-    report.update(checkpoint=str(ckpt_path), ema=opts.ema, data=source, split=opts.split)
-    report["classes"] = classes
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
-    report["training"] = _training_entry(rows)
+    report.update(checkpoint=str(ckpt_path), ema=opts.ema, data=source, split=opts.split)
+    report.update(classes=classes, training=_training_entry(rows))
     groups = _gallery_groups(data, probs, classes, _chosen_classes(opts, classes, pc))
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
     with _report_folder(out) as part:
@@ -243,7 +238,7 @@ def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.
     classes = loaded.classes
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)
-    logits = predict_logits(loaded.model, images, loaded.normalize, opts.batch_size)
+    logits = predict_logits(loaded.model, images, loaded.normalize)
     mean_loss = F.cross_entropy(logits, labels).item()  # of the raw logits, as training's val_loss
     probs = torch.softmax(logits / loaded.temperature, 1).cpu().numpy()
     y = data.labels
@@ -279,8 +274,8 @@ def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.
                 "in-sample; --split test (or --data) measures it on held-out images"
             )
     if opts.tta != "none":
-        tta_logits = predict_logits(
-            loaded.model, images, loaded.normalize, opts.batch_size, opts.tta
+        tta_logits = predict_logits(  # the plain view's logits reused
+            loaded.model, images, loaded.normalize, tta=opts.tta, plain=logits
         )
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
     return report, probs, pc
@@ -382,10 +377,7 @@ def _summary(report: dict, out: Path, log) -> None:
         f" (with {r['tta']} TTA: {r['tta_accuracy']:.2%})" if r["tta_accuracy"] is not None else ""
     )
     one_way = [f"{p['true']} -> {p['predicted']} ({p['count']})" for p in r["most_confused"][:3]]
-    both = [
-        f"{p['classes'][0]} <-> {p['classes'][1]} ({p['count']})"
-        for p in r["most_confused_pairs"][:3]
-    ]
+    both = [f"{' <-> '.join(p['classes'])} ({p['count']})" for p in r["most_confused_pairs"][:3]]
     log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {r['split']} images")
     log("hardest classes: " + ", ".join(f"{c} {pc[c]['accuracy']:.1%}" for c in hardest))
     log("most confused: " + (", ".join(one_way) or "none"))

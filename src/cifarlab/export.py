@@ -5,7 +5,6 @@ metadata of each format are in docs/guide.md (`cifarlab export`)."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -13,12 +12,18 @@ import torch
 from torch import nn
 
 from cifarlab import rundir
-from cifarlab.checkpoint import load_checkpoint, replaced_when_complete, resolve_checkpoint
+from cifarlab.checkpoint import (
+    EXPORTED,
+    load_checkpoint,
+    replaced_when_complete,
+    resolve_checkpoint,
+)
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.torchvision_nets import ARCHS
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}  # format -> suffix
+# format -> suffix: each exported suffix but the dropped TorchScript's, named by itself
+FORMATS = {suffix[1:]: suffix for suffix in EXPORTED if suffix != ".ts"}
 _BY_SUFFIX = {suffix: name for name, suffix in FORMATS.items()}
 OPSET = 18  # the torch.export-based exporter's own (torchlib) opset; onnxruntime >= 1.14 runs it
 DROPPED = {
@@ -166,17 +171,10 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading it means setting it: put it straight back
-    os.umask(mask)
-    return mask
-
-
 def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
-    save_file = import_extra("safetensors.torch", "safetensors", "safetensors export").save_file
+    st = import_extra("safetensors.torch", "safetensors", "safetensors export")
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
-    with replaced_when_complete(out) as tmp:
-        save_file(state, str(tmp), metadata={"producer": "cifarlab"})
-        os.chmod(tmp, 0o666 & ~_umask())  # save_file creates it 0600; as open() would instead
+    with replaced_when_complete(out) as tmp:  # written by open(): save_file would make it 0600
+        tmp.write_bytes(st.save(state, metadata={"producer": "cifarlab"}))
     with replaced_when_complete(sidecar(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")

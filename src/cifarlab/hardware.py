@@ -194,9 +194,9 @@ def bf16_speedup() -> float:
     return ratio
 
 
-def time_bf16_speedup(rounds: int = 4) -> float:
+def time_bf16_speedup(rounds: int = 4, batch: int = 64) -> float:
     """How many times faster `step.train_step` (forward and backward) runs under bf16 autocast
-    than in fp32 on this CPU: fastnet on 64 random images, alternating, after a warm-up; the
+    than in fp32 on this CPU: fastnet on `batch` random images, alternating, after a warm-up; the
     fastest of `rounds` each, since other work only ever slows a step. The global random state
     is left as it was."""
     # callers may be scoring under inference mode (predict_logits): this times a backward pass
@@ -205,7 +205,7 @@ def time_bf16_speedup(rounds: int = 4) -> float:
         model = create_model("fastnet", 10).to(memory_format=torch.channels_last)
         cpu = torch.device("cpu")
         run = bare_run(model, Hardware(cpu, None, channels_last=True), TrainConfig(model="fastnet"))
-        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
         times: dict[bool, list[float]] = {False: [], True: []}
         for i in range(rounds + 1):
             for bf16 in (False, True) if i % 2 else (True, False):

@@ -6,15 +6,20 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cifarlab.augment import Normalize
-from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.data.images import BadImage, decode_image, is_image_name, visible_entries
+from cifarlab.checkpoint import EXPORTED, load_checkpoint, resolve_checkpoint
+from cifarlab.data.images import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    decode_image,
+    is_image_name,
+    visible_entries,
+)
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import printable
 from cifarlab.errors import UserError, first_line, import_extra
@@ -22,17 +27,34 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import load_model, predict_logits
 
 
-def image_files(paths: list[str]) -> Iterator[Path]:
-    """Files as given, folders walked for image files (junk left out, as in training), in a
-    stable order."""
+def image_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
+    """Files as given, and the image files of folders (junk left out, as in training), in a
+    stable order; then the files of those folders left out for their suffix, as training
+    leaves them out (`is_image_name`)."""
+    files, skipped = [], []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            yield from (p for p in visible_entries(path) if p.is_file() and is_image_name(p))
-        elif path.exists():
-            yield path
-        else:
+        if not path.exists():
             raise UserError(f"{raw}: no such file or folder")
+        if not path.is_dir():
+            files.append(path)
+            continue
+        for p in visible_entries(path):
+            if p.is_file():
+                (files if is_image_name(p) else skipped).append(p)
+    return files, skipped
+
+
+def _say_skipped(skipped: list[Path], shown: int = 5) -> None:
+    """One line on stderr: how many files of the folders were left out, and the first few."""
+    if skipped:
+        names = ", ".join(_one_line(p) for p in skipped[:shown])
+        more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+        suffixes = "/".join(sorted(IMAGE_SUFFIXES))
+        print(
+            f"skipped {len(skipped)} file(s) not ending in {suffixes}: {names}{more}",
+            file=sys.stderr,
+        )
 
 
 class Predictor:
@@ -186,12 +208,10 @@ class TorchScriptPredictor(_ExportedPredictor):
         return torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
 
 
-PREDICTORS = {  # file suffix -> reader; anything else is a run directory or checkpoint
-    ".onnx": OnnxPredictor,
-    ".pt2": Pt2Predictor,
-    ".safetensors": SafetensorsPredictor,
-    ".ts": TorchScriptPredictor,
-}
+# file suffix -> reader: one per suffix that load_checkpoint refuses (`EXPORTED`, in its order);
+# anything else is a run directory or checkpoint
+_READERS = (OnnxPredictor, Pt2Predictor, SafetensorsPredictor, TorchScriptPredictor)
+PREDICTORS = dict(zip(EXPORTED, _READERS, strict=True))
 
 
 def load_predictor(model: str):
@@ -208,7 +228,8 @@ def run_predict(
         raise UserError(f"{model}: no such run directory, checkpoint or exported model")
     predictor = load_predictor(model)
     k = min(top_k, len(predictor.classes))
-    files = list(image_files(paths))
+    files, skipped = image_files(paths)
+    _say_skipped(skipped)
     if not files:
         raise UserError(f"no image files found in {' '.join(paths)}")
     failed = 0

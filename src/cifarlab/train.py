@@ -37,7 +37,6 @@ from cifarlab.distributed import all_sum, barrier, init_distributed
 from cifarlab.errors import ConfigChanged, Interrupted, UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
-from cifarlab.phases import phase
 from cifarlab.rundir import (
     RunLock,
     append_metrics,
@@ -158,16 +157,15 @@ def train(
         )
     created = prepare_run_dir(run_dir, checkpoint_room(run_dir)) if d.main else []
     barrier(d)
-    lock = RunLock(run_dir) if d.main else contextlib.nullcontext()
     with (
-        lock,
+        RunLock(run_dir) if d.main else contextlib.nullcontext(),
         removed_if_unstarted(run_dir, created),  # bad data, a budget too short: no empty --out
         _stop_signals() as stop,
         open_trackers(config, run_dir, d.main) as tracker,
     ):
         run, plan = build_run(config, log, d), None
         if config.time_budget and ckpt is None:  # choose the length
-            with phase("budget probe"):
+            with phases.phase("budget probe"):
                 plan = fit_to_budget(run, started, log)
         if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
             raise Interrupted(
@@ -434,14 +432,20 @@ def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
 
 
 class _Eta:
-    """Once a run's first steps are timed, say how long the whole run should take."""
+    """Once a run's first steps are timed, say how long it should take. A backbone frozen for
+    the first epochs makes their steps cheaper than the fine-tune ones: each stage is estimated
+    once its own first steps are timed."""
 
     AFTER = 10  # steps timed before the estimate, after the first
 
     def __init__(self, run: TrainingRun, epoch: int, start_step: int, log):
-        self.run, self.log = run, log
-        # once per run, from its first epoch; a time budget has said its own estimate
-        self.done = epoch != 0 or start_step != 0 or run.config.time_budget > 0
+        self.run, self.log, c = run, log, run.config
+        starts = [0]
+        if c.freeze == "backbone" and 0 < c.freeze_epochs < c.epochs:
+            starts.append(c.freeze_epochs)
+        # from a stage's first step; a time budget has said its own estimate
+        self.done = epoch not in starts or start_step != 0 or c.time_budget > 0
+        self.first, self.end = epoch, next((e for e in starts if e > epoch), c.epochs)
         self.t0 = time.perf_counter()
 
     def tick(self, step: int) -> None:  # after step `step`, counted from 1
@@ -454,16 +458,19 @@ class _Eta:
             return
         self.done = True
         per_step = (time.perf_counter() - self.t0) / timed
-        n, c = len(self.run.batches), self.run.config
+        n, c, epochs = len(self.run.batches), self.run.config, self.end - self.first
         # validation reads each image once, without a backward pass: about a third of a train step's cost
         test = self.run.test_labels
         scored = len(self.run.val_labels) + (0 if test is None else len(test))
         val_steps = scored / max(1, c.batch_size) / 3
-        total = per_step * (total_steps(c, n) + val_steps * c.epochs)
+        steps = min(total_steps(c, n), self.end * n) - self.first * n
+        total = per_step * (steps + val_steps * epochs)
         took = f"{total / 60:.0f} min" if total >= 120 else f"{total:.0f} s"
-        self.log(
-            f"expected: about {took} for {c.epochs} epoch{'s' * (c.epochs != 1)} ({per_step:.2f} s/step, {n} steps per epoch)"
-        )
+        what = f"{epochs} epoch{'s' * (epochs != 1)}"
+        if epochs != c.epochs:  # a staged run: its frozen epochs, or the fine-tune ones
+            stage = "the backbone frozen" if self.first == 0 else "all layers training"
+            what += f" of {c.epochs}, {stage}"
+        self.log(f"expected: about {took} for {what} ({per_step:.2f} s/step, {n} steps per epoch)")
 
 
 @torch.inference_mode()
@@ -495,7 +502,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     """Validate, append the metrics row, save last.pt (and best.pt when it improved), log a line."""
     c = run.config
     t_val = time.perf_counter()
-    with phase("validation (each epoch)"):
+    with phases.phase("validation (each epoch)"):
         val_loss, val_acc = validate(run)
         test_loss, test_acc = validate(run, split="test")  # the lesson's record; never selects
     if val_loss is not None and not math.isfinite(val_loss):  # before it reaches a checkpoint
@@ -512,7 +519,7 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     }  # fmt: skip
     if run.dist.main:
         append_metrics(saver.run_dir / "metrics.csv", row)
-    with phase("checkpoint writes (each epoch)"):
+    with phases.phase("checkpoint writes (each epoch)"):
         improved = saver.save(checkpoint_state(run, epoch + 1), val_acc)
     star = " *" if improved else ""
     val = "no validation" if val_acc is None else f"val loss {val_loss:.3f} acc {val_acc:.1%}{star}"
@@ -537,7 +544,7 @@ def _finish(
     tta_acc = None
     if c.tta != "none" and len(run.val_labels):
         t = time.perf_counter()
-        with phase("final TTA pass"):
+        with phases.phase("final TTA pass"):
             tta_acc = validate(run, c.tta)[1]
         seconds += time.perf_counter() - t
         log(f"final val acc with {c.tta} TTA: {tta_acc:.2%}")
@@ -545,14 +552,14 @@ def _finish(
         log(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
         )
-    if run.dist.main and len(run.val_labels):  # probabilities a user can trust (see calibration.py)
+    elif run.dist.main:  # probabilities a user can trust (see calibration.py)
         # the latest validation's logits, when they are those of `run.model` (with EMA: the EMA's)
         mine = run.ema is None and run.val_logits is not None
         known = (run.model.state_dict(), run.val_logits) if mine else None
         val = ValSet(run.val_images, run.val_labels, run.hw, c.eval_batch_size, known)
-        with phase("temperature fits"):
+        with phases.phase("temperature fits"):
             calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
-    with phase("test pass"):
+    with phases.phase("test pass"):
         test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
     finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     result = Result(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifarlab.augment import BatchAugment, Normalize
@@ -37,8 +38,6 @@ CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 
 @dataclass
 class TrainingRun:
-    """The pieces one run's loop turns; built once by `build_run`."""
-
     config: TrainConfig
     hw: Hardware
     splits: Splits
@@ -75,7 +74,7 @@ def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: 
     """Chunks of 2-15 images ruin BatchNorm's statistics: said, not refused (the config rule
     refuses only 1)."""
     per_process, smallest = smallest_chunk(config, world)
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
     if has_bn and 0 < smallest < SMALL_CHUNK:
         log(
             f"warning: micro_batch={config.micro_batch} makes chunks as small as {smallest} images of each "
@@ -95,11 +94,17 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
     with phase("data (cache read, split)"):
         splits = load_splits(config)
     test = f" / {len(splits.test)} test" if splits.test is not None else ""
-    skipped = f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" * bool(
-        splits.skipped
+    skipped = (
+        f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" if splits.skipped else ""
     )
     sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
-    log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
+    classes = len(splits.classes)
+    log(f"data: {config.data} — {sizes} images, {classes} classes{skipped}")
+    if 0 < len(splits.val) < classes and not splits.val_folder:  # a temperature fit on 3 images
+        raise UserError(
+            f"--val-size {config.val_size} holds out fewer images than the {classes} classes; "
+            f"give --val-size {classes} or more (one image a class at the least), or 0 for none"
+        )
     if len(splits.train) < config.batch_size:
         raise UserError(
             f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
@@ -148,7 +153,6 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
 
 
 def _on_device(part, device: torch.device) -> tuple:
-    """A split's images and labels on the device."""
     return to_device_uint8(part.images, device), torch.from_numpy(part.labels).to(device)
 
 
@@ -386,7 +390,13 @@ def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch
     `freeze_epochs` (frozen BatchNorm in eval mode); the whitened conv's bias only for its
     `whiten_bias_epochs`."""
     if c.freeze == "backbone":
-        _freeze_backbone(model, fixed, epoch < c.freeze_epochs)
+        head, frozen = head_name(model) + ".", epoch < c.freeze_epochs
+        for name, p in model.named_parameters():
+            if not name.startswith(head) and id(p) not in fixed:
+                p.requires_grad_(not frozen)
+        for name, m in model.named_modules():
+            if frozen and isinstance(m, _BatchNorm) and not name.startswith(head):
+                m.eval()
     if c.whitening and c.whiten_bias_epochs and epoch >= c.whiten_bias_epochs:
         bias = first_conv(model).bias
         if bias is not None:
@@ -401,15 +411,8 @@ def settling_epoch(c: TrainConfig) -> int:
     return min(c.epochs, max(frozen, bias))
 
 
-def _freeze_backbone(model: torch.nn.Module, fixed: set[int], frozen: bool) -> None:
-    head = head_name(model) + "."
-    for name, p in model.named_parameters():
-        if not name.startswith(head) and id(p) not in fixed:
-            p.requires_grad_(not frozen)
-    if frozen:
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not name.startswith(head):
-                m.eval()
+# the parts of a run whose state a checkpoint keeps (None where the run has no such part)
+STATEFUL = ("model", "ema", "lookahead", "optimizer", "scheduler", "scaler")
 
 
 def checkpoint_state(
@@ -418,14 +421,10 @@ def checkpoint_state(
     """Enough to resume exactly (every random draw of a step is seeded by its position, see
     `StepRandom`), and to rebuild the model on its own (`model_args`); `stats`: the epoch's
     running totals so far (none at its start). `Checkpointer.save` adds `best_val_acc`."""
+    parts = {k: getattr(run, k) for k in STATEFUL}
     return {
-        "model": run.model.state_dict(),
+        **{k: None if part is None else part.state_dict() for k, part in parts.items()},
         "model_args": run.model_args.to_dict(),
-        "ema": run.ema.state_dict() if run.ema is not None else None,
-        "lookahead": run.lookahead.state_dict() if run.lookahead is not None else None,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
         "epoch": epoch,  # 0-based epoch in progress (== epochs done when next_step == 0)
         "next_step": step,
         "accumulators": stats or {},
@@ -438,11 +437,6 @@ def checkpoint_state(
 
 
 def restore(run: TrainingRun, ckpt: dict) -> None:
-    run.model.load_state_dict(ckpt["model"])
-    if run.ema is not None and ckpt.get("ema") is not None:
-        run.ema.load_state_dict(ckpt["ema"])
-    if run.lookahead is not None and ckpt.get("lookahead") is not None:
-        run.lookahead.load_state_dict(ckpt["lookahead"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
+    for key in STATEFUL:
+        if getattr(run, key) is not None:
+            getattr(run, key).load_state_dict(ckpt[key])

@@ -12,9 +12,6 @@ from PIL import Image, UnidentifiedImageError
 from cifarlab.errors import first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-# 16-bit grayscale PNGs open as I;16 (or I); Pillow's convert("RGB") clips them to 255, so they
-# are scaled to 8 bits first.
-_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class BadImage(Exception):
@@ -59,7 +56,7 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
 
 def image_array(img: Image.Image, size: int) -> np.ndarray:
     """An opened image as `decode_image` returns it."""
-    if img.mode in _WIDE_GRAY:
+    if img.mode.startswith("I"):  # 16/32-bit gray: convert("RGB") would clip it at 255
         wide = np.clip(np.asarray(img).astype(np.float32), 0, 65535)
         img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):

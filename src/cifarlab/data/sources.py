@@ -72,7 +72,7 @@ def _read_batch(path: Path) -> dict:
         raise UserError(f"{path}: not a CIFAR pickle batch ({exc})") from None
 
 
-def _load_cifar(name: str, root: Path) -> SourceData:
+def _load_cifar(name: str, root: Path, size: int) -> SourceData:
     """torchvision's layout (`cifar-10-batches-py/`), downloaded by torchvision when missing.
 
     The pickles are read here rather than through `datasets.CIFAR10`, which insists on the
@@ -125,6 +125,8 @@ def _load_cifar(name: str, root: Path) -> SourceData:
             images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(found.tolist())
         hwc = np.concatenate(images).transpose(0, 2, 3, 1).copy()
+        if size != 32:
+            hwc = np.stack([image_array(Image.fromarray(im), size) for im in hwc])
         return ImageSet(hwc, np.asarray(labels, dtype=np.int64), classes)
 
     return SourceData(read(ds.train_list), read(ds.test_list))
@@ -163,7 +165,6 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 
 def _visible(folder: Path) -> list[Path]:
-    """The entries of `folder` itself that are data, not junk (`is_junk`)."""
     return [p for p in folder.iterdir() if not is_junk(PurePath(p.name))]
 
 
@@ -229,27 +230,21 @@ def _list_class_folder(
 def _decode_all(
     files: list[Path], size: int, on_bad: str, desc: str
 ) -> tuple[np.ndarray, list[int], list[str]]:
+    """(images, indices of those decoded, "path: reason" of the others)."""
     out = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     good, skipped = [], []
 
-    def work(i: int) -> tuple[int, str | None]:
+    def work(i: int) -> str | None:
         try:
             out[i] = decode_image(files[i], size)
-            return i, None
         except BadImage as exc:
-            return i, printable(str(exc))
+            return printable(str(exc))
+        return None
 
+    bar = {"desc": desc, "unit": "img", "leave": False, "mininterval": 1, "disable": None}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(work, range(len(files)))
-        for i, err in tqdm(
-            results,
-            total=len(files),
-            desc=desc,
-            unit="img",
-            leave=False,
-            mininterval=1,
-            disable=None,
-        ):
+        errors = pool.map(work, range(len(files)))
+        for i, err in enumerate(tqdm(errors, total=len(files), **bar)):
             if err is None:
                 good.append(i)
             elif on_bad == "error":
@@ -259,37 +254,28 @@ def _decode_all(
     return out, good, skipped
 
 
-def _load_folder_split(
-    folder: Path, size: int, on_bad: str, desc: str
-) -> tuple[ImageSet, list[str]]:
-    classes, files, labels, skipped = _list_class_folder(folder, on_bad)
-    images, good, bad = _decode_all(files, size, on_bad, desc)
-    if not good:
-        raise UserError(f"{folder}: none of its {len(files)} images could be read")
-    paths = [printable(files[i].relative_to(folder.parent)) for i in good]
-    labels = np.asarray(labels, dtype=np.int64)[good]
-    return ImageSet(images[good], labels, classes, paths), skipped + bad
-
-
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
-    folders, _plain = _find_layout(root)
     splits: dict[str, ImageSet] = {}
     skipped: list[str] = []
-    for name in ("train", "val", "test"):
-        if name in folders:
-            splits[name], bad = _load_folder_split(folders[name], size, on_bad, f"decoding {name}")
-            skipped += bad
+    for name, folder in _find_layout(root)[0].items():  # train, val, test: in that order
+        classes, files, labels, left_out = _list_class_folder(folder, on_bad)
+        images, good, bad = _decode_all(files, size, on_bad, f"decoding {name}")
+        if not good:
+            raise UserError(f"{folder}: none of its {len(files)} images could be read")
+        paths = [printable(files[i].relative_to(folder.parent)) for i in good]
+        labels = np.asarray(labels, dtype=np.int64)[good]
+        splits[name] = ImageSet(images[good], labels, classes, paths)
+        skipped += left_out + bad
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
 
 
 def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
     """Every split folder must hold the same class folders as the first (train, when present);
-    with `classes` (a selection), the same of those: the others are never read."""
+    with `classes` (a selection), the same of those: the others are never read. A folder source
+    always has one split at least (`_find_layout`)."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
     named = [(k, {c for c in ds.classes if not classes or c in classes})
              for k, ds in splits.items() if ds is not None]  # fmt: skip
-    if not named:
-        return
     (first, ref), *others = named
     for name, have in others:
         if have != ref:
@@ -318,10 +304,7 @@ def load_source(
     """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode).
     Its split folders must hold the same classes, or the same of `classes` when given."""
     if src in ("cifar10", "cifar100"):
-        data = _load_cifar(src, root / src)
-        if size != 32:
-            data = SourceData(_resize(data.train, size), data.test and _resize(data.test, size))
-        return data
+        return _load_cifar(src, root / src, size)
     path = Path(src).expanduser()
     if not path.exists():
         raise UserError(f"--data {src}: no such file or folder (and not cifar10/cifar100)")
@@ -373,8 +356,3 @@ def load_labelled(
         if _find_layout(folder)[1]:
             return data.train
     return data.test if split == "test" else data.val
-
-
-def _resize(ds: ImageSet, size: int) -> ImageSet:
-    out = np.stack([image_array(Image.fromarray(im), size) for im in ds.images])
-    return ImageSet(out, ds.labels, ds.classes, ds.paths)

@@ -47,12 +47,9 @@ def select_classes(ds: ImageSet, wanted: list[str], where: str) -> ImageSet:
     unknown = [c for c in wanted if c not in ds.classes]
     if unknown:
         raise UserError(f"{where}: unknown classes {unknown}; the data has {ds.classes}")
-    old = np.asarray([ds.classes.index(c) for c in wanted])
-    keep = np.flatnonzero(np.isin(ds.labels, old))
-    out = ds.take(keep)
-    remap = np.full(len(ds.classes), -1, dtype=np.int64)
-    remap[old] = np.arange(len(wanted))
-    return ImageSet(out.images, remap[out.labels], list(wanted), out.paths)
+    index = np.asarray([wanted.index(c) if c in wanted else -1 for c in ds.classes], dtype=np.int64)
+    out = ds.take(np.flatnonzero(index[ds.labels] >= 0))
+    return ImageSet(out.images, index[out.labels], list(wanted), out.paths)
 
 
 def onto_classes(ds: ImageSet, classes: list[str], where: str) -> ImageSet:
@@ -131,6 +128,4 @@ def hold_out(train: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
             "lower --val-size or use more data"
         )
     val_idx = stratified_pick(train.labels, n, seed)
-    mask = np.ones(len(train), dtype=bool)
-    mask[val_idx] = False
-    return train.take(np.flatnonzero(mask)), train.take(val_idx)
+    return train.take(np.setdiff1d(np.arange(len(train)), val_idx)), train.take(val_idx)

@@ -132,14 +132,12 @@ def open_names(pattern: str = "") -> dict[str, list[str] | None]:
     """The `tv:` and `timm:` names containing `pattern` (a glob such as `convnext*` also works);
     None for timm when it is not installed."""
     glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-    found: dict[str, list[str] | None] = {"tv:": fnmatch.filter(torchvision_names(), glob)}
     try:
         import timm
     except ImportError:
-        found["timm:"] = None
-    else:
-        found["timm:"] = timm.list_models(glob)
-    return found
+        timm = None
+    tv = fnmatch.filter(torchvision_names(), glob)
+    return {"tv:": tv, "timm:": None if timm is None else timm.list_models(glob)}
 
 
 def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:
