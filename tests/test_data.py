@@ -242,7 +242,7 @@ def test_corrupt_jpeg_is_an_error_naming_it_or_skipped_and_listed(real_jpegs, tm
 def test_non_image_file_and_empty_class_folder(tmp_path, data_root):
     src = _tiny_folder(tmp_path / "d")
     (src / "cat" / "notes.txt").write_text("hello")
-    with pytest.raises(UserError, match="notes.txt: not an image file"):
+    with pytest.raises(UserError, match="notes.txt: not ending in .bmp"):
         load_source(str(src), data_root, 32)
     (src / "cat" / "notes.txt").unlink()
     (src / "emu").mkdir()

@@ -82,7 +82,7 @@ def test_files_left_out_of_a_run_are_listed_in_the_run(tmp_path):
         log=messages.append,
     )
     listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
-    assert listed == [f"{data / 'red' / 'notes.txt'}: not an image file"]
+    assert listed == [f"{data / 'red' / 'notes.txt'}: not ending in .bmp/.jpeg/.jpg/.png/.webp"]
     assert any("1 skipped (listed in skipped_images.txt)" in m for m in messages)
 
 

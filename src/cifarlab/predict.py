@@ -14,7 +14,7 @@ import torch
 from cifarlab.augment import Normalize
 from cifarlab.checkpoint import EXPORTED, load_checkpoint, resolve_checkpoint
 from cifarlab.data.images import (
-    IMAGE_SUFFIXES,
+    NOT_AN_IMAGE_NAME,
     BadImage,
     decode_image,
     is_image_name,
@@ -50,11 +50,7 @@ def _say_skipped(skipped: list[Path], shown: int = 5) -> None:
     if skipped:
         names = ", ".join(_one_line(p) for p in skipped[:shown])
         more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
-        suffixes = "/".join(sorted(IMAGE_SUFFIXES))
-        print(
-            f"skipped {len(skipped)} file(s) not ending in {suffixes}: {names}{more}",
-            file=sys.stderr,
-        )
+        print(f"skipped {len(skipped)} file(s) {NOT_AN_IMAGE_NAME}: {names}{more}", file=sys.stderr)
 
 
 class Predictor:

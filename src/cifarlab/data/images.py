@@ -12,6 +12,8 @@ from PIL import Image, UnidentifiedImageError
 from cifarlab.errors import first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# what a file left out of a folder is, for training's and predict's messages alike
+NOT_AN_IMAGE_NAME = "not ending in " + "/".join(sorted(IMAGE_SUFFIXES))
 
 
 class BadImage(Exception):

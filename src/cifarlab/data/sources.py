@@ -19,6 +19,7 @@ from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 import cifarlab.data.cache as cache
 from cifarlab.data.archive import extract_archive, is_archive
 from cifarlab.data.images import (
+    NOT_AN_IMAGE_NAME,
     BadImage,
     decode_image,
     image_array,
@@ -211,7 +212,7 @@ def _list_class_folder(
             elif p.is_file() and is_image_name(p):
                 images.append(p)
             elif p.is_file():
-                skipped.append(f"{printable(p)}: not an image file")
+                skipped.append(f"{printable(p)}: {NOT_AN_IMAGE_NAME}")
         if not images:
             if on_bad == "error":
                 raise UserError(
