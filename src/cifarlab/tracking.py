@@ -77,7 +77,7 @@ class TensorBoardTracker:
         self.writer = tensorboard.SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
-        for summary in _hparams(config)[:2]:  # the experiment, this session's start
+        for summary in _hparams(config)[:2]:  # HParams summaries: experiment, session-start info
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 
