@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,20 @@ def test_a_run_trained_on_a_relative_data_path_is_calibrated_from_another_folder
     monkeypatch.chdir(tmp_path)
     code, _, err = _cli(capsys, "calibrate", str(run))
     assert code == 0, err
+
+
+def test_calibrate_in_a_read_only_run_directory_is_one_line(capsys, tmp_path, monkeypatch):
+    """calibrate writes into the run: a folder it cannot write (a read-only mount; the tests run
+    as root, so opening its lock file is denied here) is one line naming it, not a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+    real_open = os.open
+
+    def denied(path, *args, **kw):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", denied)
+    _assert_one_line_error(*_cli(capsys, "calibrate", str(run))[::2], str(run), "writable")

@@ -79,15 +79,18 @@ class RunLock:
         if fcntl is None:
             return self._enter_filelock()
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
+            fd = None
+            try:  # opening fails in a read-only run directory (calibrate writes into one)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
                 if isinstance(exc, BlockingIOError):
                     raise self._busy(_written_pid(self.path)) from None
                 raise UserError(
-                    f"{self.path}: cannot lock the run directory ({exc.strerror})"
+                    f"{self.path}: cannot lock the run directory ({exc.strerror}); "
+                    f"make {self.path.parent} writable"
                 ) from None
             if _same_file(fd, self.path):
                 break
