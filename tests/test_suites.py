@@ -10,6 +10,7 @@ import pytest
 from cifarlab.cli import main
 from cifarlab.errors import Interrupted, UserError
 from cifarlab.suites import SuiteOptions, list_suites, load_suite, run_suite
+from tests.conftest import write_synthetic_folder
 
 SUITE = """
 description: two tiny runs
@@ -280,3 +281,19 @@ def test_suite_run_keys_of_the_wrong_type_are_refused(tmp_path):
     )
     with pytest.raises(UserError, match=r"run 2: 'changes' must be a string, got False"):
         load_suite(str(path), {"data": "x"})
+
+
+def test_val_size_zero_on_data_without_a_test_split_is_refused_before_any_run_trains(
+    tmp_path, capsys
+):
+    """With no validation split a suite compares on test: data without one would train every
+    run for a table with no accuracy in it."""
+    data = write_synthetic_folder(tmp_path / "plain" / "train")
+    (tmp_path / "s.yaml").write_text(SUITE)
+    out = tmp_path / "o"
+    args = ["suite", str(tmp_path / "s.yaml"), "--data", str(data.parent), "--out", str(out)]
+    tiny = ["--data-root", str(tmp_path / "d"), "--epochs", "1", "--batch-size", "8"]
+    code = main([*args, *tiny, "--val-size", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no test split" in err and "--val-size" in err, err
+    assert not out.exists()

@@ -198,6 +198,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
+    _refuse_unscored(jobs)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
@@ -238,6 +239,21 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     write_suite_report(suite, rows, opts.out)
     log(f"results: {opts.out / 'results.md'}")
     return rows
+
+
+def _refuse_unscored(jobs: list) -> None:
+    """Runs without a validation split are compared on test: data without a test split would
+    leave the table no accuracy at all, after every run trained."""
+    from cifarlab.data import load_splits
+
+    for config in {c.data: c for _, _, c in jobs if not c.val_size}.values():
+        splits = load_splits(config)
+        if not len(splits.val) and splits.test is None:
+            raise UserError(
+                f"--val-size 0: {config.data} has no test split, so the runs would have no "
+                "accuracy to compare; give --val-size N (e.g. 5000), or --data with a "
+                "test/<class>/ folder beside train/"
+            )
 
 
 def _split(run: SuiteRun) -> str:
