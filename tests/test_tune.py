@@ -1,3 +1,4 @@
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -202,3 +203,34 @@ def test_an_out_that_cannot_hold_trials_is_refused_before_a_study_is_stored(
     with pytest.raises(UserError, match="afile: is a file, not a folder"):
         run_tune(opts, log=lambda s: None)
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_a_study_is_stored(
+    synthetic_images, tmp_path
+):
+    opts = _small(synthetic_images, tmp_path, 1)
+    opts = dataclasses.replace(opts, base=dataclasses.replace(opts.base, batch_size=64))
+    with pytest.raises(UserError, match="batch_size=64 is larger than the 30 training images"):
+        run_tune(opts, log=lambda s: None)
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / 'study.db'}") == []
+
+
+def test_a_study_whose_trials_all_failed_takes_the_settings_of_the_command_that_continues_it(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """Nothing finished is nothing to keep comparable: the corrected command goes on in the same
+    study instead of being told to run it with the settings that failed."""
+
+    def failing(config, run_dir, **kw):
+        raise UserError("cannot build this model here")
+
+    monkeypatch.setattr("cifarlab.train.train", failing)
+    with pytest.raises(UserError, match="cannot build"):
+        run_tune(_small(synthetic_images, tmp_path, 1), log=lambda s: None)
+    seen = _fake_trainer(monkeypatch, stop_first=False)
+    opts = _small(synthetic_images, tmp_path, 1)
+    opts = dataclasses.replace(opts, base=dataclasses.replace(opts.base, subset=30))
+    study = run_tune(opts, log=lambda s: None)
+    assert seen[0].subset == 30 and study.user_attrs["cifarlab_settings"]["subset"] == 30
+    with pytest.raises(UserError, match="subset: 30 -> 0"):  # a finished trial now holds it
+        run_tune(_small(synthetic_images, tmp_path, 2), log=lambda s: None)

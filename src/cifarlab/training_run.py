@@ -19,6 +19,7 @@ from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, name_multipliers, smallest_chunk
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
+from cifarlab.data.splits import check_sizes
 from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, setup_hardware
@@ -98,17 +99,8 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" if splits.skipped else ""
     )
     sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
-    classes = len(splits.classes)
-    log(f"data: {config.data} — {sizes} images, {classes} classes{skipped}")
-    if 0 < len(splits.val) < classes and not splits.val_folder:  # a temperature fit on 3 images
-        raise UserError(
-            f"--val-size {config.val_size} holds out fewer images than the {classes} classes; "
-            f"give --val-size {classes} or more (one image a class at the least), or 0 for none"
-        )
-    if len(splits.train) < config.batch_size:
-        raise UserError(
-            f"batch_size={config.batch_size} is larger than the {len(splits.train)} training images"
-        )
+    log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
+    check_sizes(config, splits)
     normalize = Normalize(*input_statistics(config, splits))
     with phase("model build (whitening init)"):
         args, model, fixed = _build_model(config, splits, normalize, hw, d, log)

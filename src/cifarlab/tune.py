@@ -31,7 +31,7 @@ from cifarlab.config import (
     validate_config,
     with_epochs,
 )
-from cifarlab.data.splits import load_splits
+from cifarlab.data.splits import check_sizes, load_splits
 from cifarlab.errors import Interrupted, UserError, import_extra
 from cifarlab.rundir import RunDirTaken, prepare_run_dir
 
@@ -100,7 +100,7 @@ def _checked_base(opts: TuneOptions) -> TrainConfig:
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
-    load_splits(base)
+    check_sizes(base, load_splits(base))
     prepare_run_dir(opts.out, need_bytes=0)
     return base
 
@@ -194,10 +194,13 @@ EPOCHS_SEARCHED = "search_epochs"
 
 def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
     """Store the settings a new study searches around; refuse to continue one with others (its
-    trials would not be comparable), by the rule --resume follows (`config.differences`)."""
+    trials would not be comparable), by the rule --resume follows (`config.differences`). A study
+    none of whose trials finished or runs (its first failed) holds nothing to compare: it takes
+    the new settings."""
     named = dataclasses.replace(base, **{k: Path(getattr(base, k)).name for k in PATHS})
     saved = study.user_attrs.get(SETTINGS)
-    if saved is None:
+    held = {"COMPLETE", "PRUNED", "RUNNING"}
+    if saved is None or not any(t.state.name in held for t in study.trials):
         settings = {k: v for k, v in named.to_dict().items() if k not in RUNTIME_KEYS}
         study.set_user_attr(SETTINGS, {**settings, EPOCHS_SEARCHED: opts.search_epochs})
         return

@@ -120,6 +120,22 @@ def load_splits(config: TrainConfig) -> Splits:
     return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
 
 
+def check_sizes(config: TrainConfig, splits: Splits) -> None:
+    """What training needs of its splits: a held-out image of each class at the least (else a
+    temperature is fitted on 3 images) and a batch's worth of training images."""
+    classes, train = len(splits.classes), len(splits.train)
+    if 0 < len(splits.val) < classes and not splits.val_folder:
+        raise UserError(
+            f"--val-size {config.val_size} holds out fewer images than the {classes} classes; "
+            f"give --val-size {classes} or more (one image a class at the least), or 0 for none"
+        )
+    if train < config.batch_size:
+        raise UserError(
+            f"batch_size={config.batch_size} is larger than the {train} training images; "
+            f"give --batch-size {train} or less, or train on more images"
+        )
+
+
 def hold_out(train: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """(the rest, `n` stratified images held out of `train`); n=0 holds out an empty set."""
     if n >= len(train):
