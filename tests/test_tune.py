@@ -234,3 +234,10 @@ def test_a_study_whose_trials_all_failed_takes_the_settings_of_the_command_that_
     assert seen[0].subset == 30 and study.user_attrs["cifarlab_settings"]["subset"] == 30
     with pytest.raises(UserError, match="subset: 30 -> 0"):  # a finished trial now holds it
         run_tune(_small(synthetic_images, tmp_path, 2), log=lambda s: None)
+
+
+def test_a_storage_that_cannot_open_leaves_no_out_behind(synthetic_images, tmp_path):
+    opts = dataclasses.replace(_small(synthetic_images, tmp_path, 1), storage="nosuch://db")
+    with pytest.raises(UserError, match="cannot open the study database"):
+        run_tune(opts, log=lambda s: None)
+    assert not opts.out.exists()

@@ -33,7 +33,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.splits import check_sizes, load_splits
 from cifarlab.errors import Interrupted, UserError, import_extra
-from cifarlab.rundir import RunDirTaken, prepare_run_dir
+from cifarlab.rundir import RunDirTaken, prepare_run_dir, removed_if_unstarted
 
 
 @dataclass
@@ -68,10 +68,11 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
 
 def run_tune(opts: TuneOptions, log=print):
     optuna = import_extra("optuna", "tune", "tune (Optuna)")
-    base = _checked_base(opts)
+    base, created = _checked_base(opts)
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
-    study = _open_study(name, opts.storage)
-    _same_settings(study, base, opts)
+    with removed_if_unstarted(opts.out, created):  # a study that cannot open leaves no --out
+        study = _open_study(name, opts.storage)
+        _same_settings(study, base, opts)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [t for t in study.trials if t.state in finished]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
@@ -87,9 +88,10 @@ def run_tune(opts: TuneOptions, log=print):
     return study
 
 
-def _checked_base(opts: TuneOptions) -> TrainConfig:
+def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     """The config every trial searches around, refused in one line before anything is stored
-    when tune cannot select on it, its data cannot load or --out cannot hold the trials."""
+    when tune cannot select on it, its data cannot load or --out cannot hold the trials; and the
+    folders made for --out."""
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
@@ -101,8 +103,7 @@ def _checked_base(opts: TuneOptions) -> TrainConfig:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
     check_sizes(base, load_splits(base))
-    prepare_run_dir(opts.out, need_bytes=0)
-    return base
+    return base, prepare_run_dir(opts.out, need_bytes=0)
 
 
 def _open_study(name: str, url: str):
