@@ -171,3 +171,18 @@ def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trai
     with pytest.raises(UserError, match="resume=True") as err:
         cifarlab.train_model(config, result.run_dir, log=None)
     assert "--resume" not in str(err.value) and "--out" not in str(err.value)
+
+
+def test_a_run_trained_on_a_relative_data_path_is_evaluated_from_another_folder(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """The run stores where its data is, as the CLI does: `evaluate` and `calibrate` redraw the
+    validation split from any working directory (it was "no longer there")."""
+    monkeypatch.chdir(synthetic_images.parent)
+    config = cifarlab.recipe(
+        "seed-cnn", epochs=1, data=synthetic_images.name, data_root=str(tmp_path / "d"),
+        batch_size=8, val_size=6, device="cpu", threads=1, progress=False, width=0.25,
+    )  # fmt: skip
+    result = cifarlab.train_model(config, tmp_path / "run", log=None)
+    monkeypatch.chdir(tmp_path)
+    assert cifarlab.evaluate_model(result, device="cpu", log=None)["num_images"] == 6

@@ -27,6 +27,7 @@ from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
     RUNTIME_KEYS,
     TrainConfig,
+    absolute_data,
     apply_overrides,
     config_changes,
     read_yaml_mapping,
@@ -145,6 +146,7 @@ def train(
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
+    config = dataclasses.replace(config, data=absolute_data(config.data))  # found from anywhere
     validate_config(config, "config", d.world)
     finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
     if finished and (run_dir / "result.json").is_file():
