@@ -173,16 +173,20 @@ def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trai
     assert "--resume" not in str(err.value) and "--out" not in str(err.value)
 
 
-def test_a_run_trained_on_a_relative_data_path_is_evaluated_from_another_folder(
-    synthetic_images, tmp_path, monkeypatch
-):
-    """The run stores where its data is, as the CLI does: `evaluate` and `calibrate` redraw the
-    validation split from any working directory (it was "no longer there")."""
-    monkeypatch.chdir(synthetic_images.parent)
+def test_a_run_trained_on_relative_paths_is_evaluated_from_another_folder(tmp_path, monkeypatch):
+    """The run stores where its data and cache are, as absolute paths: `evaluate` and
+    `calibrate` redraw the validation split from any working directory (the data was "no longer
+    there", and a relative cache was decoded again into the working directory)."""
+    from tests.conftest import write_synthetic_folder
+
+    write_synthetic_folder(tmp_path / "a" / "data")
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
     config = cifarlab.recipe(
-        "seed-cnn", epochs=1, data=synthetic_images.name, data_root=str(tmp_path / "d"),
-        batch_size=8, val_size=6, device="cpu", threads=1, progress=False, width=0.25,
+        "seed-cnn", epochs=1, data="data", data_root="cache", batch_size=8, val_size=6,
+        device="cpu", threads=1, progress=False, width=0.25,
     )  # fmt: skip
     result = cifarlab.train_model(config, tmp_path / "run", log=None)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "b")
     assert cifarlab.evaluate_model(result, device="cpu", log=None)["num_images"] == 6
+    assert list((tmp_path / "b").iterdir()) == []

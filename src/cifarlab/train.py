@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -146,7 +147,9 @@ def train(
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
-    config = dataclasses.replace(config, data=absolute_data(config.data))  # found from anywhere
+    # the data and its cache as absolute paths: the run's commands find them from any folder
+    root = config.data_root and os.path.abspath(Path(config.data_root).expanduser())
+    config = dataclasses.replace(config, data=absolute_data(config.data), data_root=root)
     validate_config(config, "config", d.world)
     finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
     if finished and (run_dir / "result.json").is_file():
