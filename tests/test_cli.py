@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from cifarlab.cli import main
+from tests.conftest import write_synthetic_folder
 
 
 def _cli(capsys, *args):
@@ -200,3 +201,19 @@ def test_calibrate_in_a_read_only_run_directory_is_one_line(capsys, tmp_path, mo
 
     monkeypatch.setattr(os, "open", denied)
     _assert_one_line_error(*_cli(capsys, "calibrate", str(run))[::2], str(run), "writable")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--data", "--data-root"])
+@pytest.mark.parametrize("command", ["train", "suite", "tune"])
+def test_an_empty_path_is_refused_not_taken_for_the_working_directory(
+    capsys, tmp_path, monkeypatch, command, flag
+):
+    """`--data "$DATA"` with DATA unset: Path("") is the working directory, which was trained on
+    (or trained into, for --out)."""
+    write_synthetic_folder(tmp_path / "cat")  # the working directory looks like class folders
+    monkeypatch.chdir(tmp_path)
+    args = {"--out": "o", "--data": ".", "--data-root": "d", flag: ""}
+    words = [command, *(["exercise-2"] if command == "suite" else []), "--epochs", "1"]
+    words += ["--trials", "1"] if command == "tune" else []
+    _assert_one_line_error(*_cli(capsys, *words, *sum(args.items(), ()))[::2], flag, "empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat"]

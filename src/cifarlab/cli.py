@@ -36,10 +36,22 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+def _given(text: str) -> str:
+    """A path flag's value; an empty one (`--data "$DATA"` with DATA unset) would mean the
+    working directory, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a path (is a shell variable unset?)")
+    return text
+
+
+def _path(text: str) -> Path:
+    return Path(_given(text))
+
+
 # The flags train, suite and tune share, each setting the config key of its name (--set any).
 _RUN_FLAGS = [
-    ("--data", str, "cifar10, cifar100, a class folder, or a .tar/.tar.gz/.zip of one"),
-    ("--data-root", str, "datasets and caches (default $CIFARLAB_DATA or ~/.cache/cifarlab)"),
+    ("--data", _given, "cifar10, cifar100, a class folder, or a .tar/.tar.gz/.zip of one"),
+    ("--data-root", _given, "datasets and caches (default $CIFARLAB_DATA or ~/.cache/cifarlab)"),
     ("--model", str, "model name (see `cifarlab models`) instead of the recipe's"),
     ("--epochs", int, "epochs; warm-up and other epoch-based settings scale with it"),
     ("--budget", float, "a fraction of the recipe's epochs, e.g. 0.1, scaled as --epochs"),
@@ -307,7 +319,7 @@ _RUN_OR_CHECKPOINT = {
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--out", required=True, type=_path, help="run directory")
     p.add_argument(
         "--profile", action="store_true",
         help="print where start-up and the end of the run went (data, model, probe, TTA, test pass)",
@@ -326,13 +338,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", **_RUN_OR_CHECKPOINT)
     p.add_argument("--split", choices=["val", "test"], default="val", help="which split to score")
-    p.add_argument(
-        "--data", help="evaluate on another data source (a labelled folder is scored whole)"
-    )
+    p.add_argument("--data", type=_given,
+                   help="evaluate on another data source (a labelled folder is scored whole)")  # fmt: skip
     p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
                    help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--out", type=_path,
                    help="output folder (default RUN_DIR/eval-<split>; with --data, eval-<split>-<data name>)")  # fmt: skip
     p.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -357,7 +368,7 @@ def _suite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", metavar="NAME|FILE", help="a shipped suite or a suite YAML")
     p.add_argument("--list", action="store_true", help="list the shipped suites")
     p.add_argument(
-        "--out", type=Path, help="suite folder: one run directory per run, and the tables"
+        "--out", type=_path, help="suite folder: one run directory per run, and the tables"
     )
     _run_flags(p, "run every run on this recipe (e.g. lesson-cnn), its own settings on top")
     p.add_argument("--seeds", default="0", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
@@ -375,7 +386,7 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
                    help="onnx (torch.export-based exporter), pt2 (torch.export program), or "
                    "safetensors (weights + a .json beside them); default: the one --out's "
                    "suffix names, else onnx")  # fmt: skip
-    p.add_argument("--out", type=Path, help="output file (default RUN_DIR/model.<format>)")
+    p.add_argument("--out", type=_path, help="output file (default RUN_DIR/model.<format>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
 
@@ -396,7 +407,7 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default="sqlite:///study.db", help="any Optuna RDB URL")
     p.add_argument("--study", help="study name (default <recipe>-<data name>)")
     p.add_argument(
-        "--out", type=Path, default=Path("tune"), help="folder for the trials' run directories"
+        "--out", type=_path, default=Path("tune"), help="folder for the trials' run directories"
     )
 
 
