@@ -165,6 +165,20 @@ def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
         cifarlab.evaluate_model(trained[0], tta="flop")
 
 
+def test_a_run_on_a_relative_data_path_is_evaluated_from_another_folder(
+    synthetic_images, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(synthetic_images.parent)
+    config = cifarlab.TrainConfig(  # not through recipe(): train itself stores the path absolute
+        data=f"./{synthetic_images.name}", data_root=str(tmp_path / "d"), epochs=1, width=0.25,
+        batch_size=8, val_size=6, device="cpu", threads=1, progress=False,
+    )  # fmt: skip
+    result = cifarlab.train_model(config, tmp_path / "run", log=None)
+    monkeypatch.chdir(tmp_path)
+    assert cifarlab.evaluate_model(result, device="cpu", log=None)["num_images"] == 6
+    assert cifarlab.evaluate_model(result, split="test", device="cpu", log=None)["num_images"] == 12
+
+
 def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trained):
     result, _ = trained
     config = cifarlab.recipe("seed-cnn", epochs=1, device="cpu")

@@ -426,14 +426,14 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
     """Every field against its type and limits, then the rules between fields (`world`: the
-    number of torchrun processes). Returns `config` unchanged."""
+    number of torchrun processes). Returns `config` as a run stores it (`absolute_data`)."""
     for key, value in config.to_dict().items():
         _checked(key, value, where)
     rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
     broken = next(itertools.chain(*rules), None)
     if broken:
         raise UserError(f"{where}: {broken}")
-    return config
+    return dataclasses.replace(config, data=absolute_data(config.data))
 
 
 def _model_rules(config: TrainConfig) -> Iterator[str]:

@@ -145,7 +145,7 @@ def train(
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
-    validate_config(config, "config", d.world)
+    config = validate_config(config, "config", d.world)
     finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
     if finished and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)
