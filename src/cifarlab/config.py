@@ -23,6 +23,7 @@ import yaml
 from cifarlab.errors import UserError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+DATASETS = ("cifar10", "cifar100")  # the names `data` takes for torchvision's sets; else a path
 
 
 MAX_TIME_BUDGET = 7 * 86400  # seconds
@@ -190,7 +191,7 @@ def absolute_data(src: str) -> str:
     """`data` as a run stores it: a path that exists made absolute, so that the run's commands
     (evaluate, calibrate) find it from any working directory; a dataset name as given."""
     path = Path(src).expanduser()
-    return os.path.abspath(path) if src not in ("cifar10", "cifar100") and path.exists() else src
+    return os.path.abspath(path) if src not in DATASETS and path.exists() else src
 
 
 # what other tools call some keys (timm, Keras, the lesson's notebook)
