@@ -259,7 +259,8 @@ def _decode_all(
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
     splits: dict[str, ImageSet] = {}
     skipped: list[str] = []
-    for name, folder in _find_layout(root)[0].items():  # train, val, test: in that order
+    layout, plain = _find_layout(root)
+    for name, folder in layout.items():  # train, val, test: in that order
         classes, files, labels, left_out = _list_class_folder(folder, on_bad)
         images, good, bad = _decode_all(files, size, on_bad, f"decoding {name}")
         if not good:
@@ -268,7 +269,7 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
         labels = np.asarray(labels, dtype=np.int64)[good]
         splits[name] = ImageSet(images[good], labels, classes, paths)
         skipped += left_out + bad
-    return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
+    return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"), plain)
 
 
 def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
@@ -352,9 +353,6 @@ def load_labelled(
     the split folders must agree on (a model's), as `load_source`.
     """
     data = load_source(src, root, size, on_bad, classes)
-    if src not in DATASETS:
-        path = Path(src).expanduser()
-        folder = _local_folder(path, root, cache.source_key(path, size, on_bad))
-        if _find_layout(folder)[1]:
-            return data.train
+    if data.plain:
+        return data.train
     return data.test if split == "test" else data.val
