@@ -165,6 +165,20 @@ def test_classifier_refuses_what_it_cannot_read_with_the_fix(trained, tmp_path):
         cifarlab.evaluate_model(trained[0], tta="flop")
 
 
+def test_a_run_on_a_relative_data_path_is_evaluated_from_another_folder(
+    synthetic_images, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(synthetic_images.parent)
+    config = cifarlab.TrainConfig(  # not through recipe(): train itself stores the path absolute
+        data=f"./{synthetic_images.name}", data_root=str(tmp_path / "d"), epochs=1, width=0.25,
+        batch_size=8, val_size=6, device="cpu", threads=1, progress=False,
+    )  # fmt: skip
+    result = cifarlab.train_model(config, tmp_path / "run", log=None)
+    monkeypatch.chdir(tmp_path)
+    assert cifarlab.evaluate_model(result, device="cpu", log=None)["num_images"] == 6
+    assert cifarlab.evaluate_model(result, split="test", device="cpu", log=None)["num_images"] == 12
+
+
 def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trained):
     result, _ = trained
     config = cifarlab.recipe("seed-cnn", epochs=1, device="cpu")
@@ -173,10 +187,11 @@ def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trai
     assert "--resume" not in str(err.value) and "--out" not in str(err.value)
 
 
-def test_a_run_trained_on_relative_paths_is_evaluated_from_another_folder(tmp_path, monkeypatch):
-    """The run stores where its data and cache are, as absolute paths: `evaluate` and
-    `calibrate` redraw the validation split from any working directory (the data was "no longer
-    there", and a relative cache was decoded again into the working directory)."""
+def test_a_run_with_a_relative_cache_folder_never_decodes_into_another_working_directory(
+    tmp_path, monkeypatch
+):
+    """The run stores its data_root absolute too: evaluated from another folder, it decoded the
+    data again (for cifar10: downloaded it) into a relative cache there."""
     from tests.conftest import write_synthetic_folder
 
     write_synthetic_folder(tmp_path / "a" / "data")

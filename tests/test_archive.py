@@ -1,5 +1,6 @@
 """Archives are extracted safely: bounded in size, without links, and cleaned up on failure."""
 
+import errno
 import io
 import os
 import stat
@@ -196,3 +197,32 @@ def test_an_extraction_finished_first_by_another_process_is_used(tmp_path, monke
     monkeypatch.setattr(archive_mod, "_extract", raced)
     assert archive_mod.extract_archive(path, dest) == dest
     assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # its own part removed
+
+
+@pytest.mark.parametrize("fails", ["open", "flock"])
+def test_a_part_that_cannot_be_locked_is_extracted_into_unlocked_and_none_is_left(
+    tmp_path, monkeypatch, fails
+):
+    path = tmp_path / "ok.tar"
+    with tarfile.open(path, "w") as tf:
+        _add(tf, "cat/0.png", _png(0))
+    dest = tmp_path / "root" / "extracted" / "k"
+    real_open, real_flock = os.open, archive_mod.fcntl.flock
+
+    def refused(*args):  # as a file system without locks answers
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    def part_open(p, *args):
+        return refused() if archive_mod.PART in str(p) else real_open(p, *args)
+
+    def part_flock(fd, op):  # the folder's lock is taken; the new part's (non-blocking) is not
+        return refused() if op & archive_mod.fcntl.LOCK_NB else real_flock(fd, op)
+
+    if fails == "open":
+        monkeypatch.setattr(os, "open", part_open)
+    else:
+        monkeypatch.setattr(archive_mod.fcntl, "flock", part_flock)
+    fds = len(os.listdir("/proc/self/fd"))
+    assert archive_mod.extract_archive(path, dest) == dest
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # no empty part beside it
+    assert len(os.listdir("/proc/self/fd")) == fds  # the part's descriptor closed

@@ -93,6 +93,10 @@ def test_policy_augmentations_run_per_image_on_uint8(policy):
     out = aug(_batch(), _gen())
     assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
     assert out.min() >= -2.0 - 1e-6 and out.max() <= 2.0 + 1e-6
+    # that range holds for any uint8 batch; the policy must also have changed most images
+    plain = Normalize([0.5] * 3, [0.25] * 3)(_batch())
+    changed = sum(not torch.equal(a, b) for a, b in zip(out, plain, strict=True))
+    assert changed >= 8, f"the policy changed {changed} of 16 images"  # it changes 10 to 16
 
 
 def test_full_pipeline_is_deterministic_for_a_seed():

@@ -30,10 +30,12 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_old_file_loadable(tmp_path
     )
     assert proc.stdout.readline().strip() == "writing"
     deadline = time.time() + 60
-    while not any(".tmp" in p.name for p in tmp_path.iterdir()) and time.time() < deadline:
-        time.sleep(0.01)  # kill while a temporary file is being filled
+    writing = False  # kill while a temporary file is being filled
+    while not writing and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+        writing = any(".tmp" in p.name for p in tmp_path.iterdir())
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL and writing, "the kill came before or after any write"
     ckpt = load_checkpoint(path)
     assert ckpt["config"] == {"marker": 1} or ckpt["model"]["w"].numel() == 60_000_000
 

@@ -216,9 +216,9 @@ def test_a_data_path_is_stored_absolute_and_a_dataset_name_as_given(tmp_path, mo
     (tmp_path / "d").mkdir()
     (tmp_path / "cifar10").mkdir()
 
-    def data(*flags):
+    def data(*flags):  # as every run stores its config: validated
         args = build_parser().parse_args(["train", "--out", "o", *flags])
-        return _config_from_args(args).data
+        return validate_config(_config_from_args(args)).data
 
     assert data("--data", "d") == str(Path.cwd() / "d") == data("--set", "data=./d")
     assert data("--data", "cifar10") == "cifar10"  # the dataset, though a folder has its name

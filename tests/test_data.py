@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cifarlab.config import config_changes
@@ -16,6 +18,7 @@ from cifarlab.data import cache, load_source, load_splits
 from cifarlab.data.images import BadImage, decode_image
 from cifarlab.data.splits import stratified_pick
 from cifarlab.errors import UserError
+from cifarlab.train import train
 from tests.conftest import make_config
 
 
@@ -83,8 +86,18 @@ def test_a_changed_source_or_damaged_cache_is_rebuilt(tmp_path, data_root, capsy
     assert load_source(str(src), data_root, 32).train.classes == ["cat", "dog", "emu"]
 
 
-def _write_cifar_batch(path: Path, n: int, rng, label_key="labels"):
-    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+def _gradients(n: int, rng) -> np.ndarray:
+    """(n, 32, 32, 3) uint8 images whose every channel is a plane of its own slopes: any resize
+    of one is that plane at the new side, while a swapped axis, channel or image is far from it."""
+    y, x = np.mgrid[0:32, 0:32][..., None] / 31 - 0.5
+    bx, by = rng.uniform(-120, 120, (2, n, 1, 1, 3))
+    return np.rint(128 + bx * x + by * y).astype(np.uint8)
+
+
+def _write_cifar_batch(path: Path, n: int, rng, label_key="labels", smooth=False):
+    """Random pixels, or `_gradients` when `smooth`, as torchvision's channel-major rows."""
+    data = _gradients(n, rng).transpose(0, 3, 1, 2).reshape(n, 3072) if smooth else None
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8) if data is None else data
     with open(path, "wb") as f:
         pickle.dump(
             {"data": data, label_key: list(rng.integers(0, 10, n)), "filenames": ["x"] * n}, f
@@ -92,14 +105,15 @@ def _write_cifar_batch(path: Path, n: int, rng, label_key="labels"):
     return data
 
 
-def _tiny_cifar10(root: Path) -> np.ndarray:
+def _tiny_cifar10(root: Path, smooth=False) -> np.ndarray:
+    """Five train batches of 6 images and a test batch of 5; returns the train rows."""
     folder = root / "cifar10" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    first = _write_cifar_batch(folder / "data_batch_1", 6, rng)
-    for i in range(2, 6):
-        _write_cifar_batch(folder / f"data_batch_{i}", 6, rng)
-    _write_cifar_batch(folder / "test_batch", 5, rng)
+    rows = [
+        _write_cifar_batch(folder / f"data_batch_{i}", 6, rng, smooth=smooth) for i in range(1, 6)
+    ]
+    _write_cifar_batch(folder / "test_batch", 5, rng, smooth=smooth)
     names = [
         "airplane",
         "automobile",
@@ -114,15 +128,34 @@ def _tiny_cifar10(root: Path) -> np.ndarray:
     ]
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names}, f)
-    return first
+    return np.concatenate(rows)
 
 
 def test_cifar10_pickle_layout_loads_train_and_test(tmp_path):
-    first = _tiny_cifar10(tmp_path)
+    rows = _tiny_cifar10(tmp_path)
     data = load_source("cifar10", tmp_path, 32)
     assert data.train.images.shape == (30, 32, 32, 3) and data.test.images.shape == (5, 32, 32, 3)
-    assert np.array_equal(data.train.images[0], first[0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert np.array_equal(data.train.images, rows.reshape(30, 3, 32, 32).transpose(0, 2, 3, 1))
     assert data.train.classes[3] == "cat"
+
+
+@pytest.mark.parametrize("size", [64, 24])
+def test_cifar_pickles_at_another_image_size_are_resized_images(tmp_path, size):
+    rows = _tiny_cifar10(tmp_path, smooth=True)
+    data = load_source("cifar10", tmp_path, size)
+    assert data.train.images.shape == (30, size, size, 3) and data.train.images.dtype == np.uint8
+    assert data.test.images.shape == (5, size, size, 3)
+    at_32 = load_source("cifar10", tmp_path, 32)
+    assert np.array_equal(data.train.labels, at_32.train.labels)
+    # an antialiased bilinear resize by torch: the same planes, within rounding at the borders
+    planes = torch.from_numpy(rows.reshape(30, 3, 32, 32)).float()
+    want = F.interpolate(planes, size=size, mode="bilinear", antialias=True).permute(0, 2, 3, 1)
+    off = np.abs(data.train.images - want.numpy())
+    assert off.max() <= 2, f"{off.max():.1f} levels from a resize of the original"
+    config = make_config(data="cifar10", data_root=str(tmp_path), image_size=size, model="cnn",
+                         width=0.25, epochs=1, batch_size=10, val_size=10)  # fmt: skip
+    result = train(config, tmp_path / "run", log=lambda s: None)
+    assert np.isfinite(result.history[0]["train_loss"]) and result.test_acc is not None
 
 
 def _rewrite(path: Path, **changes) -> None:

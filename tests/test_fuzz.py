@@ -1,8 +1,10 @@
 """Random configs and random bytes through the validators and loaders: only documented errors."""
 
 import string
+from typing import get_type_hints
 
 import numpy as np
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +29,36 @@ def test_random_config_dicts_give_a_config_or_a_user_error(overrides):
     except UserError as exc:
         assert str(exc).startswith("fuzz: ") and "\n" not in str(exc)
         return
-    assert isinstance(config, TrainConfig)
     assert config.lr > 0 and config.batch_size >= 1 and config.epochs >= 1
+
+
+def _in_range(key: str) -> st.SearchStrategy:
+    """Values field `key` documents as valid: its choices, or its type within its limits."""
+    kind, meta = get_type_hints(TrainConfig)[key], FIELDS[key].metadata
+    lo, hi, lo_open = meta.get("min"), meta.get("max"), meta.get("lo_open", False)
+    if kind is bool:
+        return st.booleans()
+    if kind is int:
+        return st.integers(-(10**6) if lo is None else lo + lo_open, 10**6 if hi is None else hi)
+    if kind is float:
+        return st.floats(-1e6 if lo is None else lo, 1e6 if hi is None else hi, exclude_min=lo_open)
+    if "choices" in meta:
+        return st.sampled_from(meta["choices"])
+    if kind is str:
+        return st.text(string.printable, max_size=12)
+    if meta.get("pairs"):
+        return st.lists(st.from_regex(r"[a-z]{1,6}=(0\.5|2|1e-3)", fullmatch=True), max_size=3)
+    return st.lists(st.text(string.ascii_letters, min_size=1, max_size=4), max_size=3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(sorted(FIELDS)).flatmap(lambda k: st.tuples(st.just(k), _in_range(k))),
+                max_size=8).map(dict))  # fmt: skip
+def test_valid_values_are_taken_as_given_and_a_saved_config_reloads_the_same(overrides):
+    config = apply_overrides(TrainConfig(), overrides, where="fuzz")
+    assert {k: getattr(config, k) for k in overrides} == overrides
+    saved = yaml.safe_load(yaml.safe_dump(config.to_dict()))  # a run's config.yaml, read back
+    assert apply_overrides(TrainConfig(), saved, where="fuzz") == config
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,7 +27,8 @@ def test_every_registry_model_gets_an_image_sized_heat_map(name, stem):
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     maps, layer = gradcam_maps(loaded, images, torch.tensor([0, 1, 2]))
     assert maps.shape == (3, 32, 32) and np.isfinite(maps).all()
-    assert maps.min() >= 0 and maps.max() <= 1
+    peaks = maps.reshape(3, -1).max(1)  # each map scaled by its own peak; one is not all zero
+    assert maps.min() >= 0 and set(peaks) <= {0.0, 1.0} and peaks.max() == 1
     assert isinstance(layer.module, torch.nn.Conv2d) and layer.side > 1
 
 

@@ -8,8 +8,11 @@ import pytest
 from PIL import Image
 
 from cifarlab.cli import main
-from cifarlab.data import load_source, load_splits
+from cifarlab.config import DATASETS, absolute_data
+from cifarlab.data import cache, load_source, load_splits, sources
+from cifarlab.data.sources import load_labelled
 from cifarlab.errors import UserError
+from cifarlab.evaluate import _data_present
 from tests.conftest import make_config
 
 
@@ -94,3 +97,39 @@ def test_a_read_only_data_root_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a writable folder"):
         load_source(str(src), root, 8)
     assert not (root / "arrays").exists()
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_a_dataset_name_is_the_dataset_even_beside_a_folder_of_that_name(
+    name, tmp_path, data_root, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert _data_present(name)  # downloaded when missing: never "no longer there"
+    _folder(tmp_path / name)
+    asked = []
+    train, test = (
+        sources.ImageSet(np.zeros((n, 8, 8, 3), np.uint8), np.zeros(n, np.int64), ["x"])
+        for n in (2, 1)
+    )
+    fake = sources.SourceData(train, test)
+    monkeypatch.setattr(sources, "_load_cifar", lambda n, root, size: asked.append(n) or fake)
+    assert load_source(name, data_root, 8) is fake
+    assert load_labelled(name, data_root, 8, "error", "test") is test  # not the folder's all
+    assert asked == [name, name] and absolute_data(name) == name
+
+
+def test_a_plain_folder_answers_every_split_from_the_cache_without_a_second_walk(
+    tmp_path, data_root, monkeypatch
+):
+    src = str(_folder(tmp_path / "d"))  # cat/ and dog/, 3 images each: one labelled set
+    assert len(load_labelled(src, data_root, 8, "error", "test")) == 6  # decoded and cached
+    walks = []
+
+    def counted(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args: walks.append(name) or real(*args))
+
+    counted(sources, "_find_layout")  # the layout
+    counted(cache, "_folder_stamp")  # every file's stat, for the cache's key
+    assert len(load_labelled(src, data_root, 8, "error", "val")) == 6
+    assert walks == ["_folder_stamp"]  # the cache's key only

@@ -57,24 +57,33 @@ def test_tune_runs_trials_continues_a_study_and_writes_the_best_recipe(real_jpeg
 
 
 def test_tune_killed_mid_trial_finishes_after_a_restart(real_jpegs, tmp_path):
+    trials = tmp_path / "tune"
     args = [sys.executable, "-m", "cifarlab", "tune", "--recipe", "fast", "--data", str(real_jpegs), "--trials", "2",
-            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study", "k", "--out", str(tmp_path / "tune"),
+            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study", "k", "--out", str(trials),
             "--epochs", "2", "--no-progress", "--set", f"data_root={tmp_path / 'd'}"]  # fmt: skip
     args += [a for k, v in TINY.items() if k != "progress" for a in ("--set", f"{k}={v}")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((tmp_path / "tune").glob("trial-*/metrics.csv")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    with open(tmp_path / "first.err", "w+") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        # wait for its first epoch's row; a crash ends the wait at once
+        while not list(trials.glob("trial-*/metrics.csv")) and time.time() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # does nothing once it has exited
+        code = proc.wait()
+        err.seek(0)
+        assert code == -signal.SIGKILL, f"the first run ended ({code}) unkilled:\n{err.read()}"
+    assert list(trials.glob("trial-*/metrics.csv")), "no trial wrote metrics.csv in 120 s"
+    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
     study = optuna.load_study(study_name="k", storage=f"sqlite:///{tmp_path / 'study.db'}")
     finished = [
         t
         for t in study.trials
         if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     ]
-    assert len(finished) == 2 and (tmp_path / "tune" / "best-recipe.yaml").is_file()
+    assert len(finished) == 2 and (trials / "best-recipe.yaml").is_file()
 
 
 def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_resume(

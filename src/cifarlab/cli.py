@@ -78,8 +78,7 @@ def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
 def run_overrides(args) -> dict[str, Any]:
     """The config keys the shared flags set explicitly (each flag named as its key, but
     --recipe, and --epochs: a length `with_length` applies, scaling the epoch-based keys;
-    --time-budget parsed; --no-progress), --set last: an explicit value wins; a data path made
-    absolute."""
+    --time-budget parsed; --no-progress), --set last: an explicit value wins."""
     out = {
         k: v for k, v in vars(args).items()
         if k in cfg.FIELDS and k not in ("recipe", "epochs") and v is not None
@@ -93,8 +92,6 @@ def run_overrides(args) -> dict[str, Any]:
     if args.no_progress:
         out["progress"] = False
     out.update(cfg.parse_set_options(args.set))
-    if "data" in out:
-        out["data"] = cfg.absolute_data(out["data"])
     return out
 
 

@@ -23,6 +23,7 @@ import yaml
 from cifarlab.errors import UserError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+DATASETS = ("cifar10", "cifar100")  # the names `data` takes for torchvision's sets; else a path
 
 
 MAX_TIME_BUDGET = 7 * 86400  # seconds
@@ -190,7 +191,7 @@ def absolute_data(src: str) -> str:
     """`data` as a run stores it: a path that exists made absolute, so that the run's commands
     (evaluate, calibrate) find it from any working directory; a dataset name as given."""
     path = Path(src).expanduser()
-    return os.path.abspath(path) if src not in ("cifar10", "cifar100") and path.exists() else src
+    return os.path.abspath(path) if src not in DATASETS and path.exists() else src
 
 
 # what other tools call some keys (timm, Keras, the lesson's notebook)
@@ -426,14 +427,16 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
     """Every field against its type and limits, then the rules between fields (`world`: the
-    number of torchrun processes). Returns `config` unchanged."""
+    number of torchrun processes). Returns `config` as a run stores it: its data (`absolute_data`)
+    and cache folder as absolute paths, which the run's commands find from any folder."""
     for key, value in config.to_dict().items():
         _checked(key, value, where)
     rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
     broken = next(itertools.chain(*rules), None)
     if broken:
         raise UserError(f"{where}: {broken}")
-    return config
+    root = config.data_root and os.path.abspath(Path(config.data_root).expanduser())
+    return dataclasses.replace(config, data=absolute_data(config.data), data_root=root)
 
 
 def _model_rules(config: TrainConfig) -> Iterator[str]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, apply_overrides, data_root
+from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import load_labelled
@@ -93,7 +93,7 @@ def _same_source(a: str, b: str) -> bool:
 
 
 def _data_present(src: str) -> bool:
-    return src in ("cifar10", "cifar100") or Path(src).expanduser().exists()
+    return src in DATASETS or Path(src).expanduser().exists()
 
 
 def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -> None:

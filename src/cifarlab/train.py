@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -28,7 +27,6 @@ from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
     RUNTIME_KEYS,
     TrainConfig,
-    absolute_data,
     apply_overrides,
     config_changes,
     read_yaml_mapping,
@@ -147,10 +145,7 @@ def train(
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
-    # the data and its cache as absolute paths: the run's commands find them from any folder
-    root = config.data_root and os.path.abspath(Path(config.data_root).expanduser())
-    config = dataclasses.replace(config, data=absolute_data(config.data), data_root=root)
-    validate_config(config, "config", d.world)
+    config = validate_config(config, "config", d.world)
     finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
     if finished and (run_dir / "result.json").is_file():
         return _finished_result(run_dir, ckpt, log)

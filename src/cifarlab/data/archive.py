@@ -144,18 +144,21 @@ def _new_part(dest: Path) -> tuple[Path, int | None]:
     as this process extracts into it (None where flock is missing). Stale parts are swept first,
     under a lock on the folder that holds them, so no sweep takes a new part before it is locked.
     """
+    make = functools.partial(tempfile.mkdtemp, prefix=dest.name + PART, dir=dest.parent)
     if fcntl is None:
-        return Path(tempfile.mkdtemp(prefix=dest.name + PART, dir=dest.parent)), None
-    guard = os.open(dest.parent, os.O_RDONLY)
+        return Path(make()), None
+    guard, tmp, held = os.open(dest.parent, os.O_RDONLY), None, None
     try:
         fcntl.flock(guard, fcntl.LOCK_EX)
         _sweep_stale_parts(dest.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=dest.name + PART, dir=dest.parent))
+        tmp = Path(make())
         held = os.open(tmp, os.O_RDONLY)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return tmp, held
-    except OSError:  # a file system without flock: extract unlocked, sweep nothing
-        return Path(tempfile.mkdtemp(prefix=dest.name + PART, dir=dest.parent)), None
+    except OSError:  # a file system without flock: extract unlocked into one part, sweep nothing
+        if held is not None:
+            os.close(held)
+        return tmp or Path(make()), None
     finally:
         os.close(guard)
 

@@ -17,7 +17,7 @@ import numpy as np
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
-FORMAT = 4  # raised whenever the cached layout, the decoding or the key changes
+FORMAT = 5  # raised whenever the cached layout, the decoding or the key changes
 
 
 def _stat(path: str) -> os.stat_result:
@@ -103,12 +103,13 @@ def load(root: Path, key: str):
             classes, paths = z[f"{name}_classes"].tolist(), z[f"{name}_paths"].tolist()
             return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
 
-        return SourceData(split("train"), split("test"), z["skipped"].tolist(), split("val"))
+        skipped, plain = z["skipped"].tolist(), bool(z["plain"])
+        return SourceData(split("train"), split("test"), skipped, split("val"), plain)
 
 
 def save(root: Path, key: str, data) -> None:
     npz, checksum = _files(root, key)
-    arrays = {"skipped": np.asarray(data.skipped, dtype=str)}
+    arrays = {"skipped": np.asarray(data.skipped, dtype=str), "plain": np.asarray(data.plain)}
     for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
         if ds is None:
             continue

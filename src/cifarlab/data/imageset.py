@@ -34,3 +34,4 @@ class SourceData:
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
     # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
     val: ImageSet | None = None
+    plain: bool = False  # a plain `<class>/` folder: `train` is all of one labelled set

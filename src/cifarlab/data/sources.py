@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 import cifarlab.data.cache as cache
+from cifarlab.config import DATASETS
 from cifarlab.data.archive import extract_archive, is_archive
 from cifarlab.data.images import (
     NOT_AN_IMAGE_NAME,
@@ -258,7 +259,8 @@ def _decode_all(
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
     splits: dict[str, ImageSet] = {}
     skipped: list[str] = []
-    for name, folder in _find_layout(root)[0].items():  # train, val, test: in that order
+    layout, plain = _find_layout(root)
+    for name, folder in layout.items():  # train, val, test: in that order
         classes, files, labels, left_out = _list_class_folder(folder, on_bad)
         images, good, bad = _decode_all(files, size, on_bad, f"decoding {name}")
         if not good:
@@ -267,7 +269,7 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
         labels = np.asarray(labels, dtype=np.int64)[good]
         splits[name] = ImageSet(images[good], labels, classes, paths)
         skipped += left_out + bad
-    return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"))
+    return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"), plain)
 
 
 def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
@@ -295,7 +297,7 @@ def _local_folder(path: Path, root: Path, key: str) -> Path:
     if is_archive(path):
         return extract_archive(path, root / "extracted" / key)
     raise UserError(
-        f"--data {path}: expected a folder, a .tar/.tar.gz/.zip archive, cifar10 or cifar100"
+        f"--data {path}: expected a folder, a .tar/.tar.gz/.zip archive, {' or '.join(DATASETS)}"
     )
 
 
@@ -304,11 +306,11 @@ def load_source(
 ) -> SourceData:
     """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode).
     Its split folders must hold the same classes, or the same of `classes` when given."""
-    if src in ("cifar10", "cifar100"):
+    if src in DATASETS:
         return _load_cifar(src, root / src, size)
     path = Path(src).expanduser()
     if not path.exists():
-        raise UserError(f"--data {src}: no such file or folder (and not cifar10/cifar100)")
+        raise UserError(f"--data {src}: no such file or folder (and not {'/'.join(DATASETS)})")
     cache.ensure_writable(root)
     key = cache.source_key(path, size, on_bad)
     data = cache.load(root, key)
@@ -351,9 +353,6 @@ def load_labelled(
     the split folders must agree on (a model's), as `load_source`.
     """
     data = load_source(src, root, size, on_bad, classes)
-    if src not in ("cifar10", "cifar100"):
-        path = Path(src).expanduser()
-        folder = _local_folder(path, root, cache.source_key(path, size, on_bad))
-        if _find_layout(folder)[1]:
-            return data.train
+    if data.plain:
+        return data.train
     return data.test if split == "test" else data.val
