@@ -217,3 +217,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(
     words += ["--trials", "1"] if command == "tune" else []
     _assert_one_line_error(*_cli(capsys, *words, *sum(args.items(), ()))[::2], flag, "empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat"]
+
+
+@pytest.mark.parametrize("inside", ["run", "red/run", "train/run"])
+def test_an_out_among_the_datas_class_folders_is_refused_before_it_is_made(
+    capsys, tmp_path, inside
+):
+    """A run directory where the data's classes are read would be read as a class (it was:
+    "<data>/run: class folder holds no images", about a folder the user never made)."""
+    plain = write_synthetic_folder(tmp_path / "plain")
+    split = write_synthetic_folder(tmp_path / "split" / "train").parent
+    data = split if inside.startswith("train") else plain
+    before = sorted(data.rglob("*"))
+    args = ["train", "--data", str(data), "--out", str(data / inside), "--epochs", "1"]
+    _assert_one_line_error(*_cli(capsys, *args)[::2], "inside", "--out")
+    assert sorted(data.rglob("*")) == before
+    # beside the split folders is no class folder: a run there trains
+    args = ["--data-root", str(tmp_path / "d"), "--batch-size", "8", "--val-size", "6"]
+    assert main(["train", "--data", str(split), "--out", str(split / "runs" / "a"), *args,
+                 "--epochs", "1", "--no-progress", "--set", "width=0.25"]) == 0  # fmt: skip

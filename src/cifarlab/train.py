@@ -33,6 +33,7 @@ from cifarlab.config import (
     save_config,
     validate_config,
 )
+from cifarlab.data.sources import check_outside_images
 from cifarlab.distributed import all_sum, barrier, init_distributed
 from cifarlab.errors import ConfigChanged, Interrupted, UserError
 from cifarlab.hardware import synchronize
@@ -155,6 +156,7 @@ def train(
             f"--time-budget {config.time_budget:g}s was spent before training could start "
             f"({spent:.1f} s of start-up); give a budget of minutes, e.g. 15m"
         )
+    check_outside_images(run_dir, config.data)
     created = prepare_run_dir(run_dir, checkpoint_room(run_dir)) if d.main else []
     barrier(d)
     with (

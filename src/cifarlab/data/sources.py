@@ -189,6 +189,20 @@ def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
     return {"train": root}, True
 
 
+def check_outside_images(out: Path, src: str) -> None:
+    """A run directory among the folders `src`'s classes are read from would be read as a class
+    (or its files as images), so it is refused before it is made."""
+    data = Path(src).expanduser()
+    if src in DATASETS or not data.is_dir():
+        return
+    for folder in _find_layout(data)[0].values():
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise UserError(
+                f"--out {out} is inside {folder}, whose folders are read as classes; pick an "
+                f"--out outside it"
+            )
+
+
 def printable(name: str | os.PathLike) -> str:
     """`name` as valid UTF-8 text: bytes that are not UTF-8 (b'caf\\xe9') shown as \\xe9, not
     as the lone surrogates that CSV, YAML and HTML writers refuse."""
