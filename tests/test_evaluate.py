@@ -593,3 +593,15 @@ def test_scoring_leaves_the_callers_model_in_its_memory_format():
     assert all(w.is_contiguous() for w in weights)
     assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
     assert torch.equal(logits, predict_logits(trained, images, norm, hardware=hw))
+
+
+def test_a_report_out_among_the_datas_class_folders_is_refused(
+    small_run, unseen_jpegs, tmp_path, capsys
+):
+    """Its figures are PNGs: a report there became a class of chart images in the next training
+    on that folder, without a word."""
+    data = shutil.copytree(unseen_jpegs, tmp_path / "data")
+    before = sorted(data.rglob("*"))
+    args = ["evaluate", str(small_run), "--data", str(data), "--split", "test"]
+    assert main([*args, "--out", str(data / "test" / "ev")]) == 2
+    assert "inside" in capsys.readouterr().err and sorted(data.rglob("*")) == before

@@ -23,7 +23,7 @@ from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.data.sources import load_labelled
+from cifarlab.data.sources import check_outside_images, load_labelled
 from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
@@ -208,6 +208,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
     out = opts.out or ckpt_path.parent / _default_out(opts, ckpt)
     _check_out(out)
+    check_outside_images(out, opts.data or ckpt["config"]["data"])  # its PNGs would be a class
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     if len(data) == 0:
         raise UserError(
