@@ -191,12 +191,18 @@ def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
 
 def check_outside_images(out: Path, src: str) -> None:
     """A run directory among the folders `src`'s classes are read from would be read as a class
-    (or its files as images), so it is refused before it is made."""
+    (or its files as images), so it is refused before it is made. Below a file it cannot be made
+    at all, which the run directory's own check says."""
     data = Path(src).expanduser()
     if src in DATASETS or not data.is_dir():
         return
+    target = out.resolve()
     for folder in _find_layout(data)[0].values():
-        if out.resolve().is_relative_to(folder.resolve()):
+        root = folder.resolve()
+        if not target.is_relative_to(root):
+            continue
+        inside = target.relative_to(root).parts
+        if not (inside and (root / inside[0]).is_file()):
             raise UserError(
                 f"--out {out} is inside {folder}, whose folders are read as classes; pick an "
                 f"--out outside it"
