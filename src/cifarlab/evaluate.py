@@ -80,8 +80,13 @@ def load_eval_set(
         if own_data and not splits.val_folder:
             _check_fingerprint(ckpt, splits, where, config.data, way_out)
         data = splits.val
+    elif data is None and not opts.data:
+        data = load_source(*_source_args(config), config.classes).test
     if data is None:
-        data = _test_split(config)
+        raise UserError(
+            f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
+            "or plain <root>/<class>/ folder, or use --split val"
+        )
     if config.classes and own_data:  # the run's own data: the classes it was trained on
         data = select_classes(data, [c for c in config.classes if c in data.classes], "classes")
     return onto_classes(data, list(ckpt["classes"]), where), config.data
@@ -110,16 +115,6 @@ def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -
 
 def _source_args(config: TrainConfig) -> tuple:
     return config.data, data_root(config), config.image_size, config.on_bad_image
-
-
-def _test_split(config: TrainConfig) -> ImageSet:
-    test = load_source(*_source_args(config), config.classes).test
-    if test is None:
-        raise UserError(
-            f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
-            "or plain <root>/<class>/ folder, or use --split val"
-        )
-    return test
 
 
 CORRECT_PER_CLASS = 2  # correct examples beside the mistakes: what the model gets right looks like
