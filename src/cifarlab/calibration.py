@@ -41,8 +41,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     convex in 1/T, so a few dozen iterations from T = 1 reach the optimum."""
     logits = logits.detach().float().cpu().clone()  # predict_logits returns inference tensors
     labels = labels.detach().long().cpu()
-    if len(labels) == 0:
-        raise UserError("calibration: no validation images to fit a temperature on")
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 

@@ -168,7 +168,7 @@ def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int
     return [classes.index(c) for c in opts.classes]
 
 
-def _default_out(opts: EvalOptions, ckpt: dict) -> str:
+def _default_out(opts: EvalOptions) -> str:
     """`eval-<split>` for the run's own split; `eval-<split>-<data name>` for `--data`, scored
     whole (the run's own folder included), so that no default report replaces another's."""
     if opts.data is None:
@@ -201,7 +201,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
-    out = opts.out or ckpt_path.parent / _default_out(opts, ckpt)
+    out = opts.out or ckpt_path.parent / _default_out(opts)
     _check_out(out)
     check_outside_images(out, opts.data or ckpt["config"]["data"])  # its PNGs would be a class
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))

@@ -87,6 +87,5 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    k = min(k, probs.shape[1])
     top = np.argsort(-probs, axis=1)[:, :k]
     return float((top == labels[:, None]).any(1).mean())
