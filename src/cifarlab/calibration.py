@@ -1,11 +1,7 @@
 """Temperature scaling (Guo et al. 2017, arXiv 1706.04599): one scalar T, fitted on the
-validation split, so that softmax(logits / T) is calibrated. T > 1 softens over-confident
-probabilities, T < 1 sharpens under-confident ones (label smoothing makes `fast` under-confident);
-the argmax, and so accuracy, never changes.
-
-A checkpoint's `temperature` (absent = 1.0) belongs to its `model` weights; `temperature_ema`
-to its EMA weights when it has them.
-"""
+validation split, so that softmax(logits / T) is calibrated (T < 1 sharpens under-confident
+probabilities, as label smoothing makes `fast`'s); the argmax never changes. A checkpoint's
+`temperature` (absent: 1.0) belongs to its `model` weights, `temperature_ema` to its EMA weights."""
 
 from __future__ import annotations
 
@@ -35,10 +31,8 @@ class ValSet(NamedTuple):
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T minimising the cross-entropy of softmax(logits / T) on (logits, labels).
-
-    LBFGS on log T keeps T positive without a constraint; the problem is one-dimensional and
-    convex in 1/T, so a few dozen iterations from T = 1 reach the optimum."""
+    """The T minimising the cross-entropy of softmax(logits / T); LBFGS on log T keeps T positive
+    (one-dimensional and convex in 1/T: a few dozen iterations reach the optimum)."""
     logits = logits.detach().float().cpu().clone()  # predict_logits returns inference tensors
     labels = labels.detach().long().cpu()
     log_t = torch.zeros(1, requires_grad=True)
@@ -110,11 +104,9 @@ def _same_weights(a: dict, b: dict) -> bool:
 def calibrate_run(
     run_dir: Path | str, log=print, device: str = "auto", val: ValSet | None = None
 ) -> float:
-    """`cifarlab calibrate RUN`, and the end of training: each of the run's checkpoints gets the
-    temperature of its own weights (best.pt and last.pt may hold different epochs), fitted on the
-    validation split (`val`: that split already in memory) and written into the file atomically;
-    weights already fitted are not fitted again. Returns the temperature of the checkpoint
-    predict uses (best.pt, else last.pt)."""
+    """Each of the run's checkpoints gets the temperature of its own weights, fitted on the
+    validation split (`val`: already in memory) and written atomically; returns that of the
+    checkpoint predict uses (best.pt, else last.pt)."""
     run_dir = Path(run_dir)
     resolve_checkpoint(run_dir)  # one line for a missing path, or a run without checkpoints
     present = [run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()]

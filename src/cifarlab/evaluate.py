@@ -61,10 +61,8 @@ def load_eval_set(
     ckpt: dict, opts: EvalOptions, where: str, way_out: str = EVALUATE_WAY_OUT
 ) -> tuple[ImageSet, str]:
     """The images to score, labelled with the checkpoint's class indices, and their source.
-
-    `--data DIR` is scored whole: its test/ (or val/) folder, or all of a plain `<class>/`
-    folder; without one, `--split val` holds out the run's slice of DIR/train (same seed).
-    """
+    `--data DIR` is scored whole (its test/ or val/ folder, or all of a plain `<class>/` folder);
+    without one, `--split val` holds out the run's slice of DIR/train (same seed)."""
     config = run_config(ckpt, where)
     own_data = opts.data is None or _same_source(opts.data, config.data)
     if own_data and not _data_present(config.data):
@@ -102,9 +100,8 @@ def _data_present(src: str) -> bool:
 
 
 def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -> None:
-    """A validation split held out of changed training data is not the one the run held out:
-    it mixes in images the run trained on, so its scores (and a temperature) would be in-sample.
-    Checkpoints from before the fingerprint have none and pass."""
+    """A validation split held out of changed data mixes in images the run trained on (in-sample
+    scores, and temperature); a checkpoint without a fingerprint passes."""
     theirs = ckpt.get("data_fingerprint")
     if theirs is not None and theirs != data_fingerprint(splits):
         raise UserError(
@@ -143,8 +140,7 @@ def _gallery_groups(
 
 
 def _add_gradcam(groups: list, loaded, classes: list[str]) -> dict:
-    """Each gallery item gets `cam`, the Grad-CAM map of its predicted class; returns what the
-    report says about it (the layer, or why there are no maps)."""
+    """Adds each gallery item's `cam` (of its predicted class); returns the report's note on them."""
     if not gradcam.have_captum():
         return {"note": "Grad-CAM heat maps need the extra: pip install 'cifarlab[gradcam]'"}
     items = [item for _, group in groups for item in group]
@@ -160,8 +156,7 @@ def _add_gradcam(groups: list, loaded, classes: list[str]) -> dict:
 
 
 def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int]:
-    """--classes (checked before any work), else the two hardest of the classes the data has
-    images of."""
+    """--classes (checked before any work), else the two hardest classes with images here."""
     if not opts.classes:
         ranked = np.argsort(np.where(pc["support"] > 0, pc["accuracy"], np.inf), kind="stable")
         return [int(i) for i in ranked[: min(2, int((pc["support"] > 0).sum()))]]
@@ -229,8 +224,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
 
 
 def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.ndarray, dict]:
-    """The report's measurements of `loaded` on `data`, its probabilities (with the model's
-    temperature, as predict prints them) and the per-class arrays."""
+    """The report, the probabilities (with the model's temperature) and the per-class arrays."""
     classes = loaded.classes
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)

@@ -1,10 +1,7 @@
 """Grad-CAM (Selvaraju et al., arXiv 1610.02391) heat maps with Captum's `LayerGradCam`: where
-the model looked when it chose a class, for the report's gallery.
-
-The layer is found generically, for any registry model: the last `Conv2d` to run in a forward
-pass whose output still has a spatial map (execution order, not module order, so a residual
-shortcut registered late cannot be mistaken for the last conv).
-"""
+the model looked when it chose a class, for the report's gallery. The layer, for any model, is
+the last `Conv2d` to run with a spatial output (in execution order: a residual shortcut
+registered late is not mistaken for the last conv)."""
 
 from __future__ import annotations
 

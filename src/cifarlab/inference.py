@@ -37,17 +37,15 @@ def predict_logits(
     plain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (float32, on the images' device) for uint8 NCHW `images`; TTA averages the views'
-    logits. Without `hardware`, the precision follows training's rule for the images' device
-    (`hardware.choose_amp`). The model keeps its memory format (channels_last inputs alone pick
-    the channels_last kernels). `plain`: this model's logits without TTA at this batch size,
-    already computed (the last validation pass): the first view is not run again."""
+    logits. Without `hardware`, training's precision rule for the images' device. `plain`: the
+    logits without TTA, already computed: the first view is not run again."""
     hardware = hardware or inference_hardware(images.device)
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size])
-        if hardware.channels_last:
+        if hardware.channels_last:  # the inputs alone pick those kernels; the model is as it is
             x = x.contiguous(memory_format=torch.channels_last)
         views = _views(x, tta)
         with hardware.autocast():
@@ -60,8 +58,7 @@ def predict_logits(
 
 
 def model_args(ckpt: dict) -> ModelArgs:
-    """The checkpoint's constructor arguments; a checkpoint without `model_args` has the same
-    fields in its resolved config."""
+    """The checkpoint's constructor arguments (without `model_args`: from its resolved config)."""
     if "model_args" in ckpt:
         return ModelArgs.from_dict(ckpt["model_args"])
     c = ckpt["config"]

@@ -28,9 +28,8 @@ from cifarlab.inference import load_model, predict_logits
 
 
 def image_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
-    """Files as given, and the image files of folders (junk left out, as in training), in a
-    stable order; then the files of those folders left out for their suffix, as training
-    leaves them out (`is_image_name`)."""
+    """Files as given and the image files of folders, in a stable order; then the files of those
+    folders left out for their suffix, as training leaves them out (`is_image_name`)."""
     files, skipped = [], []
     for raw in paths:
         path = Path(raw)
@@ -71,9 +70,8 @@ class Predictor:
 
 
 def _read_meta(predictor, meta: str | bytes | dict, where: str, required=("classes",)) -> dict:
-    """An export's metadata: a JSON text (str or bytes), or a map whose string values may hold JSON (ONNX's,
-    and older TorchScript files'). Sets the predictor's classes, image size and temperature
-    (1.0 when absent: never calibrated); a damaged or incomplete one is refused in one line."""
+    """An export's metadata (JSON text, or ONNX's map of JSON strings) into the predictor's
+    classes, image size and temperature (absent: 1.0); a damaged one is refused in one line."""
     if isinstance(meta, str | bytes):
         try:
             meta = json.loads(meta)
@@ -103,8 +101,7 @@ def _json_value(value):
 
 class _ExportedPredictor:
     """The exported formats, normalisation inside: batches of [0, 1] floats in. A torch program
-    (pt2, TorchScript) comes from the subclass's `_load`, its metadata from the `cifarlab.json`
-    file inside; ONNX overrides `__init__` and `_logits`."""
+    comes from `_load`, its metadata from its `cifarlab.json`; ONNX overrides both steps."""
 
     def __init__(self, path: str):
         extra = {"cifarlab.json": ""}
