@@ -77,10 +77,7 @@ def evaluate_model(
 
 def load_model(source: str | Path | Result, *, batch_size: int = 256) -> Classifier:
     """A run directory, checkpoint (.pt) or exported model (.onnx, .ts) ready to classify."""
-    path = _source(source)
-    if not Path(path).exists():
-        raise UserError(f"load_model: {path}: no such run directory, checkpoint or exported model")
-    return Classifier(load_predictor(path), batch_size)
+    return Classifier(load_predictor(_source(source)), batch_size)
 
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
