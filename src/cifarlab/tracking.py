@@ -66,8 +66,7 @@ HPARAM_METRICS = ("val_acc", "val_loss", "train_loss", "best_val_acc", "final_va
 
 
 class TensorBoardTracker:
-    """Scalars per epoch under `<run>/tensorboard/`, and the config as hyperparameters (the
-    HParams dashboard) attached to the same run, with the best and final accuracy as metrics."""
+    """Scalars per epoch under `<run>/tensorboard/`, the config and final accuracies as HParams."""
 
     def __init__(self, run_dir: Path):
         tensorboard = import_extra("torch.utils.tensorboard", "tensorboard", "tensorboard: true")

@@ -86,8 +86,7 @@ def run_tune(opts: TuneOptions, log=print):
 
 
 def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
-    """The config every trial searches around, checked before anything is stored, and the folders
-    made for --out."""
+    """The config trials search around, checked before anything is stored; the folders made."""
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
