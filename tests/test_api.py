@@ -79,6 +79,9 @@ def test_recipe_shortens_the_schedule_then_applies_checked_overrides():
         cifarlab.recipe("nope")
     with pytest.raises(UserError, match="epochs or budget, not both"):
         cifarlab.recipe("fast-cpu", epochs=2, budget=0.5)
+    for bad in (0, "two", 2.5, True):  # checked as the `epochs` key is
+        with pytest.raises(UserError, match="'epochs' must be"):
+            cifarlab.recipe("fast-cpu", epochs=bad)
 
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,10 @@ def test_a_time_budget_with_another_length_is_refused_by_every_command(capsys, t
     assert main([*args, "--epochs", "2"]) == 2
     assert "--time-budget chooses the run's length" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_epochs_flag_below_one_is_refused_before_the_run_starts(tmp_path, capsys):
+    from cifarlab.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "o"), "--epochs", "0", "--data", "/nowhere"]) == 2
+    assert "'epochs' must be >= 1" in capsys.readouterr().err and not (tmp_path / "o").exists()

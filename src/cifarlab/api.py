@@ -39,8 +39,6 @@ def recipe(
     fraction of the recipe's epochs) shortens it keeping the schedule's shape, then `overrides`
     set any config key, e.g. `recipe("fast-cpu", epochs=2, data="data.tar.gz", subset=2000)`."""
     where = f"recipe({name!r})"
-    if epochs is not None:  # type-checked as the key is
-        epochs = apply_overrides(TrainConfig(), {"epochs": epochs}, where=where).epochs
     config = with_length(load_recipe(name), epochs, budget, where)
     return validate_config(apply_overrides(config, overrides, where=where), where=where)
 
@@ -79,10 +77,7 @@ def evaluate_model(
 
 def load_model(source: str | Path | Result, *, batch_size: int = 256) -> Classifier:
     """A run directory, checkpoint (.pt) or exported model (.onnx, .ts) ready to classify."""
-    path = _source(source)
-    if not Path(path).exists():
-        raise UserError(f"load_model: {path}: no such run directory, checkpoint or exported model")
-    return Classifier(load_predictor(path), batch_size)
+    return Classifier(load_predictor(_source(source)), batch_size)
 
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
@@ -90,10 +85,9 @@ _RANGES = "give floats in 0..1 or uint8 in 0..255"
 
 
 class Classifier:
-    """A trained model that classifies images of any size: file paths, bytes, PIL images, numpy
-    arrays (HWC or NHWC, like PIL) or tensors (CHW or NCHW, like torchvision), uint8 in 0..255
-    or float in 0..1, grey, RGB or RGBA. Each is resized to the model's input as training files
-    were (`decode_image`). One image or a sequence or batch of them; results are per image."""
+    """A trained model that classifies images of any size, one or a sequence or batch: paths,
+    bytes, PIL images, arrays (HWC/NHWC) or tensors (CHW/NCHW), uint8 0..255 or float 0..1, grey,
+    RGB or RGBA, each resized to the model's input as training files were (`decode_image`)."""
 
     def __init__(self, predictor, batch_size: int = 256):
         self.predictor, self.batch_size = predictor, batch_size

@@ -1,9 +1,7 @@
-"""Batched augmentation on the training device, with per-sample randomness from one generator.
+"""Batched augmentation on the training device, with per-image randomness from one generator.
 
-torchvision's v2 transforms draw one set of parameters per call, i.e. per batch; these draw
-per image without a Python loop, which is why they are written here. The policy
-augmentations (AutoAugment, RandAugment, TrivialAugmentWide) do come from torchvision and
-run per image on uint8 tensors.
+Written here because torchvision's v2 transforms draw one set of parameters per call (per batch);
+the policies (AutoAugment, RandAugment, TrivialAugmentWide) are torchvision's, run per image.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ def random_crop(x: torch.Tensor, padding: int, mode: str, gen: torch.Generator) 
 
 
 def mirror(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right the images whose entry of the bool vector `flips` is set."""
+    """Mirror left-right the images whose `flips` entry is set."""
     return torch.where(flips[:, None, None, None], x.flip(3), x)
 
 
@@ -50,9 +48,8 @@ def _factor(n: int, strength: float, like: torch.Tensor, gen: torch.Generator) -
 def color_jitter(
     x: torch.Tensor, brightness: float, contrast: float, saturation: float, gen
 ) -> torch.Tensor:
-    """torchvision's ColorJitter maths (factors uniform in [1-s, 1+s]) per image, on [0, 1] floats.
-
-    Works in place on one copy of `x`: fewer temporaries keep it a small share of a CPU step."""
+    """torchvision's ColorJitter maths per image on [0, 1] floats; in place on one copy of `x`, as
+    fewer temporaries keep it a small share of a CPU step."""
     n = x.shape[0]
     x = x.clone()
     if brightness:
@@ -122,8 +119,8 @@ class BatchAugment:
             x = random_crop(x, c.crop_padding, c.padding_mode, gen)
         if c.flip:
             x = random_flip(x, gen) if flips is None else mirror(x, flips)
-        if c.jitter_brightness or c.jitter_contrast or c.jitter_saturation:
-            x = color_jitter(x, c.jitter_brightness, c.jitter_contrast, c.jitter_saturation, gen)
+        if any(jitter := (c.jitter_brightness, c.jitter_contrast, c.jitter_saturation)):
+            x = color_jitter(x, *jitter, gen)
         x = self.normalize(x)
         if c.cutout:
             x = cutout(x, c.cutout, gen)
@@ -136,12 +133,9 @@ class BatchAugment:
 def mix_batch(
     x: torch.Tensor, targets: torch.Tensor, config: TrainConfig, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix on a batch with (N, K) probability targets; returns both mixed.
-
-    One lambda per batch from Beta(alpha, alpha), images paired with the batch reversed (as timm).
-    CutMix's lambda is corrected to the area actually pasted. `rng` is a host generator so
-    drawing lambda never waits for the device.
-    """
+    """Mixup or CutMix of a batch and its (N, K) probability targets, paired with the batch
+    reversed (as timm); CutMix's lambda is the area actually pasted. `rng` is on the host so
+    drawing lambda never waits for the device."""
     use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
     if not (use_mixup or use_cutmix) or rng.random() >= config.mix_prob:
         return x, targets

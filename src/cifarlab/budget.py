@@ -39,12 +39,10 @@ class Timings:
 
 
 def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
-    """Median seconds of the run's own step (`step.train_step` and `optimizer_step`: its
-    optimiser, EMA, lookahead, Mixup/CutMix, chunks and precision) as its first epoch trains
-    and, when that changes later (`settling_epoch`), as it trains from then on; and the
-    evaluation cost. These few steps train `run` itself and are spent out of the budget; then
-    `run` is put back as built (weights, optimiser, EMA, lookahead, scaler, schedule, what
-    trains, the step model) and the global random state as it was."""
+    """Median seconds of the run's own step (`train_step` and `optimizer_step`) in its first
+    epoch and, when that changes (`settling_epoch`), from then on; and the evaluation cost.
+    The steps train `run` itself, out of the budget; then `run` and the global random state
+    are put back as they were."""
     built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     run.step_model = run.model  # eager: compiling here would time the compilation
@@ -61,15 +59,12 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
             seconds = _step_seconds(run, batches, i * len(phases) + phases.index(epoch) + 1)
             if i >= warmup:
                 times[epoch].append(seconds)
-    images = run.val_images[: 2 * run.config.eval_batch_size]
+    batch = run.config.eval_batch_size
+    images = run.val_images[: 2 * batch]
     if len(images) == 0:  # no validation split: time a training batch instead
-        images = to_device_uint8(
-            run.splits.train.images[: run.config.eval_batch_size], run.hw.device
-        )
+        images = to_device_uint8(run.splits.train.images[:batch], run.hw.device)
     t0 = time.perf_counter()
-    predict_logits(
-        run.eval_model, images, run.normalize, run.config.eval_batch_size, hardware=run.hw
-    )
+    predict_logits(run.eval_model, images, run.normalize, batch, hardware=run.hw)
     synchronize(run.hw.device)
     val_image = (time.perf_counter() - t0) / max(1, len(images))
     restore(run, built)
@@ -164,10 +159,8 @@ class Plan:
 
     def correct(self, run, epoch: int, step: float, val_seconds: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
-        """After epoch `epoch` (`step` seconds a warm step, `val_seconds` of validation,
-        `per_epoch` seconds of validation and saving): the first time past half the budget or the
-        planned run, the config whose remaining steps fit the time left; else None (the plan
-        stands within a step, or the run ends in this epoch)."""
+        """The first time past half the budget or the planned run, the config whose remaining
+        steps fit the time left; else None (the plan stands within a step, or the run ends)."""
         spent = time.perf_counter() - self.started
         if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
             return None
@@ -190,9 +183,8 @@ class Plan:
 
 
 def fit_to_budget(run, started: float, log) -> Plan:
-    """Give `run` the `train_steps` (and epoch-based settings) that end it within `time_budget`
-    seconds of `started` (a `time.perf_counter()` reading), timed on its own first steps; the
-    plan that corrects it once (`Plan`)."""
+    """Give `run` the `train_steps` that end it within `time_budget` seconds of `started` (a
+    `time.perf_counter()` reading), timed on its own first steps; the `Plan` that corrects it."""
     c, n = run.config, len(run.batches)
     timings = measure(run)
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0

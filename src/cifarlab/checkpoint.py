@@ -26,10 +26,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 @contextmanager
 def replaced_when_complete(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write; renamed onto `path` (durably) only if the write
-    succeeded, and removed in any case."""
-    # the suffix stays last: torch.export.save warns about an archive not ending in .pt2; the
-    # stem is cut so that the temporary name is no longer than any name the file system took
+    """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded."""
+    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
     tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
     try:
         yield tmp
@@ -40,8 +38,7 @@ def replaced_when_complete(path: Path) -> Iterator[Path]:
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable. Windows cannot open a folder as a file (and its
-    renames need no such step), so there it is skipped."""
+    """Make a rename inside `folder` durable (Windows cannot open a folder, nor needs to)."""
     if os.name == "nt":
         return
     dir_fd = os.open(folder, os.O_RDONLY)
@@ -55,9 +52,8 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def read_tensors(path: Path, where: str, kind: str) -> Any:
-    """`torch.load` of a file of tensors and plain data, onto the CPU. A file that torch.save did
-    not write, that is damaged, or that would run code on load is one line: `where` then why,
-    naming the `kind` of file expected."""
+    """`torch.load` onto the CPU of tensors and plain data; a foreign, damaged or code-running
+    file is one line naming `where` and the `kind` of file expected."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
@@ -136,15 +132,11 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled, self.best = run_dir, enabled, float("-inf")
-
-    @property
-    def last(self) -> Path:
-        return self.run_dir / "last.pt"
+        self.last = run_dir / "last.pt"
 
     def save(self, state: dict, val_acc: float | None = None, end_of_epoch: bool = True) -> bool:
-        """Write `last.pt`; at an epoch's end also `best.pt` when `val_acc` improved on the best
-        so far (with no validation, `val_acc` None: every epoch's weights are the selection).
-        Returns whether `best.pt` was written."""
+        """Write `last.pt`, and at an epoch's end `best.pt` when `val_acc` improved (or is None:
+        no validation); returns whether `best.pt` was written."""
         if not self.enabled:
             return False
         bad = non_finite(state["model"])

@@ -26,7 +26,7 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
+        if action.default in (None, False, [], argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -37,8 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _given(text: str) -> str:
-    """A path flag's value; an empty one (`--data "$DATA"` with DATA unset) would mean the
-    working directory, so it is refused."""
+    """A path flag's value; an empty one (`--data "$DATA"`, DATA unset) would mean the cwd."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; give a path (is a shell variable unset?)")
     return text
@@ -76,9 +75,8 @@ def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
 
 
 def run_overrides(args) -> dict[str, Any]:
-    """The config keys the shared flags set explicitly (each flag named as its key, but
-    --recipe, and --epochs: a length `with_length` applies, scaling the epoch-based keys;
-    --time-budget parsed; --no-progress), --set last: an explicit value wins."""
+    """The config keys the shared flags set (but --recipe, and --epochs, which `with_length`
+    applies), --time-budget parsed, --no-progress, and --set last: an explicit value wins."""
     out = {
         k: v for k, v in vars(args).items()
         if k in cfg.FIELDS and k not in ("recipe", "epochs") and v is not None
@@ -96,8 +94,7 @@ def run_overrides(args) -> dict[str, Any]:
 
 
 def _config_from_args(args):
-    """The recipe, at --epochs or --budget (its epoch-based settings in proportion), with the
-    flags' overrides; --time-budget instead chooses the length once the run has started."""
+    """The recipe at --epochs or --budget (`with_length`), with the flags' overrides."""
     overrides = run_overrides(args)
     config = cfg.with_length(cfg.load_recipe(args.recipe or "seed-cnn"), args.epochs, args.budget)
     return cfg.apply_overrides(config, overrides, where="command line")
@@ -469,8 +466,7 @@ def _exit_143(signum, frame):
 
 
 def _negative_values_joined(argv: list[str]) -> list[str]:
-    """A long flag (or its abbreviation) and a value that starts with '-' and a digit joined:
-    `--time -5s` as `--time=-5s`. Apart, argparse takes '-5s' for an option and says only
+    """`--time -5s` as `--time=-5s`: apart, argparse takes '-5s' for an option and says only
     'expected one argument'; joined, the value's own check says what is wrong."""
     out: list[str] = []
     for arg in argv:

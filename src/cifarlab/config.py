@@ -33,13 +33,10 @@ MAX_LR = 1e6  # lr and its multipliers: far above any that trains, and well insi
 
 def _key(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
          **kind: Any) -> Any:  # fmt: skip
-    """A field with its limits (`lo` <= value <= `hi`, `lo` < value with `lo_open`) and what
-    kind of key it is, read by `differences`, the one "same run?" rule:
-    runtime=True   how a run executes or shows, never what it computes (--resume may change it)
-    length=True    how long a run trains (--epochs, --budget and a time budget set it)
-    scaled=True    a length in epochs, scaled in proportion when `epochs` changes
-    auto=value     a run resolves `value` on its machine and stores its choice, which a config
-                   still asking for `value` matches"""
+    """A field with its limits (`lo` <= value <= `hi`, `lo` < value with `lo_open`) and its kind
+    for `differences`: runtime (how a run executes, never what it computes: --resume may change
+    it), length (how long it trains), scaled (epochs scaled in proportion with `epochs`),
+    auto=value (a run resolves `value` on its machine; a config still asking for it matches)."""
     return field(default=default, metadata={"min": lo, "max": hi, "lo_open": lo_open, **kind})
 
 
@@ -293,8 +290,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], where: str) 
 
 
 def parse_set_options(items: list[str]) -> dict[str, str]:
-    """`--set key=value` strings to a dict of raw strings: each is parsed by its field's type
-    (so `--set amp=off` stays the string "off", `--set lr=1e-3` becomes 0.001)."""
+    """`--set key=value` strings to raw strings, which `apply_overrides` parses by field type."""
     out: dict[str, str] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -383,10 +379,9 @@ def resolve_base(recipe: Path, base: str) -> str:
 
 
 def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
-    """A recipe: its YAML overrides on the defaults, or, with `base: <recipe>` (a shipped name, or
-    a file, relative to this one), on that recipe. Keys are set as written: a child's `epochs`
-    does not rescale its base's epoch-based keys (`--epochs` on the command line does), but it
-    does replace a `time_budget` the base carries, as `--epochs` does."""
+    """A recipe: its YAML overrides on the defaults, or on its `base:` recipe (a shipped name, or a
+    file relative to this one). A child's `epochs` replaces the base's `time_budget` but, unlike
+    `--epochs`, does not rescale the base's epoch-based keys."""
     path = recipe_path(name_or_file)
     if path.resolve() in _seen:
         chain = " -> ".join(p.stem for p in (*_seen, path.resolve()))
@@ -426,9 +421,8 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 
 def validate_config(config: TrainConfig, where: str = "config", world: int = 1) -> TrainConfig:
-    """Every field against its type and limits, then the rules between fields (`world`: the
-    number of torchrun processes). Returns `config` as a run stores it: its data (`absolute_data`)
-    and cache folder as absolute paths, which the run's commands find from any folder."""
+    """Every field against its type and limits, then the rules between fields (`world`: torchrun
+    processes). Returns `config` as a run stores it, its data and cache folder made absolute."""
     for key, value in config.to_dict().items():
         _checked(key, value, where)
     rules = (_model_rules(config), _training_rules(config), _run_rules(config, world))
@@ -538,18 +532,15 @@ LENGTH_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata.get("length"))
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
-    """`config` trained for `epochs` (a fixed length: any time budget is dropped), its
-    epoch-based settings scaled in proportion, so that a shorter run keeps the schedule's shape
-    (warm-up, freeze, whitening-bias) and still anneals."""
+    """`config` trained for `epochs` (any time budget dropped), its epoch-based settings scaled
+    in proportion: a shorter run keeps the schedule's shape and still anneals."""
     return dataclasses.replace(with_steps(config, epochs, 1), time_budget=0.0, train_steps=0)
 
 
 def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainConfig:
-    """`config` stopped after `steps` optimiser steps (the last epoch may be partial), its
-    epoch-based settings scaled as `with_epochs` scales them. A staged run (`freeze: backbone`
-    for fewer than all epochs) keeps at least one head-only and one fine-tune epoch, two epochs
-    at the least: shortened until the backbone never unfroze, it would compare a linear probe
-    with fine-tuning under the fine-tuning arm's name."""
+    """`config` stopped after `steps` optimiser steps, scaled as `with_epochs` scales it. A staged
+    run (`freeze: backbone` for fewer than all epochs) keeps one head-only and one fine-tune
+    epoch: never unfrozen, it would be a linear probe under the fine-tuning arm's name."""
     epochs = max(1, math.ceil(steps / steps_per_epoch))
     ratio = epochs / config.epochs
     staged = config.freeze == "backbone" and 0 < config.freeze_epochs < config.epochs
@@ -601,8 +592,8 @@ def with_length(
         if not (math.isfinite(budget) and budget > 0):
             raise UserError(f"--budget {budget}: must be a positive fraction, e.g. 0.1")
         epochs = max(1, round(config.epochs * budget))
-    elif epochs is not None and epochs < 1:
-        raise UserError(f"--epochs {epochs}: must be >= 1")
+    elif epochs is not None:
+        epochs = _checked("epochs", epochs, where)
     return config if epochs is None else with_epochs(config, epochs)
 
 
@@ -613,11 +604,10 @@ def split_seed(config: TrainConfig) -> int:
 
 def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """The one "same run?" rule (--resume, suite reruns, tune continuations): the keys in which
-    `wanted` computes something other than `saved`. Runtime keys may differ; a key `wanted`
-    leaves to the run (its `auto` value; the length, under an unplanned time budget) matches
-    what `saved` resolved it to; split_seed -1 is the seed it follows; a relative data path is
-    the absolute one it names. When `epochs` differs,
-    the keys scaled with it are not listed."""
+    `wanted` computes something other than `saved`. Runtime keys may differ; what `wanted` leaves
+    to the run (`auto` values; the length under an unplanned time budget) matches what `saved`
+    resolved; split_seed -1 is the seed, a relative data path its absolute one. When `epochs`
+    differs, the keys scaled with it are not listed."""
     left = {k for k, f in FIELDS.items() if f.metadata.get("auto", ...) == getattr(wanted, k)}
     if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
         left |= set(LENGTH_KEYS) - {"time_budget"}

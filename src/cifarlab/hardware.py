@@ -18,6 +18,8 @@ from cifarlab.memory import ENV
 from cifarlab.models import create_model
 from cifarlab.step import bare_run, train_step
 
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall clock times it (CUDA and MPS run ahead)."""
@@ -50,8 +52,8 @@ class Hardware:
 
 
 def pick_device(name: str, cpu_hint: str = "--set device=cpu") -> torch.device:
-    """The device `name` names, refused in one line where this machine has none of it
-    (`cpu_hint`: how the command asks for the CPU instead)."""
+    """The device `name` names, refused where this machine lacks it (`cpu_hint`: how the
+    command asks for the CPU instead)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -104,9 +106,8 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     amp, reason = choose_amp(config.amp, device, speedup=speedup)
     if amp == "fp16" and device.type != "cuda":
         raise UserError(f"amp: fp16 needs a CUDA device; this run is on {device} (use bf16 or off)")
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     channels_last = _channels_last(config.channels_last, device)
-    return Hardware(device, dtype, channels_last, reason, threads_warning)
+    return Hardware(device, AMP_DTYPES[amp], channels_last, reason, threads_warning)
 
 
 def _channels_last(setting: str, device: torch.device) -> bool:
@@ -169,10 +170,8 @@ KEPT = "hardware.json"  # in the default data root: this machine's bf16 timing, 
 
 @functools.cache
 def bf16_speedup() -> float:
-    """`time_bf16_speedup` once per machine, kept in `hardware.json` in the default data root
-    under the CPU's model and torch's version: every later run here (training, evaluate,
-    predict) makes the same choice, not one that flips with the load of the moment. Delete the
-    file to time again."""
+    """`time_bf16_speedup` once per CPU model and torch version, kept in `hardware.json` in the
+    default data root, so later runs here choose alike whatever the load. Delete it to retime."""
     path = default_data_root() / KEPT
     key = f"{_cpuinfo('model name') or 'cpu'} | torch {torch.__version__}"  # not the threads: evaluate and predict
     # run with torch's default count, training with its own, and they must choose alike
@@ -195,10 +194,9 @@ def bf16_speedup() -> float:
 
 
 def time_bf16_speedup(rounds: int = 4, batch: int = 64) -> float:
-    """How many times faster `step.train_step` (forward and backward) runs under bf16 autocast
-    than in fp32 on this CPU: fastnet on `batch` random images, alternating, after a warm-up; the
-    fastest of `rounds` each, since other work only ever slows a step. The global random state
-    is left as it was."""
+    """How many times faster `step.train_step` runs fastnet on `batch` random images in bf16
+    than in fp32 here: alternating after a warm-up, the fastest of `rounds` each (other work
+    only ever slows a step); the global random state is left as it was."""
     # callers may be scoring under inference mode (predict_logits): this times a backward pass
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(0)
@@ -222,5 +220,4 @@ def inference_hardware(device: torch.device) -> Hardware:
     `bf16_speedup` is kept) and memory format (in bf16 it moves a logit enough to flip an image
     now and then), so that evaluate reproduces training's own test figure."""
     amp, reason = choose_amp("auto", device)
-    dtype = {"off": None, "bf16": torch.bfloat16}[amp]
-    return Hardware(device, dtype, _channels_last("auto", device), reason)
+    return Hardware(device, AMP_DTYPES[amp], _channels_last("auto", device), reason)

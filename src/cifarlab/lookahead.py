@@ -1,10 +1,6 @@
-"""Lookahead as airbench uses it: every k steps the weights move to a slow average of themselves.
-
-Unlike an EMA that is only evaluated, this changes the trajectory: the slow copy takes a step
-toward the live weights, then the live weights are reset onto it. The pull ramps in as
-progress^3 (none early, strongest at the end) and the last step lands on the average itself.
-Torch has no such optimiser wrapper, hence these few lines.
-"""
+"""Lookahead as airbench uses it: every k steps the slow copy of the weights steps toward the
+live weights, which are reset onto it (unlike an EMA, this changes the trajectory). The pull
+ramps in as progress^3 and the last step lands on the average itself; torch has no such wrapper."""
 
 from __future__ import annotations
 

@@ -39,22 +39,16 @@ class MuonSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self) -> None:  # no closure: the AMP scaler and the loop call it without one
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
                 (_muon_step if group["muon"] else _sgd_step)(params, group, self.state)
-        return loss
 
 
 def _momentum(params, grads, group, state) -> list[torch.Tensor]:
-    """The momentum buffers updated with `grads`, the step direction (Nesterov: gradient +
-    momentum x buffer). A new buffer starts at zero, so it holds its first gradient exactly, as
-    torch.optim.SGD's does (a parameter that starts training later has none before)."""
+    """The step direction after updating the momentum buffers with `grads` (Nesterov: gradient +
+    momentum x buffer); a new buffer starts at zero, holding its first gradient as torch's SGD."""
     momentum = group["momentum"]
     if not momentum:
         return grads
@@ -68,9 +62,8 @@ def _momentum(params, grads, group, state) -> list[torch.Tensor]:
 
 
 def _sgd_step(params, group, state) -> None:
-    """torch.optim.SGD's rule (coupled weight decay, momentum, Nesterov) over the whole group
-    at once: one launch per operation on a GPU, not one per tensor (the same arithmetic, per
-    tensor, on the CPU)."""
+    """torch.optim.SGD's rule (coupled weight decay, momentum, Nesterov) with foreach ops: one
+    launch per operation on a GPU, not one per tensor."""
     grads = [p.grad for p in params]
     if group["weight_decay"]:
         grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])

@@ -208,6 +208,8 @@ PREDICTORS = dict(zip(EXPORTED, _READERS, strict=True))
 
 
 def load_predictor(model: str):
+    if not Path(model).exists():
+        raise UserError(f"{model}: no such run directory, checkpoint or exported model")
     return PREDICTORS.get(Path(model).suffix.lower(), Predictor)(model)
 
 
@@ -217,8 +219,6 @@ def run_predict(
     """Prints one line per image; returns 0, or 1 when some files could not be read."""
     if top_k < 1 or batch_size < 1:
         raise UserError("--top-k and --batch-size must be >= 1")
-    if not Path(model).exists():
-        raise UserError(f"{model}: no such run directory, checkpoint or exported model")
     predictor = load_predictor(model)
     k = min(top_k, len(predictor.classes))
     files, skipped = image_files(paths)

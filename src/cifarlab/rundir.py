@@ -27,8 +27,7 @@ RUN_FILES = ("last.pt", "best.pt", *RECORD_FILES)
 
 
 def _written_pid(lock: Path) -> int | None:
-    """The pid written in `lock` (read only: no lock is taken, so a process acquiring it is never
-    disturbed); None while its holder has locked it but not yet written its pid."""
+    """The pid written in `lock`, read without locking it; None before its holder wrote it."""
     try:
         return int(lock.read_text().strip())
     except (OSError, ValueError):
@@ -57,12 +56,8 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 class RunLock:
-    """`RUN_DIR/.lock`, held with an OS lock (`flock`) for the run's life.
-
-    The kernel drops the lock when its holder dies, whatever later happens to its pid, so a
-    lock file left by a crash is simply taken. The pid written into the file only names the
-    holder in the message; it is never what decides who holds the run.
-    """
+    """`RUN_DIR/.lock`, held with `flock` for the run's life: the kernel drops it when its holder
+    dies, so a crash's lock file is simply taken. The pid inside only names the holder."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
@@ -121,16 +116,13 @@ class RunLock:
 
 
 def rewrite_lock(run_dir: Path):
-    """The run's lock, for a command that rewrites its files; nothing to take when this process
-    holds it already (training calibrates its own run at its end)."""
+    """The run's lock for a command that rewrites its files, unless this process holds it."""
     held = _written_pid(run_dir / ".lock") == os.getpid()
     return contextlib.nullcontext() if held else RunLock(run_dir)
 
 
 def claim_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse a `--out` that already holds a run's files (any of `RUN_FILES`, not only `last.pt`)
-    or anything else, unless `resume`. Hidden entries (`.lock`) do not count; a missing or empty
-    directory is fine."""
+    """Refuse a `--out` holding anything but hidden entries (`.lock`), unless `resume`."""
     if resume or not run_dir.is_dir():
         return
     names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
@@ -146,8 +138,7 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 class RunDirTaken(UserError):
-    """`claim_run_dir`'s refusal, its fix worded for the caller: the CLI's flags by default,
-    `resume=True` for the Python API (`api.train_model`)."""
+    """`claim_run_dir`'s refusal; `worded` words its fix for the caller (CLI flags, or the API)."""
 
     def __init__(self, run_dir: Path, what: str, shown: str):
         self.run_dir, self.what, self.shown = run_dir, what, shown
@@ -160,14 +151,9 @@ class RunDirTaken(UserError):
         )
 
 
-def _only_a_stale_lock(run_dir: Path) -> bool:
-    """`run_dir` holds nothing but the `.lock` of a run killed (SIGKILL) before it saved anything."""
-    return [p.name for p in run_dir.iterdir()] == [".lock"] and not _live_holder(run_dir / ".lock")
-
-
 def check_out(out: Path, folder: bool = True) -> None:
     """One line, before any work, for an --out that cannot be written: a file where a folder
-    goes (or, not `folder`, a folder where a file goes), a file above it, or no permission."""
+    goes (or the reverse, not `folder`), a file above it, or no permission."""
     if out.exists() and out.is_dir() != folder:
         raise UserError(
             f"--out {out}: is a file, not a folder; pick another --out"
@@ -182,9 +168,9 @@ def check_out(out: Path, folder: bool = True) -> None:
 
 
 def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
-    """Create `run_dir` (and the folders above it) if needed and check it can hold checkpoints;
-    the folders this call made, outermost first (`mkdir` says so: of two processes racing for
-    a new `--out`, only one made it), `run_dir` among them when it held only a stale `.lock`."""
+    """Create `run_dir` and the folders above it, checking it can hold `need_bytes`; returns the
+    folders this call made (by `mkdir`, so one of two racing processes), outermost first, and
+    `run_dir` when it held only a stale `.lock`."""
     check_out(run_dir)
     missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     created = []
@@ -197,8 +183,9 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
         raise UserError(
             f"--out {run_dir}: cannot create the run directory ({exc.strerror})"
         ) from None
-    if not created and _only_a_stale_lock(run_dir):
-        created = [run_dir]  # as good as new: removed like a new one if this run never starts
+    only_lock = [p.name for p in run_dir.iterdir()] == [".lock"]
+    if not created and only_lock and not _live_holder(run_dir / ".lock"):
+        created = [run_dir]  # a run killed before it saved anything: as good as new
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
         with removed_if_unstarted(run_dir, created):
@@ -210,20 +197,16 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
 
 
 def checkpoint_room(run_dir: Path, estimate: int = 70_000_000) -> int:
-    """Bytes a run still needs for `last.pt`, `best.pt` and the temporary copy written beside
-    one: three checkpoints the size of its own `last.pt` when it has one (else `estimate`),
-    less what its checkpoints already hold, which the new ones replace."""
+    """Bytes still needed for `last.pt`, `best.pt` and a temporary copy: three checkpoints the
+    size of its largest one (else `estimate`), less what those already hold."""
     held = [p.stat().st_size for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file()]
     return max(0, 3 * max(held, default=estimate) - sum(held))
 
 
 @contextmanager
 def removed_if_unstarted(run_dir: Path, created: list[Path]):
-    """When the body fails before the run saved its `config.yaml`, remove the folders this call
-    `created` (`prepare_run_dir`): `run_dir` with what it holds, the ones above it only if empty
-    (another run may have arrived beside it). A run that never started leaves no empty `--out`
-    to refuse the retry. Enter it holding the run's lock, so that no other process's run can be
-    removed."""
+    """When the body fails before `config.yaml` is saved, remove the folders `prepare_run_dir`
+    `created` (those above `run_dir` only if empty), so a retry is not refused. Hold the lock."""
     try:
         yield
     except BaseException:

@@ -9,36 +9,29 @@ import torch
 
 
 def _cosine(step: float, total: int, warmup: int) -> float:
-    if step < warmup:  # capped: a stretched schedule reads between the last two warm-up steps
-        return min(1.0, (step + 1) / warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _linear(step: float, total: int, warmup: int) -> float:
+    """Straight down from the peak to zero (airbench94_muon)."""
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def _onecycle(step: float, total: int, warmup: int) -> float:
-    """Linear up over the warm-up (default 20% of steps), then linear down to zero (airbench's shape)."""
+    """Linear up over its own warm-up (default 20% of steps), then linear down (airbench's shape)."""
     warmup = warmup or max(1, round(0.2 * total))
     if step < warmup:
         return 0.1 + 0.9 * step / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    return _linear(step, total, warmup)
 
 
-def _linear(step: float, total: int, warmup: int) -> float:
-    """Straight down from the peak to zero, after an optional linear warm-up (airbench94_muon)."""
-    if step < warmup:
-        return min(1.0, (step + 1) / warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _constant(step: float, total: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-
+# each shape after the warm-up; the others share `StepSchedule`'s linear warm-up
 SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
     "cosine": _cosine,
     "onecycle": _onecycle,
     "linear": _linear,
-    "constant": _constant,
+    "constant": lambda step, total, warmup: 1.0,
 }
 
 
@@ -57,9 +50,10 @@ class StepSchedule:
         return self.from_at + (step - self.from_step) * self.rate
 
     def __call__(self, step: int) -> float:
-        return SCHEDULES[self.name](
-            self.position(step // self.hold * self.hold), self.total, self.warmup
-        )
+        at = self.position(step // self.hold * self.hold)
+        if at < self.warmup and self.name != "onecycle":  # capped: a stretched schedule reads
+            return min(1.0, (at + 1) / self.warmup)  # between the last two warm-up steps
+        return SCHEDULES[self.name](at, self.total, self.warmup)
 
     def stretch(self, done: int, new_total: int) -> None:
         """Make the run end at step `new_total` after `done` steps taken: the rest of the shape

@@ -66,7 +66,7 @@ def optimizer_step(run, global_step: int) -> None:
         run.ema.update_parameters(run.model)
 
 
-def bare_run(model: torch.nn.Module, hw, config: TrainConfig | None = None, classes: int = 10):
+def bare_run(model: torch.nn.Module, hw, config: TrainConfig | None = None):
     """What `train_step` reads of a run, around `model` alone: for timing a step in isolation.
     `hw` is a `hardware.Hardware` (None: set `run.hw` before stepping); swap `run.hw` or
     `run.config` between steps to compare settings."""
@@ -74,5 +74,5 @@ def bare_run(model: torch.nn.Module, hw, config: TrainConfig | None = None, clas
         config=config or TrainConfig(), hw=hw, model=model, step_model=model,
         optimizer=torch.optim.SGD(model.parameters()),
         scaler=torch.amp.GradScaler(next(model.parameters()).device.type, enabled=False),
-        splits=SimpleNamespace(classes=list(range(classes))),
+        splits=SimpleNamespace(classes=list(range(10))),
     )  # fmt: skip

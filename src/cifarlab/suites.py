@@ -1,10 +1,6 @@
-"""Experiment suites: named sets of runs (suites/*.yaml) trained one after another, resumable,
-summarised as a table, a plot and an index page.
-
-A suite YAML holds `description`, `reference` (the run gains are measured against) and `runs`,
-each a `recipe`, `set` overrides and a one-line `changes`; with `cumulative: true` each run
-inherits the previous one's recipe and overrides. A run that `requires` what cifarlab lacks is
-listed as not started; one that diverges as diverged, with no accuracy.
+"""Experiment suites (suites/*.yaml): runs trained one after another, resumable, summarised as
+a table, a plot and an index page. Each run is a `recipe`, `set` overrides and a one-line
+`changes` (with `cumulative: true`, on top of the run before); gains are over the `reference`.
 """
 
 from __future__ import annotations
@@ -144,8 +140,7 @@ def load_suite(
 
 
 def _run_name(name: Any, where: str) -> str:
-    """`name` if it is one folder inside --out and one clean line in logs and tables (a number
-    such as 0.1 is read as its text)."""
+    """`name` (a number as its text) if it is one folder inside --out and one clean line."""
     name = str(name) if _number(name) else name
     plain = (
         isinstance(name, str)
@@ -242,8 +237,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
 
 
 def _refuse_unscored(jobs: list) -> None:
-    """Runs without a validation split are compared on test: data without a test split would
-    leave the table no accuracy at all, after every run trained."""
+    """Runs without a validation split are compared on test, so their data must have one."""
     from cifarlab.data import load_splits
 
     for config in {c.data: c for _, _, c in jobs if not c.val_size}.values():
@@ -274,8 +268,7 @@ def _skipped(run: SuiteRun, run_dir: Path) -> str:
 
 
 def _refuse_stale(jobs: list) -> None:
-    """A run directory already in --out must hold this very run (same resolved config), or the
-    suite would report someone else's results as its own."""
+    """A run directory already in --out must hold this very run (the same resolved config)."""
     from cifarlab.checkpoint import load_checkpoint
 
     for _run, run_dir, wanted in jobs:
@@ -326,7 +319,7 @@ def summarise(suite: Suite, opts: SuiteOptions, failed: dict[str, str]) -> list[
             results = [json.loads(p.read_text()) if p.is_file() else {} for p in paths]
             for key in ("tta_val_acc", "test_acc", "test_tta_acc"):
                 values = [r.get(key) for r in results]
-                if values and all(v is not None for v in values):
+                if all(v is not None for v in values):
                     row[key] = statistics.mean(values)
         rows.append(row)
     key = gain_basis(rows)  # each gain: over the reference, and over the scored run above
@@ -341,8 +334,7 @@ def summarise(suite: Suite, opts: SuiteOptions, failed: dict[str, str]) -> list[
 
 
 def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[str, float]:
-    """best_<split>_acc (mean over seeds of each run's best epoch, and its std) and
-    final_<split>_acc; nothing when no epoch recorded `column` (no such split)."""
+    """best_<split>_acc (mean and std over seeds) and final_<split>_acc; {} without the split."""
     kept = [[r[column] for r in h if not math.isnan(r.get(column, math.nan))] for h in histories]
     if not all(kept):
         return {}

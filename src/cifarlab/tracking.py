@@ -1,10 +1,8 @@
-"""Experiment tracking: MLflow and TensorBoard copies of a run's record (`metrics.csv`,
-`config.yaml`, `result.json` stay the record).
+"""Experiment tracking: MLflow and TensorBoard copies of a run's record (its files stay the record).
 
-MLflow's default store is SQLite beside the run (`<runs folder>/mlflow.db`, artifacts in
-`<runs folder>/mlartifacts/`): MLflow 3 refuses its file store unless told to allow it. A run
-directory remembers its MLflow run in `mlflow.json`, so a resumed run and a later evaluation
-log into the same MLflow run.
+MLflow's default store is `<runs folder>/mlflow.db` (SQLite; MLflow 3 refuses its file store),
+artifacts in `<runs folder>/mlartifacts/`. `mlflow.json` in a run directory names its MLflow
+run, so a resumed run and a later evaluation log into the same one.
 """
 
 from __future__ import annotations
@@ -29,9 +27,8 @@ RESULT_METRICS = (
 
 
 class Trackers(list):
-    """The trackers one run writes to, each called in turn: `start(config, history)` with the
-    rows of epochs trained before, `log_epoch(row)` per metrics row, `finish(result)` once the
-    run's files are complete, and `close(error)` last (`open_trackers` calls it)."""
+    """A run's trackers, each called in turn: `start(config, history)`, `log_epoch(row)`,
+    `finish(result)` once the run's files are complete, and `close(error)` last."""
 
     def __getattr__(self, method: str):
         return lambda *args: [getattr(t, method)(*args) for t in self]
@@ -69,15 +66,18 @@ HPARAM_METRICS = ("val_acc", "val_loss", "train_loss", "best_val_acc", "final_va
 
 
 class TensorBoardTracker:
-    """Scalars per epoch under `<run>/tensorboard/`, and the config as hyperparameters (the
-    HParams dashboard) attached to the same run, with the best and final accuracy as metrics."""
+    """Scalars per epoch under `<run>/tensorboard/`, the config and final accuracies as HParams."""
 
     def __init__(self, run_dir: Path):
         tensorboard = import_extra("torch.utils.tensorboard", "tensorboard", "tensorboard: true")
         self.writer = tensorboard.SummaryWriter(str(run_dir / "tensorboard"))
 
     def start(self, config: TrainConfig, history: list[dict]) -> None:
-        for summary in _hparams(config)[:2]:  # HParams summaries: experiment, session-start info
+        from torch.utils.tensorboard.summary import hparams
+
+        # HParams summaries: experiment and session-start info now, session end at `finish`
+        *begin, self.end = hparams(flat_params(config), dict.fromkeys(HPARAM_METRICS, 0.0))
+        for summary in begin:
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 
@@ -90,18 +90,10 @@ class TensorBoardTracker:
     def finish(self, result: Any) -> None:
         for key in ("best_val_acc", "final_val_acc"):
             self.writer.add_scalar(key, getattr(result, key), result.epochs)
-        self.writer.file_writer.add_summary(_hparams(None)[2])  # the run ended well
+        self.writer.file_writer.add_summary(self.end)  # the run ended well
 
     def close(self, error: BaseException | None) -> None:
         self.writer.close()
-
-
-def _hparams(config: TrainConfig | None):
-    """(experiment, start, end) summaries of the hparams plugin."""
-    from torch.utils.tensorboard.summary import hparams
-
-    values = flat_params(config) if config is not None else {}
-    return hparams(values, dict.fromkeys(HPARAM_METRICS, 0.0))
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -109,8 +101,7 @@ def default_tracking_uri(run_dir: Path) -> str:
 
 
 def _artifact_location(uri: str) -> str | None:
-    """Artifacts of a SQLite store beside its database (MLflow's own default is ./mlruns under
-    whatever folder the process runs in); other stores (servers) decide for themselves."""
+    """Artifacts of a SQLite store beside its database, not in the working folder's ./mlruns."""
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri.removeprefix("sqlite:///")).resolve()

@@ -106,15 +106,10 @@ class EpochStats:
     lr: float | None = None  # the schedule's lr when the epoch started (its metrics row)
     first_step: float = 0.0  # seconds the epoch's first step took (warm-up, compilation)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> EpochStats:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
 
 @contextlib.contextmanager
 def _stop_signals():
-    """SIGINT/SIGTERM set `received` and `exit_code` (130/143); the loop finishes its step,
-    saves and exits with that code."""
+    """SIGINT/SIGTERM set `received` and `exit_code` (130/143): the loop saves, then exits."""
     stop = SimpleNamespace(received=None, exit_code=0)
 
     def handle(signum, _frame):
@@ -200,8 +195,7 @@ def train(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
 ) -> None:  # fmt: skip
-    """A budgeted run after epoch `epoch` (`Plan.correct`): when the length changes, the run
-    and its saved files (last.pt, config.yaml) take it."""
+    """`Plan.correct` after `epoch`: a changed length goes to the run, last.pt and config.yaml."""
     n = len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
@@ -268,20 +262,25 @@ def _refuse_over_results(run_dir: Path) -> None:
 
 def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
     """A finished run resumed: nothing to train; its own figures, read back from its files."""
-    saved = json.loads((run_dir / "result.json").read_text())
-    known = {k: v for k, v in saved.items() if k in Result.__dataclass_fields__}
-    result = Result(run_dir=run_dir, history=read_metrics(run_dir / "metrics.csv"), **known)
     n = ckpt["epoch"]
     log(
         f"resume: {run_dir} already finished {'all ' * (n != 1)}{n} epoch{'s' * (n != 1)}; nothing to train"
     )
-    return result
+    saved = json.loads((run_dir / "result.json").read_text())
+    known = {k: v for k, v in saved.items() if k in Result.__dataclass_fields__}
+    return Result(run_dir=run_dir, history=read_metrics(run_dir / "metrics.csv"), **known)
 
 
 def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
     """(epoch, step, stats) to start from: zero, or the checkpoint's position after restoring
     it; the run's config and metrics files brought to that point."""
-    first, step, stats = _restored(run, ckpt, saver, log) if ckpt else (0, 0, EpochStats())
+    first, step, stats = 0, 0, EpochStats()
+    if ckpt is not None:
+        _restore_checked(run, ckpt, saver)
+        log(f"resume: from epoch {ckpt['epoch'] + 1} step {ckpt['next_step']} of {saver.last}")
+        first, step = ckpt["epoch"], ckpt["next_step"]
+        known = EpochStats.__dataclass_fields__
+        stats = EpochStats(**{k: v for k, v in ckpt["accumulators"].items() if k in known})
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
         truncate_metrics(saver.run_dir / "metrics.csv", first)
@@ -294,7 +293,8 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
     return first, step, stats
 
 
-def _restored(run: TrainingRun, ckpt: dict, saver: Checkpointer, log):
+def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
+    """The checkpoint into `run`, refused when the data changed or it does not fit."""
     theirs = ckpt.get("data_fingerprint")
     if theirs is not None and theirs != run.data_fingerprint:
         raise UserError(
@@ -309,8 +309,6 @@ def _restored(run: TrainingRun, ckpt: dict, saver: Checkpointer, log):
             f"{str(exc).splitlines()[0][:120]}); it is damaged or from another version: train a new --out"
         ) from None
     saver.best = ckpt["best_val_acc"]
-    log(f"resume: from epoch {ckpt['epoch'] + 1} step {ckpt['next_step']} of {saver.last}")
-    return ckpt["epoch"], ckpt["next_step"], EpochStats.from_dict(ckpt["accumulators"])
 
 
 def train_one_epoch(
@@ -380,9 +378,8 @@ EXPLODED = 50
 
 
 def _diverging(run: TrainingRun, loss: torch.Tensor) -> str:
-    """Why training is diverging at this batch, "" when it is not: a non-finite loss, or one past
-    EXPLODED times a uniform guess's; here or, under torchrun, on another rank, whose NaN
-    gradients the backward's all-reduce has already spread: every rank then skips or stops together."""
+    """Why training diverges at this batch ("" when it does not): a non-finite loss or one past
+    EXPLODED times a uniform guess's, on any rank (so that every rank skips or stops together)."""
     value, limit = loss.item(), EXPLODED * math.log(max(2, len(run.splits.classes)))
     why = ""
     if not math.isfinite(value):
@@ -434,9 +431,8 @@ def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
 
 
 class _Eta:
-    """Once a run's first steps are timed, say how long it should take. A backbone frozen for
-    the first epochs makes their steps cheaper than the fine-tune ones: each stage is estimated
-    once its own first steps are timed."""
+    """Once a run's first steps are timed, say how long it should take; a backbone frozen for
+    the first epochs has cheaper steps, so each stage is estimated from its own first steps."""
 
     AFTER = 10  # steps timed before the estimate, after the first
 
@@ -476,11 +472,8 @@ class _Eta:
 
 
 @torch.inference_mode()
-def validate(
-    run: TrainingRun, tta: str = "none", split: str = "val"
-) -> tuple[float, float] | tuple[None, None]:
-    """(loss, accuracy) of the evaluated weights on the validation (or test) split; (None, None)
-    without one."""
+def validate(run: TrainingRun, tta: str = "none", split: str = "val") -> tuple:
+    """(loss, accuracy) of the evaluated weights on the val (or test) split; (None, None) without."""
     images, labels = (
         (run.val_images, run.val_labels) if split == "val" else (run.test_images, run.test_labels)
     )
@@ -575,8 +568,7 @@ def _finish(
 
 
 def _best_test(history: list[dict], log) -> float | None:
-    """Without a validation split the lesson keeps the epoch best on test: that figure, said
-    for what it is (selected on the split it is measured on, so optimistic)."""
+    """Without a validation split, the epoch best on test (as the lesson keeps; optimistic)."""
     scored = [r for r in history if not math.isnan(r.get("test_acc", float("nan")))]
     if not scored:
         return None

@@ -72,8 +72,7 @@ SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hu
 
 
 def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: int = 1) -> None:
-    """Chunks of 2-15 images ruin BatchNorm's statistics: said, not refused (the config rule
-    refuses only 1)."""
+    """Chunks of 2-15 images ruin BatchNorm's statistics: said (the config refuses only 1)."""
     per_process, smallest = smallest_chunk(config, world)
     has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
     if has_bn and 0 < smallest < SMALL_CHUNK:
@@ -156,9 +155,8 @@ def _scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 def retarget(run: TrainingRun, config: TrainConfig) -> None:
-    """`run` given `config`'s length (a time budget's plan, or its correction): before the first
-    step a schedule as `build_run` makes one; later the schedule's rest spread over the steps
-    left, from the lr it has now. The lookahead ends at the new last step."""
+    """`run` given `config`'s length (a time budget's): a new schedule before the first step,
+    later the schedule's rest spread over the steps left; the lookahead ends at the new end."""
     run.config, total = config, total_steps(config, len(run.batches))
     if run.scheduler.last_epoch == 0:
         run.scheduler = _scheduler(config, run.optimizer, len(run.batches))
@@ -308,10 +306,9 @@ def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list
 
 
 def skip_dynamo_import() -> None:
-    """torch.optim.Optimizer's zero_grad, add_param_group, state_dict and load_state_dict import
-    torch._dynamo on first call (1.5-2 s on a 2-core CPU) only to keep torch.compile from
-    tracing them; without compile each is marked as already wrapped (torch._compile's cache
-    attribute: should torch rename it, the import happens as before)."""
+    """Optimizer methods import torch._dynamo on first call (1.5-2 s on a 2-core CPU) only to
+    keep torch.compile out; without compile each is marked as already wrapped (torch._compile's
+    cache attribute: should torch rename it, the import happens as before)."""
     if "torch._dynamo" in sys.modules:
         return
     opt = torch.optim.Optimizer
@@ -322,9 +319,8 @@ def skip_dynamo_import() -> None:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, log=print):
-    """torch's SGD over `param_groups`; with `optimizer: muon` the conv filters (4-D weights)
-    of each group move to a Muon group at `muon_lr` times that group's multiplier (`lr_mults`,
-    `backbone_lr_mult`), its `lr_mult` relative to `lr` so that schedules scale it."""
+    """torch's SGD over `param_groups`; with `optimizer: muon` each group's conv filters move to a
+    Muon group at `muon_lr` times the group's multiplier (its `lr_mult` relative to `lr`)."""
     if not config.compile:
         skip_dynamo_import()
     groups = param_groups(model, config, log)
@@ -378,9 +374,8 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
 
 
 def set_trainable(model: torch.nn.Module, c: TrainConfig, fixed: set[int], epoch: int) -> None:
-    """What trains in `epoch` (never the `fixed` ids): the head only during `freeze: backbone`'s
-    `freeze_epochs` (frozen BatchNorm in eval mode); the whitened conv's bias only for its
-    `whiten_bias_epochs`."""
+    """What trains in `epoch` (never the `fixed` ids): only the head (BatchNorm frozen too) for
+    `freeze_epochs`; the whitened conv's bias only for its `whiten_bias_epochs`."""
     if c.freeze == "backbone":
         head, frozen = head_name(model) + ".", epoch < c.freeze_epochs
         for name, p in model.named_parameters():
@@ -410,9 +405,8 @@ STATEFUL = ("model", "ema", "lookahead", "optimizer", "scheduler", "scaler")
 def checkpoint_state(
     run: TrainingRun, epoch: int, step: int = 0, stats: dict | None = None
 ) -> dict:
-    """Enough to resume exactly (every random draw of a step is seeded by its position, see
-    `StepRandom`), and to rebuild the model on its own (`model_args`); `stats`: the epoch's
-    running totals so far (none at its start). `Checkpointer.save` adds `best_val_acc`."""
+    """Enough to resume exactly (a step's random draws are seeded by its position, `StepRandom`)
+    and to rebuild the model (`model_args`); `stats`: the epoch's running totals so far."""
     parts = {k: getattr(run, k) for k in STATEFUL}
     return {
         **{k: None if part is None else part.state_dict() for k, part in parts.items()},

@@ -1,10 +1,7 @@
-"""`cifarlab tune`: hyperparameter search with Optuna over a real database storage.
+"""`cifarlab tune`: Optuna search shared by every process pointed at the same `--storage`.
 
-Many processes (or machines) pointed at the same `--storage` share one study. Trials are
-pruned on validation accuracy per epoch (median rule). A study killed mid-trial continues:
-the dead trial's heartbeat goes stale, it is marked failed and retried, and the study runs
-until `--trials` trials have completed or been pruned. The search space (`suggest`, around the
-recipe's values) is documented in docs/guide.md.
+Trials are pruned on validation accuracy per epoch (median rule); a killed trial's heartbeat
+goes stale and it is retried, until `--trials` trials completed or were pruned.
 """
 
 from __future__ import annotations
@@ -89,9 +86,7 @@ def run_tune(opts: TuneOptions, log=print):
 
 
 def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
-    """The config every trial searches around, refused in one line before anything is stored
-    when tune cannot select on it, its data cannot load or --out cannot hold the trials; and the
-    folders made for --out."""
+    """The config trials search around, checked before anything is stored; the folders made."""
     if opts.base.val_size == 0:
         raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
     if opts.base.time_budget:
@@ -132,8 +127,7 @@ def _open_study(name: str, url: str):
 
 
 def _say_search(base: TrainConfig, opts: TuneOptions, log) -> None:
-    """One line on what is searched and how long a trial runs; a note on command-line values
-    that the search replaces (the search's values win)."""
+    """What is searched and how long a trial runs; a note on command-line values it replaces."""
     searched = ["lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing"]
     searched += ["muon_lr"] if base.optimizer == "muon" else []  # as `suggest` searches
     low = max(1, base.epochs // 2)
@@ -170,8 +164,7 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
         say = lambda s: log(f"  [trial {trial.number}] {s}")  # noqa: E731
         return train(config, run_dir, log=say, on_epoch=report).best_val_acc
     except Interrupted as exc:
-        # its settings go first when the study continues; train's own hint (--resume the
-        # trial) does not continue a study
+        # its settings go first when the study continues (train's --resume hint does not)
         trial.study.enqueue_trial(trial.params)
         raise Interrupted(
             f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
@@ -194,10 +187,8 @@ EPOCHS_SEARCHED = "search_epochs"
 
 
 def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
-    """Store the settings a new study searches around; refuse to continue one with others (its
-    trials would not be comparable), by the rule --resume follows (`config.differences`). A study
-    none of whose trials finished or runs (its first failed) holds nothing to compare: it takes
-    the new settings."""
+    """Store a new study's settings; refuse to continue one with others (`config.differences`),
+    unless none of its trials finished or runs: then it takes the new ones."""
     named = dataclasses.replace(base, **{k: Path(getattr(base, k)).name for k in PATHS})
     saved = study.user_attrs.get(SETTINGS)
     held = {"COMPLETE", "PRUNED", "RUNNING"}
@@ -230,9 +221,8 @@ def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial"
 
 
 def write_best_recipe(opts: TuneOptions, base: TrainConfig, best, study: str) -> Path:
-    """`--out/best-recipe.yaml`: the recipe's own keys, then what the trials ran with beyond it
-    (the command line's overrides, typed, but where the data lives and how progress shows; the
-    length as --epochs or --budget shaped it), then the best trial's values."""
+    """`--out/best-recipe.yaml`: the recipe's keys, the command line's (but data and progress) and
+    the length as trials ran them, then the best trial's values."""
     typed = trial_config(base, best.params).to_dict()
     keys = [k for k in opts.overrides if k not in ("data", "data_root", "progress")]
     source, path = recipe_path(opts.recipe), opts.out / "best-recipe.yaml"
@@ -241,7 +231,6 @@ def write_best_recipe(opts: TuneOptions, base: TrainConfig, best, study: str) ->
     if isinstance(values.get("base"), str):  # the new file lives elsewhere
         values["base"] = resolve_base(source, values["base"])
     values.pop("recipe", None)  # the file's name names it
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         f"# Best trial of study '{study}' (val acc {best.value:.4f}), from recipe {opts.recipe}\n"
     )

@@ -67,29 +67,29 @@ class _Budget:
                 out.write(chunk)
 
 
+def _link_refused(archive: Path, name: str, how: str = "") -> UserError:
+    # Even a link inside the folder is refused: one image would count twice, maybe under two labels.
+    return UserError(
+        f"{archive}: member '{name}' is a link; links are not extracted "
+        f"(archive the files themselves{how})"
+    )
+
+
 def _zip_members(zf: zipfile.ZipFile, archive: Path):
     for info in zf.infolist():
         name = PurePosixPath(info.filename)
         if name.is_absolute() or ".." in name.parts or ":" in info.filename:
             raise UserError(f"{archive}: member '{info.filename}' would land outside its folder")
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise UserError(
-                f"{archive}: member '{info.filename}' is a link; links are not extracted "
-                "(archive the files themselves)"
-            )
+            raise _link_refused(archive, info.filename)
         size = None if info.is_dir() else info.file_size
         yield info.filename, size, functools.partial(zf.open, info)
 
 
 def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path):
     for member in tf.getmembers():
-        if member.issym() or member.islnk():
-            # The 'data' filter lets links inside the folder through: one image would then
-            # count twice, possibly under two labels.
-            raise UserError(
-                f"{archive}: member '{member.name}' is a link; links are not extracted "
-                "(archive the files themselves, e.g. tar --dereference)"
-            )
+        if member.issym() or member.islnk():  # the 'data' filter would let inner links through
+            raise _link_refused(archive, member.name, ", e.g. tar --dereference")
         # Refuses absolute paths, '..' and devices; also drops unsafe permission bits.
         m = tarfile.data_filter(member, str(tmp))
         if m.isdir() or m.isfile():
@@ -97,8 +97,8 @@ def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path):
 
 
 def _write_members(members, tmp: Path, budget: _Budget) -> None:
-    """(name, size or None for a folder, opener) each, junk left out: the sizes the headers claim
-    are checked first, and counted again while writing, as headers may lie."""
+    """(name, size or None for a folder, opener) each, junk left out; the headers' sizes are
+    checked first and counted again while writing, as headers may lie."""
     members = [m for m in members if not is_junk(PurePosixPath(m[0]))]
     for name, size, _ in members:
         budget.check_member(name, size or 0)
@@ -123,8 +123,7 @@ def _extract(archive: Path, tmp: Path, budget: _Budget) -> None:
 
 
 def _sweep_stale_parts(folder: Path) -> None:
-    """Remove the part folders in `folder` that no process holds locked: what an extraction
-    killed midway (SIGKILL, power loss) left; each is as large as the extracted data."""
+    """Remove the part folders no process holds locked: left by extractions killed midway."""
     for part in folder.glob("*" + PART + "*"):
         try:
             fd = os.open(part, os.O_RDONLY)
@@ -140,10 +139,9 @@ def _sweep_stale_parts(folder: Path) -> None:
 
 
 def _new_part(dest: Path) -> tuple[Path, int | None]:
-    """A new temporary folder beside `dest` and the descriptor holding its `flock` for as long
-    as this process extracts into it (None where flock is missing). Stale parts are swept first,
-    under a lock on the folder that holds them, so no sweep takes a new part before it is locked.
-    """
+    """A new part folder beside `dest` and the descriptor holding its `flock` (None without
+    flock). Stale parts are swept first under a lock on their folder, so no sweep takes a new
+    part before it is locked."""
     make = functools.partial(tempfile.mkdtemp, prefix=dest.name + PART, dir=dest.parent)
     if fcntl is None:
         return Path(make()), None
@@ -164,13 +162,8 @@ def _new_part(dest: Path) -> tuple[Path, int | None]:
 
 
 def extract_archive(archive: Path, dest: Path) -> Path:
-    """Extract `archive` into `dest` (once; an existing complete `dest` is reused).
-
-    Extraction goes to a temporary sibling folder renamed into place when done, so an
-    interrupted extraction never leaves a half-filled `dest` that later runs would trust;
-    on any failure the temporary folder is removed, and one left by a killed process is
-    removed by the next extraction (`_sweep_stale_parts`).
-    """
+    """Extract `archive` into `dest` once, through a part folder renamed into place when done,
+    so no interrupted extraction leaves a half-filled `dest` that later runs would trust."""
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

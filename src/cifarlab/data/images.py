@@ -25,10 +25,8 @@ def is_image_name(path: Path) -> bool:
 
 
 def is_junk(relative: PurePath) -> bool:
-    """Never data, in any command: hidden files and folders (.DS_Store, .ipynb_checkpoints/, the
-    AppleDouble `._x.jpg` macOS writes beside every file on other disks and into archives) and
-    the `__MACOSX/` folder of zips made on macOS. `relative` is a path below the folder walked,
-    so a file in a hidden folder is junk too."""
+    """Never data: anything hidden (.DS_Store, .ipynb_checkpoints/, macOS's AppleDouble `._x.jpg`)
+    or in a zip's `__MACOSX/`, at any level of `relative` (a path below the folder walked)."""
     return any(
         part == "__MACOSX" or (part.startswith(".") and part not in (".", ".."))
         for part in relative.parts

@@ -1,7 +1,4 @@
-"""The data types every data module shares: an image set as uint8 arrays, and a source's splits.
-
-In a module of their own so that sources, the cache and the splits import them without a cycle.
-"""
+"""The data types every data module shares (own module: sources and cache import it, no cycle)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""Batch iterators for training and evaluation.
+"""Batch iterators: `DeviceBatches` (uint8 data on the device, augmented a batch at a time) and
+`TorchvisionBatches` (the lesson's per-sample `DataLoader`, kept for comparison).
 
-`DeviceBatches` (the default) keeps the uint8 dataset on the training device and augments a
-whole batch at a time: no worker processes, no per-image Python. `TorchvisionBatches` is the
-lesson's per-sample `DataLoader` pipeline, kept for comparison (`loader: torchvision`).
-
-Every random draw of step `s` of epoch `e` comes from generators seeded by (seed, e, s), so a
-run resumed mid-epoch sees exactly the batches and augmentations the uninterrupted run saw.
+Every draw of step s of epoch e is seeded by (seed, e, s): a run resumed mid-epoch sees exactly
+the batches and augmentations the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -43,9 +40,8 @@ def flip_phase(n: int, seed: int) -> torch.Tensor:
 
 @dataclass
 class StepRandom:
-    """The randomness of one training step: per-image draws on the device (`gen`), per-batch
-    draws on the host (`rng`), and `global_draws()` for code that draws only from torch's global
-    generators (dropout, torchvision's policies and transforms)."""
+    """One step's randomness: per-image draws on the device (`gen`), per-batch ones on the host
+    (`rng`), `global_draws()` for torch's global generators (dropout, torchvision's policies)."""
 
     gen: torch.Generator
     rng: np.random.Generator
@@ -60,8 +56,7 @@ class StepRandom:
 
     @contextlib.contextmanager
     def global_draws(self):
-        """Torch's global generators (the CPU's and this step's device's) seeded for this step,
-        and given back as they were afterwards: the caller's draws are left alone."""
+        """Torch's global CPU and device generators seeded for this step, restored afterwards."""
         device = self.gen.device
         accelerated = device.type in ("cuda", "mps")
         index = device.index or 0
@@ -94,9 +89,7 @@ class DeviceBatches:
         self.config, self.device, self.augment = config, device, augment
         self.batch_size = min(config.batch_size, len(data))
         self.rank, self.world = rank, world
-        self.flip_phase = None
-        if config.flip and config.alt_flip:
-            self.flip_phase = flip_phase(len(data), config.seed).to(device)
+        self.flip_phase = flip_phase(len(data), config.seed).to(device) if config.alt_flip else None
 
     def __len__(self) -> int:
         return len(self.labels) // self.batch_size  # drop_last: every step sees a full batch
@@ -134,12 +127,8 @@ def lesson_transform(config: TrainConfig, normalize: Normalize):
         steps.append(T.RandomCrop(config.image_size, config.crop_padding, padding_mode=mode))
     if config.flip:
         steps.append(T.RandomHorizontalFlip())
-    if config.jitter_brightness or config.jitter_contrast or config.jitter_saturation:
-        steps.append(
-            T.ColorJitter(
-                config.jitter_brightness, config.jitter_contrast, config.jitter_saturation
-            )
-        )
+    if any(jitter := (config.jitter_brightness, config.jitter_contrast, config.jitter_saturation)):
+        steps.append(T.ColorJitter(*jitter))
     steps += [T.ToTensor(), T.Normalize(normalize.mean, normalize.std)]
     return T.Compose(steps)
 

@@ -1,7 +1,4 @@
-"""Data sources -> uint8 image arrays: torchvision's CIFAR pickles, class folders, archives.
-
-Decoded arrays are cached (see `cache.py`) so only the first run pays for decoding.
-"""
+"""Data sources -> uint8 image arrays (cached by `cache.py`): CIFAR pickles, folders, archives."""
 
 from __future__ import annotations
 
@@ -58,9 +55,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _latin1_bytes(text, encoding="utf-8"):
-    """What `_codecs.encode` does in a protocol-2 pickle written by Python 3: bytes (the image
-    rows, b'data' keys) stored as `encode(<latin-1 text>, 'latin1')`. Only that form is rebuilt;
-    any other codec (some decompress or import) is refused."""
+    """Protocol-2 pickles store bytes as `_codecs.encode(<text>, 'latin1')`; other codecs refused."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"refusing _codecs.encode with the {encoding!r} codec")
     return text.encode("latin1")
@@ -75,11 +70,8 @@ def _read_batch(path: Path) -> dict:
 
 
 def _load_cifar(name: str, root: Path, size: int) -> SourceData:
-    """torchvision's layout (`cifar-10-batches-py/`), downloaded by torchvision when missing.
-
-    The pickles are read here rather than through `datasets.CIFAR10`, which insists on the
-    md5 of the official files; this accepts any batch in the same format (and our tests').
-    """
+    """torchvision's `cifar-10-batches-py/`, downloaded when missing; read here, as
+    `datasets.CIFAR10` insists on the official files' md5 and unpickles without limits."""
     from torchvision import datasets
     from torchvision.datasets.utils import download_and_extract_archive
 
@@ -135,8 +127,7 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
 
 
 def _field(batch: dict, key: str, path: Path):
-    """`batch[key]`; pickles written with bytes keys (b'data', as Python 3 code often writes them)
-    are read alike."""
+    """`batch[key]`, or `batch[b'key']` as Python 3 code often writes them."""
     for k in (key, key.encode()):
         if k in batch:
             return batch[k]
@@ -171,12 +162,9 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
-    """The split folders of `root/{train,val|valid,test}/<class>` (any of them), and whether the
-    layout is plain: `root/<class>`, all of it one labelled set. One wrapper folder is looked through.
-
-    A lone folder holding images is one class (e.g. only dog/ to score), not a wrapper. Junk
-    beside the wrapper (a zip's `__MACOSX/`, `.DS_Store`) does not count as a second entry.
-    """
+    """The split folders of `root/{train,val|valid,test}/<class>`, and whether the layout is
+    plain (`root/<class>`: one labelled set). One wrapper folder (junk beside it aside) is looked
+    through; a lone folder holding images is a class (only dog/ to score), not a wrapper."""
     for _ in range(2):
         if found := _split_folders(root):
             return found, False
@@ -263,9 +251,9 @@ def _decode_all(
             return printable(str(exc))
         return None
 
-    bar = {"desc": desc, "unit": "img", "leave": False, "mininterval": 1, "disable": None}
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         errors = pool.map(work, range(len(files)))
+        bar = {"desc": desc, "unit": "img", "leave": False, "mininterval": 1, "disable": None}
         for i, err in enumerate(tqdm(errors, total=len(files), **bar)):
             if err is None:
                 good.append(i)
@@ -293,9 +281,7 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
 
 
 def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
-    """Every split folder must hold the same class folders as the first (train, when present);
-    with `classes` (a selection), the same of those: the others are never read. A folder source
-    always has one split at least (`_find_layout`)."""
+    """Every split folder holds the first's classes (of `classes`, when a selection is given)."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
     named = [(k, {c for c in ds.classes if not classes or c in classes})
              for k, ds in splits.items() if ds is not None]  # fmt: skip
@@ -308,17 +294,6 @@ def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> N
                 f"{sorted(ref - have)}, only in {name}: {sorted(have - ref)}); make both folders "
                 "hold the same class folders"
             )
-
-
-def _local_folder(path: Path, root: Path, key: str) -> Path:
-    """`path` itself when a folder; an archive's extracted copy under `root/extracted/`."""
-    if path.is_dir():
-        return path
-    if is_archive(path):
-        return extract_archive(path, root / "extracted" / key)
-    raise UserError(
-        f"--data {path}: expected a folder, a .tar/.tar.gz/.zip archive, {' or '.join(DATASETS)}"
-    )
 
 
 def load_source(
@@ -341,7 +316,15 @@ def load_source(
 
 
 def _decode_folder(path: Path, root: Path, key: str, size: int, on_bad: str) -> SourceData:
-    folder = _local_folder(path, root, key)
+    """A folder, or an archive's copy extracted under `root/extracted/`, decoded and cached."""
+    if path.is_dir():
+        folder = path
+    elif is_archive(path):
+        folder = extract_archive(path, root / "extracted" / key)
+    else:
+        raise UserError(
+            f"--data {path}: expected a folder, a .tar/.tar.gz/.zip archive, {' or '.join(DATASETS)}"
+        )
     try:
         data = _load_folder(folder, size, on_bad)
     except UserError as exc:
@@ -355,8 +338,7 @@ def _decode_folder(path: Path, root: Path, key: str, size: int, on_bad: str) -> 
 
 
 def _as_members(text: str, extracted: Path, archive: Path) -> str:
-    """`text` naming files inside `archive` as members (`pets.zip: pets/cat/1.jpg`), not by the
-    cache folder it was extracted to, which the person never made and should not edit."""
+    """`text` naming archive members (`pets.zip: pets/cat/1.jpg`), not the cache folder."""
     for inside in {str(extracted), printable(extracted)}:
         text = text.replace(inside + os.sep, f"{archive}: ").replace(inside, str(archive))
     return text
@@ -365,13 +347,8 @@ def _as_members(text: str, extracted: Path, archive: Path) -> str:
 def load_labelled(
     src: str, root: Path, size: int, on_bad: str, split: str, classes: Sequence[str] = ()
 ) -> ImageSet | None:
-    """Every image `src` holds for `split` ("val" or "test"), to score whole, never sliced.
-
-    A plain `<class>/` folder (or archive) is all of one labelled set, so it answers any split;
-    otherwise its `test/` or `val/`/`valid/` folder. None when `src` has no such folder: then
-    `--split val` falls back to the held-out slice of `train/`, as in training. `classes`: those
-    the split folders must agree on (a model's), as `load_source`.
-    """
+    """Every image `src` holds for `split` ("val" or "test"): a plain `<class>/` folder whole,
+    else its test/ or val/ folder; None without one (`--split val` then holds out of train/)."""
     data = load_source(src, root, size, on_bad, classes)
     if data.plain:
         return data.train

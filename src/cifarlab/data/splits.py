@@ -83,11 +83,8 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def load_splits(config: TrainConfig) -> Splits:
-    """Train, val and test of `config.data`, filtered to `config.classes`, train cut to `subset`.
-
-    Val is the data's own val/ (or valid/) folder when it has one, and then `val_size` is
-    ignored; otherwise `val_size` training images held out (stratified, seeded), none for 0.
-    """
+    """Train, val and test of `config.data`, filtered to `config.classes`, train cut to `subset`;
+    val is the data's val/ folder if any (`val_size` ignored), else `val_size` held out of train."""
     root = data_root(config)
     source = load_source(config.data, root, config.image_size, config.on_bad_image, config.classes)
     if source.train is None:

@@ -1,11 +1,7 @@
-"""Model registry and the one model constructor.
+"""The model registry and `build_model`, the one constructor for training and every reload.
 
-`ModelArgs` are a model's constructor arguments; every checkpoint stores them, and
-`build_model(args)` is the only way a model is made, for training and for every reload
-(evaluate, predict, export, `--init-from`), so what trains is what reloads.
-
-Names: the fixed ones in `MODELS`, plus two open families resolved by `model_spec`:
-`tv:<builder>` (any torchvision classification model) and `timm:<name>` (the `timm` extra).
+Names: the fixed ones in `MODELS`, plus `tv:<builder>` (any torchvision classifier) and
+`timm:<name>` (the `timm` extra).
 """
 
 from __future__ import annotations
@@ -73,6 +69,10 @@ def _torchvision(arch: str, stem=cifar_stem) -> Build:
     return lambda a, opts, log: torchvision_backbone(arch, a.num_classes, opts, log, stem)
 
 
+def _timm(name: str) -> Build:
+    return lambda a, opts, log: timm_backbone(name, a.num_classes, opts, log)
+
+
 MODELS: dict[str, ModelSpec] = {  # our own nets take neither weights nor stem options
     "cnn": ModelSpec(
         lambda a, *_: CIFAR10CNN(a.num_classes, a.width, a.image_size),
@@ -102,24 +102,16 @@ for _name, _arch in ARCHS.items():
     )
 
 
-def _torchvision_spec(arch: str) -> ModelSpec:
-    fixed = bool(fixed_size_keywords(check_builder(arch), 224))
-    return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, fixed)
-
-
-def _timm_spec(name: str) -> ModelSpec:
-    fixed = has_fixed_input(check_timm_name(name))
-    build: Build = lambda a, opts, log: timm_backbone(name, a.num_classes, opts, log)  # noqa: E731
-    return ModelSpec(build, f"timm {name}", True, False, fixed)
-
-
 def model_spec(name: str) -> ModelSpec:
     if name in MODELS:
         return MODELS[name]
-    if name.startswith("tv:"):
-        return _torchvision_spec(name.removeprefix("tv:"))
-    if name.startswith("timm:"):
-        return _timm_spec(name.removeprefix("timm:"))
+    family, _, arch = name.partition(":")
+    if family == "tv":
+        fixed = bool(fixed_size_keywords(check_builder(arch), 224))
+        return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, fixed)
+    if family == "timm":
+        fixed = has_fixed_input(check_timm_name(arch))
+        return ModelSpec(_timm(arch), f"timm {arch}", True, False, fixed)
     close = difflib.get_close_matches(name, MODELS, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     raise UserError(
@@ -132,12 +124,12 @@ def open_names(pattern: str = "") -> dict[str, list[str] | None]:
     """The `tv:` and `timm:` names containing `pattern` (a glob such as `convnext*` also works);
     None for timm when it is not installed."""
     glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    tv = fnmatch.filter(torchvision_names(), glob)
     try:
         import timm
     except ImportError:
-        timm = None
-    tv = fnmatch.filter(torchvision_names(), glob)
-    return {"tv:": tv, "timm:": None if timm is None else timm.list_models(glob)}
+        return {"tv:": tv, "timm:": None}
+    return {"tv:": tv, "timm:": timm.list_models(glob)}
 
 
 def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:

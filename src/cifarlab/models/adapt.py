@@ -1,10 +1,5 @@
-"""Fitting an ImageNet classifier (torchvision's or timm's) to our task: a new head, and a stem
-for small images.
-
-`stem: cifar` removes the early downsampling (the first strided conv gets stride 1, the max-pool
-after it goes), so 32 px images keep their resolution through the stem; `stem: imagenet` keeps
-the stem and upsamples the batch, inside the model, to `input_size`.
-"""
+"""Fitting an ImageNet classifier (torchvision's or timm's) to our task: a new head, and either
+a stem that keeps 32 px images' resolution (`stem: cifar`) or an upsampling to `input_size`."""
 
 from __future__ import annotations
 
@@ -46,8 +41,7 @@ def load_state_file(path: Path) -> dict:
 
 
 def replace_head(net: nn.Module, num_classes: int, where: str) -> None:
-    """The last `Linear` (fc, classifier[-1], heads.head, ...) replaced by a fresh one with
-    `num_classes` outputs."""
+    """The last `Linear` (fc, classifier[-1], heads.head, ...) made a fresh `num_classes` one."""
     linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise UserError(f"{where} has no Linear classifier to replace; pick another model")

@@ -30,9 +30,9 @@ class _Group(nn.Sequential):
 
 
 class FastNet(nn.Module):
-    def __init__(self, num_classes: int = 10, width: float = 1.0, widths=(64, 256, 256)):
+    def __init__(self, num_classes: int = 10, width: float = 1.0):
         super().__init__()
-        w1, w2, w3 = (max(8, round(c * width)) for c in widths)
+        w1, w2, w3 = (max(8, round(c * width)) for c in (64, 256, 256))
         self.whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
         self.body = nn.Sequential(
             nn.GELU(), _Group(24, w1), _Group(w1, w2), _Group(w2, w3), nn.MaxPool2d(3)

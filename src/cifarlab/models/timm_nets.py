@@ -39,15 +39,11 @@ def has_fixed_input(name: str) -> bool:
 def timm_backbone(
     name: str, num_classes: int, opts: BackboneOptions, log=lambda s: None
 ) -> nn.Module:
-    """timm's `name` with `num_classes` outputs, its weights from `opts.weights` if given."""
-    timm = _timm()
-    if opts.pretrained:
-        raise UserError(
-            f"pretrained: true downloads; timm:{name} takes weights only from a file: weights: FILE"
-        )
+    """timm's `name` with `num_classes` outputs, its weights from `opts.weights` if given
+    (`pretrained`, a download, is refused by config validation)."""
     kwargs = {"img_size": opts.input_size} if has_fixed_input(name) else {}
     if not opts.weights:
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        net = _timm().create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     else:
         net = _from_file(name, num_classes, Path(opts.weights), kwargs)
     return with_stem(net, opts, log)
@@ -57,8 +53,6 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
     """timm loads the file with the model's own checkpoint filter (a new head when the class
     count differs); it only warns on keys that do not fit, so we check them ourselves."""
     timm = _timm()
-    if not path.is_file():
-        raise UserError(f"--weights {path}: no such file (timm models take weights from a file)")
     try:
         saved = set(timm.models.load_state_dict(str(path)))
         net = timm.create_model(

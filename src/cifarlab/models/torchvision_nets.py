@@ -67,9 +67,16 @@ def fixed_size_keywords(arch: str, side: int) -> dict:
     return {}
 
 
-def _weights_enum(arch: str, name: str):
+def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
+    """From a local file, or by weights name (DEFAULT for `pretrained`) from torch's cache,
+    downloaded when missing; None for random weights."""
     from torchvision.models import get_model_weights
 
+    name = opts.weights
+    if file := weights_file(name, named=True):
+        return load_state_file(file)
+    if not (opts.pretrained or name):
+        return None
     enum = get_model_weights(arch)
     valid = [w.name for w in enum]
     if name not in ("", "DEFAULT", *valid):
@@ -79,18 +86,7 @@ def _weights_enum(arch: str, name: str):
             + (f"; did you mean {' or '.join(close)}?" if close else "")
             + f" (its weights: {', '.join(valid)})"
         )
-    return enum[name or "DEFAULT"]
-
-
-def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
-    """From a local file, or by weights name (DEFAULT for `pretrained`) from torch's cache,
-    downloaded when missing; None for random weights."""
-    name = opts.weights
-    if file := weights_file(name, named=True):
-        return load_state_file(file)
-    if not (opts.pretrained or name):
-        return None
-    weights = _weights_enum(arch, name)
+    weights = enum[name or "DEFAULT"]
     try:
         return weights.get_state_dict(progress=False)
     except Exception as exc:
@@ -130,25 +126,20 @@ def lesson_stem(net: nn.Module, log) -> None:
     )
 
 
-def _construct(arch: str, opts: BackboneOptions) -> nn.Module:
-    from torchvision.models import get_model
-
-    kwargs = {**BUILDER_KWARGS.get(arch, {}), **fixed_size_keywords(arch, opts.input_size)}
-    try:
-        return get_model(arch, weights=None, **kwargs)
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        raise UserError(
-            f"tv:{arch} cannot be built for input_size {opts.input_size} "
-            f"({' '.join(str(exc).split())}); "
-            "try input_size: 224"
-        ) from None
-
-
 def torchvision_backbone(
     arch: str, num_classes: int, opts: BackboneOptions, log=lambda s: None, stem=cifar_stem
 ) -> nn.Module:
     """torchvision's `arch` with optional ImageNet weights, a `num_classes` head and the stem."""
-    net = _construct(arch, opts)
+    from torchvision.models import get_model
+
+    kwargs = {**BUILDER_KWARGS.get(arch, {}), **fixed_size_keywords(arch, opts.input_size)}
+    try:
+        net = get_model(arch, weights=None, **kwargs)
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise UserError(
+            f"tv:{arch} cannot be built for input_size {opts.input_size} "
+            f"({' '.join(str(exc).split())}); try input_size: 224"
+        ) from None
     state = _imagenet_state_dict(arch, opts)
     if state is not None:
         _load(net, arch, state)

@@ -26,11 +26,8 @@ def first_conv(model: nn.Module) -> nn.Conv2d:
 
 def patch_whitening_filters(images: torch.Tensor, kernel: tuple[int, int], eps: float = 5e-4):
     """Whitening filters for `kernel`-sized patches of normalised NCHW `images`, the
-    largest-variance direction first: shape (3*kh*kw, 3, kh, kw).
-
-    One row per (channel, dy, dx) from shifted slices (contiguous copies), centred, multiplied
-    in float32 blocks summed in double: several times faster than unfolding the patches into
-    double-precision rows, to within float32 rounding of their filters."""
+    largest-variance direction first: shape (3*kh*kw, 3, kh, kw). The covariance is summed in
+    float32 blocks in double: several times faster than unfolding patches into double rows."""
     kh, kw = kernel
     _, c, h, w = images.shape
     rows = [
@@ -50,11 +47,9 @@ def patch_whitening_filters(images: torch.Tensor, kernel: tuple[int, int], eps: 
 
 @torch.no_grad()
 def init_whitening(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> int:
-    """Whiten `conv` from `images` and freeze its weight; returns how many channels were set.
-
-    With out_channels >= 2 x patch size every filter goes in as a +/- pair (airbench's layout)
-    and the remaining channels keep their initialisation; with fewer channels the leading
-    principal directions fill them, again in pairs."""
+    """Whiten `conv` from `images` and freeze its weight; returns how many channels were set:
+    as many leading filters as fit, each as a +/- pair (airbench's layout); the rest keep
+    their initialisation."""
     filters = patch_whitening_filters(images, conv.kernel_size, eps)
     keep = min(len(filters), conv.out_channels // 2)
     if keep == 0:
