@@ -1,10 +1,9 @@
 """Muon for convolution filters beside SGD for everything else, as airbench94_muon trains.
 
 Muon (Jordan et al., 2024) replaces a filter bank's momentum update by its nearest
-semi-orthogonal matrix (a few Newton-Schulz iterations), after rescaling the filter bank to a
-fixed norm; with BatchNorm after every conv the scale carries no information, so the step is a
-pure change of direction. torch.optim.Muon takes 2-D parameters only and has no such rescaling,
-hence this optimiser: groups marked `muon=True` take Muon steps, the others torch's SGD formula.
+semi-orthogonal matrix (a few Newton-Schulz iterations); with BatchNorm after every conv the
+filters' scale carries no information, so they are rescaled to a fixed norm and the step is a
+pure change of direction. torch.optim.Muon takes 2-D parameters only and does not rescale.
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ def _sgd_step(params, group, state) -> None:
 
 
 def _muon_step(params, group, state) -> None:
-    """Filters rescaled to norm sqrt(outputs), then an orthogonalised step of size lr."""
     for p, g in zip(params, _momentum(params, [p.grad for p in params], group, state), strict=True):
         p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
         p.add_(orthogonalize(g.reshape(len(g), -1)).view_as(p), alpha=-group["lr"])
