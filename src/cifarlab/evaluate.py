@@ -27,7 +27,7 @@ from cifarlab.data.sources import check_outside_images, load_labelled
 from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import UserError
 from cifarlab.hardware import pick_device
-from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
+from cifarlab.inference import TTA_VIEWS, check_complete, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import RUN_FILES, check_out, read_metrics
@@ -192,6 +192,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     if Path(opts.target).is_dir() and ckpt_path.name != "best.pt":  # no epoch was chosen yet
         log(f"note: {opts.target} has no best.pt; scoring {ckpt_path.name}")
     ckpt = load_checkpoint(ckpt_path)
+    check_complete(ckpt)
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:
