@@ -75,13 +75,21 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, data_root, monke
     assert np.array_equal(first.train.images, second.train.images)
 
 
+def _flip(blob: bytes, at: int) -> bytes:
+    return blob[:at] + bytes([blob[at] ^ 0xFF]) + blob[at + 1 :]
+
+
 def test_a_changed_source_or_damaged_cache_is_rebuilt(tmp_path, data_root, capsys):
     src = _tiny_folder(tmp_path / "d")
-    load_source(str(src), data_root, 32)
+    first = load_source(str(src), data_root, 32)
     npz = next((data_root / "arrays").glob("*.npz"))
-    npz.write_bytes(npz.read_bytes()[:-100] + b"x" * 100)
-    again = load_source(str(src), data_root, 32)
-    assert "damaged" in capsys.readouterr().err and len(again.train) == 8
+    good = npz.read_bytes()
+    pixels = good.index(bytes(np.asarray(first.train.images[3]).tobytes()[:64]))
+    for damaged in (good[:-100] + b"x" * 100, _flip(good, pixels + 10)):  # zip tail; one pixel
+        npz.write_bytes(damaged)
+        again = load_source(str(src), data_root, 32)
+        assert "damaged" in capsys.readouterr().err and len(again.train) == 8
+        assert np.array_equal(again.train.images, first.train.images)
     _tiny_folder(tmp_path / "d", classes=("emu",))
     assert load_source(str(src), data_root, 32).train.classes == ["cat", "dog", "emu"]
 

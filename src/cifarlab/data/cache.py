@@ -1,4 +1,4 @@
-"""The decoded-array cache: one .npz per (source files, image size), checked by sha256 before use.
+"""The decoded-array cache: one .npz per (source files, image size), checked as it is read.
 
 Decoding the 50,000 CIFAR-10 JPEGs takes ~20 s on 2 CPU cores; reading the cached arrays well
 under a second.
@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -74,41 +75,35 @@ def ensure_writable(root: Path) -> None:
         raise _not_writable(root, "permission denied")
 
 
-def _digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _files(root: Path, key: str) -> tuple[Path, Path]:
-    folder = root / "arrays"
-    return folder / f"{key}.npz", folder / f"{key}.sha256"
+def _file(root: Path, key: str) -> Path:
+    return root / "arrays" / f"{key}.npz"
 
 
 def load(root: Path, key: str):
-    """The cached SourceData, or None when absent or damaged (then it is rebuilt)."""
-    npz, checksum = _files(root, key)
-    if not (npz.is_file() and checksum.is_file()):
+    """The cached SourceData, or None when absent or damaged (then it is rebuilt). Damage is
+    found by the zip's CRC-32 of each array, which numpy's reader checks as it reads the array:
+    no separate hash pass over the file."""
+    npz = _file(root, key)
+    if not npz.is_file():
         return None
-    if _digest(npz) != checksum.read_text().strip():
-        print(
-            f"warning: cache file {npz} is damaged (checksum mismatch); rebuilding it",
-            file=sys.stderr,
-        )
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+
+            def split(name: str):
+                if f"{name}_images" not in z:
+                    return None
+                classes, paths = z[f"{name}_classes"].tolist(), z[f"{name}_paths"].tolist()
+                return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
+
+            skipped, plain = z["skipped"].tolist(), bool(z["plain"])
+            return SourceData(split("train"), split("test"), skipped, split("val"), plain)
+    except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
+        print(f"warning: cache file {npz} is damaged ({exc}); rebuilding it", file=sys.stderr)
         return None
-    with np.load(npz, allow_pickle=False) as z:
-
-        def split(name: str):
-            if f"{name}_images" not in z:
-                return None
-            classes, paths = z[f"{name}_classes"].tolist(), z[f"{name}_paths"].tolist()
-            return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
-
-        skipped, plain = z["skipped"].tolist(), bool(z["plain"])
-        return SourceData(split("train"), split("test"), skipped, split("val"), plain)
 
 
 def save(root: Path, key: str, data) -> None:
-    npz, checksum = _files(root, key)
+    npz = _file(root, key)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str), "plain": np.asarray(data.plain)}
     for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
         if ds is None:
@@ -124,8 +119,6 @@ def save(root: Path, key: str, data) -> None:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        digest = _digest(tmp)
         os.replace(tmp, npz)
-        checksum.write_text(digest + "\n")
     except OSError as exc:
         raise _not_writable(root, exc.strerror or type(exc).__name__) from None
