@@ -582,18 +582,21 @@ def parse_duration(text: str, where: str = "--time-budget") -> float:
 
 
 def with_length(
-    config: TrainConfig, epochs: int | None, budget: float | None, where: str = "--epochs/--budget"
+    config: TrainConfig, epochs: int | None, budget: float | None, where: str = ""
 ) -> TrainConfig:
     """`config` trained for `epochs` (`with_epochs`), or for `budget` times its own epochs (at
-    least one), or as it is when neither is given."""
+    least one), or as it is when neither is given. Errors name `where`, or the CLI's flags."""
     if epochs is not None and budget is not None:
-        raise UserError(f"{where}: both set the run's length; give epochs or budget, not both")
+        raise UserError(
+            f"{where or '--epochs/--budget'}: both set the run's length; give epochs or budget, "
+            "not both"
+        )
     if budget is not None:
         if not (math.isfinite(budget) and budget > 0):
             raise UserError(f"--budget {budget}: must be a positive fraction, e.g. 0.1")
         epochs = max(1, round(config.epochs * budget))
     elif epochs is not None:
-        epochs = _checked("epochs", epochs, where)
+        epochs = _checked("epochs", epochs, where or "--epochs")
     return config if epochs is None else with_epochs(config, epochs)
 
 
