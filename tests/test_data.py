@@ -181,6 +181,7 @@ def _rewrite(path: Path, **changes) -> None:
             r"'data' is uint8 of shape \(6, 3000\), not one row of 3,072",
         ),
         ({"labels": [0, 1, 2, 3, 4]}, "5 'labels' for 6 images"),
+        ({"data": np.zeros((0, 3072), np.uint8), "labels": []}, "holds no images"),
         (
             {"labels": [0, 1, 2, 3, 4, 10]},
             "labels run from 0 to 10, but batches.meta names 10 classes",

@@ -109,6 +109,11 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
                     f"{path}: 'data' is {data.dtype} of shape {data.shape}, not one row of "
                     "3,072 bytes (32x32 RGB, channel-major) per image"
                 )
+            if not len(data):  # an edited or cut batch; torchvision's hold 10,000 images each
+                raise UserError(
+                    f"{path}: holds no images; the {name} folder is damaged: remove {folder} "
+                    "to download it again"
+                )
             if found.shape != (len(data),) or found.dtype.kind not in "ui":
                 raise UserError(f"{path}: {found.size} '{label_key}' for {len(data)} images")
             if len(found) and not 0 <= found.min() <= found.max() < len(classes):
