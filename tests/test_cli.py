@@ -37,6 +37,8 @@ def _assert_one_line_error(code, err, *needles):
         (["--data", "/no/such/place"], "no such file or folder"),
         (["--recipe", "nope"], "unknown recipe 'nope'"),
         (["--set", "model=vgg"], "unknown model 'vgg'"),
+        (["--set", "model=tv"], "unknown model 'tv'; valid models:"),
+        (["--budget", "-1"], "--budget: budget -1.0 must be a positive fraction"),
         (["--lr", "-0.1"], "'lr' must be > 0"),
         (["--set", "mixup_alpha=-1"], "'mixup_alpha' must be >= 0"),
         (["--set", "batchsize=3"], "did you mean 'batch_size'"),

@@ -593,7 +593,9 @@ def with_length(
         )
     if budget is not None:
         if not (math.isfinite(budget) and budget > 0):
-            raise UserError(f"--budget {budget}: must be a positive fraction, e.g. 0.1")
+            raise UserError(
+                f"{where or '--budget'}: budget {budget} must be a positive fraction, e.g. 0.1"
+            )
         epochs = max(1, round(config.epochs * budget))
     elif epochs is not None:
         epochs = _checked("epochs", epochs, where or "--epochs")

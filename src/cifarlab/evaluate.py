@@ -199,7 +199,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
     out = opts.out or ckpt_path.parent / _default_out(opts)
     _check_out(out)
-    check_outside_images(out, opts.data or ckpt["config"]["data"])  # its PNGs would be a class
+    saved_data = ckpt["config"].get("data", TrainConfig.data)
+    check_outside_images(out, opts.data or saved_data)  # its PNGs would be a class
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     if len(data) == 0:
         raise UserError(

@@ -105,11 +105,11 @@ for _name, _arch in ARCHS.items():
 def model_spec(name: str) -> ModelSpec:
     if name in MODELS:
         return MODELS[name]
-    family, _, arch = name.partition(":")
-    if family == "tv":
+    family, colon, arch = name.partition(":")
+    if colon and family == "tv":
         fixed = bool(fixed_size_keywords(check_builder(arch), 224))
         return ModelSpec(_torchvision(arch), f"torchvision {arch}", True, True, fixed)
-    if family == "timm":
+    if colon and family == "timm":
         fixed = has_fixed_input(check_timm_name(arch))
         return ModelSpec(_timm(arch), f"timm {arch}", True, False, fixed)
     close = difflib.get_close_matches(name, MODELS, n=1)
