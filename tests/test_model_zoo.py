@@ -216,9 +216,11 @@ def test_a_timm_weights_file_of_another_model_is_refused(tmp_path):
 
 
 @needs_timm
-def test_timm_models_refuse_pretrained_downloads_at_validation():
+def test_timm_models_refuse_pretrained_downloads_at_validation_and_at_build():
     with pytest.raises(UserError, match=r"only from a local file \(weights: FILE\)"):
         validate_config(make_config(model="timm:resnet10t", pretrained=True))
+    with pytest.raises(UserError, match="takes weights only from a file"):
+        build_model(ModelArgs("timm:resnet10t", 10), pretrained=True)
 
 
 def test_a_timm_name_without_timm_says_how_to_install_it(monkeypatch):

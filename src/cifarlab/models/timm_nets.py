@@ -39,8 +39,11 @@ def has_fixed_input(name: str) -> bool:
 def timm_backbone(
     name: str, num_classes: int, opts: BackboneOptions, log=lambda s: None
 ) -> nn.Module:
-    """timm's `name` with `num_classes` outputs, its weights from `opts.weights` if given
-    (`pretrained`, a download, is refused by config validation)."""
+    """timm's `name` with `num_classes` outputs, its weights from `opts.weights` if given."""
+    if opts.pretrained:  # config validation refuses it too; a direct build must not ignore it
+        raise UserError(
+            f"pretrained: true downloads; timm:{name} takes weights only from a file: weights: FILE"
+        )
     kwargs = {"img_size": opts.input_size} if has_fixed_input(name) else {}
     if not opts.weights:
         net = _timm().create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
