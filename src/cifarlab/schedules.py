@@ -26,12 +26,21 @@ def _onecycle(step: float, total: int, warmup: int) -> float:
     return _linear(step, total, warmup)
 
 
-# each shape after the warm-up; the others share `StepSchedule`'s linear warm-up
+def _warmed(shape: Callable[[float, int, int], float]) -> Callable[[float, int, int], float]:
+    """`shape` after a linear warm-up over `warmup` steps, capped at 1: a stretched schedule
+    reads between the last two warm-up steps."""
+
+    def schedule(step: float, total: int, warmup: int) -> float:
+        return min(1.0, (step + 1) / warmup) if step < warmup else shape(step, total, warmup)
+
+    return schedule
+
+
 SCHEDULES: dict[str, Callable[[float, int, int], float]] = {
-    "cosine": _cosine,
-    "onecycle": _onecycle,
-    "linear": _linear,
-    "constant": lambda step, total, warmup: 1.0,
+    "cosine": _warmed(_cosine),
+    "onecycle": _onecycle,  # its own warm-up, from 0.1 of the peak
+    "linear": _warmed(_linear),
+    "constant": _warmed(lambda step, total, warmup: 1.0),
 }
 
 
@@ -51,8 +60,6 @@ class StepSchedule:
 
     def __call__(self, step: int) -> float:
         at = self.position(step // self.hold * self.hold)
-        if at < self.warmup and self.name != "onecycle":  # capped: a stretched schedule reads
-            return min(1.0, (at + 1) / self.warmup)  # between the last two warm-up steps
         return SCHEDULES[self.name](at, self.total, self.warmup)
 
     def stretch(self, done: int, new_total: int) -> None:
