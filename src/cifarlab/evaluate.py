@@ -199,8 +199,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
     out = opts.out or ckpt_path.parent / _default_out(opts)
     _check_out(out)
-    saved_data = ckpt["config"].get("data", TrainConfig.data)
-    check_outside_images(out, opts.data or saved_data)  # its PNGs would be a class
+    check_outside_images(out, opts.data or run_config(ckpt, str(ckpt_path)).data)  # PNGs: a class
     data, source = load_eval_set(ckpt, opts, str(ckpt_path))
     if len(data) == 0:
         raise UserError(
