@@ -379,3 +379,18 @@ def test_val_size_larger_than_data_is_an_error(real_jpegs, data_root):
 def test_cache_key_changes_with_size(tmp_path):
     src = _tiny_folder(tmp_path / "d")
     assert cache.source_key(src, 32, "error") != cache.source_key(src, 64, "error")
+
+
+def test_a_cache_file_or_folder_in_the_way_is_named_and_no_partial_copy_is_left(tmp_path):
+    src = _tiny_folder(tmp_path / "d")
+    root = tmp_path / "root"
+    key = cache.source_key(src, 32, "error")
+    (root / "arrays" / f"{key}.npz").mkdir(parents=True)  # a folder where the cache file goes
+    with pytest.raises(UserError, match=rf"cannot write the image cache at .*{key}\.npz"):
+        load_source(str(src), root, 32)
+    assert [p.name for p in (root / "arrays").iterdir()] == [f"{key}.npz"]
+    shutil.rmtree(root / "arrays")
+    (root / "arrays").write_text("x")  # a file where the cache folder goes
+    with pytest.raises(UserError, match=r"image cache at .*arrays \(File exists\); remove or move"):
+        load_source(str(src), root, 32)
+    assert (root / "arrays").read_text() == "x"

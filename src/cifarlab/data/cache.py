@@ -6,6 +6,7 @@ under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -121,4 +122,12 @@ def save(root: Path, key: str, data) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, npz)
     except OSError as exc:
-        raise _not_writable(root, exc.strerror or type(exc).__name__) from None
+        with contextlib.suppress(OSError):  # a failed write leaves no image-sized leftover
+            tmp.unlink()
+        where = Path(exc.filename2 or exc.filename or root)
+        if where in (tmp, root):
+            raise _not_writable(root, exc.strerror or type(exc).__name__) from None
+        raise UserError(
+            f"--data-root {root}: cannot write the image cache at {where} "
+            f"({exc.strerror or type(exc).__name__}); remove or move {where}"
+        ) from None
