@@ -250,3 +250,21 @@ def test_a_storage_that_cannot_open_leaves_no_out_behind(synthetic_images, tmp_p
     with pytest.raises(UserError, match="cannot open the study database"):
         run_tune(opts, log=lambda s: None)
     assert not opts.out.exists()
+
+
+def test_a_study_whose_every_trial_diverged_exits_1_saying_so(
+    synthetic_images, tmp_path, monkeypatch, capsys
+):
+    from cifarlab.cli import main
+    from cifarlab.train import TrainingFailed
+
+    def diverging(config, run_dir, **kw):
+        raise TrainingFailed("diverged: non-finite loss at epoch 1 step 1; the last good ...")
+
+    monkeypatch.setattr("cifarlab.train.train", diverging)
+    args = ["tune", "--recipe", "fast", "--data", str(synthetic_images), "--val-size", "6",
+            "--batch-size", "8", "--data-root", str(tmp_path / "d"), "--trials", "2",
+            "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "tune")]  # fmt: skip
+    assert main(args) == 1  # it was Optuna's ValueError traceback ("Record does not exist")
+    assert "no trial completed" in capsys.readouterr().err
+    assert not (tmp_path / "tune" / "best-recipe.yaml").exists()

@@ -79,6 +79,13 @@ def run_tune(opts: TuneOptions, log=print):
         study.optimize(
             objective, callbacks=[optuna.study.MaxTrialsCallback(opts.trials, states=finished)]
         )
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        from cifarlab.train import TrainingFailed
+
+        raise TrainingFailed(
+            f"study '{name}': no trial completed (of {len(study.trials)}: diverged or pruned), so "
+            "there is no best recipe; search around a lower --lr or muon_lr, or run more --trials"
+        )
     best = study.best_trial
     out = write_best_recipe(opts, base, best, name)
     log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
