@@ -103,6 +103,21 @@ def test_a_key_written_twice_in_a_yaml_is_refused_with_its_line(tmp_path, capsys
     assert read_yaml_mapping(recipe)["mine"] == {"lr": 0.2}
 
 
+def test_a_yaml_that_is_not_utf8_text_is_one_line_for_recipes_and_suites(tmp_path, capsys):
+    from cifarlab.cli import main
+
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("lr: 0.1  # d\xe9j\xe0 vu\n".encode("latin-1"))  # a UnicodeDecodeError
+    for argv in (
+        ["train", "--recipe", str(binary), "--data", "x"],
+        ["suite", str(binary), "--data", "x"],
+    ):
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "not UTF-8" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hint(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("recipe: seed-cnn\nepochs: 2\n")  # trained the defaults, logged seed-cnn

@@ -364,6 +364,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         if not isinstance(exc, _KeySetTwice):
             problem = f"not valid YAML ({problem})"
         raise UserError(f"{where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
