@@ -63,6 +63,14 @@ def test_an_lr_beyond_float32_is_refused_in_one_line(capsys, tmp_path):
     assert "'lr' must be <= 1000000" in capsys.readouterr().err
 
 
+def test_an_empty_data_from_set_or_a_recipe_is_refused_not_read_as_the_working_folder(
+    capsys, tmp_path
+):
+    out = tmp_path / "r"  # --data "" is refused by its flag; --set data= reached the data loader
+    assert main(["train", "--data", "cifar10", "--set", "data= ", "--out", str(out)]) == 2
+    assert "data is empty" in capsys.readouterr().err and not out.exists()
+
+
 def test_torchrun_rules_need_the_world_size():
     config = make_config(batch_size=100)
     validate_config(config, world=4)

@@ -473,6 +473,8 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
 
 def _training_rules(config: TrainConfig) -> Iterator[str]:
     """What is wrong between the data, augmentation and schedule keys."""
+    if not config.data.strip():  # "" would read the working directory as a class folder
+        yield "data is empty; give cifar10, cifar100, a class folder or an archive"
     if config.alt_flip and config.loader != "device":
         yield "alt_flip needs loader: device (the torchvision loader flips by coin)"
     if not config.drop_last and config.loader != "torchvision":
