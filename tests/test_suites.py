@@ -297,3 +297,14 @@ def test_val_size_zero_on_data_without_a_test_split_is_refused_before_any_run_tr
     err = capsys.readouterr().err
     assert code == 2 and "no test split" in err and "--val-size" in err, err
     assert not out.exists()
+
+
+def test_an_out_among_the_class_folders_is_refused_before_it_is_made(
+    synthetic_images, tmp_path, capsys
+):
+    """Every run would be refused there, and the folder left behind read as an empty class."""
+    data = shutil.copytree(synthetic_images / "train", tmp_path / "data")
+    out = data / "suite"
+    argv = ["suite", "exercise-2", "--data", str(data), "--val-size", "6", "--out", str(out)]
+    assert main(argv) == 2  # it was 1: each run "cannot start", the suite's tables in --out
+    assert "whose folders are read as classes" in capsys.readouterr().err and not out.exists()

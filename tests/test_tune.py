@@ -268,3 +268,17 @@ def test_a_study_whose_every_trial_diverged_exits_1_saying_so(
     assert main(args) == 1  # it was Optuna's ValueError traceback ("Record does not exist")
     assert "no trial completed" in capsys.readouterr().err
     assert not (tmp_path / "tune" / "best-recipe.yaml").exists()
+
+
+def test_an_out_among_the_class_folders_is_refused_before_a_study_is_stored(
+    synthetic_images, tmp_path
+):
+    import shutil
+
+    data = shutil.copytree(synthetic_images / "train", tmp_path / "data")
+    opts = _small(synthetic_images, tmp_path, 1)
+    opts = dataclasses.replace(opts, base=dataclasses.replace(opts.base, data=str(data)),
+                               out=data / "tune")  # fmt: skip
+    with pytest.raises(UserError, match="whose folders are read as classes"):
+        run_tune(opts, log=lambda s: None)  # every trial failed there, the folder left behind
+    assert not opts.out.exists() and not (tmp_path / "study.db").exists()

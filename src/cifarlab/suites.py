@@ -177,6 +177,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 
 
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
+    from cifarlab.data.sources import check_outside_images
     from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.train import TrainingFailed, train
 
@@ -194,6 +195,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     _refuse_unscored(jobs)
+    for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
+        check_outside_images(opts.out, data)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}

@@ -28,6 +28,7 @@ from cifarlab.config import (
     validate_config,
     with_epochs,
 )
+from cifarlab.data.sources import check_outside_images
 from cifarlab.data.splits import check_sizes, load_splits
 from cifarlab.errors import Interrupted, UserError, import_extra
 from cifarlab.rundir import RunDirTaken, prepare_run_dir, removed_if_unstarted
@@ -105,6 +106,7 @@ def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
     check_sizes(base, load_splits(base))
+    check_outside_images(opts.out, base.data)  # every trial's folder would be refused there
     return base, prepare_run_dir(opts.out, need_bytes=0)
 
 
