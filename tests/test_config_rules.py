@@ -71,6 +71,14 @@ def test_an_empty_data_from_set_or_a_recipe_is_refused_not_read_as_the_working_f
     assert "data is empty" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "suite exercise-2", "tune --trials 1"])
+def test_an_empty_recipe_flag_is_refused_not_taken_for_the_default(capsys, tmp_path, command):
+    out = tmp_path / "r"  # `--recipe "$RECIPE"` with RECIPE unset trained seed-cnn's 100 epochs
+    argv = [*command.split(), "--recipe", "", "--data", str(tmp_path / "d"), "--out", str(out)]
+    assert main(argv) == 2
+    assert "--recipe: empty" in capsys.readouterr().err and not out.exists()
+
+
 def test_torchrun_rules_need_the_world_size():
     config = make_config(batch_size=100)
     validate_config(config, world=4)

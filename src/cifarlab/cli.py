@@ -37,9 +37,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _given(text: str) -> str:
-    """A path flag's value; an empty one (`--data "$DATA"`, DATA unset) would mean the cwd."""
+    """A path or recipe flag's value; an empty one (`--data "$DATA"`, DATA unset) would mean the
+    cwd, or the default recipe."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("empty; give a path (is a shell variable unset?)")
+        raise argparse.ArgumentTypeError("empty; give a value (is a shell variable unset?)")
     return text
 
 
@@ -65,7 +66,7 @@ _RUN_FLAGS = [
 
 
 def _run_flags(p: argparse.ArgumentParser, recipe_help: str) -> None:
-    p.add_argument("--recipe", help=recipe_help)
+    p.add_argument("--recipe", type=_given, help=recipe_help)
     for flag, kind, text in _RUN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument(
