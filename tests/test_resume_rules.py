@@ -301,3 +301,22 @@ def _power_cut_in_epoch_two(monkeypatch, config, run_dir) -> None:
     with pytest.raises(RuntimeError, match="power cut"):
         train(config, run_dir, log=QUIET)
     monkeypatch.setattr(training, "optimizer_step", real_step)
+
+
+def test_a_metrics_row_torn_by_a_crash_is_written_again_on_resume(
+    synthetic_images, tmp_path, capsys
+):
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        raise Crash
+
+    run = tmp_path / "run"
+    with pytest.raises(Crash):  # stopped after epoch 1's last.pt
+        train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
+    with open(run / "metrics.csv", "a") as f:
+        f.write("2,0.01,2.30")  # epoch 2's row cut short: the process died while appending it
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # a TypeError
+    assert "Traceback" not in capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1.0, 2.0]

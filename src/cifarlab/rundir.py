@@ -230,10 +230,16 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of `path`, but one that does not parse (torn by a crash mid-write, or edited);
+    a resumed run writes its epoch again."""
     if not path.is_file():
         return []
+    rows = []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        for row in csv.DictReader(f):
+            with contextlib.suppress(TypeError, ValueError):  # a missing or non-number field
+                rows.append({k: float(v) for k, v in row.items()})
+    return rows
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:
