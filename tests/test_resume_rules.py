@@ -320,3 +320,16 @@ def test_a_metrics_row_torn_by_a_crash_is_written_again_on_resume(
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # a TypeError
     assert "Traceback" not in capsys.readouterr().err
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1.0, 2.0]
+
+
+def test_a_finished_run_whose_result_json_was_cut_short_writes_it_again_on_resume(
+    synthetic_images, tmp_path, capsys
+):
+    import json
+
+    run = tmp_path / "run"
+    first = train(_config(synthetic_images, tmp_path, epochs=1), run, log=QUIET)
+    (run / "result.json").write_text('{"best_val_acc": 0.')  # a full disk, a crash mid-write
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # JSONDecodeError
+    assert f"best val acc {first.best_val_acc:.2%}" in capsys.readouterr().out
+    assert json.loads((run / "result.json").read_text())["epochs"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -240,6 +241,15 @@ def read_metrics(path: Path) -> list[dict]:
             with contextlib.suppress(TypeError, ValueError):  # a missing or non-number field
                 rows.append({k: float(v) for k, v in row.items()})
     return rows
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """`run_dir/result.json`, or None where it is missing or does not parse (cut short)."""
+    try:
+        saved = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:

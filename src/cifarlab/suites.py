@@ -5,7 +5,6 @@ a table, a plot and an index page. Each run is a `recipe`, `set` overrides and a
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from cifarlab.config import (
     with_length,
 )
 from cifarlab.errors import Interrupted, UserError
-from cifarlab.rundir import prepare_run_dir, read_metrics
+from cifarlab.rundir import prepare_run_dir, read_metrics, read_result
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
@@ -318,8 +317,7 @@ def summarise(suite: Suite, opts: SuiteOptions, failed: dict[str, str]) -> list[
                 seconds=statistics.mean(sum(r["seconds"] for r in h) for h in histories),
                 images_per_s=statistics.median(r["images_per_s"] for h in histories for r in h),
             )
-            paths = [d / "result.json" for d in dirs.values()]
-            results = [json.loads(p.read_text()) if p.is_file() else {} for p in paths]
+            results = [read_result(d) or {} for d in dirs.values()]
             for key in ("tta_val_acc", "test_acc", "test_tta_acc"):
                 values = [r.get(key) for r in results]
                 if all(v is not None for v in values):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from cifarlab import phases
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
-from cifarlab.checkpoint import Checkpointer, load_checkpoint
+from cifarlab.checkpoint import Checkpointer, load_checkpoint, replaced_when_complete
 from cifarlab.config import (
     RUNTIME_KEYS,
     TrainConfig,
@@ -45,6 +45,7 @@ from cifarlab.rundir import (
     claim_run_dir,
     prepare_run_dir,
     read_metrics,
+    read_result,
     removed_if_unstarted,
     truncate_metrics,
 )
@@ -143,8 +144,9 @@ def train(
     config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
     config = validate_config(config, "config", d.world)
     finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
-    if finished and (run_dir / "result.json").is_file():
-        return _finished_result(run_dir, ckpt, log)
+    saved = read_result(run_dir) if finished else None  # a damaged one: the end runs again
+    if saved is not None:
+        return _finished_result(run_dir, ckpt, saved, log)
     spent = time.perf_counter() - started
     if config.time_budget and ckpt is None and spent >= config.time_budget:
         raise UserError(  # before any data loads: nothing at all fits
@@ -260,13 +262,12 @@ def _refuse_over_results(run_dir: Path) -> None:
         )
 
 
-def _finished_result(run_dir: Path, ckpt: dict, log) -> Result:
+def _finished_result(run_dir: Path, ckpt: dict, saved: dict, log) -> Result:
     """A finished run resumed: nothing to train; its own figures, read back from its files."""
     n = ckpt["epoch"]
     log(
         f"resume: {run_dir} already finished {'all ' * (n != 1)}{n} epoch{'s' * (n != 1)}; nothing to train"
     )
-    saved = json.loads((run_dir / "result.json").read_text())
     known = {k: v for k, v in saved.items() if k in Result.__dataclass_fields__}
     return Result(run_dir=run_dir, history=read_metrics(run_dir / "metrics.csv"), **known)
 
@@ -562,8 +563,9 @@ def _finish(
         c.epochs, seconds, history[-1]["images_per_s"] if history else 0.0, history, tta_acc, test_acc, test_tta,
         None if finals else _best_test(history, log),
     )  # fmt: skip
-    if run.dist.main:  # result.json
-        (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    if run.dist.main:
+        with replaced_when_complete(run_dir / "result.json") as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result
 
 
