@@ -79,6 +79,13 @@ def test_an_empty_recipe_flag_is_refused_not_taken_for_the_default(capsys, tmp_p
     assert "--recipe: empty" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_tilde_naming_no_user_is_a_path_that_does_not_exist_not_a_traceback(capsys, tmp_path):
+    out = tmp_path / "r"  # Path.expanduser raised RuntimeError("Could not determine home ...")
+    assert main(["train", "--data", "~nosuchuser-x/pets", "--out", str(out)]) == 2
+    assert "~nosuchuser-x/pets: no such file or folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_torchrun_rules_need_the_world_size():
     config = make_config(batch_size=100)
     validate_config(config, world=4)

@@ -175,19 +175,23 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)
 
 
+def expand(path: str | Path) -> Path:
+    """`path` with `~` expanded; `~nosuchuser` stays as written (`Path.expanduser` raises)."""
+    return Path(os.path.expanduser(path))
+
+
 def default_data_root() -> Path:
-    root = os.environ.get("CIFARLAB_DATA") or Path.home() / ".cache" / "cifarlab"
-    return Path(root).expanduser()
+    return expand(os.environ.get("CIFARLAB_DATA") or "~/.cache/cifarlab")
 
 
 def data_root(config: TrainConfig) -> Path:
-    return Path(config.data_root).expanduser() if config.data_root else default_data_root()
+    return expand(config.data_root) if config.data_root else default_data_root()
 
 
 def absolute_data(src: str) -> str:
     """`data` as a run stores it: a path that exists made absolute, so that the run's commands
     (evaluate, calibrate) find it from any working directory; a dataset name as given."""
-    path = Path(src).expanduser()
+    path = expand(src)
     return os.path.abspath(path) if src not in DATASETS and path.exists() else src
 
 
@@ -431,7 +435,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
     broken = next(itertools.chain(*rules), None)
     if broken:
         raise UserError(f"{where}: {broken}")
-    root = config.data_root and os.path.abspath(Path(config.data_root).expanduser())
+    root = config.data_root and os.path.abspath(expand(config.data_root))
     return dataclasses.replace(config, data=absolute_data(config.data), data_root=root)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root
+from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, load_labelled
@@ -92,11 +92,11 @@ def load_eval_set(
 
 def _same_source(a: str, b: str) -> bool:
     """`--data` spellings of one source: cifar10, or one folder however its path is written."""
-    return a == b or Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b or expand(a).resolve() == expand(b).resolve()
 
 
 def _data_present(src: str) -> bool:
-    return src in DATASETS or Path(src).expanduser().exists()
+    return src in DATASETS or expand(src).exists()
 
 
 def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -> None:
@@ -168,7 +168,7 @@ def _default_out(opts: EvalOptions) -> str:
     whole (the run's own folder included), so that no default report replaces another's."""
     if opts.data is None:
         return f"eval-{opts.split}"
-    name = re.sub(r"[^\w.-]+", "_", Path(opts.data).expanduser().resolve().name).strip("._")
+    name = re.sub(r"[^\w.-]+", "_", expand(opts.data).resolve().name).strip("._")
     return f"eval-{opts.split}-{name[:64] or 'data'}"
 
 

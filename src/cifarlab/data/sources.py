@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm  # widgets in notebooks, text in terminals
 
 import cifarlab.data.cache as cache
-from cifarlab.config import DATASETS
+from cifarlab.config import DATASETS, expand
 from cifarlab.data.archive import extract_archive, is_archive
 from cifarlab.data.images import (
     NOT_AN_IMAGE_NAME,
@@ -186,7 +186,7 @@ def check_outside_images(out: Path, src: str) -> None:
     """A run directory among the folders `src`'s classes are read from would be read as a class
     (or its files as images), so it is refused before it is made. Below a file it cannot be made
     at all, which the run directory's own check says."""
-    data = Path(src).expanduser()
+    data = expand(src)
     if src in DATASETS or not data.is_dir():
         return
     target = out.resolve()
@@ -308,7 +308,7 @@ def load_source(
     Its split folders must hold the same classes, or the same of `classes` when given."""
     if src in DATASETS:
         return _load_cifar(src, root / src, size)
-    path = Path(src).expanduser()
+    path = expand(src)
     if not path.exists():
         raise UserError(f"--data {src}: no such file or folder (and not {'/'.join(DATASETS)})")
     cache.ensure_writable(root)
