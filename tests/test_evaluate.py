@@ -525,6 +525,64 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line_by_every_command(
     assert not (run / "eval-val").exists()
 
 
+WRONG_TYPES = [  # the key the one line names, and an edit of a real checkpoint that gets it wrong
+    pytest.param("classes", lambda c: c.update(classes=None), id="classes-None"),
+    pytest.param("classes", lambda c: c.update(classes="cat"), id="classes-a-string"),
+    pytest.param("classes", lambda c: c.update(classes=[0, 1]), id="classes-numbers"),
+    pytest.param("model_args", lambda c: c.update(model_args=None), id="model_args-None"),
+    pytest.param("model_args.name", lambda c: c["model_args"].pop("name"), id="no-model-name"),
+    pytest.param("model_args.width", lambda c: c["model_args"].update(width="wide"), id="width"),
+    pytest.param("mean", lambda c: c.update(mean=[0.5]), id="mean-of-1"),  # would broadcast
+    pytest.param("std", lambda c: c.update(std="0.25"), id="std-a-string"),
+    pytest.param("config.model", lambda c: c["config"].update(model=3), id="config.model-3"),
+]
+
+
+@pytest.mark.parametrize("key, edit", WRONG_TYPES)
+def test_a_checkpoint_edited_to_a_wrong_type_is_one_line_naming_the_key_in_every_command(
+    tiny_run, tmp_path, capsys, key, edit
+):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    edit(ckpt)
+    edited = tmp_path / "edited.pt"
+    torch.save(ckpt, edited)
+    before = edited.read_bytes()
+    image = next((tiny_run.parent / "src" / "train" / "cat").glob("*.png"))
+    training = ["train", "--data", str(tiny_run.parent / "src"), "--data-root",
+             str(tiny_run.parent / "cache"), "--val-size", "8", "--batch-size", "8",
+             "--out", str(tmp_path / "run")]  # fmt: skip
+    for argv in (
+        ["evaluate", str(edited)], ["predict", str(edited), str(image)], ["export", str(edited)],
+        ["calibrate", str(edited)], [*training, "--init-from", str(edited)],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f" {key} is " in err and "restore the file" in err, (argv, err)
+        assert str(edited) in err and len(err.splitlines()) == 1, (argv, err)
+    assert edited.read_bytes() == before  # calibrate wrote nothing, nor did export or train:
+    assert [p.name for p in tmp_path.iterdir()] == ["edited.pt"]
+
+
+def test_a_checkpoint_without_config_data_needs_data_to_evaluate(tiny_run, tmp_path, capsys):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    del ckpt["config"]["data"]  # TrainConfig's default, cifar10, is not what it trained on
+    torch.save(ckpt, tmp_path / "edited.pt")
+    for command, fix in (("evaluate", "pass --data"), ("calibrate", "restore the file")):
+        assert main([command, str(tmp_path / "edited.pt")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no config.data" in err and fix in err and len(err.splitlines()) == 1, err
+    plain = _pngs(tmp_path / "plain", per_class=3)
+    assert main(["evaluate", str(tmp_path / "edited.pt"), "--data", str(plain)]) == 0
+
+
 def _mtimes(folder):
     return {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
 

@@ -173,11 +173,11 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(
     del ckpt["classes"]
     torch.save(ckpt, tmp_path / "cut.pt")
     assert main(["predict", str(tmp_path / "cut.pt"), str(synthetic_images / "test")]) == 2
-    assert "missing classes" in capsys.readouterr().err
+    assert "classes is missing" in capsys.readouterr().err
     for command in ("evaluate", "calibrate"):
         assert main([command, str(tmp_path / "cut.pt")]) == 2
         err = capsys.readouterr().err
-        assert "missing classes" in err and "Traceback" not in err, command
+        assert "classes is missing" in err and "Traceback" not in err, command
 
 
 def test_a_suite_rerun_with_other_settings_refuses_the_old_runs(synthetic_images, tmp_path):
