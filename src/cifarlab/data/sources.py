@@ -147,6 +147,7 @@ def _text(name) -> str:
 
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+DOCS = {"README", "LICENSE", "LICENCE"}  # file stems that may sit beside the class folders
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -211,13 +212,18 @@ def printable(name: str | os.PathLike) -> str:
 def _list_class_folder(
     folder: Path, on_bad: str
 ) -> tuple[list[str], list[Path], list[int], list[str]]:
-    """(classes kept, image files, their labels, "path: reason" of what was left out)."""
-    names = sorted(p.name for p in _visible(folder) if p.is_dir())
+    """(classes kept, image files, their labels, "path: reason" of what was left out). A file
+    beside the class folders is left out like a non-image in one (a class folder replaced by a
+    file drops that class), unless it documents the data (README, LICENSE)."""
+    entries = _visible(folder)
+    names = sorted(p.name for p in entries if p.is_dir())
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )  # one class is fine to score; training needs two (`splits.load_splits`)
-    files, labels, skipped, kept = [], [], [], []
+    files, labels, kept = [], [], []
+    skipped = [f"{printable(p)}: a file, not a class folder; make it a folder of images or remove it"
+               for p in sorted(entries) if not p.is_dir() and p.stem.upper() not in DOCS]  # fmt: skip
     for name in names:
         images = []
         for p in visible_entries(folder / name):
