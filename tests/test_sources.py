@@ -75,6 +75,7 @@ def test_a_file_among_the_class_folders_is_named_unless_it_documents_the_data(
     (train / "emu").write_text("what was the emu folder")
     (train / "README.md").write_text("about these images")
     (train / ".DS_Store").write_bytes(b"\0")
+    (train / "labels.csv").write_text("file,label")
     code = main(["train", "--data", str(train.parent), "--data-root", str(data_root),
                  "--out", str(tmp_path / "run"), "--epochs", "1", "--val-size", "2",
                  "--batch-size", "2", "--no-progress"])  # fmt: skip
@@ -84,7 +85,7 @@ def test_a_file_among_the_class_folders_is_named_unless_it_documents_the_data(
     data = load_source(str(train.parent), data_root, 8, on_bad="skip")
     assert data.train.classes == ["cat", "dog"] and len(data.skipped) == 1
     assert data.skipped[0].startswith(f"{train / 'emu'}: a file")
-    (train / "emu").unlink()  # a README and hidden files beside the class folders are fine
+    (train / "emu").unlink()  # a README, notes and hidden files beside the class folders are fine
     assert load_source(str(train.parent), data_root, 8).train.classes == ["cat", "dog"]
 
 
