@@ -337,6 +337,22 @@ def test_the_runs_own_val_split_is_refused_once_its_data_changed(tmp_path):
     assert report["num_images"] == 6
 
 
+def test_a_subset_run_whose_data_shrank_says_the_data_changed_not_its_subset(tmp_path, capsys):
+    """The run's --subset no longer fitting its data is the data changing, as without --subset
+    (it said "subset=20 is larger than the 16 training images", a flag these commands lack)."""
+    data = _pngs(tmp_path / "src" / "train", classes=("cat", "dog", "emu"), per_class=8).parent
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=6, subset=20)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    shutil.rmtree(data / "train" / "emu")
+    for words in (["evaluate", "--out", str(tmp_path / "ev")], ["calibrate"]):
+        code = main([words[0], str(tmp_path / "run"), *words[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and "data changed" in err and "subset=20" in err
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "ev").exists()
+
+
 def test_a_run_whose_data_moved_names_that_data_not_a_flag(tiny_run, tmp_path):
     from cifarlab.checkpoint import atomic_save, load_checkpoint
 

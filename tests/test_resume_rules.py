@@ -96,6 +96,18 @@ def test_resume_after_the_data_changed_is_refused(tmp_path):
         train(config, tmp_path / "run", resume=True, log=QUIET)
 
 
+def test_resume_of_a_subset_run_whose_data_shrank_says_the_data_changed(tmp_path, capsys):
+    """Its --subset no longer fitting the data is the data changing, not a --subset to lower."""
+    data = write_synthetic_folder(tmp_path / "data")
+    config = _config(data, tmp_path, epochs=2, save_every_steps=1, subset=30)
+    with pytest.raises(UserError):
+        train(config, tmp_path / "run", log=_stop_after("epoch 1/2"))
+    shutil.rmtree(data / "blue")
+    code = main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data changed" in err and "subset=30" in err and "Traceback" not in err
+
+
 def _stop_after(marker):
     def log(message):
         if marker in message:

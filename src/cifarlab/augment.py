@@ -92,11 +92,12 @@ class Normalize:
     std: list[float]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
+        fresh = x.dtype == torch.uint8  # a new float tensor: normalised in place
+        if fresh:
             x = x.float().div_(255)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype)[None, :, None, None]
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype)[None, :, None, None]
-        return (x - mean) / std
+        return x.sub_(mean).div_(std) if fresh else (x - mean) / std
 
 
 class BatchAugment:

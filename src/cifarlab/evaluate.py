@@ -25,7 +25,7 @@ from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, load_labelled
 from cifarlab.data.splits import onto_classes, select_classes
-from cifarlab.errors import UserError
+from cifarlab.errors import TooFewImages, UserError
 from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
@@ -77,7 +77,13 @@ def load_eval_set(
             config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
     data = load_labelled(*_source_args(config), opts.split, ckpt["classes"]) if opts.data else None
     if data is None and opts.split == "val":
-        splits = load_splits(config)
+        try:
+            splits = load_splits(config)
+        except TooFewImages as exc:  # enough for the run's own config when it trained
+            if not own_data:
+                raise
+            changed = f"{where}: the data changed since the run trained ({config.data}: {exc})"
+            raise UserError(f"{changed}; {way_out}") from None
         if own_data and not splits.val_folder:
             _check_fingerprint(ckpt, splits, where, config.data, way_out)
         data = splits.val

@@ -203,7 +203,7 @@ def _build_model(config, splits, normalize, hw, d, log):
     if ":" in config.model:  # tv:/timm: names; the fixed models' sides are checked with the config
         _check_image_side(model, config)
     if config.whitening:
-        sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
+        sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2).contiguous()
         init_whitening(first_conv(model), normalize(sample))
     if config.init_from:
         init_from(model, config, splits.classes, log)
