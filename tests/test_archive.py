@@ -199,7 +199,7 @@ def test_an_extraction_finished_first_by_another_process_is_used(tmp_path, monke
     assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # its own part removed
 
 
-@pytest.mark.parametrize("fails", ["open", "flock"])
+@pytest.mark.parametrize("fails", ["open", "flock", "folder open"])
 def test_a_part_that_cannot_be_locked_is_extracted_into_unlocked_and_none_is_left(
     tmp_path, monkeypatch, fails
 ):
@@ -218,8 +218,11 @@ def test_a_part_that_cannot_be_locked_is_extracted_into_unlocked_and_none_is_lef
     def part_flock(fd, op):  # the folder's lock is taken; the new part's (non-blocking) is not
         return refused() if op & archive_mod.fcntl.LOCK_NB else real_flock(fd, op)
 
-    if fails == "open":
-        monkeypatch.setattr(os, "open", part_open)
+    def folder_open(p, *args):  # the folder's own lock cannot be taken either
+        return refused() if Path(p) == dest.parent else real_open(p, *args)
+
+    if fails != "flock":
+        monkeypatch.setattr(os, "open", part_open if fails == "open" else folder_open)
     else:
         monkeypatch.setattr(archive_mod.fcntl, "flock", part_flock)
     fds = len(os.listdir("/proc/self/fd"))

@@ -94,6 +94,31 @@ def test_a_changed_source_or_damaged_cache_is_rebuilt(tmp_path, data_root, capsy
     assert load_source(str(src), data_root, 32).train.classes == ["cat", "dog", "emu"]
 
 
+REWRITES = {  # each a cache file with valid CRCs whose arrays do not fit together
+    "fewer images than labels": lambda a: {**a, "train_images": a["train_images"][:-2]},
+    "images not 4-D": lambda a: {**a, "train_images": a["train_images"][..., 0]},
+    "images not uint8": lambda a: {**a, "train_images": a["train_images"].astype(np.float32)},
+    "a label past the classes": lambda a: {**a, "train_labels": a["train_labels"] + 1},
+    "a negative label": lambda a: {**a, "train_labels": a["train_labels"] - 1},
+    "fewer paths than images": lambda a: {**a, "train_paths": a["train_paths"][:-1]},
+    "classes not a list": lambda a: {**a, "train_classes": np.asarray("cat")},
+}
+
+
+@pytest.mark.parametrize("rewrite", REWRITES)
+def test_a_cache_rewritten_with_arrays_that_do_not_fit_is_rebuilt(
+    tmp_path, data_root, capsys, rewrite
+):
+    src = _tiny_folder(tmp_path / "d")
+    first = load_source(str(src), data_root, 32)
+    npz = next((data_root / "arrays").glob("*.npz"))
+    np.savez(npz, **REWRITES[rewrite](dict(np.load(npz))))
+    again = load_source(str(src), data_root, 32)
+    assert "damaged" in capsys.readouterr().err
+    assert np.array_equal(again.train.images, first.train.images)
+    assert np.array_equal(again.train.labels, first.train.labels) and len(again.train.paths) == 8
+
+
 def _gradients(n: int, rng) -> np.ndarray:
     """(n, 32, 32, 3) uint8 images whose every channel is a plane of its own slopes: any resize
     of one is that plane at the new side, while a swapped axis, channel or image is far from it."""

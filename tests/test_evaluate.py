@@ -337,6 +337,22 @@ def test_the_runs_own_val_split_is_refused_once_its_data_changed(tmp_path):
     assert report["num_images"] == 6
 
 
+def test_a_subset_run_whose_data_shrank_says_the_data_changed_not_its_subset(tmp_path, capsys):
+    """The run's --subset no longer fitting its data is the data changing, as without --subset
+    (it said "subset=20 is larger than the 16 training images", a flag these commands lack)."""
+    data = _pngs(tmp_path / "src" / "train", classes=("cat", "dog", "emu"), per_class=8).parent
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=6, subset=20)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    shutil.rmtree(data / "train" / "emu")
+    for words in (["evaluate", "--out", str(tmp_path / "ev")], ["calibrate"]):
+        code = main([words[0], str(tmp_path / "run"), *words[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and "data changed" in err and "subset=20" in err
+        assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "ev").exists()
+
+
 def test_a_run_whose_data_moved_names_that_data_not_a_flag(tiny_run, tmp_path):
     from cifarlab.checkpoint import atomic_save, load_checkpoint
 
@@ -523,6 +539,64 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line_by_every_command(
         err = capsys.readouterr().err.strip()
         assert "non-finite weights" in err and len(err.splitlines()) == 1, (argv, err)
     assert not (run / "eval-val").exists()
+
+
+WRONG_TYPES = [  # the key the one line names, and an edit of a real checkpoint that gets it wrong
+    pytest.param("classes", lambda c: c.update(classes=None), id="classes-None"),
+    pytest.param("classes", lambda c: c.update(classes="cat"), id="classes-a-string"),
+    pytest.param("classes", lambda c: c.update(classes=[0, 1]), id="classes-numbers"),
+    pytest.param("model_args", lambda c: c.update(model_args=None), id="model_args-None"),
+    pytest.param("model_args.name", lambda c: c["model_args"].pop("name"), id="no-model-name"),
+    pytest.param("model_args.width", lambda c: c["model_args"].update(width="wide"), id="width"),
+    pytest.param("mean", lambda c: c.update(mean=[0.5]), id="mean-of-1"),  # would broadcast
+    pytest.param("std", lambda c: c.update(std="0.25"), id="std-a-string"),
+    pytest.param("config.model", lambda c: c["config"].update(model=3), id="config.model-3"),
+]
+
+
+@pytest.mark.parametrize("key, edit", WRONG_TYPES)
+def test_a_checkpoint_edited_to_a_wrong_type_is_one_line_naming_the_key_in_every_command(
+    tiny_run, tmp_path, capsys, key, edit
+):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    edit(ckpt)
+    edited = tmp_path / "edited.pt"
+    torch.save(ckpt, edited)
+    before = edited.read_bytes()
+    image = next((tiny_run.parent / "src" / "train" / "cat").glob("*.png"))
+    training = ["train", "--data", str(tiny_run.parent / "src"), "--data-root",
+             str(tiny_run.parent / "cache"), "--val-size", "8", "--batch-size", "8",
+             "--out", str(tmp_path / "run")]  # fmt: skip
+    for argv in (
+        ["evaluate", str(edited)], ["predict", str(edited), str(image)], ["export", str(edited)],
+        ["calibrate", str(edited)], [*training, "--init-from", str(edited)],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f" {key} is " in err and "restore the file" in err, (argv, err)
+        assert str(edited) in err and len(err.splitlines()) == 1, (argv, err)
+    assert edited.read_bytes() == before  # calibrate wrote nothing, nor did export or train:
+    assert [p.name for p in tmp_path.iterdir()] == ["edited.pt"]
+
+
+def test_a_checkpoint_without_config_data_needs_data_to_evaluate(tiny_run, tmp_path, capsys):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    del ckpt["config"]["data"]  # TrainConfig's default, cifar10, is not what it trained on
+    torch.save(ckpt, tmp_path / "edited.pt")
+    for command, fix in (("evaluate", "pass --data"), ("calibrate", "restore the file")):
+        assert main([command, str(tmp_path / "edited.pt")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no config.data" in err and fix in err and len(err.splitlines()) == 1, err
+    plain = _pngs(tmp_path / "plain", per_class=3)
+    assert main(["evaluate", str(tmp_path / "edited.pt"), "--data", str(plain)]) == 0
 
 
 def _mtimes(folder):

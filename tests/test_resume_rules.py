@@ -96,6 +96,18 @@ def test_resume_after_the_data_changed_is_refused(tmp_path):
         train(config, tmp_path / "run", resume=True, log=QUIET)
 
 
+def test_resume_of_a_subset_run_whose_data_shrank_says_the_data_changed(tmp_path, capsys):
+    """Its --subset no longer fitting the data is the data changing, not a --subset to lower."""
+    data = write_synthetic_folder(tmp_path / "data")
+    config = _config(data, tmp_path, epochs=2, save_every_steps=1, subset=30)
+    with pytest.raises(UserError):
+        train(config, tmp_path / "run", log=_stop_after("epoch 1/2"))
+    shutil.rmtree(data / "blue")
+    code = main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "data changed" in err and "subset=30" in err and "Traceback" not in err
+
+
 def _stop_after(marker):
     def log(message):
         if marker in message:
@@ -173,11 +185,11 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(
     del ckpt["classes"]
     torch.save(ckpt, tmp_path / "cut.pt")
     assert main(["predict", str(tmp_path / "cut.pt"), str(synthetic_images / "test")]) == 2
-    assert "missing classes" in capsys.readouterr().err
+    assert "classes is missing" in capsys.readouterr().err
     for command in ("evaluate", "calibrate"):
         assert main([command, str(tmp_path / "cut.pt")]) == 2
         err = capsys.readouterr().err
-        assert "missing classes" in err and "Traceback" not in err, command
+        assert "classes is missing" in err and "Traceback" not in err, command
 
 
 def test_a_suite_rerun_with_other_settings_refuses_the_old_runs(synthetic_images, tmp_path):

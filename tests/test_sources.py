@@ -64,6 +64,31 @@ def test_a_dangling_symlink_is_an_error_naming_it_or_skipped(tmp_path, data_root
     assert len(data.train) == 6 and any("gone.png" in s for s in data.skipped)
 
 
+def test_a_file_among_the_class_folders_is_named_unless_it_documents_the_data(
+    tmp_path, data_root, capsys
+):
+    """A class folder replaced by a file trained on the other classes without a word."""
+    train = _folder(tmp_path / "d" / "train", classes=("cat", "dog", "emu"))
+    for p in (train / "emu").iterdir():
+        p.unlink()
+    (train / "emu").rmdir()
+    (train / "emu").write_text("what was the emu folder")
+    (train / "README.md").write_text("about these images")
+    (train / ".DS_Store").write_bytes(b"\0")
+    (train / "labels.csv").write_text("file,label")
+    code = main(["train", "--data", str(train.parent), "--data-root", str(data_root),
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--val-size", "2",
+                 "--batch-size", "2", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "emu: a file, not a class folder" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+    data = load_source(str(train.parent), data_root, 8, on_bad="skip")
+    assert data.train.classes == ["cat", "dog"] and len(data.skipped) == 1
+    assert data.skipped[0].startswith(f"{train / 'emu'}: a file")
+    (train / "emu").unlink()  # a README, notes and hidden files beside the class folders are fine
+    assert load_source(str(train.parent), data_root, 8).train.classes == ["cat", "dog"]
+
+
 def test_non_utf8_class_and_file_names_load_as_printable_text(tmp_path, data_root):
     src = _folder(tmp_path / "d", classes=(b"caf\xe9", b"dog"))
     bad_file = os.path.join(os.fsencode(src), b"dog", b"x\xff.png")
@@ -82,7 +107,8 @@ def test_a_data_root_that_is_a_file_is_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match=f"--data-root {blocker}: not a writable folder"):
         load_source(str(src), blocker, 8)
     code = main(["train", "--data", str(src), "--data-root", str(blocker / "sub"),
-                 "--out", str(tmp_path / "run"), "--epochs", "1", "--val-size", "2"])  # fmt: skip
+                 "--out", str(tmp_path / "run"), "--epochs", "1", "--val-size", "2",
+                 "--batch-size", "2", "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "not a writable folder" in err and "Traceback" not in err
 

@@ -15,7 +15,7 @@ from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import Hardware, pick_device
-from cifarlab.inference import check_complete, load_model, predict_logits
+from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import rewrite_lock
 
 
@@ -54,7 +54,6 @@ def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
     # matplotlib, unneeded by train
     from cifarlab.evaluate import CALIBRATE_WAY_OUT, EvalOptions, load_eval_set
 
-    check_complete(ckpt)  # as evaluate and predict: one line, not a KeyError
     data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path), CALIBRATE_WAY_OUT)
     if len(data) == 0:
         raise UserError(

@@ -1,18 +1,40 @@
-"""Checkpoints: atomic writes (temp file, fsync, rename) and safe loading (`weights_only=True`)."""
+"""Checkpoints: atomic writes (temp file, fsync, rename), safe loading (`weights_only=True`) and
+the entries loading checks, `ModelArgs` among them (what rebuilds the model)."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 
 from cifarlab.errors import UserError, first_line
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """What `models.build_model` builds, as every checkpoint stores it; weights come separately."""
+
+    name: str
+    num_classes: int
+    width: float = 1.0  # channel multiplier (our own nets)
+    image_size: int = 32  # side of the images the model is fed
+    stem: str = "cifar"  # torchvision/timm models: cifar (no early downsampling) | imagenet
+    input_size: int = 0  # torchvision/timm models with stem imagenet: side upsampled to
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelArgs:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -83,7 +105,8 @@ EXPORTED = (".onnx", ".pt2", ".safetensors", ".ts")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint dict, its tensors on the CPU; files that would run code on load are refused."""
+    """A checkpoint dict, its tensors on the CPU; files that would run code on load, and those
+    whose entries do not fit `ENTRIES`, are refused."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.suffix.lower() in EXPORTED:  # not damaged: a model for predict, without a run's state
@@ -94,6 +117,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = read_tensors(path, str(path), "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
+    check_complete(ckpt, path)
     bad = non_finite(ckpt["model"]) or non_finite(ckpt.get("ema") or {})
     if bad:  # scored, argmax of NaN is class 0: a plausible accuracy from broken weights
         raise UserError(
@@ -101,6 +125,57 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "use an earlier checkpoint"
         )
     return ckpt
+
+
+def _is(*kinds: type) -> Callable[[Any], bool]:
+    kinds = (*kinds, int) if float in kinds else kinds  # an int is a number
+    return lambda v: isinstance(v, kinds)
+
+
+def _listed(kind: type, size: int = 0) -> Callable[[Any], bool]:
+    return lambda v: (
+        isinstance(v, list | tuple)
+        and len(v) == (size or len(v)) > 0
+        and all(isinstance(x, kind) for x in v)
+    )
+
+
+_RGB = "3 numbers, one per colour channel"
+_HINTS = get_type_hints(ModelArgs)
+# what reading a checkpoint back takes: key -> (required, what it holds, whether a value fits);
+# `a.b` is key b of mapping a where a is there (listed after a, so a is a mapping by then)
+ENTRIES = {
+    "model": (True, "a mapping", _is(dict)),
+    "ema": (False, "a mapping or None", _is(dict, type(None))),
+    "config": (True, "a mapping", _is(dict)),
+    "config.model": (True, "a model name", _is(str)),
+    "classes": (True, "a list of class names", _listed(str)),
+    "mean": (True, _RGB, _listed(int | float, 3)),
+    "std": (True, _RGB, _listed(int | float, 3)),
+    "temperature": (False, "a number", _is(float)),
+    "temperature_ema": (False, "a number", _is(float)),
+    "model_args": (False, "a mapping", _is(dict)),  # absent: from config (`inference.model_args`)
+    **{
+        f"model_args.{f.name}": (f.default is MISSING, f"of type {f.type}", _is(_HINTS[f.name]))
+        for f in fields(ModelArgs)
+    },
+}
+
+
+def check_complete(ckpt: dict, path: Path) -> None:
+    """Refuses, in one line naming the key, a checkpoint with an entry of `ENTRIES` missing or
+    of the wrong type: damaged, or edited by hand."""
+    for key, (required, what, fits) in ENTRIES.items():
+        parent, _, name = key.rpartition(".")
+        holder = ckpt.get(parent) if parent else ckpt
+        if not isinstance(holder, dict) or (name not in holder and not required):
+            continue  # optional, or in an optional mapping that is absent
+        if name not in holder or not fits(holder[name]):
+            got = " ".join(repr(holder[name]).split())[:40] if name in holder else "missing"
+            raise UserError(
+                f"checkpoint {path}: {key} is {got}, which should be {what}; the file is damaged "
+                "or was edited: re-train, or restore the file"
+            )
 
 
 def non_finite(state: dict) -> str | None:

@@ -13,6 +13,11 @@ class ConfigChanged(UserError):
     """A resumed run asked for settings other than those it started with."""
 
 
+class TooFewImages(UserError):
+    """The data holds fewer images than the config asks of it: for a run's own config, a sign
+    that its data changed since the run trained."""
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving `last.pt` (exit 130 or 143)."""
 

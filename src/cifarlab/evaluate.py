@@ -25,9 +25,9 @@ from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, load_labelled
 from cifarlab.data.splits import onto_classes, select_classes
-from cifarlab.errors import UserError
+from cifarlab.errors import TooFewImages, UserError
 from cifarlab.hardware import pick_device
-from cifarlab.inference import TTA_VIEWS, check_complete, load_model, predict_logits
+from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import RUN_FILES, check_out, read_metrics
@@ -63,6 +63,9 @@ def load_eval_set(
     """The images to score, labelled with the checkpoint's class indices, and their source.
     `--data DIR` is scored whole (its test/ or val/ folder, or all of a plain `<class>/` folder);
     without one, `--split val` holds out the run's slice of DIR/train (same seed)."""
+    if opts.data is None and "data" not in ckpt["config"]:  # run_config would fill in cifar10
+        fix = "pass --data" if way_out == EVALUATE_WAY_OUT else "re-train, or restore the file"
+        raise UserError(f"checkpoint {where} has no config.data; {fix}")
     config = run_config(ckpt, where)
     own_data = opts.data is None or _same_source(opts.data, config.data)
     if own_data and not _data_present(config.data):
@@ -74,7 +77,13 @@ def load_eval_set(
             config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
     data = load_labelled(*_source_args(config), opts.split, ckpt["classes"]) if opts.data else None
     if data is None and opts.split == "val":
-        splits = load_splits(config)
+        try:
+            splits = load_splits(config)
+        except TooFewImages as exc:  # enough for the run's own config when it trained
+            if not own_data:
+                raise
+            changed = f"{where}: the data changed since the run trained ({config.data}: {exc})"
+            raise UserError(f"{changed}; {way_out}") from None
         if own_data and not splits.val_folder:
             _check_fingerprint(ckpt, splits, where, config.data, way_out)
         data = splits.val
@@ -192,7 +201,6 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     if Path(opts.target).is_dir() and ckpt_path.name != "best.pt":  # no epoch was chosen yet
         log(f"note: {opts.target} has no best.pt; scoring {ckpt_path.name}")
     ckpt = load_checkpoint(ckpt_path)
-    check_complete(ckpt)
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:

@@ -85,22 +85,11 @@ def _ema_state(ckpt: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
 
 
-def check_complete(ckpt: dict) -> None:
-    """Refuses a checkpoint without the entries scoring reads (classes, normalisation, model)."""
-    missing = [k for k in ("classes", "mean", "std") if k not in ckpt]
-    missing += [f"config.{k}" for k in ("model",) if k not in (ckpt.get("config") or {})]
-    if missing:
-        raise UserError(
-            f"checkpoint: an incomplete cifarlab checkpoint (missing {', '.join(missing)}); "
-            "the file is damaged or was edited: use another checkpoint of the run"
-        )
-
-
 def load_model(
     ckpt: dict, device: torch.device | str = "cpu", use_ema: bool = False
 ) -> LoadedModel:
-    """The one way back from a checkpoint to a model: `build_model(model_args)` + its weights."""
-    check_complete(ckpt)
+    """The one way back from a checkpoint (`load_checkpoint`'s, checked) to a model:
+    `build_model(model_args)` + its weights."""
     args = model_args(ckpt)
     if args.num_classes != len(ckpt["classes"]):
         raise UserError(

@@ -35,7 +35,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.sources import check_outside_images
 from cifarlab.distributed import all_sum, barrier, init_distributed
-from cifarlab.errors import ConfigChanged, Interrupted, UserError
+from cifarlab.errors import ConfigChanged, Interrupted, TooFewImages, UserError
 from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import (
@@ -162,7 +162,7 @@ def train(
         _stop_signals() as stop,
         open_trackers(config, run_dir, d.main) as tracker,
     ):
-        run, plan = build_run(config, log, d), None
+        run, plan = _build(config, log, d, run_dir if ckpt else None), None
         if config.time_budget and ckpt is None:  # choose the length
             with phases.phase("budget probe"):
                 plan = fit_to_budget(run, started, log)
@@ -192,6 +192,19 @@ def train(
         tracker.finish(result)
         barrier(d)
     return result
+
+
+def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
+    """`build_run`; too few images for a resumed run's own config mean that its data changed."""
+    try:
+        return build_run(config, log, d)
+    except TooFewImages as exc:
+        if resumed is None:
+            raise
+        raise UserError(
+            f"--resume {resumed}: the data changed since this run started ({config.data}: {exc}); "
+            "restore the data, or train a new --out"
+        ) from None
 
 
 def _correct_plan(

@@ -145,8 +145,9 @@ def _new_part(dest: Path) -> tuple[Path, int | None]:
     make = functools.partial(tempfile.mkdtemp, prefix=dest.name + PART, dir=dest.parent)
     if fcntl is None:
         return Path(make()), None
-    guard, tmp, held = os.open(dest.parent, os.O_RDONLY), None, None
+    guard, tmp, held = None, None, None
     try:
+        guard = os.open(dest.parent, os.O_RDONLY)
         fcntl.flock(guard, fcntl.LOCK_EX)
         _sweep_stale_parts(dest.parent)
         tmp = Path(make())
@@ -158,7 +159,8 @@ def _new_part(dest: Path) -> tuple[Path, int | None]:
             os.close(held)
         return tmp or Path(make()), None
     finally:
-        os.close(guard)
+        if guard is not None:
+            os.close(guard)
 
 
 def extract_archive(archive: Path, dest: Path) -> Path:

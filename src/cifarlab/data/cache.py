@@ -19,7 +19,7 @@ import numpy as np
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 
-FORMAT = 5  # raised whenever the cached layout, the decoding or the key changes
+FORMAT = 6  # raised whenever the cached layout, the decoding or the key changes
 
 
 def _stat(path: str) -> os.stat_result:
@@ -80,10 +80,22 @@ def _file(root: Path, key: str) -> Path:
     return root / "arrays" / f"{key}.npz"
 
 
+def _as_saved(ds: ImageSet) -> bool:
+    """`ds` as `save` writes it: (N, H, W, 3) uint8 images, N int64 labels indexing its classes
+    (text) and N paths. A file rewritten with valid CRCs can still break any of these."""
+    images, labels = ds.images, ds.labels
+    return (
+        images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3
+        and labels.dtype == np.int64 and labels.shape == (len(images),) == (len(ds.paths),)
+        and isinstance(ds.classes, list) and all(isinstance(c, str) for c in ds.classes)
+        and bool(np.isin(labels, np.arange(len(ds.classes))).all())
+    )  # fmt: skip
+
+
 def load(root: Path, key: str):
     """The cached SourceData, or None when absent or damaged (then it is rebuilt). Damage is
-    found by the zip's CRC-32 of each array, which numpy's reader checks as it reads the array:
-    no separate hash pass over the file."""
+    found by the zip's CRC-32 of each array, which numpy's reader checks as it reads the array
+    (no separate hash pass over the file), and by the arrays' shapes, types and labels."""
     npz = _file(root, key)
     if not npz.is_file():
         return None
@@ -94,7 +106,10 @@ def load(root: Path, key: str):
                 if f"{name}_images" not in z:
                     return None
                 classes, paths = z[f"{name}_classes"].tolist(), z[f"{name}_paths"].tolist()
-                return ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
+                ds = ImageSet(z[f"{name}_images"], z[f"{name}_labels"], classes, paths)
+                if not _as_saved(ds):
+                    raise ValueError(f"its {name} arrays do not fit together")
+                return ds
 
             skipped, plain = z["skipped"].tolist(), bool(z["plain"])
             return SourceData(split("train"), split("test"), skipped, split("val"), plain)

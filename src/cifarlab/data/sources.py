@@ -147,6 +147,8 @@ def _text(name) -> str:
 
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+DOCS = {"README", "LICENSE", "LICENCE"}  # files that may sit beside the class folders: these
+DOC_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml"}  # and notes
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -208,16 +210,25 @@ def printable(name: str | os.PathLike) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def _documents(p: Path) -> bool:
+    return p.stem.upper() in DOCS or p.suffix.lower() in DOC_SUFFIXES
+
+
 def _list_class_folder(
     folder: Path, on_bad: str
 ) -> tuple[list[str], list[Path], list[int], list[str]]:
-    """(classes kept, image files, their labels, "path: reason" of what was left out)."""
-    names = sorted(p.name for p in _visible(folder) if p.is_dir())
+    """(classes kept, image files, their labels, "path: reason" of what was left out). A file
+    beside the class folders is left out like a non-image in one (a class folder replaced by a
+    file drops that class), unless it documents the data (README, LICENSE, labels.csv)."""
+    entries = _visible(folder)
+    names = sorted(p.name for p in entries if p.is_dir())
     if not names:
         raise UserError(
             f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )  # one class is fine to score; training needs two (`splits.load_splits`)
-    files, labels, skipped, kept = [], [], [], []
+    files, labels, kept = [], [], []
+    skipped = [f"{printable(p)}: a file, not a class folder; make it a folder of images or remove it"
+               for p in sorted(entries) if not (p.is_dir() or _documents(p))]  # fmt: skip
     for name in names:
         images = []
         for p in visible_entries(folder / name):

@@ -8,7 +8,7 @@ import numpy as np
 
 from cifarlab.config import TrainConfig, data_root, split_seed
 from cifarlab.data.sources import ImageSet, load_source
-from cifarlab.errors import UserError
+from cifarlab.errors import TooFewImages, UserError
 
 
 @dataclass
@@ -106,7 +106,7 @@ def load_splits(config: TrainConfig) -> Splits:
     seed = split_seed(config)
     if config.subset:
         if config.subset > len(train):
-            raise UserError(
+            raise TooFewImages(
                 f"subset={config.subset} is larger than the {len(train)} training images"
             )
         train = train.take(stratified_pick(train.labels, config.subset, seed))
@@ -127,7 +127,7 @@ def check_sizes(config: TrainConfig, splits: Splits) -> None:
             f"give --val-size {classes} or more (one image a class at the least), or 0 for none"
         )
     if train < config.batch_size:
-        raise UserError(
+        raise TooFewImages(
             f"batch_size={config.batch_size} is larger than the {train} training images; "
             f"give --batch-size {train} or less, or train on more images"
         )
@@ -136,7 +136,7 @@ def check_sizes(config: TrainConfig, splits: Splits) -> None:
 def hold_out(train: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """(the rest, `n` stratified images held out of `train`); n=0 holds out an empty set."""
     if n >= len(train):
-        raise UserError(
+        raise TooFewImages(
             f"val_size={n} leaves no training images out of {len(train)}; "
             "lower --val-size or use more data"
         )

@@ -6,16 +6,15 @@ Names: the fixed ones in `MODELS`, plus `tv:<builder>` (any torchvision classifi
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from cifarlab.checkpoint import ModelArgs
 from cifarlab.errors import UserError
 from cifarlab.models.adapt import BackboneOptions, cifar_stem
 from cifarlab.models.cnn import CIFAR10CNN
@@ -30,27 +29,6 @@ from cifarlab.models.torchvision_nets import (
     torchvision_backbone,
     torchvision_names,
 )
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """What builds a model's modules; weights are loaded separately."""
-
-    name: str
-    num_classes: int
-    width: float = 1.0  # channel multiplier (our own nets)
-    image_size: int = 32  # side of the images the model is fed
-    stem: str = "cifar"  # torchvision/timm models: cifar (no early downsampling) | imagenet
-    input_size: int = 0  # torchvision/timm models with stem imagenet: side upsampled to
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelArgs:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
 
 Build = Callable[[ModelArgs, BackboneOptions, Callable[[str], None]], nn.Module]
 
