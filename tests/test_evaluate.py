@@ -223,6 +223,14 @@ def test_evaluate_on_files_with_non_utf8_names_writes_every_file(small_run, real
     assert (out / "report.html").stat().st_size > 0
 
 
+def test_a_run_folder_with_a_non_utf8_name_gets_its_report(tiny_run, tmp_path, capsys):
+    import os
+
+    run = copy_run(tiny_run, tmp_path / os.fsdecode(b"run\xff"))  # a Latin-1 name on Linux
+    assert main(["evaluate", str(run)]) == 0  # report.html's write raised UnicodeEncodeError
+    assert "run\\xff" in (run / "eval-val" / "report.html").read_text(encoding="utf-8")
+
+
 # --- evaluate --data DIR: every image of a labelled folder -----------------------------------
 
 

@@ -481,6 +481,8 @@ def _negative_values_joined(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     words = _negative_values_joined(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in words
+    if getattr(sys.stdout, "errors", "") == "strict":  # a path that is not UTF-8 prints as \udcff
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(words)
         # a --time-budget counts from the command's start: a process's own command from the

@@ -23,7 +23,7 @@ from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.data.sources import check_outside_images, load_labelled
+from cifarlab.data.sources import check_outside_images, load_labelled, printable
 from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import TooFewImages, UserError
 from cifarlab.hardware import pick_device
@@ -220,8 +220,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     loaded = load_model(ckpt, device, opts.ema)
     report, probs, pc = _score(loaded, data, opts, device)
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
-    report.update(checkpoint=str(ckpt_path), ema=opts.ema, data=source, split=opts.split)
-    report.update(classes=classes, training=_training_entry(rows))
+    report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
+                  split=opts.split, classes=classes, training=_training_entry(rows))  # fmt: skip
     groups = _gallery_groups(data, probs, classes, _chosen_classes(opts, classes, pc))
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
     with _report_folder(out) as part:
