@@ -68,7 +68,7 @@ class RunLock:
     def _busy(self, pid: int | None) -> UserError:
         who = f"process {pid}" if pid else "another process"
         return UserError(
-            f"{self.path.parent} is in use by {who}; wait for it or choose another --out"
+            f"{self.path.parent} is in use by {who}; wait for it to finish, or use another folder"
         )
 
     def __enter__(self) -> RunLock:
