@@ -33,6 +33,10 @@ def test_unknown_key_names_the_closest_valid_key():
         ("bias_lr_mult", 1e7, "'bias_lr_mult' must be <= 1000000"),
         ("backbone_lr_mult", 1e39, "'backbone_lr_mult' must be <= 1000000"),
         ("lr_mults", "classifier=1e39", "at most 1e\\+06"),
+        ("classes", ",,", "'classes' must be names"),  # it trained on every class
+        ("lr_mults", "head=0.1,head=2", "'head' is given twice"),
+        ("classes", "[cat, [dog]]", "'classes' must be names"),
+        ("classes", ["cat", " "], "'classes' must be names"),
     ],
 )
 def test_bad_values_are_refused_with_the_rule(key, value, message):
@@ -45,6 +49,7 @@ def test_set_options_parse_yaml_scalars_and_check_types():
     config = apply_overrides(TrainConfig(), overrides, where="--set")
     assert config.lr == 0.001 and config.ema is True and config.model == "resnet18"
     assert config.classes == ["cat", "dog"]
+    assert apply_overrides(config, {"classes": " "}, where="--set").classes == []  # all classes
     with pytest.raises(UserError, match="expected key=value"):
         parse_set_options(["lr"])
 

@@ -47,7 +47,8 @@ def _in_range(key: str) -> st.SearchStrategy:
     if kind is str:
         return st.text(string.printable, max_size=12)
     if meta.get("pairs"):
-        return st.lists(st.from_regex(r"[a-z]{1,6}=(0\.5|2|1e-3)", fullmatch=True), max_size=3)
+        pair = st.from_regex(r"[a-z]{1,6}=(0\.5|2|1e-3)", fullmatch=True)
+        return st.lists(pair, max_size=3, unique_by=lambda p: p.partition("=")[0])  # one each
     return st.lists(st.text(string.ascii_letters, min_size=1, max_size=4), max_size=3)
 
 

@@ -213,7 +213,7 @@ def cmd_recipes(_args) -> int:
 def cmd_evaluate(args) -> int:
     from cifarlab.evaluate import EvalOptions, evaluate
 
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()] or None
     evaluate(EvalOptions(
         args.model, args.split, args.data, args.tta, args.ema, args.out, classes, args.device,
         on_bad_image=args.on_bad_image,

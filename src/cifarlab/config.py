@@ -241,14 +241,16 @@ def _checked(key: str, value: Any, where: str) -> Any:
         if hi is not None and value > hi:
             raise UserError(f"{where}: '{key}' must be <= {hi}, got {value}")
     elif kind == list[str]:
+        bad = f"{where}: '{key}' must be names (a,b or [a, b]), got {value!r}"
         if isinstance(value, str) and value.strip().startswith("["):
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise UserError(bad) from None
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            names = [v.strip() for v in value.split(",") if v.strip()]
+            value = names if names or not value.strip() else value  # ",," names none: refused
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
             raise UserError(bad)
         if meta.get("pairs"):
             name_multipliers(value, f"{where}: '{key}'")
@@ -279,6 +281,8 @@ def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, flo
                 f"{where}: {item!r} must be name-prefix=positive-number (at most {MAX_LR:g}), "
                 "e.g. classifier=0.1"
             )
+        if prefix.strip() in out:  # the last would win without a word
+            raise UserError(f"{where}: {prefix.strip()!r} is given twice; give each prefix once")
         out[prefix.strip()] = value
     return out
 
