@@ -111,4 +111,22 @@ def test_archive_key_changes_when_replaced_by_one_of_the_same_size_and_mtime(tmp
 def test_folder_key_survives_a_dangling_symlink(tmp_path):
     _write_image(tmp_path / "cat" / "a.png", 1)
     (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
-    assert len(cache.source_key(tmp_path, 32, "error")) == 20
+    assert len(cache.source_key(tmp_path, 32, "error")) == 33  # <source>-<version>
+
+
+def test_a_new_version_of_a_source_replaces_its_old_cache_and_others_stay(tmp_path):
+    """Each change to a folder (or FORMAT) left a data-set-sized cache file behind for good."""
+    root, a, b = tmp_path / "root", tmp_path / "a", tmp_path / "b"
+    for src in (a, b):
+        _write_image(src / "cat" / "1.png", 1)
+        _write_image(src / "dog" / "2.png", 2)
+        load_source(str(src), root, 8)
+    legacy = [root / "arrays" / f"{'0' * 20}{s}" for s in (".npz", ".sha256")]
+    for p in [*legacy, root / "extracted" / ("1" * 20)]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("from an older FORMAT")
+    _write_image(a / "dog" / "3.png", 3)  # a's new version
+    assert len(load_source(str(a), root, 8).train) == 3
+    left = sorted(p.name for p in (root / "arrays").iterdir())
+    keys = sorted(f"{cache.source_key(src, 8, 'error')}.npz" for src in (a, b))
+    assert left == keys and not (root / "extracted" / ("1" * 20)).exists()

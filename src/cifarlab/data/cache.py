@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -45,16 +47,33 @@ def _folder_stamp(root: Path) -> str:
 
 
 def source_key(path: Path, size: int, on_bad: str) -> str:
-    """Changes whenever the source may have: a folder's any file path, size or mtime; an archive's
-    path, size, mtime, inode or ctime (a replaced archive with the same size and mtime)."""
+    """`<source>-<version>`: the source is the path, image size and `on_bad`; the version changes
+    whenever the source may have (a folder's any file path, size or mtime; an archive's size,
+    mtime, inode or ctime: a replaced archive with the same size and mtime) or FORMAT does."""
     path = path.resolve()
     if path.is_dir():
         stamp = _folder_stamp(path)
     else:
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-    blob = json.dumps([FORMAT, os.fsencode(path).hex(), stamp, size, on_bad])
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return f"{_digest([os.fsencode(path).hex(), size, on_bad])}-{_digest([FORMAT, stamp])}"
+
+
+def _digest(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _remove_stale(root: Path, key: str) -> None:
+    """Once a source's new version is cached, its older versions' arrays and extracted copies
+    (each the size of the data set) go, as do files of a FORMAT before this naming."""
+    source = key.split("-")[0]
+    older = [*(root / "arrays").glob(f"{source}-*"), *(root / "extracted").glob(f"{source}-*")]
+    older = [p for p in older if p.name.split(".")[0] != key]  # its own temporary copies stay
+    legacy = [*(root / "arrays").glob("*"), *(root / "extracted").glob("*")]
+    older += [p for p in legacy if re.fullmatch(r"[0-9a-f]{20}(\.npz|\.sha256)?", p.name)]
+    for old in older:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _not_writable(root: Path, why: str) -> UserError:
@@ -146,3 +165,4 @@ def save(root: Path, key: str, data) -> None:
             f"--data-root {root}: cannot write the image cache at {where} "
             f"({exc.strerror or type(exc).__name__}); remove or move {where}"
         ) from None
+    _remove_stale(root, key)
