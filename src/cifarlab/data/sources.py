@@ -147,8 +147,8 @@ def _text(name) -> str:
 
 
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
-DOCS = {"README", "LICENSE", "LICENCE"}  # files that may sit beside the class folders: these
-DOC_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml"}  # and notes
+DOCS = {"README", "LICENSE", "LICENCE"}
+DOC_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml"}
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -211,6 +211,7 @@ def printable(name: str | os.PathLike) -> str:
 
 
 def _documents(p: Path) -> bool:
+    """A file that may sit beside the class folders: a README, a licence or notes (labels.csv)."""
     return p.stem.upper() in DOCS or p.suffix.lower() in DOC_SUFFIXES
 
 
