@@ -177,3 +177,18 @@ def test_a_recipe_may_start_from_another(tmp_path):
     mine.write_text("base: [fast]\n")
     with pytest.raises(UserError, match="'base' must be a recipe name"):
         load_recipe(str(mine))
+
+
+def test_a_config_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(load_recipe("fast"), path)
+    before = path.read_text()
+
+    def crash(src, dst):  # the process dies between writing the new file and renaming it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cifarlab.checkpoint.os.replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(load_recipe("seed-cnn"), path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+

@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from cifarlab.checkpoint import replaced_when_complete
 from cifarlab.errors import UserError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -424,7 +425,9 @@ def load_recipe(name_or_file: str, _seen: tuple[Path, ...] = ()) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """`path` holds the old config or the whole new one: a torn one would resume other settings."""
+    with replaced_when_complete(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # --- the rules across fields: the one place that decides whether a resolved config is valid ----
