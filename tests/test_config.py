@@ -191,4 +191,3 @@ def test_a_config_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_config(load_recipe("seed-cnn"), path)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
-
