@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -63,9 +64,14 @@ def test_predict_reports_unreadable_files_and_exits_1(small_run, tmp_path, real_
     good = tmp_path / "good.jpg"
     shutil.copy(next((real_jpegs / "train" / "cat").glob("*.jpg")), good)
     (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")  # opened, it would wait for a writer for good
     assert main(["predict", str(small_run), str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert "good.jpg" in out and "bad.png: not a readable image" in err
+    assert "gone.jpg: not a regular file" in err and "pipe.jpg: not a regular file" in err
+    assert main(["predict", str(small_run), str(tmp_path / "pipe.jpg")]) == 1
+    assert "pipe.jpg: not a regular file" in capsys.readouterr().err
 
 
 def test_predict_leaves_out_the_junk_files_training_leaves_out(

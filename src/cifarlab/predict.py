@@ -39,7 +39,7 @@ def image_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
             files.append(path)
             continue
         for p in visible_entries(path):
-            if p.is_file():
+            if not p.is_dir():  # a dangling link or a pipe among them is reported when read
                 (files if is_image_name(p) else skipped).append(p)
     return files, skipped
 
@@ -231,6 +231,8 @@ def run_predict(
         chunk, images = [], []
         for f in files[start : start + batch_size]:
             try:
+                if not f.is_file():  # opening a pipe would wait for a writer
+                    raise BadImage(f"{f}: not a regular file (a dangling link, pipe or device?)")
                 images.append(decode_image(f, predictor.size))
                 chunk.append(f)
             except BadImage as exc:
