@@ -330,8 +330,25 @@ def test_a_metrics_row_torn_by_a_crash_is_written_again_on_resume(
     with open(run / "metrics.csv", "a") as f:
         f.write("2,0.01,2.30")  # epoch 2's row cut short: the process died while appending it
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # a TypeError
-    assert "Traceback" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "lacks" not in out + err  # epoch 1's row is whole
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1.0, 2.0]
+
+
+def test_resuming_without_metrics_csv_says_which_epochs_the_curves_lack(synthetic_images, tmp_path):
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        raise Crash
+
+    run, said = tmp_path / "run", []
+    with pytest.raises(Crash):  # stopped after epoch 1's last.pt
+        train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
+    (run / "metrics.csv").unlink()
+    train(_config(synthetic_images, tmp_path), run, resume=True, log=said.append)
+    assert any("metrics.csv lacks 1 of the 1 epoch" in line for line in said)
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 
 def test_a_finished_run_whose_result_json_was_cut_short_writes_it_again_on_resume(

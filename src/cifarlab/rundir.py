@@ -252,9 +252,11 @@ def read_result(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Keep rows up to `last_epoch` (1-based): a resumed run rewrites what the checkpoint lacks."""
+def truncate_metrics(path: Path, last_epoch: int) -> int:
+    """Keep rows up to `last_epoch` (1-based): a resumed run rewrites what the checkpoint lacks.
+    Returns how many of epochs 1..`last_epoch` have no row (a deleted or edited file)."""
     rows = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
     path.unlink(missing_ok=True)
     for r in rows:
         append_metrics(path, {**r, "epoch": int(r["epoch"])})
+    return last_epoch - len({int(r["epoch"]) for r in rows})

@@ -297,7 +297,11 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
         stats = EpochStats(**{k: v for k, v in ckpt["accumulators"].items() if k in known})
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
-        truncate_metrics(saver.run_dir / "metrics.csv", first)
+        if lost := truncate_metrics(saver.run_dir / "metrics.csv", first):
+            log(
+                f"warning: metrics.csv lacks {lost} of the {first} epoch(s) trained so far: the "
+                "curves and the run's total time leave them out"
+            )
         if run.splits.skipped:  # on_bad_image: skip
             text = "\n".join(run.splits.skipped) + "\n"
             (saver.run_dir / "skipped_images.txt").write_text(text)
