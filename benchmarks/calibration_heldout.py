@@ -20,7 +20,7 @@ from cifarlab.calibration import fit_temperature
 from cifarlab.checkpoint import load_checkpoint
 from cifarlab.data import load_splits
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.evaluate import run_config
+from cifarlab.eval_set import run_config
 from cifarlab.inference import load_model, predict_logits
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.evaluate import EvalOptions, load_eval_set
+from cifarlab.eval_set import load_eval_set
 from cifarlab.inference import load_model, predict_logits
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
-    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path))
+    data, _ = load_eval_set(ckpt, str(path))
     loaded = load_model(ckpt, torch.device("cpu"))
     images = to_device_uint8(data.images, torch.device("cpu"))
     labels = torch.from_numpy(data.labels).long()

@@ -143,12 +143,12 @@ def test_training_fits_its_temperatures_on_the_split_it_holds(tmp_path, monkeypa
     """The end of training calibrates on the validation split in memory, EMA weights too (no
     second load of the data); `cifarlab calibrate` reloads the split from the run's config:
     the same images, so the same temperatures."""
-    import cifarlab.evaluate
+    import cifarlab.calibration
 
     def reload(*args, **kwargs):
         raise AssertionError("the end of training loaded the data again")
 
-    monkeypatch.setattr(cifarlab.evaluate, "load_eval_set", reload)
+    monkeypatch.setattr(cifarlab.calibration, "load_eval_set", reload)
     _tiny_run(tmp_path, val_size=9, ema=True)
     monkeypatch.undo()
     at_training = load_checkpoint(tmp_path / "run" / "best.pt")

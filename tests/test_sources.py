@@ -12,7 +12,7 @@ from cifarlab.config import DATASETS, absolute_data
 from cifarlab.data import cache, load_source, load_splits, sources
 from cifarlab.data.sources import load_labelled
 from cifarlab.errors import UserError
-from cifarlab.evaluate import _data_present
+from cifarlab.eval_set import _data_present
 from tests.conftest import make_config
 
 

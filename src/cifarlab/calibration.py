@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
+from cifarlab.eval_set import load_eval_set
 from cifarlab.hardware import Hardware, pick_device
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import rewrite_lock
@@ -51,10 +52,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
     """The run's validation split, loaded again from the data its config names."""
-    # matplotlib, unneeded by train
-    from cifarlab.evaluate import CALIBRATE_WAY_OUT, EvalOptions, load_eval_set
-
-    data, _ = load_eval_set(ckpt, EvalOptions(str(path)), str(path), CALIBRATE_WAY_OUT)
+    data, _ = load_eval_set(ckpt, str(path), command="calibrate")
     if len(data) == 0:
         raise UserError(
             f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "

@@ -18,6 +18,12 @@ class TooFewImages(UserError):
     that its data changed since the run trained."""
 
 
+def data_changed(where: str, detail: str, way_out: str) -> UserError:
+    """A run's own data no longer gives the split it trained with (fewer images, another
+    fingerprint): one wording for evaluate, calibrate and --resume."""
+    return UserError(f"{where}: the data changed since the run trained ({detail}); {way_out}")
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving `last.pt` (exit 130 or 143)."""
 

@@ -20,19 +20,18 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
-from cifarlab.data import ImageSet, load_source, load_splits
+from cifarlab.config import expand
+from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.data.sources import check_outside_images, load_labelled, printable
-from cifarlab.data.splits import onto_classes, select_classes
-from cifarlab.errors import TooFewImages, UserError
+from cifarlab.data.sources import check_outside_images, printable
+from cifarlab.errors import UserError
+from cifarlab.eval_set import load_eval_set, run_config
 from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import RUN_FILES, check_out, read_metrics
 from cifarlab.tracking import log_report
-from cifarlab.training_run import data_fingerprint
 
 
 @dataclass
@@ -46,81 +45,6 @@ class EvalOptions:
     classes: list[str] | None = None  # classes for the mistakes gallery (default: the two hardest)
     device: str = "auto"
     on_bad_image: str | None = None  # error | skip; None: as the run was trained
-
-
-def run_config(ckpt: dict, where: str) -> TrainConfig:
-    return apply_overrides(TrainConfig(), {**ckpt["config"], "progress": False}, where=where)
-
-
-# how each command that redraws the run's own split gets past data that is gone or changed
-EVALUATE_WAY_OUT = "restore the data, or pass --data with a held-out folder of <class>/ images"
-CALIBRATE_WAY_OUT = "restore the data, then calibrate again"
-
-
-def load_eval_set(
-    ckpt: dict, opts: EvalOptions, where: str, way_out: str = EVALUATE_WAY_OUT
-) -> tuple[ImageSet, str]:
-    """The images to score, labelled with the checkpoint's class indices, and their source.
-    `--data DIR` is scored whole (its test/ or val/ folder, or all of a plain `<class>/` folder);
-    without one, `--split val` holds out the run's slice of DIR/train (same seed)."""
-    if opts.data is None and "data" not in ckpt["config"]:  # run_config would fill in cifar10
-        fix = "pass --data" if way_out == EVALUATE_WAY_OUT else "re-train, or restore the file"
-        raise UserError(f"checkpoint {where} has no config.data; {fix}")
-    config = run_config(ckpt, where)
-    own_data = opts.data is None or _same_source(opts.data, config.data)
-    if own_data and not _data_present(config.data):
-        raise UserError(
-            f"{where} was trained on {config.data}, which is no longer there; {way_out}"
-        )
-    for key, value in (("data", opts.data), ("on_bad_image", opts.on_bad_image)):
-        if value:  # as the command line says; else as the run was trained
-            config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
-    data = load_labelled(*_source_args(config), opts.split, ckpt["classes"]) if opts.data else None
-    if data is None and opts.split == "val":
-        try:
-            splits = load_splits(config)
-        except TooFewImages as exc:  # enough for the run's own config when it trained
-            if not own_data:
-                raise
-            changed = f"{where}: the data changed since the run trained ({config.data}: {exc})"
-            raise UserError(f"{changed}; {way_out}") from None
-        if own_data and not splits.val_folder:
-            _check_fingerprint(ckpt, splits, where, config.data, way_out)
-        data = splits.val
-    elif data is None and not opts.data:
-        data = load_source(*_source_args(config), config.classes).test
-    if data is None:
-        raise UserError(
-            f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
-            "or plain <root>/<class>/ folder, or use --split val"
-        )
-    if config.classes and own_data:  # the run's own data: the classes it was trained on
-        data = select_classes(data, [c for c in config.classes if c in data.classes], "classes")
-    return onto_classes(data, list(ckpt["classes"]), where), config.data
-
-
-def _same_source(a: str, b: str) -> bool:
-    """`--data` spellings of one source: cifar10, or one folder however its path is written."""
-    return a == b or expand(a).resolve() == expand(b).resolve()
-
-
-def _data_present(src: str) -> bool:
-    return src in DATASETS or expand(src).exists()
-
-
-def _check_fingerprint(ckpt: dict, splits, where: str, src: str, way_out: str) -> None:
-    """A validation split held out of changed data mixes in images the run trained on (in-sample
-    scores, and temperature); a checkpoint without a fingerprint passes."""
-    theirs = ckpt.get("data_fingerprint")
-    if theirs is not None and theirs != data_fingerprint(splits):
-        raise UserError(
-            f"{where}: the data changed since the run trained ({src}: images, labels or classes "
-            f"differ), so its validation split would include training images; {way_out}"
-        )
-
-
-def _source_args(config: TrainConfig) -> tuple:
-    return config.data, data_root(config), config.image_size, config.on_bad_image
 
 
 CORRECT_PER_CLASS = 2  # correct examples beside the mistakes: what the model gets right looks like
@@ -208,7 +132,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     out = opts.out or ckpt_path.parent / _default_out(opts)
     _check_out(out)
     check_outside_images(out, opts.data or run_config(ckpt, str(ckpt_path)).data)  # PNGs: a class
-    data, source = load_eval_set(ckpt, opts, str(ckpt_path))
+    data, source = load_eval_set(ckpt, str(ckpt_path), opts.split, opts.data, opts.on_bad_image)
     if len(data) == 0:
         raise UserError(
             f"{ckpt_path}: the run has no validation split (val_size 0) to score; use --split test "

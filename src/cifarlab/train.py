@@ -35,7 +35,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.sources import check_outside_images
 from cifarlab.distributed import all_sum, barrier, init_distributed
-from cifarlab.errors import ConfigChanged, Interrupted, TooFewImages, UserError
+from cifarlab.errors import ConfigChanged, Interrupted, TooFewImages, UserError, data_changed
 from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import (
@@ -60,6 +60,8 @@ from cifarlab.training_run import (
     retarget,
     total_steps,
 )
+
+RESUME_WAY_OUT = "restore the data, or train a new --out"
 
 
 class TrainingFailed(Exception):
@@ -201,10 +203,7 @@ def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
     except TooFewImages as exc:
         if resumed is None:
             raise
-        raise UserError(
-            f"--resume {resumed}: the data changed since this run started ({config.data}: {exc}); "
-            "restore the data, or train a new --out"
-        ) from None
+        raise data_changed(f"--resume {resumed}", f"{config.data}: {exc}", RESUME_WAY_OUT) from None
 
 
 def _correct_plan(
@@ -315,10 +314,8 @@ def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
     """The checkpoint into `run`, refused when the data changed or it does not fit."""
     theirs = ckpt.get("data_fingerprint")
     if theirs is not None and theirs != run.data_fingerprint:
-        raise UserError(
-            f"--resume {saver.run_dir}: the data changed since this run started (images, labels or "
-            "classes differ, so would its split); restore the data, or train a new --out"
-        )
+        detail = "images, labels or classes differ, so would its split"
+        raise data_changed(f"--resume {saver.run_dir}", detail, RESUME_WAY_OUT)
     try:
         restore(run, ckpt)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:

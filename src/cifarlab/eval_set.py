@@ -1,0 +1,90 @@
+"""The images evaluate and calibrate score: another source whole, or the run's own split drawn
+again from its config, refused when that data is gone or changed since the run trained."""
+
+from __future__ import annotations
+
+from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
+from cifarlab.data import ImageSet, load_source, load_splits
+from cifarlab.data.sources import load_labelled
+from cifarlab.data.splits import onto_classes, select_classes
+from cifarlab.errors import TooFewImages, UserError, data_changed
+from cifarlab.training_run import data_fingerprint
+
+# how each command gets past its run's data being gone or changed, and a checkpoint naming none
+WAYS_OUT = {
+    "evaluate": (
+        "restore the data, or pass --data with a held-out folder of <class>/ images",
+        "pass --data",
+    ),
+    "calibrate": ("restore the data, then calibrate again", "re-train, or restore the file"),
+}
+
+
+def run_config(ckpt: dict, where: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {**ckpt["config"], "progress": False}, where=where)
+
+
+def load_eval_set(
+    ckpt: dict,
+    where: str,
+    split: str = "val",
+    data: str | None = None,
+    on_bad_image: str | None = None,
+    command: str = "evaluate",
+) -> tuple[ImageSet, str]:
+    """The images to score, labelled with the checkpoint's class indices, and their source.
+    `data` is scored whole (its test/ or val/ folder, or all of a plain `<class>/` folder);
+    without it, split "val" holds out the run's slice of its own data (same seed)."""
+    way_out, no_data = WAYS_OUT[command]
+    if data is None and "data" not in ckpt["config"]:  # run_config would fill in cifar10
+        raise UserError(f"checkpoint {where} has no config.data; {no_data}")
+    config = run_config(ckpt, where)
+    own_data = data is None or _same_source(data, config.data)
+    if own_data and not _data_present(config.data):
+        raise UserError(
+            f"{where} was trained on {config.data}, which is no longer there; {way_out}"
+        )
+    for key, value in (("data", data), ("on_bad_image", on_bad_image)):
+        if value:  # as the command line says; else as the run was trained
+            config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
+    scored = load_labelled(*_source_args(config), split, ckpt["classes"]) if data else None
+    if scored is None and split == "val":
+        try:
+            splits = load_splits(config)
+        except TooFewImages as exc:  # enough for the run's own config when it trained
+            if not own_data:
+                raise
+            raise data_changed(where, f"{config.data}: {exc}", way_out) from None
+        theirs = ckpt.get("data_fingerprint")  # a checkpoint without one passes
+        if own_data and not splits.val_folder and theirs not in (None, data_fingerprint(splits)):
+            raise data_changed(
+                where,
+                f"{config.data}: images, labels or classes differ",
+                f"its validation split would include training images; {way_out}",
+            )
+        scored = splits.val
+    elif scored is None and not data:
+        scored = load_source(*_source_args(config), config.classes).test
+    if scored is None:
+        raise UserError(
+            f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
+            "or plain <root>/<class>/ folder, or use --split val"
+        )
+    if config.classes and own_data:  # the run's own data: the classes it was trained on
+        scored = select_classes(
+            scored, [c for c in config.classes if c in scored.classes], "classes"
+        )
+    return onto_classes(scored, list(ckpt["classes"]), where), config.data
+
+
+def _same_source(a: str, b: str) -> bool:
+    """`--data` spellings of one source: cifar10, or one folder however its path is written."""
+    return a == b or expand(a).resolve() == expand(b).resolve()
+
+
+def _data_present(src: str) -> bool:
+    return src in DATASETS or expand(src).exists()
+
+
+def _source_args(config: TrainConfig) -> tuple:
+    return config.data, data_root(config), config.image_size, config.on_bad_image
