@@ -308,3 +308,10 @@ def test_an_out_among_the_class_folders_is_refused_before_it_is_made(
     argv = ["suite", "exercise-2", "--data", str(data), "--val-size", "6", "--out", str(out)]
     assert main(argv) == 2  # it was 1: each run "cannot start", the suite's tables in --out
     assert "whose folders are read as classes" in capsys.readouterr().err and not out.exists()
+    run = tmp_path / "run"  # a training run's folder: the suite's tables would sit among its files
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch\n")
+    argv = ["suite", "exercise-2", "--data", str(synthetic_images), "--val-size", "6", "--out"]
+    assert main([*argv, str(run)]) == 2
+    assert "holds a training run (metrics.csv)" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["metrics.csv"]

@@ -30,7 +30,7 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
-from cifarlab.rundir import RUN_FILES, check_out, read_metrics
+from cifarlab.rundir import check_not_a_run, check_out, read_metrics
 from cifarlab.tracking import log_report
 
 
@@ -105,17 +105,6 @@ def _default_out(opts: EvalOptions) -> str:
     return f"eval-{opts.split}-{name[:64] or 'data'}"
 
 
-def _check_out(out: Path) -> None:
-    """One line for an --out that cannot hold the report, checked before any work or file."""
-    check_out(out)
-    held = [n for n in RUN_FILES if (out / n).exists()]
-    if held:  # its curves.png and report would replace the run's own
-        raise UserError(
-            f"--out {out} holds a training run ({', '.join(held[:3])}); evaluate writes its report "
-            f"into a folder of its own, e.g. --out {out / 'eval'}"
-        )
-
-
 def evaluate(opts: EvalOptions, log=print) -> dict:
     if opts.split not in ("val", "test"):  # the CLI's choices; the Python API passes them as is
         raise UserError(f"split {opts.split!r}: give val or test")
@@ -130,7 +119,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     if unknown:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
     out = opts.out or ckpt_path.parent / _default_out(opts)
-    _check_out(out)
+    check_out(out)  # before any work or file
+    check_not_a_run(out, "evaluate writes its report", "eval")
     check_outside_images(out, opts.data or run_config(ckpt, str(ckpt_path)).data)  # PNGs: a class
     data, source = load_eval_set(ckpt, str(ckpt_path), opts.split, opts.data, opts.on_bad_image)
     if len(data) == 0:

@@ -168,6 +168,17 @@ def check_out(out: Path, folder: bool = True) -> None:
         raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
 
 
+def check_not_a_run(out: Path, writes: str, folder: str) -> None:
+    """One line for an --out that holds a training run: what `writes` would go among its files
+    (an evaluate report's curves.png would replace the run's own)."""
+    held = [n for n in RUN_FILES if (out / n).exists()]
+    if held:
+        raise UserError(
+            f"--out {out} holds a training run ({', '.join(held[:3])}); {writes} into a folder of "
+            f"its own, e.g. --out {out / folder}"
+        )
+
+
 def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
     """Create `run_dir` and the folders above it, checking it can hold `need_bytes`; returns the
     folders this call made (by `mkdir`, so one of two racing processes), outermost first, and

@@ -22,7 +22,7 @@ from cifarlab.config import (
     with_length,
 )
 from cifarlab.errors import Interrupted, UserError
-from cifarlab.rundir import prepare_run_dir, read_metrics, read_result
+from cifarlab.rundir import check_not_a_run, prepare_run_dir, read_metrics, read_result
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
@@ -196,6 +196,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
+    check_not_a_run(opts.out, "a suite writes its runs and tables", "suite")
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}

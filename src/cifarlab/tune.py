@@ -31,7 +31,7 @@ from cifarlab.config import (
 from cifarlab.data.sources import check_outside_images
 from cifarlab.data.splits import check_sizes, load_splits
 from cifarlab.errors import Interrupted, UserError, import_extra
-from cifarlab.rundir import RunDirTaken, prepare_run_dir, removed_if_unstarted
+from cifarlab.rundir import RunDirTaken, check_not_a_run, prepare_run_dir, removed_if_unstarted
 
 
 @dataclass
@@ -107,6 +107,7 @@ def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     base = validate_config(opts.base, "command line")
     check_sizes(base, load_splits(base))
     check_outside_images(opts.out, base.data)  # every trial's folder would be refused there
+    check_not_a_run(opts.out, "tune writes its trials and study", "tune")
     return base, prepare_run_dir(opts.out, need_bytes=0)
 
 
