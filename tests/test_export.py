@@ -118,6 +118,25 @@ def test_safetensors_without_its_json_is_a_one_line_error(runs, tmp_path, capsys
     assert "w.json" in err and "JSON" in err and "Traceback" not in err
 
 
+def test_an_export_whose_metadata_was_edited_is_one_line_naming_the_key(runs, tmp_path, capsys):
+    run_dirs, _ = runs
+    out = tmp_path / "w.safetensors"
+    assert main(["export", str(run_dirs["cnn"]), "--format", "safetensors", "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "w.json").read_text())
+    edits = {"classes": "cat", "mean": [0.5], "image_size": "big", "temperature": None,
+             "model_args.name": 7}  # fmt: skip
+    for key, value in edits.items():
+        edited = json.loads(json.dumps(meta))
+        parent, _, name = key.rpartition(".")
+        (edited[parent] if parent else edited)[name] = value
+        (tmp_path / "w.json").write_text(json.dumps(edited))
+        capsys.readouterr()
+        assert main(["predict", str(out), str(out)]) == 2, key  # were tracebacks or wrong answers
+        err = capsys.readouterr().err.strip()
+        assert f"{key} is " in err and "export the model again" in err, err
+        assert len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_a_safetensors_export_has_the_mode_of_every_other_file(runs, tmp_path, umask):
     import os

@@ -117,7 +117,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = read_tensors(path, str(path), "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
-    check_complete(ckpt, path)
+    fix = "the file is damaged or was edited: re-train, or restore the file"
+    check_entries(ckpt, f"checkpoint {path}", fix)
     bad = non_finite(ckpt["model"]) or non_finite(ckpt.get("ema") or {})
     if bad:  # scored, argmax of NaN is class 0: a plausible accuracy from broken weights
         raise UserError(
@@ -162,20 +163,21 @@ ENTRIES = {
 }
 
 
-def check_complete(ckpt: dict, path: Path) -> None:
-    """Refuses, in one line naming the key, a checkpoint with an entry of `ENTRIES` missing or
-    of the wrong type: damaged, or edited by hand."""
-    for key, (required, what, fits) in ENTRIES.items():
+def check_entries(
+    found: dict, where: str, fix: str, entries: dict = ENTRIES, top_optional: bool = False
+) -> None:
+    """Refuses, in one line naming the key, an entry of `entries` missing (unless optional, as
+    every top-level one is with `top_optional`) or of the wrong type in `found`: a checkpoint or
+    an export's metadata, damaged or edited by hand."""
+    for key, (required, what, fits) in entries.items():
         parent, _, name = key.rpartition(".")
-        holder = ckpt.get(parent) if parent else ckpt
-        if not isinstance(holder, dict) or (name not in holder and not required):
+        holder = found.get(parent) if parent else found
+        optional = not required or (top_optional and not parent)
+        if not isinstance(holder, dict) or (name not in holder and optional):
             continue  # optional, or in an optional mapping that is absent
         if name not in holder or not fits(holder[name]):
             got = " ".join(repr(holder[name]).split())[:40] if name in holder else "missing"
-            raise UserError(
-                f"checkpoint {path}: {key} is {got}, which should be {what}; the file is damaged "
-                "or was edited: re-train, or restore the file"
-            )
+            raise UserError(f"{where}: {key} is {got}, which should be {what}; {fix}")
 
 
 def non_finite(state: dict) -> str | None:

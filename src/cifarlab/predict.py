@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from cifarlab.augment import Normalize
-from cifarlab.checkpoint import EXPORTED, load_checkpoint, resolve_checkpoint
+from cifarlab.checkpoint import (
+    ENTRIES,
+    EXPORTED,
+    check_entries,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from cifarlab.data.images import (
     NOT_AN_IMAGE_NAME,
     BadImage,
@@ -69,6 +75,14 @@ class Predictor:
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
 
+# what an export's metadata may hold, as a checkpoint holds it (normalisation, or inside the model)
+_AS_IN_CHECKPOINTS = ("classes", "mean", "std", "temperature", "model_args")
+EXPORT_META = {
+    **{k: v for k, v in ENTRIES.items() if k.split(".")[0] in _AS_IN_CHECKPOINTS},
+    "image_size": (False, "a whole number", lambda v: isinstance(v, int) and v > 0),
+}
+
+
 def _read_meta(predictor, meta: str | bytes | dict, where: str, required=("classes",)) -> dict:
     """An export's metadata (JSON text, or ONNX's map of JSON strings) into the predictor's
     classes, image size and temperature (absent: 1.0); a damaged one is refused in one line."""
@@ -87,6 +101,7 @@ def _read_meta(predictor, meta: str | bytes | dict, where: str, required=("class
         raise UserError(
             f"{where}: no {', '.join(missing)} in its metadata; export it with cifarlab export"
         )
+    check_entries(meta, where, "export the model again", EXPORT_META, top_optional=True)
     predictor.classes = list(meta["classes"])
     predictor.size = int(meta.get("image_size", 32))
     predictor.temperature = float(meta.get("temperature", 1.0))
