@@ -106,6 +106,23 @@ def test_suite_writes_table_plot_index_and_skips_finished_runs(finished, tmp_pat
     assert (opts.out / "flip" / "eval-val" / "report.json").is_file()
 
 
+def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_again(
+    finished, tmp_path
+):
+    path, opts, _ = finished
+    opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
+    messages = []
+    run_suite(str(path), dataclasses.replace(opts, only="plain"), log=messages.append)
+    assert any("[plain-seed0] finished earlier" in m for m in messages), messages
+    assert any("[plain-seed1] training" in m for m in messages), messages
+    names = sorted(p.name for p in opts.out.iterdir() if p.is_dir())
+    assert names == ["flip-seed0", "plain-seed0", "plain-seed1"]  # no `plain` left behind
+    messages = []  # and back to one seed: seed 0's folder is `plain` again
+    rows = run_suite(str(path), dataclasses.replace(opts, seeds=[0]), log=messages.append)
+    assert sum("finished earlier" in m for m in messages) == 2 and rows[0]["seeds"] == 1
+    assert (opts.out / "plain" / "last.pt").is_file() and (opts.out / "flip" / "last.pt").is_file()
+
+
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SUITE)

@@ -22,7 +22,7 @@ from cifarlab.config import (
     with_length,
 )
 from cifarlab.errors import Interrupted, UserError
-from cifarlab.rundir import check_not_a_run, prepare_run_dir, read_metrics, read_result
+from cifarlab.rundir import RunLock, check_not_a_run, prepare_run_dir, read_metrics, read_result
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
@@ -191,6 +191,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             named = {"seed": seed, "experiment": run.config.experiment or suite.name}
             config = apply_overrides(run.config, named, where="--seeds")
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
+    _adopt_renamed(every, opts.out)
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     _refuse_unscored(jobs)
@@ -270,15 +271,36 @@ def _skipped(run: SuiteRun, run_dir: Path) -> str:
     return ""
 
 
-def _refuse_stale(jobs: list) -> None:
-    """A run directory already in --out must hold this very run (the same resolved config)."""
+def _saved_config(run_dir: Path) -> TrainConfig | None:
+    """The config of the run in `run_dir`, None where it has no `last.pt`."""
     from cifarlab.checkpoint import load_checkpoint
 
-    for _run, run_dir, wanted in jobs:
-        last = run_dir / "last.pt"
-        if not last.is_file():
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        return None
+    return apply_overrides(TrainConfig(), load_checkpoint(last)["config"], where=str(last))
+
+
+def _adopt_renamed(jobs: list, out: Path) -> None:
+    """A run trained under the other folder naming (`a` with one seed, `a-seed0` with several)
+    is moved to the name it has now, when it holds this very run: not trained a second time."""
+    for run, run_dir, wanted in jobs:
+        single = out / run.name
+        other = single if run_dir != single else out / f"{run.name}-seed{wanted.seed}"
+        if run_dir.exists() or not other.is_dir():
             continue
-        saved = apply_overrides(TrainConfig(), load_checkpoint(last)["config"], where=str(last))
+        saved = _saved_config(other)
+        if saved is not None and not config_changes(saved, wanted):
+            with RunLock(other):  # not while another suite trains it
+                other.rename(run_dir)
+
+
+def _refuse_stale(jobs: list) -> None:
+    """A run directory already in --out must hold this very run (the same resolved config)."""
+    for _run, run_dir, wanted in jobs:
+        saved = _saved_config(run_dir)
+        if saved is None:
+            continue
         differ = config_changes(saved, wanted)
         if differ:
             raise UserError(
