@@ -32,12 +32,14 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks examples
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
-# fast tier (unit tests, tiny models; <= 4 min on 2 cores); test-all: everything, what CI runs
+# fast tier (unit tests, tiny models; <= 4 min on 2 cores); test-all: everything, what CI runs.
+# One pytest worker per CPU (pytest-xdist); PYTEST_ARGS="-n 0" runs them in this process.
+PYTEST := CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest -n logical
 test: lint
-	CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 test-all: lint
-	CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/speed.py --data $(DATA)
