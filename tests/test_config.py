@@ -187,7 +187,7 @@ def test_a_config_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     def crash(src, dst):  # the process dies between writing the new file and renaming it
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cifarlab.checkpoint.os.replace", crash)
+    monkeypatch.setattr("cifarlab.rundir.os.replace", crash)
     with pytest.raises(KeyboardInterrupt):
         save_config(load_recipe("seed-cnn"), path)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -15,6 +14,7 @@ from typing import Any, get_type_hints
 import torch
 
 from cifarlab.errors import UserError, first_line
+from cifarlab.rundir import replaced_when_complete
 
 
 @dataclass(frozen=True)
@@ -44,30 +44,6 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-@contextmanager
-def replaced_when_complete(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded."""
-    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
-    tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable (Windows cannot open a folder, nor needs to)."""
-    if os.name == "nt":
-        return
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")

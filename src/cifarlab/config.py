@@ -20,8 +20,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from cifarlab.checkpoint import replaced_when_complete
 from cifarlab.errors import UserError
+from cifarlab.rundir import replaced_when_complete
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DATASETS = ("cifar10", "cifar100")  # the names `data` takes for torchvision's sets; else a path

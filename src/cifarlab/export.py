@@ -12,12 +12,7 @@ import torch
 from torch import nn
 
 from cifarlab import rundir
-from cifarlab.checkpoint import (
-    EXPORTED,
-    load_checkpoint,
-    replaced_when_complete,
-    resolve_checkpoint,
-)
+from cifarlab.checkpoint import EXPORTED, load_checkpoint, resolve_checkpoint
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.torchvision_nets import ARCHS
@@ -130,7 +125,7 @@ def _write(fmt: str, loaded: LoadedModel, meta: dict, out: Path) -> None:
         return _export_safetensors(loaded.model, out, meta)
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
     example = torch.rand(2, 3, loaded.args.image_size, loaded.args.image_size)
-    with replaced_when_complete(out) as tmp:
+    with rundir.replaced_when_complete(out) as tmp:
         if fmt == "onnx":
             _export_onnx(net, example, tmp, meta)
         else:
@@ -174,7 +169,9 @@ def sidecar(path: Path) -> Path:
 def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
     st = import_extra("safetensors.torch", "safetensors", "safetensors export")
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
-    with replaced_when_complete(out) as tmp:  # written by open(): save_file would make it 0600
+    with rundir.replaced_when_complete(
+        out
+    ) as tmp:  # written by open(): save_file would make it 0600
         tmp.write_bytes(st.save(state, metadata={"producer": "cifarlab"}))
-    with replaced_when_complete(sidecar(out)) as tmp:
+    with rundir.replaced_when_complete(sidecar(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""A run directory's bookkeeping: claiming it, the one-writer lock and the per-epoch metrics CSV."""
+"""A run directory's bookkeeping: claiming it, the one-writer lock, the per-epoch metrics CSV, and
+files replaced whole (a crash leaves the old file or the complete new one)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -271,3 +273,27 @@ def truncate_metrics(path: Path, last_epoch: int) -> int:
     for r in rows:
         append_metrics(path, {**r, "epoch": int(r["epoch"])})
     return last_epoch - len({int(r["epoch"]) for r in rows})
+
+
+@contextmanager
+def replaced_when_complete(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded."""
+    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
+    tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (Windows cannot open a folder, nor needs to)."""
+    if os.name == "nt":
+        return
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

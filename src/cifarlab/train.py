@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from cifarlab import phases
 from cifarlab.budget import fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
-from cifarlab.checkpoint import Checkpointer, load_checkpoint, replaced_when_complete
+from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
     RUNTIME_KEYS,
     TrainConfig,
@@ -47,6 +47,7 @@ from cifarlab.rundir import (
     read_metrics,
     read_result,
     removed_if_unstarted,
+    replaced_when_complete,
     truncate_metrics,
 )
 from cifarlab.step import optimizer_step, train_step
