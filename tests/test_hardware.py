@@ -149,9 +149,10 @@ def test_fp16_is_refused_off_cuda_whether_the_device_is_named_or_chosen(device):
         setup_hardware(make_config(amp="fp16", device=device))
 
 
-def test_more_threads_than_cores_is_warned(monkeypatch):
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the tests' own stay as set
+def test_more_threads_than_cores_are_capped_at_the_cores_and_warned(monkeypatch):
+    used = []
+    monkeypatch.setattr(torch, "set_num_threads", used.append)  # the tests' own stay as set
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     hw = setup_hardware(make_config(threads=1000, amp="off"))
-    assert "threads=1000 is more than the 2 cores" in hw.threads_warning
-    assert setup_hardware(make_config(threads=2, amp="off")).threads_warning == ""
+    assert "threads=1000 is more than the 2 cores" in hw.threads_warning and used == [2]
+    assert setup_hardware(make_config(threads=1, amp="off")).threads_warning == "" and used[-1] == 1

@@ -141,7 +141,7 @@ class TrainConfig:
 
     # --- hardware ---
     device: str = _key("auto", runtime=True)  # auto | cpu | cuda | cuda:N | mps
-    threads: int = _key(0, 0, runtime=True)  # CPU threads, 0 = all cores
+    threads: int = _key(0, 0, runtime=True)  # CPU threads, 0 = all cores (more are capped at them)
     amp: str = _one_of("auto", "bf16", "fp16", "off", auto="auto")
     channels_last: str = _one_of("auto", "on", "off")
     compile: bool = False

@@ -89,12 +89,14 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     if device.type == "cpu":
         # Linux: the cores this process may run on
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(config.threads or max(1, (cores or 1) // local_procs))
-        if cores and config.threads > cores:
+        threads = config.threads or max(1, (cores or 1) // local_procs)
+        if cores and threads > cores:  # more would wait on each other: 10,000 barely moved
             threads_warning = (
                 f"warning: threads={config.threads} is more than the {cores} cores this run may "
-                "use; the threads wait on each other and training slows down (0 = all cores)"
+                f"use; using {cores} (0 = all cores)"
             )
+            threads = cores
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
