@@ -125,7 +125,10 @@ def test_an_export_whose_metadata_was_edited_is_one_line_naming_the_key(runs, tm
     meta = json.loads((tmp_path / "w.json").read_text())
     edits = {"classes": "cat", "mean": [0.5], "image_size": "big", "temperature": None,
              "model_args.name": 7}  # fmt: skip
-    for key, value in edits.items():
+    # a type that fits, a value that does not: ranks reversed, NaN, a traceback, memory run out
+    edits = [*edits.items(), ("temperature", -20), ("temperature", 0), ("image_size", True),
+             ("image_size", 100_000)]  # fmt: skip
+    for key, value in edits:
         edited = json.loads(json.dumps(meta))
         parent, _, name = key.rpartition(".")
         (edited[parent] if parent else edited)[name] = value

@@ -117,6 +117,10 @@ def _listed(kind: type, size: int = 0) -> Callable[[Any], bool]:
     )
 
 
+def _positive(v: Any) -> bool:  # a temperature: 0 or NaN gives NaN, a negative one reverses ranks
+    return _is(float)(v) and 0 < v < float("inf")
+
+
 _RGB = "3 numbers, one per colour channel"
 _HINTS = get_type_hints(ModelArgs)
 # what reading a checkpoint back takes: key -> (required, what it holds, whether a value fits);
@@ -129,8 +133,8 @@ ENTRIES = {
     "classes": (True, "a list of class names", _listed(str)),
     "mean": (True, _RGB, _listed(int | float, 3)),
     "std": (True, _RGB, _listed(int | float, 3)),
-    "temperature": (False, "a number", _is(float)),
-    "temperature_ema": (False, "a number", _is(float)),
+    "temperature": (False, "a positive number", _positive),
+    "temperature_ema": (False, "a positive number", _positive),
     "model_args": (False, "a mapping", _is(dict)),  # absent: from config (`inference.model_args`)
     **{
         f"model_args.{f.name}": (f.default is MISSING, f"of type {f.type}", _is(_HINTS[f.name]))
