@@ -123,6 +123,26 @@ def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_a
     assert (opts.out / "plain" / "last.pt").is_file() and (opts.out / "flip" / "last.pt").is_file()
 
 
+def test_a_run_another_suite_renamed_first_is_not_an_error(finished, tmp_path, monkeypatch):
+    from cifarlab import suites
+
+    path, opts, _ = finished
+    opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
+    read = suites._saved_config
+
+    def raced(run_dir):  # a second suite on this --out renames `plain` as this one reads it
+        saved = read(run_dir)
+        if run_dir.name == "plain" and saved:
+            run_dir.rename(run_dir.with_name("plain-seed0"))
+        return saved
+
+    monkeypatch.setattr(suites, "_saved_config", raced)
+    messages = []  # it was "cannot lock the run directory ...; make out/plain writable"
+    run_suite(str(path), dataclasses.replace(opts, only="plain"), log=messages.append)
+    assert any("[plain-seed0] finished earlier" in m for m in messages), messages
+    assert not (opts.out / "flip-seed0" / ".lock").exists()  # the lock went with the rename
+
+
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SUITE)

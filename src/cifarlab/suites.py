@@ -291,8 +291,13 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
             continue
         saved = _saved_config(other)
         if saved is not None and not config_changes(saved, wanted):
-            with RunLock(other):  # not while another suite trains it
-                other.rename(run_dir)
+            try:
+                with RunLock(other) as lock:  # not while another process trains it
+                    other.rename(run_dir)
+                    lock.path = run_dir / ".lock"  # moved with it: removed on release
+            except UserError:
+                if other.is_dir():
+                    raise  # in use; else another suite on this --out moved it first
 
 
 def _refuse_stale(jobs: list) -> None:
