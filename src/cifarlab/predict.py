@@ -79,7 +79,7 @@ class Predictor:
 _AS_IN_CHECKPOINTS = ("classes", "mean", "std", "temperature", "model_args")
 EXPORT_META = {
     **{k: v for k, v in ENTRIES.items() if k.split(".")[0] in _AS_IN_CHECKPOINTS},
-    "image_size": (False, "a whole number from 8 to 1024", lambda v: type(v) is int and 8 <= v <= 1024),
+    "image_size": (False, "8 to 1024 pixels", lambda v: type(v) is int and 8 <= v <= 1024),
 }
 
 
