@@ -351,6 +351,29 @@ def test_resuming_without_metrics_csv_says_which_epochs_the_curves_lack(syntheti
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [b"\xba\xff" * 50, b"hello,world\n1,2\n", b"epoch,lr\n-inf,0.1\n-1,0.1\n1.5,0.1\n"],
+    ids=["binary", "no-epoch-column", "epochs-not-whole-from-1"],
+)
+def test_resuming_with_a_damaged_metrics_csv_warns_instead_of_a_traceback(
+    synthetic_images, tmp_path, damaged
+):
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        raise Crash
+
+    run, said = tmp_path / "run", []
+    with pytest.raises(Crash):  # stopped after epoch 1's last.pt
+        train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
+    (run / "metrics.csv").write_bytes(damaged)  # were UnicodeDecodeError, KeyError, OverflowError
+    train(_config(synthetic_images, tmp_path), run, resume=True, log=said.append)
+    assert any("metrics.csv lacks 1 of the 1 epoch" in line for line in said), said
+    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
+
+
 def test_a_finished_run_whose_result_json_was_cut_short_writes_it_again_on_resume(
     synthetic_images, tmp_path, capsys
 ):

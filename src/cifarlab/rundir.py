@@ -249,10 +249,12 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="replace") as f:  # bytes that are not text: rows dropped
         for row in csv.DictReader(f):
             with contextlib.suppress(TypeError, ValueError):  # a missing or non-number field
-                rows.append({k: float(v) for k, v in row.items()})
+                epoch = float(row.get("epoch"))  # an epoch is a whole number from 1
+                if epoch.is_integer() and epoch >= 1:
+                    rows.append({k: float(v) for k, v in row.items()})
     return rows
 
 
