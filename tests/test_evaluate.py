@@ -311,6 +311,16 @@ def test_train_folder_without_val_folder_scores_the_runs_held_out_slice(tiny_run
     assert paths(tmp_path / "ev-val") == paths(tmp_path / "own")
 
 
+def test_the_runs_own_plain_folder_passed_as_data_gives_its_held_out_slice_not_all(tmp_path):
+    data = _pngs(tmp_path / "plain", per_class=12)
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=6)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    (tmp_path / "link").symlink_to(data)  # another spelling of the same folder
+    report = _score(tmp_path / "run", f"{tmp_path / 'link'}/", "val", tmp_path)
+    assert report["num_images"] == 6  # it was 24: the 18 training images among them
+
+
 def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(tmp_path):
     data = _pngs(tmp_path / "src" / "train", per_class=6).parent
     config = make_config(

@@ -47,7 +47,8 @@ def load_eval_set(
     for key, value in (("data", data), ("on_bad_image", on_bad_image)):
         if value:  # as the command line says; else as the run was trained
             config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
-    scored = load_labelled(*_source_args(config), split, ckpt["classes"]) if data else None
+    # the run's own data, however spelt, gives its held-out split: whole, it holds training images
+    scored = None if own_data else load_labelled(*_source_args(config), split, ckpt["classes"])
     if scored is None and split == "val":
         try:
             splits = load_splits(config)
@@ -63,7 +64,7 @@ def load_eval_set(
                 f"its validation split would include training images; {way_out}",
             )
         scored = splits.val
-    elif scored is None and not data:
+    elif scored is None and own_data:
         scored = load_source(*_source_args(config), config.classes).test
     if scored is None:
         raise UserError(
