@@ -191,13 +191,13 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             named = {"seed": seed, "experiment": run.config.experiment or suite.name}
             config = apply_overrides(run.config, named, where="--seeds")
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
-    _adopt_renamed(every, opts.out)
-    _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
     check_not_a_run(opts.out, "a suite writes its runs and tables", "suite")
+    _adopt_renamed(every, opts.out)
+    _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
