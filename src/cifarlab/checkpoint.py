@@ -3,6 +3,7 @@ the entries loading checks, `ModelArgs` among them (what rebuilds the model)."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -117,6 +118,11 @@ def _listed(kind: type, size: int = 0) -> Callable[[Any], bool]:
     )
 
 
+def _positive(v: Any) -> bool:
+    """A number > 0 (a temperature of 0 divides the logits by zero); not a bool."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 _RGB = "3 numbers, one per colour channel"
 _HINTS = get_type_hints(ModelArgs)
 # what reading a checkpoint back takes: key -> (required, what it holds, whether a value fits);
@@ -129,8 +135,8 @@ ENTRIES = {
     "classes": (True, "a list of class names", _listed(str)),
     "mean": (True, _RGB, _listed(int | float, 3)),
     "std": (True, _RGB, _listed(int | float, 3)),
-    "temperature": (False, "a number", _is(float)),
-    "temperature_ema": (False, "a number", _is(float)),
+    "temperature": (False, "a positive number", _positive),
+    "temperature_ema": (False, "a positive number", _positive),
     "model_args": (False, "a mapping", _is(dict)),  # absent: from config (`inference.model_args`)
     **{
         f"model_args.{f.name}": (f.default is MISSING, f"of type {f.type}", _is(_HINTS[f.name]))
@@ -139,17 +145,13 @@ ENTRIES = {
 }
 
 
-def check_entries(
-    found: dict, where: str, fix: str, entries: dict = ENTRIES, top_optional: bool = False
-) -> None:
-    """Refuses, in one line naming the key, an entry of `entries` missing (unless optional, as
-    every top-level one is with `top_optional`) or of the wrong type in `found`: a checkpoint or
-    an export's metadata, damaged or edited by hand."""
+def check_entries(found: dict, where: str, fix: str, entries: dict = ENTRIES) -> None:
+    """Refuses, in one line naming the key, an entry of `entries` missing (where required) or
+    of the wrong type in `found`: a checkpoint or an export's metadata, damaged or edited."""
     for key, (required, what, fits) in entries.items():
         parent, _, name = key.rpartition(".")
         holder = found.get(parent) if parent else found
-        optional = not required or (top_optional and not parent)
-        if not isinstance(holder, dict) or (name not in holder and optional):
+        if not isinstance(holder, dict) or (name not in holder and not required):
             continue  # optional, or in an optional mapping that is absent
         if name not in holder or not fits(holder[name]):
             got = " ".join(repr(holder[name]).split())[:40] if name in holder else "missing"
