@@ -33,8 +33,10 @@ format: setup
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
 # fast tier (unit tests, tiny models; <= 4 min on 2 cores); test-all: everything, what CI runs.
-# One pytest worker per CPU (pytest-xdist); PYTEST_ARGS="-n 0" runs them in this process.
-PYTEST := CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest -n logical
+# One pytest worker (pytest-xdist) per CPU this process may use, at most 8: each imports torch
+# and trains the shared fixtures again. WORKERS=0 runs the tests in this process.
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
+PYTEST := CIFARLAB_TEST_DATA=$(TEST_DATA) $(BIN)/pytest -n $(WORKERS)
 test: lint
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 

@@ -10,7 +10,7 @@ def _train(args, out, nproc):
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--master_port=29581",
+        "--standalone",  # a free port: two test sessions on one machine do not collide
     ]
     cmd = [
         *(launcher if nproc > 1 else [sys.executable]),

@@ -575,6 +575,7 @@ WRONG_TYPES = [  # the key the one line names, and an edit of a real checkpoint 
     pytest.param("mean", lambda c: c.update(mean=[0.5]), id="mean-of-1"),  # would broadcast
     pytest.param("std", lambda c: c.update(std="0.25"), id="std-a-string"),
     pytest.param("config.model", lambda c: c["config"].update(model=3), id="config.model-3"),
+    pytest.param("temperature", lambda c: c.update(temperature=0.0), id="temperature-0"),  # NaN
 ]
 
 

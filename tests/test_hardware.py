@@ -90,9 +90,8 @@ def test_the_bf16_timing_times_the_training_loops_own_step_in_both_precisions(mo
 
     monkeypatch.setattr("cifarlab.hardware.train_step", train_step)
     monkeypatch.setattr("cifarlab.hardware.time", SimpleNamespace(perf_counter=lambda: now[0]))
-    assert time_bf16_speedup(rounds=2) == pytest.approx(
-        3.0
-    )  # fp32 time over bf16 time, warm-up left out
+    # fp32 time over bf16 time, the warm-up left out
+    assert time_bf16_speedup(rounds=2) == pytest.approx(3.0)
     assert sorted(map(str, seen)) == ["None"] * 3 + ["torch.bfloat16"] * 3
 
 
@@ -154,5 +153,8 @@ def test_more_threads_than_cores_are_capped_at_the_cores_and_warned(monkeypatch)
     monkeypatch.setattr(torch, "set_num_threads", used.append)  # the tests' own stay as set
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
     hw = setup_hardware(make_config(threads=1000, amp="off"))
-    assert "threads=1000 is more than the 2 cores" in hw.threads_warning and used == [2]
-    assert setup_hardware(make_config(threads=1, amp="off")).threads_warning == "" and used[-1] == 1
+    assert "threads=1000 is more than the 2 core(s)" in hw.threads_warning and used == [2]
+    assert setup_hardware(make_config(threads=2, amp="off")).threads_warning == "" and used[-1] == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes share the two cores
+    hw = setup_hardware(make_config(threads=2, amp="off"))
+    assert "more than the 1 core(s) each" in hw.threads_warning and used[-1] == 1

@@ -1,12 +1,13 @@
 """Decoding image files to uint8 RGB."""
 
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cifarlab.data.images import decode_image
+from cifarlab.data.images import BadImage, decode_image
 
 
 def _encoded(mode: str, value: int, fmt: str) -> bytes:
@@ -29,3 +30,11 @@ def test_sixteen_bit_gray_is_scaled_to_eight_bits_not_clipped_to_white(mode, fmt
     assert np.all(mid_grey == 117)  # 30000 / 65535 * 255 = 116.7
     assert np.all(decode_image(_encoded(mode, 65535, fmt), 4) == 255)
     assert np.all(decode_image(_encoded(mode, 0, fmt), 4) == 0)
+
+
+def test_a_pipe_or_a_dangling_link_is_a_bad_image_not_a_wait(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # opened, it would wait for a writer for good
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    for name in ("pipe.png", "gone.png"):  # for every caller: predict, the API, training
+        with pytest.raises(BadImage, match=f"{name}: not a regular file"):
+            decode_image(tmp_path / name, 32)

@@ -347,7 +347,7 @@ def test_resuming_without_metrics_csv_says_which_epochs_the_curves_lack(syntheti
         train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
     (run / "metrics.csv").unlink()
     train(_config(synthetic_images, tmp_path), run, resume=True, log=said.append)
-    assert any("metrics.csv lacks 1 of the 1 epoch" in line for line in said)
+    assert any("metrics.csv lacks epoch(s) 1 of the 1 trained" in line for line in said)
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 
@@ -370,7 +370,7 @@ def test_resuming_with_a_damaged_metrics_csv_warns_instead_of_a_traceback(
         train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
     (run / "metrics.csv").write_bytes(damaged)  # were UnicodeDecodeError, KeyError, OverflowError
     train(_config(synthetic_images, tmp_path), run, resume=True, log=said.append)
-    assert any("metrics.csv lacks 1 of the 1 epoch" in line for line in said), said
+    assert any("metrics.csv lacks epoch(s) 1 of the 1 trained" in line for line in said), said
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 

@@ -117,10 +117,17 @@ def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_a
     assert any("[plain-seed1] training" in m for m in messages), messages
     names = sorted(p.name for p in opts.out.iterdir() if p.is_dir())
     assert names == ["flip-seed0", "plain-seed0", "plain-seed1"]  # no `plain` left behind
+    assert not (opts.out / "plain-seed0" / ".lock").exists()  # the lock moved and was let go
     messages = []  # and back to one seed: seed 0's folder is `plain` again
     rows = run_suite(str(path), dataclasses.replace(opts, seeds=[0]), log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 2 and rows[0]["seeds"] == 1
     assert (opts.out / "plain" / "last.pt").is_file() and (opts.out / "flip" / "last.pt").is_file()
+    (opts.out / "plain-seed1").rename(opts.out / "kept")  # seed 1 trains again below
+    (opts.out / "plain" / "last.pt").write_bytes(b"damaged")  # a leftover the suite does not use
+    messages = []
+    run_suite(str(path), dataclasses.replace(opts, only="plain"), log=messages.append)
+    assert any("[plain-seed0] training" in m for m in messages), messages
+    assert (opts.out / "plain" / "last.pt").read_bytes() == b"damaged"
 
 
 def test_a_run_another_suite_renamed_first_is_not_an_error(finished, tmp_path, monkeypatch):
@@ -345,6 +352,11 @@ def test_an_out_among_the_class_folders_is_refused_before_it_is_made(
     argv = ["suite", "exercise-2", "--data", str(data), "--val-size", "6", "--out", str(out)]
     assert main(argv) == 2  # it was 1: each run "cannot start", the suite's tables in --out
     assert "whose folders are read as classes" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_out_holding_a_training_run_is_refused_before_anything_is_written(
+    synthetic_images, tmp_path, capsys
+):
     run = tmp_path / "run"  # a training run's folder: the suite's tables would sit among its files
     run.mkdir()
     (run / "metrics.csv").write_text("epoch\n")

@@ -282,12 +282,16 @@ def test_an_out_among_the_class_folders_is_refused_before_a_study_is_stored(
     with pytest.raises(UserError, match="whose folders are read as classes"):
         run_tune(opts, log=lambda s: None)  # every trial failed there, the folder left behind
     assert not opts.out.exists() and not (tmp_path / "study.db").exists()
+
+
+def test_an_out_holding_a_training_run_is_refused_before_a_study_is_stored(
+    synthetic_images, tmp_path
+):
     run = tmp_path / "run"  # a training run's folder: trials and tables among its files
     run.mkdir()
     (run / "config.yaml").write_text("epochs: 1\n")
+    opts = dataclasses.replace(_small(synthetic_images, tmp_path, 1), out=run)
     with pytest.raises(UserError, match=r"holds a training run \(config.yaml\); tune writes"):
-        run_tune(
-            dataclasses.replace(opts, base=_small(synthetic_images, tmp_path, 1).base, out=run)
-        )
+        run_tune(opts)
     assert [p.name for p in run.iterdir()] == ["config.yaml"]
     assert not (tmp_path / "study.db").exists()

@@ -3,6 +3,7 @@ the entries loading checks, `ModelArgs` among them (what rebuilds the model)."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -117,8 +118,9 @@ def _listed(kind: type, size: int = 0) -> Callable[[Any], bool]:
     )
 
 
-def _positive(v: Any) -> bool:  # a temperature: 0 or NaN gives NaN, a negative one reverses ranks
-    return _is(float)(v) and 0 < v < float("inf")
+def _positive(v: Any) -> bool:
+    """A number > 0 (a temperature of 0 divides the logits by zero); not a bool."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 _RGB = "3 numbers, one per colour channel"
@@ -143,17 +145,13 @@ ENTRIES = {
 }
 
 
-def check_entries(
-    found: dict, where: str, fix: str, entries: dict = ENTRIES, top_optional: bool = False
-) -> None:
-    """Refuses, in one line naming the key, an entry of `entries` missing (unless optional, as
-    every top-level one is with `top_optional`) or of the wrong type in `found`: a checkpoint or
-    an export's metadata, damaged or edited by hand."""
+def check_entries(found: dict, where: str, fix: str, entries: dict = ENTRIES) -> None:
+    """Refuses, in one line naming the key, an entry of `entries` missing (where required) or
+    of the wrong type in `found`: a checkpoint or an export's metadata, damaged or edited."""
     for key, (required, what, fits) in entries.items():
         parent, _, name = key.rpartition(".")
         holder = found.get(parent) if parent else found
-        optional = not required or (top_optional and not parent)
-        if not isinstance(holder, dict) or (name not in holder and optional):
+        if not isinstance(holder, dict) or (name not in holder and not required):
             continue  # optional, or in an optional mapping that is absent
         if name not in holder or not fits(holder[name]):
             got = " ".join(repr(holder[name]).split())[:40] if name in holder else "missing"

@@ -3,6 +3,8 @@ again from its config, refused when that data is gone or changed since the run t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.sources import load_labelled
@@ -10,13 +12,19 @@ from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import TooFewImages, UserError, data_changed
 from cifarlab.training_run import data_fingerprint
 
-# how each command gets past its run's data being gone or changed, and a checkpoint naming none
+
+class WayOut(NamedTuple):
+    """How a command gets past its run's data being gone or changed, and a checkpoint naming none."""
+
+    data_gone: str
+    no_data: str
+
+
 WAYS_OUT = {
-    "evaluate": (
-        "restore the data, or pass --data with a held-out folder of <class>/ images",
-        "pass --data",
+    "evaluate": WayOut(
+        "restore the data, or pass --data with a held-out folder of <class>/ images", "pass --data"
     ),
-    "calibrate": ("restore the data, then calibrate again", "re-train, or restore the file"),
+    "calibrate": WayOut("restore the data, then calibrate again", "re-train, or restore the file"),
 }
 
 
@@ -27,6 +35,7 @@ def run_config(ckpt: dict, where: str) -> TrainConfig:
 def load_eval_set(
     ckpt: dict,
     where: str,
+    *,
     split: str = "val",
     data: str | None = None,
     on_bad_image: str | None = None,
@@ -56,8 +65,11 @@ def load_eval_set(
             if not own_data:
                 raise
             raise data_changed(where, f"{config.data}: {exc}", way_out) from None
-        theirs = ckpt.get("data_fingerprint")  # a checkpoint without one passes
-        if own_data and not splits.val_folder and theirs not in (None, data_fingerprint(splits)):
+        # a split held out of changed data mixes in images the run trained on (in-sample scores
+        # and temperature); a checkpoint without a fingerprint passes
+        theirs = ckpt.get("data_fingerprint")
+        checked = own_data and not splits.val_folder and theirs is not None
+        if checked and theirs != data_fingerprint(splits):
             raise data_changed(
                 where,
                 f"{config.data}: images, labels or classes differ",

@@ -122,7 +122,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     check_out(out)  # before any work or file
     check_not_a_run(out, "evaluate writes its report", "eval")
     check_outside_images(out, opts.data or run_config(ckpt, str(ckpt_path)).data)  # PNGs: a class
-    data, source = load_eval_set(ckpt, str(ckpt_path), opts.split, opts.data, opts.on_bad_image)
+    data, source = load_eval_set(
+        ckpt, str(ckpt_path), split=opts.split, data=opts.data, on_bad_image=opts.on_bad_image
+    )
     if len(data) == 0:
         raise UserError(
             f"{ckpt_path}: the run has no validation split (val_size 0) to score; use --split test "

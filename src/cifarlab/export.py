@@ -169,9 +169,8 @@ def sidecar(path: Path) -> Path:
 def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
     st = import_extra("safetensors.torch", "safetensors", "safetensors export")
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
-    with rundir.replaced_when_complete(
-        out
-    ) as tmp:  # written by open(): save_file would make it 0600
+    # written by open(): save_file would make it 0600
+    with rundir.replaced_when_complete(out) as tmp:
         tmp.write_bytes(st.save(state, metadata={"producer": "cifarlab"}))
     with rundir.replaced_when_complete(sidecar(out)) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")

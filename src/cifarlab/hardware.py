@@ -89,13 +89,14 @@ def setup_hardware(config: TrainConfig, d=None) -> Hardware:
     if device.type == "cpu":
         # Linux: the cores this process may run on
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = config.threads or max(1, (cores or 1) // local_procs)
-        if cores and threads > cores:  # more would wait on each other: 10,000 barely moved
+        share = max(1, (cores or 1) // local_procs)  # each torchrun process on this machine
+        threads = config.threads or share
+        if cores and threads > share:  # threads beyond the cores only wait on each other
             threads_warning = (
-                f"warning: threads={config.threads} is more than the {cores} cores this run may "
-                f"use; using {cores} (0 = all cores)"
+                f"warning: threads={config.threads} is more than the {share} core(s) each "
+                f"process of this run may use; using {share} (0 = all cores)"
             )
-            threads = cores
+            threads = share
         torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -75,10 +75,15 @@ class Predictor:
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
 
-# what an export's metadata may hold, as a checkpoint holds it (normalisation, or inside the model)
+# what an export's metadata may hold, as a checkpoint holds it; which top-level keys an export
+# must have depends on its format (`_read_meta`'s `required`), so none is required here
 _AS_IN_CHECKPOINTS = ("classes", "mean", "std", "temperature", "model_args")
 EXPORT_META = {
-    **{k: v for k, v in ENTRIES.items() if k.split(".")[0] in _AS_IN_CHECKPOINTS},
+    **{
+        key: (required and "." in key, what, fits)
+        for key, (required, what, fits) in ENTRIES.items()
+        if key.split(".")[0] in _AS_IN_CHECKPOINTS
+    },
     "image_size": (False, "8 to 1024 pixels", lambda v: type(v) is int and 8 <= v <= 1024),
 }
 
@@ -101,7 +106,7 @@ def _read_meta(predictor, meta: str | bytes | dict, where: str, required=("class
         raise UserError(
             f"{where}: no {', '.join(missing)} in its metadata; export it with cifarlab export"
         )
-    check_entries(meta, where, "export the model again", EXPORT_META, top_optional=True)
+    check_entries(meta, where, "export the model again", EXPORT_META)
     predictor.classes = list(meta["classes"])
     predictor.size = int(meta.get("image_size", 32))
     predictor.temperature = float(meta.get("temperature", 1.0))
@@ -246,8 +251,6 @@ def run_predict(
         chunk, images = [], []
         for f in files[start : start + batch_size]:
             try:
-                if not f.is_file():  # opening a pipe would wait for a writer
-                    raise BadImage(f"{f}: not a regular file (a dangling link, pipe or device?)")
                 images.append(decode_image(f, predictor.size))
                 chunk.append(f)
             except BadImage as exc:

@@ -267,14 +267,14 @@ def read_result(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> int:
+def truncate_metrics(path: Path, last_epoch: int) -> list[int]:
     """Keep rows up to `last_epoch` (1-based): a resumed run rewrites what the checkpoint lacks.
-    Returns how many of epochs 1..`last_epoch` have no row (a deleted or edited file)."""
+    Returns the epochs of 1..`last_epoch` that have no row (a deleted or edited file)."""
     rows = [r for r in read_metrics(path) if r["epoch"] <= last_epoch]
     path.unlink(missing_ok=True)
     for r in rows:
         append_metrics(path, {**r, "epoch": int(r["epoch"])})
-    return last_epoch - len({int(r["epoch"]) for r in rows})
+    return sorted(set(range(1, last_epoch + 1)) - {int(r["epoch"]) for r in rows})
 
 
 @contextmanager
@@ -284,6 +284,11 @@ def replaced_when_complete(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)  # its data on disk before the name points at it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

@@ -5,6 +5,7 @@ a table, a plot and an index page. Each run is a `recipe`, `set` overrides and a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -191,13 +192,13 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             named = {"seed": seed, "experiment": run.config.experiment or suite.name}
             config = apply_overrides(run.config, named, where="--seeds")
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
-    _adopt_renamed(every, opts.out)
-    _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     jobs = [job for job in every if not opts.only or job[0].name == opts.only]
     _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
     check_not_a_run(opts.out, "a suite writes its runs and tables", "suite")
+    _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
+    _adopt_renamed(every, opts.out)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
@@ -289,15 +290,12 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
         other = single if run_dir != single else out / f"{run.name}-seed{wanted.seed}"
         if run_dir.exists() or not other.is_dir():
             continue
-        saved = _saved_config(other)
-        if saved is not None and not config_changes(saved, wanted):
-            try:
-                with RunLock(other) as lock:  # not while another process trains it
+        with contextlib.suppress(UserError):  # a damaged run the suite does not use stays put
+            saved = _saved_config(other)
+            if saved is not None and not config_changes(saved, wanted):
+                with RunLock(other) as lock:  # not while another suite trains it
                     other.rename(run_dir)
-                    lock.path = run_dir / ".lock"  # moved with it: removed on release
-            except UserError:
-                if other.is_dir():
-                    raise  # in use; else another suite on this --out moved it first
+                    lock.path = run_dir / ".lock"  # the lock file moved with its folder
 
 
 def _refuse_stale(jobs: list) -> None:

@@ -298,8 +298,9 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
         if lost := truncate_metrics(saver.run_dir / "metrics.csv", first):
+            shown = ", ".join(map(str, lost[:5])) + (" ..." if len(lost) > 5 else "")
             log(
-                f"warning: metrics.csv lacks {lost} of the {first} epoch(s) trained so far: the "
+                f"warning: metrics.csv lacks epoch(s) {shown} of the {first} trained so far: the "
                 "curves and the run's total time leave them out"
             )
         if run.splits.skipped:  # on_bad_image: skip

@@ -41,6 +41,8 @@ def visible_entries(folder: Path) -> list[Path]:
 def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB. Grayscale, palette and RGBA become RGB (alpha on white)."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file():  # opening a pipe would wait
+        raise BadImage(f"{name}: not a regular file (a dangling link, pipe or device?)")
     try:
         with (  # a large photo is shrunk like any other; Pillow still refuses a bomb
             warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning),
