@@ -139,6 +139,22 @@ def test_an_export_whose_metadata_was_edited_is_one_line_naming_the_key(runs, tm
         assert len(err.splitlines()) == 1, err
 
 
+def test_an_export_naming_fewer_or_more_classes_than_it_scores_is_one_line(runs, tmp_path, capsys):
+    from PIL import Image
+
+    run_dirs, images = runs
+    out, image = tmp_path / "w.safetensors", tmp_path / "i.png"
+    assert main(["export", str(run_dirs["cnn"]), "--format", "safetensors", "--out", str(out)]) == 0
+    Image.fromarray(images[0]).save(image)
+    meta = json.loads((tmp_path / "w.json").read_text())
+    for classes in (["a"], [*meta["classes"], "extra"]):  # an IndexError, or names unscored
+        (tmp_path / "w.json").write_text(json.dumps({**meta, "classes": classes}))
+        capsys.readouterr()
+        assert main(["predict", str(out), str(image)]) == 2
+        err = capsys.readouterr().err
+        assert f"names {len(classes)}" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_a_safetensors_export_has_the_mode_of_every_other_file(runs, tmp_path, umask):
     import os

@@ -259,6 +259,11 @@ def run_predict(
         if not chunk:
             continue
         probs = predictor.probabilities(np.stack(images), batch_size)
+        if probs.shape[1] != len(predictor.classes):  # an export's metadata edited by hand
+            raise UserError(
+                f"{model}: the model scores {probs.shape[1]} classes but its metadata names "
+                f"{len(predictor.classes)}; export the model again"
+            )
         for f, p in zip(chunk, probs, strict=True):
             top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
             if as_json:  # the path made printable: strict JSON has no lone surrogates
