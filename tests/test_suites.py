@@ -187,6 +187,15 @@ def test_a_bad_seed_is_refused_before_the_suites_folder_is_made(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_seed_in_set_or_in_a_runs_set_is_refused_not_dropped(tmp_path):
+    with pytest.raises(UserError, match="seeds come from --seeds"):  # seed 0 was trained
+        load_suite("cutmix", {"data": "x", "seed": 3})
+    path = tmp_path / "s.yaml"
+    path.write_text(SUITE.replace("set: {crop_padding: 0}", "set: {crop_padding: 0, seed: 7}"))
+    with pytest.raises(UserError, match="run 2: a suite's seeds come from --seeds"):
+        load_suite(str(path), {"data": "x"})
+
+
 def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypatch):
     def stopped(config, run_dir, **kw):
         raise Interrupted(f"stopped at epoch 1 step 3; saved {run_dir}/last.pt. Resume with: "

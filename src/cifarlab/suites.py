@@ -109,6 +109,11 @@ def load_suite(
         sets = r.get("set") or {}
         if not isinstance(sets, dict):
             raise UserError(f"{where}: 'set' must be a mapping of config keys")
+        if "seed" in {**base, **sets}:  # each run's seed is one of --seeds: this one was dropped
+            raise UserError(
+                f"{where}: a suite's seeds come from --seeds (e.g. --seeds 0,1,2), not a 'seed' "
+                "in 'set' or --set"
+            )
         if spec.get("cumulative"):
             recipe = r.get("recipe", recipe)
             carried = {**carried, **sets}
