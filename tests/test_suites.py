@@ -150,6 +150,16 @@ def test_a_run_another_suite_renamed_first_is_not_an_error(finished, tmp_path, m
     assert not (opts.out / "flip-seed0" / ".lock").exists()  # the lock went with the rename
 
 
+def test_a_run_another_process_trains_is_not_trained_again_under_its_new_name(finished, tmp_path):
+    from cifarlab.rundir import RunLock
+
+    path, opts, _ = finished
+    opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
+    with RunLock(opts.out / "plain"), pytest.raises(UserError, match="plain is in use"):
+        run_suite(str(path), dataclasses.replace(opts, only="plain"), log=lambda s: None)
+    assert not (opts.out / "plain-seed0").exists()  # it was trained from scratch beside `plain`
+
+
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SUITE)

@@ -5,7 +5,6 @@ a table, a plot and an index page. Each run is a `recipe`, `set` overrides and a
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -295,12 +294,18 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
         other = single if run_dir != single else out / f"{run.name}-seed{wanted.seed}"
         if run_dir.exists() or not other.is_dir():
             continue
-        with contextlib.suppress(UserError):  # a damaged run the suite does not use stays put
+        try:
             saved = _saved_config(other)
-            if saved is not None and not config_changes(saved, wanted):
-                with RunLock(other) as lock:  # not while another suite trains it
+        except UserError:  # a damaged run the suite does not use stays put
+            continue
+        if saved is not None and not config_changes(saved, wanted):
+            try:
+                with RunLock(other) as lock:  # not while another process trains it
                     other.rename(run_dir)
                     lock.path = run_dir / ".lock"  # the lock file moved with its folder
+            except UserError:
+                if other.is_dir():
+                    raise  # in use (it would be trained twice); else another suite moved it
 
 
 def _refuse_stale(jobs: list) -> None:
