@@ -351,6 +351,19 @@ def test_resuming_without_metrics_csv_says_which_epochs_the_curves_lack(syntheti
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 
+@pytest.mark.parametrize("name", ["metrics.csv", "config.yaml"])
+def test_a_folder_where_a_run_file_goes_is_one_line_before_resuming(
+    synthetic_images, tmp_path, capsys, name
+):
+    run = tmp_path / "run"
+    train(_config(synthetic_images, tmp_path, epochs=1), run, log=QUIET)
+    (run / name).unlink()
+    (run / name).mkdir()  # writing the file would fail mid-run (IsADirectoryError)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{name} is a folder where the run keeps a file" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "damaged",
     [b"\xba\xff" * 50, b"hello,world\n1,2\n", b"epoch,lr\n-inf,0.1\n-1,0.1\n1.5,0.1\n"],

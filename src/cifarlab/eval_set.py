@@ -42,8 +42,9 @@ def load_eval_set(
     command: str = "evaluate",
 ) -> tuple[ImageSet, str]:
     """The images to score, labelled with the checkpoint's class indices, and their source.
-    `data` is scored whole (its test/ or val/ folder, or all of a plain `<class>/` folder);
-    without it, split "val" holds out the run's slice of its own data (same seed)."""
+    Another source in `data` is scored whole (its test/ or val/ folder, or all of a plain
+    `<class>/` folder); the run's own data, named or not, gives the split it held out (same
+    seed) for "val", and its test/ folder for "test"."""
     way_out, no_data = WAYS_OUT[command]
     if data is None and "data" not in ckpt["config"]:  # run_config would fill in cifar10
         raise UserError(f"checkpoint {where} has no config.data; {no_data}")
@@ -79,9 +80,10 @@ def load_eval_set(
     elif scored is None and own_data:
         scored = load_source(*_source_args(config), config.classes).test
     if scored is None:
+        other = "another folder: " if own_data else ""  # its own images trained the model
         raise UserError(
-            f"--split test: {config.data} has no test split; pass --data with a <root>/test/<class>/ "
-            "or plain <root>/<class>/ folder, or use --split val"
+            f"--split test: {config.data} has no test split; pass --data with {other}a "
+            "<root>/test/<class>/ or plain <root>/<class>/ folder, or use --split val"
         )
     if config.classes and own_data:  # the run's own data: the classes it was trained on
         scored = select_classes(

@@ -97,8 +97,8 @@ def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int
 
 
 def _default_out(opts: EvalOptions) -> str:
-    """`eval-<split>` for the run's own split; `eval-<split>-<data name>` for `--data`, scored
-    whole (the run's own folder included), so that no default report replaces another's."""
+    """`eval-<split>` for the run's own split; `eval-<split>-<data name>` for `--data`, so that
+    no default report replaces another's."""
     if opts.data is None:
         return f"eval-{opts.split}"
     name = re.sub(r"[^\w.-]+", "_", expand(opts.data).resolve().name).strip("._")
@@ -120,7 +120,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
     out = opts.out or ckpt_path.parent / _default_out(opts)
     check_out(out)  # before any work or file
-    check_not_a_run(out, "evaluate writes its report", "eval")
+    check_not_a_run(out, "evaluate writes its report", out / "eval")
     check_outside_images(out, opts.data or run_config(ckpt, str(ckpt_path)).data)  # PNGs: a class
     data, source = load_eval_set(
         ckpt, str(ckpt_path), split=opts.split, data=opts.data, on_bad_image=opts.on_bad_image

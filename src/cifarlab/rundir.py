@@ -125,8 +125,17 @@ def rewrite_lock(run_dir: Path):
 
 
 def claim_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse a `--out` holding anything but hidden entries (`.lock`), unless `resume`."""
-    if resume or not run_dir.is_dir():
+    """Refuse a `--out` holding anything but hidden entries (`.lock`), unless `resume`; and one
+    with a folder where a run file goes (writing that file would fail mid-run)."""
+    if not run_dir.is_dir():
+        return
+    folders = [n for n in RUN_FILES if (run_dir / n).is_dir()]
+    if folders:
+        raise UserError(
+            f"{run_dir / folders[0]} is a folder where the run keeps a file; move it away, or "
+            "pick another --out"
+        )
+    if resume:
         return
     names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     if not names:
@@ -170,14 +179,14 @@ def check_out(out: Path, folder: bool = True) -> None:
         raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
 
 
-def check_not_a_run(out: Path, writes: str, folder: str) -> None:
+def check_not_a_run(out: Path, writes: str, instead: Path) -> None:
     """One line for an --out that holds a training run: what `writes` would go among its files
-    (an evaluate report's curves.png would replace the run's own)."""
+    (an evaluate report's curves.png would replace the run's own); `instead` is the example."""
     held = [n for n in RUN_FILES if (out / n).exists()]
     if held:
         raise UserError(
             f"--out {out} holds a training run ({', '.join(held[:3])}); {writes} into a folder of "
-            f"its own, e.g. --out {out / folder}"
+            f"its own, e.g. --out {instead}"
         )
 
 

@@ -200,7 +200,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
-    check_not_a_run(opts.out, "a suite writes its runs and tables", "suite")
+    beside = Path(f"{opts.out.resolve()}-suite")  # beside the run, not inside it
+    check_not_a_run(opts.out, "a suite writes its runs and tables", beside)
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     _adopt_renamed(every, opts.out)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write

@@ -230,8 +230,8 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
     """The config this call trains, and the checkpoint it continues (or None); see `train`.
     Before the first checkpoint a resumed run starts over."""
     last, started = run_dir / "last.pt", run_dir / "config.yaml"
+    claim_run_dir(run_dir, resume)
     if not resume:
-        claim_run_dir(run_dir, resume=False)
         return config, None
     if not last.is_file() and not started.is_file():
         return _nothing_to_resume(config, run_dir, log), None
