@@ -386,6 +386,10 @@ def test_a_run_whose_data_moved_names_that_data_not_a_flag(tiny_run, tmp_path):
     with pytest.raises(UserError, match=r"trained on .*gone, which is no longer there") as err:
         evaluate(EvalOptions(str(tmp_path / "moved.pt"), out=tmp_path / "ev"), log=lambda s: None)
     assert not str(err.value).startswith("--data")
+    (tmp_path / "gone").write_text("a file where the data folder was")  # not an archive either
+    with pytest.raises(UserError, match=r"trained on .*gone, which is no longer there") as err:
+        evaluate(EvalOptions(str(tmp_path / "moved.pt"), out=tmp_path / "ev"), log=lambda s: None)
+    assert not str(err.value).startswith("--data")  # it said "--data ...: expected a folder"
 
 
 def test_a_report_on_other_data_gets_its_own_default_folder(tiny_run, tmp_path):
@@ -576,6 +580,7 @@ WRONG_TYPES = [  # the key the one line names, and an edit of a real checkpoint 
     pytest.param("std", lambda c: c.update(std="0.25"), id="std-a-string"),
     pytest.param("config.model", lambda c: c["config"].update(model=3), id="config.model-3"),
     pytest.param("temperature", lambda c: c.update(temperature=0.0), id="temperature-0"),  # NaN
+    pytest.param("std", lambda c: c.update(std=[0.0, 0.25, 0.25]), id="std-0"),  # divides by 0
 ]
 
 

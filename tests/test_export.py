@@ -125,7 +125,7 @@ def test_an_export_whose_metadata_was_edited_is_one_line_naming_the_key(runs, tm
     meta = json.loads((tmp_path / "w.json").read_text())
     edits = [("classes", "cat"), ("mean", [0.5]), ("image_size", "big"), ("image_size", True),
              ("temperature", None), ("temperature", 0), ("model_args.name", 7),
-             ("temperature", -20), ("image_size", 100_000)]  # fmt: skip
+             ("temperature", -20), ("image_size", 100_000), ("std", [0, 0.25, 0.25])]  # fmt: skip
     # a temperature of 0 gave NaN probabilities, -20 reversed the ranking; 100000 ran out of memory
     for key, value in edits:
         edited = json.loads(json.dumps(meta))

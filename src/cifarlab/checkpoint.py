@@ -123,6 +123,11 @@ def _positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def _positive_rgb(v: Any) -> bool:
+    """Three per-channel numbers > 0: pixels are divided by them."""
+    return _listed(int | float, 3)(v) and all(_positive(x) for x in v)
+
+
 _RGB = "3 numbers, one per colour channel"
 _HINTS = get_type_hints(ModelArgs)
 # what reading a checkpoint back takes: key -> (required, what it holds, whether a value fits);
@@ -134,7 +139,7 @@ ENTRIES = {
     "config.model": (True, "a model name", _is(str)),
     "classes": (True, "a list of class names", _listed(str)),
     "mean": (True, _RGB, _listed(int | float, 3)),
-    "std": (True, _RGB, _listed(int | float, 3)),
+    "std": (True, "3 positive numbers, one per colour channel", _positive_rgb),
     "temperature": (False, "a positive number", _positive),
     "temperature_ema": (False, "a positive number", _positive),
     "model_args": (False, "a mapping", _is(dict)),  # absent: from config (`inference.model_args`)

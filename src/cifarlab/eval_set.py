@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
+from cifarlab.data.archive import is_archive
 from cifarlab.data.sources import load_labelled
 from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import TooFewImages, UserError, data_changed
@@ -98,7 +99,9 @@ def _same_source(a: str, b: str) -> bool:
 
 
 def _data_present(src: str) -> bool:
-    return src in DATASETS or expand(src).exists()
+    """A dataset name (downloaded when missing), a folder, or an archive file."""
+    path = expand(src)
+    return src in DATASETS or path.is_dir() or (path.is_file() and is_archive(path))
 
 
 def _source_args(config: TrainConfig) -> tuple:

@@ -22,7 +22,14 @@ from cifarlab.config import (
     with_length,
 )
 from cifarlab.errors import Interrupted, UserError
-from cifarlab.rundir import RunLock, check_not_a_run, prepare_run_dir, read_metrics, read_result
+from cifarlab.rundir import (
+    RUN_FILES,
+    RunLock,
+    check_not_a_run,
+    prepare_run_dir,
+    read_metrics,
+    read_result,
+)
 
 SUITE_DIR = Path(__file__).parent / "suites"
 _RUN_KEYS = {"name", "recipe", "changes", "set", "requires"}
@@ -34,6 +41,8 @@ _SUITE_TYPES = {
 }
 _RUN_TYPES = {k: (str, "a string") for k in ("recipe", "changes", "requires")}
 MAX_NAME = 100  # a run's folder, with its -seed<N>, stays far below a file system's 255
+# files a suite writes beside its runs' folders (`report.suite`)
+TAKEN_NAMES = {"results.csv", "results.md", "curves.png", "index.html", "mixup_examples.png"}
 DIVERGED = "diverged.txt"  # in a run's folder: training stopped on a non-finite or exploding loss
 
 
@@ -158,6 +167,10 @@ def _run_name(name: Any, where: str) -> str:
         raise UserError(
             f"{where}: run name {shown} must be a plain folder name inside --out: 1 to "
             f"{MAX_NAME} printable characters, no '/' or '\\', not starting with '.'"
+        )
+    if name in TAKEN_NAMES | set(RUN_FILES):  # its folder would stand where a file goes
+        raise UserError(
+            f"{where}: run name {name!r} is a file the suite or a run writes; pick another name"
         )
     return name
 
