@@ -3,6 +3,7 @@ and the checkpointer's promises."""
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,40 +316,30 @@ def _power_cut_in_epoch_two(monkeypatch, config, run_dir) -> None:
     monkeypatch.setattr(training, "optimizer_step", real_step)
 
 
-def test_a_metrics_row_torn_by_a_crash_is_written_again_on_resume(
-    synthetic_images, tmp_path, capsys
-):
+def _stopped_after_epoch_one(synthetic_images, tmp_path) -> Path:
+    """A run killed after epoch 1's last.pt and metrics row, before epoch 2's."""
+
     class Crash(Exception):
         pass
 
     def crash(row):
         raise Crash
 
-    run = tmp_path / "run"
-    with pytest.raises(Crash):  # stopped after epoch 1's last.pt
-        train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
+    with pytest.raises(Crash):
+        train(_config(synthetic_images, tmp_path), tmp_path / "run", log=QUIET, on_epoch=crash)
+    return tmp_path / "run"
+
+
+def test_a_metrics_row_torn_by_a_crash_is_written_again_on_resume(
+    synthetic_images, tmp_path, capsys
+):
+    run = _stopped_after_epoch_one(synthetic_images, tmp_path)
     with open(run / "metrics.csv", "a") as f:
         f.write("2,0.01,2.30")  # epoch 2's row cut short: the process died while appending it
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # a TypeError
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "lacks" not in out + err  # epoch 1's row is whole
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [1.0, 2.0]
-
-
-def test_resuming_without_metrics_csv_says_which_epochs_the_curves_lack(synthetic_images, tmp_path):
-    class Crash(Exception):
-        pass
-
-    def crash(row):
-        raise Crash
-
-    run, said = tmp_path / "run", []
-    with pytest.raises(Crash):  # stopped after epoch 1's last.pt
-        train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
-    (run / "metrics.csv").unlink()
-    train(_config(synthetic_images, tmp_path), run, resume=True, log=said.append)
-    assert any("metrics.csv lacks epoch(s) 1 of the 1 trained" in line for line in said)
-    assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 
 @pytest.mark.parametrize("name", ["metrics.csv", "config.yaml"])
@@ -366,22 +357,17 @@ def test_a_folder_where_a_run_file_goes_is_one_line_before_resuming(
 
 @pytest.mark.parametrize(
     "damaged",
-    [b"\xba\xff" * 50, b"hello,world\n1,2\n", b"epoch,lr\n-inf,0.1\n-1,0.1\n1.5,0.1\n"],
-    ids=["binary", "no-epoch-column", "epochs-not-whole-from-1"],
+    [None, b"\xba\xff" * 50, b"hello,world\n1,2\n", b"epoch,lr\n-inf,0.1\n-1,0.1\n1.5,0.1\n"],
+    ids=["deleted", "binary", "no-epoch-column", "epochs-not-whole-from-1"],
 )
-def test_resuming_with_a_damaged_metrics_csv_warns_instead_of_a_traceback(
+def test_resuming_without_metrics_rows_says_which_epochs_the_curves_lack(
     synthetic_images, tmp_path, damaged
 ):
-    class Crash(Exception):
-        pass
-
-    def crash(row):
-        raise Crash
-
-    run, said = tmp_path / "run", []
-    with pytest.raises(Crash):  # stopped after epoch 1's last.pt
-        train(_config(synthetic_images, tmp_path), run, log=QUIET, on_epoch=crash)
-    (run / "metrics.csv").write_bytes(damaged)  # were UnicodeDecodeError, KeyError, OverflowError
+    run, said = _stopped_after_epoch_one(synthetic_images, tmp_path), []
+    if damaged is None:
+        (run / "metrics.csv").unlink()
+    else:  # were UnicodeDecodeError, KeyError and OverflowError tracebacks
+        (run / "metrics.csv").write_bytes(damaged)
     train(_config(synthetic_images, tmp_path), run, resume=True, log=said.append)
     assert any("metrics.csv lacks epoch(s) 1 of the 1 trained" in line for line in said), said
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
