@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+import cifarlab
 from cifarlab.cli import main
 from cifarlab.data import load_source
+from cifarlab.errors import UserError
 from cifarlab.export import export_model
 from cifarlab.predict import (
     OnnxPredictor,
@@ -153,6 +155,17 @@ def test_an_export_naming_fewer_or_more_classes_than_it_scores_is_one_line(runs,
         assert main(["predict", str(out), str(image)]) == 2
         err = capsys.readouterr().err
         assert f"names {len(classes)}" in err and "Traceback" not in err
+        with pytest.raises(UserError, match=f"names {len(classes)}"):  # the Python API alike
+            cifarlab.load_model(out).predict(images[0])
+    onnx = pytest.importorskip("onnx")  # a graph run as is: found on its first batch
+    onnx_out = tmp_path / "w.onnx"
+    assert main(["export", str(run_dirs["cnn"]), "--format", "onnx", "--out", str(onnx_out)]) == 0
+    proto = onnx.load(str(onnx_out))
+    entry = next(e for e in proto.metadata_props if e.key == "classes")
+    entry.value = json.dumps(["a"])
+    onnx.save(proto, str(onnx_out))
+    with pytest.raises(UserError, match="names 1"):
+        cifarlab.load_model(onnx_out).predict(images[0])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])

@@ -124,7 +124,7 @@ class _ExportedPredictor:
     comes from `_load`, its metadata from its `cifarlab.json`; ONNX overrides both steps."""
 
     def __init__(self, path: str):
-        extra = {"cifarlab.json": ""}
+        self.path, extra = path, {"cifarlab.json": ""}
         try:
             self.model = self._load(path, extra)
         except Exception as exc:
@@ -141,7 +141,17 @@ class _ExportedPredictor:
         floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         outs = [self._logits(floats[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         logits = torch.from_numpy(np.concatenate(outs))
+        _check_class_count(logits.shape[1], self.classes, self.path)
         return torch.softmax(logits / self.temperature, 1).numpy()
+
+
+def _check_class_count(scored: int, classes: list[str], where) -> None:
+    """An export's class names, one per output of its model (its metadata edited by hand)."""
+    if scored != len(classes):
+        raise UserError(
+            f"{where}: the model scores {scored} classes but its metadata names {len(classes)}; "
+            "export the model again"
+        )
 
 
 def _one_line(path: Path) -> str:
@@ -155,6 +165,7 @@ class OnnxPredictor(_ExportedPredictor):
 
     def __init__(self, path: str):
         ort = import_extra("onnxruntime", "onnx", "predicting with .onnx")
+        self.path = path
         try:
             self.runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -198,7 +209,9 @@ class SafetensorsPredictor(Predictor):
             )
         required = ("classes", "model_args", "mean", "std")
         meta = _read_meta(self, meta_path.read_text(errors="replace"), str(meta_path), required)
-        model = build_model(ModelArgs.from_dict(meta["model_args"]))
+        args = ModelArgs.from_dict(meta["model_args"])
+        _check_class_count(args.num_classes, self.classes, meta_path)
+        model = build_model(args)
         try:
             torchvision_core(model).load_state_dict(st.load_file(path))
         except Exception as exc:
@@ -259,11 +272,6 @@ def run_predict(
         if not chunk:
             continue
         probs = predictor.probabilities(np.stack(images), batch_size)
-        if probs.shape[1] != len(predictor.classes):  # an export's metadata edited by hand
-            raise UserError(
-                f"{model}: the model scores {probs.shape[1]} classes but its metadata names "
-                f"{len(predictor.classes)}; export the model again"
-            )
         for f, p in zip(chunk, probs, strict=True):
             top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
             if as_json:  # the path made printable: strict JSON has no lone surrogates
