@@ -1,11 +1,13 @@
 """Training to a time budget: the plan's arithmetic, and a run that takes the plan end to end."""
 
+import dataclasses
+
 import pytest
 import yaml
 
 from cifarlab.budget import Timings, final_images, plan_steps
 from cifarlab.checkpoint import load_checkpoint
-from cifarlab.config import load_recipe, parse_duration, with_steps
+from cifarlab.config import TrainConfig, differences, load_recipe, parse_duration, with_steps
 from cifarlab.errors import UserError
 from cifarlab.train import train
 from tests.conftest import make_config
@@ -266,6 +268,34 @@ def test_the_probe_leaves_no_trace_a_budgeted_run_equals_its_planned_length_run(
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == planned["train_steps"]
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
+    synthetic_images, tmp_path, monkeypatch
+):
+    # a step costs width^2 s: 8 s fit ~2 of 10 epochs at width 1, all 10 at width 0.5
+    def measure(run):
+        return Timings(step=run.config.width**2, val_image=0.001)
+
+    monkeypatch.setattr("cifarlab.budget.measure", measure)
+    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=8.0, threads=1,
+                         fit_width=True)  # fmt: skip
+    messages = []
+    train(config, tmp_path / "run", log=messages.append)
+    assert any("fit at width 1; timing width 0.5" in m for m in messages)
+    assert not any("timing width 0.25" in m for m in messages)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["config"]["width"] == 0.5 and ckpt["model_args"]["width"] == 0.5
+    assert ckpt["config"]["epochs"] * 2 >= 10
+    again = []
+    train(config, tmp_path / "run", resume=True, log=again.append)  # the recipe's config still
+    assert any("already finished" in m for m in again)  # names the same run
+    saved = TrainConfig(**ckpt["config"])
+    assert differences(saved, config) == []
+    unfitted = dataclasses.replace(config, fit_width=False)
+    assert set(differences(saved, unfitted)) == {"fit_width", "width"}
 
 
 def test_a_budget_too_short_for_one_step_is_refused_and_leaves_no_run(

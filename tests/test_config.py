@@ -154,6 +154,7 @@ def test_a_recipe_may_start_from_another(tmp_path):
     assert cpu.time_budget == 900 and fast.time_budget == 0 and cpu.recipe == "fast-cpu"
     assert {k for k, v in cpu.to_dict().items() if fast.to_dict()[k] != v} == {
         "time_budget",
+        "fit_width",
         "recipe",
     }
     mine = tmp_path / "mine.yaml"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cifarlab import phases
-from cifarlab.budget import fit_to_budget
+from cifarlab.budget import Plan, fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
@@ -168,7 +168,7 @@ def train(
         run, plan = _build(config, log, d, run_dir if ckpt else None), None
         if config.time_budget and ckpt is None:  # choose the length
             with phases.phase("budget probe"):
-                plan = fit_to_budget(run, started, log)
+                run, plan = _fit_to_budget(run, config, started, log, d)
         if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
             raise Interrupted(
                 f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
@@ -205,6 +205,21 @@ def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
         if resumed is None:
             raise
         raise data_changed(f"--resume {resumed}", f"{config.data}: {exc}", RESUME_WAY_OUT) from None
+
+
+def _fit_to_budget(run, config: TrainConfig, started: float, log, d) -> tuple[TrainingRun, Plan]:
+    """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit, `config`
+    is built again at half the width (down to a quarter) and timed again: a narrower net that
+    runs most of its schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`)."""
+    while True:
+        plan = fit_to_budget(run, started, log)
+        fitted, width = run.config.train_steps / len(run.batches), run.config.width
+        if not config.fit_width or 2 * fitted >= config.epochs or width / 2 < config.width / 4:
+            return run, plan
+        log(
+            f"time budget: {fitted:.2f} of {config.epochs} epochs fit at width {width:g}; timing width {width / 2:g}"
+        )
+        run = _build(dataclasses.replace(config, width=width / 2), lambda s: None, d, None)
 
 
 def _correct_plan(
