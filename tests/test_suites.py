@@ -329,6 +329,15 @@ def test_a_suite_run_named_like_a_file_beside_it_is_refused(tmp_path, capsys, na
     assert f"run 2: run name '{name}' is a file" in err and len(err.splitlines()) == 1
 
 
+def test_a_suite_run_named_like_another_runs_seed_folder_is_refused(tmp_path, capsys):
+    path = tmp_path / "s.yaml"  # under --seeds 0,1 run a trains into a-seed0/
+    path.write_text("runs:\n  - {name: a-seed0, recipe: fast}\n  - {name: a, recipe: fast}\n")
+    assert main(["suite", str(path), "--data", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run name 'a-seed0' is the folder of run 'a'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("line", "needle"),
     [

@@ -6,6 +6,7 @@ a table, a plot and an index page. Each run is a `recipe`, `set` overrides and a
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,12 @@ def load_suite(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
+    seeded = [(n, m) for n in names for m in names if re.fullmatch(rf"{re.escape(m)}-seed\d+", n)]
+    if seeded:  # under several --seeds, run m trains into m-seed<N>/: that run's folder
+        n, m = seeded[0]
+        raise UserError(
+            f"{path}: run name {n!r} is the folder of run {m!r} under several --seeds; pick another name"
+        )
     reference = str(spec.get("reference", names[0]))
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
