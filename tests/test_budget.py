@@ -1,6 +1,7 @@
 """Training to a time budget: the plan's arithmetic, and a run that takes the plan end to end."""
 
 import dataclasses
+import re
 
 import pytest
 import yaml
@@ -80,6 +81,9 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
     timings = budget.measure(run)
     assert trains == [True, False] * 4  # alternating: 1 warm-up + 3 timed steps each
     assert (timings.step, timings.settled) == (0.5, 0.4)
+    trains.clear()  # a pace that rules the run out stops the probe at its first timed step
+    assert budget.measure(run, too_slow=lambda seconds: seconds > 0.45) is None
+    assert trains == [True, False, True]
     first = budget.early_steps(config, 12)
     assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3
 
@@ -225,7 +229,9 @@ def test_a_budgeted_run_says_what_it_chose_and_trains_that_length(
     synthetic_images, tmp_path, monkeypatch
 ):
     # the probe is told a step takes 0.4 s: the plan fits a few epochs of 3 steps
-    monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=0.4, val_image=0.001))
+    monkeypatch.setattr(
+        "cifarlab.budget.measure", lambda run, **_: Timings(step=0.4, val_image=0.001)
+    )
     messages = []
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
                          epochs=10, warmup_epochs=1.0, batch_size=8, val_size=6, lr=0.02, time_budget=8.0,
@@ -270,38 +276,57 @@ def test_the_probe_leaves_no_trace_a_budgeted_run_equals_its_planned_length_run(
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.parametrize(
+    ("scale", "stops_early", "tried", "width"),
+    [
+        (10, True, ["under half of 10 epochs fit at width 1; trying 0.5"], 0.5),
+        (10, False, [r"2\.\d+ of 10 epochs fit at width 1; trying 0.5"], 0.5),
+        (100, True, ["at width 1; trying 0.5", "at width 0.5; trying 0.25"], 0.25),  # the floor
+    ],
+)
 def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
-    synthetic_images, tmp_path, monkeypatch
+    synthetic_images, tmp_path, monkeypatch, capsys, scale, stops_early, tried, width
 ):
-    # a step costs width^2 s: 8 s fit ~2 of 10 epochs at width 1, all 10 at width 0.5
-    def measure(run):
-        return Timings(step=run.config.width**2, val_image=0.001)
+    from cifarlab.cli import main
+
+    # a step costs scale x width^2 s against an 80 s budget for 10 epochs of 3 steps: a first
+    # step (or the whole probe) shows that under half of them fit until the width is narrow
+    def measure(run, too_slow=None):
+        step = scale * run.config.width**2
+        if stops_early and too_slow and too_slow(step):
+            return None
+        return Timings(step=step, val_image=0.001)
 
     monkeypatch.setattr("cifarlab.budget.measure", measure)
     monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=8.0, threads=1,
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=80.0, threads=1,
                          fit_width=True)  # fmt: skip
     messages = []
     train(config, tmp_path / "run", log=messages.append)
-    assert any("fit at width 1; timing width 0.5" in m for m in messages)
-    assert not any("timing width 0.25" in m for m in messages)
+    narrowed = [m for m in messages if "; trying " in m]
+    assert len(narrowed) == len(tried) and all(map(re.search, tried, narrowed)), narrowed
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert ckpt["config"]["width"] == 0.5 and ckpt["model_args"]["width"] == 0.5
-    assert ckpt["config"]["epochs"] * 2 >= 10
+    assert ckpt["config"]["width"] == ckpt["model_args"]["width"] == width
     again = []
     train(config, tmp_path / "run", resume=True, log=again.append)  # the recipe's config still
     assert any("already finished" in m for m in again)  # names the same run
+    for flags in ([], ["--set", "width=1"]):  # --resume as the CLI builds it: saved + flags
+        assert main(["train", "--resume", "--out", str(tmp_path / "run"), *flags]) == 0
+        assert "already finished" in capsys.readouterr().out
     saved = TrainConfig(**ckpt["config"])
     assert differences(saved, config) == []
-    unfitted = dataclasses.replace(config, fit_width=False)
-    assert set(differences(saved, unfitted)) == {"fit_width", "width"}
+    assert differences(saved, dataclasses.replace(config, fit_width=False)) == ["width"]
+    assert differences(saved, dataclasses.replace(config, width=4 * width)) == []
+    assert differences(saved, dataclasses.replace(config, width=8 * width)) == ["width"]
 
 
 def test_a_budget_too_short_for_one_step_is_refused_and_leaves_no_run(
     synthetic_images, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=0.4, val_image=0.001))
+    monkeypatch.setattr(
+        "cifarlab.budget.measure", lambda run, **_: Timings(step=0.4, val_image=0.001)
+    )
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
                          epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=0.3, threads=1)  # fmt: skip
     with pytest.raises(

@@ -227,7 +227,9 @@ def test_resume_may_not_change_the_length_a_time_budget_chose(
 ):
     from cifarlab.budget import Timings
 
-    monkeypatch.setattr("cifarlab.budget.measure", lambda run: Timings(step=1.0, val_image=0.001))
+    monkeypatch.setattr(
+        "cifarlab.budget.measure", lambda run, **_: Timings(step=1.0, val_image=0.001)
+    )
     config = _config(synthetic_images, tmp_path, epochs=4, time_budget=4.5, save_every_steps=1)
     train(config, tmp_path / "run", log=QUIET)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")

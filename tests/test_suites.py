@@ -131,23 +131,34 @@ def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_a
 
 
 def test_a_run_another_suite_renamed_first_is_not_an_error(finished, tmp_path, monkeypatch):
-    from cifarlab import suites
+    from cifarlab import train
 
     path, opts, _ = finished
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
-    read = suites._saved_config
+    read = train.saved_config
 
     def raced(run_dir):  # a second suite on this --out renames `plain` as this one reads it
         saved = read(run_dir)
-        if run_dir.name == "plain" and saved:
+        if run_dir.name == "plain" and saved[0]:
             run_dir.rename(run_dir.with_name("plain-seed0"))
         return saved
 
-    monkeypatch.setattr(suites, "_saved_config", raced)
+    monkeypatch.setattr(train, "saved_config", raced)
     messages = []  # it was "cannot lock the run directory ...; make out/plain writable"
     run_suite(str(path), dataclasses.replace(opts, only="plain"), log=messages.append)
     assert any("[plain-seed0] finished earlier" in m for m in messages), messages
     assert not (opts.out / "flip-seed0" / ".lock").exists()  # the lock went with the rename
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_renamed_too(finished, tmp_path):
+    path, opts, _ = finished
+    opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
+    for file in (opts.out / "plain").iterdir():  # stopped in its first epoch: config.yaml alone
+        if file.name != "config.yaml":
+            shutil.rmtree(file) if file.is_dir() else file.unlink()
+    run_suite(str(path), dataclasses.replace(opts, only="plain"), log=lambda s: None)
+    assert not (opts.out / "plain").exists()  # not left beside the run trained as plain-seed0
+    assert (opts.out / "plain-seed0" / "result.json").is_file()
 
 
 def test_a_run_another_process_trains_is_not_trained_again_under_its_new_name(finished, tmp_path):

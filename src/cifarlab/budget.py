@@ -38,11 +38,12 @@ class Timings:
     # fastnet's steps are ~10% cheaper once its whitening bias stops; a frozen backbone's dearer
 
 
-def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
+def measure(run, steps: int = 3, warmup: int = 1, too_slow=None) -> Timings | None:
     """Median seconds of the run's own step (`train_step` and `optimizer_step`) in its first
     epoch and, when that changes (`settling_epoch`), from then on; and the evaluation cost.
     The steps train `run` itself, out of the budget; then `run` and the global random state
-    are put back as they were."""
+    are put back as they were. None as soon as `too_slow(seconds)` holds for a first-epoch
+    step: a pace that rules the run out needs no more steps to know it."""
     built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     run.step_model = run.model  # eager: compiling here would time the compilation
@@ -50,15 +51,32 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     batches = itertools.chain.from_iterable(map(run.batches.epoch, itertools.repeat(0)))
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
-    times = {epoch: [] for epoch in phases}
-    for i in range(warmup + steps):
-        for epoch in phases:  # alternating, so that the machine's drift hits both alike
-            _set_flags(run, flags)
-            run.model.train()
-            set_trainable(run.model, run.config, run.fixed, epoch)
-            seconds = _step_seconds(run, batches, i * len(phases) + phases.index(epoch) + 1)
-            if i >= warmup:
-                times[epoch].append(seconds)
+    times, val_image = {epoch: [] for epoch in phases}, None
+    # the phases alternate, so that the machine's drift hits both alike
+    for k, (i, epoch) in enumerate(itertools.product(range(warmup + steps), phases)):
+        _set_flags(run, flags)
+        run.model.train()
+        set_trainable(run.model, run.config, run.fixed, epoch)
+        seconds = _step_seconds(run, batches, k + 1)
+        if i < warmup:
+            continue
+        times[epoch].append(seconds)
+        if epoch == 0 and too_slow is not None and too_slow(seconds):
+            break
+    else:
+        val_image = _val_image_seconds(run)
+    restore(run, built)
+    run.step_model = step_model
+    _set_flags(run, flags)
+    torch.set_rng_state(rng)
+    if val_image is None:
+        return None
+    settled = statistics.median(times[settle]) if settle else 0.0
+    return Timings(statistics.median(times[0]), val_image, settled)
+
+
+def _val_image_seconds(run) -> float:
+    """Seconds per image of an evaluation pass over two of the run's evaluation batches."""
     batch = run.config.eval_batch_size
     images = run.val_images[: 2 * batch]
     if len(images) == 0:  # no validation split: time a training batch instead
@@ -66,13 +84,7 @@ def measure(run, steps: int = 3, warmup: int = 1) -> Timings:
     t0 = time.perf_counter()
     predict_logits(run.eval_model, images, run.normalize, batch, hardware=run.hw)
     synchronize(run.hw.device)
-    val_image = (time.perf_counter() - t0) / max(1, len(images))
-    restore(run, built)
-    run.step_model = step_model
-    _set_flags(run, flags)
-    torch.set_rng_state(rng)
-    settled = statistics.median(times[settle]) if settle else 0.0
-    return Timings(statistics.median(times[0]), val_image, settled)
+    return (time.perf_counter() - t0) / max(1, len(images))
 
 
 def _set_flags(run, flags: list[bool]) -> None:
@@ -182,11 +194,19 @@ class Plan:
         return dataclasses.replace(c, train_steps=new_total, epochs=math.ceil(new_total / n))
 
 
-def fit_to_budget(run, started: float, log) -> Plan:
+def fit_to_budget(run, started: float, log, at_least: float = 0.0) -> Plan | None:
     """Give `run` the `train_steps` that end it within `time_budget` seconds of `started` (a
-    `time.perf_counter()` reading), timed on its own first steps; the `Plan` that corrects it."""
+    `time.perf_counter()` reading), timed on its own first steps; the `Plan` that corrects it.
+    None, the run unchanged, when a first step shows that fewer than `at_least` epochs would
+    fit even with no evaluation at all."""
     c, n = run.config, len(run.batches)
-    timings = measure(run)
+
+    def too_slow(step: float) -> bool:  # one step's pace, with room for its noise
+        return step * n * at_least > 1.25 * (c.time_budget - (time.perf_counter() - started))
+
+    timings = measure(run, too_slow=too_slow if at_least else None)
+    if timings is None:
+        return None
     n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
     per_epoch = (n_val + n_test) * timings.val_image  # each epoch scores val and test
     final = timings.val_image * final_images(c, n_val, n_test)

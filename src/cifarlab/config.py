@@ -85,8 +85,9 @@ class TrainConfig:
     time_budget: float = _key(0.0, 0.0, MAX_TIME_BUDGET, length=True)  # s, whole run
     # (training, validation, final TTA and test passes); the run times its first steps and
     # picks train_steps to fit (0 = off; `--time-budget 15m` on the command line)
-    fit_width: bool = False  # with time_budget: while fewer than half of `epochs` fit, the
-    # model's width halves (down to 1/4 of `width`) and the run is timed again
+    fit_width: bool = _key(False, runtime=True)  # with time_budget (cnn, resnet*, fastnet):
+    # while fewer than half of `epochs` fit, the model's width halves (down to 1/4 of `width`)
+    # and the run is timed again; how a new run chooses its width, which is then compared
     batch_size: int = _key(128, 1)
     micro_batch: int = _key(0, 0)  # forward and backward each batch
     # in chunks of this many images, one optimiser step on their summed gradients (0, or not
@@ -482,6 +483,9 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
         yield "whitening: true would overwrite the pretrained first layer; drop one of the two"
     if config.whiten_bias_epochs and not config.whitening:
         yield "whiten_bias_epochs needs whitening: true (or --set whiten_bias_epochs=0)"
+    if config.fit_width and config.time_budget and (spec.backbone or config.init_from):
+        why = "starts from --init-from's weights" if config.init_from else "has a fixed width"
+        yield f"fit_width narrows cnn, resnet and fastnet; {config.model} {why}: --set fit_width=false"
 
 
 def _training_rules(config: TrainConfig) -> Iterator[str]:
@@ -627,12 +631,18 @@ def split_seed(config: TrainConfig) -> int:
 def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """The one "same run?" rule (--resume, suite reruns, tune continuations): the keys in which
     `wanted` computes something other than `saved`. Runtime keys may differ; what `wanted` leaves
-    to the run (`auto` values; under an unplanned time budget the length, and with `fit_width`
-    the width) matches what `saved` resolved; split_seed -1 is the seed, a relative data path
+    to the run (`auto` values; under an unplanned time budget the length; with `fit_width` the
+    width, halved or not) matches what `saved` resolved; split_seed -1 is the seed, a relative data path
     its absolute one. When `epochs` differs, the keys scaled with it are not listed."""
     left = {k for k, f in FIELDS.items() if f.metadata.get("auto", ...) == getattr(wanted, k)}
     if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
-        left |= set(LENGTH_KEYS) - {"time_budget"} | ({"width"} if wanted.fit_width else set())
+        left |= set(LENGTH_KEYS) - {"time_budget"}
+    if (
+        wanted.fit_width
+        and wanted.time_budget
+        and saved.width in (wanted.width, wanted.width / 2, wanted.width / 4)
+    ):
+        left.add("width")  # `fit_width` may have halved it, once or twice
     differ = [
         k for k, f in FIELDS.items()
         if not f.metadata.get("runtime") and k not in left and getattr(saved, k) != getattr(wanted, k)

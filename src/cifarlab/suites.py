@@ -142,21 +142,28 @@ def load_suite(
             f"--weights: no run of suite {path.stem} starts from pretrained weights; drop --weights"
         )
     names = [r.name for r in runs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
-    seeded = [(n, m) for n in names for m in names if re.fullmatch(rf"{re.escape(m)}-seed\d+", n)]
-    if seeded:  # under several --seeds, run m trains into m-seed<N>/: that run's folder
-        n, m = seeded[0]
-        raise UserError(
-            f"{path}: run name {n!r} is the folder of run {m!r} under several --seeds; pick another name"
-        )
+    _check_run_names(names, path)
     reference = str(spec.get("reference", names[0]))
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
     return Suite(
         path.stem, str(spec.get("description", "")), reference, runs, str(spec.get("examples", ""))
     )
+
+
+def _check_run_names(names: list[str], path: Path) -> None:
+    """Each run has a folder of its own in --out, under one seed and under several."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
+    seeded = [
+        (n, m) for n in names for m in names if re.fullmatch(rf"{re.escape(m)}-seed[0-9]+", n)
+    ]
+    if seeded:  # under several --seeds, run m trains into m-seed<N>/: that run's folder
+        n, m = seeded[0]
+        raise UserError(
+            f"{path}: run name {n!r} is the folder of run {m!r} under several --seeds; pick another name"
+        )
 
 
 def _run_name(name: Any, where: str) -> str:
@@ -297,26 +304,18 @@ def _skipped(run: SuiteRun, run_dir: Path) -> str:
     return ""
 
 
-def _saved_config(run_dir: Path) -> TrainConfig | None:
-    """The config of the run in `run_dir`, None where it has no `last.pt`."""
-    from cifarlab.checkpoint import load_checkpoint
-
-    last = run_dir / "last.pt"
-    if not last.is_file():
-        return None
-    return apply_overrides(TrainConfig(), load_checkpoint(last)["config"], where=str(last))
-
-
 def _adopt_renamed(jobs: list, out: Path) -> None:
     """A run trained under the other folder naming (`a` with one seed, `a-seed0` with several)
     is moved to the name it has now, when it holds this very run: not trained a second time."""
+    from cifarlab.train import saved_config
+
     for run, run_dir, wanted in jobs:
         single = out / run.name
         other = single if run_dir != single else out / f"{run.name}-seed{wanted.seed}"
         if run_dir.exists() or not other.is_dir():
             continue
         try:
-            saved = _saved_config(other)
+            saved, _ = saved_config(other)
         except UserError:  # a damaged run the suite does not use stays put
             continue
         if saved is not None and not config_changes(saved, wanted):
@@ -331,8 +330,10 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
 
 def _refuse_stale(jobs: list) -> None:
     """A run directory already in --out must hold this very run (the same resolved config)."""
+    from cifarlab.train import saved_config
+
     for _run, run_dir, wanted in jobs:
-        saved = _saved_config(run_dir)
+        saved, _ = saved_config(run_dir)
         if saved is None:
             continue
         differ = config_changes(saved, wanted)

@@ -168,7 +168,7 @@ def train(
         run, plan = _build(config, log, d, run_dir if ckpt else None), None
         if config.time_budget and ckpt is None:  # choose the length
             with phases.phase("budget probe"):
-                run, plan = _fit_to_budget(run, config, started, log, d)
+                run, plan = _fit_to_budget(run, config, started, log, d, stop)
         if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
             raise Interrupted(
                 f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
@@ -207,19 +207,26 @@ def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
         raise data_changed(f"--resume {resumed}", f"{config.data}: {exc}", RESUME_WAY_OUT) from None
 
 
-def _fit_to_budget(run, config: TrainConfig, started: float, log, d) -> tuple[TrainingRun, Plan]:
-    """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit, `config`
-    is built again at half the width (down to a quarter) and timed again: a narrower net that
-    runs most of its schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`)."""
+def _fit_to_budget(
+    run, config: TrainConfig, started: float, log, d, stop
+) -> tuple[TrainingRun, Plan | None]:
+    """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit (a first
+    step may show it), `config` is built again at half the width (down to a quarter) on the same
+    splits and timed again: a narrower net that runs nearly all of its schedule beats a wider one
+    cut short (docs/benchmarks.md, `fast-cpu`). A config already planned keeps its width."""
     while True:
-        plan = fit_to_budget(run, started, log)
-        fitted, width = run.config.train_steps / len(run.batches), run.config.width
-        if not config.fit_width or 2 * fitted >= config.epochs or width / 2 < config.width / 4:
+        width = run.config.width
+        narrower = config.fit_width and not config.train_steps and width / 2 >= config.width / 4
+        plan = fit_to_budget(run, started, log, at_least=config.epochs / 2 if narrower else 0.0)
+        fitted = run.config.train_steps / len(run.batches)
+        if stop.received is not None or (plan and (not narrower or 2 * fitted >= config.epochs)):
             return run, plan
+        fit = f"{fitted:.2f} of" if plan is not None else "under half of"
         log(
-            f"time budget: {fitted:.2f} of {config.epochs} epochs fit at width {width:g}; timing width {width / 2:g}"
+            f"time budget: {fit} {config.epochs} epochs fit at width {width:g}; trying {width / 2:g}"
         )
-        run = _build(dataclasses.replace(config, width=width / 2), lambda s: None, d, None)
+        narrow = dataclasses.replace(config, width=width / 2)
+        run = build_run(narrow, lambda s: None, d, splits=run.splits)
 
 
 def _correct_plan(
@@ -244,15 +251,14 @@ def _correct_plan(
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
     """The config this call trains, and the checkpoint it continues (or None); see `train`.
     Before the first checkpoint a resumed run starts over."""
-    last, started = run_dir / "last.pt", run_dir / "config.yaml"
     claim_run_dir(run_dir, resume)
     if not resume:
         return config, None
-    if not last.is_file() and not started.is_file():
+    saved, ckpt = saved_config(run_dir)
+    if saved is None:
         return _nothing_to_resume(config, run_dir, log), None
-    ckpt = load_checkpoint(last) if last.is_file() else _refuse_over_results(run_dir)
-    stored = ckpt["config"] if ckpt else read_yaml_mapping(started)
-    saved = apply_overrides(TrainConfig(), stored, where=f"{last} config" if ckpt else str(started))
+    if ckpt is None:
+        _refuse_over_results(run_dir)
     wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
     differ = ", ".join(config_changes(saved, wanted)[:6])
     if differ:
@@ -265,6 +271,19 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
         log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
         return wanted, None
     return dataclasses.replace(saved, **{k: getattr(wanted, k) for k in RUNTIME_KEYS}), ckpt
+
+
+def saved_config(run_dir: Path) -> tuple[TrainConfig | None, dict | None]:
+    """The config the run in `run_dir` trains (its last.pt's; before its first checkpoint, its
+    config.yaml's), and its last.pt (None before the first checkpoint); (None, None) where it
+    has neither."""
+    last, started = run_dir / "last.pt", run_dir / "config.yaml"
+    if last.is_file():
+        ckpt = load_checkpoint(last)
+        return apply_overrides(TrainConfig(), ckpt["config"], where=f"{last} config"), ckpt
+    if started.is_file():
+        return apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started)), None
+    return None, None
 
 
 def _nothing_to_resume(config, run_dir: Path, log) -> TrainConfig:

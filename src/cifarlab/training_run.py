@@ -83,7 +83,8 @@ def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: 
         )
 
 
-def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
+def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -> TrainingRun:
+    """The run `config` describes, ready to train: on `splits` when given (loaded otherwise)."""
     with phase("precision decision (hardware)"):
         hw = setup_hardware(config, d)
     log(hw.amp_reason)
@@ -91,8 +92,9 @@ def build_run(config: TrainConfig, log, d: Dist) -> TrainingRun:
         log(hw.threads_warning)
     resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
     config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
-    with phase("data (cache read, split)"):
-        splits = load_splits(config)
+    if splits is None:
+        with phase("data (cache read, split)"):
+            splits = load_splits(config)
     test = f" / {len(splits.test)} test" if splits.test is not None else ""
     skipped = (
         f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" if splits.skipped else ""
