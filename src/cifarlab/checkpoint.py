@@ -4,7 +4,6 @@ the entries loading checks, `ModelArgs` among them (what rebuilds the model)."""
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import re
 from collections.abc import Callable
@@ -43,8 +42,6 @@ def atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_when_complete(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")

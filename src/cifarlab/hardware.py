@@ -16,9 +16,11 @@ from cifarlab.distributed import all_sum
 from cifarlab.errors import UserError
 from cifarlab.memory import ENV
 from cifarlab.models import create_model
+from cifarlab.rundir import replaced_when_complete
 from cifarlab.step import bare_run, train_step
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+AMP_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}
 
 
 def synchronize(device: torch.device) -> None:
@@ -43,7 +45,7 @@ class Hardware:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def describe(self) -> str:
-        amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        amp = AMP_NAMES[self.amp_dtype] if self.amp_dtype else "fp32"
         threads = ""
         if self.device.type == "cpu":
             pages = ", huge pages" if os.environ.get(ENV) == "1" else ""
@@ -188,9 +190,8 @@ def bf16_speedup() -> float:
     ratio = time_bf16_speedup()
     try:  # where it cannot be kept (a read-only home), each process times for itself
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{KEPT}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**kept, key: ratio}, indent=1))
-        os.replace(tmp, path)
+        with replaced_when_complete(path) as tmp:
+            tmp.write_text(json.dumps({**kept, key: ratio}, indent=1))
     except OSError:
         pass
     return ratio

@@ -22,7 +22,7 @@ from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_u
 from cifarlab.data.splits import check_sizes
 from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
-from cifarlab.hardware import Hardware, setup_hardware
+from cifarlab.hardware import AMP_NAMES, Hardware, setup_hardware
 from cifarlab.inference import model_args
 from cifarlab.lookahead import Lookahead
 from cifarlab.models import ModelArgs, build_model, head_name
@@ -90,8 +90,8 @@ def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -
     log(hw.amp_reason)
     if hw.threads_warning:
         log(hw.threads_warning)
-    resolved = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[hw.amp_dtype]
-    config = resolve_input_size(dataclasses.replace(config, amp=resolved), hw.device, log)
+    config = dataclasses.replace(config, amp=AMP_NAMES[hw.amp_dtype])
+    config = resolve_input_size(config, hw.device, log)
     if splits is None:
         with phase("data (cache read, split)"):
             splits = load_splits(config)

@@ -20,6 +20,7 @@ import numpy as np
 
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
+from cifarlab.rundir import replaced_when_complete
 
 FORMAT = 6  # raised whenever the cached layout, the decoding or the key changes
 
@@ -147,19 +148,13 @@ def save(root: Path, key: str, data) -> None:
         arrays[f"{name}_labels"] = ds.labels
         arrays[f"{name}_classes"] = np.asarray(ds.classes, dtype=str)
         arrays[f"{name}_paths"] = np.asarray(ds.paths, dtype=str)
-    tmp = npz.with_suffix(f".tmp{os.getpid()}.npz")
     try:
         npz.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with replaced_when_complete(npz) as tmp, open(tmp, "wb") as f:  # no partial file left
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, npz)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # a failed write leaves no image-sized leftover
-            tmp.unlink()
         where = Path(exc.filename2 or exc.filename or root)
-        if where in (tmp, root):
+        if where == root or (where.parent == npz.parent and where != npz):  # root, or the temp file
             raise _not_writable(root, exc.strerror or type(exc).__name__) from None
         raise UserError(
             f"--data-root {root}: cannot write the image cache at {where} "
