@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Any
 import cifarlab
 from cifarlab import config as cfg
 from cifarlab import phases
-from cifarlab.errors import ConfigChanged, Interrupted, UserError
+from cifarlab.errors import ConfigChanged, Interrupted, UserError, handling
 
 
 class _Help(argparse.HelpFormatter):
@@ -431,21 +430,6 @@ _COMMANDS = {
 COMMANDS = {name: run for name, (_about, _flags, run) in _COMMANDS.items()}
 
 
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    """SIGTERM exits 143 through every `finally` (an export's temporary file is removed), not
-    at once as its default does; training installs its own handler, which saves first."""
-    try:
-        old = signal.signal(signal.SIGTERM, _exit_143)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def _stdout_gone() -> bool:
     """Whether standard output is a pipe (whose reader, then, is the one that went away); if so
     it is pointed at /dev/null, so that the exit's own flush raises nothing more."""
@@ -489,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         # import (torch's import is part of its time), a call of main() in a running one from now
         args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()
         _TERMINATED.clear()
-        with _sigterm_unwinds():
+        # SIGTERM exits 143 through every `finally` (an export's temporary file is removed), not
+        # at once as its default does; training installs its own handler, which saves first
+        with handling(_exit_143, signal.SIGTERM):
             try:
                 code = COMMANDS[args.command](args)
                 sys.stdout.flush()  # inside: a closed pipe shows here, not at interpreter exit

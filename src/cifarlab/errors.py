@@ -1,6 +1,8 @@
 """The errors cifarlab reports to a person rather than as a traceback."""
 
+import contextlib
 import importlib
+import signal
 
 
 class UserError(Exception):
@@ -30,6 +32,21 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def handling(handler, *signals: signal.Signals):
+    """`handler` for `signals` inside the block, the previous handlers after it (only the main
+    thread may set them: elsewhere signals are left alone)."""
+    old = {}
+    for sig in signals:
+        with contextlib.suppress(ValueError):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def import_extra(module: str, extra: str, what: str):

@@ -35,7 +35,14 @@ from cifarlab.config import (
 )
 from cifarlab.data.sources import check_outside_images
 from cifarlab.distributed import all_sum, barrier, init_distributed
-from cifarlab.errors import ConfigChanged, Interrupted, TooFewImages, UserError, data_changed
+from cifarlab.errors import (
+    ConfigChanged,
+    Interrupted,
+    TooFewImages,
+    UserError,
+    data_changed,
+    handling,
+)
 from cifarlab.hardware import synchronize
 from cifarlab.inference import load_model, predict_logits
 from cifarlab.rundir import (
@@ -121,15 +128,8 @@ def _stop_signals():
             raise KeyboardInterrupt
         stop.received, stop.exit_code = signum, 130 if signum == signal.SIGINT else 143
 
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            old[sig] = signal.signal(sig, handle)
-    try:
+    with handling(handle, signal.SIGINT, signal.SIGTERM):
         yield stop
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def train(
