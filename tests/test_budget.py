@@ -8,7 +8,14 @@ import yaml
 
 from cifarlab.budget import Timings, final_images, plan_steps
 from cifarlab.checkpoint import load_checkpoint
-from cifarlab.config import TrainConfig, differences, load_recipe, parse_duration, with_steps
+from cifarlab.config import (
+    TrainConfig,
+    differences,
+    load_recipe,
+    model_width,
+    parse_duration,
+    with_steps,
+)
 from cifarlab.errors import UserError
 from cifarlab.train import train
 from tests.conftest import make_config
@@ -292,7 +299,7 @@ def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
     # a step costs scale x width^2 s against an 80 s budget for 10 epochs of 3 steps: a first
     # step (or the whole probe) shows that under half of them fit until the width is narrow
     def measure(run, too_slow=None):
-        step = scale * run.config.width**2
+        step = scale * model_width(run.config) ** 2
         if stops_early and too_slow and too_slow(step):
             return None
         return Timings(step=step, val_image=0.001)
@@ -307,18 +314,20 @@ def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
     narrowed = [m for m in messages if "; trying " in m]
     assert len(narrowed) == len(tried) and all(map(re.search, tried, narrowed)), narrowed
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert ckpt["config"]["width"] == ckpt["model_args"]["width"] == width
+    assert ckpt["config"]["width"] == 1 and ckpt["model_args"]["width"] == width
+    assert ckpt["config"]["width_halvings"] == len(tried)
     again = []
     train(config, tmp_path / "run", resume=True, log=again.append)  # the recipe's config still
     assert any("already finished" in m for m in again)  # names the same run
     for flags in ([], ["--set", "width=1"]):  # --resume as the CLI builds it: saved + flags
         assert main(["train", "--resume", "--out", str(tmp_path / "run"), *flags]) == 0
         assert "already finished" in capsys.readouterr().out
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--set", "width=2"]) == 2
+    assert "width: 1.0 -> 2.0" in capsys.readouterr().err  # never narrowed from 2
     saved = TrainConfig(**ckpt["config"])
     assert differences(saved, config) == []
-    assert differences(saved, dataclasses.replace(config, fit_width=False)) == ["width"]
-    assert differences(saved, dataclasses.replace(config, width=4 * width)) == []
-    assert differences(saved, dataclasses.replace(config, width=8 * width)) == ["width"]
+    assert differences(saved, dataclasses.replace(config, fit_width=False)) == ["width_halvings"]
+    assert differences(saved, dataclasses.replace(config, width=2.0)) == ["width"]
 
 
 def test_a_budget_too_short_for_one_step_is_refused_and_leaves_no_run(

@@ -125,6 +125,8 @@ def test_a_new_version_of_a_source_replaces_its_old_cache_and_others_stay(tmp_pa
     for p in [*legacy, root / "extracted" / ("1" * 20)]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("from an older FORMAT")
+    old_key = cache.source_key(a, 8, "error")  # a writer killed while caching it left this:
+    (root / "arrays" / f".{old_key}.4242.tmp.npz").write_bytes(b"half of an .npz")
     _write_image(a / "dog" / "3.png", 3)  # a's new version
     assert len(load_source(str(a), root, 8).train) == 3
     left = sorted(p.name for p in (root / "arrays").iterdir())

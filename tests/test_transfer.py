@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,6 +91,12 @@ def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path
                          epochs=1, val_size=50, init_from=str(pretrained_run / "first5"))  # fmt: skip
     with pytest.raises(UserError, match="it holds a fastnet .*this run trains a cnn"):
         train(config, tmp_path / "x", log=lambda s: None)
+    narrow = dataclasses.replace(config, model="fastnet", width_halvings=1)  # as fit_width builds
+    with pytest.raises(
+        UserError, match=r"a fastnet of width 1, this run trains width 0.5; add --set width=1$"
+    ):
+        train(narrow, tmp_path / "x", log=lambda s: None)
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):

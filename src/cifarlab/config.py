@@ -86,8 +86,9 @@ class TrainConfig:
     # (training, validation, final TTA and test passes); the run times its first steps and
     # picks train_steps to fit (0 = off; `--time-budget 15m` on the command line)
     fit_width: bool = _key(False, runtime=True)  # with time_budget (cnn, resnet*, fastnet):
-    # while fewer than half of `epochs` fit, the model's width halves (down to 1/4 of `width`)
-    # and the run is timed again; how a new run chooses its width, which is then compared
+    # while fewer than half of `epochs` fit, the model is built again at half its width (down to
+    # a quarter) and timed again; how a new run chooses `width_halvings`, which is then compared
+    width_halvings: int = _key(0, 0, 2)  # the model trains at width / 2**this (set by fit_width)
     batch_size: int = _key(128, 1)
     micro_batch: int = _key(0, 0)  # forward and backward each batch
     # in chunks of this many images, one optimiser step on their summed gradients (0, or not
@@ -623,6 +624,11 @@ def with_length(
     return config if epochs is None else with_epochs(config, epochs)
 
 
+def model_width(config: TrainConfig) -> float:
+    """The width the model is built at: `width`, halved `width_halvings` times by `fit_width`."""
+    return config.width / 2**config.width_halvings
+
+
 def split_seed(config: TrainConfig) -> int:
     """The seed that draws the subset and the validation split."""
     return config.split_seed if config.split_seed >= 0 else config.seed
@@ -631,18 +637,13 @@ def split_seed(config: TrainConfig) -> int:
 def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     """The one "same run?" rule (--resume, suite reruns, tune continuations): the keys in which
     `wanted` computes something other than `saved`. Runtime keys may differ; what `wanted` leaves
-    to the run (`auto` values; under an unplanned time budget the length; with `fit_width` the
-    width, halved or not) matches what `saved` resolved; split_seed -1 is the seed, a relative data path
+    to the run (`auto` values; under an unplanned time budget the length, and with `fit_width`
+    `width_halvings`) matches what `saved` resolved; split_seed -1 is the seed, a relative data path
     its absolute one. When `epochs` differs, the keys scaled with it are not listed."""
     left = {k for k, f in FIELDS.items() if f.metadata.get("auto", ...) == getattr(wanted, k)}
     if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
         left |= set(LENGTH_KEYS) - {"time_budget"}
-    if (
-        wanted.fit_width
-        and wanted.time_budget
-        and saved.width in (wanted.width, wanted.width / 2, wanted.width / 4)
-    ):
-        left.add("width")  # `fit_width` may have halved it, once or twice
+        left |= {"width_halvings"} if wanted.fit_width else set()  # ... and how narrow it trains
     differ = [
         k for k, f in FIELDS.items()
         if not f.metadata.get("runtime") and k not in left and getattr(saved, k) != getattr(wanted, k)

@@ -63,7 +63,8 @@ def model_args(ckpt: dict) -> ModelArgs:
         return ModelArgs.from_dict(ckpt["model_args"])
     c = ckpt["config"]
     return ModelArgs(
-        c["model"], len(ckpt["classes"]), c.get("width", 1.0), c.get("image_size", 32),
+        c["model"], len(ckpt["classes"]), c.get("width", 1.0) / 2 ** c.get("width_halvings", 0),
+        c.get("image_size", 32),
         c.get("stem", "cifar"), c.get("input_size", 0),
     )  # fmt: skip
 

@@ -29,6 +29,7 @@ from cifarlab.config import (
     TrainConfig,
     apply_overrides,
     config_changes,
+    model_width,
     read_yaml_mapping,
     save_config,
     validate_config,
@@ -211,21 +212,22 @@ def _fit_to_budget(
     run, config: TrainConfig, started: float, log, d, stop
 ) -> tuple[TrainingRun, Plan | None]:
     """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit (a first
-    step may show it), `config` is built again at half the width (down to a quarter) on the same
-    splits and timed again: a narrower net that runs nearly all of its schedule beats a wider one
+    step may show it), `config` is built again at half the width (`width_halvings`, at most
+    two) on the same splits and timed again: a narrower net that runs nearly all of its schedule beats a wider one
     cut short (docs/benchmarks.md, `fast-cpu`). A config already planned keeps its width."""
     while True:
-        width = run.config.width
-        narrower = config.fit_width and not config.train_steps and width / 2 >= config.width / 4
+        halvings = run.config.width_halvings
+        narrower = config.fit_width and not config.train_steps and halvings < 2
         plan = fit_to_budget(run, started, log, at_least=config.epochs / 2 if narrower else 0.0)
         fitted = run.config.train_steps / len(run.batches)
         if stop.received is not None or (plan and (not narrower or 2 * fitted >= config.epochs)):
             return run, plan
         fit = f"{fitted:.2f} of" if plan is not None else "under half of"
+        width = model_width(run.config)
         log(
             f"time budget: {fit} {config.epochs} epochs fit at width {width:g}; trying {width / 2:g}"
         )
-        narrow = dataclasses.replace(config, width=width / 2)
+        narrow = dataclasses.replace(config, width_halvings=halvings + 1)
         run = build_run(narrow, lambda s: None, d, splits=run.splits)
 
 

@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, name_multipliers, smallest_chunk
+from cifarlab.config import TrainConfig, model_width, name_multipliers, smallest_chunk
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
 from cifarlab.data.splits import check_sizes
@@ -25,7 +25,7 @@ from cifarlab.errors import UserError
 from cifarlab.hardware import AMP_NAMES, Hardware, setup_hardware
 from cifarlab.inference import model_args
 from cifarlab.lookahead import Lookahead
-from cifarlab.models import ModelArgs, build_model, head_name
+from cifarlab.models import ModelArgs, build_model, head_name, model_spec
 from cifarlab.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD
 from cifarlab.models.whitening import first_conv, init_whitening
 from cifarlab.muon import MuonSGD
@@ -198,7 +198,7 @@ def _build_model(config, splits, normalize, hw, d, log):
     """The model on its device, initialised (seed, ImageNet weights, whitening, --init-from),
     with the ids of parameters that never train."""
     args = ModelArgs(
-        config.model, len(splits.classes), config.width, config.image_size, config.stem,
+        config.model, len(splits.classes), model_width(config), config.image_size, config.stem,
         config.input_size,
     )  # fmt: skip
     model = build_model(args, config.pretrained, config.weights, log, seed=config.seed)
@@ -257,6 +257,11 @@ def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], l
         raise UserError(
             f"--init-from {path}: it holds a {theirs.name} (stem {theirs.stem}), this run trains "
             f"a {config.model} (stem {config.stem})"
+        )
+    if theirs.width != model_width(config) and not model_spec(config.model).backbone:
+        raise UserError(
+            f"--init-from {path}: it holds a {theirs.name} of width {theirs.width:g}, this run "
+            f"trains width {model_width(config):g}; add --set width={theirs.width:g}"
         )
     head = head_name(model) + "."
     state = ckpt["model"]

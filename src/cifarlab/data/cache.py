@@ -69,7 +69,8 @@ def _remove_stale(root: Path, key: str) -> None:
     (each the size of the data set) go, as do files of a FORMAT before this naming."""
     source = key.split("-")[0]
     older = [*(root / "arrays").glob(f"{source}-*"), *(root / "extracted").glob(f"{source}-*")]
-    older = [p for p in older if p.name.split(".")[0] != key]  # its own temporary copies stay
+    older += (root / "arrays").glob(f".{source}-*.tmp.npz")  # a killed writer's temporary file
+    older = [p for p in older if p.name.lstrip(".").split(".")[0] != key]  # its own stay
     legacy = [*(root / "arrays").glob("*"), *(root / "extracted").glob("*")]
     older += [p for p in legacy if re.fullmatch(r"[0-9a-f]{20}(\.npz|\.sha256)?", p.name)]
     for old in older:
