@@ -93,7 +93,7 @@ def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path
         train(config, tmp_path / "x", log=lambda s: None)
     narrow = dataclasses.replace(config, model="fastnet", width_halvings=1)  # as fit_width builds
     with pytest.raises(
-        UserError, match=r"a fastnet of width 1, this run trains width 0.5; add --set width=1$"
+        UserError, match=r"a fastnet of width 1, this run trains width 0.5; add --set width=2$"
     ):
         train(narrow, tmp_path / "x", log=lambda s: None)
     assert not (tmp_path / "x").exists()

@@ -259,9 +259,10 @@ def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], l
             f"a {config.model} (stem {config.stem})"
         )
     if theirs.width != model_width(config) and not model_spec(config.model).backbone:
+        asked = theirs.width * 2**config.width_halvings  # width / 2**width_halvings trains
         raise UserError(
             f"--init-from {path}: it holds a {theirs.name} of width {theirs.width:g}, this run "
-            f"trains width {model_width(config):g}; add --set width={theirs.width:g}"
+            f"trains width {model_width(config):g}; add --set width={asked:g}"
         )
     head = head_name(model) + "."
     state = ckpt["model"]
