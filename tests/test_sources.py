@@ -123,6 +123,11 @@ def test_a_read_only_data_root_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a writable folder"):
         load_source(str(src), root, 8)
     assert not (root / "arrays").exists()
+    monkeypatch.undo()  # a shared cache made read-only after it was written is read as it is
+    root.chmod(0o755)
+    cached = load_source(str(src), root, 8)
+    monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == root else real_access(p, m))
+    assert len(load_source(str(src), root, 8).train) == len(cached.train)
 
 
 @pytest.mark.parametrize("name", DATASETS)

@@ -323,10 +323,10 @@ def load_source(
     path = expand(src)
     if not path.exists():
         raise UserError(f"--data {src}: no such file or folder (and not {'/'.join(DATASETS)})")
-    cache.ensure_writable(root)
     key = cache.source_key(path, size, on_bad)
-    data = cache.load(root, key)
+    data = cache.load(root, key)  # a complete cache reads from a read-only --data-root too
     if data is None:
+        cache.ensure_writable(root)
         data = _decode_folder(path, root, key, size, on_bad)
     _check_same_classes(src, data, classes)
     return data
