@@ -213,8 +213,9 @@ def _fit_to_budget(
 ) -> tuple[TrainingRun, Plan | None]:
     """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit (a first
     step may show it), `config` is built again at half the width (`width_halvings`, at most
-    two) on the same splits and timed again: a narrower net that runs nearly all of its schedule beats a wider one
-    cut short (docs/benchmarks.md, `fast-cpu`). A config already planned keeps its width."""
+    two) on the same splits and timed again: a narrower net that runs nearly all of its
+    schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`). A config already
+    planned keeps its width."""
     while True:
         halvings = run.config.width_halvings
         narrower = config.fit_width and not config.train_steps and halvings < 2
