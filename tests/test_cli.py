@@ -238,3 +238,23 @@ def test_an_out_among_the_datas_class_folders_is_refused_before_it_is_made(
     args = ["--data-root", str(tmp_path / "d"), "--batch-size", "8", "--val-size", "6"]
     assert main(["train", "--data", str(split), "--out", str(split / "runs" / "a"), *args,
                  "--epochs", "1", "--no-progress", "--set", "width=0.25"]) == 0  # fmt: skip
+
+
+def test_a_phase_inside_another_counts_only_in_its_own_row(monkeypatch):
+    import time
+
+    from cifarlab import phases
+
+    monkeypatch.setattr(phases, "_phases", None)  # restored after the test: profiling off
+    phases.enable(time.perf_counter())
+    t = time.perf_counter()
+    with phases.phase("outer"):
+        time.sleep(0.02)
+        with phases.phase("inner"):
+            time.sleep(0.15)
+        time.sleep(0.05)
+        phases.record("step", 0.05)  # recorded inside: also left out of outer's row
+    total = time.perf_counter() - t
+    rows = {name: wall for name, wall, _ in phases._phases}
+    assert 0.0 < rows["outer"] < 0.1 < 0.15 <= rows["inner"]
+    assert abs(sum(rows.values()) - total) < 0.01

@@ -10,6 +10,7 @@ import time
 # stretches wall time, much less a phase's own CPU time (with 2 threads it may exceed the wall).
 _phases: list[tuple[str, float, float]] | None = None
 _marks: list[tuple[str, float]] = []  # (event, seconds since the command started)
+_open: list[list[float]] = []  # per phase being timed: wall and CPU seconds of phases inside it
 _origin = 0.0
 
 
@@ -18,6 +19,7 @@ def enable(origin: float) -> None:
     global _phases, _origin
     _phases, _origin = [], origin
     _marks.clear()
+    _open.clear()
 
 
 def mark(event: str) -> None:
@@ -28,20 +30,31 @@ def mark(event: str) -> None:
 
 @contextlib.contextmanager
 def phase(name: str):
-    """Time the block as `name` when profiling is on (repeated names add up)."""
+    """Time the block as `name` when profiling is on (repeated names add up). A phase inside
+    another counts only in its own row, so that the rows add up to the time they cover."""
     if _phases is None:
         yield
         return
     t, cpu = time.perf_counter(), time.process_time()
+    _open.append([0.0, 0.0])
     try:
         yield
     finally:
-        _phases.append((name, time.perf_counter() - t, time.process_time() - cpu))
+        inner_wall, inner_cpu = _open.pop()
+        record(name, time.perf_counter() - t, time.process_time() - cpu, inner_wall, inner_cpu)
 
 
-def record(name: str, seconds: float, cpu_seconds: float = float("nan")) -> None:
-    if _phases is not None:
-        _phases.append((name, seconds, cpu_seconds))
+def record(
+    name: str, seconds: float, cpu_seconds: float = float("nan"), inner: float = 0.0,
+    inner_cpu: float = 0.0,
+) -> None:  # fmt: skip
+    """Add `seconds` to `name`, less the `inner` seconds that phases inside it recorded."""
+    if _phases is None:
+        return
+    _phases.append((name, seconds - inner, cpu_seconds - inner_cpu))
+    if _open:  # the phase around this one leaves these seconds out of its own row
+        _open[-1][0] += seconds
+        _open[-1][1] += cpu_seconds if cpu_seconds == cpu_seconds else 0.0
 
 
 def table() -> str:
