@@ -130,6 +130,22 @@ def test_a_read_only_data_root_is_one_line(tmp_path, monkeypatch):
     assert len(load_source(str(src), root, 8).train) == len(cached.train)
 
 
+def test_a_read_only_arrays_folder_is_named_before_any_decode(tmp_path, monkeypatch):
+    src = _folder(tmp_path / "d")
+    root = tmp_path / "root"
+    (root / "arrays").mkdir(parents=True)
+    real_access = os.access
+    denied = root / "arrays"
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if Path(p) == denied else real_access(p, m)
+    )
+    decoded = []
+    monkeypatch.setattr(sources, "_decode_folder", lambda *a: decoded.append(a))
+    with pytest.raises(UserError, match=f"--data-root {root}: {denied} is not a writable folder"):
+        load_source(str(src), root, 8)
+    assert decoded == []
+
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_a_dataset_name_is_the_dataset_even_beside_a_folder_of_that_name(
     name, tmp_path, data_root, monkeypatch

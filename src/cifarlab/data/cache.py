@@ -78,23 +78,33 @@ def _remove_stale(root: Path, key: str) -> None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def _not_writable(root: Path, why: str) -> UserError:
+def _not_writable(root: Path, why: str, folder: Path | None = None) -> UserError:
+    inside = folder is not None and folder != root
+    if inside and why == "it is a file":
+        return UserError(
+            f"--data-root {root}: {folder} is a file where the image cache keeps a folder; "
+            f"remove or move {folder}"
+        )
+    where = f"{root}: {folder} is" if inside else f"{root}:"
     return UserError(
-        f"--data-root {root}: not a writable folder ({why}); point --data-root "
+        f"--data-root {where} not a writable folder ({why}); point --data-root "
         "(or $CIFARLAB_DATA) at a folder you can write"
     )
 
 
 def ensure_writable(root: Path) -> None:
-    """Checked before decoding, so a bad --data-root fails at once and not after the decode."""
-    if root.exists() and not root.is_dir():
-        raise _not_writable(root, "it is a file")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _not_writable(root, exc.strerror or type(exc).__name__) from None
-    if not os.access(root, os.W_OK):
-        raise _not_writable(root, "permission denied")
+    """Checked before decoding, so a bad --data-root fails at once and not after the decode:
+    the root and the folders under it that a decode writes (`extracted/`, `arrays/`)."""
+    for folder in (root, root / "extracted", root / "arrays"):
+        if folder.exists() and not folder.is_dir():
+            raise _not_writable(root, "it is a file", folder)
+        if folder == root or folder.exists():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _not_writable(root, exc.strerror or type(exc).__name__, folder) from None
+            if not os.access(folder, os.W_OK):
+                raise _not_writable(root, "permission denied", folder)
 
 
 def _file(root: Path, key: str) -> Path:
@@ -156,7 +166,8 @@ def save(root: Path, key: str, data) -> None:
     except OSError as exc:
         where = Path(exc.filename2 or exc.filename or root)
         if where == root or (where.parent == npz.parent and where != npz):  # root, or the temp file
-            raise _not_writable(root, exc.strerror or type(exc).__name__) from None
+            folder = root if where == root else where.parent
+            raise _not_writable(root, exc.strerror or type(exc).__name__, folder) from None
         raise UserError(
             f"--data-root {root}: cannot write the image cache at {where} "
             f"({exc.strerror or type(exc).__name__}); remove or move {where}"
