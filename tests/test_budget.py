@@ -364,3 +364,18 @@ def test_an_explicit_length_replaces_the_recipes_time_budget():
     assert fast_cpu.time_budget == 900
     assert with_epochs(fast_cpu, 2).time_budget == 0
     assert with_length(fast_cpu, None, 0.5).time_budget == 0
+
+
+def test_a_budget_too_short_at_fit_widths_narrowest_names_that_width(
+    synthetic_images, tmp_path, monkeypatch
+):
+    def measure(run, too_slow=None):  # every width's first step is too slow
+        return None if too_slow and too_slow(0.4) else Timings(step=0.4, val_image=0.001)
+
+    monkeypatch.setattr("cifarlab.budget.measure", measure)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=0.3, threads=1,
+                         fit_width=True)  # fmt: skip
+    with pytest.raises(UserError, match=r"too short for this run here at width 0\.25: "):
+        train(config, tmp_path / "run", log=lambda s: None)
+    assert not (tmp_path / "run").exists()

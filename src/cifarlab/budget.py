@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cifarlab.config import TrainConfig, with_steps
+from cifarlab.config import TrainConfig, model_width, with_steps
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.hardware import synchronize
@@ -219,9 +219,11 @@ def fit_to_budget(run, started: float, log, at_least: float = 0.0) -> Plan | Non
     expected += planned.epochs * per_epoch + final
     if expected > left:  # not even one step fits: a run that ends late is not what was asked
         need = c.time_budget - left + expected
+        narrowed = f" at width {model_width(c):g}" if c.width_halvings else ""
         raise UserError(
-            f"--time-budget {c.time_budget:g}s is too short for this run here: start-up, one step "
-            f"and the final passes take about {need:.0f} s; give --time-budget {math.ceil(need * 1.25)}s or more"
+            f"--time-budget {c.time_budget:g}s is too short for this run here{narrowed}: start-up, "
+            f"one step and the final passes take about {need:.0f} s; give --time-budget "
+            f"{math.ceil(need * 1.25)}s or more"
         )
     at = settling_epoch(planned) + 1
     settled = f" ({timings.settled:.3f} from epoch {at})" if timings.settled else ""
