@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,19 +69,22 @@ def compare(mine: list[dict], theirs: list[dict], other: str) -> None:
     """Per phase: this checkout's and the other's wall and CPU seconds (means over rounds)."""
     names = list(dict.fromkeys([*mine[0]["phases"], *theirs[0]["phases"]]))
 
-    def mean(runs, name, i):
+    def mean(runs, name, i):  # the median: one round disturbed by the machine moves it least
         values = [r["phases"][name][i] for r in runs if len(r["phases"].get(name, ())) > i]
-        return sum(values) / len(values) if values else float("nan")
+        return statistics.median(values) if values else float("nan")
 
-    print(f"\nper phase, means of {len(mine)} rounds: this checkout against {other}")
+    print(f"\nper phase, medians of {len(mine)} rounds: this checkout against {other}")
     print(f"  {'phase':<34}{'wall':>8}{'theirs':>8}{'cpu':>8}{'theirs':>8}{'cpu ratio':>10}")
     for n in names:
         w, tw, c, tc = mean(mine, n, 0), mean(theirs, n, 0), mean(mine, n, 1), mean(theirs, n, 1)
         print(f"  {n:<34}{w:8.2f}{tw:8.2f}{c:8.2f}{tc:8.2f}{c / tc if tc else float('nan'):10.2f}")
     for key in ("to first step", "after last step", "wall", "cpu"):
-        m = sum(r[key] for r in mine) / len(mine)
-        t = sum(r[key] for r in theirs) / len(theirs)
+        m = statistics.median(r[key] for r in mine)
+        t = statistics.median(r[key] for r in theirs)
         print(f"  {key:<34}{m:8.2f}{t:8.2f}{'':16}{m / t:10.2f}")
+    for key in ("to first step", "after last step"):
+        for who, runs in (("this checkout", mine), (other, theirs)):
+            print(f"  {key}, {who}: {', '.join(f'{r[key]:.2f}' for r in runs)}")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from cifarlab.data import load_source, load_splits
-from cifarlab.data.splits import channel_stats, onto_classes, stratified_pick
+from cifarlab.data.imageset import ImageSet
+from cifarlab.data.splits import channel_stats, hold_out, onto_classes, stratified_pick
 from cifarlab.errors import UserError
 from tests.conftest import make_config
 
@@ -134,3 +135,21 @@ def test_classes_are_selected_before_train_and_test_are_compared(tmp_path, data_
     with pytest.raises(UserError, match="train and test classes differ among the selected"):
         load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root),
                                 classes=["cat", "emu"]))  # fmt: skip
+
+
+def test_hold_out_gives_what_copies_would_and_keeps_the_rest_in_the_sets_own_array():
+    rng = np.random.default_rng(0)
+    n = 3000  # several of take_in_place's blocks of 1024
+    images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, n).astype(np.int64)
+    paths = [f"p{i}.png" for i in range(n)]
+    data = ImageSet(images.copy(), labels, [str(c) for c in range(5)], paths)
+    rest, val = hold_out(data, 500, seed=3)
+    val_idx = stratified_pick(labels, 500, 3)
+    kept = np.setdiff1d(np.arange(n), val_idx)
+    assert np.array_equal(val.images, images[val_idx]) and np.array_equal(
+        val.labels, labels[val_idx]
+    )
+    assert np.array_equal(rest.images, images[kept]) and np.array_equal(rest.labels, labels[kept])
+    assert rest.paths == [paths[i] for i in kept] and val.paths == [paths[i] for i in val_idx]
+    assert np.shares_memory(rest.images, data.images)  # no second copy of the training images

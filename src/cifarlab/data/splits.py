@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from cifarlab.config import TrainConfig, data_root, split_seed
 from cifarlab.data.sources import ImageSet, load_source
@@ -67,14 +68,13 @@ def onto_classes(ds: ImageSet, classes: list[str], where: str) -> ImageSet:
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1], from each channel's histogram of 256 values: exact
-    sums, and 6x less CPU than summing float64 copies of the pixels (0.35 s against 2.2 s for
-    45,000 images)."""
+    sums, with no float copy of the pixels. torch's bincount counts uint8 as it is (numpy's
+    copies it to int64 first, twice the time)."""
     counts = np.zeros((3, 256), dtype=np.int64)
-    pixels = images.reshape(-1, 3)
-    for start in range(0, len(pixels), 1 << 22):  # chunks keep bincount's int64 copy small
-        part = pixels[start : start + (1 << 22)]
+    pixels = torch.from_numpy(np.ascontiguousarray(images).reshape(-1, 3))
+    for part in pixels.split(1 << 22):  # each channel's copy stays small
         for c in range(3):
-            counts[c] += np.bincount(part[:, c], minlength=256)
+            counts[c] += torch.bincount(part[:, c].contiguous(), minlength=256).numpy()
     value = np.arange(256) / 255.0
     n = max(len(pixels), 1)
     mean = counts @ value / n
@@ -134,11 +134,13 @@ def check_sizes(config: TrainConfig, splits: Splits) -> None:
 
 
 def hold_out(train: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(the rest, `n` stratified images held out of `train`); n=0 holds out an empty set."""
+    """(the rest, `n` stratified images held out of `train`); n=0 holds out an empty set. The
+    rest is kept in `train`'s own arrays (`ImageSet.take_in_place`): `train` is used up."""
     if n >= len(train):
         raise TooFewImages(
             f"val_size={n} leaves no training images out of {len(train)}; "
             "lower --val-size or use more data"
         )
     val_idx = stratified_pick(train.labels, n, seed)
-    return train.take(np.setdiff1d(np.arange(len(train)), val_idx)), train.take(val_idx)
+    val = train.take(val_idx)
+    return train.take_in_place(np.setdiff1d(np.arange(len(train)), val_idx)), val
