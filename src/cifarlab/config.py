@@ -351,8 +351,6 @@ class _KeySetTwice(yaml.constructor.ConstructorError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping."""
-
     def construct_mapping(self, node, deep=False):
         seen = []
         for key_node, _ in node.value:
@@ -379,11 +377,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise UserError(f"{where}: {problem}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
+    return data or {}
 
 
 def resolve_base(recipe: Path, base: str) -> str:
