@@ -578,7 +578,7 @@ def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:
     per_process, chunk = config.batch_size // max(1, world), config.micro_batch
     if not 0 < chunk < per_process:
         return per_process, 0
-    return per_process, min(chunk, per_process % chunk or chunk)
+    return per_process, per_process % chunk or chunk
 
 
 def parse_duration(text: str, where: str = "--time-budget") -> float:
