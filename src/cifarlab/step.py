@@ -1,6 +1,5 @@
-"""One training step of a run (a `training_run.TrainingRun`, or `bare_run`'s stand-in): forward
-and backward in `micro_batch` chunks (`train_step`), then the update (`optimizer_step`). The
-loop, the time budget's probe, the bf16 timing and the benchmarks all call these."""
+"""The one training step of the loop and of every timing of a step (on a `TrainingRun` or
+`bare_run`'s stand-in): forward and backward (`train_step`), then the update (`optimizer_step`)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -169,7 +170,7 @@ def train(
         run, plan = _build(config, log, d, run_dir if ckpt else None), None
         if config.time_budget and ckpt is None:  # choose the length
             with phases.phase("budget probe"):
-                run, plan = _fit_to_budget(run, config, started, log, d, stop)
+                run, plan = _fit_to_budget(run, config, started, log, stop)
         if stop.received is not None:  # Ctrl-C while the data loaded or the budget's probe ran
             raise Interrupted(
                 f"stopped before training {'resumed' if ckpt else 'started'}; nothing was saved",
@@ -184,15 +185,13 @@ def train(
             stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
             row = _end_epoch(run, epoch, stats, saver, log)
             if plan is not None:
-                _correct_plan(
-                    run, plan, epoch, stats, row, time.perf_counter() - t_epoch, saver, log
-                )
+                _correct_plan(run, plan, epoch, stats, row, t_epoch, saver, log)
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
             if on_epoch is not None:
                 on_epoch(row)
-        result = _finish(run, run_dir, history, saver, log)
+        result = _finish(run, history, saver, log)
         tracker.finish(result)
         barrier(d)
     return result
@@ -209,7 +208,7 @@ def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
 
 
 def _fit_to_budget(
-    run, config: TrainConfig, started: float, log, d, stop
+    run, config: TrainConfig, started: float, log, stop
 ) -> tuple[TrainingRun, Plan | None]:
     """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit (a first
     step may show it), `config` is built again at half the width (`width_halvings`, at most
@@ -229,14 +228,14 @@ def _fit_to_budget(
             f"time budget: {fit} {config.epochs} epochs fit at width {width:g}; trying {width / 2:g}"
         )
         narrow = dataclasses.replace(config, width_halvings=halvings + 1)
-        run = build_run(narrow, lambda s: None, d, splits=run.splits)
+        run = build_run(narrow, lambda s: None, run.dist, splits=run.splits)
 
 
 def _correct_plan(
-    run, plan, epoch: int, stats: EpochStats, row: dict, seconds: float, saver, log
+    run, plan, epoch: int, stats: EpochStats, row: dict, t_epoch: float, saver, log
 ) -> None:  # fmt: skip
     """`Plan.correct` after `epoch`: a changed length goes to the run, last.pt and config.yaml."""
-    n = len(run.batches)
+    seconds, n = time.perf_counter() - t_epoch, len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
@@ -385,9 +384,8 @@ def train_one_epoch(
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
-    for step, (x, y, rand) in enumerate(run.batches.epoch(epoch, start_step), start=start_step):
-        if step >= last_step:
-            break
+    batches = itertools.islice(run.batches.epoch(epoch, start_step), last_step - start_step)
+    for step, (x, y, rand) in enumerate(batches, start=start_step):
         loss, logits = train_step(run, x, y, rand)
         checked = (step + 1) % check_every == 0 or step == last_step - 1
         why = _diverging(run, loss) if checked else ""
@@ -457,11 +455,9 @@ def _non_finite(run: TrainingRun, stats: EpochStats, where: str, saver) -> None:
 
 def _diverged(why: str, saver, advice: str) -> TrainingFailed:
     """The stop of a diverging run: why, what it kept, what to change."""
-    kept = (
-        f"the last good checkpoint is {saver.last}"
-        if saver.last.exists()
-        else "no checkpoint saved yet"
-    )
+    kept = f"the last good checkpoint is {saver.last}"
+    if not saver.last.exists():
+        kept = "no checkpoint saved yet"
     return TrainingFailed(f"diverged: {why}; {kept} ({advice})")
 
 
@@ -582,13 +578,11 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     return row
 
 
-def _finish(
-    run: TrainingRun, run_dir: Path, history: list[dict], saver: Checkpointer, log
-) -> Result:
+def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log) -> Result:
     """The final TTA pass (as airbench: once, on the final weights), a temperature fitted on the
     validation split into the checkpoints, the selected checkpoint's test accuracy when the data
     has a test split, and `result.json`."""
-    c = run.config
+    c, run_dir = run.config, saver.run_dir
     seconds = sum(r["seconds"] for r in history)
     tta_acc = None
     if c.tta != "none" and len(run.val_labels):

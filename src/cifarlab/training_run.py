@@ -71,7 +71,7 @@ class TrainingRun:
 SMALL_CHUNK = 16  # images: BatchNorm statistics of fewer are noisy enough to hurt
 
 
-def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: int = 1) -> None:
+def _warn_small_chunks(config: TrainConfig, model: torch.nn.Module, log, world: int) -> None:
     """Chunks of 2-15 images ruin BatchNorm's statistics: said (the config refuses only 1)."""
     per_process, smallest = smallest_chunk(config, world)
     has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
@@ -377,7 +377,7 @@ def apply_freeze(run: TrainingRun, epoch: int, log) -> None:
             f"epochs 1-{c.freeze_epochs} of {c.epochs}: only the head trains; the backbone is "
             f"frozen (weights and BatchNorm statistics){fresh}; {after}"
         )
-    if c.freeze == "backbone" and epoch == c.freeze_epochs and epoch > 0:
+    elif c.freeze == "backbone" and epoch == c.freeze_epochs:
         log(f"epoch {epoch + 1}: backbone unfrozen, all layers train from here")
 
 
