@@ -260,8 +260,7 @@ def cmd_export(args) -> int:
     from cifarlab.export import default_output, export_model, format_of, sidecar
 
     fmt = format_of(args.format, args.out)
-    out = args.out or default_output(args.model, fmt)
-    out = export_model(args.model, fmt, out, args.force)
+    out = export_model(args.model, fmt, args.out or default_output(args.model, fmt), args.force)
     also = f" and {sidecar(out)}" if fmt == "safetensors" else ""
     print(f"exported {out}{also}")
     return 0
