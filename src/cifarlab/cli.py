@@ -94,7 +94,6 @@ def run_overrides(args) -> dict[str, Any]:
 
 
 def _config_from_args(args):
-    """The recipe at --epochs or --budget (`with_length`), with the flags' overrides."""
     overrides = run_overrides(args)
     config = cfg.with_length(cfg.load_recipe(args.recipe or "seed-cnn"), args.epochs, args.budget)
     return cfg.apply_overrides(config, overrides, where="command line")
@@ -171,7 +170,6 @@ def _result_line(result) -> str:
 
 
 def _print_named(about: dict[str, str]) -> int:
-    """One line per name, its description in a column beside it."""
     width = max(map(len, about))
     for name, text in about.items():
         print(f"{name:<{width}}  {text}")
@@ -262,8 +260,7 @@ def cmd_export(args) -> int:
     from cifarlab.export import default_output, export_model, format_of, sidecar
 
     fmt = format_of(args.format, args.out)
-    out = args.out or default_output(args.model, fmt)
-    out = export_model(args.model, fmt, out, args.force)
+    out = export_model(args.model, fmt, args.out or default_output(args.model, fmt), args.force)
     also = f" and {sidecar(out)}" if fmt == "safetensors" else ""
     print(f"exported {out}{also}")
     return 0

@@ -210,6 +210,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.data.sources import check_outside_images
     from cifarlab.evaluate import EvalOptions, evaluate
+    from cifarlab.report.suite import write_suite_report
     from cifarlab.train import TrainingFailed, train
 
     suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe)
@@ -266,8 +267,6 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     if suite.examples == "mixup":
         _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts, failed)
-    from cifarlab.report.suite import write_suite_report
-
     write_suite_report(suite, rows, opts.out)
     log(f"results: {opts.out / 'results.md'}")
     return rows
@@ -334,9 +333,7 @@ def _refuse_stale(jobs: list) -> None:
 
     for _run, run_dir, wanted in jobs:
         saved, _ = saved_config(run_dir)
-        if saved is None:
-            continue
-        differ = config_changes(saved, wanted)
+        differ = saved and config_changes(saved, wanted)
         if differ:
             raise UserError(
                 f"{run_dir} holds a run with another config ({', '.join(differ[:4])}); "

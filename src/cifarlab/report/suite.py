@@ -96,8 +96,7 @@ def _cells(r: dict, shown: list[Column]) -> list[str]:
 
 def write_suite_report(suite, rows: list[dict], out: Path) -> None:
     with open(out / "results.csv", "w", newline="") as f:
-        names = [c.key for c in columns(rows)]
-        w = csv.DictWriter(f, fieldnames=names, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=[c.key for c in columns(rows)], extrasaction="ignore")
         w.writeheader()  # floats to 6 places: differences of accuracies read -0.05499999999999999
         w.writerows(
             {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows
