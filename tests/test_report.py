@@ -142,3 +142,12 @@ def test_a_pipe_in_a_run_name_or_change_keeps_the_markdown_table_whole(tmp_path)
     table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line[:1] == "|"]
     cells = [len(re.split(r"(?<!\\)\|", line)) for line in table]
     assert len(set(cells)) == 1 and "| a\\|b | flip \\| jitter |" in table[-1]
+
+
+def test_a_run_of_several_seeds_without_validation_is_reported_beside_one_with_it(tmp_path):
+    no_val = {k: v for k, v in _row("full-train", 0.4, seeds=2).items() if "val_acc" not in k}
+    rows = [_row("plain", 0.3), {**no_val, "best_test_acc": 0.42, "best_test_acc_std": 0.01}]
+    write_suite_report(SUITE, rows, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    line = next(x for x in table.splitlines() if x.startswith("| full-train"))
+    assert "| – |" in line and "42.00 ± 1.00" in line

@@ -43,9 +43,11 @@ def _pct(value, signed=False) -> str:
 
 
 def _best(r: dict, split: str) -> str:
+    """The best accuracy, ± its std over seeds; "–" for a run without the split (val_size 0)."""
     value = r.get(f"best_{split}_acc")
-    std = f" ± {r[f'best_{split}_acc_std'] * 100:.2f}" if r.get("seeds", 1) > 1 else ""
-    return _pct(value) + (std if value is not None else "")
+    if value is None or r.get("seeds", 1) <= 1:
+        return _pct(value)
+    return f"{_pct(value)} ± {r[f'best_{split}_acc_std'] * 100:.2f}"
 
 
 @dataclass(frozen=True)
