@@ -233,7 +233,7 @@ def _fit_to_budget(
 
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, t_epoch: float, saver, log
-) -> None:  # fmt: skip
+) -> None:
     """`Plan.correct` after `epoch`: a changed length goes to the run, last.pt and config.yaml."""
     seconds, n = time.perf_counter() - t_epoch, len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
@@ -276,9 +276,8 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
 
 
 def saved_config(run_dir: Path) -> tuple[TrainConfig | None, dict | None]:
-    """The config the run in `run_dir` trains (its last.pt's; before its first checkpoint, its
-    config.yaml's), and its last.pt (None before the first checkpoint); (None, None) where it
-    has neither."""
+    """(config, last.pt) of the run in `run_dir`: last.pt's own, or before its first checkpoint
+    config.yaml's and None; (None, None) where it has neither."""
     last, started = run_dir / "last.pt", run_dir / "config.yaml"
     if last.is_file():
         ckpt = load_checkpoint(last)
@@ -521,7 +520,6 @@ class _Eta:
         self.log(f"expected: about {took} for {what} ({per_step:.2f} s/step, {n} steps per epoch)")
 
 
-@torch.inference_mode()
 def validate(run: TrainingRun, tta: str = "none", split: str = "val") -> tuple:
     """(loss, accuracy) of the evaluated weights on the val (or test) split; (None, None) without."""
     images, labels = (
