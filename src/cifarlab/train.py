@@ -383,7 +383,7 @@ def train_one_epoch(
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
-    batches = itertools.islice(run.batches.epoch(epoch, start_step), last_step - start_step)
+    batches = itertools.islice(run.batches.epoch(epoch, start_step), max(0, last_step - start_step))
     for step, (x, y, rand) in enumerate(batches, start=start_step):
         loss, logits = train_step(run, x, y, rand)
         checked = (step + 1) % check_every == 0 or step == last_step - 1
