@@ -377,3 +377,31 @@ def test_the_optimizer_does_not_import_torch_dynamo_unless_compiling():
     plain, compiling = run(False), run(True)
     assert plain[0] == "none" and compiling[0] == "dynamo"
     assert plain[1] == compiling[1]
+
+
+@pytest.mark.parametrize("during", ["last validation", "final TTA pass"])
+def test_a_stop_signal_while_the_run_ends_exits_143_and_resume_does_the_end(
+    synthetic_images, tmp_path, monkeypatch, during
+):
+    import cifarlab.train as train_module
+    from cifarlab.errors import Interrupted
+
+    validate, sent = train_module.validate, []
+
+    def validate_then_sigterm(run, tta="none", split="val"):
+        if not sent and split == "val" and (tta != "none") == (during == "final TTA pass"):
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))  # arrives while the pass runs
+        return validate(run, tta, split)
+
+    monkeypatch.setattr(train_module, "validate", validate_then_sigterm)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=1, batch_size=8, val_size=6, threads=1, tta="flip")  # fmt: skip
+    with pytest.raises(Interrupted, match="Resume with: cifarlab train --out") as stop:
+        train(config, tmp_path / "run", log=lambda s: None)
+    assert stop.value.exit_code == 143
+    assert (tmp_path / "run" / "last.pt").is_file() and not (
+        tmp_path / "run" / "result.json"
+    ).exists()
+    monkeypatch.setattr(train_module, "validate", validate)
+    result = train(None, tmp_path / "run", resume=True, log=lambda s: None)
+    assert result.tta_val_acc is not None and (tmp_path / "run" / "result.json").is_file()

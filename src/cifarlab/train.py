@@ -191,7 +191,8 @@ def train(
             step, stats, epoch = 0, EpochStats(), epoch + 1
             if on_epoch is not None:
                 on_epoch(row)
-        result = _finish(run, history, saver, log)
+            _stop_if_asked(stop, saver, f"after epoch {epoch}")  # one that came while it validated
+        result = _finish(run, history, saver, log, stop)
         tracker.finish(result)
         barrier(d)
     return result
@@ -460,6 +461,16 @@ def _diverged(why: str, saver, advice: str) -> TrainingFailed:
     return TrainingFailed(f"diverged: {why}; {kept} ({advice})")
 
 
+def _stop_if_asked(stop, saver, when: str) -> None:
+    """Exit 130/143 on a stop signal that came after `last.pt` was saved; --resume goes on."""
+    if stop.received is not None:
+        raise Interrupted(
+            f"stopped {when}; saved {saver.last}. "
+            f"Resume with: cifarlab train --out {saver.run_dir} --resume",
+            stop.exit_code,
+        )
+
+
 def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, stop, bar) -> None:
     """`last.pt` mid-epoch (every `save_every_steps`, or on a stop signal, then exit 130/143)."""
     saver.save(
@@ -467,11 +478,7 @@ def _save_mid_epoch(run, epoch: int, next_step: int, stats: EpochStats, saver, s
     )
     if stop.received is not None:
         bar.close()
-        raise Interrupted(
-            f"stopped at epoch {epoch + 1} step {next_step}; saved {saver.last}. "
-            f"Resume with: cifarlab train --out {saver.run_dir} --resume",
-            stop.exit_code,
-        )
+        _stop_if_asked(stop, saver, f"at epoch {epoch + 1} step {next_step}")
 
 
 def _sync(stats: EpochStats, loss_sum, correct, t0: float) -> None:
@@ -576,10 +583,12 @@ def _end_epoch(run: TrainingRun, epoch: int, stats: EpochStats, saver: Checkpoin
     return row
 
 
-def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log) -> Result:
+def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log, stop) -> Result:
     """The final TTA pass (as airbench: once, on the final weights), a temperature fitted on the
     validation split into the checkpoints, the selected checkpoint's test accuracy when the data
-    has a test split, and `result.json`."""
+    has a test split, and `result.json`. A stop signal between them exits without result.json:
+    --resume does the end again."""
+    ending = "while the run ended (TTA, temperature, test pass)"
     c, run_dir = run.config, saver.run_dir
     seconds = sum(r["seconds"] for r in history)
     tta_acc = None
@@ -589,6 +598,7 @@ def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log) -> 
             tta_acc = validate(run, c.tta)[1]
         seconds += time.perf_counter() - t
         log(f"final val acc with {c.tta} TTA: {tta_acc:.2%}")
+    _stop_if_asked(stop, saver, ending)
     if not len(run.val_labels):
         log(
             "no validation split (val_size 0): no model selection, best.pt is the last epoch's weights"
@@ -600,8 +610,10 @@ def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log) -> 
         val = ValSet(run.val_images, run.val_labels, run.hw, c.eval_batch_size, known)
         with phases.phase("temperature fits"):
             calibrate_run(run_dir, log=log, device=str(run.hw.device), val=val)
+    _stop_if_asked(stop, saver, ending)
     with phases.phase("test pass"):
         test_acc, test_tta = _test_accuracy(run, run_dir / "best.pt", log)
+    _stop_if_asked(stop, saver, ending)
     finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     result = Result(
         run_dir, saver.best if finals else float("nan"), finals[-1] if finals else float("nan"),
