@@ -709,3 +709,19 @@ def test_a_report_out_among_the_datas_class_folders_is_refused(
     args = ["evaluate", str(small_run), "--data", str(data), "--split", "test"]
     assert main([*args, "--out", str(data / "test" / "ev")]) == 2
     assert "inside" in capsys.readouterr().err and sorted(data.rglob("*")) == before
+
+
+def test_evaluate_scores_in_the_precision_the_run_trained_in(synthetic_images, tmp_path):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+    from cifarlab.inference import load_model
+
+    # this machine's rule says fp32 (the tests' CPU has no bf16 flags); the run asked for bf16
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=1, batch_size=8, val_size=12, threads=1, amp="bf16")  # fmt: skip
+    result = train(config, tmp_path / "run", log=lambda s: None)
+    loaded = load_model(load_checkpoint(tmp_path / "run" / "best.pt"))
+    assert loaded.hardware.amp_dtype == torch.bfloat16
+    report = evaluate(EvalOptions(str(tmp_path / "run")), log=lambda s: None)
+    assert report["accuracy"] == pytest.approx(result.final_val_acc, abs=1e-4)  # 5 decimals kept

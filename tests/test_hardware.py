@@ -47,6 +47,17 @@ def test_scoring_follows_the_machines_kept_timing_whatever_the_number_of_images(
     assert inference_hardware(CPU).amp_dtype == torch.bfloat16  # one image or 50,000 alike
 
 
+def test_scoring_uses_the_runs_own_precision_where_the_device_runs_it(monkeypatch):
+    from cifarlab.hardware import inference_hardware
+
+    monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set(NO_AMX))
+    monkeypatch.setattr("cifarlab.hardware.bf16_speedup", lambda: 2.0)  # auto would say bf16
+    assert inference_hardware(CPU, "off").amp_dtype is None  # trained in fp32: scored in fp32
+    monkeypatch.setattr("cifarlab.hardware.bf16_speedup", lambda: 0.5)  # auto would say fp32
+    assert inference_hardware(CPU, "bf16").amp_dtype == torch.bfloat16
+    assert inference_hardware(CPU, "fp16").amp_dtype is None  # fp16 needs CUDA: the rule's
+
+
 def test_the_bf16_timing_is_kept_per_machine_so_the_choice_does_not_flip(monkeypatch, tmp_path):
     readings = iter([1.7, 0.2, 0.9])  # what the load of the moment would make it read
     monkeypatch.setattr("cifarlab.hardware.time_bf16_speedup", lambda: next(readings))

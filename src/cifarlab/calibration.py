@@ -68,7 +68,11 @@ def _val_logits(ckpt: dict, use_ema: bool, device: torch.device, val: ValSet) ->
         return val.known[1].float().cpu()
     loaded = load_model(ckpt, device, use_ema)
     logits = predict_logits(  # in the hardware's memory format, the model's weights included
-        loaded.model, val.images.to(device), loaded.normalize, val.batch_size, hardware=val.hardware
+        loaded.model,
+        val.images.to(device),
+        loaded.normalize,
+        val.batch_size,
+        hardware=val.hardware or loaded.hardware,
     )
     return logits.float().cpu()
 

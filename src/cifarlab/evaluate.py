@@ -153,7 +153,7 @@ def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.
     classes = loaded.classes
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)
-    logits = predict_logits(loaded.model, images, loaded.normalize)
+    logits = predict_logits(loaded.model, images, loaded.normalize, hardware=loaded.hardware)
     mean_loss = F.cross_entropy(logits, labels).item()  # of the raw logits, as training's val_loss
     probs = torch.softmax(logits / loaded.temperature, 1).cpu().numpy()
     y = data.labels
@@ -190,7 +190,12 @@ def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.
             )
     if opts.tta != "none":
         tta_logits = predict_logits(  # the plain view's logits reused
-            loaded.model, images, loaded.normalize, tta=opts.tta, plain=logits
+            loaded.model,
+            images,
+            loaded.normalize,
+            tta=opts.tta,
+            hardware=loaded.hardware,
+            plain=logits,
         )
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
     return report, probs, pc

@@ -219,9 +219,16 @@ def time_bf16_speedup(rounds: int = 4, batch: int = 64) -> float:
     return min(times[False]) / min(times[True])
 
 
-def inference_hardware(device: torch.device) -> Hardware:
-    """What evaluate and predict run with: training's precision rule (the same answer, as
-    `bf16_speedup` is kept) and memory format (in bf16 it moves a logit enough to flip an image
-    now and then), so that evaluate reproduces training's own test figure."""
-    amp, reason = choose_amp("auto", device)
+def inference_hardware(device: torch.device, amp: str = "auto") -> Hardware:
+    """What evaluate, predict and calibrate run with: the run's own precision (`amp` as its
+    config resolved it) where this device runs it, else training's rule for the device; and
+    training's memory format. In bf16 either moves a logit enough to flip an image now and then,
+    so this is what makes evaluate reproduce training's own figures."""
+    bf16_here = device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    )
+    runs_here = (
+        amp == "off" or (amp == "bf16" and bf16_here) or (amp == "fp16" and device.type == "cuda")
+    )
+    amp, reason = choose_amp(amp if runs_here else "auto", device)
     return Hardware(device, AMP_DTYPES[amp], _channels_last("auto", device), reason)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cifarlab.augment import Normalize
 from cifarlab.errors import UserError
-from cifarlab.hardware import inference_hardware
+from cifarlab.hardware import Hardware, inference_hardware
 from cifarlab.models import ModelArgs, build_model
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-translate": 4}  # model passes per image
@@ -78,6 +78,7 @@ class LoadedModel:
     classes: list[str]
     args: ModelArgs
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); see calibration
+    hardware: Hardware | None = None  # the run's precision where this device runs it
 
 
 def _ema_state(ckpt: dict) -> dict:
@@ -108,4 +109,7 @@ def load_model(
         ) from None
     normalize = Normalize(ckpt["mean"], ckpt["std"])
     temperature = float(ckpt.get("temperature_ema" if use_ema else "temperature", 1.0))
-    return LoadedModel(model.to(device).eval(), normalize, list(ckpt["classes"]), args, temperature)
+    hardware = inference_hardware(torch.device(device), ckpt["config"].get("amp", "auto"))
+    return LoadedModel(
+        model.to(device).eval(), normalize, list(ckpt["classes"]), args, temperature, hardware
+    )

@@ -66,11 +66,15 @@ class Predictor:
         loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
         self.classes, self.size = loaded.classes, loaded.args.image_size
         self.model, self.normalize = loaded.model, loaded.normalize
-        self.temperature = loaded.temperature
+        self.temperature, self.hardware = loaded.temperature, loaded.hardware
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         logits = predict_logits(
-            self.model, to_device_uint8(images, self.device), self.normalize, batch_size
+            self.model,
+            to_device_uint8(images, self.device),
+            self.normalize,
+            batch_size,
+            hardware=self.hardware,
         )
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
