@@ -336,6 +336,9 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
         UserError, match=r"no validation split \(val_size 0\).*--split test.*--data"
     ):
         evaluate(EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev"), log=lambda s: None)
+    own = EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev", data=f"{data}/.")  # same folder
+    with pytest.raises(UserError, match=r"no validation split \(val_size 0\)"):
+        evaluate(own, log=lambda s: None)
     assert not (tmp_path / "ev").exists()
     _pngs(tmp_path / "held", per_class=3, seed=1)  # the way out it names
     assert _score(tmp_path / "run", tmp_path / "held", "val", tmp_path)["num_images"] == 6

@@ -50,7 +50,7 @@ def load_eval_set(
     if data is None and "data" not in ckpt["config"]:  # run_config would fill in cifar10
         raise UserError(f"checkpoint {where} has no config.data; {no_data}")
     config = run_config(ckpt, where)
-    own_data = data is None or _same_source(data, config.data)
+    own_data = data is None or same_source(data, config.data)
     if own_data and not _data_present(config.data):
         raise UserError(
             f"{where} was trained on {config.data}, which is no longer there; {way_out}"
@@ -93,7 +93,7 @@ def load_eval_set(
     return onto_classes(scored, list(ckpt["classes"]), where), config.data
 
 
-def _same_source(a: str, b: str) -> bool:
+def same_source(a: str, b: str) -> bool:
     """`--data` spellings of one source: cifar10, or one folder however its path is written."""
     return a == b or expand(a).resolve() == expand(b).resolve()
 

@@ -25,7 +25,7 @@ from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, printable
 from cifarlab.errors import UserError
-from cifarlab.eval_set import load_eval_set, run_config
+from cifarlab.eval_set import load_eval_set, run_config, same_source
 from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
@@ -121,7 +121,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     out = opts.out or ckpt_path.parent / _default_out(opts)
     check_out(out)  # before any work or file
     check_not_a_run(out, "evaluate writes its report", out / "eval")
-    check_outside_images(out, opts.data or run_config(ckpt, str(ckpt_path)).data)  # PNGs: a class
+    trained_on = run_config(ckpt, str(ckpt_path)).data
+    check_outside_images(out, opts.data or trained_on)  # its PNGs would be read as a class
     data, source = load_eval_set(
         ckpt, str(ckpt_path), split=opts.split, data=opts.data, on_bad_image=opts.on_bad_image
     )
@@ -129,7 +130,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(
             f"{ckpt_path}: the run has no validation split (val_size 0) to score; use --split test "
             "where its data has a test split, or --data a folder of <class>/ images"
-            if opts.split == "val" and not opts.data
+            if opts.split == "val" and (not opts.data or same_source(opts.data, trained_on))
             else f"{opts.data or source}: no images to score"
         )
     device = pick_device(opts.device, "--device cpu")
