@@ -258,3 +258,11 @@ def test_a_phase_inside_another_counts_only_in_its_own_row(monkeypatch):
     rows = {name: wall for name, wall, _ in phases._phases}
     assert 0.0 < rows["outer"] < 0.1 < 0.15 <= rows["inner"]
     assert abs(sum(rows.values()) - total) < 0.01
+
+
+def test_a_quoted_tilde_in_a_path_flag_means_the_home_folder(tmp_path, monkeypatch):
+    from cifarlab.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["train", "--out", "~/runs/a"])
+    assert args.out == tmp_path / "runs" / "a"

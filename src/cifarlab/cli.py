@@ -44,7 +44,8 @@ def _given(text: str) -> str:
 
 
 def _path(text: str) -> Path:
-    return Path(_given(text))
+    """A path flag's value, `~` expanded as --data's is (a quoted `~/runs` is not a `./~`)."""
+    return cfg.expand(_given(text))
 
 
 # The flags train, suite and tune share, each setting the config key of its name (--set any).
