@@ -412,3 +412,19 @@ def test_an_out_holding_a_training_run_is_refused_before_anything_is_written(
     assert main([*argv, str(run)]) == 2
     assert "holds a training run (metrics.csv)" in capsys.readouterr().err
     assert [p.name for p in run.iterdir()] == ["metrics.csv"]
+
+
+def test_a_report_older_than_the_runs_end_is_scored_again(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from cifarlab.suites import _skipped
+
+    run = SimpleNamespace(requires="", config=SimpleNamespace(val_size=10))
+    (tmp_path / "eval-val").mkdir()
+    (tmp_path / "eval-val" / "report.json").write_text("{}")  # an evaluate while it trained
+    (tmp_path / "result.json").write_text("{}")
+    os.utime(tmp_path / "eval-val" / "report.json", (1e9, 1e9))
+    assert _skipped(run, tmp_path) == ""  # trained on after that report: evaluated again
+    (tmp_path / "eval-val" / "report.json").write_text("{}")
+    assert "finished earlier" in _skipped(run, tmp_path)

@@ -298,7 +298,9 @@ def _skipped(run: SuiteRun, run_dir: Path) -> str:
     if (run_dir / DIVERGED).is_file():  # the same config and seed would diverge again
         return f"diverged earlier ({run_dir / DIVERGED}), skipped"
     report = run_dir / f"eval-{_split(run)}" / "report.json"  # written last: a complete report
-    if (run_dir / "result.json").is_file() and report.is_file():
+    result = run_dir / "result.json"
+    # a report older than the run's end scored weights from before it (an evaluate mid-run)
+    if result.is_file() and report.is_file() and report.stat().st_mtime >= result.stat().st_mtime:
         return "finished earlier with this config, skipped"
     return ""
 
