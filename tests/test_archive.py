@@ -229,3 +229,13 @@ def test_a_part_that_cannot_be_locked_is_extracted_into_unlocked_and_none_is_lef
     assert archive_mod.extract_archive(path, dest) == dest
     assert sorted(p.name for p in dest.parent.iterdir()) == ["k"]  # no empty part beside it
     assert len(os.listdir("/proc/self/fd")) == fds  # the part's descriptor closed
+
+
+def test_a_file_that_is_no_archive_of_any_kind_is_one_line(tmp_path):
+    fake = tmp_path / "fake.tar.gz"
+    fake.write_text("not a tar")
+    with pytest.raises(
+        UserError, match=r"fake\.tar\.gz: cannot extract \(.*\); is the file complete"
+    ) as e:
+        load_source(str(fake), tmp_path / "root", 8)
+    assert "\n" not in str(e.value)  # tarfile's message lists every method on lines of its own

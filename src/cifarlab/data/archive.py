@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from cifarlab.data.images import is_junk
-from cifarlab.errors import UserError
+from cifarlab.errors import UserError, first_line
 
 try:
     import fcntl
@@ -180,7 +180,8 @@ def extract_archive(archive: Path, dest: Path) -> Path:
         if isinstance(exc, OSError) and dest.is_dir():
             return dest  # another process extracted the same archive first
         # RuntimeError: zipfile's encrypted members and (NotImplementedError) unknown compression
-        raise UserError(f"{archive}: cannot extract ({exc}); is the file complete?") from None
+        why = first_line(exc).rstrip(":")  # tarfile lists each method it tried on lines below
+        raise UserError(f"{archive}: cannot extract ({why}); is the file complete?") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
