@@ -180,3 +180,34 @@ def test_a_plain_folder_answers_every_split_from_the_cache_without_a_second_walk
     counted(cache, "_folder_stamp")  # every file's stat, for the cache's key
     assert len(load_labelled(src, data_root, 8, "error", "val")) == 6
     assert walks == ["_folder_stamp"]  # the cache's key only
+
+
+@pytest.mark.parametrize("inside", [".", "cat", "cache"])
+def test_a_data_root_inside_the_class_folders_is_refused_before_anything_is_written(
+    tmp_path, capsys, inside
+):
+    src = _folder(tmp_path / "d")
+    root, out = src / inside, tmp_path / "run"
+    code = main(["train", "--data", str(src), "--data-root", str(root), "--out", str(out),
+                 "--epochs", "1", "--val-size", "2", "--batch-size", "2", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"--data-root {root} is inside {src}" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not out.exists()
+    assert sorted(p.name for p in src.iterdir()) == ["cat", "dog"]  # no arrays/ to read as a class
+    with pytest.raises(UserError, match=r"pick --data-root \(or \$CIFARLAB_DATA\) outside it"):
+        load_source(str(src), root, 8)  # as evaluate --data and tune load it
+    assert load_source(str(src), tmp_path / "elsewhere", 8).train.classes == ["cat", "dog"]
+
+
+def test_a_data_root_beside_a_split_layout_is_fine_and_beside_a_wrapper_is_not(tmp_path):
+    split = tmp_path / "s"
+    _folder(split / "train")
+    _folder(split / "test")
+    assert load_source(str(split), split, 8).train.classes == ["cat", "dog"]  # split/arrays
+    assert load_source(str(split), split, 8).train.classes == ["cat", "dog"]  # and again
+    wrapped = _folder(tmp_path / "w" / "pets").parent  # looked through to pets/<class>
+    with pytest.raises(UserError, match=f"--data-root {wrapped} is inside {wrapped}, whose"):
+        load_source(str(wrapped), wrapped, 8)  # wrapped/arrays would make pets/ a class
+    with pytest.raises(UserError, match=f"--out {wrapped / 'runs' / 'a'} is inside {wrapped}"):
+        sources.check_outside_images(wrapped / "runs" / "a", str(wrapped))
+    assert sorted(p.name for p in wrapped.iterdir()) == ["pets"]

@@ -16,6 +16,7 @@ from cifarlab.config import (
     TrainConfig,
     apply_overrides,
     config_changes,
+    data_root,
     load_recipe,
     named_yaml,
     read_yaml_mapping,
@@ -228,6 +229,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
+    for root, data in {(data_root(config), config.data) for _, _, config in jobs}:
+        check_outside_images(root, data, "--data-root")  # every run's cache too
     beside = Path(f"{opts.out.resolve()}-suite")  # beside the run, not inside it
     check_not_a_run(opts.out, "a suite writes its runs and tables", beside)
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's

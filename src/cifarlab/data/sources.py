@@ -172,35 +172,47 @@ def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
     """The split folders of `root/{train,val|valid,test}/<class>`, and whether the layout is
     plain (`root/<class>`: one labelled set). One wrapper folder (junk beside it aside) is looked
     through; a lone folder holding images is a class (only dog/ to score), not a wrapper."""
+    found, plain, _wrappers = _walk_layout(root)
+    return found, plain
+
+
+def _walk_layout(root: Path) -> tuple[dict[str, Path], bool, list[tuple[Path, Path]]]:
+    """`_find_layout`'s answer, and each (folder, its one wrapper folder) looked through: a
+    second folder beside that wrapper would make both the class folders."""
+    wrappers: list[tuple[Path, Path]] = []
     for _ in range(2):
         if found := _split_folders(root):
-            return found, False
+            return found, False, wrappers
         entries = _visible(root)
         if len(entries) != 1 or not entries[0].is_dir():
             break
         if any(p.is_file() and is_image_name(p) for p in _visible(entries[0])):
             break  # a class folder, not a wrapper
+        wrappers.append((root, entries[0]))
         root = entries[0]  # an archive often wraps everything in one top folder
-    return {"train": root}, True
+    return {"train": root}, True, wrappers
 
 
-def check_outside_images(out: Path, src: str) -> None:
-    """A run directory among the folders `src`'s classes are read from would be read as a class
-    (or its files as images), so it is refused before it is made. Below a file it cannot be made
-    at all, which the run directory's own check says."""
+def check_outside_images(out: Path, src: str, flag: str = "--out") -> None:
+    """A run directory (or, `flag` --data-root, the image cache) among the folders `src`'s classes
+    are read from would be read as a class (or its files as images), so it is refused before it
+    is made; so is one beside the wrapper folder looked through (it would make both classes).
+    Below a file it cannot be made at all, which the run directory's own check says."""
     data = expand(src)
     if src in DATASETS or not data.is_dir():
         return
     target = out.resolve()
-    for folder in _find_layout(data)[0].values():
+    layout, _plain, wrappers = _walk_layout(data)
+    for folder, wrapper in [*wrappers, *((f, None) for f in layout.values())]:
         root = folder.resolve()
-        if not target.is_relative_to(root):
-            continue
+        if not target.is_relative_to(root) or (wrapper and target.is_relative_to(wrapper.resolve())):
+            continue  # outside it, or inside the wrapper, which the next folder checks
         inside = target.relative_to(root).parts
         if not (inside and (root / inside[0]).is_file()):
+            also = " (or $CIFARLAB_DATA)" if flag == "--data-root" else ""
             raise UserError(
-                f"--out {out} is inside {folder}, whose folders are read as classes; pick an "
-                f"--out outside it"
+                f"{flag} {out} is inside {folder}, whose folders are read as classes; pick "
+                f"{flag}{also} outside it"
             )
 
 
@@ -323,6 +335,7 @@ def load_source(
     path = expand(src)
     if not path.exists():
         raise UserError(f"--data {src}: no such file or folder (and not {'/'.join(DATASETS)})")
+    check_outside_images(root, src, "--data-root")  # its arrays/ would be read as a class
     key = cache.source_key(path, size, on_bad)
     data = cache.load(root, key)  # a complete cache reads from a read-only --data-root too
     if data is None:
