@@ -204,8 +204,8 @@ def check_outside_images(out: Path, src: str, flag: str = "--out") -> None:
     target = out.resolve()
     layout, _plain, wrappers = _walk_layout(data)
     for folder, wrapper in [*wrappers, *((f, None) for f in layout.values())]:
-        root = folder.resolve()
-        if not target.is_relative_to(root) or (wrapper and target.is_relative_to(wrapper.resolve())):
+        root, within = folder.resolve(), wrapper and target.is_relative_to(wrapper.resolve())
+        if not target.is_relative_to(root) or within:
             continue  # outside it, or inside the wrapper, which the next folder checks
         inside = target.relative_to(root).parts
         if not (inside and (root / inside[0]).is_file()):
