@@ -255,6 +255,24 @@ def test_export_never_overwrites_the_checkpoint_it_reads(tmp_path, capsys, force
     assert (run / "best.pt").read_bytes() == b"the checkpoint"
 
 
+@pytest.mark.parametrize("force", [[], ["--force"]])
+@pytest.mark.parametrize(("out", "clobbered"), [("result.safetensors", "result.json"),
+                                                ("metrics.csv", "metrics.csv")])  # fmt: skip
+def test_export_never_replaces_a_file_of_another_run(tmp_path, capsys, force, out, clobbered):
+    run = _fake_run(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "best.pt").write_bytes(b"its checkpoint")
+    (other / "result.json").write_text('{"best_val_acc": 0.5}')
+    args = ["export", str(run), "--format", "safetensors", "--out", str(other / out), *force]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"would replace {clobbered} of the training run in {other}" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (other / "result.json").read_text() == '{"best_val_acc": 0.5}'
+    assert sorted(p.name for p in other.iterdir()) == ["best.pt", "result.json"]
+
+
 def test_export_over_an_existing_file_needs_force(tmp_path, capsys):
     run = _fake_run(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"keep me")

@@ -71,9 +71,19 @@ def default_output(model: str, fmt: str) -> Path:
     return src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix)
 
 
-def check_out(out: Path, source: Path, force: bool, suffix: str = "") -> None:
+def check_out(out: Path, source: Path, force: bool, suffix: str = "", label: str = "") -> None:
     """One line, before any work, for an --out that would lose a file, cannot be written or (with
-    `suffix`) does not end in it: `predict` tells the formats apart by their suffix."""
+    `suffix`) does not end in it: `predict` tells the formats apart by their suffix. A run file
+    of any training run (its result.json, say) is never replaced, --force or not: --force is for
+    an earlier export. `label` names `out` in the message (a metadata file beside --out)."""
+    label = label or f"--out {out}"
+    held = [n for n in rundir.RUN_FILES if (out.parent / n).exists()]
+    if out.name in rundir.RUN_FILES and held:
+        raise UserError(
+            f"{label} would replace {out.name} of the training run in {out.parent} "
+            f"({', '.join(held[:3])}); pick an --out outside it (--force replaces only an "
+            "earlier export, never a run's files)"
+        )
     if out.exists() and (
         out.resolve() == source.resolve()
         or (out.parent.resolve() == source.parent.resolve() and out.name in rundir.RUN_FILES)
@@ -110,7 +120,9 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
             raise UserError(
                 f"--out {out}: its metadata file {sidecar(out)} is a folder; pick another --out"
             )
-        check_out(sidecar(out), source, force)
+        check_out(
+            sidecar(out), source, force, label=f"--out {out}: its metadata file {sidecar(out)}"
+        )
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
     try:
