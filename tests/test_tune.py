@@ -295,3 +295,51 @@ def test_an_out_holding_a_training_run_is_refused_before_a_study_is_stored(
         run_tune(opts)
     assert [p.name for p in run.iterdir()] == ["config.yaml"]
     assert not (tmp_path / "study.db").exists()
+
+
+def _tune_args(synthetic_images, tmp_path, out: str, *more: str) -> list[str]:
+    return ["tune", "--recipe", "fast", "--data", str(synthetic_images), "--val-size", "6",
+            "--batch-size", "8", "--data-root", str(tmp_path / "d"), "--trials", "1",
+            "--out", str(tmp_path / out), *more]  # fmt: skip
+
+
+def test_each_out_keeps_its_own_study_by_default(synthetic_images, tmp_path, monkeypatch, capsys):
+    """The default storage was ./study.db: a second --out continued the first's study, trained
+    nothing and wrote a best recipe naming the first --out's trial."""
+    from cifarlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    seen = _fake_trainer(monkeypatch, stop_first=False)
+    assert main(_tune_args(synthetic_images, tmp_path, "t2")) == 0
+    assert main(_tune_args(synthetic_images, tmp_path, "t3")) == 0
+    out = capsys.readouterr().out
+    assert len(seen) == 2 and not (tmp_path / "study.db").exists()
+    for name in ("t2", "t3"):
+        storage = f"sqlite:///{tmp_path / name / 'study.db'}"
+        assert f"in {storage}: 0 of 1 trials finished" in out
+        (name_of_study,) = optuna.get_all_study_names(storage)
+        study = optuna.load_study(study_name=name_of_study, storage=storage)
+        assert [t.user_attrs["run_dir"] for t in study.trials] == [
+            str(tmp_path / name / "trial-000")
+        ]
+        assert (tmp_path / name / "best-recipe.yaml").is_file()
+    assert "note:" not in out
+    assert main(_tune_args(synthetic_images, tmp_path, "t2")) == 0  # continues its own study
+    assert "1 of 1 trials finished" in capsys.readouterr().out and len(seen) == 2
+
+
+def test_a_shared_storage_says_where_the_trials_of_another_out_are(
+    synthetic_images, tmp_path, monkeypatch, capsys
+):
+    from cifarlab.cli import main
+
+    seen = _fake_trainer(monkeypatch, stop_first=False)
+    shared = ("--storage", f"sqlite:///{tmp_path / 'shared.db'}")
+    assert main(_tune_args(synthetic_images, tmp_path, "a", *shared)) == 0
+    capsys.readouterr()
+    assert main(_tune_args(synthetic_images, tmp_path, "b", *shared)) == 0
+    out = capsys.readouterr().out
+    assert len(seen) == 1 and "1 of 1 trials finished" in out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and f"ran under another --out ({tmp_path / 'a'})" in notes[0], out
+    assert f"best: trial 0 (its run in {tmp_path / 'a' / 'trial-000'})" in out

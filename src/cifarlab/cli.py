@@ -396,11 +396,15 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trials", type=int, required=True, help="trials to finish (completed or pruned)"
     )
-    p.add_argument("--storage", default="sqlite:///study.db", help="any Optuna RDB URL")
+    p.add_argument(
+        "--storage",
+        help="any Optuna RDB URL (default sqlite:///OUT/study.db: each --out its own study)",
+    )
     p.add_argument("--study", help="study name (default <recipe>-<data name>)")
     p.add_argument(
-        "--out", type=_path, default=Path("tune"), help="folder for the trials' run directories"
-    )
+        "--out", type=_path, default=Path("tune"),
+        help="folder for the trials' run directories (and, without --storage, the study's study.db)",
+    )  # fmt: skip
 
 
 def _models_flags(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""`cifarlab tune`: Optuna search shared by every process pointed at the same `--storage`.
+"""`cifarlab tune`: Optuna search shared by every process pointed at the same `--storage` (by
+default `<--out>/study.db`: each --out its own study).
 
 Trials are pruned on validation accuracy per epoch (median rule); a killed trial's heartbeat
 goes stale and it is retried, until `--trials` trials completed or were pruned.
@@ -40,7 +41,7 @@ class TuneOptions:
     base: TrainConfig  # that recipe with the command line applied
     overrides: dict[str, Any]  # what the command line set: best-recipe.yaml keeps it
     trials: int
-    storage: str
+    storage: str | None  # None: `default_storage(out)`
     out: Path
     study: str = ""
     search_epochs: bool = True  # False: --epochs/--budget fixed the length, every trial runs it
@@ -64,8 +65,15 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
     return values
 
 
+def default_storage(out: Path) -> str:
+    """The study's database inside --out, so another --out is another study (one in the working
+    folder was continued by every tune command run there, whatever its --out)."""
+    return f"sqlite:///{out / 'study.db'}"
+
+
 def run_tune(opts: TuneOptions, log=print):
     optuna = import_extra("optuna", "tune", "tune (Optuna)")
+    opts = dataclasses.replace(opts, storage=opts.storage or default_storage(opts.out))
     base, created = _checked_base(opts)
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     with removed_if_unstarted(opts.out, created):  # a study that cannot open leaves no --out
@@ -74,6 +82,7 @@ def run_tune(opts: TuneOptions, log=print):
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [t for t in study.trials if t.state in finished]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+    _say_elsewhere(done, opts, log)
     _say_search(base, opts, log)
     if len(done) < opts.trials:
         objective = partial(_trial, base=base, opts=opts, log=log)
@@ -89,8 +98,29 @@ def run_tune(opts: TuneOptions, log=print):
         )
     best = study.best_trial
     out = write_best_recipe(opts, base, best, name)
-    log(f"best: trial {best.number}, val acc {best.value:.2%}; recipe written to {out}")
+    ran = best.user_attrs.get(RUN_DIR)
+    where = f" (its run in {ran})" if ran and Path(ran) != _trial_dir(opts, best.number) else ""
+    log(f"best: trial {best.number}{where}, val acc {best.value:.2%}; recipe written to {out}")
     return study
+
+
+RUN_DIR = "run_dir"  # a trial's user attribute: the folder it trained in
+
+
+def _trial_dir(opts: TuneOptions, number: int) -> Path:
+    return (opts.out / f"trial-{number:03d}").resolve()
+
+
+def _say_elsewhere(done: list, opts: TuneOptions, log) -> None:
+    """One line when finished trials of the study (an explicit --storage shared by several
+    --out folders) trained under another --out: their run directories are there, not here."""
+    away = [t.user_attrs[RUN_DIR] for t in done
+            if RUN_DIR in t.user_attrs and Path(t.user_attrs[RUN_DIR]).parent != opts.out.resolve()]  # fmt: skip
+    if away:
+        folders = sorted({str(Path(p).parent) for p in away})
+        log(f"note: {len(away)} of the study's finished trials ran under another --out "
+            f"({', '.join(folders[:3])}): their run directories are there; a new --storage "
+            "(or none: <--out>/study.db) starts a study of this --out's own")  # fmt: skip
 
 
 def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
@@ -164,6 +194,7 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
     config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
     validate_config(config, f"trial {trial.number}")
     run_dir = opts.out / f"trial-{trial.number:03d}"  # a continued study numbers trials anew
+    trial.set_user_attr(RUN_DIR, str(_trial_dir(opts, trial.number)))
 
     def report(row: dict) -> None:
         trial.report(row["val_acc"], int(row["epoch"]))
