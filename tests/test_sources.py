@@ -197,6 +197,8 @@ def test_a_data_root_inside_the_class_folders_is_refused_before_anything_is_writ
     with pytest.raises(UserError, match=r"pick --data-root \(or \$CIFARLAB_DATA\) outside it"):
         load_source(str(src), root, 8)  # as evaluate --data and tune load it
     assert load_source(str(src), tmp_path / "elsewhere", 8).train.classes == ["cat", "dog"]
+    for _ in range(2):  # a cache below a hidden folder is never read as a class
+        assert load_source(str(src), src / ".cache", 8).train.classes == ["cat", "dog"]
 
 
 def test_a_data_root_beside_a_split_layout_is_fine_and_beside_a_wrapper_is_not(tmp_path):

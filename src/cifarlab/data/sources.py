@@ -197,7 +197,8 @@ def check_outside_images(out: Path, src: str, flag: str = "--out") -> None:
     """A run directory (or, `flag` --data-root, the image cache) among the folders `src`'s classes
     are read from would be read as a class (or its files as images), so it is refused before it
     is made; so is one beside the wrapper folder looked through (it would make both classes).
-    Below a file it cannot be made at all, which the run directory's own check says."""
+    One below a hidden folder (`.cache/`) is never read. Below a file it cannot be made at all,
+    which the run directory's own check says."""
     data = expand(src)
     if src in DATASETS or not data.is_dir():
         return
@@ -207,8 +208,8 @@ def check_outside_images(out: Path, src: str, flag: str = "--out") -> None:
         root, within = folder.resolve(), wrapper and target.is_relative_to(wrapper.resolve())
         if not target.is_relative_to(root) or within:
             continue  # outside it, or inside the wrapper, which the next folder checks
-        inside = target.relative_to(root).parts
-        if not (inside and (root / inside[0]).is_file()):
+        inside = target.relative_to(root).parts  # below a hidden folder: never read
+        if not (inside and ((root / inside[0]).is_file() or is_junk(PurePath(*inside)))):
             also = " (or $CIFARLAB_DATA)" if flag == "--data-root" else ""
             raise UserError(
                 f"{flag} {out} is inside {folder}, whose folders are read as classes; pick "
