@@ -76,6 +76,13 @@ def check_out(out: Path, source: Path, force: bool, suffix: str = "", label: str
     `suffix`) does not end in it: `predict` tells the formats apart by their suffix. A run file
     of any training run (its result.json, say) is never replaced, --force or not: --force is for
     an earlier export. `label` names `out` in the message (a metadata file beside --out)."""
+    if out.exists() and (
+        out.resolve() == source.resolve()
+        or (out.parent.resolve() == source.parent.resolve() and out.name in rundir.RUN_FILES)
+    ):
+        raise UserError(
+            f"--out {out} is the checkpoint being exported or a file of its run; pick another file"
+        )
     label = label or f"--out {out}"
     held = [n for n in rundir.RUN_FILES if (out.parent / n).exists()]
     if out.name in rundir.RUN_FILES and held:
@@ -83,13 +90,6 @@ def check_out(out: Path, source: Path, force: bool, suffix: str = "", label: str
             f"{label} would replace {out.name} of the training run in {out.parent} "
             f"({', '.join(held[:3])}); pick an --out outside it (--force replaces only an "
             "earlier export, never a run's files)"
-        )
-    if out.exists() and (
-        out.resolve() == source.resolve()
-        or (out.parent.resolve() == source.parent.resolve() and out.name in rundir.RUN_FILES)
-    ):
-        raise UserError(
-            f"--out {out} is the checkpoint being exported or a file of its run; pick another file"
         )
     rundir.check_out(out, folder=False)
     if out.exists() and not force:
