@@ -1,6 +1,7 @@
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -136,3 +137,62 @@ def test_a_file_name_at_the_file_systems_limit_is_written_whole(tmp_path):
     atomic_save({"x": 1}, path)
     assert torch.load(path)["x"] == 1
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def _trained_run(data, tmp_path):
+    from cifarlab.train import train
+    from tests.conftest import make_config
+
+    config = make_config(data=str(data), data_root=str(tmp_path / "d"), model="cnn", width=0.25,
+                         epochs=1, batch_size=8, val_size=6, warmup_epochs=0.0, tta="none",
+                         threads=1)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    return tmp_path / "run"
+
+
+def _zero_inside_a_tensor(path):
+    """64 zero bytes in the middle of the largest member: the zip still opens, its CRC fails."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        big = max(archive.infolist(), key=lambda m: m.file_size)
+    data = bytearray(path.read_bytes())
+    at = big.header_offset  # local header: 30 bytes, then the name and extra field, then data
+    name_len, extra_len = struct.unpack("<HH", data[at + 26 : at + 30])
+    middle = at + 30 + name_len + extra_len + big.file_size // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    return big.filename
+
+
+def test_a_checkpoint_with_bytes_changed_inside_is_refused_and_never_rewritten(
+    synthetic_images, tmp_path, capsys
+):
+    from cifarlab.cli import main
+
+    run = _trained_run(synthetic_images, tmp_path)
+    member = _zero_inside_a_tensor(run / "best.pt")
+    damaged = (run / "best.pt").read_bytes()
+    with pytest.raises(UserError, match=f"best.pt: damaged checkpoint, its member {member} fails"):
+        load_checkpoint(run / "best.pt")  # torch.load would read the altered weights
+    for command in (["evaluate", str(run)], ["calibrate", str(run)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        assert "best.pt" in err and member in err and "restore it" in err and "last.pt" in err
+    assert (run / "best.pt").read_bytes() == damaged  # calibrate did not save it with fresh CRCs
+
+
+def test_a_truncated_last_pt_on_resume_is_one_line_with_the_way_out(
+    synthetic_images, tmp_path, capsys
+):
+    from cifarlab.cli import main
+
+    run = _trained_run(synthetic_images, tmp_path)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])  # a copy cut short, a full disk
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert "last.pt: not a complete checkpoint, the file is truncated" in err
+    assert f"--init-from {run / 'best.pt'}" in err and "is)" not in err

@@ -11,7 +11,7 @@ import torch
 from cifarlab.checkpoint import Checkpointer, NonFiniteWeights, load_checkpoint
 from cifarlab.cli import main
 from cifarlab.errors import UserError
-from cifarlab.rundir import read_metrics
+from cifarlab.rundir import RESULT_NUMBERS, RESULT_OPTIONAL, read_metrics
 from cifarlab.train import train
 from tests.conftest import make_config, write_synthetic_folder
 
@@ -375,14 +375,50 @@ def test_resuming_without_metrics_rows_says_which_epochs_the_curves_lack(
     assert [r["epoch"] for r in read_metrics(run / "metrics.csv")] == [2.0]
 
 
-def test_a_finished_run_whose_result_json_was_cut_short_writes_it_again_on_resume(
-    synthetic_images, tmp_path, capsys
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        '{"best_val_acc": 0.',  # a full disk, a crash mid-write: JSONDecodeError
+        "{}",  # was TypeError: Result.__init__() missing 5 required positional arguments
+        '{"best_val_acc": "x", "final_val_acc": 0.5, "epochs": 1, "seconds": 1.0,'
+        ' "images_per_s": 9.0}',  # was TypeError: must be real number, not str
+        '{"best_val_acc": 0.5, "final_val_acc": 0.5, "epochs": true, "seconds": 1.0,'
+        ' "images_per_s": 9.0, "test_acc": [1]}',
+        "[1, 2]",
+    ],
+    ids=["cut-short", "empty-object", "string-accuracy", "wrong-types", "a-list"],
+)
+def test_a_finished_run_whose_result_json_is_damaged_writes_it_again_on_resume(
+    synthetic_images, tmp_path, capsys, damaged
 ):
     import json
 
     run = tmp_path / "run"
     first = train(_config(synthetic_images, tmp_path, epochs=1), run, log=QUIET)
-    (run / "result.json").write_text('{"best_val_acc": 0.')  # a full disk, a crash mid-write
-    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # JSONDecodeError
-    assert f"best val acc {first.best_val_acc:.2%}" in capsys.readouterr().out
+    (run / "result.json").write_text(damaged)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert f"best val acc {first.best_val_acc:.2%}" in captured.out, captured.err
     assert json.loads((run / "result.json").read_text())["epochs"] == 1
+
+
+def _strict_json(text: str):
+    import json
+
+    def refuse(word):
+        raise AssertionError(f"{word} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_val_size_zero_writes_strict_json_and_a_resume_reads_its_nulls_back_as_nan(
+    synthetic_images, tmp_path
+):
+    run = tmp_path / "run"
+    train(_config(synthetic_images, tmp_path, epochs=1, val_size=0), run, log=QUIET)
+    saved = _strict_json((run / "result.json").read_text())  # was "best_val_acc": NaN
+    assert saved["best_val_acc"] is None and saved["final_val_acc"] is None
+    assert set(saved) == {*RESULT_NUMBERS, *RESULT_OPTIONAL, "epochs"}  # what read_result checks
+    again = train(None, run, resume=True, log=QUIET)  # finished: read back, not trained again
+    assert math.isnan(again.best_val_acc) and math.isnan(again.final_val_acc)
+    assert again.test_acc == saved["test_acc"]

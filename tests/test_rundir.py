@@ -167,3 +167,14 @@ def test_a_folder_left_holding_only_a_killed_runs_lock_is_trained_into_as_new(
     )  # fmt: skip
     train(config, run, log=lambda s: None)
     assert (run / "best.pt").is_file() and not (run / ".lock").exists()
+
+
+def test_json_text_writes_nan_and_inf_as_null_at_any_depth():
+    import json
+    import math
+
+    from cifarlab.rundir import json_text
+
+    value = {"a": math.nan, "b": [math.inf, 1.5, (2, -math.inf)], "c": {"d": math.nan, "e": "x"}}
+    strict = json.loads(json_text(value), parse_constant=lambda word: pytest.fail(word))
+    assert strict == {"a": None, "b": [None, 1.5, [2, None]], "c": {"d": None, "e": "x"}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -47,18 +48,22 @@ def atomic_save(obj: Any, path: Path) -> None:
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def read_tensors(path: Path, where: str, kind: str) -> Any:
+def read_tensors(path: Path, where: str, kind: str, way_out: str = "restore it from a copy") -> Any:
     """`torch.load` onto the CPU of tensors and plain data; a foreign, damaged or code-running
-    file is one line naming `where` and the `kind` of file expected."""
+    file is one line naming `where`, the `kind` of file expected and `way_out`. The zip archive
+    torch.save writes is checked against its CRCs first: torch.load does not check them, so
+    altered bytes inside a tensor would load as altered weights."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        raise UserError(f"{where}: not a readable {kind} (the file is empty)")
+        raise UserError(f"{where}: not a readable {kind} (the file is empty); {way_out}")
     if head != b"PK\x03\x04" and head[:1] != b"\x80":
         raise UserError(
             f"{where}: not a {kind} (torch.save did not write it: it is neither a zip archive "
             "nor a pickle); the file is damaged or of another kind"
         )
+    if head == b"PK\x03\x04":
+        check_zip(path, where, kind, way_out)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # never its message: it advises weights_only=False
@@ -69,9 +74,44 @@ def read_tensors(path: Path, where: str, kind: str) -> Any:
             + f" (a {kind} holds tensors and plain data only; the file is damaged or not one)"
         ) from None
     except Exception as exc:  # EOFError, KeyError, RuntimeError, ... : any way damage shows
+        said = first_line(exc).split(". ")[0][:160]  # torch's first sentence, never cut mid-way
         raise UserError(
-            f"{where}: not a readable {kind}, the file is damaged ({first_line(exc)[:200]})"
+            f"{where}: not a readable {kind}, the file is damaged ({said}); {way_out}"
         ) from None
+
+
+def check_zip(path: Path, where: str, kind: str, way_out: str) -> None:
+    """Refuses, in one line, a zip archive cut short (no central directory at its end) or with
+    a member whose bytes fail their CRC (`testzip` reads every member; about the cost of reading
+    the file once more from the page cache, a fraction of what loading it costs)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # BadZipFile, EOFError, OSError, ...: the archive does not open
+        raise UserError(
+            f"{where}: not a complete {kind}, the file is truncated or damaged "
+            f"(its zip archive does not open: {first_line(exc)[:80]}); {way_out}"
+        ) from None
+    if bad is not None:
+        raise UserError(
+            f"{where}: damaged {kind}, its member {bad[:80]} fails the zip's CRC check (bytes "
+            f"changed after it was written); {way_out}"
+        )
+
+
+def damaged_way_out(path: Path) -> str:
+    """What to do about a damaged checkpoint: restore it, or what its run still has."""
+    best = path.with_name("best.pt")
+    if path.name == "last.pt" and best.is_file():
+        return (
+            f"restore it from a copy, or continue from the run's best weights in a new --out "
+            f"(cifarlab train --out NEW --init-from {best})"
+        )
+    if path.name == "best.pt" and path.with_name("last.pt").is_file():
+        return (
+            f"restore it from a copy, or use the run's last weights ({path.with_name('last.pt')})"
+        )
+    return "restore it from a copy, or train it again"
 
 
 # what `cifarlab export` writes (and .ts, which it wrote): `predict.PREDICTORS` reads each
@@ -88,7 +128,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: an exported model ({path.suffix}), which is for `cifarlab predict`; "
             "give a run directory or its checkpoint (best.pt, last.pt) instead"
         )
-    ckpt = read_tensors(path, str(path), "checkpoint")
+    ckpt = read_tensors(path, str(path), "checkpoint", damaged_way_out(path))
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
     fix = "the file is damaged or was edited: re-train, or restore the file"

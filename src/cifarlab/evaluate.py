@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
 import re
@@ -30,7 +29,7 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
-from cifarlab.rundir import check_not_a_run, check_out, read_metrics
+from cifarlab.rundir import check_not_a_run, check_out, json_text, read_metrics
 from cifarlab.tracking import log_report
 
 
@@ -288,7 +287,7 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
         figures.curves(rows, out / "curves.png")
     else:
         report["curves_note"] = "no metrics.csv beside the checkpoint, so no training curves"
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.json").write_text(json_text(report))
 
 
 def _summary(report: dict, out: Path, log) -> None:

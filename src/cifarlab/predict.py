@@ -31,6 +31,7 @@ from cifarlab.data.sources import printable
 from cifarlab.errors import UserError, first_line, import_extra
 from cifarlab.hardware import pick_device
 from cifarlab.inference import load_model, predict_logits
+from cifarlab.rundir import json_text
 
 
 def image_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
@@ -280,7 +281,7 @@ def run_predict(
             top = [(predictor.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
             if as_json:  # the path made printable: strict JSON has no lone surrogates
                 ranked = [{"class": c, "prob": round(q, 6)} for c, q in top]
-                print(json.dumps({"path": printable(str(f)), "top_k": ranked}))
+                print(json_text({"path": printable(str(f)), "top_k": ranked}, indent=None))
             else:
                 print(f"{_one_line(f):<{width}}  " + "  ".join(f"{c} {q:.1%}" for c, q in top))
     return 1 if failed else 0

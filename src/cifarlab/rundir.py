@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cifarlab.errors import UserError
 
@@ -267,13 +269,53 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+# result.json's entries, those of `train.Result` it holds: a number each (NaN written as null,
+# strict JSON having no NaN), or, for the optional ones, also null where there is none
+RESULT_NUMBERS = ("best_val_acc", "final_val_acc", "seconds", "images_per_s")
+RESULT_OPTIONAL = ("tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc")
+
+
+def json_text(value: Any, indent: int | None = 1) -> str:
+    """Strict JSON of `value`: a NaN or infinite float is written as null (what JSON.parse and
+    other strict readers accept), in mappings and lists at any depth."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def read_result(run_dir: Path) -> dict | None:
-    """`run_dir/result.json`, or None where it is missing or does not parse (cut short)."""
+    """`run_dir/result.json`, or None where it is missing, does not parse (cut short) or holds
+    other than `train.Result`'s entries (edited, or another file): all count as damaged. A null
+    of a number that is always there reads back as NaN (no validation split: no val accuracy)."""
     try:
         saved = json.loads((run_dir / "result.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
-    return saved if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    for key in RESULT_NUMBERS:
+        if saved.get(key, 0) is None:
+            saved[key] = math.nan
+    fits = (
+        all(_number(saved.get(k)) for k in RESULT_NUMBERS)
+        and isinstance(saved.get("epochs"), int)
+        and not isinstance(saved["epochs"], bool)
+        and saved["epochs"] >= 0
+        and all(saved.get(k) is None or _number(saved[k]) for k in RESULT_OPTIONAL)
+    )
+    return saved if fits else None
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> list[int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import signal
 import sys
@@ -53,6 +52,7 @@ from cifarlab.rundir import (
     append_metrics,
     checkpoint_room,
     claim_run_dir,
+    json_text,
     prepare_run_dir,
     read_metrics,
     read_result,
@@ -624,7 +624,7 @@ def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log, sto
     )  # fmt: skip
     if run.dist.main:
         with replaced_when_complete(run_dir / "result.json") as tmp:
-            tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            tmp.write_text(json_text(result.to_dict()) + "\n")
     return result
 
 
