@@ -10,6 +10,7 @@ from cifarlab.cli import main
 from cifarlab.data import load_source
 from cifarlab.errors import UserError
 from cifarlab.export import export_model
+from cifarlab.hardware import inference_hardware
 from cifarlab.predict import (
     OnnxPredictor,
     Predictor,
@@ -43,6 +44,7 @@ EXPORTS = (("onnx", OnnxPredictor), ("pt2", Pt2Predictor), ("safetensors", Safet
 def test_onnx_pt2_and_safetensors_match_pytorch_on_real_images(runs, model, tmp_path, capsys):
     run_dirs, images = runs
     reference = Predictor(str(run_dirs[model]))
+    reference.hardware = inference_hardware(torch.device("cpu"), "off")  # as exports compute
     expected = reference.probabilities(images, 64)
     for fmt, cls in EXPORTS:
         out = tmp_path / f"m.{fmt}"
@@ -62,8 +64,9 @@ def test_exports_carry_the_checkpoint_temperature(runs, tmp_path):
     ckpt = load_checkpoint(run_dirs["cnn"] / "best.pt")
     ckpt["temperature"] = 2.5
     atomic_save(ckpt, tmp_path / "hot.pt")
-    expected = Predictor(str(tmp_path / "hot.pt")).probabilities(images, 64)
-    plain = Predictor(str(run_dirs["cnn"])).probabilities(images, 64)
+    hot, plain = Predictor(str(tmp_path / "hot.pt")), Predictor(str(run_dirs["cnn"]))
+    hot.hardware = plain.hardware = inference_hardware(torch.device("cpu"), "off")  # as exports
+    expected, plain = hot.probabilities(images, 64), plain.probabilities(images, 64)
     assert np.abs(expected - plain).max() > 0.01  # the temperature changes the probabilities
     for fmt, cls in EXPORTS:
         exported = cls(str(export_model(str(tmp_path / "hot.pt"), fmt, tmp_path / f"hot.{fmt}")))

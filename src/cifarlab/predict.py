@@ -227,6 +227,7 @@ class SafetensorsPredictor(Predictor):
         self.device = pick_device(device, "device='cpu'")
         self.model = model.to(self.device).eval()
         self.normalize = Normalize(meta["mean"], meta["std"])
+        self.hardware = None  # an export keeps no precision: the device's rule
 
 
 class TorchScriptPredictor(_ExportedPredictor):
