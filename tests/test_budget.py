@@ -379,3 +379,25 @@ def test_a_budget_too_short_at_fit_widths_narrowest_names_that_width(
     with pytest.raises(UserError, match=r"too short for this run here at width 0\.25: "):
         train(config, tmp_path / "run", log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time_left(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import time
+
+    # each timing takes 2 s of a 6 s budget, and under half of the 10 epochs fit at width 1
+    def measure(run, too_slow=None):
+        time.sleep(2.0)
+        return Timings(step=0.3, val_image=0.0001)
+
+    monkeypatch.setattr("cifarlab.budget.measure", measure)
+    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=6.0, threads=1,
+                         fit_width=True)  # fmt: skip
+    messages = []
+    train(config, tmp_path / "run", log=messages.append)
+    assert not any("; trying " in m for m in messages), messages
+    assert any("at width 1; kept, as timing a narrower one" in m for m in messages), messages
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["width_halvings"] == 0

@@ -217,16 +217,25 @@ def _fit_to_budget(
     step may show it), `config` is built again at half the width (`width_halvings`, at most
     two) on the same splits and timed again: a narrower net that runs nearly all of its
     schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`). A config already
-    planned keeps its width."""
+    planned keeps its width, and so does one whose timing took over half the time then left
+    (timing the narrower net would eat what it saves)."""
     while True:
         halvings = run.config.width_halvings
         narrower = config.fit_width and not config.train_steps and halvings < 2
+        t = time.perf_counter()
         plan = fit_to_budget(run, started, log, at_least=config.epochs / 2 if narrower else 0.0)
         fitted = run.config.train_steps / len(run.batches)
         if stop.received is not None or (plan and (not narrower or 2 * fitted >= config.epochs)):
             return run, plan
         fit = f"{fitted:.2f} of" if plan is not None else "under half of"
-        width = model_width(run.config)
+        width, now = model_width(run.config), time.perf_counter()
+        probe, left = now - t, config.time_budget - (now - started)
+        if plan is not None and 2 * probe > left:
+            log(
+                f"time budget: {fit} {config.epochs} epochs fit at width {width:g}; kept, as "
+                f"timing a narrower one ({probe:.0f} s) would take over half of the {left:.0f} s left"
+            )
+            return run, plan
         log(
             f"time budget: {fit} {config.epochs} epochs fit at width {width:g}; trying {width / 2:g}"
         )
