@@ -283,6 +283,19 @@ def test_the_probe_leaves_no_trace_a_budgeted_run_equals_its_planned_length_run(
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+def _train_fitting_width(images, tmp_path, monkeypatch, measure, budget: float):
+    """A cnn with `fit_width` for 10 epochs of 3 steps under `budget` seconds, `measure` standing
+    in for the timing; (its config, what it logged)."""
+    monkeypatch.setattr("cifarlab.budget.measure", measure)
+    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)
+    config = make_config(data=str(images), data_root=str(tmp_path / "d"), model="cnn", epochs=10,
+                         batch_size=8, val_size=6, lr=0.02, time_budget=budget, threads=1,
+                         fit_width=True)  # fmt: skip
+    messages = []
+    train(config, tmp_path / "run", log=messages.append)
+    return config, messages
+
+
 @pytest.mark.parametrize(
     ("scale", "stops_early", "tried", "width"),
     [
@@ -304,13 +317,7 @@ def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
             return None
         return Timings(step=step, val_image=0.001)
 
-    monkeypatch.setattr("cifarlab.budget.measure", measure)
-    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)
-    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=80.0, threads=1,
-                         fit_width=True)  # fmt: skip
-    messages = []
-    train(config, tmp_path / "run", log=messages.append)
+    config, messages = _train_fitting_width(synthetic_images, tmp_path, monkeypatch, measure, 80.0)
     narrowed = [m for m in messages if "; trying " in m]
     assert len(narrowed) == len(tried) and all(map(re.search, tried, narrowed)), narrowed
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -391,13 +398,7 @@ def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time
         time.sleep(2.0)
         return Timings(step=0.3, val_image=0.0001)
 
-    monkeypatch.setattr("cifarlab.budget.measure", measure)
-    monkeypatch.setattr("cifarlab.budget.Plan.correct", lambda *args: None)
-    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=6.0, threads=1,
-                         fit_width=True)  # fmt: skip
-    messages = []
-    train(config, tmp_path / "run", log=messages.append)
+    _, messages = _train_fitting_width(synthetic_images, tmp_path, monkeypatch, measure, 6.0)
     assert not any("; trying " in m for m in messages), messages
     assert any("at width 1; kept, as timing a narrower one" in m for m in messages), messages
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["width_halvings"] == 0
