@@ -86,9 +86,8 @@ def test_predict_prints_probabilities_at_the_checkpoint_temperature(trained_run,
     predictor = Predictor(str(run))
     assert predictor.temperature == temperature
     loaded = load_model(load_checkpoint(run / "best.pt"))
-    logits = predict_logits(
-        loaded.model, torch.from_numpy(images).permute(0, 3, 1, 2), loaded.normalize
-    )
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)  # in the run's precision, as predict
+    logits = predict_logits(loaded.model, nchw, loaded.normalize, hardware=loaded.hardware)
     expected = torch.softmax(logits / temperature, 1).numpy()
     np.testing.assert_allclose(predictor.probabilities(images, 4), expected, atol=1e-6)
 
