@@ -67,7 +67,7 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
 
 def default_storage(out: Path) -> str:
     """The study's database inside --out, so another --out is another study (one in the working
-    folder was continued by every tune command run there, whatever its --out)."""
+    folder would be continued by every tune command run there, whatever its --out)."""
     return f"sqlite:///{out / 'study.db'}"
 
 
