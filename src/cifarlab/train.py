@@ -29,7 +29,6 @@ from cifarlab.config import (
     TrainConfig,
     apply_overrides,
     config_changes,
-    data_root,
     model_width,
     read_yaml_mapping,
     save_config,
@@ -160,7 +159,6 @@ def train(
             f"({spent:.1f} s of start-up); give a budget of minutes, e.g. 15m"
         )
     check_outside_images(run_dir, config.data)
-    check_outside_images(data_root(config), config.data, "--data-root")  # before --out is made
     created = prepare_run_dir(run_dir, checkpoint_room(run_dir)) if d.main else []
     barrier(d)
     with (
