@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 # (name, wall seconds, CPU seconds of this process); None: not profiling, phase() costs nothing.
@@ -54,7 +55,7 @@ def record(
     _phases.append((name, seconds - inner, cpu_seconds - inner_cpu))
     if _open:  # the phase around this one leaves these seconds out of its own row
         _open[-1][0] += seconds
-        _open[-1][1] += cpu_seconds if cpu_seconds == cpu_seconds else 0.0
+        _open[-1][1] += 0.0 if math.isnan(cpu_seconds) else cpu_seconds
 
 
 def table() -> str:

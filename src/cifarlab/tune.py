@@ -99,7 +99,8 @@ def run_tune(opts: TuneOptions, log=print):
     best = study.best_trial
     out = write_best_recipe(opts, base, best, name)
     ran = best.user_attrs.get(RUN_DIR)
-    where = f" (its run in {ran})" if ran and Path(ran) != _trial_dir(opts, best.number) else ""
+    here = _trial_dir(opts, best.number).resolve()
+    where = f" (its run in {ran})" if ran and Path(ran) != here else ""
     log(f"best: trial {best.number}{where}, val acc {best.value:.2%}; recipe written to {out}")
     return study
 
@@ -108,7 +109,7 @@ RUN_DIR = "run_dir"  # a trial's user attribute: the folder it trained in
 
 
 def _trial_dir(opts: TuneOptions, number: int) -> Path:
-    return (opts.out / f"trial-{number:03d}").resolve()
+    return opts.out / f"trial-{number:03d}"
 
 
 def _say_elsewhere(done: list, opts: TuneOptions, log) -> None:
@@ -193,8 +194,8 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
 
     config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
     validate_config(config, f"trial {trial.number}")
-    run_dir = opts.out / f"trial-{trial.number:03d}"  # a continued study numbers trials anew
-    trial.set_user_attr(RUN_DIR, str(_trial_dir(opts, trial.number)))
+    run_dir = _trial_dir(opts, trial.number)  # a continued study numbers trials anew
+    trial.set_user_attr(RUN_DIR, str(run_dir.resolve()))
 
     def report(row: dict) -> None:
         trial.report(row["val_acc"], int(row["epoch"]))
