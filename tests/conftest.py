@@ -60,11 +60,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(autouse=True)
-def _fp32_on_every_cpu(monkeypatch):
-    """`amp: auto` would pick bf16 on a CI machine with AMX; the parity tests compare against
-    fp32 exporters, so every test sees a CPU without AMX unless it injects one itself."""
-    monkeypatch.setattr("cifarlab.hardware.cpu_flags", lambda: set())
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_on_every_cpu():
+    """`amp: auto` would pick bf16 on a CPU with AMX or AVX512-BF16; the parity tests compare
+    against fp32 exporters, so every test and every shared run (session and module fixtures
+    included) sees a CPU without either, unless a test injects its own flags."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cifarlab.hardware.cpu_flags", lambda: set())
+        yield
 
 
 def _cut_from_tarball(dest: Path, start: int, stop: int) -> Path:
