@@ -422,3 +422,69 @@ def test_val_size_zero_writes_strict_json_and_a_resume_reads_its_nulls_back_as_n
     again = train(None, run, resume=True, log=QUIET)  # finished: read back, not trained again
     assert math.isnan(again.best_val_acc) and math.isnan(again.final_val_acc)
     assert again.test_acc == saved["test_acc"]
+
+
+@pytest.mark.parametrize("state", ["no-checkpoint-yet", "mid-run", "finished"])
+def test_resuming_a_run_in_use_says_only_that_and_touches_nothing(
+    synthetic_images, tmp_path, capsys, state
+):
+    from cifarlab.config import save_config
+    from cifarlab.rundir import RunLock
+
+    run = tmp_path / "run"
+    if state == "no-checkpoint-yet":
+        run.mkdir()
+        save_config(_config(synthetic_images, tmp_path), run / "config.yaml")
+    else:
+        _stopped_after_epoch_one(synthetic_images, tmp_path)
+    if state == "finished":
+        train(_config(synthetic_images, tmp_path), run, resume=True, log=QUIET)
+    with RunLock(run):  # another process training it (flock: any other open file is refused)
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        for more in ([], ["--lr", "0.3"]):  # a plan line, or a refused change, came first
+            code = main(["train", "--out", str(run), "--resume", "--no-progress", *more])
+            out, err = capsys.readouterr()
+            assert code == 2 and out == "" and "in use by process" in err, out + err
+            assert len(err.splitlines()) == 1
+        after = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert after == before  # the holder's .lock included
+
+
+def _edited(run: Path, key: str, value) -> None:
+    import yaml
+
+    path = run / "config.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), key: value}))
+
+
+def test_resume_refuses_an_edited_config_yaml_and_names_the_keys(
+    synthetic_images, tmp_path, capsys
+):
+    run = _stopped_after_epoch_one(synthetic_images, tmp_path)
+    last = (run / "last.pt").read_bytes()
+    _edited(run, "lr", 0.2)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: 0.02 -> 0.2" in err and "restore" in err and len(err.splitlines()) == 1
+    assert (run / "last.pt").read_bytes() == last
+
+
+def test_resume_honours_runtime_keys_edited_in_config_yaml(synthetic_images, tmp_path):
+    run = _stopped_after_epoch_one(synthetic_images, tmp_path)
+    _edited(run, "eval_batch_size", 7)  # as --set eval_batch_size=7 would
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert load_checkpoint(run / "last.pt")["config"]["eval_batch_size"] == 7
+
+
+@pytest.mark.parametrize(
+    "text", ["lr: [0.1\n", "- lr\n", "lrr: 0.1\n", "lr: fast\n"],
+    ids=["not-yaml", "not-a-mapping", "unknown-key", "wrong-type"],
+)  # fmt: skip
+def test_resume_with_a_damaged_config_yaml_is_one_line_naming_it(
+    synthetic_images, tmp_path, capsys, text
+):
+    run = _stopped_after_epoch_one(synthetic_images, tmp_path)
+    (run / "config.yaml").write_text(text)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and len(err.splitlines()) == 1 and "Traceback" not in err

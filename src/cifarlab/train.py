@@ -139,34 +139,35 @@ def train(
     on_epoch=None, changes: dict[str, Any] | None = None, started: float | None = None,
 ) -> Result:  # fmt: skip
     """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
-    `config` (or, when None, the saved config with `changes`) must be the same run as the saved
-    one (`config.differences`). `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
+    `config` (or, when None, the saved config, with config.yaml's runtime keys, and `changes`)
+    must be the same run as the saved one (`config.differences`). `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
     A time budget counts from `started` (a `time.perf_counter()` reading; default: now)."""
     started = time.perf_counter() if started is None else started
     run_dir, d = Path(run_dir), init_distributed()
     if not d.main:
         log = lambda s: None  # noqa: E731 - only rank 0 talks and writes
-    config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
-    config = validate_config(config, "config", d.world)
-    finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
-    saved = read_result(run_dir) if finished else None  # a damaged one: the end runs again
-    if saved is not None:
-        return _finished_result(run_dir, ckpt, saved, log)
-    spent = time.perf_counter() - started
-    if config.time_budget and ckpt is None and spent >= config.time_budget:
-        raise UserError(  # before any data loads: nothing at all fits
-            f"--time-budget {config.time_budget:g}s was spent before training could start "
-            f"({spent:.1f} s of start-up); give a budget of minutes, e.g. 15m"
-        )
-    check_outside_images(run_dir, config.data)
+    claim_run_dir(run_dir, resume)
     created = prepare_run_dir(run_dir, checkpoint_room(run_dir)) if d.main else []
     barrier(d)
-    with (
-        RunLock(run_dir) if d.main else contextlib.nullcontext(),
-        removed_if_unstarted(run_dir, created),  # bad data, a budget too short: no empty --out
-        _stop_signals() as stop,
-        open_trackers(config, run_dir, d.main) as tracker,
-    ):
+    with contextlib.ExitStack() as held:
+        if d.main:  # before the run is read: one another process trains is only "in use"
+            held.enter_context(RunLock(run_dir))
+        held.enter_context(removed_if_unstarted(run_dir, created))  # a refusal: no empty --out
+        config, ckpt = _resolve(config, run_dir, resume, changes or {}, log)
+        config = validate_config(config, "config", d.world)
+        finished = ckpt is not None and ckpt["next_step"] == 0 and ckpt["epoch"] >= config.epochs
+        saved = read_result(run_dir) if finished else None  # a damaged one: the end runs again
+        if saved is not None:
+            return _finished_result(run_dir, ckpt, saved, log)
+        spent = time.perf_counter() - started
+        if config.time_budget and ckpt is None and spent >= config.time_budget:
+            raise UserError(  # before any data loads: nothing at all fits
+                f"--time-budget {config.time_budget:g}s was spent before training could start "
+                f"({spent:.1f} s of start-up); give a budget of minutes, e.g. 15m"
+            )
+        check_outside_images(run_dir, config.data)
+        stop = held.enter_context(_stop_signals())
+        tracker = held.enter_context(open_trackers(config, run_dir, d.main))
         run, plan = _build(config, log, d, run_dir if ckpt else None), None
         if config.time_budget and ckpt is None:  # choose the length
             with phases.phase("budget probe"):
@@ -263,7 +264,6 @@ def _correct_plan(
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
     """The config this call trains, and the checkpoint it continues (or None); see `train`.
     Before the first checkpoint a resumed run starts over."""
-    claim_run_dir(run_dir, resume)
     if not resume:
         return config, None
     saved, ckpt = saved_config(run_dir)
@@ -271,7 +271,8 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
         return _nothing_to_resume(config, run_dir, log), None
     if ckpt is None:
         _refuse_over_results(run_dir)
-    wanted = config if config is not None else apply_overrides(saved, changes, where="--resume")
+    edited = _edited_config(run_dir, saved) if ckpt else saved
+    wanted = config if config is not None else apply_overrides(edited, changes, where="--resume")
     differ = ", ".join(config_changes(saved, wanted)[:6])
     if differ:
         raise ConfigChanged(
@@ -295,6 +296,22 @@ def saved_config(run_dir: Path) -> tuple[TrainConfig | None, dict | None]:
     if started.is_file():
         return apply_overrides(TrainConfig(), read_yaml_mapping(started), where=str(started)), None
     return None, None
+
+
+def _edited_config(run_dir: Path, saved: TrainConfig) -> TrainConfig:
+    """`run_dir/config.yaml`'s config (`saved`, last.pt's, when it was deleted): a user may edit
+    it as --resume's flags may change the run, in runtime keys only."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return saved
+    edited = apply_overrides(TrainConfig(), read_yaml_mapping(path), where=str(path))
+    differ = ", ".join(config_changes(saved, edited)[:6])
+    if differ:
+        raise ConfigChanged(
+            f"--resume {run_dir}: config.yaml was edited ({differ}), but a run continues with the "
+            f"config it started with; restore config.yaml, or train a new --out (--init-from {run_dir})"
+        )
+    return edited
 
 
 def _nothing_to_resume(config, run_dir: Path, log) -> TrainConfig:
