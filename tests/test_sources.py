@@ -176,7 +176,7 @@ def test_a_plain_folder_answers_every_split_from_the_cache_without_a_second_walk
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args: walks.append(name) or real(*args))
 
-    counted(sources, "_find_layout")  # the layout
+    counted(sources, "_load_folder")  # the layout walked and decoded
     counted(cache, "_folder_stamp")  # every file's stat, for the cache's key
     assert len(load_labelled(src, data_root, 8, "error", "val")) == 6
     assert walks == ["_folder_stamp"]  # the cache's key only

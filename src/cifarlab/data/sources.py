@@ -168,17 +168,12 @@ def _visible(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if not is_junk(PurePath(p.name))]
 
 
-def _find_layout(root: Path) -> tuple[dict[str, Path], bool]:
-    """The split folders of `root/{train,val|valid,test}/<class>`, and whether the layout is
-    plain (`root/<class>`: one labelled set). One wrapper folder (junk beside it aside) is looked
-    through; a lone folder holding images is a class (only dog/ to score), not a wrapper."""
-    found, plain, _wrappers = _walk_layout(root)
-    return found, plain
-
-
 def _walk_layout(root: Path) -> tuple[dict[str, Path], bool, list[tuple[Path, Path]]]:
-    """`_find_layout`'s answer, and each (folder, its one wrapper folder) looked through: a
-    second folder beside that wrapper would make both the class folders."""
+    """The split folders of `root/{train,val|valid,test}/<class>`, whether the layout is plain
+    (`root/<class>`: one labelled set), and each (folder, its one wrapper folder) looked through:
+    a second folder beside that wrapper would make both the class folders. One wrapper folder
+    (junk beside it aside) is looked through; a lone folder holding images is a class (only dog/
+    to score), not a wrapper."""
     wrappers: list[tuple[Path, Path]] = []
     for _ in range(2):
         if found := _split_folders(root):
@@ -297,7 +292,7 @@ def _decode_all(
 def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
     splits: dict[str, ImageSet] = {}
     skipped: list[str] = []
-    layout, plain = _find_layout(root)
+    layout, plain, _wrappers = _walk_layout(root)
     for name, folder in layout.items():  # train, val, test: in that order
         classes, files, labels, left_out = _list_class_folder(folder, on_bad)
         images, good, bad = _decode_all(files, size, on_bad, f"decoding {name}")
