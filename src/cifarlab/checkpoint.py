@@ -15,7 +15,7 @@ from typing import Any, get_type_hints
 import torch
 
 from cifarlab.errors import UserError, first_line
-from cifarlab.rundir import replaced_when_complete
+from cifarlab.rundir import is_number, replaced_when_complete
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def _listed(kind: type, size: int = 0) -> Callable[[Any], bool]:
 
 def _positive(v: Any) -> bool:
     """A number > 0 (a temperature of 0 divides the logits by zero); not a bool."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return is_number(v) and math.isfinite(v) and v > 0
 
 
 def _positive_rgb(v: Any) -> bool:

@@ -291,7 +291,8 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -309,11 +310,11 @@ def read_result(run_dir: Path) -> dict | None:
         if saved.get(key, 0) is None:
             saved[key] = math.nan
     fits = (
-        all(_number(saved.get(k)) for k in RESULT_NUMBERS)
+        all(is_number(saved.get(k)) for k in RESULT_NUMBERS)
         and isinstance(saved.get("epochs"), int)
         and not isinstance(saved["epochs"], bool)
         and saved["epochs"] >= 0
-        and all(saved.get(k) is None or _number(saved[k]) for k in RESULT_OPTIONAL)
+        and all(saved.get(k) is None or is_number(saved[k]) for k in RESULT_OPTIONAL)
     )
     return saved if fits else None
 

@@ -28,6 +28,7 @@ from cifarlab.rundir import (
     RUN_FILES,
     RunLock,
     check_not_a_run,
+    is_number,
     prepare_run_dir,
     read_metrics,
     read_result,
@@ -169,7 +170,7 @@ def _check_run_names(names: list[str], path: Path) -> None:
 
 def _run_name(name: Any, where: str) -> str:
     """`name` (a number as its text) if it is one folder inside --out and one clean line."""
-    name = str(name) if _number(name) else name
+    name = str(name) if is_number(name) else name
     plain = (
         isinstance(name, str)
         and 0 < len(name) <= MAX_NAME
@@ -194,14 +195,9 @@ def _check_types(spec: dict, types: dict[str, tuple[type, str]], where: str) -> 
     """Each key present holds its kind of value: `cumulative: "false"` is a string, not false."""
     for key, (kind, words) in types.items():
         if key in spec and not (
-            isinstance(spec[key], kind) or (kind is str and _number(spec[key]))
+            isinstance(spec[key], kind) or (kind is str and is_number(spec[key]))
         ):
             raise UserError(f"{where}: '{key}' must be {words}, got {spec[key]!r}")
-
-
-def _number(value: Any) -> bool:
-    """An unquoted YAML number (not a boolean): it reads as the text written."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
