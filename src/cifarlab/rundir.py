@@ -181,7 +181,7 @@ def check_out(out: Path, folder: bool = True) -> None:
         raise UserError(f"--out {out}: {existing} is not writable; pick a writable --out")
 
 
-def check_not_a_run(out: Path, writes: str, instead: Path) -> None:
+def check_not_a_run(out: Path, writes: str, instead: str | Path) -> None:
     """One line for an --out that holds a training run: what `writes` would go among its files
     (an evaluate report's curves.png would replace the run's own); `instead` is the example."""
     held = [n for n in RUN_FILES if (out / n).exists()]

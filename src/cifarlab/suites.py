@@ -227,8 +227,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         check_outside_images(opts.out, data)
     for root, data in {(data_root(config), config.data) for _, _, config in jobs}:
         check_outside_images(root, data, "--data-root")  # every run's cache too
-    beside = Path(f"{opts.out.resolve()}-suite")  # beside the run, not inside it
-    check_not_a_run(opts.out, "a suite writes its runs and tables", beside)
+    check_not_a_run(opts.out, "a suite writes its runs and tables", f"{opts.out.resolve()}-suite")
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     _adopt_renamed(every, opts.out)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write

@@ -138,8 +138,7 @@ def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     base = validate_config(opts.base, "command line")
     check_sizes(base, load_splits(base))
     check_outside_images(opts.out, base.data)  # every trial's folder would be refused there
-    beside = Path(f"{opts.out.resolve()}-tune")  # beside the run, not inside it
-    check_not_a_run(opts.out, "tune writes its trials and study", beside)
+    check_not_a_run(opts.out, "tune writes its trials and study", f"{opts.out.resolve()}-tune")
     return base, prepare_run_dir(opts.out, need_bytes=0)
 
 
