@@ -18,9 +18,9 @@ import torch
 from cifarlab import metrics
 from cifarlab.calibration import fit_temperature
 from cifarlab.checkpoint import load_checkpoint
+from cifarlab.config import TrainConfig, apply_overrides
 from cifarlab.data import load_splits
 from cifarlab.data.loaders import to_device_uint8
-from cifarlab.eval_set import run_config
 from cifarlab.inference import load_model, predict_logits
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
-    config = run_config(ckpt, str(args.checkpoint))
+    config = apply_overrides(TrainConfig(), ckpt["config"], where=str(args.checkpoint))
     val = load_splits(config).val
     loaded = load_model(ckpt)
     images = to_device_uint8(val.images, torch.device("cpu"))

@@ -29,10 +29,6 @@ WAYS_OUT = {
 }
 
 
-def run_config(ckpt: dict, where: str) -> TrainConfig:
-    return apply_overrides(TrainConfig(), {**ckpt["config"], "progress": False}, where=where)
-
-
 def load_eval_set(
     ckpt: dict,
     where: str,
@@ -47,9 +43,9 @@ def load_eval_set(
     `<class>/` folder); the run's own data, named or not, gives the split it held out (same
     seed) for "val", and its test/ folder for "test"."""
     way_out, no_data = WAYS_OUT[command]
-    if data is None and "data" not in ckpt["config"]:  # run_config would fill in cifar10
+    if data is None and "data" not in ckpt["config"]:  # the default would fill in cifar10
         raise UserError(f"checkpoint {where} has no config.data; {no_data}")
-    config = run_config(ckpt, where)
+    config = apply_overrides(TrainConfig(), ckpt["config"], where=where)
     own_data = data is None or same_source(data, config.data)
     if own_data and not _data_present(config.data):
         raise UserError(

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import expand
+from cifarlab.config import TrainConfig, apply_overrides, expand
 from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, printable
 from cifarlab.errors import UserError
-from cifarlab.eval_set import load_eval_set, run_config, same_source
+from cifarlab.eval_set import load_eval_set, same_source
 from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
 from cifarlab.report import figures
@@ -120,7 +120,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     out = opts.out or ckpt_path.parent / _default_out(opts)
     check_out(out)  # before any work or file
     check_not_a_run(out, "evaluate writes its report", out / "eval")
-    trained_on = run_config(ckpt, str(ckpt_path)).data
+    trained_on = apply_overrides(TrainConfig(), ckpt["config"], where=str(ckpt_path)).data
     check_outside_images(out, opts.data or trained_on)  # its PNGs would be read as a class
     data, source = load_eval_set(
         ckpt, str(ckpt_path), split=opts.split, data=opts.data, on_bad_image=opts.on_bad_image
