@@ -328,7 +328,7 @@ def _estimates(monkeypatch, config, paces: dict[int, float]) -> list[str]:
     now = [0.0]
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
     run = types.SimpleNamespace(
-        batches=[None] * 20, val_labels=[], test_labels=None, hw=types.SimpleNamespace(device=torch.device("cpu")),
+        batches=[None] * 20, val_labels=[], splits=types.SimpleNamespace(test=None), hw=types.SimpleNamespace(device=torch.device("cpu")),
         config=config,
     )  # fmt: skip
     said = []

@@ -207,7 +207,7 @@ def fit_to_budget(run, started: float, log, at_least: float = 0.0) -> Plan | Non
     timings = measure(run, too_slow=too_slow if at_least else None)
     if timings is None:
         return None
-    n_val, n_test = len(run.val_labels), len(run.splits.test) if run.splits.test is not None else 0
+    n_val, n_test = len(run.val_labels), len(run.splits.test or ())
     per_epoch = (n_val + n_test) * timings.val_image  # each epoch scores val and test
     final = timings.val_image * final_images(c, n_val, n_test)
     left = c.time_budget - (time.perf_counter() - started)

@@ -540,8 +540,7 @@ class _Eta:
         per_step = (time.perf_counter() - self.t0) / timed
         n, c, epochs = len(self.run.batches), self.run.config, self.end - self.first
         # validation reads each image once, without a backward pass: about a third of a train step's cost
-        test = self.run.test_labels
-        scored = len(self.run.val_labels) + (0 if test is None else len(test))
+        scored = len(self.run.val_labels) + len(self.run.splits.test or ())
         val_steps = scored / max(1, c.batch_size) / 3
         steps = min(total_steps(c, n), self.end * n) - self.first * n
         total = per_step * (steps + val_steps * epochs)
