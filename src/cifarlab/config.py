@@ -448,7 +448,7 @@ def validate_config(config: TrainConfig, where: str = "config", world: int = 1) 
 
 def _model_rules(config: TrainConfig) -> Iterator[str]:
     """What is wrong with what the model can take: weights, stems, input sizes."""
-    from cifarlab.models import fixed_input_problem, image_size_problem, model_spec  # torch
+    from cifarlab.models import fixed_input_problem, model_spec  # torch
     from cifarlab.models.adapt import weights_file
 
     spec = model_spec(config.model)
@@ -474,8 +474,12 @@ def _model_rules(config: TrainConfig) -> Iterator[str]:
         )
     if problem := fixed_input_problem(spec, config.model, config.stem):
         yield problem
-    if problem := image_size_problem(spec, config.model, config.image_size):
-        yield problem
+    lo, hi = spec.sides
+    if not lo <= config.image_size <= hi:
+        yield (
+            f"model {config.model} takes images of {lo} to {hi} px, not {config.image_size}; "
+            "e.g. image_size: 32"
+        )
     if config.whitening and (config.pretrained or config.weights):
         yield "whitening: true would overwrite the pretrained first layer; drop one of the two"
     if config.whiten_bias_epochs and not config.whitening:

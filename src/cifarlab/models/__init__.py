@@ -120,14 +120,6 @@ def fixed_input_problem(spec: ModelSpec, name: str, stem: str) -> str:
     )
 
 
-def image_size_problem(spec: ModelSpec, name: str, image_size: int) -> str:
-    """Why model `name` cannot take `image_size` px images ('' when it can)."""
-    lo, hi = spec.sides
-    if lo <= image_size <= hi:
-        return ""
-    return f"model {name} takes images of {lo} to {hi} px, not {image_size}; e.g. image_size: 32"
-
-
 def build_model(
     args: ModelArgs, pretrained: bool = False, weights: str = "", log=lambda s: None, seed: int = 0
 ) -> nn.Module:
