@@ -83,9 +83,7 @@ def load_eval_set(
             "<root>/test/<class>/ or plain <root>/<class>/ folder, or use --split val"
         )
     if config.classes and own_data:  # the run's own data: the classes it was trained on
-        scored = select_classes(
-            scored, [c for c in config.classes if c in scored.classes], "classes"
-        )
+        scored = select_classes(scored, [c for c in config.classes if c in scored.classes])
     return onto_classes(scored, list(ckpt["classes"]), where), config.data
 
 

@@ -39,15 +39,16 @@ def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def select_classes(ds: ImageSet, wanted: list[str], where: str) -> ImageSet:
+def select_classes(ds: ImageSet, wanted: list[str]) -> ImageSet:
+    """The images of the `wanted` classes (the `classes` key), relabelled in that order."""
     repeated = sorted({c for c in wanted if wanted.count(c) > 1})
     if repeated:
-        raise UserError(f"{where}: {repeated} listed more than once; name each class once")
+        raise UserError(f"classes: {repeated} listed more than once; name each class once")
     if len(wanted) < 2:
-        raise UserError(f"{where}: {wanted} is fewer than two classes; a classifier needs two")
+        raise UserError(f"classes: {wanted} is fewer than two classes; a classifier needs two")
     unknown = [c for c in wanted if c not in ds.classes]
     if unknown:
-        raise UserError(f"{where}: unknown classes {unknown}; the data has {ds.classes}")
+        raise UserError(f"classes: unknown classes {unknown}; the data has {ds.classes}")
     index = np.asarray([wanted.index(c) if c in wanted else -1 for c in ds.classes], dtype=np.int64)
     out = ds.take(np.flatnonzero(index[ds.labels] >= 0))
     return ImageSet(out.images, index[out.labels], list(wanted), out.paths)
@@ -100,8 +101,7 @@ def load_splits(config: TrainConfig) -> Splits:
     train, val, test = source.train, source.val, source.test
     if config.classes:
         train, val, test = (
-            None if ds is None else select_classes(ds, config.classes, "classes")
-            for ds in (train, val, test)
+            None if ds is None else select_classes(ds, config.classes) for ds in (train, val, test)
         )
     seed = split_seed(config)
     if config.subset:
