@@ -1,5 +1,6 @@
 import dataclasses
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -343,3 +344,21 @@ def test_a_shared_storage_says_where_the_trials_of_another_out_are(
     notes = [line for line in out.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and f"ran under another --out ({tmp_path / 'a'})" in notes[0], out
     assert f"best: trial 0 (its run in {tmp_path / 'a' / 'trial-000'})" in out
+
+
+@pytest.mark.parametrize("name", ["t?x", "t#1", "t%41", "a b é"])
+def test_the_default_study_lives_inside_an_out_named_with_url_characters(
+    synthetic_images, tmp_path, monkeypatch, capsys, name
+):
+    """SQLAlchemy ends a URL's path at `?` and decodes `%41` in it: `--out 't?x'` stored its
+    study in a file `t` beside --out, where every such --out would share it."""
+    from cifarlab.cli import main
+
+    _fake_trainer(monkeypatch, stop_first=False)
+    assert main(_tune_args(synthetic_images, tmp_path, name)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d", name])
+    db = tmp_path / name / "study.db"
+    with sqlite3.connect(db) as con:
+        assert con.execute("select count(*) from studies").fetchone() == (1,)
+    assert main(_tune_args(synthetic_images, tmp_path, name)) == 0  # continues it
+    assert "1 of 1 trials finished" in capsys.readouterr().out

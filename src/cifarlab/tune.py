@@ -67,8 +67,13 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
 
 def default_storage(out: Path) -> str:
     """The study's database inside --out, so another --out is another study (one in the working
-    folder would be continued by every tune command run there, whatever its --out)."""
-    return f"sqlite:///{out / 'study.db'}"
+    folder would be continued by every tune command run there, whatever its --out). SQLAlchemy
+    ends a URL's path at `?` and decodes `%XX` in it, so those are escaped (`#` too, a URL's
+    fragment elsewhere): `--out 't?x'` kept its study in a file `t` beside it."""
+    path = str(out / "study.db")
+    for char, code in (("%", "%25"), ("?", "%3F"), ("#", "%23")):  # `%` first: the others add it
+        path = path.replace(char, code)
+    return f"sqlite:///{path}"
 
 
 def run_tune(opts: TuneOptions, log=print):
