@@ -295,6 +295,16 @@ def test_unquoted_numbers_in_a_suite_read_as_their_text(tmp_path):
     assert suite.runs[0].name == "0.1" and suite.runs[0].changes == "0.5"
 
 
+def test_an_unquoted_number_as_a_runs_recipe_is_a_recipe_name_not_a_traceback(tmp_path, capsys):
+    """`recipe: 5` passed the type check as text and reached `load_recipe` as an int."""
+    path = tmp_path / "s.yaml"
+    path.write_text("runs:\n  - {name: a, recipe: fast}\n  - {name: b, recipe: 5}\n")
+    assert main(["suite", str(path), "--data", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "run 2" in err and "'5'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_weights_file_stops_a_suite_before_any_run_trains(tmp_path, capsys):
     with pytest.raises(UserError, match="weights /no/such.pth: no such file"):
         load_suite("exercise-4", {"data": "x", "weights": "/no/such.pth"})

@@ -117,6 +117,7 @@ def load_suite(
             raise UserError(f"{where}: needs 'name' and only {sorted(_RUN_KEYS)}; got {sorted(r)}")
         name = _run_name(r["name"], where)
         _check_types(r, _RUN_TYPES, where)
+        r = {k: str(v) if k in _RUN_TYPES and is_number(v) else v for k, v in r.items()}
         sets = r.get("set") or {}
         if not isinstance(sets, dict):
             raise UserError(f"{where}: 'set' must be a mapping of config keys")
@@ -132,7 +133,10 @@ def load_suite(
             recipe, carried = r.get("recipe"), dict(sets)
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
-        start = load_recipe(recipe_for_all or recipe)
+        try:
+            start = load_recipe(recipe_for_all or recipe)
+        except UserError as exc:  # which run (or the command line) named it
+            raise UserError(f"{'--recipe' if recipe_for_all else where}: {exc}") from None
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
         if weights and config.pretrained:
