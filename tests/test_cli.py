@@ -135,10 +135,35 @@ def test_sigterm_caught_and_rewrapped_inside_a_library_still_exits_143(monkeypat
             raise RuntimeError("Failed to export the model") from exc
 
     monkeypatch.setitem(cli.COMMANDS, "models", exporter_like)
-    monkeypatch.setattr(cli, "_TERMINATED", [])
+    monkeypatch.setattr(cli, "_STOPPED", [])
     with pytest.raises(SystemExit) as stop:
         main(["models"])
     assert stop.value.code == 143
+
+
+def test_ctrl_c_caught_and_rewrapped_inside_a_library_exits_130_without_a_traceback(
+    monkeypatch, capsys
+):
+    """Ctrl-C while torch.export imports torch._dynamo left it half-imported, and the exporter
+    raised its own TorchExportError ("module 'torch._dynamo' has no attribute 'exc'"): a
+    traceback and exit 1."""
+    import os
+    import signal
+
+    from cifarlab import cli
+
+    def exporter_like(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # the half-done import, forgotten
+        raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+
+    monkeypatch.setitem(cli.COMMANDS, "models", exporter_like)
+    monkeypatch.setattr(cli, "_STOPPED", [])
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_profile_prints_start_up_and_end_phases_in_order(capsys, synthetic_images, tmp_path):

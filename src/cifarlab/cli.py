@@ -444,12 +444,17 @@ def _stdout_gone() -> bool:
     return True
 
 
-_TERMINATED: list[bool] = []  # SIGTERM arrived (a one-item list: set from a signal handler)
+_STOPPED: list[int] = []  # the exit code of a stop signal that arrived (set from its handler)
 
 
 def _exit_143(signum, frame):
-    _TERMINATED.append(True)
+    _STOPPED.append(143)
     raise SystemExit(143)
+
+
+def _interrupt_130(signum, frame):
+    _STOPPED.append(130)
+    raise KeyboardInterrupt
 
 
 def _negative_values_joined(argv: list[str]) -> list[str]:
@@ -474,17 +479,19 @@ def main(argv: list[str] | None = None) -> int:
         # a --time-budget counts from the command's start: a process's own command from the
         # import (torch's import is part of its time), a call of main() in a running one from now
         args.started = cifarlab.IMPORTED if argv is None else time.perf_counter()
-        _TERMINATED.clear()
+        _STOPPED.clear()
         # SIGTERM exits 143 through every `finally` (an export's temporary file is removed), not
-        # at once as its default does; training installs its own handler, which saves first
-        with handling(_exit_143, signal.SIGTERM):
+        # at once as its default does; training installs its own handler, which saves first.
+        # Ctrl-C is recorded too (where Python's handler is set: a background job ignores it)
+        ctrl_c = [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        with handling(_exit_143, signal.SIGTERM), handling(_interrupt_130, *ctrl_c):
             try:
                 code = COMMANDS[args.command](args)
                 sys.stdout.flush()  # inside: a closed pipe shows here, not at interpreter exit
                 return code
-            except Exception as exc:  # SIGTERM's exit rewrapped by a library (torch's exporter)
-                if _TERMINATED and not isinstance(exc, UserError):
-                    raise SystemExit(143) from None
+            except Exception as exc:  # a stop rewrapped by a library (torch's exporter)
+                if _STOPPED and not isinstance(exc, UserError):
+                    raise (SystemExit(143) if _STOPPED[0] == 143 else KeyboardInterrupt) from None
                 raise
     except BrokenPipeError:
         if not _stdout_gone():
