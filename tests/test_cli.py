@@ -147,16 +147,15 @@ def test_ctrl_c_caught_and_rewrapped_inside_a_library_exits_130_without_a_traceb
     """Ctrl-C while torch.export imports torch._dynamo left it half-imported, and the exporter
     raised its own TorchExportError ("module 'torch._dynamo' has no attribute 'exc'"): a
     traceback and exit 1."""
+    import contextlib
     import os
     import signal
 
     from cifarlab import cli
 
     def exporter_like(args):
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # the half-done import, forgotten
             os.kill(os.getpid(), signal.SIGINT)
-        except KeyboardInterrupt:
-            pass  # the half-done import, forgotten
         raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
 
     monkeypatch.setitem(cli.COMMANDS, "models", exporter_like)

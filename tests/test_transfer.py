@@ -114,3 +114,35 @@ def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="refused to load") as refused:
         build_model(ModelArgs("tv-resnet18", 10), weights=str(evil))
     assert "weights_only" not in str(refused.value)
+
+
+def _tiny(synthetic_images, root, **more):
+    settings = {"model": "cnn", "width": 0.25, "epochs": 1, "batch_size": 8, "val_size": 6, **more}
+    return make_config(data=str(synthetic_images), data_root=str(root / "d"), **settings)
+
+
+def test_init_from_a_run_that_trained_on_this_runs_validation_images_is_refused(
+    synthetic_images, tmp_path, capsys
+):
+    """A run of the same data that held out nothing, or another slice, learnt the images this
+    run would pick best.pt on: its validation accuracy would be inflated without a word."""
+    from cifarlab.cli import main
+
+    train(_tiny(synthetic_images, tmp_path, val_size=0), tmp_path / "all", log=lambda s: None)
+    train(_tiny(synthetic_images, tmp_path, seed=1), tmp_path / "seed1", log=lambda s: None)
+    for earlier, count in (("all", "6 of the 6"), ("seed1", "[1-6] of the 6")):
+        config = _tiny(synthetic_images, tmp_path, init_from=str(tmp_path / earlier))
+        with pytest.raises(UserError, match=f"trained on {count} images this run holds out"):
+            train(config, tmp_path / "x", log=lambda s: None)
+        assert not (tmp_path / "x").exists()
+    flags = ["--data", str(synthetic_images), "--data-root", str(tmp_path / "d"), "--model", "cnn",
+             "--set", "width=0.25", "--epochs", "1", "--batch-size", "8", "--val-size", "6",
+             "--no-progress", "--init-from", str(tmp_path / "all")]  # fmt: skip
+    assert main(["train", "--out", str(tmp_path / "y"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--init-from" in err and "--val-size 0" in err and len(err.splitlines()) == 1
+    # the same slice, no slice at all, or other classes: nothing held out was trained on
+    same = _tiny(synthetic_images, tmp_path, seed=1, init_from=str(tmp_path / "seed1"))
+    train(same, tmp_path / "same", log=lambda s: None)
+    everything = _tiny(synthetic_images, tmp_path, val_size=0, init_from=str(tmp_path / "seed1"))
+    train(everything, tmp_path / "everything", log=lambda s: None)

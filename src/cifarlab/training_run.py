@@ -16,7 +16,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifarlab.augment import BatchAugment, Normalize
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, model_width, name_multipliers, smallest_chunk
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    model_width,
+    name_multipliers,
+    smallest_chunk,
+    split_seed,
+)
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
 from cifarlab.data.splits import check_sizes
@@ -208,7 +215,7 @@ def _build_model(config, splits, normalize, hw, d, log):
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2).contiguous()
         init_whitening(first_conv(model), normalize(sample))
     if config.init_from:
-        init_from(model, config, splits.classes, log)
+        init_from(model, config, splits, log)
     if d.active and config.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fixed = {id(p) for p in model.parameters() if not p.requires_grad}
@@ -245,13 +252,18 @@ def data_fingerprint(splits: Splits) -> str:
     return h.hexdigest()[:24]
 
 
-def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], log) -> None:
-    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
+def init_from(model: torch.nn.Module, config: TrainConfig, splits: Splits, log) -> None:
+    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ.
+    A checkpoint that trained on this run's validation images is refused (`_trained_on_val`)."""
+    classes = splits.classes
     try:
         path = resolve_checkpoint(config.init_from)
     except UserError as exc:
         raise UserError(f"--init-from {exc}") from None
     ckpt = load_checkpoint(path)
+    leaked = _trained_on_val(ckpt, config, splits)
+    if leaked:
+        raise UserError(f"--init-from {path}: {leaked}")
     theirs = model_args(ckpt)
     if (theirs.name, theirs.stem) != (config.model, config.stem):
         raise UserError(
@@ -279,6 +291,68 @@ def init_from(model: torch.nn.Module, config: TrainConfig, classes: list[str], l
     if bad:
         raise UserError(f"--init-from {path}: weights do not fit this model (e.g. {bad[0]})")
     log(f"init: weights from {path}" + ("" if same_classes else f"; new {len(classes)}-class head"))
+
+
+def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
+    """What is wrong when the checkpoint's run trained on images this run holds out for
+    validation (best.pt would be picked, and accuracy reported, on images the weights learnt);
+    "" when it did not or that cannot be told. Its split is drawn again from this run's data
+    with its own settings and counts only if that gives its data fingerprint, so the images are
+    the same ones; a run on other classes, image sizes or data is not checked."""
+    fingerprint = ckpt.get("data_fingerprint")
+    if not len(splits.val) or splits.val_folder or fingerprint is None:
+        return ""  # nothing held out, or the data's val/ folder, which no run trains on
+    if not set(ckpt["classes"]) & set(splits.classes):
+        return ""  # an image has one class: none it trained on is one of ours
+    try:
+        theirs = apply_overrides(TrainConfig(), ckpt["config"], where="--init-from")
+    except UserError:
+        return ""  # a config of another version
+    drawn = {k: getattr(theirs, k) for k in SPLIT_KEYS} | {"split_seed": split_seed(theirs)}
+    if _split_of(config) == _split_of(theirs):
+        return ""  # the same split of the same data, or other data
+    if (theirs.image_size, theirs.on_bad_image) != (config.image_size, config.on_bad_image):
+        return ""  # other decoded images: a check would decode the data again
+    try:
+        their_splits = load_splits(dataclasses.replace(config, **drawn))
+    except UserError:
+        return ""  # its settings do not fit this data (classes it lacks, too few images)
+    if data_fingerprint(their_splits) != fingerprint:
+        return ""  # other images than this run's
+    seen = len(_image_ids(splits.val) & _image_ids(their_splits.train))
+    if not seen:
+        return ""
+    alike = theirs.val_size and theirs.classes == config.classes  # the same split can be drawn
+    same = f"hold out the same ({_split_of(theirs, flags=True)}), " if alike else ""
+    return (
+        f"its run trained on {seen} of the {len(splits.val)} images this run holds out for "
+        f"validation (that run: {_split_of(theirs)}; this run: {_split_of(config)}): they would "
+        f"inflate validation accuracy and pick best.pt; {same}train with --val-size 0, or start "
+        "from a run that held these images out"
+    )
+
+
+SPLIT_KEYS = ("classes", "subset", "val_size")  # with the split seed, what draws the val split
+
+
+def _split_of(config: TrainConfig, flags: bool = False) -> str:
+    """The settings that draw `config`'s validation split, as words or as command-line flags."""
+    seed, subset, classes = split_seed(config), config.subset, ",".join(config.classes)
+    if flags:
+        return (
+            f"--val-size {config.val_size} --set split_seed={seed}"
+            + f" --subset {subset}" * bool(subset)
+        )
+    return f"val_size {config.val_size}, split seed {seed}" + (
+        f", subset {subset}" * bool(subset) + f", classes {classes}" * bool(classes)
+    )
+
+
+def _image_ids(part) -> set:
+    """Each image's identity: its file, else (a data set without files) a digest of its pixels."""
+    if part.paths:
+        return set(part.paths)
+    return {hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in part.images}
 
 
 def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list[dict]:
