@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -282,6 +284,19 @@ def test_export_over_an_existing_file_needs_force(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "model.onnx")]) == 2
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "model.onnx").read_bytes() == b"keep me"
+
+
+def test_export_never_replaces_a_device_or_a_pipe_even_with_force(runs, tmp_path, capsys):
+    """`--out /dev/null --force` replaced the device itself with the export, as root."""
+    run_dirs, _ = runs
+    pipe = tmp_path / "pipe.pt2"
+    os.mkfifo(pipe)
+    (tmp_path / "s.json").symlink_to(pipe)  # where a safetensors export's metadata would go
+    for out in ("pipe.pt2", "s.safetensors"):
+        assert main(["export", str(run_dirs["cnn"]), "--out", str(tmp_path / out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "not a regular file" in err and len(err.strip().splitlines()) == 1
+    assert stat.S_ISFIFO(pipe.lstat().st_mode) and not (tmp_path / "s.safetensors").exists()
 
 
 def test_export_out_that_is_a_folder_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):

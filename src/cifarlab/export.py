@@ -92,6 +92,8 @@ def check_out(out: Path, source: Path, force: bool, suffix: str = "", label: str
             "earlier export, never a run's files)"
         )
     rundir.check_out(out, folder=False)
+    if out.exists() and not out.is_file():  # --force would replace /dev/null itself (as root)
+        raise UserError(f"{label} is not a regular file (a device or a pipe); give a file name")
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; add --force to overwrite it")
     if suffix and out.suffix.lower() != suffix:
