@@ -123,6 +123,21 @@ def test_a_yaml_that_is_not_utf8_text_is_one_line_for_recipes_and_suites(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+def test_a_recipe_or_suite_path_that_is_a_folder_says_so_not_that_it_is_missing(tmp_path, capsys):
+    from cifarlab.cli import main
+
+    folder = tmp_path / "mine.yaml"
+    folder.mkdir()
+    for argv in (
+        ["train", "--recipe", str(folder), "--data", "x"],
+        ["suite", str(folder), "--data", "x"],
+    ):
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is a folder" in err and "does not exist" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hint(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("recipe: seed-cnn\nepochs: 2\n")  # trained the defaults, logged seed-cnn

@@ -330,6 +330,8 @@ def named_yaml(name_or_file: str, folder: Path, kind: str, names) -> Path:
     """A `.yaml` path as given, or a shipped `<folder>/<name>.yaml`; the error lists `names()`."""
     path = Path(name_or_file)
     if path.suffix in (".yaml", ".yml"):
+        if path.is_dir():  # "does not exist" would send the user looking for it
+            raise UserError(f"{kind} file {path} is a folder; give the .yaml file inside it")
         if not path.is_file():
             raise UserError(f"{kind} file {path} does not exist")
         return path
