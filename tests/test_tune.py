@@ -253,6 +253,29 @@ def test_a_storage_that_cannot_open_leaves_no_out_behind(synthetic_images, tmp_p
     assert not opts.out.exists()
 
 
+@pytest.mark.parametrize("damage", ["cut short", "text", "folder"])
+def test_a_damaged_study_db_in_out_is_named_with_the_way_out(
+    synthetic_images, tmp_path, monkeypatch, capsys, damage
+):
+    """It named a --storage the command line never gave, and no way on."""
+    from cifarlab.cli import main
+
+    _fake_trainer(monkeypatch, stop_first=False)
+    assert main(_tune_args(synthetic_images, tmp_path, "t")) == 0
+    db = tmp_path / "t" / "study.db"
+    whole = db.read_bytes()
+    db.unlink()
+    if damage == "folder":
+        db.mkdir()
+    else:
+        db.write_bytes(whole[:5000] if damage == "cut short" else b"not a database\n")
+    capsys.readouterr()
+    assert main(_tune_args(synthetic_images, tmp_path, "t")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{db} cannot be opened" in err and "move it away" in err and "--storage" not in err
+    assert len(err.splitlines()) == 1
+
+
 def test_a_study_whose_every_trial_diverged_exits_1_saying_so(
     synthetic_images, tmp_path, monkeypatch, capsys
 ):

@@ -78,11 +78,12 @@ def default_storage(out: Path) -> str:
 
 def run_tune(opts: TuneOptions, log=print):
     optuna = import_extra("optuna", "tune", "tune (Optuna)")
+    default = opts.storage is None
     opts = dataclasses.replace(opts, storage=opts.storage or default_storage(opts.out))
     base, created = _checked_base(opts)
     name = opts.study or f"{base.recipe}-{Path(base.data).name}"
     with removed_if_unstarted(opts.out, created):  # a study that cannot open leaves no --out
-        study = _open_study(name, opts.storage)
+        study = _open_study(name, opts.storage, opts.out / "study.db" if default else None)
         _same_settings(study, base, opts)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [t for t in study.trials if t.state in finished]
@@ -147,7 +148,8 @@ def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     return base, prepare_run_dir(opts.out, need_bytes=0)
 
 
-def _open_study(name: str, url: str):
+def _open_study(name: str, url: str, default: Path | None = None):
+    """The study `name` in `url`, made if new; `default`: the file of --out's own study.db."""
     import optuna
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -160,8 +162,14 @@ def _open_study(name: str, url: str):
                 url, heartbeat_interval=30, grace_period=90, heartbeat_stale_trial_callback=retry
             )
     except Exception as exc:
+        why = str(exc).splitlines()[0]
+        if default:  # no --storage was given: the file is --out's, damaged or not a database
+            raise UserError(
+                f"--out: its study database {default} cannot be opened ({why}); restore it, or "
+                "move it away to start a new study"
+            ) from None
         raise UserError(
-            f"--storage {url}: cannot open the study database ({str(exc).splitlines()[0]})"
+            f"--storage {url}: cannot open the study database ({why})"
             + ("; a file is named as sqlite:///path/study.db" if "://" not in url else "")
         ) from None
     # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
