@@ -253,7 +253,7 @@ def test_a_storage_that_cannot_open_leaves_no_out_behind(synthetic_images, tmp_p
     assert not opts.out.exists()
 
 
-@pytest.mark.parametrize("damage", ["cut short", "text", "folder"])
+@pytest.mark.parametrize("damage", ["cut short", "overwritten inside", "text", "folder"])
 def test_a_damaged_study_db_in_out_is_named_with_the_way_out(
     synthetic_images, tmp_path, monkeypatch, capsys, damage
 ):
@@ -267,6 +267,8 @@ def test_a_damaged_study_db_in_out_is_named_with_the_way_out(
     db.unlink()
     if damage == "folder":
         db.mkdir()
+    elif damage == "overwritten inside":  # the header whole: it opens, its first query fails
+        db.write_bytes(whole[:40000] + b"\xff" * 30000 + whole[70000:])
     else:
         db.write_bytes(whole[:5000] if damage == "cut short" else b"not a database\n")
     capsys.readouterr()

@@ -154,6 +154,8 @@ def _open_study(name: str, url: str, default: Path | None = None):
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -161,7 +163,14 @@ def _open_study(name: str, url: str, default: Path | None = None):
             storage = RDBStorage(
                 url, heartbeat_interval=30, grace_period=90, heartbeat_stale_trial_callback=retry
             )
-    except Exception as exc:
+        study = optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        )  # fmt: skip
+        study.get_trials(deepcopy=False)  # read once: SQLite finds damage past the header here
+    except Exception as exc:  # optuna's, SQLAlchemy's and the driver's errors alike
+        while exc.__cause__ is not None:  # optuna's wrapper says only "during the commit"
+            exc = exc.__cause__
         why = str(exc).splitlines()[0]
         if default:  # no --storage was given: the file is --out's, damaged or not a database
             raise UserError(
@@ -172,12 +181,7 @@ def _open_study(name: str, url: str, default: Path | None = None):
             f"--storage {url}: cannot open the study database ({why})"
             + ("; a file is named as sqlite:///path/study.db" if "://" not in url else "")
         ) from None
-    # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return optuna.create_study(
-        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    )  # fmt: skip
+    return study
 
 
 def _say_search(base: TrainConfig, opts: TuneOptions, log) -> None:
