@@ -133,10 +133,7 @@ def load_suite(
             recipe, carried = r.get("recipe"), dict(sets)
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
-        try:
-            start = load_recipe(recipe_for_all or recipe)
-        except UserError as exc:  # which run (or the command line) named it
-            raise UserError(f"{'--recipe' if recipe_for_all else where}: {exc}") from None
+        start = _recipe(recipe_for_all or recipe, "--recipe" if recipe_for_all else where)
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
         if weights and config.pretrained:
@@ -155,6 +152,14 @@ def load_suite(
     return Suite(
         path.stem, str(spec.get("description", "")), reference, runs, str(spec.get("examples", ""))
     )
+
+
+def _recipe(name: str, where: str) -> TrainConfig:
+    """`load_recipe`, a refusal naming the run (or --recipe) that asked for it."""
+    try:
+        return load_recipe(name)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _check_run_names(names: list[str], path: Path) -> None:
