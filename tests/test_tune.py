@@ -323,6 +323,28 @@ def test_an_out_holding_a_training_run_is_refused_before_a_study_is_stored(
     assert not (tmp_path / "study.db").exists()
 
 
+def test_init_from_a_run_that_trained_on_the_validation_images_is_refused_before_a_study_is_stored(
+    synthetic_images, tmp_path
+):
+    """Every trial would be refused, the first after its study and a failed trial were stored."""
+    from cifarlab.train import train
+
+    every = apply_overrides(
+        load_recipe("seed-cnn"),
+        {"data": str(synthetic_images), "data_root": str(tmp_path / "d"), "model": "cnn",
+         "width": 0.25, "epochs": 1, "batch_size": 8, "val_size": 0, "progress": False},
+        where="test",
+    )  # fmt: skip
+    train(every, tmp_path / "all", log=lambda s: None)
+    opts = _small(synthetic_images, tmp_path, 1)
+    base = apply_overrides(
+        opts.base, {"model": "cnn", "width": 0.25, "init_from": str(tmp_path / "all")}, "t"
+    )
+    with pytest.raises(UserError, match="--init-from .* holds out for validation"):
+        run_tune(dataclasses.replace(opts, base=base), log=lambda s: None)
+    assert not opts.out.exists() and not (tmp_path / "study.db").exists()
+
+
 def _tune_args(synthetic_images, tmp_path, out: str, *more: str) -> list[str]:
     return ["tune", "--recipe", "fast", "--data", str(synthetic_images), "--val-size", "6",
             "--batch-size", "8", "--data-root", str(tmp_path / "d"), "--trials", "1",

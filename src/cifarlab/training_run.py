@@ -8,6 +8,7 @@ import hashlib
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -252,10 +253,9 @@ def data_fingerprint(splits: Splits) -> str:
     return h.hexdigest()[:24]
 
 
-def init_from(model: torch.nn.Module, config: TrainConfig, splits: Splits, log) -> None:
-    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ.
-    A checkpoint that trained on this run's validation images is refused (`_trained_on_val`)."""
-    classes = splits.classes
+def init_from_checkpoint(config: TrainConfig, splits: Splits) -> tuple[Path, dict]:
+    """`--init-from`'s checkpoint and its path, refused if it trained on this run's validation
+    images (`_trained_on_val`); tune asks before its study is stored."""
     try:
         path = resolve_checkpoint(config.init_from)
     except UserError as exc:
@@ -264,6 +264,13 @@ def init_from(model: torch.nn.Module, config: TrainConfig, splits: Splits, log) 
     leaked = _trained_on_val(ckpt, config, splits)
     if leaked:
         raise UserError(f"--init-from {path}: {leaked}")
+    return path, ckpt
+
+
+def init_from(model: torch.nn.Module, config: TrainConfig, splits: Splits, log) -> None:
+    """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
+    classes = splits.classes
+    path, ckpt = init_from_checkpoint(config, splits)
     theirs = model_args(ckpt)
     if (theirs.name, theirs.stem) != (config.model, config.stem):
         raise UserError(

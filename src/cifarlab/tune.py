@@ -142,7 +142,12 @@ def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     if opts.trials < 1:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
-    check_sizes(base, load_splits(base))
+    splits = load_splits(base)
+    check_sizes(base, splits)
+    if base.init_from:  # every trial would be refused
+        from cifarlab.training_run import init_from_checkpoint
+
+        init_from_checkpoint(base, splits)
     check_outside_images(opts.out, base.data)  # every trial's folder would be refused there
     check_not_a_run(opts.out, "tune writes its trials and study", f"{opts.out.resolve()}-tune")
     return base, prepare_run_dir(opts.out, need_bytes=0)
