@@ -140,8 +140,9 @@ def train(
 ) -> Result:  # fmt: skip
     """Train `config` into `run_dir`. With `resume`, continue exactly from `run_dir/last.pt`:
     `config` (or, when None, the saved config, with config.yaml's runtime keys, and `changes`)
-    must be the same run as the saved one (`config.differences`). `on_epoch(row)` is called after each epoch's row is saved (tune prunes).
-    A time budget counts from `started` (a `time.perf_counter()` reading; default: now)."""
+    must be the same run as the saved one (`config.differences`). `on_epoch(row)` is called
+    after each epoch's row is saved (tune prunes). A time budget counts from `started` (a
+    `time.perf_counter()` reading; default: now)."""
     started = time.perf_counter() if started is None else started
     run_dir, d = Path(run_dir), init_distributed()
     if not d.main:

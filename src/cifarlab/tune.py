@@ -69,7 +69,7 @@ def default_storage(out: Path) -> str:
     """The study's database inside --out, so another --out is another study (one in the working
     folder would be continued by every tune command run there, whatever its --out). SQLAlchemy
     ends a URL's path at `?` and decodes `%XX` in it, so those are escaped (`#` too, a URL's
-    fragment elsewhere): `--out 't?x'` kept its study in a file `t` beside it."""
+    fragment elsewhere): unescaped, `--out 't?x'` would keep its study in a file `t` beside it."""
     path = str(out / "study.db")
     for char, code in (("%", "%25"), ("?", "%3F"), ("#", "%23")):  # `%` first: the others add it
         path = path.replace(char, code)
