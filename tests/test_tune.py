@@ -137,11 +137,13 @@ def test_a_searched_length_keeps_the_recipes_schedule_shape():
     assert trial_config(base, {"lr": 1.0}).whiten_bias_epochs == base.whiten_bias_epochs
 
 
-def _fake_trainer(monkeypatch, stop_first: bool, diverge_first: bool = False):
+def _fake_trainer(monkeypatch, stop_first: bool, diverge_first: bool = False, weights=False):
     """`train` as the trials see it, without training: the first call stopped by Ctrl-C
-    (`stop_first`) or diverged (`diverge_first`), every call's config recorded."""
+    (`stop_first`) or diverged (`diverge_first`: its loss, or with `weights` its weights), every
+    call's config recorded."""
     from types import SimpleNamespace
 
+    from cifarlab.checkpoint import NonFiniteWeights
     from cifarlab.errors import Interrupted
     from cifarlab.train import TrainingFailed
 
@@ -152,7 +154,8 @@ def _fake_trainer(monkeypatch, stop_first: bool, diverge_first: bool = False):
         if stop_first and len(seen) == 1:
             raise Interrupted("stopped at epoch 1 step 1", 130)
         if diverge_first and len(seen) == 1:
-            raise TrainingFailed("diverged: non-finite loss at epoch 1 step 3; the last good ...")
+            failed = NonFiniteWeights if weights else TrainingFailed
+            raise failed("diverged: non-finite loss at epoch 1 step 3; the last good ...")
         return SimpleNamespace(best_val_acc=0.5)
 
     monkeypatch.setattr("cifarlab.train.train", train)
@@ -183,8 +186,11 @@ def test_a_trial_stopped_by_ctrl_c_runs_again_first_when_the_study_continues(
     assert seen[1].lr == seen[0].lr and seen[1].mixup_alpha == seen[0].mixup_alpha
 
 
-def test_a_diverged_trial_is_pruned_and_the_study_goes_on(synthetic_images, tmp_path, monkeypatch):
-    seen = _fake_trainer(monkeypatch, stop_first=False, diverge_first=True)
+@pytest.mark.parametrize("weights", [False, True], ids=["loss", "weights"])
+def test_a_diverged_trial_is_pruned_and_the_study_goes_on(
+    synthetic_images, tmp_path, monkeypatch, weights
+):
+    seen = _fake_trainer(monkeypatch, stop_first=False, diverge_first=True, weights=weights)
     messages = []
     study = run_tune(_small(synthetic_images, tmp_path, 2), log=messages.append)
     assert [t.state.name for t in study.trials] == ["PRUNED", "COMPLETE"] and len(seen) == 2

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import torch
 
-from cifarlab.errors import UserError, first_line
+from cifarlab.errors import TrainingFailed, UserError, first_line
 from cifarlab.rundir import is_number, replaced_when_complete
 
 
@@ -239,7 +239,7 @@ class Checkpointer:
         bad = non_finite(state["model"])
         if bad:
             raise NonFiniteWeights(
-                f"non-finite weights ({bad}) before saving; {self.last} still holds the last "
+                f"diverged: non-finite weights ({bad}) before saving; {self.last} still holds the last "
                 "good state (lower --lr, or --set on_nan=skip)"
             )
         improved = end_of_epoch and (val_acc is None or val_acc > self.best)
@@ -261,7 +261,5 @@ class Checkpointer:
             ) from None
 
 
-class NonFiniteWeights(Exception):
+class NonFiniteWeights(TrainingFailed):
     """Weights went NaN/inf: training cannot go on (exit 1); the files on disk stay good."""
-
-    exit_code = 1

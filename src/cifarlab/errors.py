@@ -26,6 +26,13 @@ def data_changed(where: str, detail: str, way_out: str) -> UserError:
     return UserError(f"{where}: the data changed since the run trained ({detail}); {way_out}")
 
 
+class TrainingFailed(Exception):
+    """Training diverged (a non-finite or exploding loss, or non-finite weights); exit 1, nothing
+    good is overwritten. A finding rather than bad input: suites record it, tune prunes it."""
+
+    exit_code = 1
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving `last.pt` (exit 130 or 143)."""
 

@@ -23,7 +23,7 @@ from cifarlab.config import (
     validate_config,
     with_length,
 )
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, TrainingFailed, UserError
 from cifarlab.rundir import (
     RUN_FILES,
     RunLock,
@@ -217,7 +217,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.data.sources import check_outside_images
     from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.report.suite import write_suite_report
-    from cifarlab.train import TrainingFailed, train
+    from cifarlab.train import train
 
     suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe)
     if opts.only and opts.only not in [r.name for r in suite.runs]:

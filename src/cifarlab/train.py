@@ -40,6 +40,7 @@ from cifarlab.errors import (
     ConfigChanged,
     Interrupted,
     TooFewImages,
+    TrainingFailed,
     UserError,
     data_changed,
     handling,
@@ -72,12 +73,6 @@ from cifarlab.training_run import (
 )
 
 RESUME_WAY_OUT = "restore the data, or train a new --out"
-
-
-class TrainingFailed(Exception):
-    """Training diverged (a non-finite or exploding loss); exit 1, nothing good is overwritten."""
-
-    exit_code = 1
 
 
 @dataclass

@@ -31,7 +31,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.sources import check_outside_images
 from cifarlab.data.splits import check_sizes, load_splits
-from cifarlab.errors import Interrupted, UserError, import_extra
+from cifarlab.errors import Interrupted, TrainingFailed, UserError, import_extra
 from cifarlab.rundir import RunDirTaken, check_not_a_run, prepare_run_dir, removed_if_unstarted
 
 
@@ -96,8 +96,6 @@ def run_tune(opts: TuneOptions, log=print):
             objective, callbacks=[optuna.study.MaxTrialsCallback(opts.trials, states=finished)]
         )
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        from cifarlab.train import TrainingFailed
-
         raise TrainingFailed(
             f"study '{name}': no trial completed (of {len(study.trials)}: diverged or pruned), so "
             "there is no best recipe; search around a lower --lr or muon_lr, or run more --trials"
@@ -211,7 +209,7 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
     """One trial: its config trained into `trial-NNN`, pruned on validation accuracy per epoch."""
     import optuna
 
-    from cifarlab.train import TrainingFailed, train
+    from cifarlab.train import train
 
     config = trial_config(base, suggest(trial, base, opts.search_epochs), f"trial {trial.number}")
     validate_config(config, f"trial {trial.number}")
