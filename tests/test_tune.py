@@ -252,9 +252,13 @@ def test_a_study_whose_trials_all_failed_takes_the_settings_of_the_command_that_
         run_tune(_small(synthetic_images, tmp_path, 2), log=lambda s: None)
 
 
-def test_a_storage_that_cannot_open_leaves_no_out_behind(synthetic_images, tmp_path):
-    opts = dataclasses.replace(_small(synthetic_images, tmp_path, 1), storage="nosuch://db")
-    with pytest.raises(UserError, match="cannot open the study database"):
+@pytest.mark.parametrize(
+    ("storage", "why"),
+    [("nosuch://db", "nosuch"), ("sqlite://", "in memory"), ("sqlite:///:memory:", "in memory")],
+)
+def test_a_storage_that_cannot_open_leaves_no_out_behind(synthetic_images, tmp_path, storage, why):
+    opts = dataclasses.replace(_small(synthetic_images, tmp_path, 1), storage=storage)
+    with pytest.raises(UserError, match=f"cannot open the study database.*{why}"):
         run_tune(opts, log=lambda s: None)
     assert not opts.out.exists()
 

@@ -156,10 +156,16 @@ def _open_study(name: str, url: str, default: Path | None = None):
     import optuna
     from optuna.exceptions import ExperimentalWarning
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.engine import make_url
 
     # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
+        parsed = make_url(url)  # SQLite without a file is a database in memory
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            raise ValueError(
+                "in memory: lost when the command ends; name a file, e.g. sqlite:///study.db"
+            )
         with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
             warnings.simplefilter("ignore", ExperimentalWarning)
             retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
