@@ -419,3 +419,28 @@ def test_the_default_study_lives_inside_an_out_named_with_url_characters(
         assert con.execute("select count(*) from studies").fetchone() == (1,)
     assert main(_tune_args(synthetic_images, tmp_path, name)) == 0  # continues it
     assert "1 of 1 trials finished" in capsys.readouterr().out
+
+
+def test_a_failed_write_of_best_recipe_keeps_the_one_before(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import errno
+    from pathlib import Path
+
+    from cifarlab.tune import write_best_recipe
+
+    _fake_trainer(monkeypatch, stop_first=False)
+    opts = _small(synthetic_images, tmp_path, 1)
+    study = run_tune(opts, log=lambda s: None)
+    path = tmp_path / "tune" / "best-recipe.yaml"
+    before, write = path.read_text(), Path.write_text
+
+    def half_then_disk_full(self, text, *args, **kwargs):
+        write(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_best_recipe(opts, opts.base, study.best_trial, "s")
+    monkeypatch.undo()
+    assert path.read_text() == before and [p.name for p in path.parent.glob(".*tmp*")] == []

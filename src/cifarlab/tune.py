@@ -32,7 +32,13 @@ from cifarlab.config import (
 from cifarlab.data.sources import check_outside_images
 from cifarlab.data.splits import check_sizes, load_splits
 from cifarlab.errors import Interrupted, TrainingFailed, UserError, import_extra
-from cifarlab.rundir import RunDirTaken, check_not_a_run, prepare_run_dir, removed_if_unstarted
+from cifarlab.rundir import (
+    RunDirTaken,
+    check_not_a_run,
+    prepare_run_dir,
+    removed_if_unstarted,
+    replaced_when_complete,
+)
 
 
 @dataclass
@@ -302,5 +308,6 @@ def write_best_recipe(opts: TuneOptions, base: TrainConfig, best, study: str) ->
     header = (
         f"# Best trial of study '{study}' (val acc {best.value:.4f}), from recipe {opts.recipe}\n"
     )
-    path.write_text(header + yaml.safe_dump(values, sort_keys=False))
+    with replaced_when_complete(path) as tmp:  # a failed write leaves the last one whole
+        tmp.write_text(header + yaml.safe_dump(values, sort_keys=False))
     return path
