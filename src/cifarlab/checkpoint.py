@@ -239,8 +239,8 @@ class Checkpointer:
         bad = non_finite(state["model"])
         if bad:
             raise NonFiniteWeights(
-                f"diverged: non-finite weights ({bad}) before saving; {self.last} still holds the last "
-                "good state (lower --lr, or --set on_nan=skip)"
+                f"diverged: non-finite weights ({bad}) before saving; {self.last} still holds "
+                "the last good state (lower --lr, or --set on_nan=skip)"
             )
         improved = end_of_epoch and (val_acc is None or val_acc > self.best)
         if improved and val_acc is not None:

@@ -315,8 +315,8 @@ def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
         theirs = apply_overrides(TrainConfig(), ckpt["config"], where="--init-from")
     except UserError:
         return ""  # a config of another version
-    drawn = {k: getattr(theirs, k) for k in SPLIT_KEYS} | {"split_seed": split_seed(theirs)}
-    if _split_of(config) == _split_of(theirs):
+    drawn = _split_settings(theirs)
+    if drawn == _split_settings(config):
         return ""  # the same split of the same data, or other data
     if (theirs.image_size, theirs.on_bad_image) != (config.image_size, config.on_bad_image):
         return ""  # other decoded images: a check would decode the data again
@@ -339,7 +339,10 @@ def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
     )
 
 
-SPLIT_KEYS = ("classes", "subset", "val_size")  # with the split seed, what draws the val split
+def _split_settings(config: TrainConfig) -> dict:
+    """What draws `config`'s validation split from its data: these keys and the split seed."""
+    keys = ("classes", "subset", "val_size")
+    return {k: getattr(config, k) for k in keys} | {"split_seed": split_seed(config)}
 
 
 def _split_of(config: TrainConfig, flags: bool = False) -> str:
