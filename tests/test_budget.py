@@ -14,6 +14,7 @@ from cifarlab.config import (
     load_recipe,
     model_width,
     parse_duration,
+    save_config,
     with_steps,
 )
 from cifarlab.errors import UserError
@@ -402,3 +403,40 @@ def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time
     assert not any("; trying " in m for m in messages), messages
     assert any("at width 1; kept, as timing a narrower one" in m for m in messages), messages
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["width_halvings"] == 0
+
+
+def test_a_crash_between_a_corrections_checkpoint_and_its_config_yaml_resumes(
+    synthetic_images, tmp_path, monkeypatch
+):
+    # the correction rewrites last.pt and config.yaml: killed between the two, the run must
+    # not read as one whose config.yaml a user edited
+    class Killed(BaseException):
+        pass
+
+    def correct(plan, run, *args):  # one step more after epoch 1, whatever the timing says
+        if plan.corrected:
+            return None
+        plan.corrected = True
+        return dataclasses.replace(run.config, train_steps=7, epochs=3)
+
+    killed = []
+
+    def killed_once(config, path):
+        if config.train_steps == 7 and not killed:
+            killed.append(path)
+            raise Killed  # after last.pt, before config.yaml
+        save_config(config, path)
+
+    monkeypatch.setattr(
+        "cifarlab.budget.measure", lambda run, **_: Timings(step=0.4, val_image=0.001)
+    )
+    monkeypatch.setattr("cifarlab.budget.Plan.correct", correct)
+    monkeypatch.setattr("cifarlab.train.save_config", killed_once)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=10, batch_size=8, val_size=6, time_budget=8.0)  # fmt: skip
+    with pytest.raises(Killed):
+        train(config, tmp_path / "run", log=lambda s: None)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["train_steps"] == 7
+    result = train(config, tmp_path / "run", resume=True, log=lambda s: None)
+    assert result.epochs == 3
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 7

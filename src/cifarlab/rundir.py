@@ -230,12 +230,13 @@ def checkpoint_room(run_dir: Path, estimate: int = 70_000_000) -> int:
 
 @contextmanager
 def removed_if_unstarted(run_dir: Path, created: list[Path]):
-    """When the body fails before `config.yaml` is saved, remove the folders `prepare_run_dir`
-    `created` (those above `run_dir` only if empty), so a retry is not refused. Hold the lock."""
+    """When the body fails before `config.yaml` (or `last.pt`) is saved, remove the folders
+    `prepare_run_dir` `created` (those above `run_dir` only if empty), so a retry is not
+    refused. Hold the lock."""
     try:
         yield
     except BaseException:
-        if created and not (run_dir / "config.yaml").exists():
+        if created and not any((run_dir / n).exists() for n in ("config.yaml", "last.pt")):
             for folder in reversed(created):
                 if folder == run_dir:
                     shutil.rmtree(folder, ignore_errors=True)

@@ -241,7 +241,9 @@ def _fit_to_budget(
 def _correct_plan(
     run, plan, epoch: int, stats: EpochStats, row: dict, t_epoch: float, saver, log
 ) -> None:
-    """`Plan.correct` after `epoch`: a changed length goes to the run, last.pt and config.yaml."""
+    """`Plan.correct` after `epoch`: a changed length goes to the run, last.pt and config.yaml.
+    The old config.yaml is removed first: a crash before the new one is written leaves none,
+    which `--resume` reads as last.pt's config, not a stale one it would take for an edit."""
     seconds, n = time.perf_counter() - t_epoch, len(run.batches)
     steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
@@ -252,6 +254,8 @@ def _correct_plan(
     if corrected is None:
         return
     retarget(run, corrected)
+    if run.dist.main:
+        (saver.run_dir / "config.yaml").unlink(missing_ok=True)
     saver.save(checkpoint_state(run, epoch + 1), end_of_epoch=False)
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
