@@ -118,20 +118,22 @@ def test_the_lock_is_released_when_the_run_ends(tmp_path):
 
 
 def test_a_run_being_trained_is_named_as_busy_not_as_one_to_resume(tmp_path):
-    import subprocess
-    import sys
-
+    # busy means the lock is held: not a live process named in the file, nor an empty file
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("model: cnn\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = _python(HOLDER, run)
     try:
-        (run / ".lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(UserError, match=rf"is in use by process {holder.pid}; wait for it"):
+            claim_run_dir(run, resume=False)
+        (run / ".lock").write_text("")  # held, its holder's pid not yet written
+        with pytest.raises(UserError, match="is in use by another process; wait for it"):
             claim_run_dir(run, resume=False)
     finally:
         holder.kill()
         holder.wait()
+    (run / ".lock").write_text(str(os.getppid()))  # a live process that holds no lock
     with pytest.raises(UserError, match="add --resume"):  # its holder gone: resumable again
         claim_run_dir(run, resume=False)
 

@@ -39,18 +39,25 @@ def _written_pid(lock: Path) -> int | None:
         return None
 
 
-def _live_holder(lock: Path) -> int | None:
-    """The pid written in `lock` when that process is alive and not this one; None otherwise."""
-    pid = _written_pid(lock)
-    if not pid or pid == os.getpid():
-        return None
+def _holder(lock: Path) -> int | None:
+    """The process holding `lock`'s `flock`, other than this one: the pid it wrote there (0
+    before it did); None when none holds it, whatever pid the file names (a dead or recycled
+    one). None without `fcntl` or `flock` support: `RunLock` itself refuses then."""
     try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return pid  # alive, another user's
+        fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return None
-    return pid
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken, then dropped by the close
+    except BlockingIOError:
+        pid = _written_pid(lock)
+        return None if pid == os.getpid() else pid or 0
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return None
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -143,8 +150,8 @@ def claim_run_dir(run_dir: Path, resume: bool) -> None:
     if not names:
         return
     run_files = [n for n in names if n in RUN_FILES]
-    holder = _live_holder(run_dir / ".lock") if run_files else None
-    if holder:  # being trained right now: say so, not "add --resume", which would be refused
+    holder = _holder(run_dir / ".lock") if run_files else None
+    if holder is not None:  # being trained: say so, not "add --resume", which would be refused
         raise RunLock(run_dir)._busy(holder)
     found, what = (run_files, "a run") if run_files else (names, "other files")
     shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
@@ -209,7 +216,7 @@ def prepare_run_dir(run_dir: Path, need_bytes: int) -> list[Path]:
             f"--out {run_dir}: cannot create the run directory ({exc.strerror})"
         ) from None
     only_lock = [p.name for p in run_dir.iterdir()] == [".lock"]
-    if not created and only_lock and not _live_holder(run_dir / ".lock"):
+    if not created and only_lock and _holder(run_dir / ".lock") is None:
         created = [run_dir]  # a run killed before it saved anything: as good as new
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
