@@ -339,6 +339,26 @@ def test_export_with_force_replaces_an_existing_file(runs, tmp_path, fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == written  # no temporary file left
 
 
+@pytest.mark.parametrize("fmt", ["pt2", "safetensors"])
+def test_an_export_racing_another_to_one_out_is_refused_not_replacing_its_file(
+    runs, tmp_path, monkeypatch, capsys, fmt
+):
+    # the other export writes its file after this one's check_out, while this one loads
+    import cifarlab.export
+
+    load, out = cifarlab.export.load_model, tmp_path / f"m.{fmt}"
+
+    def the_other_export_finishes_first(ckpt):
+        out.write_bytes(b"the other export's")
+        return load(ckpt)
+
+    monkeypatch.setattr(cifarlab.export, "load_model", the_other_export_finishes_first)
+    assert main(["export", str(runs[0]["cnn"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "by another process meanwhile; add --force" in err and err.count("\n") == 1
+    assert out.read_bytes() == b"the other export's" and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_sigterm_during_an_export_leaves_no_temporary_file(runs, tmp_path, monkeypatch):
     import os
     import signal

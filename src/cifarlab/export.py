@@ -128,18 +128,23 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
     ckpt = load_checkpoint(source)
     loaded = load_model(ckpt)
     try:
-        _write(fmt, loaded, metadata(ckpt, loaded), out)
+        _write(fmt, loaded, metadata(ckpt, loaded), out, force)
+    except FileExistsError as exc:  # made by another process since `check_out`
+        raise UserError(
+            f"{exc.filename2 or exc.filename} was written by another process meanwhile; add "
+            "--force to overwrite it"
+        ) from None
     except OSError as exc:
         raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
     return out
 
 
-def _write(fmt: str, loaded: LoadedModel, meta: dict, out: Path) -> None:
+def _write(fmt: str, loaded: LoadedModel, meta: dict, out: Path, force: bool) -> None:
     if fmt == "safetensors":
-        return _export_safetensors(loaded.model, out, meta)
+        return _export_safetensors(loaded.model, out, meta, force)
     net = Deployable(loaded.model, loaded.normalize.mean, loaded.normalize.std).eval()
     example = torch.rand(2, 3, loaded.args.image_size, loaded.args.image_size)
-    with rundir.replaced_when_complete(out) as tmp:
+    with rundir.replaced_when_complete(out, exclusive=not force) as tmp:
         if fmt == "onnx":
             _export_onnx(net, example, tmp, meta)
         else:
@@ -180,11 +185,11 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _export_safetensors(model: nn.Module, out: Path, meta: dict) -> None:
+def _export_safetensors(model: nn.Module, out: Path, meta: dict, force: bool) -> None:
     st = import_extra("safetensors.torch", "safetensors", "safetensors export")
     state = {k: v.contiguous() for k, v in torchvision_core(model).state_dict().items()}
     # written by open(): save_file would make it 0600
-    with rundir.replaced_when_complete(out) as tmp:
+    with rundir.replaced_when_complete(out, exclusive=not force) as tmp:
         tmp.write_bytes(st.save(state, metadata={"producer": "cifarlab"}))
-    with rundir.replaced_when_complete(sidecar(out)) as tmp:
+    with rundir.replaced_when_complete(sidecar(out), exclusive=not force) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")

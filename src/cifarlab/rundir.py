@@ -338,8 +338,9 @@ def truncate_metrics(path: Path, last_epoch: int) -> list[int]:
 
 
 @contextmanager
-def replaced_when_complete(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded."""
+def replaced_when_complete(path: Path, exclusive: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded;
+    `exclusive`: FileExistsError instead where `path` exists by then (another writer's)."""
     # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
     tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
     try:
@@ -349,10 +350,24 @@ def replaced_when_complete(path: Path) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if exclusive:
+            _link(tmp, path)
+        else:
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link(tmp: Path, path: Path) -> None:
+    """`tmp` named `path` too, unless `path` exists: one step, where the file system has links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links (FAT): claim the name, then replace the empty file
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        os.replace(tmp, path)
 
 
 def _fsync_dir(folder: Path) -> None:
