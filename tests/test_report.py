@@ -151,3 +151,22 @@ def test_a_run_of_several_seeds_without_validation_is_reported_beside_one_with_i
     table = (tmp_path / "results.md").read_text()
     line = next(x for x in table.splitlines() if x.startswith("| full-train"))
     assert "| – |" in line and "42.00 ± 1.00" in line
+
+
+def test_a_rewritten_suite_report_replaces_each_file_whole_never_writing_into_it(tmp_path):
+    # each file of the first report is also linked from `kept`: a file written into in place
+    # (truncated, then filled; a kill meanwhile leaves it cut short) would change there too
+    import os
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "kept").mkdir()
+    write_suite_report(SUITE, _rows(), tmp_path / "out")
+    before = {}
+    for f in (tmp_path / "out").iterdir():
+        if f.is_file():
+            os.link(f, tmp_path / "kept" / f.name)
+            before[f.name] = f.read_bytes()
+    write_suite_report(SUITE, _rows()[1:], tmp_path / "out")
+    assert {"results.csv", "results.md", "index.html", "curves.png"} <= set(before)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "kept").iterdir()} == before
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left

@@ -12,12 +12,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from cifarlab.rundir import replaced_when_complete
+
 GRID_LIMIT = 20  # above this many classes a full confusion grid is unreadable
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replaced_when_complete(path) as tmp:  # a kill mid-write leaves the earlier figure whole
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from cifarlab.report import figures
 from cifarlab.report.html import CSS, PAGE, Raw, cards, table
+from cifarlab.rundir import replaced_when_complete
 
 # Each PNG is one graph with every run on it (Exercises 2.4 and 4.3), drawn only when some run
 # recorded its column; curves.png shows the accuracies and the training loss together.
@@ -97,22 +98,25 @@ def _cells(r: dict, shown: list[Column]) -> list[str]:
 
 
 def write_suite_report(suite, rows: list[dict], out: Path) -> None:
-    with open(out / "results.csv", "w", newline="") as f:
+    """Every file replaced only when complete: a stopped suite leaves the earlier one whole."""
+    with replaced_when_complete(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[c.key for c in columns(rows)], extrasaction="ignore")
         w.writeheader()  # floats to 6 places: differences of accuracies read -0.05499999999999999
         w.writerows(
             {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows
         )
-    (out / "results.md").write_text(_markdown(suite, rows))
+    with replaced_when_complete(out / "results.md") as tmp:
+        tmp.write_text(_markdown(suite, rows))
     runs = [(r["run"], r.get("histories") or []) for r in rows]
     recorded = _recorded(rows)
-    for key in PANELS:
+    for key in set(PANELS) - set(recorded):
         (out / f"curves_{key}.png").unlink(missing_ok=True)  # a figure of an earlier, other table
     for key in recorded:
         figures.runs_curves(runs, [(key, PANELS[key][0])], out / f"curves_{key}.png")
     if recorded:
         figures.runs_curves(runs, [(k, PANELS[k][0]) for k in recorded], out / "curves.png")
-    (out / "index.html").write_text(_index(suite, rows, out))
+    with replaced_when_complete(out / "index.html") as tmp:
+        tmp.write_text(_index(suite, rows, out))
 
 
 # What runs are compared on (`gain_basis`): (its words in a card, its words in the notes)
