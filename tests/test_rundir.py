@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cifarlab.errors import UserError
-from cifarlab.rundir import RUN_FILES, RunLock, claim_run_dir, prepare_run_dir
+from cifarlab.rundir import RUN_FILES, RunLock, claim_run_dir, prepare_run_dir, rewrite_lock
 
 RACER = """
 import os, sys, time
@@ -180,3 +180,13 @@ def test_json_text_writes_nan_and_inf_as_null_at_any_depth():
     value = {"a": math.nan, "b": [math.inf, 1.5, (2, -math.inf)], "c": {"d": math.nan, "e": "x"}}
     strict = json.loads(json_text(value), parse_constant=lambda word: pytest.fail(word))
     assert strict == {"a": None, "b": [None, 1.5, [2, None]], "c": {"d": None, "e": "x"}}
+
+
+def test_a_rewrite_locks_a_run_unless_this_process_holds_its_lock(tmp_path):
+    # a leftover lock file naming this process's pid (a killed run's, the pid recycled) is
+    # not this process holding the lock: calibrate must still take it
+    (tmp_path / ".lock").write_text(str(os.getpid()))
+    with rewrite_lock(tmp_path), pytest.raises(UserError, match="in use by process"):
+        RunLock(tmp_path).__enter__()  # a second opener, as another process would be
+    with RunLock(tmp_path), rewrite_lock(tmp_path):  # train's own end-of-run calibration
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())

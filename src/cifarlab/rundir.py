@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cifarlab.errors import UserError
 
@@ -71,6 +71,10 @@ class RunLock:
     """`RUN_DIR/.lock`, held with `flock` for the run's life: the kernel drops it when its holder
     dies, so a crash's lock file is simply taken. The pid inside only names the holder."""
 
+    held: ClassVar[set[Path]] = (
+        set()
+    )  # the locks this process holds (a pid in the file may be recycled)
+
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self._fd: int | None = None
@@ -105,6 +109,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+        RunLock.held.add(self.path.absolute())
         return self
 
     def _enter_filelock(self) -> RunLock:
@@ -115,9 +120,11 @@ class RunLock:
             self._fallback.acquire(timeout=0)
         except Timeout:
             raise self._busy(None) from None
+        RunLock.held.add(self.path.absolute())
         return self
 
     def __exit__(self, *exc) -> None:
+        RunLock.held.discard(self.path.absolute())
         if self._fd is not None:
             self.path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a new inode
             os.close(self._fd)
@@ -129,7 +136,7 @@ class RunLock:
 
 def rewrite_lock(run_dir: Path):
     """The run's lock for a command that rewrites its files, unless this process holds it."""
-    held = _written_pid(run_dir / ".lock") == os.getpid()
+    held = (run_dir / ".lock").absolute() in RunLock.held
     return contextlib.nullcontext() if held else RunLock(run_dir)
 
 
