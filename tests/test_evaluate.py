@@ -323,6 +323,7 @@ def test_the_runs_own_plain_folder_passed_as_data_gives_its_held_out_slice_not_a
 
 def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(tmp_path):
     data = _pngs(tmp_path / "src" / "train", per_class=6).parent
+    said = []
     config = make_config(
         data=str(data),
         data_root=str(tmp_path / "cache"),
@@ -331,17 +332,22 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
         val_size=0,
         lr=0.01,
     )  # batches of 4 at the recipe's lr explode
-    train(config, tmp_path / "run", log=lambda s: None)
+    train(config, tmp_path / "run", log=said.append)
+    assert any("no validation and no test split" in s for s in said)  # nothing scores it
     with pytest.raises(
         UserError, match=r"no validation split \(val_size 0\).*--split test.*--data"
     ):
         evaluate(EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev"), log=lambda s: None)
+    with pytest.raises(UserError, match=r"no test split.*folder$"):  # not "use --split val"
+        evaluate(EvalOptions(str(tmp_path / "run"), split="test"), log=lambda s: None)
     own = EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev", data=f"{data}/.")  # same folder
     with pytest.raises(UserError, match=r"no validation split \(val_size 0\)"):
         evaluate(own, log=lambda s: None)
     assert not (tmp_path / "ev").exists()
     _pngs(tmp_path / "held", per_class=3, seed=1)  # the way out it names
-    assert _score(tmp_path / "run", tmp_path / "held", "val", tmp_path)["num_images"] == 6
+    report = _score(tmp_path / "run", tmp_path / "held", "val", tmp_path)
+    assert report["num_images"] == 6  # and no `calibrate` suggested: it has no split to fit on
+    assert "no validation split" in report["calibration_note"]
 
 
 def test_the_runs_own_val_split_is_refused_once_its_data_changed(tmp_path):

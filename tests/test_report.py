@@ -170,3 +170,12 @@ def test_a_rewritten_suite_report_replaces_each_file_whole_never_writing_into_it
     assert {"results.csv", "results.md", "index.html", "curves.png"} <= set(before)
     assert {f.name: f.read_bytes() for f in (tmp_path / "kept").iterdir()} == before
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+
+
+def test_a_suite_without_validation_never_says_best_pt_is_chosen_on_validation(tmp_path):
+    no_val = [{**e, "val_acc": float("nan"), "test_acc": e["val_acc"]} for e in _history(3, 0.3)]
+    row = {k: v for k, v in _row("full-train", 0.3).items() if "val_acc" not in k}
+    write_suite_report(SUITE, [{**row, "histories": [no_val], "best_test_acc": 0.42}], tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert '<img src="curves_test_acc.png"' in page and "chosen on validation" not in page
+    assert "no validation split: best.pt is the last epoch" in page

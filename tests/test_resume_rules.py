@@ -128,6 +128,8 @@ def test_val_size_zero_trains_on_everything_and_reports_test_accuracy(synthetic_
     best, last = (load_checkpoint(tmp_path / "run" / n)["model"] for n in ("best.pt", "last.pt"))
     assert all(torch.equal(best[k], last[k]) for k in best)
     assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2
+    assert main(["evaluate", str(tmp_path / "run")]) == 0  # it scores test: there is no val
+    assert (tmp_path / "run" / "eval-test" / "report.html").is_file()
 
 
 def test_fixed_cifar10_normalisation_travels_in_the_checkpoint(synthetic_images, tmp_path):
@@ -281,7 +283,13 @@ def test_export_never_overwrites_the_runs_own_files_even_with_force(
 
 
 @pytest.mark.parametrize(
-    "more", [{"policy": "trivialaugment"}, {"loader": "torchvision", "workers": 0, "flip": True}]
+    "more",
+    [
+        {"policy": "trivialaugment"},
+        {"loader": "torchvision", "workers": 0, "flip": True},
+        # the lesson's protocol: its loader's workers, all images trained on
+        {"loader": "torchvision", "workers": 2, "flip": True, "val_size": 0, "batch_size": 12},
+    ],
 )
 def test_a_run_with_dropout_and_torchvisions_draws_resumes_exactly_and_leaves_torchs_generator(
     synthetic_images, tmp_path, monkeypatch, more

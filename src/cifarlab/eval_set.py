@@ -78,9 +78,10 @@ def load_eval_set(
         scored = load_source(*_source_args(config), config.classes).test
     if scored is None:
         other = "another folder: " if own_data else ""  # its own images trained the model
+        val = ", or use --split val" if config.val_size else ""  # val_size 0 held none out
         raise UserError(
             f"--split test: {config.data} has no test split; pass --data with {other}a "
-            "<root>/test/<class>/ or plain <root>/<class>/ folder, or use --split val"
+            f"<root>/test/<class>/ or plain <root>/<class>/ folder{val}"
         )
     if config.classes and own_data:  # the run's own data: the classes it was trained on
         scored = select_classes(scored, [c for c in config.classes if c in scored.classes])

@@ -109,6 +109,9 @@ def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -
     )
     sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
     log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
+    if not len(splits.val) and splits.test is None:
+        log("note: no validation and no test split: no accuracy is measured while it trains; "
+            "evaluate RUN --data FOLDER scores it after, or give --val-size N")  # fmt: skip
     check_sizes(config, splits)
     normalize = Normalize(*input_statistics(config, splits))
     with phase("model build (whitening init)"):

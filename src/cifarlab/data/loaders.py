@@ -116,7 +116,10 @@ class _LessonDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: tuple[int, int | None]):
+        i, seed = key  # a batch's first image carries its step's seed
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
         return self.transform(Image.fromarray(self.data.images[i])), int(self.data.labels[i])
 
 
@@ -151,14 +154,20 @@ class TorchvisionBatches:
         return whole + (1 if part and not self.config.drop_last else 0)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Batches:
-        order = epoch_order(len(self.dataset), self.config.seed, epoch)
-        order = order[start_step * self.batch_size : len(self) * self.batch_size].tolist()
+        order, size = epoch_order(len(self.dataset), self.config.seed, epoch), self.batch_size
+        # the transforms draw from the step's seed in whichever worker takes the batch (a resumed
+        # epoch hands its first batch to worker 0): the same draws as without workers
+        steps = [
+            [(i, step_seed(self.config.seed, epoch, s) if j == 0 else None)
+             for j, i in enumerate(order[s * size : (s + 1) * size].tolist())]
+            for s in range(start_step, len(self))
+        ]  # fmt: skip
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.config.workers,
+            self.dataset, batch_sampler=steps, num_workers=self.config.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             generator=torch.Generator().manual_seed(step_seed(self.config.seed, epoch, 2**31 - 2)),
         )  # fmt: skip
-        batches = iter(loader)  # the workers' seeds come from `generator`
+        batches = iter(loader)  # `generator`: torch's global one is left as it was
         for step in range(start_step, start_step + len(loader)):
             rand = StepRandom.for_step(self.config.seed, epoch, step, self.device)
             with rand.global_draws():  # without workers the transforms draw here

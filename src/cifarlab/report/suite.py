@@ -22,6 +22,7 @@ PANELS = {
     "val_acc": ("validation accuracy", "Validation accuracy per epoch, all runs"),
     "train_loss": ("training loss", "Training loss per epoch, all runs"),
 }  # fmt: skip
+NO_VAL_TEST = "Test accuracy per epoch, all runs (no validation split: best.pt is the last epoch's)"
 
 
 def _recorded(rows: list[dict]) -> list[str]:
@@ -194,8 +195,9 @@ def _index(suite, rows: list[dict], out: Path) -> str:
     )
     notes = "".join(f"<p>{html.escape(n).replace('`', '')}</p>" for n in _notes(suite, rows))
     files = '<p><a href="results.md">results.md</a> · <a href="results.csv">results.csv</a></p>'
-    pictures = [(PANELS[k][1], f"curves_{k}.png", f"{PANELS[k][0]} of every run per epoch")
-                for k in _recorded(rows)]  # fmt: skip
+    recorded = _recorded(rows)
+    pictures = [(NO_VAL_TEST if k == "test_acc" and "val_acc" not in recorded else PANELS[k][1],
+                 f"curves_{k}.png", f"{PANELS[k][0]} of every run per epoch") for k in recorded]  # fmt: skip
     if (out / "mixup_examples.png").is_file():
         pictures.append(("Mixup examples", "mixup_examples.png", "mixup examples"))
     sections = "".join(
