@@ -109,6 +109,38 @@ def test_resume_of_a_subset_run_whose_data_shrank_says_the_data_changed(tmp_path
     assert code == 2 and "data changed" in err and "subset=30" in err and "Traceback" not in err
 
 
+def _stopped_after_one_epoch_with_a_test_split(tmp_path) -> tuple[Path, list[str]]:
+    """The lesson's protocol (no validation split, test scored every epoch) stopped after epoch
+    1 of 2: its data folder, and the command line that resumes it."""
+    data = write_synthetic_folder(tmp_path / "data" / "train").parent
+    write_synthetic_folder(data / "test", per_class=4)
+    with pytest.raises(UserError):
+        train(_config(data, tmp_path, val_size=0), tmp_path / "run", log=_stop_after("epoch 1/2"))
+    return data, ["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]
+
+
+def test_resume_after_the_test_split_changed_is_refused(tmp_path, capsys):
+    data, resume = _stopped_after_one_epoch_with_a_test_split(tmp_path)
+    (data / "test" / "red" / "000.png").unlink()
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "data changed" in err and "test split" in err and "Traceback" not in err
+    write_synthetic_folder(data / "test", per_class=4)  # the same images again
+    assert main(resume) == 0
+
+
+def test_an_unreadable_image_on_resume_is_to_be_restored_not_skipped(tmp_path, capsys):
+    """Skipping it is a config change resume refuses; a new run may skip it."""
+    data, resume = _stopped_after_one_epoch_with_a_test_split(tmp_path)
+    (data / "test" / "red" / "000.png").write_text("not an image")
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert "data changed" in err and "restore that file" in err and "on_bad_image" not in err
+    fresh = ["train", "--data", str(data), "--data-root", str(tmp_path / "d"), "--no-progress"]
+    assert main([*fresh, "--out", str(tmp_path / "new")]) == 2
+    assert "--set on_bad_image=skip" in capsys.readouterr().err
+
+
 def _stop_after(marker):
     def log(message):
         if marker in message:

@@ -20,6 +20,15 @@ class TooFewImages(UserError):
     that its data changed since the run trained."""
 
 
+class UnreadableFile(UserError):
+    """A file where an image belongs that is none: a new run may skip such files (`hint`), a
+    resumed one may not (its data would change), so it says `detail` with its own way out."""
+
+    def __init__(self, detail: str, hint: str):
+        super().__init__(f"{detail} ({hint})")
+        self.detail = detail
+
+
 def data_changed(where: str, detail: str, way_out: str) -> UserError:
     """A run's own data no longer gives the split it trained with (fewer images, another
     fingerprint): one wording for evaluate, calibrate and --resume."""

@@ -41,6 +41,7 @@ from cifarlab.errors import (
     Interrupted,
     TooFewImages,
     TrainingFailed,
+    UnreadableFile,
     UserError,
     data_changed,
     handling,
@@ -196,13 +197,19 @@ def train(
 
 
 def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
-    """`build_run`; too few images for a resumed run's own config mean that its data changed."""
+    """`build_run`; too few images for a resumed run's own config, or an unreadable file (which
+    it may not skip now), mean that its data changed."""
     try:
         return build_run(config, log, d)
     except TooFewImages as exc:
         if resumed is None:
             raise
         raise data_changed(f"--resume {resumed}", f"{config.data}: {exc}", RESUME_WAY_OUT) from None
+    except UnreadableFile as exc:
+        if resumed is None:
+            raise
+        way_out = "restore that file (or remove one the data did not hold), or train a new --out"
+        raise data_changed(f"--resume {resumed}", exc.detail, way_out) from None
 
 
 def _fit_to_budget(
@@ -376,10 +383,13 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
 
 def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
     """The checkpoint into `run`, refused when the data changed or it does not fit."""
-    theirs = ckpt.get("data_fingerprint")
-    if theirs is not None and theirs != run.data_fingerprint:
-        detail = "images, labels or classes differ, so would its split"
-        raise data_changed(f"--resume {saver.run_dir}", detail, RESUME_WAY_OUT)
+    for key, detail in (
+        ("data_fingerprint", "images, labels or classes differ, so would its split"),
+        ("test_fingerprint", "its test split differs: its epochs would be scored on two test sets"),
+    ):
+        theirs = ckpt.get(key)  # None: a checkpoint from before the key
+        if theirs is not None and theirs != getattr(run, key):
+            raise data_changed(f"--resume {saver.run_dir}", detail, RESUME_WAY_OUT)
     try:
         restore(run, ckpt)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:

@@ -65,6 +65,7 @@ class TrainingRun:
     fixed: set[int]  # ids of parameters that never train (e.g. whitened weights)
     dist: Dist
     data_fingerprint: str
+    test_fingerprint: str  # "" without a test split
     test_images: torch.Tensor | None = None  # scored every epoch for the record, never to select
     test_labels: torch.Tensor | None = None
     # the eval model's logits on val from the latest validation, reused by the final TTA pass
@@ -146,12 +147,12 @@ def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -
     if config.lookahead:
         lookahead = Lookahead(model, config.lookahead_every, config.lookahead_decay, total)
     with phase("data fingerprint"):
-        fingerprint = data_fingerprint(splits)
+        fingerprints = data_fingerprint(splits), data_fingerprint(splits, test=True)
     return TrainingRun(
         config, hw, splits, args, model, step_model, optimizer, scheduler,
         torch.amp.GradScaler(hw.device.type, enabled=hw.amp_dtype == torch.float16),
         ema, lookahead, batches, normalize,
-        *_on_device(splits.val, hw.device), fixed, d, fingerprint,
+        *_on_device(splits.val, hw.device), fixed, d, *fingerprints,
         *(_on_device(splits.test, hw.device) if splits.test is not None and len(splits.test) else ()),
     )  # fmt: skip
 
@@ -246,10 +247,13 @@ def _check_image_side(model: torch.nn.Module, config: TrainConfig) -> None:
         model.train(was)
 
 
-def data_fingerprint(splits: Splits) -> str:
-    """A digest of exactly what trains and validates: classes, labels and pixels of both splits."""
+def data_fingerprint(splits: Splits, test: bool = False) -> str:
+    """A digest of exactly what trains and validates: classes, labels and pixels of both splits;
+    with `test`, of the test split (scored every epoch) instead, "" without one."""
+    if test and splits.test is None:
+        return ""
     h = hashlib.sha256(repr(splits.classes).encode())
-    for part in (splits.train, splits.val):
+    for part in (splits.test,) if test else (splits.train, splits.val):
         h.update(part.labels.tobytes())
         if len(part):  # an empty view cannot be cast
             h.update(memoryview(np.ascontiguousarray(part.images)).cast("B"))
@@ -514,6 +518,7 @@ def checkpoint_state(
         "mean": run.normalize.mean,
         "std": run.normalize.std,
         "data_fingerprint": run.data_fingerprint,
+        "test_fingerprint": run.test_fingerprint,
     }
 
 

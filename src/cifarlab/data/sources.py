@@ -26,7 +26,7 @@ from cifarlab.data.images import (
     visible_entries,
 )
 from cifarlab.data.imageset import ImageSet, SourceData
-from cifarlab.errors import UserError
+from cifarlab.errors import UnreadableFile, UserError
 
 # how each command skips them: train/suite/tune take config keys, evaluate a flag
 SKIP_HINT = "--set on_bad_image=skip, or evaluate's --on-bad-image skip, leaves out"
@@ -258,7 +258,7 @@ def _list_class_folder(
         files += images
         labels += [len(kept) - 1] * len(images)
     if skipped and on_bad == "error":
-        raise UserError(f"{skipped[0]} ({SKIP_HINT} such files)")
+        raise UnreadableFile(skipped[0], f"{SKIP_HINT} such files")
     return kept, files, labels, skipped
 
 
@@ -283,7 +283,7 @@ def _decode_all(
             if err is None:
                 good.append(i)
             elif on_bad == "error":
-                raise UserError(f"{err} ({SKIP_HINT} unreadable images)")
+                raise UnreadableFile(err, f"{SKIP_HINT} unreadable images")
             else:
                 skipped.append(err)
     return out, good, skipped
