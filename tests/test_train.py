@@ -173,7 +173,7 @@ def test_a_validation_split_smaller_than_the_classes_is_refused_before_anything_
     assert main([*args, "--val-size", "3"]) == 0  # one image a class is enough to train
 
 
-def test_a_training_split_of_one_class_is_refused_before_anything_is_written(
+def test_a_class_left_without_training_images_is_refused_before_anything_is_written(
     synthetic_images, tmp_path, capsys
 ):
     from cifarlab.cli import main
@@ -182,12 +182,12 @@ def test_a_training_split_of_one_class_is_refused_before_anything_is_written(
     args = ["train", "--data", str(synthetic_images), "--data-root", str(tmp_path / "d"), "--out", str(out),
             "--epochs", "1", "--batch-size", "1", "--no-progress", "--set", "model=cnn", "--set", "width=0.25",
             "--subset", "6"]  # fmt: skip
-    assert main([*args, "--val-size", "5"]) == 2  # 2 images a class, 5 held out: 1 left to train
+    assert main([*args, "--val-size", "4"]) == 2  # 2 images a class, 4 held out: 2 of 2 classes
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "1 image of 1 of the 3 classes" in err, err
-    assert "--subset 6 keeps 6, --val-size 5 holds out 5" in err and "lower --val-size" in err
+    assert err.count("\n") == 1 and "no image of 1 of the 3 classes" in err, err
+    assert "--val-size 4 holds out 4, leaving 2" in err and "lower --val-size" in err
     assert "Traceback" not in err and not out.exists()
-    assert main([*args, "--val-size", "4"]) == 0  # two images of two classes are enough
+    assert main([*args, "--val-size", "3"]) == 0  # one image of each class is enough
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_best(synthetic_images, tmp_path, monkeypatch):

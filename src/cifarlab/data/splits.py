@@ -119,22 +119,23 @@ def load_splits(config: TrainConfig) -> Splits:
 
 def check_sizes(config: TrainConfig, splits: Splits) -> None:
     """What training needs of its splits: a held-out image of each class at the least (else a
-    temperature is fitted on 3 images), two classes left to train on (one "trains" to 100%) and
-    a batch's worth of training images."""
+    temperature is fitted on 3 images), a training image of each class (a class it never sees
+    is one it never predicts) and a batch's worth of training images."""
     classes, train = len(splits.classes), len(splits.train)
     if 0 < len(splits.val) < classes and not splits.val_folder:
         raise UserError(
             f"--val-size {config.val_size} holds out fewer images than the {classes} classes; "
             f"give --val-size {classes} or more (one image a class at the least), or 0 for none"
         )
-    left = len(np.unique(splits.train.labels))
-    if left < 2:
+    counts = np.bincount(splits.train.labels, minlength=classes)
+    unseen = [c for c, n in zip(splits.classes, counts, strict=True) if not n]
+    if unseen:
         cut = f"--subset {config.subset} keeps {config.subset}, " if config.subset else ""
         held = "the data's val/ folder" if splits.val_folder else f"--val-size {config.val_size}"
-        raise UserError(
-            f"the training split holds {train} image{'s' * (train != 1)} of {left} of the "
-            f"{classes} classes ({cut}{held} holds out {len(splits.val)}); a classifier needs two: "
-            "lower --val-size, or raise --subset or drop it"
+        raise TooFewImages(
+            f"the training split holds no image of {len(unseen)} of the {classes} classes "
+            f"({', '.join(unseen[:5])}{' ...' * (len(unseen) > 5)}; {cut}{held} holds out "
+            f"{len(splits.val)}, leaving {train}); lower --val-size, or raise --subset or drop it"
         )
     if train < config.batch_size:
         raise TooFewImages(
