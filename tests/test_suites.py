@@ -171,6 +171,21 @@ def test_a_run_another_process_trains_is_not_trained_again_under_its_new_name(fi
     assert not (opts.out / "plain-seed0").exists()  # it was trained from scratch beside `plain`
 
 
+def test_a_run_named_after_its_recipe_takes_the_name_of_the_recipe_that_replaces_it(
+    real_jpegs, tmp_path
+):
+    assert load_suite("exercise-1", {}).runs[0].name == "seed-cnn"  # the recipe it trains
+    overrides = {**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d"), "width": 0.25}
+    opts = SuiteOptions(tmp_path / "out", epochs=1, overrides=overrides, recipe="lesson-cnn")
+    rows = run_suite("exercise-1", opts, log=lambda s: None)
+    assert [r["run"] for r in rows] == ["lesson-cnn"] and rows[0]["gain"] == 0.0  # the reference
+    (opts.out / "lesson-cnn").rename(opts.out / "seed-cnn")  # as trained before the rename
+    messages = []
+    run_suite("exercise-1", opts, log=messages.append)
+    assert any("[lesson-cnn] finished earlier" in m for m in messages), messages
+    assert not (opts.out / "seed-cnn").exists()
+
+
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SUITE)

@@ -55,6 +55,9 @@ class SuiteRun:
     config: TrainConfig
     changes: str
     requires: str = ""
+    # its name in the suite file: a run named there after its recipe is named after the one
+    # --recipe puts in its place (earlier versions kept the file's name for its folder)
+    was: str = ""
 
 
 @dataclass
@@ -134,12 +137,13 @@ def load_suite(
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
         start = _recipe(recipe_for_all or recipe, "--recipe" if recipe_for_all else where)
+        renamed = _run_name(start.recipe, "--recipe") if recipe_for_all and name == recipe else name
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
         if weights and config.pretrained:
             config = apply_overrides(config, {"weights": weights}, where="--weights")
-        validate_config(config, where=f"{where} ({name})")
-        runs.append(SuiteRun(name, config, str(r.get("changes", "")), str(r.get("requires", ""))))
+        validate_config(config, where=f"{where} ({renamed})")
+        runs.append(SuiteRun(renamed, config, r.get("changes", ""), r.get("requires", ""), name))
     if weights and not any(r.config.pretrained for r in runs):
         raise UserError(
             f"--weights: no run of suite {path.stem} starts from pretrained weights; drop --weights"
@@ -147,6 +151,7 @@ def load_suite(
     names = [r.name for r in runs]
     _check_run_names(names, path)
     reference = str(spec.get("reference", names[0]))
+    reference = {r.was: r.name for r in runs}.get(reference, reference)
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
     return Suite(
@@ -313,27 +318,28 @@ def _skipped(run: SuiteRun, run_dir: Path) -> str:
 
 
 def _adopt_renamed(jobs: list, out: Path) -> None:
-    """A run trained under the other folder naming (`a` with one seed, `a-seed0` with several)
-    is moved to the name it has now, when it holds this very run: not trained a second time."""
+    """A run trained under another folder name (the other seed naming, `a` with one seed and
+    `a-seed0` with several; the suite file's name of a run --recipe renames) is moved to the
+    name it has now, when it holds this very run: not trained a second time."""
     from cifarlab.train import saved_config
 
     for run, run_dir, wanted in jobs:
-        single = out / run.name
-        other = single if run_dir != single else out / f"{run.name}-seed{wanted.seed}"
-        if run_dir.exists() or not other.is_dir():
-            continue
-        try:
-            saved, _ = saved_config(other)
-        except UserError:  # a damaged run the suite does not use stays put
-            continue
-        if saved is not None and not config_changes(saved, wanted):
+        names = dict.fromkeys([run.name, run.was or run.name])
+        for other in [out / f"{n}{seed}" for n in names for seed in ("", f"-seed{wanted.seed}")]:
+            if run_dir.exists() or other == run_dir or not other.is_dir():
+                continue
             try:
-                with RunLock(other) as lock:  # not while another process trains it
-                    other.rename(run_dir)
-                    lock.path = run_dir / ".lock"  # the lock file moved with its folder
-            except UserError:
-                if other.is_dir():
-                    raise  # in use (it would be trained twice); else another suite moved it
+                saved, _ = saved_config(other)
+            except UserError:  # a damaged run the suite does not use stays put
+                continue
+            if saved is not None and not config_changes(saved, wanted):
+                try:
+                    with RunLock(other) as lock:  # not while another process trains it
+                        other.rename(run_dir)
+                        lock.path = run_dir / ".lock"  # the lock file moved with its folder
+                except UserError:
+                    if other.is_dir():
+                        raise  # in use (it would be trained twice); else another suite moved it
 
 
 def _refuse_stale(jobs: list) -> None:
