@@ -220,6 +220,15 @@ def test_a_malformed_cifar_batch_is_one_line_naming_it(tmp_path, changes, needle
         load_source("cifar10", tmp_path, 32)
 
 
+@pytest.mark.parametrize("name", ["batches.meta", "data_batch_3", "test_batch"])
+def test_a_missing_cifar_file_is_one_line_with_the_way_out(tmp_path, name):
+    """A missing batches.meta was a FileNotFoundError traceback."""
+    _tiny_cifar10(tmp_path)
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / name).unlink()
+    with pytest.raises(UserError, match=f"{name} is missing; .* to download it again"):
+        load_source("cifar10", tmp_path, 32)
+
+
 def test_cifar_batches_written_with_bytes_keys_load(tmp_path):
     _tiny_cifar10(tmp_path)
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"

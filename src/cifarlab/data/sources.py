@@ -62,6 +62,11 @@ def _latin1_bytes(text, encoding="utf-8"):
 
 
 def _read_batch(path: Path) -> dict:
+    if not path.is_file():  # batches.meta too: open() would be a traceback
+        raise UserError(
+            f"{path} is missing; its folder is incomplete: put the file back, or remove "
+            f"{path.parent} to download it again"
+        )
     try:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="latin1").load()
@@ -99,8 +104,6 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
         images, labels = [], []
         for fname, _md5 in files:
             path = folder / fname
-            if not path.is_file():
-                raise UserError(f"{path} is missing; the {name} folder is incomplete")
             batch = _read_batch(path)
             data = np.asarray(_field(batch, "data", path))
             found = np.asarray(_field(batch, label_key, path))
