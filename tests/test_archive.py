@@ -119,6 +119,26 @@ def test_a_clean_archive_still_loads_after_the_checks(tmp_path):
     ]
 
 
+def test_a_tar_cut_short_at_a_members_edge_is_refused_not_loaded_with_images_missing(tmp_path):
+    """tarfile reads a file cut where a member's header would start as a whole archive: a copy
+    stopped there trained on the classes it held (an interrupted download stops at such a
+    multiple of 512 bytes as often as not)."""
+    path = tmp_path / "whole.tar"
+    with tarfile.open(path, "w") as tf:
+        for cls in ("cat", "dog", "frog"):
+            for i in range(2):
+                _add(tf, f"{cls}/{i}.png", _png(i))
+    with tarfile.open(path) as tf:
+        edges = [m.offset for m in tf.getmembers()[1:]] + [tf.offset]
+    assert len(load_source(str(path), tmp_path / "root", 8).train) == 6
+    for i, edge in enumerate(edges):
+        cut = tmp_path / f"cut{i}.tar"
+        cut.write_bytes(path.read_bytes()[:edge])
+        with pytest.raises(UserError, match=r"cut\d+\.tar: cut short after \d+ members"):
+            load_source(str(cut), tmp_path / "root", 8)
+    assert len(_leftovers(tmp_path / "root")) == 1  # whole.tar's copy, no partial one
+
+
 def _macos_zip(path: Path, empty_class: bool = False) -> Path:
     """As Finder's "Compress" writes it: one wrapper folder, AppleDouble `._*` files beside each
     file, and a `__MACOSX/` tree holding more of them."""

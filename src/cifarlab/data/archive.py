@@ -87,7 +87,14 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path):
 
 
 def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path):
-    for member in tf.getmembers():
+    members = tf.getmembers()
+    tf.fileobj.seek(tf.offset)  # tarfile takes a file cut at a member's edge as its whole
+    if tf.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise UserError(
+            f"{archive}: cut short after {len(members)} members (no end-of-archive marker); "
+            "copy or download it again"
+        )
+    for member in members:
         if member.issym() or member.islnk():  # the 'data' filter would let inner links through
             raise _link_refused(archive, member.name, ", e.g. tar --dereference")
         # Refuses absolute paths, '..' and devices; also drops unsafe permission bits.
