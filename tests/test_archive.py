@@ -139,6 +139,24 @@ def test_a_tar_cut_short_at_a_members_edge_is_refused_not_loaded_with_images_mis
     assert len(_leftovers(tmp_path / "root")) == 1  # whole.tar's copy, no partial one
 
 
+def test_a_zip_of_utf8_names_without_the_utf8_flag_keeps_its_class_names(tmp_path):
+    """Info-ZIP's `zip` and macOS write UTF-8 names without the flag; zipfile reads them as
+    cp437, and the classes were `chat_├⌐t├⌐` and `τè¼` (a folder of them gives `chat_été`, `犬`)."""
+    path = tmp_path / "pets.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i, cls in enumerate(("chat_été", "犬")):
+            zf.writestr(f"{cls}/{i}.png", _png(i))
+    blob = bytearray(path.read_bytes())
+    for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = blob.find(signature)
+        while at >= 0:
+            blob[at + flags + 1] &= 0xF7  # bit 11 of the flags: the name is UTF-8
+            at = blob.find(signature, at + 4)
+    path.write_bytes(bytes(blob))
+    assert not any(info.flag_bits & 0x800 for info in zipfile.ZipFile(path).infolist())
+    assert load_source(str(path), tmp_path / "root", 8).train.classes == ["chat_été", "犬"]
+
+
 def _macos_zip(path: Path, empty_class: bool = False) -> Path:
     """As Finder's "Compress" writes it: one wrapper folder, AppleDouble `._*` files beside each
     file, and a `__MACOSX/` tree holding more of them."""

@@ -75,15 +75,27 @@ def _link_refused(archive: Path, name: str, how: str = "") -> UserError:
     )
 
 
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """The member's name. zipfile reads a name without the UTF-8 flag as cp437, but Info-ZIP and
+    macOS write UTF-8 names without it: `chat_été/` became the class `chat_├⌐t├⌐`."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:  # a name in a DOS code page: as zipfile read it
+        return info.filename
+
+
 def _zip_members(zf: zipfile.ZipFile, archive: Path):
     for info in zf.infolist():
-        name = PurePosixPath(info.filename)
-        if name.is_absolute() or ".." in name.parts or ":" in info.filename:
-            raise UserError(f"{archive}: member '{info.filename}' would land outside its folder")
+        text = _zip_name(info)
+        name = PurePosixPath(text)
+        if name.is_absolute() or ".." in name.parts or ":" in text:
+            raise UserError(f"{archive}: member '{text}' would land outside its folder")
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise _link_refused(archive, info.filename)
+            raise _link_refused(archive, text)
         size = None if info.is_dir() else info.file_size
-        yield info.filename, size, functools.partial(zf.open, info)
+        yield text, size, functools.partial(zf.open, info)
 
 
 def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path):

@@ -22,7 +22,7 @@ from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 from cifarlab.rundir import replaced_when_complete
 
-FORMAT = 6  # raised whenever the cached layout, the decoding or the key changes
+FORMAT = 7  # raised whenever the cached layout, the decoding or the key changes
 
 
 def _stat(path: str) -> os.stat_result:
