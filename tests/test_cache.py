@@ -108,6 +108,21 @@ def test_archive_key_changes_when_replaced_by_one_of_the_same_size_and_mtime(tmp
     assert cache.source_key(archive, 32, "error") != before
 
 
+def test_an_image_rewritten_inside_a_linked_class_folder_is_read_again(tmp_path):
+    """The key stamped the link, not the files behind it: an image rewritten in place there
+    (its folder's mtime unchanged) was served from the cache as it had been."""
+    root, elsewhere = tmp_path / "data", tmp_path / "dogs"
+    _write_image(root / "cat" / "a.png", 1)
+    _write_image(elsewhere / "b.png", 2)
+    (root / "dog").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(root)  # a loop: the walk still ends
+    assert load_source(str(root), tmp_path / "cache", 4).train.images[1, 0, 0, 0] == 40
+    stamp = os.stat(elsewhere).st_mtime_ns
+    _write_image(elsewhere / "b.png", 3)
+    assert os.stat(elsewhere).st_mtime_ns == stamp
+    assert load_source(str(root), tmp_path / "cache", 4).train.images[1, 0, 0, 0] == 50
+
+
 def test_folder_key_survives_a_dangling_symlink(tmp_path):
     _write_image(tmp_path / "cat" / "a.png", 1)
     (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")

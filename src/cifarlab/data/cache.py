@@ -35,9 +35,14 @@ def _stat(path: str) -> os.stat_result:
 def _folder_stamp(root: Path) -> str:
     """A digest of every (relative path, mode, size, mtime) below `root`, folders included, so
     that a file moved to another class folder (mv keeps size and mtime), two files swapping names
-    or a renamed class folder each change the key."""
-    h = hashlib.sha256()
-    for dirpath, dirs, files in os.walk(root):
+    or a renamed class folder each change the key. Folder links are followed (a linked class
+    folder's images are read), each real folder once: a link loop ends."""
+    h, seen = hashlib.sha256(), set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        if os.path.realpath(dirpath) in seen:
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(dirpath))
         dirs.sort()
         for name in [*sorted(files), *dirs]:
             full = os.path.join(dirpath, name)
