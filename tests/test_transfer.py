@@ -99,6 +99,17 @@ def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_weights_of_another_model_name_the_file_and_the_tensors_that_do_not_fit(tmp_path):
+    """It said only "weights do not fit resnet18: Error(s) in loading state_dict for ResNet:"."""
+    other = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3), "head.weight": torch.zeros(1)}, other)
+    with pytest.raises(UserError) as err:
+        build_model(ModelArgs("tv:resnet18", 10), weights=str(other))
+    assert f"--weights {other}: they do not fit tv:resnet18" in str(err.value)
+    for part in ("missing, e.g. bn1.weight", "1 unexpected, e.g. head.weight", "another shape"):
+        assert part in str(err.value)
+
+
 def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):
     empty = tmp_path / "empty.pth"
     empty.touch()

@@ -98,18 +98,25 @@ def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
         ) from None
 
 
-def _load(net: nn.Module, arch: str, state: dict) -> None:
+def _load(net: nn.Module, arch: str, state: dict, weights: str) -> None:
+    ours = net.state_dict()
     if arch.startswith("vit_"):  # ImageNet position embeddings resampled to the side built for
         from torchvision.models.vision_transformer import interpolate_embeddings
 
         state = interpolate_embeddings(net.image_size, net.patch_size, state)
     elif arch in BUILDER_KWARGS:  # ImageNet weights include the auxiliary heads built without
-        ours = net.state_dict().keys()
         state = {k: v for k, v in state.items() if k in ours}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"weights do not fit {arch}: {str(exc).splitlines()[0]}") from None
+    wrong = {  # torch's own message lists every key, and its first line none
+        "missing": [k for k in ours if k not in state],
+        "unexpected": [k for k in state if k not in ours],
+        "of another shape": [k for k in ours if k in state and state[k].shape != ours[k].shape],
+    }
+    if found := [f"{len(keys)} {what}, e.g. {keys[0]}" for what, keys in wrong.items() if keys]:
+        raise UserError(
+            f"--weights {weights or 'DEFAULT'}: they do not fit tv:{arch} ({'; '.join(found)}); "
+            f"give a state dict saved from torchvision's {arch}"
+        )
+    net.load_state_dict(state)
 
 
 def lesson_stem(net: nn.Module, log) -> None:
@@ -142,6 +149,6 @@ def torchvision_backbone(
         ) from None
     state = _imagenet_state_dict(arch, opts)
     if state is not None:
-        _load(net, arch, state)
+        _load(net, arch, state, opts.weights)
     replace_head(net, num_classes, f"tv:{arch}")
     return with_stem(net, opts, log, stem)
