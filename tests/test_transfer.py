@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -157,3 +158,31 @@ def test_init_from_a_run_that_trained_on_this_runs_validation_images_is_refused(
     train(same, tmp_path / "same", log=lambda s: None)
     everything = _tiny(synthetic_images, tmp_path, val_size=0, init_from=str(tmp_path / "seed1"))
     train(everything, tmp_path / "everything", log=lambda s: None)
+
+
+def test_the_validation_check_knows_images_by_their_pixels_not_their_files(
+    synthetic_images, tmp_path
+):
+    """Each of these hid that the earlier run had learnt this run's validation images: the same
+    files renamed into another order, more images beside them, another image_size, another
+    on_bad_image. A duplicate this run also trains on is the data's, not a refusal."""
+    train(_tiny(synthetic_images, tmp_path, val_size=0), tmp_path / "all", log=lambda s: None)
+    renamed, more, twice = tmp_path / "renamed", tmp_path / "more", tmp_path / "twice"
+    shutil.copytree(synthetic_images / "train", more)
+    shutil.copytree(synthetic_images / "train", twice)
+    for f in sorted((synthetic_images / "train").rglob("*.png")):
+        (renamed / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, renamed / f.parent.name / f"{99 - int(f.stem)}.png")
+        shutil.copy(f, twice / f.parent.name / f"copy-{f.name}")
+    for f in (synthetic_images / "test").rglob("*.png"):
+        shutil.copy(f, more / f.parent.name / f"new-{f.name}")
+    original = str(synthetic_images / "train")
+    for data, more_settings in ((renamed, {}), (more, {}), (original, {"image_size": 40}),
+                                (original, {"on_bad_image": "skip"})):  # fmt: skip
+        config = _tiny(synthetic_images, tmp_path, init_from=str(tmp_path / "all"), **more_settings)
+        with pytest.raises(UserError, match=r"trained on [1-6] of the 6 images this run holds out"):
+            train(dataclasses.replace(config, data=str(data)), tmp_path / "x", log=lambda s: None)
+    first = dataclasses.replace(_tiny(synthetic_images, tmp_path, lr=0.01), data=str(twice))
+    train(first, tmp_path / "first", log=lambda s: None)
+    again = dataclasses.replace(first, init_from=str(tmp_path / "first"))
+    train(again, tmp_path / "again", log=lambda s: None)

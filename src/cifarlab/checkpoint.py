@@ -180,6 +180,7 @@ ENTRIES = {
     "temperature": (False, "a positive number", _positive),
     "temperature_ema": (False, "a positive number", _positive),
     "model_args": (False, "a mapping", _is(dict)),  # absent: from config (`inference.model_args`)
+    "train_digests": (False, "a tensor of image digests", _is(torch.Tensor)),
     **{
         f"model_args.{f.name}": (f.default is MISSING, f"of type {f.type}", _is(_HINTS[f.name]))
         for f in fields(ModelArgs)
