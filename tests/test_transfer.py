@@ -100,6 +100,18 @@ def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_init_from_a_run_of_another_image_size_names_the_size_when_weights_do_not_fit(
+    synthetic_images, tmp_path
+):
+    """It was torch's size mismatch of a classifier tensor, without a word of why."""
+    train(_tiny(synthetic_images, tmp_path, val_size=0), tmp_path / "at32", log=lambda s: None)
+    at40 = _tiny(
+        synthetic_images, tmp_path, val_size=0, image_size=40, init_from=str(tmp_path / "at32")
+    )
+    with pytest.raises(UserError, match=r"size mismatch .*32 px images: add --set image_size=32$"):
+        train(at40, tmp_path / "x", log=lambda s: None)
+
+
 def test_weights_of_another_model_name_the_file_and_the_tensors_that_do_not_fit(tmp_path):
     """It said only "weights do not fit resnet18: Error(s) in loading state_dict for ResNet:"."""
     other = tmp_path / "other.pth"

@@ -305,8 +305,11 @@ def init_from(model: torch.nn.Module, config: TrainConfig, splits: Splits, log) 
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
+        side = theirs.image_size  # cnn's classifier is sized by the image's side
+        hint = f"; it trained on {side} px images: add --set image_size={side}"
         raise UserError(
             f"--init-from {path}: weights do not fit ({str(exc).splitlines()[1].strip()})"
+            + hint * (side != config.image_size)
         ) from None
     bad = [k for k in missing if not k.startswith(head)] + list(unexpected)
     if bad:
