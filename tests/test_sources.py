@@ -75,6 +75,8 @@ def test_a_file_among_the_class_folders_is_named_unless_it_documents_the_data(
     (train / "emu").write_text("what was the emu folder")
     (train / "README.md").write_text("about these images")
     (train / ".DS_Store").write_bytes(b"\0")
+    for junk in ("Thumbs.db", "desktop.ini", "cat/Thumbs.db", "dog/desktop.ini"):  # Windows'
+        (train / junk).write_bytes(b"\0")
     (train / "labels.csv").write_text("file,label")
     code = main(["train", "--data", str(train.parent), "--data-root", str(data_root),
                  "--out", str(tmp_path / "run"), "--epochs", "1", "--val-size", "2",

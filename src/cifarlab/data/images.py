@@ -24,11 +24,15 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}  # macOS zips', Windows Explorer's files
+
+
 def is_junk(relative: PurePath) -> bool:
-    """Never data: anything hidden (.DS_Store, .ipynb_checkpoints/, macOS's AppleDouble `._x.jpg`)
-    or in a zip's `__MACOSX/`, at any level of `relative` (a path below the folder walked)."""
+    """Never data: anything hidden (.DS_Store, .ipynb_checkpoints/, macOS's AppleDouble `._x.jpg`),
+    a zip's `__MACOSX/` or Windows' `Thumbs.db` and `desktop.ini`, at any level of `relative`
+    (a path below the folder walked)."""
     return any(
-        part == "__MACOSX" or (part.startswith(".") and part not in (".", ".."))
+        part.lower() in JUNK_NAMES or (part.startswith(".") and part not in (".", ".."))
         for part in relative.parts
     )
 
