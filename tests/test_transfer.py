@@ -123,6 +123,28 @@ def test_weights_of_another_model_name_the_file_and_the_tensors_that_do_not_fit(
         assert part in str(err.value)
 
 
+def test_weights_wrapped_under_state_dict_or_model_or_saved_from_dataparallel_load(tmp_path):
+    """`{"state_dict": sd, "epoch": 3}` was refused: "1 unexpected, e.g. state_dict"."""
+    from torchvision import models
+
+    torch.manual_seed(1)
+    original = models.resnet18(weights=None).state_dict()
+    parallel = {"module." + k: v for k, v in original.items()}
+    for name, saved in {
+        "lightning": {"state_dict": original, "epoch": 3},
+        "script": {"model": original, "arch": "resnet18"},
+        "dataparallel": parallel,
+        "both": {"state_dict": parallel, "model": "resnet18"},
+    }.items():
+        torch.save(saved, tmp_path / f"{name}.pth")
+        net = build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / f"{name}.pth"))
+        key = "layer4.1.conv2.weight"
+        assert torch.equal(net.state_dict()[key], original[key]), name
+    torch.save([original], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="list.pth: holds a list, not a state dict"):
+        build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / "list.pth"))
+
+
 def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):
     empty = tmp_path / "empty.pth"
     empty.touch()

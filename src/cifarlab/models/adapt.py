@@ -33,11 +33,21 @@ def weights_file(weights: str, named: bool) -> Path | None:
 
 
 def load_state_file(path: Path) -> dict:
-    """A state dict from a local file (also our own `{"model": state}` wrapping)."""
+    """A state dict from a local file, also one wrapped under a `state_dict` or `model` key (our
+    checkpoints, many training scripts') or saved from DataParallel (every key `module.`...)."""
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file")
     state = read_tensors(path, f"--weights {path}", "state dict")
-    return state["model"] if isinstance(state, dict) and "model" in state else state
+    if not isinstance(state, dict):
+        raise UserError(
+            f"--weights {path}: holds a {type(state).__name__}, not a state dict; save one with "
+            "torch.save(model.state_dict(), FILE)"
+        )
+    inner = [v for k, v in state.items() if k in ("state_dict", "model") and isinstance(v, dict)]
+    state = inner[0] if len(inner) == 1 else state
+    if state and all(str(k).startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
 def replace_head(net: nn.Module, num_classes: int, where: str) -> None:
