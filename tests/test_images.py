@@ -38,3 +38,12 @@ def test_a_pipe_or_a_dangling_link_is_a_bad_image_not_a_wait(tmp_path):
     for name in ("pipe.png", "gone.png"):  # for every caller: predict, the API, training
         with pytest.raises(BadImage, match=f"{name}: not a regular file"):
             decode_image(tmp_path / name, 32)
+
+
+def test_an_empty_file_is_said_to_be_empty(tmp_path):
+    """Pillow's "cannot identify image file" does not say that the file holds nothing."""
+    (tmp_path / "empty.png").touch()
+    with pytest.raises(BadImage, match=r"empty\.png: the file is empty \(0 bytes\)$"):
+        decode_image(tmp_path / "empty.png", 32)
+    with pytest.raises(BadImage, match="the file is empty"):
+        decode_image(b"", 32)

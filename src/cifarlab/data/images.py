@@ -47,6 +47,8 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes) and not Path(source).is_file():  # opening a pipe would wait
         raise BadImage(f"{name}: not a regular file (a dangling link, pipe or device?)")
+    if not (source if isinstance(source, bytes) else Path(source).stat().st_size):
+        raise BadImage(f"{name}: the file is empty (0 bytes)")
     try:
         with (  # a large photo is shrunk like any other; Pillow still refuses a bomb
             warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning),
