@@ -277,3 +277,20 @@ def test_a_file_that_is_no_archive_of_any_kind_is_one_line(tmp_path):
     ) as e:
         load_source(str(fake), tmp_path / "root", 8)
     assert "\n" not in str(e.value)  # tarfile's message lists every method on lines of its own
+
+
+@pytest.mark.parametrize(("made", "named"), [("zip", "tar.gz"), ("w:gz", "zip"), ("w", "zip")])
+def test_an_archive_named_for_another_format_is_read_as_what_it_is(tmp_path, made, named):
+    """A zip named .tar.gz (or the reverse) was refused: "cannot extract; is the file complete?"."""
+    path = tmp_path / f"data.{named}"
+    pngs = {f"{c}/{i}.png": _png(i) for c in ("cat", "dog") for i in range(2)}
+    if made == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, png in pngs.items():
+                zf.writestr(name, png)
+    else:
+        with tarfile.open(path, made) as tf:
+            for name, png in pngs.items():
+                _add(tf, name, png)
+    data = load_source(str(path), tmp_path / "root", 8)
+    assert data.train.classes == ["cat", "dog"] and len(data.train.labels) == 4

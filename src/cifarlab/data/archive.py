@@ -132,8 +132,18 @@ def _write_members(members, tmp: Path, budget: _Budget) -> None:
             budget.copy(name, src, target)
 
 
-def _extract(archive: Path, tmp: Path, budget: _Budget) -> None:
+def _is_zip(archive: Path) -> bool:
+    """Its content's format where the name says the other: a zip named `.tar.gz`, or a tar
+    (gzip, bzip2, xz or plain) named `.zip`, is read as what it is."""
+    with open(archive, "rb") as f:
+        head = f.read(262)
     if archive.name.lower().endswith(".zip"):
+        return not (head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:] == b"ustar")
+    return head.startswith(b"PK\x03\x04")
+
+
+def _extract(archive: Path, tmp: Path, budget: _Budget) -> None:
+    if _is_zip(archive):
         with zipfile.ZipFile(archive) as zf:
             _write_members(_zip_members(zf, archive), tmp, budget)
     else:
