@@ -168,3 +168,17 @@ def read_only_folder(monkeypatch, folder: Path) -> Path:
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m: Path(p) != folder and real_access(p, m))
     return folder
+
+
+def disk_full_midway(monkeypatch, word: str) -> None:
+    """`Path.write_text` of a file whose name holds `word` writes half its text, then fails as
+    a full disk (or a kill) would stop it."""
+    real = Path.write_text
+
+    def write_text(path, text, *args, **kwargs):
+        if word not in path.name:
+            return real(path, text, *args, **kwargs)
+        real(path, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)

@@ -13,7 +13,7 @@ from cifarlab.cli import main
 from cifarlab.errors import UserError
 from cifarlab.rundir import RESULT_NUMBERS, RESULT_OPTIONAL, read_metrics
 from cifarlab.train import train
-from tests.conftest import make_config, write_synthetic_folder
+from tests.conftest import disk_full_midway, make_config, write_synthetic_folder
 
 QUIET = lambda s: None  # noqa: E731
 
@@ -73,18 +73,22 @@ def test_resume_with_a_recipe_file_compares_what_it_sets_not_its_name(
     assert "model: 'cnn' -> 'fastnet'" in err and "lr: 0.05 -> 0.9" in err
 
 
-def test_files_left_out_of_a_run_are_listed_in_the_run(tmp_path):
+def test_files_left_out_of_a_run_are_listed_in_the_run_and_a_failed_rewrite_keeps_the_list(
+    tmp_path, monkeypatch
+):
     data = write_synthetic_folder(tmp_path / "data")
     (data / "red" / "notes.txt").write_text("not an image")
-    messages = []
-    train(
-        _config(data, tmp_path, epochs=1, on_bad_image="skip"),
-        tmp_path / "run",
-        log=messages.append,
-    )
+    messages, stop = [], _stop_after("epoch 1/2")
+    config = _config(data, tmp_path, on_bad_image="skip", save_every_steps=1)
+    with pytest.raises(UserError):  # stopped after the first epoch
+        train(config, tmp_path / "run", log=lambda m: (messages.append(m), stop(m)))
     listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
     assert listed == [f"{data / 'red' / 'notes.txt'}: not ending in .bmp/.jpeg/.jpg/.png/.webp"]
     assert any("1 skipped (listed in skipped_images.txt)" in m for m in messages)
+    disk_full_midway(monkeypatch, "skipped_images")  # the resume's rewrite of the list fails
+    with pytest.raises(OSError, match="No space left"):
+        train(config, tmp_path / "run", resume=True, log=QUIET)
+    assert (tmp_path / "run" / "skipped_images.txt").read_text().splitlines() == listed
 
 
 def test_resume_after_the_data_changed_is_refused(tmp_path):

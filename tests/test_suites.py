@@ -8,9 +8,9 @@ import time
 import pytest
 
 from cifarlab.cli import main
-from cifarlab.errors import Interrupted, UserError
+from cifarlab.errors import Interrupted, TrainingFailed, UserError
 from cifarlab.suites import SuiteOptions, list_suites, load_suite, run_suite
-from tests.conftest import write_synthetic_folder
+from tests.conftest import disk_full_midway, write_synthetic_folder
 
 SUITE = """
 description: two tiny runs
@@ -246,6 +246,21 @@ def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypat
             "cutmix", SuiteOptions(tmp_path / "o", overrides={"data": "x"}), log=lambda s: None
         )
     assert stop.value.exit_code == 130 and "cifarlab train" not in str(stop.value)
+
+
+def test_a_divergence_cut_short_while_recorded_leaves_no_diverged_txt(tmp_path, monkeypatch):
+    """A half-written diverged.txt made every later suite command skip the run as diverged."""
+
+    def diverges(config, run_dir, **kw):
+        run_dir.mkdir(parents=True)
+        raise TrainingFailed("diverged: non-finite loss at epoch 1 step 3; the last good ...")
+
+    monkeypatch.setattr("cifarlab.train.train", diverges)
+    disk_full_midway(monkeypatch, "diverged")
+    opts = SuiteOptions(tmp_path / "o", overrides={"data": "x"})
+    with pytest.raises(OSError, match="No space left"):
+        run_suite("cutmix", opts, log=lambda s: None)
+    assert not [p.name for p in (tmp_path / "o").rglob("*diverged*")]  # nor a temporary file
 
 
 def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(finished, tmp_path):

@@ -32,6 +32,7 @@ from cifarlab.rundir import (
     prepare_run_dir,
     read_metrics,
     read_result,
+    replaced_when_complete,
 )
 
 SUITE_DIR = Path(__file__).parent / "suites"
@@ -265,7 +266,8 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
                 exc.exit_code,
             ) from None
         except TrainingFailed as exc:  # a finding, not an error: the table says "diverged"
-            (run_dir / DIVERGED).write_text(str(exc).split(";")[0] + "\n")
+            with replaced_when_complete(run_dir / DIVERGED) as tmp:  # whole, or absent: rerun
+                tmp.write_text(str(exc).split(";")[0] + "\n")
             log(f"[{run_dir.name}] {exc}")
             continue
         except UserError as exc:  # e.g. ImageNet weights offline: the other runs still go ahead

@@ -373,8 +373,8 @@ def _start(run: TrainingRun, ckpt: dict | None, saver: Checkpointer, log):
                 "curves and the run's total time leave them out"
             )
         if run.splits.skipped:  # on_bad_image: skip
-            text = "\n".join(run.splits.skipped) + "\n"
-            (saver.run_dir / "skipped_images.txt").write_text(text)
+            with replaced_when_complete(saver.run_dir / "skipped_images.txt") as tmp:
+                tmp.write_text("\n".join(run.splits.skipped) + "\n")
     c = run.config
     params = sum(p.numel() for p in run.model.parameters())
     log(f"model: {c.model} ({params / 1e6:.2f}M params) on {run.hw.describe()}, recipe {c.recipe}")
