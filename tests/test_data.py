@@ -220,6 +220,15 @@ def test_a_malformed_cifar_batch_is_one_line_naming_it(tmp_path, changes, needle
         load_source("cifar10", tmp_path, 32)
 
 
+def test_a_cifar_meta_naming_a_class_twice_is_refused(tmp_path):
+    """It trained, with two classes named cat."""
+    _tiny_cifar10(tmp_path)
+    names = ["cat", "dog", "cat", *(f"c{i}" for i in range(7))]
+    _rewrite(tmp_path / "cifar10" / "cifar-10-batches-py" / "batches.meta", label_names=names)
+    with pytest.raises(UserError, match="batches.meta: names cat more than once"):
+        load_source("cifar10", tmp_path, 32)
+
+
 @pytest.mark.parametrize("name", ["batches.meta", "data_batch_3", "test_batch"])
 def test_a_missing_cifar_file_is_one_line_with_the_way_out(tmp_path, name):
     """A missing batches.meta was a FileNotFoundError traceback."""

@@ -98,6 +98,11 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
             ) from None
     meta_path = folder / ds.meta["filename"]
     classes = [_text(c) for c in _field(_read_batch(meta_path), ds.meta["key"], meta_path)]
+    if twice := sorted({c for c in classes if classes.count(c) > 1}):
+        raise UserError(
+            f"{meta_path}: names {', '.join(twice)} more than once (each label needs a class "
+            f"name of its own); fix it, or remove {folder} to download it again"
+        )
     label_key = "labels" if name == "cifar10" else "fine_labels"
 
     def read(files: list) -> ImageSet:
