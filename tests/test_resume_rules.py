@@ -113,11 +113,12 @@ def test_resume_of_a_subset_run_whose_data_shrank_says_the_data_changed(tmp_path
     assert code == 2 and "data changed" in err and "subset=30" in err and "Traceback" not in err
 
 
-def _stopped_after_one_epoch_with_a_test_split(tmp_path) -> tuple[Path, list[str]]:
+def _stopped_after_one_epoch_with_a_test_split(tmp_path, test=True) -> tuple[Path, list[str]]:
     """The lesson's protocol (no validation split, test scored every epoch) stopped after epoch
     1 of 2: its data folder, and the command line that resumes it."""
     data = write_synthetic_folder(tmp_path / "data" / "train").parent
-    write_synthetic_folder(data / "test", per_class=4)
+    if test:
+        write_synthetic_folder(data / "test", per_class=4)
     with pytest.raises(UserError):
         train(_config(data, tmp_path, val_size=0), tmp_path / "run", log=_stop_after("epoch 1/2"))
     return data, ["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]
@@ -131,6 +132,14 @@ def test_resume_after_the_test_split_changed_is_refused(tmp_path, capsys):
     assert "data changed" in err and "test split" in err and "Traceback" not in err
     write_synthetic_folder(data / "test", per_class=4)  # the same images again
     assert main(resume) == 0
+
+
+def test_a_test_split_added_before_resume_is_scored_from_then_on(tmp_path):
+    data, resume = _stopped_after_one_epoch_with_a_test_split(tmp_path, test=False)
+    write_synthetic_folder(data / "test", per_class=4)  # not a second test set: the first
+    assert main(resume) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert math.isnan(rows[0]["test_acc"]) and not math.isnan(rows[1]["test_acc"])
 
 
 def test_an_unreadable_image_on_resume_is_to_be_restored_not_skipped(tmp_path, capsys):

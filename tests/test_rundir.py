@@ -190,3 +190,14 @@ def test_a_rewrite_locks_a_run_unless_this_process_holds_its_lock(tmp_path):
         RunLock(tmp_path).__enter__()  # a second opener, as another process would be
     with RunLock(tmp_path), rewrite_lock(tmp_path):  # train's own end-of-run calibration
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_lock_whose_folder_moved_is_not_held_at_the_old_name(tmp_path):
+    old, new = tmp_path / "a", tmp_path / "b"
+    old.mkdir()
+    with RunLock(old) as lock:  # as a suite moves a run to its new name
+        old.rename(new)
+        lock.path = new / ".lock"
+    old.mkdir()
+    with rewrite_lock(old), pytest.raises(UserError, match="in use"):
+        RunLock(old).__enter__()  # the old name is not this process's lock any more

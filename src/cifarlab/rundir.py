@@ -71,14 +71,14 @@ class RunLock:
     """`RUN_DIR/.lock`, held with `flock` for the run's life: the kernel drops it when its holder
     dies, so a crash's lock file is simply taken. The pid inside only names the holder."""
 
-    held: ClassVar[set[Path]] = (
-        set()
-    )  # the locks this process holds (a pid in the file may be recycled)
+    # the locks this process holds (a pid in the file may be recycled)
+    held: ClassVar[set[Path]] = set()
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self._fd: int | None = None
         self._fallback = None
+        self._held: Path | None = None
 
     def _busy(self, pid: int | None) -> UserError:
         who = f"process {pid}" if pid else "another process"
@@ -109,7 +109,8 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
-        RunLock.held.add(self.path.absolute())
+        self._held = self.path.absolute()
+        RunLock.held.add(self._held)
         return self
 
     def _enter_filelock(self) -> RunLock:
@@ -120,11 +121,12 @@ class RunLock:
             self._fallback.acquire(timeout=0)
         except Timeout:
             raise self._busy(None) from None
-        RunLock.held.add(self.path.absolute())
+        self._held = self.path.absolute()
+        RunLock.held.add(self._held)
         return self
 
     def __exit__(self, *exc) -> None:
-        RunLock.held.discard(self.path.absolute())
+        RunLock.held.discard(self._held)  # the path it was taken at, though the folder moved
         if self._fd is not None:
             self.path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a new inode
             os.close(self._fd)

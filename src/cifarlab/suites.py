@@ -56,8 +56,8 @@ class SuiteRun:
     config: TrainConfig
     changes: str
     requires: str = ""
-    # its name in the suite file: a run named there after its recipe is named after the one
-    # --recipe puts in its place (earlier versions kept the file's name for its folder)
+    # its name in the suite file (a run named after its recipe takes --recipe's name): a folder
+    # trained under that name is found and moved (`_adopt_renamed`)
     was: str = ""
 
 

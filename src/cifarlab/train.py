@@ -387,8 +387,8 @@ def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
         ("data_fingerprint", "images, labels or classes differ, so would its split"),
         ("test_fingerprint", "its test split differs: its epochs would be scored on two test sets"),
     ):
-        theirs = ckpt.get(key)  # None: a checkpoint from before the key
-        if theirs is not None and theirs != getattr(run, key):
+        theirs = ckpt.get(key)  # None: a checkpoint from before the key; "": no test split then
+        if theirs and theirs != getattr(run, key):
             raise data_changed(f"--resume {saver.run_dir}", detail, RESUME_WAY_OUT)
     try:
         restore(run, ckpt)

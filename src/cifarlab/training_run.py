@@ -285,6 +285,9 @@ def init_from(model: torch.nn.Module, config: TrainConfig, splits: Splits, log) 
     """Our own checkpoint's weights into `model`; the head starts fresh when the classes differ."""
     classes = splits.classes
     path, ckpt = init_from_checkpoint(config, splits)
+    if "train_digests" not in ckpt and len(splits.val):
+        log(f"note: {path} keeps no train_digests, so whether its run trained on this run's "
+            "validation images is not checked")  # fmt: skip
     theirs = model_args(ckpt)
     if (theirs.name, theirs.stem) != (config.model, config.stem):
         raise UserError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import stat
@@ -100,12 +101,15 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path):
 
 def _tar_members(tf: tarfile.TarFile, archive: Path, tmp: Path):
     members = tf.getmembers()
-    tf.fileobj.seek(tf.offset)  # tarfile takes a file cut at a member's edge as its whole
-    if tf.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-        raise UserError(
-            f"{archive}: cut short after {len(members)} members (no end-of-archive marker); "
-            "copy or download it again"
-        )
+    # tarfile takes a plain tar cut at a member's edge as whole (a compressed one cut short fails
+    # in its decompressor; seeking back in one would decompress it all again)
+    if isinstance(tf.fileobj, io.BufferedReader):
+        tf.fileobj.seek(tf.offset)
+        if tf.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise UserError(
+                f"{archive}: cut short after {len(members)} members (no end-of-archive marker); "
+                "copy or download it again"
+            )
     for member in members:
         if member.issym() or member.islnk():  # the 'data' filter would let inner links through
             raise _link_refused(archive, member.name, ", e.g. tar --dereference")
