@@ -39,10 +39,11 @@ def _folder_stamp(root: Path) -> str:
     folder's images are read), each real folder once: a link loop ends."""
     h, seen = hashlib.sha256(), set()
     for dirpath, dirs, files in os.walk(root, followlinks=True):
-        if os.path.realpath(dirpath) in seen:
+        real = os.path.realpath(dirpath)
+        if real in seen:
             dirs.clear()
             continue
-        seen.add(os.path.realpath(dirpath))
+        seen.add(real)
         dirs.sort()
         for name in [*sorted(files), *dirs]:
             full = os.path.join(dirpath, name)
