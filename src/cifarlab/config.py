@@ -646,13 +646,14 @@ def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     if wanted.time_budget and not wanted.train_steps:  # the run chooses its length
         left |= set(LENGTH_KEYS) - {"time_budget"}
         left |= {"width_halvings"} if wanted.fit_width else set()  # ... and how narrow it trains
-    differ = [
-        k for k, f in FIELDS.items()
-        if not f.metadata.get("runtime") and k not in left and getattr(saved, k) != getattr(wanted, k)
-        and not (k == "split_seed" and split_seed(saved) == split_seed(wanted))
-        and not (k == "data" and absolute_data(saved.data) == absolute_data(wanted.data))
-    ]  # fmt: skip
-    return [k for k in differ if "epochs" not in differ or not FIELDS[k].metadata.get("scaled")]
+    old, new = (
+        dataclasses.replace(c, split_seed=split_seed(c), data=absolute_data(c.data))
+        for c in (saved, wanted)
+    )
+    differ = {k for k in FIELDS.keys() - RUNTIME_KEYS - left if getattr(old, k) != getattr(new, k)}
+    if "epochs" in differ:
+        differ -= {k for k in differ if FIELDS[k].metadata.get("scaled")}
+    return [k for k in FIELDS if k in differ]
 
 
 def config_changes(saved: TrainConfig, wanted: TrainConfig) -> list[str]:

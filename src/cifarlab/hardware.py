@@ -147,26 +147,26 @@ def choose_amp(
     (default `bf16_speedup`); else fp32. `flags` and `speedup` stand in for the CPU's."""
     if requested != "auto":
         return requested, f"amp: {requested} as configured"
+    amp, why = _auto_amp(device, flags, speedup)
+    return amp, f"amp: auto -> {'fp32' if amp == 'off' else amp} ({why})"
+
+
+def _auto_amp(device: torch.device, flags: set[str] | None, speedup) -> tuple[str, str]:
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):  # not emulated (pre-Ampere)
-            return "bf16", "amp: auto -> bf16 (CUDA device with bf16 support)"
-        return "off", "amp: auto -> fp32 (this CUDA device has no bf16)"
+            return "bf16", "CUDA device with bf16 support"
+        return "off", "this CUDA device has no bf16"
     if device.type != "cpu":
-        return "off", f"amp: auto -> fp32 (on {device.type})"
+        return "off", f"on {device.type}"
     flags = cpu_flags() if flags is None else flags
     if {"amx_bf16", "amx_tile"} <= flags:
-        return (
-            "bf16",
-            "amp: auto -> bf16 (this CPU has AMX tiles: bf16 trains ~3x faster than fp32)",
-        )
+        return "bf16", "this CPU has AMX tiles: bf16 trains ~3x faster than fp32"
     if "avx512_bf16" not in flags:
-        return "off", "amp: auto -> fp32 (this CPU has no bf16 instructions)"
+        return "off", "this CPU has no bf16 instructions"
     ratio = (speedup or bf16_speedup)()
-    verdict = "bf16" if ratio >= BF16_PAYS else "off"
-    return verdict, (
-        f"amp: auto -> {'bf16' if verdict == 'bf16' else 'fp32'} (no AMX, but AVX512-BF16: a "
-        f"fastnet training step timed {ratio:.2f}x as fast in bf16 as in fp32 on this CPU; "
-        f"timed once, kept in {default_data_root() / KEPT})"
+    return "bf16" if ratio >= BF16_PAYS else "off", (
+        f"no AMX, but AVX512-BF16: a fastnet training step timed {ratio:.2f}x as fast in bf16 "
+        f"as in fp32 on this CPU; timed once, kept in {default_data_root() / KEPT}"
     )
 
 
