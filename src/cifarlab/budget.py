@@ -4,6 +4,7 @@ test pass end within the budget. The schedule (warm-up included) is shaped to th
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import itertools
@@ -39,10 +40,9 @@ class Timings:
 
 
 def measure(run, steps: int = 3, warmup: int = 1, too_slow=None) -> Timings | None:
-    """Median seconds of the run's own step (`train_step` and `optimizer_step`) in its first
-    epoch and, when that changes (`settling_epoch`), from then on; and the evaluation cost.
-    The steps train `run` itself, out of the budget; then `run` and the global random state
-    are put back as they were. None as soon as `too_slow(seconds)` holds for a first-epoch
+    """Median seconds of the run's own step in its first epoch and, when that changes
+    (`settling_epoch`), from then on; and the evaluation cost. `run` and the global random state
+    are put back as they were after. None as soon as `too_slow(seconds)` holds for a first-epoch
     step: a pace that rules the run out needs no more steps to know it."""
     built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
@@ -122,15 +122,11 @@ def plan_steps(
         return min(epochs * steps_per_epoch, steps)
 
     # the most whole epochs that fit, by bisection: a week's budget of sub-second epochs is
-    # millions of epochs, too many to count one by one
-    low, high = 0, 1
-    while fit(high) == high * steps_per_epoch:
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fit(middle) == middle * steps_per_epoch else (low, middle)
+    # millions of epochs, too many to count one by one; none past `most`, at the fastest pace
+    most = int(seconds_left / (steps_per_epoch * min(step, later) + per_epoch)) + 1
+    short = bisect.bisect_left(range(most + 1), True, key=lambda e: fit(e) < e * steps_per_epoch)
     best = 0
-    for epochs in itertools.count(max(1, low - 1)):  # then a last, partial epoch
+    for epochs in itertools.count(max(1, short - 2)):  # then a last, partial epoch
         if fit(epochs) <= (epochs - 1) * steps_per_epoch:
             break
         best = fit(epochs)

@@ -1,10 +1,9 @@
 """PyTorch's CPU allocator on huge pages; decided before torch is imported (`cifarlab/__init__`).
 
-With transparent huge pages in `madvise` mode (most Linux kernels' default), PyTorch's large CPU
-buffers sit on 4 KiB pages and a training step spends much of its time faulting them in. Its
-allocator asks the kernel for 2 MiB pages when THP_MEM_ALLOC_ENABLE=1, which it reads once, at
-its first allocation: `fast` then trains ~6% more images/s in fp32 on a 2-core CPU (590 against
-557; docs/benchmarks.md). A user's own THP_MEM_ALLOC_ENABLE always wins.
+With transparent huge pages in `madvise` mode (most kernels' default), a training step spends
+much of its time faulting in PyTorch's large CPU buffers on 4 KiB pages. THP_MEM_ALLOC_ENABLE=1,
+read at torch's first allocation, asks for 2 MiB pages: `fast` trains ~6% more images/s on a
+2-core CPU (docs/benchmarks.md). A user's own THP_MEM_ALLOC_ENABLE always wins.
 """
 
 from __future__ import annotations

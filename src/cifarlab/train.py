@@ -215,12 +215,10 @@ def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
 def _fit_to_budget(
     run, config: TrainConfig, started: float, log, stop
 ) -> tuple[TrainingRun, Plan | None]:
-    """`fit_to_budget`; with `fit_width`, while fewer than half of `config.epochs` fit (a first
-    step may show it), `config` is built again at half the width (`width_halvings`, at most
-    two) on the same splits and timed again: a narrower net that runs nearly all of its
-    schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`). A config already
-    planned keeps its width, and so does one whose timing took over half the time then left
-    (timing the narrower net would eat what it saves)."""
+    """`fit_to_budget`; with `fit_width`, while under half of `config.epochs` fit, rebuilt at half
+    the width (at most twice) on the same splits: a narrower net that runs nearly all of its
+    schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`). Not when timing the
+    narrower net would take over half the time left, nor for a config already planned."""
     while True:
         halvings = run.config.width_halvings
         narrower = config.fit_width and not config.train_steps and halvings < 2

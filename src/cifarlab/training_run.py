@@ -329,10 +329,9 @@ def image_digests(images: np.ndarray) -> torch.Tensor:
 
 def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
     """What is wrong when the checkpoint's run trained on images this run holds out for
-    validation (best.pt would be picked, and accuracy reported, on images the weights learnt);
-    "" when it did not or that cannot be told (a checkpoint without `train_digests`). Images are
-    compared by their pixels at the size that run decoded them; one this run also trains on
-    (the data's own duplicate) is no fault of that run's."""
+    validation; "" when it did not or cannot be told (no `train_digests`). Images are compared
+    by their pixels at the size that run decoded them; one this run also trains on (the data's
+    own duplicate) is no fault of that run's."""
     theirs = ckpt.get("train_digests")
     if theirs is None or not len(splits.val):
         return ""
@@ -350,27 +349,20 @@ def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
     except UserError:
         them = None  # a config of another version: its split cannot be told
     alike = them is not None and them.val_size and them.classes == config.classes
-    same, ours = _split_of(them if alike else config, flags=True), _split_of(config, flags=True)
-    same = "" if same == ours else f"hold out the same ({same}), "
+    same = ""
+    if alike and _split_flags(them) != _split_flags(config):
+        same = f"hold out the same ({_split_flags(them)}), "
     return (
         f"its run trained on {len(seen)} of the {len(val)} images this run holds out for "
-        f"validation (that run: {_split_of(them) if them else 'unknown split'}; this run: "
-        f"{_split_of(config)}): they would inflate validation accuracy and pick best.pt; {same}"
-        "train with --val-size 0, or start from a run that held these images out"
+        f"validation ({_split_flags(config)}): they would inflate validation accuracy and pick "
+        f"best.pt; {same}train with --val-size 0, or start from a run that held these images out"
     )
 
 
-def _split_of(config: TrainConfig, flags: bool = False) -> str:
-    """The settings that draw `config`'s validation split, as words or as command-line flags."""
-    seed, subset, classes = split_seed(config), config.subset, ",".join(config.classes)
-    if flags:
-        return (
-            f"--val-size {config.val_size} --set split_seed={seed}"
-            + f" --subset {subset}" * bool(subset)
-        )
-    return f"val_size {config.val_size}, split seed {seed}" + (
-        f", subset {subset}" * bool(subset) + f", classes {classes}" * bool(classes)
-    )
+def _split_flags(config: TrainConfig) -> str:
+    """The command-line flags that draw `config`'s validation split."""
+    subset = f" --subset {config.subset}" if config.subset else ""
+    return f"--val-size {config.val_size} --set split_seed={split_seed(config)}{subset}"
 
 
 def param_groups(model: torch.nn.Module, config: TrainConfig, log=print) -> list[dict]:
