@@ -26,7 +26,6 @@ def random_crop(x: torch.Tensor, padding: int, mode: str, gen: torch.Generator) 
 
 
 def mirror(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Mirror left-right the images whose `flips` entry is set."""
     return torch.where(flips[:, None, None, None], x.flip(3), x)
 
 
@@ -48,8 +47,7 @@ def _factor(n: int, strength: float, like: torch.Tensor, gen: torch.Generator) -
 def color_jitter(
     x: torch.Tensor, brightness: float, contrast: float, saturation: float, gen
 ) -> torch.Tensor:
-    """torchvision's ColorJitter maths per image on [0, 1] floats; in place on one copy of `x`, as
-    fewer temporaries keep it a small share of a CPU step."""
+    """torchvision's ColorJitter maths per image on [0, 1] floats, in place on one copy of `x`."""
     n = x.shape[0]
     x = x.clone()
     if brightness:
@@ -113,7 +111,7 @@ class BatchAugment:
     ) -> torch.Tensor:
         """`flips` (bool per image) replaces the flip coin, for the alternating flip."""
         c = self.c
-        if self.policy is not None:  # per image by design: each draws its own operations
+        if self.policy is not None:  # per image: each draws its own operations
             x = torch.stack([self.policy(img) for img in x])
         x = x.float().div_(255)
         if c.crop_padding:

@@ -23,9 +23,8 @@ except ImportError:  # Windows: no flock to tell a live extraction's folder from
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
-# Extracted bytes allowed per archive byte. Images are compressed already: the CIFAR-10 JPEG
-# .tar.gz (16.4 MB) holds 46.0 MB of files (2.8x), so 50x leaves ample room for real data while
-# a 1 MB archive of zeros (1.1 GB extracted) is refused.
+# Extracted bytes allowed per archive byte: images are compressed already (CIFAR-10's JPEGs
+# extract 2.8x), while a zip of zeros extracts ~1000x.
 MAX_RATIO = 50
 MIN_TOTAL_BYTES = 64 << 20  # small archives may always extract this much
 MAX_MEMBER_BYTES = 64 << 20  # no training image comes near this
@@ -77,8 +76,8 @@ def _link_refused(archive: Path, name: str, how: str = "") -> UserError:
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str:
-    """The member's name. zipfile reads a name without the UTF-8 flag as cp437, but Info-ZIP and
-    macOS write UTF-8 names without it: `chat_été/` became the class `chat_├⌐t├⌐`."""
+    """zipfile reads a name without the UTF-8 flag as cp437, but Info-ZIP and macOS write UTF-8
+    names without it (`chat_été/` became the class `chat_├⌐t├⌐`)."""
     if info.flag_bits & 0x800:
         return info.filename
     try:
@@ -136,18 +135,9 @@ def _write_members(members, tmp: Path, budget: _Budget) -> None:
             budget.copy(name, src, target)
 
 
-def _is_zip(archive: Path) -> bool:
-    """Its content's format where the name says the other: a zip named `.tar.gz`, or a tar
-    (gzip, bzip2, xz or plain) named `.zip`, is read as what it is."""
-    with open(archive, "rb") as f:
-        head = f.read(262)
-    if archive.name.lower().endswith(".zip"):
-        return not (head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")) or head[257:] == b"ustar")
-    return head.startswith(b"PK\x03\x04")
-
-
 def _extract(archive: Path, tmp: Path, budget: _Budget) -> None:
-    if _is_zip(archive):
+    # by content, not name (a zip named .tar.gz, a tar named .zip); a tar may end in a zip member
+    if zipfile.is_zipfile(archive) and not tarfile.is_tarfile(archive):
         with zipfile.ZipFile(archive) as zf:
             _write_members(_zip_members(zf, archive), tmp, budget)
     else:

@@ -1,8 +1,5 @@
-"""The decoded-array cache: one .npz per (source files, image size), checked as it is read.
-
-Decoding the 50,000 CIFAR-10 JPEGs takes ~20 s on 2 CPU cores; reading the cached arrays well
-under a second.
-"""
+"""The decoded-array cache: one .npz per (source files, image size), checked as it is read;
+reading it back is tens of times faster than decoding the images again."""
 
 from __future__ import annotations
 
@@ -84,33 +81,28 @@ def _remove_stale(root: Path, key: str) -> None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def _not_writable(root: Path, why: str, folder: Path | None = None) -> UserError:
-    inside = folder is not None and folder != root
-    if inside and why == "it is a file":
-        return UserError(
-            f"--data-root {root}: {folder} is a file where the image cache keeps a folder; "
-            f"remove or move {folder}"
-        )
-    where = f"{root}: {folder} is" if inside else f"{root}:"
-    return UserError(
-        f"--data-root {where} not a writable folder ({why}); point --data-root "
-        "(or $CIFARLAB_DATA) at a folder you can write"
-    )
-
-
 def ensure_writable(root: Path) -> None:
     """Checked before decoding, so a bad --data-root fails at once and not after the decode:
     the root and the folders under it that a decode writes (`extracted/`, `arrays/`)."""
     for folder in (root, root / "extracted", root / "arrays"):
-        if folder.exists() and not folder.is_dir():
-            raise _not_writable(root, "it is a file", folder)
-        if folder == root or folder.exists():
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise _not_writable(root, exc.strerror or type(exc).__name__, folder) from None
-            if not os.access(folder, os.W_OK):
-                raise _not_writable(root, "permission denied", folder)
+        if folder != root and folder.exists() and not folder.is_dir():
+            raise UserError(
+                f"--data-root {root}: {folder} is a file where the image cache keeps a folder; "
+                f"remove or move {folder}"
+            )
+        if folder != root and not folder.exists():
+            continue  # made by the decode that writes it
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            why = "" if os.access(folder, os.W_OK) else "permission denied"
+        except OSError as exc:
+            why = "it is a file" if folder.is_file() else exc.strerror or type(exc).__name__
+        if why:
+            where = f"{root}:" if folder == root else f"{root}: {folder} is"
+            raise UserError(
+                f"--data-root {where} not a writable folder ({why}); point --data-root "
+                "(or $CIFARLAB_DATA) at a folder you can write"
+            )
 
 
 def _file(root: Path, key: str) -> Path:
@@ -129,7 +121,7 @@ def _as_saved(ds: ImageSet) -> bool:
     )  # fmt: skip
 
 
-def load(root: Path, key: str):
+def load(root: Path, key: str) -> SourceData | None:
     """The cached SourceData, or None when absent or damaged (then it is rebuilt). Damage is
     found by the zip's CRC-32 of each array, which numpy's reader checks as it reads the array
     (no separate hash pass over the file), and by the arrays' shapes, types and labels."""
@@ -155,7 +147,7 @@ def load(root: Path, key: str):
         return None
 
 
-def save(root: Path, key: str, data) -> None:
+def save(root: Path, key: str, data: SourceData) -> None:
     npz = _file(root, key)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str), "plain": np.asarray(data.plain)}
     for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
@@ -169,13 +161,10 @@ def save(root: Path, key: str, data) -> None:
         npz.parent.mkdir(parents=True, exist_ok=True)
         with replaced_when_complete(npz) as tmp, open(tmp, "wb") as f:  # no partial file left
             np.savez(f, **arrays)
-    except OSError as exc:
-        where = Path(exc.filename2 or exc.filename or root)
-        if where == root or (where.parent == npz.parent and where != npz):  # root, or the temp file
-            folder = root if where == root else where.parent
-            raise _not_writable(root, exc.strerror or type(exc).__name__, folder) from None
+    except OSError as exc:  # the folders were writable before the decode (`ensure_writable`)
         raise UserError(
-            f"--data-root {root}: cannot write the image cache at {where} "
-            f"({exc.strerror or type(exc).__name__}); remove or move {where}"
+            f"--data-root {root}: cannot write the image cache at {npz} "
+            f"({exc.strerror or type(exc).__name__}); free it (a folder of that name, a full "
+            "disk), or point --data-root elsewhere"
         ) from None
     _remove_stale(root, key)

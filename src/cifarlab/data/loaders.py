@@ -73,8 +73,7 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor, StepRandom]]  # (images, la
 
 
 def to_device_uint8(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(N, 3, H, W) uint8 on `device`. On the CPU a view of `images` in channels_last layout
-    (the layout models take there): no copy of the whole set (a batch's gather copies)."""
+    """(N, 3, H, W) uint8 on `device`; on the CPU a channels_last view of `images`, no copy."""
     nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
     return nchw if device.type == "cpu" else nchw.contiguous().to(device)
 

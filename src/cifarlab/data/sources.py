@@ -124,7 +124,7 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
                 )
             if found.shape != (len(data),) or found.dtype.kind not in "ui":
                 raise UserError(f"{path}: {found.size} '{label_key}' for {len(data)} images")
-            if len(found) and not 0 <= found.min() <= found.max() < len(classes):
+            if not 0 <= found.min() <= found.max() < len(classes):
                 raise UserError(
                     f"{path}: labels run from {found.min()} to {found.max()}, but {meta_path.name} "
                     f"names {len(classes)} classes"
@@ -178,10 +178,8 @@ def _visible(folder: Path) -> list[Path]:
 
 def _walk_layout(root: Path) -> tuple[dict[str, Path], bool, list[tuple[Path, Path]]]:
     """The split folders of `root/{train,val|valid,test}/<class>`, whether the layout is plain
-    (`root/<class>`: one labelled set), and each (folder, its one wrapper folder) looked through:
-    a second folder beside that wrapper would make both the class folders. One wrapper folder
-    (junk beside it aside) is looked through; a lone folder holding images is a class (only dog/
-    to score), not a wrapper."""
+    (`root/<class>`: one labelled set), and each (folder, the one wrapper folder looked through
+    in it). A lone folder holding images is a class (only dog/ to score), not a wrapper."""
     wrappers: list[tuple[Path, Path]] = []
     for _ in range(2):
         if found := _split_folders(root):
@@ -197,11 +195,9 @@ def _walk_layout(root: Path) -> tuple[dict[str, Path], bool, list[tuple[Path, Pa
 
 
 def check_outside_images(out: Path, src: str, flag: str = "--out") -> None:
-    """A run directory (or, `flag` --data-root, the image cache) among the folders `src`'s classes
-    are read from would be read as a class (or its files as images), so it is refused before it
-    is made; so is one beside the wrapper folder looked through (it would make both classes).
-    One below a hidden folder (`.cache/`) is never read. Below a file it cannot be made at all,
-    which the run directory's own check says."""
+    """Refuse `out` (a run directory, or with `flag` --data-root the image cache) where `src`'s
+    classes are read from, or beside the wrapper folder looked through: it would be read as a
+    class. One below a hidden folder (`.cache/`) or a file is never read."""
     data = expand(src)
     if src in DATASETS or not data.is_dir():
         return
@@ -316,8 +312,11 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
 def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
     """Every split folder holds the first's classes (of `classes`, when a selection is given)."""
     splits = {"train": data.train, "val": data.val, "test": data.test}
-    named = [(k, {c for c in ds.classes if not classes or c in classes})
-             for k, ds in splits.items() if ds is not None]  # fmt: skip
+    named = [
+        (k, {c for c in ds.classes if not classes or c in classes})
+        for k, ds in splits.items()
+        if ds is not None
+    ]
     (first, ref), *others = named
     for name, have in others:
         if have != ref:

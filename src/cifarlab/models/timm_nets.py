@@ -1,8 +1,6 @@
-"""timm models (`timm:<name>`, the optional `timm` extra) with random weights or weights from a
-local file; never a download. Stems as for torchvision (`adapt`); models timm marks
-`fixed_input_size` (ViT, DeiT, Swin, ...) take only `stem: imagenet` and are built for
-`input_size` (timm resamples their position embeddings when it loads a file).
-"""
+"""timm models (`timm:<name>`, the `timm` extra), random or from a local file, never downloaded.
+Stems as for torchvision (`adapt`); those timm marks `fixed_input_size` are built for
+`input_size` (timm resamples their position embeddings when it loads a file)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Any torchvision classification model (`tv:<builder>`, and the fixed `tv-*` names): ImageNet
-weights by enum name, DEFAULT, or from a local file; the head and stem fitted by `adapt`.
-
-Models whose patch and position embeddings fix their input side (ViT, MaxViT) take only
-`stem: imagenet` and are built for `input_size`; ViT's ImageNet position embeddings are resampled
-to it with torchvision's own `interpolate_embeddings`.
-"""
+"""Any torchvision classifier (`tv:<builder>`, and the fixed `tv-*` names): ImageNet weights by
+enum name, DEFAULT, or from a local file; the head and stem fitted by `adapt`. ViT and MaxViT
+(embeddings of a fixed side) are built for `input_size`, ViT's weights resampled to it."""
 
 from __future__ import annotations
 
