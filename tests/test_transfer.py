@@ -100,6 +100,18 @@ def test_init_from_another_model_is_refused(pretrained_run, real_jpegs, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_init_from_a_file_that_is_not_a_checkpoint_names_the_flag(
+    pretrained_run, real_jpegs, tmp_path
+):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    config = make_config(data=str(real_jpegs), data_root=str(pretrained_run / "d"), model="fastnet", classes=LAST5,
+                         epochs=1, val_size=50, init_from=str(notes))  # fmt: skip
+    with pytest.raises(UserError, match=r"^--init-from .*notes\.txt: not a checkpoint"):
+        train(config, tmp_path / "x", log=lambda s: None)
+    assert not (tmp_path / "x").exists()
+
+
 def test_init_from_a_run_of_another_image_size_names_the_size_when_weights_do_not_fit(
     synthetic_images, tmp_path
 ):

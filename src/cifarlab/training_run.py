@@ -272,9 +272,9 @@ def init_from_checkpoint(config: TrainConfig, splits: Splits) -> tuple[Path, dic
     images (`_trained_on_val`); tune asks before its study is stored."""
     try:
         path = resolve_checkpoint(config.init_from)
+        ckpt = load_checkpoint(path)
     except UserError as exc:
         raise UserError(f"--init-from {exc}") from None
-    ckpt = load_checkpoint(path)
     leaked = _trained_on_val(ckpt, config, splits)
     if leaked:
         raise UserError(f"--init-from {path}: {leaked}")
