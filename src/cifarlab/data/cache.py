@@ -122,9 +122,8 @@ def _as_saved(ds: ImageSet) -> bool:
 
 
 def load(root: Path, key: str) -> SourceData | None:
-    """The cached SourceData, or None when absent or damaged (then it is rebuilt). Damage is
-    found by the zip's CRC-32 of each array, which numpy's reader checks as it reads the array
-    (no separate hash pass over the file), and by the arrays' shapes, types and labels."""
+    """The cached SourceData, or None when absent or damaged (then it is rebuilt): numpy checks
+    each array's CRC-32 as it reads it, and `_as_saved` their shapes, types and labels."""
     npz = _file(root, key)
     if not npz.is_file():
         return None

@@ -24,9 +24,8 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes, paths)
 
     def take_in_place(self, index: np.ndarray) -> ImageSet:
-        """`take(index)` for ascending `index`, its images moved to the front of this set's own
-        array instead of copied into a new one (a new array of all the training images costs
-        as long again as reading them from the cache). This set is not to be used after."""
+        """`take(index)` for ascending `index`, moving the images to the front of this set's own
+        array (a new array of them all costs as long again as reading the cache); used up after."""
         images = self.images
         if not images.flags.writeable:
             return self.take(index)

@@ -68,9 +68,8 @@ def onto_classes(ds: ImageSet, classes: list[str], where: str) -> ImageSet:
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 1], from each channel's histogram of 256 values: exact
-    sums, with no float copy of the pixels. torch's bincount counts uint8 as it is (numpy's
-    copies it to int64 first, twice the time)."""
+    """Per-channel mean and std in [0, 1] from each channel's histogram: exact, with no float copy
+    of the pixels (torch's bincount takes uint8 as it is; numpy's copies it to int64 first)."""
     counts = np.zeros((3, 256), dtype=np.int64)
     pixels = torch.from_numpy(np.ascontiguousarray(images).reshape(-1, 3))
     for part in pixels.split(1 << 22):  # each channel's copy stays small
@@ -118,9 +117,8 @@ def load_splits(config: TrainConfig) -> Splits:
 
 
 def check_sizes(config: TrainConfig, splits: Splits) -> None:
-    """What training needs of its splits: a held-out image of each class at the least (else a
-    temperature is fitted on 3 images), a training image of each class (a class it never sees
-    is one it never predicts) and a batch's worth of training images."""
+    """What training needs: a held-out image of each class (a temperature is fitted on them), a
+    training image of each class (one never seen is never predicted) and a batch's worth."""
     classes, train = len(splits.classes), len(splits.train)
     if 0 < len(splits.val) < classes and not splits.val_folder:
         raise UserError(
