@@ -114,21 +114,21 @@ def calibrate_run(
     present = [run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()]
     if run_dir.is_file():
         present, val = [run_dir], None
-    dev, fitted = pick_device(device, "--device cpu"), []
+    dev, first = pick_device(device, "--device cpu"), None
     # held from reading the checkpoints to writing them: a `train --resume` meanwhile would save
     # an epoch that the write of the copy read before it then rolls back
     with rewrite_lock(present[0].parent):
         for path in present:
             ckpt = load_checkpoint(path)
-            twin = next((f for f in fitted if _same_weights(ckpt, f[1])), None)
-            if twin is None:
+            if first is not None and _same_weights(ckpt, first):  # last.pt == best.pt: one fit
+                ckpt.update({k: v for k, v in first.items() if k.startswith("temperature")})
+                log(
+                    f"{path.name}: temperature {ckpt['temperature']:.3f} "
+                    f"(the same weights as {present[0].name})"
+                )
+            else:
                 val = val or _load_val(ckpt, path, dev)  # loaded once, for every fit
                 _fit(ckpt, path, val, dev, log)
-            else:  # last.pt == best.pt: one fit
-                ckpt.update({k: v for k, v in twin[1].items() if k.startswith("temperature")})
-                log(
-                    f"{path.name}: temperature {ckpt['temperature']:.3f} (the same weights as {twin[0]})"
-                )
             atomic_save(ckpt, path)
-            fitted.append((path.name, ckpt))
-    return fitted[0][1]["temperature"]
+            first = first or ckpt
+    return first["temperature"]

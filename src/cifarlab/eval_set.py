@@ -3,8 +3,6 @@ again from its config, refused when that data is gone or changed since the run t
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.archive import is_archive
@@ -13,19 +11,13 @@ from cifarlab.data.splits import onto_classes, select_classes
 from cifarlab.errors import TooFewImages, UserError, data_changed
 from cifarlab.training_run import data_fingerprint
 
-
-class WayOut(NamedTuple):
-    """How a command gets past its run's data being gone or changed, and a checkpoint naming none."""
-
-    data_gone: str
-    no_data: str
-
-
+# per command: how to get past its run's data being gone or changed; past a checkpoint naming none
 WAYS_OUT = {
-    "evaluate": WayOut(
-        "restore the data, or pass --data with a held-out folder of <class>/ images", "pass --data"
+    "evaluate": (
+        "restore the data, or pass --data with a held-out folder of <class>/ images",
+        "pass --data",
     ),
-    "calibrate": WayOut("restore the data, then calibrate again", "re-train, or restore the file"),
+    "calibrate": ("restore the data, then calibrate again", "re-train, or restore the file"),
 }
 
 
@@ -40,8 +32,7 @@ def load_eval_set(
 ) -> tuple[ImageSet, str]:
     """The images to score, labelled with the checkpoint's class indices, and their source.
     Another source in `data` is scored whole (its test/ or val/ folder, or all of a plain
-    `<class>/` folder); the run's own data, named or not, gives the split it held out (same
-    seed) for "val", and its test/ folder for "test"."""
+    `<class>/` folder); the run's own data gives its held-out split for "val", its test/ for "test"."""
     way_out, no_data = WAYS_OUT[command]
     if data is None and "data" not in ckpt["config"]:  # the default would fill in cifar10
         raise UserError(f"checkpoint {where} has no config.data; {no_data}")

@@ -26,7 +26,7 @@ from cifarlab.data.sources import check_outside_images, printable
 from cifarlab.errors import UserError
 from cifarlab.eval_set import load_eval_set, same_source
 from cifarlab.hardware import pick_device
-from cifarlab.inference import TTA_VIEWS, load_model, predict_logits
+from cifarlab.inference import TTA_VIEWS, load_model
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import check_not_a_run, check_out, json_text, read_metrics
@@ -140,8 +140,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
     report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
                   split=opts.split, classes=classes, training=_training_entry(rows))  # fmt: skip
-    if loaded.temperature == 1.0 and rows and all(math.isnan(r["val_acc"]) for r in rows):
-        report["calibration_note"] = "not calibrated: the run has no validation split to fit on"
+    note = _calibration_note(loaded.temperature, opts.split, rows)
+    if note:
+        report["calibration_note"] = note
     groups = _gallery_groups(data, probs, classes, _chosen_classes(opts, classes, pc))
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
     with _report_folder(out) as part:
@@ -154,15 +155,12 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
 
 def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.ndarray, dict]:
     """The report, the probabilities (with the model's temperature) and the per-class arrays."""
-    classes = loaded.classes
     images = to_device_uint8(data.images, device)
     labels = torch.from_numpy(data.labels).to(device)
-    logits = predict_logits(loaded.model, images, loaded.normalize, hardware=loaded.hardware)
-    mean_loss = F.cross_entropy(logits, labels).item()  # of the raw logits, as training's val_loss
+    logits = loaded.logits(images)
     probs = torch.softmax(logits / loaded.temperature, 1).cpu().numpy()
-    y = data.labels
-    preds = probs.argmax(1)
-    cm = metrics.confusion_matrix(y, preds, len(classes))
+    y, preds = data.labels, probs.argmax(1)
+    cm = metrics.confusion_matrix(y, preds, len(loaded.classes))
     pc = metrics.per_class(cm)
     calib = metrics.calibration(probs, y)
     report = {
@@ -170,39 +168,36 @@ def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.
         "num_images": len(y),
         "confusion_matrix": cm.tolist(),
         "top5_accuracy": metrics.top_k_accuracy(probs, y, 5),
-        "mean_loss": mean_loss,
+        "mean_loss": F.cross_entropy(logits, labels).item(),  # raw logits, as training's val_loss
         "expected_calibration_error": calib["ece"],
         "tta_accuracy": None,
         "tta": opts.tta,
-        "per_class": {c: _class_entry(pc, i) for i, c in enumerate(classes)},
-        "most_confused": metrics.most_confused(cm, classes),
-        "most_confused_pairs": metrics.most_confused_pairs(cm, classes),
+        "per_class": {c: _class_entry(pc, i) for i, c in enumerate(loaded.classes)},
+        "most_confused": metrics.most_confused(cm, loaded.classes),
+        "most_confused_pairs": metrics.most_confused_pairs(cm, loaded.classes),
         "calibration": calib,
         "temperature": loaded.temperature,
     }
-    if loaded.temperature == 1.0:
-        report["calibration_note"] = (
-            "not calibrated: cifarlab calibrate RUN fits a temperature on the validation split"
-        )
-    else:  # the uncalibrated ECE and bins beside the calibrated ones
+    if loaded.temperature != 1.0:  # the uncalibrated ECE and bins beside the calibrated ones
         before = metrics.calibration(torch.softmax(logits, 1).cpu().numpy(), y)
         report.update(expected_calibration_error_before=before["ece"], calibration_before=before)
-        if opts.split == "val":
-            report["calibration_note"] = (
-                "the temperature was fitted on this validation split, so the ECE after it is "
-                "in-sample; --split test (or --data) measures it on held-out images"
-            )
     if opts.tta != "none":
-        tta_logits = predict_logits(  # the plain view's logits reused
-            loaded.model,
-            images,
-            loaded.normalize,
-            tta=opts.tta,
-            hardware=loaded.hardware,
-            plain=logits,
-        )
+        tta_logits = loaded.logits(images, tta=opts.tta, plain=logits)  # the plain view reused
         report["tta_accuracy"] = float((tta_logits.argmax(1) == labels).float().mean())
     return report, probs, pc
+
+
+def _calibration_note(temperature: float, split: str, rows: list[dict]) -> str | None:
+    if temperature != 1.0:
+        if split != "val":
+            return None
+        return (
+            "the temperature was fitted on this validation split, so the ECE after it is "
+            "in-sample; --split test (or --data) measures it on held-out images"
+        )
+    if rows and all(math.isnan(r["val_acc"]) for r in rows):
+        return "not calibrated: the run has no validation split to fit on"
+    return "not calibrated: cifarlab calibrate RUN fits a temperature on the validation split"
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""A checkpoint back to a ready model (one constructor, see `models`), and model outputs over a
-whole uint8 image set, with optional flip (+ translate) test-time augmentation."""
+"""A checkpoint back to a ready model, and its logits over a whole uint8 image set, with
+optional flip (+ translate) test-time augmentation."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ class LoadedModel:
     temperature: float = 1.0  # probabilities are softmax(logits / temperature); see calibration
     hardware: Hardware | None = None  # the run's precision where this device runs it
 
+    def logits(self, images: torch.Tensor, batch_size: int = 500, tta: str = "none", plain=None):
+        """`predict_logits` with this model's normalisation and precision."""
+        return predict_logits(
+            self.model, images, self.normalize, batch_size, tta, self.hardware, plain
+        )
+
 
 def _ema_state(ckpt: dict) -> dict:
     if ckpt.get("ema") is None:
@@ -90,8 +96,7 @@ def _ema_state(ckpt: dict) -> dict:
 def load_model(
     ckpt: dict, device: torch.device | str = "cpu", use_ema: bool = False
 ) -> LoadedModel:
-    """The one way back from a checkpoint (`load_checkpoint`'s, checked) to a model:
-    `build_model(model_args)` + its weights."""
+    """The one way back from a checkpoint (`load_checkpoint`'s, checked) to a model."""
     args = model_args(ckpt)
     if args.num_classes != len(ckpt["classes"]):
         raise UserError(

@@ -30,7 +30,7 @@ from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import printable
 from cifarlab.errors import UserError, first_line, import_extra
 from cifarlab.hardware import pick_device
-from cifarlab.inference import load_model, predict_logits
+from cifarlab.inference import LoadedModel, load_model
 from cifarlab.rundir import json_text
 
 
@@ -64,19 +64,12 @@ class Predictor:
 
     def __init__(self, model_path: str, device: str = "auto"):
         self.device = pick_device(device, "device='cpu'")
-        loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
-        self.classes, self.size = loaded.classes, loaded.args.image_size
-        self.model, self.normalize = loaded.model, loaded.normalize
-        self.temperature, self.hardware = loaded.temperature, loaded.hardware
+        self.loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
+        self.classes, self.size = self.loaded.classes, self.loaded.args.image_size
+        self.temperature = self.loaded.temperature
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        logits = predict_logits(
-            self.model,
-            to_device_uint8(images, self.device),
-            self.normalize,
-            batch_size,
-            hardware=self.hardware,
-        )
+        logits = self.loaded.logits(to_device_uint8(images, self.device), batch_size)
         return torch.softmax(logits / self.temperature, 1).cpu().numpy()
 
 
@@ -125,26 +118,30 @@ def _json_value(value):
 
 
 class _ExportedPredictor:
-    """The exported formats, normalisation inside: batches of [0, 1] floats in. A torch program
-    comes from `_load`, its metadata from its `cifarlab.json`; ONNX overrides both steps."""
+    """The exported formats, normalisation inside: batches of [0, 1] floats in. `_load` gives
+    the model as a function of a float32 NCHW array, and the metadata it carries."""
+
+    kind, advice = "", ""
 
     def __init__(self, path: str):
-        self.path, extra = path, {"cifarlab.json": ""}
+        self.path = path
         try:
-            self.model = self._load(path, extra)
+            self.run, meta = self._load(path)
+        except UserError:
+            raise
         except Exception as exc:
             raise UserError(
                 f"{path}: not a loadable {self.kind} ({first_line(exc)}){self.advice}"
             ) from None
-        _read_meta(self, extra["cifarlab.json"] or "{}", path)
+        _read_meta(self, meta, path)
 
-    @torch.inference_mode()
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(batch)).numpy()
+    @staticmethod
+    def _torch_run(module: torch.nn.Module):
+        return torch.inference_mode()(lambda batch: module(torch.from_numpy(batch)).numpy())
 
     def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
         floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        outs = [self._logits(floats[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        outs = [self.run(floats[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         logits = torch.from_numpy(np.concatenate(outs))
         _check_class_count(logits.shape[1], self.classes, self.path)
         return torch.softmax(logits / self.temperature, 1).numpy()
@@ -166,19 +163,16 @@ def _one_line(path: Path) -> str:
 
 
 class OnnxPredictor(_ExportedPredictor):
-    """An exported `.onnx` file run by onnxruntime (normalisation is inside the graph)."""
+    """An exported `.onnx` file run by onnxruntime; its metadata is a map of JSON strings."""
 
-    def __init__(self, path: str):
+    kind = "ONNX model"
+
+    @staticmethod
+    def _load(path: str) -> tuple:
         ort = import_extra("onnxruntime", "onnx", "predicting with .onnx")
-        self.path = path
-        try:
-            self.runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise UserError(f"{path}: not a loadable ONNX model ({first_line(exc)})") from None
-        _read_meta(self, self.runner.get_modelmeta().custom_metadata_map, path)
-
-    def _logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.runner.run(None, {"images": batch})[0]
+        runner = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        run = lambda batch: runner.run(None, {"images": batch})[0]  # noqa: E731
+        return run, runner.get_modelmeta().custom_metadata_map
 
 
 class Pt2Predictor(_ExportedPredictor):
@@ -186,16 +180,17 @@ class Pt2Predictor(_ExportedPredictor):
 
     kind, advice = "torch.export program", "; export it again with cifarlab export --format pt2"
 
-    @staticmethod
-    def _load(path: str, extra: dict) -> torch.nn.Module:
+    @classmethod
+    def _load(cls, path: str) -> tuple:
         # torch logs a damaged archive's traceback before raising; our one line says it
-        logger = logging.getLogger("torch.export")
+        logger, extra = logging.getLogger("torch.export"), {"cifarlab.json": ""}
         level = logger.level
         logger.setLevel(logging.CRITICAL)
         try:
-            return torch.export.load(path, extra_files=extra).module()
+            module = torch.export.load(path, extra_files=extra).module()
         finally:
             logger.setLevel(level)
+        return cls._torch_run(module), extra["cifarlab.json"] or "{}"
 
 
 class SafetensorsPredictor(Predictor):
@@ -225,19 +220,21 @@ class SafetensorsPredictor(Predictor):
                 f"describes ({first_line(exc)[:200]})"
             ) from None
         self.device = pick_device(device, "device='cpu'")
-        self.model = model.to(self.device).eval()
-        self.normalize = Normalize(meta["mean"], meta["std"])
-        self.hardware = None  # an export keeps no precision: the device's rule
+        # an export keeps no precision (hardware None): the device's rule
+        normalize = Normalize(meta["mean"], meta["std"])
+        self.loaded = LoadedModel(model.to(self.device).eval(), normalize, self.classes, args)
 
 
 class TorchScriptPredictor(_ExportedPredictor):
     """A TorchScript file (`.ts`): read, no longer written (`export.DROPPED`)."""
 
-    kind, advice = "TorchScript file", ""
+    kind = "TorchScript file"
 
-    @staticmethod
-    def _load(path: str, extra: dict) -> torch.nn.Module:
-        return torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
+    @classmethod
+    def _load(cls, path: str) -> tuple:
+        extra = {"cifarlab.json": ""}
+        module = torch.jit.load(path, map_location="cpu", _extra_files=extra).eval()
+        return cls._torch_run(module), extra["cifarlab.json"] or "{}"
 
 
 # file suffix -> reader: one per suffix that load_checkpoint refuses (`EXPORTED`, in its order);

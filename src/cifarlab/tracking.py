@@ -100,14 +100,6 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir.resolve().parent / 'mlflow.db').as_posix()}"
 
 
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts of a SQLite store beside its database, not in the working folder's ./mlruns."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
-    return (db.parent / "mlartifacts").as_uri()
-
-
 class MLflowTracker:
     """Params (the resolved config), every epoch's metrics, the run's files and `best.pt`."""
 
@@ -143,9 +135,12 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        return self.client.create_experiment(
-            self.experiment, artifact_location=_artifact_location(self.uri)
-        )
+        # a SQLite store's artifacts beside its database, not in the working folder's ./mlruns
+        artifacts = None
+        if self.uri.startswith("sqlite:///"):
+            db = Path(self.uri.removeprefix("sqlite:///")).resolve()
+            artifacts = (db.parent / "mlartifacts").as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=artifacts)
 
     def log_epoch(self, row: dict) -> None:
         values = {k: v for k, v in row.items() if k != "epoch" and not math.isnan(v)}

@@ -1,9 +1,6 @@
 """`cifarlab tune`: Optuna search shared by every process pointed at the same `--storage` (by
-default `<--out>/study.db`: each --out its own study).
-
-Trials are pruned on validation accuracy per epoch (median rule); a killed trial's heartbeat
-goes stale and it is retried, until `--trials` trials completed or were pruned.
-"""
+default `<--out>/study.db`). Trials are pruned on validation accuracy per epoch (median rule);
+a killed trial's heartbeat goes stale and it is retried."""
 
 from __future__ import annotations
 
@@ -72,10 +69,8 @@ def suggest(trial, base: TrainConfig, search_epochs: bool = True) -> dict[str, A
 
 
 def default_storage(out: Path) -> str:
-    """The study's database inside --out, so another --out is another study (one in the working
-    folder would be continued by every tune command run there, whatever its --out). SQLAlchemy
-    ends a URL's path at `?` and decodes `%XX` in it, so those are escaped (`#` too, a URL's
-    fragment elsewhere): unescaped, `--out 't?x'` would keep its study in a file `t` beside it."""
+    """The study's database inside --out, so another --out is another study. SQLAlchemy ends a
+    URL's path at `?` and decodes `%XX` in it, so those are escaped (`#` too)."""
     path = str(out / "study.db")
     for char, code in (("%", "%25"), ("?", "%3F"), ("#", "%23")):  # `%` first: the others add it
         path = path.replace(char, code)
@@ -123,8 +118,7 @@ def _trial_dir(opts: TuneOptions, number: int) -> Path:
 
 
 def _say_elsewhere(done: list, opts: TuneOptions, log) -> None:
-    """One line when finished trials of the study (an explicit --storage shared by several
-    --out folders) trained under another --out: their run directories are there, not here."""
+    """A note when finished trials of a shared --storage trained under another --out."""
     away = [t.user_attrs[RUN_DIR] for t in done
             if RUN_DIR in t.user_attrs and Path(t.user_attrs[RUN_DIR]).parent != opts.out.resolve()]  # fmt: skip
     if away:
@@ -200,7 +194,7 @@ def _open_study(name: str, url: str, default: Path | None = None):
 
 
 def _say_search(base: TrainConfig, opts: TuneOptions, log) -> None:
-    """What is searched and how long a trial runs; a note on command-line values it replaces."""
+    """What is searched and for how long; a note on command-line values it replaces."""
     searched = ["lr", "weight_decay", "mixup_alpha", "cutmix_alpha", "label_smoothing"]
     searched += ["muon_lr"] if base.optimizer == "muon" else []  # as `suggest` searches
     low = max(1, base.epochs // 2)
@@ -261,7 +255,7 @@ EPOCHS_SEARCHED = "search_epochs"
 
 
 def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
-    """Store a new study's settings; refuse to continue one with others (`config.differences`),
+    """Store a new study's settings; refuse to continue one with others (`config_changes`),
     unless none of its trials finished or runs: then it takes the new ones."""
     named = dataclasses.replace(base, **{k: Path(getattr(base, k)).name for k in PATHS})
     saved = study.user_attrs.get(SETTINGS)
@@ -287,7 +281,7 @@ def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
 
 def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial") -> TrainConfig:
     """`base` with a trial's `values`; a searched `epochs` reshapes the epoch-based settings as
-    `--epochs` does, so a shorter trial keeps the recipe's schedule."""
+    `--epochs` does."""
     values = dict(values)
     epochs = values.pop("epochs", base.epochs)
     shaped = base if epochs == base.epochs else with_epochs(base, epochs)
@@ -295,7 +289,7 @@ def trial_config(base: TrainConfig, values: dict[str, Any], where: str = "trial"
 
 
 def write_best_recipe(opts: TuneOptions, base: TrainConfig, best, study: str) -> Path:
-    """`--out/best-recipe.yaml`: the recipe's keys, the command line's (but data and progress) and
+    """`--out/best-recipe.yaml`: the recipe's keys, the command line's (but data and progress),
     the length as trials ran them, then the best trial's values."""
     typed = trial_config(base, best.params).to_dict()
     keys = [k for k in opts.overrides if k not in ("data", "data_root", "progress")]

@@ -68,12 +68,6 @@ def per_class(accuracy: np.ndarray, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def _gallery_title(cls: str, item: dict) -> str:
-    if item.get("correct"):
-        return f"{cls}, correct\n{item['confidence']:.0%}"
-    return f"true {cls}\npred {item['predicted']}\n{item['confidence']:.0%}"
-
-
 def mistakes(groups: list[tuple[str, list[dict]]], path: Path) -> None:
     """One row per class: its most confidently wrong images (then a few correct ones), titled
     true / predicted / confidence; items with a `cam` get a second row, the Grad-CAM heat map of
@@ -91,8 +85,11 @@ def mistakes(groups: list[tuple[str, list[dict]]], path: Path) -> None:
             ax.axis("off")
         for col, item in enumerate(items):
             rows[0][col].imshow(item["image"], interpolation="nearest")
-            color = "#2e7d32" if item.get("correct") else "black"
-            rows[0][col].set_title(_gallery_title(cls, item), fontsize=8, color=color)
+            if item.get("correct"):
+                color, title = "#2e7d32", f"{cls}, correct"
+            else:
+                color, title = "black", f"true {cls}\npred {item['predicted']}"
+            rows[0][col].set_title(f"{title}\n{item['confidence']:.0%}", fontsize=8, color=color)
             if "cam" in item:
                 rows[1][col].imshow(item["image"], interpolation="nearest")
                 rows[1][col].imshow(item["cam"], cmap="jet", alpha=0.45, vmin=0, vmax=1,
