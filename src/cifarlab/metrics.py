@@ -53,19 +53,16 @@ def most_confused_pairs(cm: np.ndarray, classes: list[str], n: int = 10) -> list
     """The class pairs mistaken for each other most, both directions summed (cat<->dog):
     each direction's count, their sum, and the sum's share of both classes' images."""
     both = np.triu(cm + cm.T, k=1)
-    pairs = []
-    for a, b in _largest_cells(both, n):
-        support = cm[a].sum() + cm[b].sum()
-        pairs.append(
-            {
-                "classes": [classes[a], classes[b]],
-                "count": int(both[a, b]),
-                "forward": int(cm[a, b]),  # true classes[a] predicted classes[b]
-                "backward": int(cm[b, a]),
-                "share": float(both[a, b] / support) if support else 0.0,
-            }
-        )
-    return pairs
+    return [
+        {
+            "classes": [classes[a], classes[b]],
+            "count": int(both[a, b]),
+            "forward": int(cm[a, b]),  # true classes[a] predicted classes[b]
+            "backward": int(cm[b, a]),
+            "share": float(both[a, b] / (cm[a].sum() + cm[b].sum())),
+        }
+        for a, b in _largest_cells(both, n)  # non-zero cells: both classes have images
+    ]
 
 
 def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:

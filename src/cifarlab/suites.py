@@ -55,10 +55,10 @@ class SuiteRun:
     name: str
     config: TrainConfig
     changes: str
-    requires: str = ""
+    requires: str
     # its name in the suite file (a run named after its recipe takes --recipe's name): a folder
     # trained under that name is found and moved (`_adopt_renamed`)
-    was: str = ""
+    was: str
 
 
 @dataclass
@@ -326,7 +326,7 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
     from cifarlab.train import saved_config
 
     for run, run_dir, wanted in jobs:
-        names = dict.fromkeys([run.name, run.was or run.name])
+        names = dict.fromkeys([run.name, run.was])
         for other in [out / f"{n}{seed}" for n in names for seed in ("", f"-seed{wanted.seed}")]:
             if run_dir.exists() or other == run_dir or not other.is_dir():
                 continue
