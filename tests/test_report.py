@@ -9,7 +9,9 @@ from PIL import Image
 from cifarlab.report import figures
 from cifarlab.report.suite import write_suite_report
 
-SUITE = SimpleNamespace(name="augmentation", description="crop, flip, jitter", reference="plain")
+SUITE = SimpleNamespace(
+    name="augmentation", description="crop, flip, jitter", reference="plain", examples=""
+)
 
 
 def _history(epochs: int, start: float) -> list[dict]:
@@ -179,3 +181,73 @@ def test_a_suite_without_validation_never_says_best_pt_is_chosen_on_validation(t
     page = (tmp_path / "index.html").read_text()
     assert '<img src="curves_test_acc.png"' in page and "chosen on validation" not in page
     assert "no validation split: best.pt is the last epoch" in page
+
+
+def _killed_at(step: int, out, write) -> int:
+    """`write()` in a child process SIGKILLed just before its `step`-th removal or renaming of a
+    file in `out` (what a reader of `out` can see); its wait status (0: it finished first)."""
+    import os
+    import signal
+    from pathlib import Path
+
+    pid = os.fork()
+    if pid:
+        return os.waitpid(pid, 0)[1]
+    seen, unlink, replace = [0], os.unlink, os.replace
+
+    def counted(op, name, *args, **kw):
+        if Path(name).parent == out and "dir_fd" not in kw:
+            seen[0] += 1
+            if seen[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return op(name, *args, **kw)
+
+    os.unlink = lambda p, *a, **kw: counted(unlink, p, *a, **kw)
+    os.replace = lambda s, d, *a, **kw: counted(lambda _d, *x, **k: replace(s, d, **k), d)
+    write()
+    os._exit(0)
+
+
+def test_a_suite_killed_while_writing_its_report_never_leaves_files_of_two_tables(
+    tmp_path, monkeypatch
+):
+    """A kill between two files left e.g. a new results.csv beside the earlier results.md."""
+    import os
+
+    def curves(runs, panels, path):  # a stand-in PNG naming its runs: a table's own bytes
+        path.write_text(f"{[r for r, _ in runs]} {panels}")
+
+    monkeypatch.setattr(figures, "runs_curves", curves)
+    tables = {"old": _rows(), "new": _rows()[1:3]}
+    files = {}  # each table's report: {name: bytes}
+    for name, rows in tables.items():
+        (tmp_path / name).mkdir()
+        write_suite_report(SUITE, rows, tmp_path / name)
+        files[name] = {f.name: f.read_bytes() for f in (tmp_path / name).iterdir()}
+    status, step = None, 0
+    while status != 0:
+        step += 1
+        out = tmp_path / f"killed-{step}"
+        out.mkdir()
+        write_suite_report(SUITE, tables["old"], out)
+        status = _killed_at(step, out, lambda o=out: write_suite_report(SUITE, tables["new"], o))
+        seen = {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith(".")}
+        whose = [t for t, report in files.items() if seen.items() <= report.items()]
+        assert whose, f"killed at step {step}: files of two tables {sorted(seen)}"
+        if "index.html" in seen:  # index.html is there only beside all of its table's files
+            assert seen == files[whose[0]], f"killed at step {step}: {sorted(seen)}"
+        write_suite_report(SUITE, tables["new"], out)  # the next suite command: whole again
+        assert sorted(f.name for f in out.iterdir()) == sorted(files["new"])  # no temporary
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == files["new"]
+    assert step > 5 and os.WIFEXITED(status)
+
+
+def test_a_figure_not_drawn_again_is_not_left_beside_a_newer_table(tmp_path):
+    write_suite_report(SUITE, _rows(), tmp_path)
+    (tmp_path / "mixup_examples.png").write_bytes(b"drawn for another suite")
+    assert (tmp_path / "curves.png").is_file()
+    not_run = [{"run": "plain", "changes": "+ plain", "seeds": 0, "histories": [],
+                "status": "cannot start: no weights"}]  # fmt: skip
+    write_suite_report(SUITE, not_run, tmp_path)  # no epoch recorded: no curves to draw
+    assert not list(tmp_path.glob("*.png"))
+    assert "<img" not in (tmp_path / "index.html").read_text()

@@ -201,3 +201,31 @@ def test_a_lock_whose_folder_moved_is_not_held_at_the_old_name(tmp_path):
     old.mkdir()
     with rewrite_lock(old), pytest.raises(UserError, match="in use"):
         RunLock(old).__enter__()  # the old name is not this process's lock any more
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write_in_their_folder(
+    tmp_path,
+):
+    """Each kill mid-write left a hidden `.last.<pid>.tmp.pt` (a checkpoint's size) for good."""
+    from cifarlab.rundir import replaced_when_complete
+
+    code = (
+        "import os, sys; from pathlib import Path\n"
+        "from cifarlab.rundir import replaced_when_complete, temp_folder\n"
+        "run = Path(sys.argv[1]); (temp_folder(run / 'eval-val') / 'x.png').write_bytes(b'half')\n"
+        "with replaced_when_complete(run / 'last.pt') as tmp:\n"
+        "    tmp.write_bytes(b'half'); os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False)
+    assert killed.returncode == -9 and len(list(tmp_path.iterdir())) == 2  # a file, a folder
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        (tmp_path / f".best.{live.pid}.tmp.pt").write_bytes(b"being written")
+        (tmp_path / ".notes.txt").write_text("the user's")
+        with replaced_when_complete(tmp_path / "result.json") as tmp:
+            tmp.write_text("{}")
+        live.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".best.{live.pid}.tmp.pt",
+        ".notes.txt",
+        "result.json",
+    ]

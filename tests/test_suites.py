@@ -301,13 +301,13 @@ def test_a_run_that_diverges_is_shown_as_diverged_and_the_suite_goes_on(real_jpe
 
 
 def test_mixup_examples_show_four_mixed_images_per_alpha(real_jpegs, tmp_path):
-    from cifarlab.suites import _mixup_examples
+    from cifarlab.report.suite import mixup_examples
 
     suite = load_suite(
         "exercise-3", {"data": str(real_jpegs), "data_root": str(tmp_path / "d"), "val_size": 100}
     )
     assert sorted(r.config.mixup_alpha for r in suite.runs) == [0.0, 0.2, 0.5, 1.0]
-    _mixup_examples(suite, tmp_path / "mixup_examples.png")
+    mixup_examples(suite, tmp_path / "mixup_examples.png")
     assert (tmp_path / "mixup_examples.png").stat().st_size > 30_000
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
-from cifarlab.rundir import check_not_a_run, check_out, json_text, read_metrics
+from cifarlab.rundir import check_not_a_run, check_out, json_text, read_metrics, temp_folder
 from cifarlab.tracking import log_report
 
 
@@ -207,7 +206,7 @@ def _report_folder(out: Path):
     and a stopped or failed write leaves `out` as it was, saying so in one line."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        part = Path(tempfile.mkdtemp(prefix=f".{out.name}.part-", dir=out.parent))
+        part = temp_folder(out)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create it ({exc.strerror})") from None
     try:

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -350,8 +351,8 @@ def truncate_metrics(path: Path, last_epoch: int) -> list[int]:
 def replaced_when_complete(path: Path, exclusive: bool = False) -> Iterator[Path]:
     """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded;
     `exclusive`: FileExistsError instead where `path` exists by then (another writer's)."""
-    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
-    tmp = path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
+    tmp = _temp_path(path)
+    remove_dead_temps(path.parent)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)  # its data on disk before the name points at it
@@ -363,9 +364,57 @@ def replaced_when_complete(path: Path, exclusive: bool = False) -> Iterator[Path
             _link(tmp, path)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_path(path: Path) -> Path:
+    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
+    return path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
+
+
+# `_temp_path`'s names: `.<stem>.<pid>.tmp<suffix>`, a pid of 7 digits at most
+_TEMP = re.compile(r"\..+\.(\d{1,7})\.tmp(\.[^.]*)?")
+
+
+def temp_folder(path: Path) -> Path:
+    """An empty folder beside `path` to build it in, named as `replaced_when_complete`'s
+    temporary files, so that one a killed process left is removed by the next writer there."""
+    remove_dead_temps(path.parent)
+    tmp = _temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of this pid
+    tmp.mkdir()
+    return tmp
+
+
+def remove_dead_temps(folder: Path) -> None:
+    """Remove the temporary files and folders in `folder` (`_temp_path`'s names) whose process
+    is gone: a writer killed midway leaves one, a checkpoint's size for `last.pt`, per kill."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there
+        return
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = _TEMP.fullmatch(entry.name)
+        if found and not _alive(int(found[1])):
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        pass
+    return True
 
 
 def _link(tmp: Path, path: Path) -> None:
@@ -379,7 +428,7 @@ def _link(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (Windows cannot open a folder, nor needs to)."""
     if os.name == "nt":
         return

@@ -278,8 +278,6 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             evaluate(EvalOptions(str(run_dir), split=_split(run), tta=config.tta), log=say)
         except UserError as exc:
             say(f"no report: {exc}")
-    if suite.examples == "mixup":
-        _mixup_examples(suite, opts.out / "mixup_examples.png")
     rows = summarise(suite, opts, failed)
     write_suite_report(suite, rows, opts.out)
     log(f"results: {opts.out / 'results.md'}")
@@ -417,14 +415,3 @@ def _over_epochs(histories: list[list[dict]], column: str, split: str) -> dict[s
         f"best_{split}_acc_std": statistics.stdev(best) if len(best) > 1 else 0.0,
         f"final_{split}_acc": statistics.mean(v[-1] for v in kept),
     }
-
-
-def _mixup_examples(suite: Suite, path: Path) -> None:
-    """Training images mixed at each of the suite's Mixup alphas (0.2 when it sets none)."""
-    from cifarlab.data import load_splits
-    from cifarlab.report.figures import mixup_examples
-
-    alphas = sorted({r.config.mixup_alpha for r in suite.runs if r.config.mixup_alpha}) or [0.2]
-    splits = load_splits(suite.runs[0].config)
-    names = [splits.classes[k] for k in splits.train.labels]
-    mixup_examples(splits.train.images, names, alphas, path)

@@ -1,11 +1,14 @@
-"""A suite's results table (CSV and Markdown), its curves of all runs, and its index page."""
+"""A suite's results table (CSV and Markdown), its curves of all runs, its Mixup examples and
+its index page, swapped into --out together."""
 
 from __future__ import annotations
 
 import csv
 import html
 import math
+import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from urllib.parse import quote
 
 from cifarlab.report import figures
 from cifarlab.report.html import CSS, PAGE, Raw, cards, table
-from cifarlab.rundir import replaced_when_complete
+from cifarlab.rundir import fsync_dir, replaced_when_complete, temp_folder
 
 # Each PNG is one graph with every run on it (Exercises 2.4 and 4.3), drawn only when some run
 # recorded its column; curves.png shows the accuracies and the training loss together.
@@ -22,6 +25,9 @@ PANELS = {
     "val_acc": ("validation accuracy", "Validation accuracy per epoch, all runs"),
     "train_loss": ("training loss", "Training loss per epoch, all runs"),
 }  # fmt: skip
+# every file of the report in --out, index.html first (`write_suite_report`)
+REPORT_FILES = ["index.html", "results.csv", "results.md", "curves.png", "mixup_examples.png",
+                *(f"curves_{key}.png" for key in PANELS)]  # fmt: skip
 NO_VAL_TEST = "Test accuracy per epoch, all runs (no validation split: best.pt is the last epoch's)"
 
 
@@ -99,25 +105,52 @@ def _cells(r: dict, shown: list[Column]) -> list[str]:
 
 
 def write_suite_report(suite, rows: list[dict], out: Path) -> None:
-    """Every file replaced only when complete: a stopped suite leaves the earlier one whole."""
-    with replaced_when_complete(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+    """The report built in a temporary folder, then swapped in: the earlier report's files
+    removed (index.html first), the new ones moved in (index.html last). So `out` never holds
+    files of two tables, nor a figure not drawn now, and index.html only beside all of its
+    table's files; a suite stopped in between leaves part of one, which its next run rewrites."""
+    part = temp_folder(out / "results")
+    try:
+        _write_files(suite, rows, out, part)
+        for name in REPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        fsync_dir(out)  # no new file named before every old one is gone
+        for f in sorted(part.iterdir(), key=lambda f: f.name == "index.html"):
+            os.replace(f, out / f.name)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def _write_files(suite, rows: list[dict], out: Path, part: Path) -> None:
+    with replaced_when_complete(part / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[c.key for c in columns(rows)], extrasaction="ignore")
         w.writeheader()  # floats to 6 places: differences of accuracies read -0.05499999999999999
         w.writerows(
             {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows
         )
-    with replaced_when_complete(out / "results.md") as tmp:
+    with replaced_when_complete(part / "results.md") as tmp:
         tmp.write_text(_markdown(suite, rows))
     runs = [(r["run"], r.get("histories") or []) for r in rows]
     recorded = _recorded(rows)
-    for key in set(PANELS) - set(recorded):
-        (out / f"curves_{key}.png").unlink(missing_ok=True)  # a figure of an earlier, other table
     for key in recorded:
-        figures.runs_curves(runs, [(key, PANELS[key][0])], out / f"curves_{key}.png")
+        figures.runs_curves(runs, [(key, PANELS[key][0])], part / f"curves_{key}.png")
     if recorded:
-        figures.runs_curves(runs, [(k, PANELS[k][0]) for k in recorded], out / "curves.png")
-    with replaced_when_complete(out / "index.html") as tmp:
-        tmp.write_text(_index(suite, rows, out))
+        figures.runs_curves(runs, [(k, PANELS[k][0]) for k in recorded], part / "curves.png")
+    if suite.examples == "mixup":
+        mixup_examples(suite, part / "mixup_examples.png")
+    with replaced_when_complete(part / "index.html") as tmp:
+        tmp.write_text(_index(suite, rows, out, part))
+
+
+def mixup_examples(suite, path: Path) -> None:
+    """Training images mixed at each of the suite's Mixup alphas (0.2 when it sets none)."""
+    from cifarlab.data import load_splits
+
+    alphas = sorted({r.config.mixup_alpha for r in suite.runs if r.config.mixup_alpha}) or [0.2]
+    splits = load_splits(suite.runs[0].config)
+    names = [splits.classes[k] for k in splits.train.labels]
+    figures.mixup_examples(splits.train.images, names, alphas, path)
 
 
 # What runs are compared on (`gain_basis`): (its words in a card, its words in the notes)
@@ -187,7 +220,8 @@ def _cards(rows: list[dict]) -> str:
 _SUITE_CSS = "td:nth-child(2),th:nth-child(2),td:last-child,th:last-child{text-align:left}"
 
 
-def _index(suite, rows: list[dict], out: Path) -> str:
+def _index(suite, rows: list[dict], out: Path, part: Path) -> str:
+    """The page for `out` (its runs' reports linked), its figures those drawn into `part`."""
     shown = _shown(rows)
     results = table(
         [c.header for c in shown] + ["reports"],
@@ -198,7 +232,7 @@ def _index(suite, rows: list[dict], out: Path) -> str:
     recorded = _recorded(rows)
     pictures = [(NO_VAL_TEST if k == "test_acc" and "val_acc" not in recorded else PANELS[k][1],
                  f"curves_{k}.png", f"{PANELS[k][0]} of every run per epoch") for k in recorded]  # fmt: skip
-    if (out / "mixup_examples.png").is_file():
+    if (part / "mixup_examples.png").is_file():
         pictures.append(("Mixup examples", "mixup_examples.png", "mixup examples"))
     sections = "".join(
         f'\n<section><h2>{html.escape(title)}</h2><img src="{src}" alt="{alt}"></section>'
