@@ -251,3 +251,10 @@ def test_a_figure_not_drawn_again_is_not_left_beside_a_newer_table(tmp_path):
     write_suite_report(SUITE, not_run, tmp_path)  # no epoch recorded: no curves to draw
     assert not list(tmp_path.glob("*.png"))
     assert "<img" not in (tmp_path / "index.html").read_text()
+
+
+def test_every_curve_a_suite_draws_is_a_report_file_no_run_may_be_named():
+    from cifarlab.report import REPORT_FILES
+    from cifarlab.report.suite import PANELS
+
+    assert {f"curves_{key}.png" for key in PANELS} <= set(REPORT_FILES)

@@ -371,7 +371,9 @@ def test_a_suite_run_name_that_is_no_plain_line_is_refused_before_training(tmp_p
     assert len(err.splitlines()) == 1 and len(err) < 300 and not out.exists()
 
 
-@pytest.mark.parametrize("name", ["index.html", "results.csv", "result.json", "last.pt"])
+@pytest.mark.parametrize(
+    "name", ["index.html", "results.csv", "curves_val_acc.png", "result.json", "last.pt"]
+)
 def test_a_suite_run_named_like_a_file_beside_it_is_refused(tmp_path, capsys, name):
     path = tmp_path / "s.yaml"  # its folder would stand where the suite's table or a run file goes
     path.write_text(f"runs:\n  - {{name: ok, recipe: fast}}\n  - {{name: {name}, recipe: fast}}\n")

@@ -24,6 +24,7 @@ from cifarlab.config import (
     with_length,
 )
 from cifarlab.errors import Interrupted, TrainingFailed, UserError
+from cifarlab.report import REPORT_FILES
 from cifarlab.rundir import (
     RUN_FILES,
     RunLock,
@@ -45,8 +46,6 @@ _SUITE_TYPES = {
 }
 _RUN_TYPES = {k: (str, "a string") for k in ("recipe", "changes", "requires")}
 MAX_NAME = 100  # a run's folder, with its -seed<N>, stays far below a file system's 255
-# files a suite writes beside its runs' folders (`report.suite`)
-TAKEN_NAMES = {"results.csv", "results.md", "curves.png", "index.html", "mixup_examples.png"}
 DIVERGED = "diverged.txt"  # in a run's folder: training stopped on a non-finite or exploding loss
 
 
@@ -199,7 +198,7 @@ def _run_name(name: Any, where: str) -> str:
             f"{where}: run name {shown} must be a plain folder name inside --out: 1 to "
             f"{MAX_NAME} printable characters, no '/' or '\\', not starting with '.'"
         )
-    if name in TAKEN_NAMES | set(RUN_FILES):  # its folder would stand where a file goes
+    if name in {*REPORT_FILES, *RUN_FILES}:  # its folder would stand where a file goes
         raise UserError(
             f"{where}: run name {name!r} is a file the suite or a run writes; pick another name"
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from cifarlab.report import figures
+from cifarlab.report import REPORT_FILES, figures
 from cifarlab.report.html import CSS, PAGE, Raw, cards, table
 from cifarlab.rundir import fsync_dir, replaced_when_complete, temp_folder
 
@@ -25,9 +25,6 @@ PANELS = {
     "val_acc": ("validation accuracy", "Validation accuracy per epoch, all runs"),
     "train_loss": ("training loss", "Training loss per epoch, all runs"),
 }  # fmt: skip
-# every file of the report in --out, index.html first (`write_suite_report`)
-REPORT_FILES = ["index.html", "results.csv", "results.md", "curves.png", "mixup_examples.png",
-                *(f"curves_{key}.png" for key in PANELS)]  # fmt: skip
 NO_VAL_TEST = "Test accuracy per epoch, all runs (no validation split: best.pt is the last epoch's)"
 
 
