@@ -229,6 +229,25 @@ def test_evaluate_on_files_with_non_utf8_names_writes_every_file(small_run, real
     assert (out / "report.html").stat().st_size > 0
 
 
+def test_images_the_run_trained_on_are_counted_and_warned_of(small_run, real_jpegs, tmp_path, capsys):  # fmt: skip
+    import torch
+
+    copies = shutil.copytree(real_jpegs / "train", tmp_path / "copies")  # a plain folder: all
+    assert main(["evaluate", str(small_run), "--data", str(copies), "--out", f"{tmp_path}/ev"]) == 0
+    warned = [s for s in capsys.readouterr().out.splitlines() if "trained on" in s]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert (report["num_images"], report["trained_on_images"]) == (600, 500)
+    assert len(warned) == 1 and warned[0].startswith("warning") and "500 of these 600" in warned[0]
+    said = []
+    own = evaluate(EvalOptions(str(small_run), out=tmp_path / "own"), log=said.append)
+    assert own["trained_on_images"] == 0 and not any("trained on" in s for s in said)
+    ckpt = torch.load(small_run / "best.pt", weights_only=False)
+    del ckpt["train_digests"]  # a checkpoint from before them
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = evaluate(EvalOptions(str(tmp_path / "old.pt"), out=tmp_path / "o"), log=said.append)
+    assert old["trained_on_images"] is None and any("no train_digests" in s for s in said)
+
+
 def test_a_run_folder_with_a_non_utf8_name_gets_its_report(tiny_run, tmp_path, capsys):
     import os
 
@@ -337,10 +356,10 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
     with pytest.raises(
         UserError, match=r"no validation split \(val_size 0\).*--split test.*--data"
     ):
-        evaluate(EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev"), log=lambda s: None)
+        evaluate(EvalOptions(str(tmp_path / "run"), "val", out=tmp_path / "ev"), log=lambda s: None)
     with pytest.raises(UserError, match=r"no test split.*folder$"):  # not "use --split val"
-        evaluate(EvalOptions(str(tmp_path / "run"), split="test"), log=lambda s: None)
-    own = EvalOptions(str(tmp_path / "run"), out=tmp_path / "ev", data=f"{data}/.")  # same folder
+        evaluate(EvalOptions(str(tmp_path / "run")), log=lambda s: None)  # test: it held none out
+    own = EvalOptions(str(tmp_path / "run"), "val", out=tmp_path / "ev", data=f"{data}/.")  # same
     with pytest.raises(UserError, match=r"no validation split \(val_size 0\)"):
         evaluate(own, log=lambda s: None)
     assert not (tmp_path / "ev").exists()
@@ -348,6 +367,27 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
     report = _score(tmp_path / "run", tmp_path / "held", "val", tmp_path)
     assert report["num_images"] == 6  # and no `calibrate` suggested: it has no split to fit on
     assert "no validation split" in report["calibration_note"]
+
+
+def test_a_val_size_0_run_with_a_val_folder_is_scored_on_it_by_default_in_cli_and_api(
+    tmp_path, capsys
+):
+    import cifarlab
+
+    data = _pngs(tmp_path / "src" / "train", per_class=10).parent
+    _pngs(data / "val", per_class=3, seed=1)
+    _pngs(data / "test", per_class=4, seed=2)
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=0)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    assert main(["evaluate", str(tmp_path / "run")]) == 0  # it scored test
+    report = json.loads((tmp_path / "run" / "eval-val" / "report.json").read_text())
+    assert (report["split"], report["num_images"]) == ("val", 6)
+    api = cifarlab.evaluate_model(tmp_path / "run", out=tmp_path / "api", log=None)
+    assert (api["split"], api["num_images"]) == ("val", 6)
+    shutil.rmtree(data / "val")  # decided from the data, as the run drew its splits
+    api = cifarlab.evaluate_model(tmp_path / "run", out=tmp_path / "api2", log=None)
+    assert (api["split"], api["num_images"]) == ("test", 8)  # the API refused: no val split
 
 
 def test_the_runs_own_val_split_is_refused_once_its_data_changed(tmp_path):

@@ -113,6 +113,22 @@ def test_resume_of_a_subset_run_whose_data_shrank_says_the_data_changed(tmp_path
     assert code == 2 and "data changed" in err and "subset=30" in err and "Traceback" not in err
 
 
+def test_resume_whose_subset_lost_a_class_beside_a_val_folder_does_not_advise_val_size(
+    tmp_path, capsys
+):
+    data = write_synthetic_folder(tmp_path / "data" / "train").parent
+    write_synthetic_folder(data / "val", per_class=2)
+    config = _config(data, tmp_path, subset=10, batch_size=4)
+    with pytest.raises(UserError):
+        train(config, tmp_path / "run", log=_stop_after("epoch 1/2"))
+    for f in sorted((data / "train" / "blue").iterdir())[1:]:
+        f.unlink()  # blue's one image left: --subset 10 keeps none of it
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data changed" in err and "blue" in err and "--subset" in err
+    assert "--val-size" not in err  # a val/ folder validates whatever it says
+
+
 def _stopped_after_one_epoch_with_a_test_split(tmp_path, test=True) -> tuple[Path, list[str]]:
     """The lesson's protocol (no validation split, test scored every epoch) stopped after epoch
     1 of 2: its data folder, and the command line that resumes it."""

@@ -8,8 +8,15 @@ from PIL import Image
 
 from cifarlab.data import load_source, load_splits
 from cifarlab.data.imageset import ImageSet
-from cifarlab.data.splits import channel_stats, hold_out, onto_classes, stratified_pick
-from cifarlab.errors import UserError
+from cifarlab.data.splits import (
+    channel_stats,
+    check_sizes,
+    default_split,
+    hold_out,
+    onto_classes,
+    stratified_pick,
+)
+from cifarlab.errors import TooFewImages, UserError
 from tests.conftest import make_config
 
 
@@ -62,6 +69,32 @@ def test_val_folder_beside_train_is_the_val_split_and_val_size_is_ignored(
     assert splits.val_folder and splits.val.images.shape == (6, 32, 32, 3)
     assert all(p.startswith(f"{name}/") for p in splits.val.paths)
     assert np.bincount(splits.val.labels).tolist() == [3, 3]
+
+
+def test_the_default_split_is_val_wherever_the_run_had_one_held_out_or_a_val_folder(
+    tmp_path, data_root
+):
+    src = _pngs(tmp_path / "d" / "train", per_class=4).parent
+    _pngs(src / "test", per_class=2, seed=2)
+
+    def split(val_size: int) -> str:
+        return default_split(make_config(data=str(src), data_root=str(data_root), val_size=val_size))  # fmt: skip
+
+    assert (split(0), split(2)) == ("test", "val")
+    _pngs(src / "val", per_class=2, seed=1)
+    assert (split(0), split(2)) == ("val", "val")  # val_size 0 scored test: it has val/
+    assert default_split(make_config(data=str(tmp_path / "gone"), val_size=0)) == "test"
+
+
+def test_a_class_cut_by_subset_beside_a_val_folder_is_not_blamed_on_val_size(tmp_path, data_root):
+    _pngs(tmp_path / "d" / "train", classes=("cat", "dog", "emu"), per_class=6)
+    _pngs(tmp_path / "d" / "val", classes=("cat", "dog", "emu"), per_class=2, seed=1)
+    for f in sorted((tmp_path / "d" / "train" / "emu").iterdir())[1:]:
+        f.unlink()  # emu's one image: --subset 4 keeps none of it
+    config = make_config(data=str(tmp_path / "d"), data_root=str(data_root), subset=4, batch_size=4)
+    with pytest.raises(TooFewImages, match="emu; --subset 4 keeps 4.*raise --subset") as info:
+        check_sizes(config, load_splits(config))
+    assert "--val-size" not in str(info.value)  # ignored beside a val/ folder
 
 
 def test_val_folder_comes_back_from_the_cache_without_decoding(tmp_path, data_root, monkeypatch):

@@ -206,6 +206,19 @@ def test_init_from_a_run_that_trained_on_this_runs_validation_images_is_refused(
     train(everything, tmp_path / "everything", log=lambda s: None)
 
 
+def test_init_from_a_run_that_trained_on_the_datas_val_folder_names_the_folder_not_val_size(
+    synthetic_images, tmp_path
+):
+    train(_tiny(synthetic_images, tmp_path, val_size=0), tmp_path / "all", log=lambda s: None)
+    data = tmp_path / "with-val"
+    shutil.copytree(synthetic_images / "test", data / "train")
+    shutil.copytree(synthetic_images / "train", data / "val")  # what "all" trained on
+    config = _tiny(synthetic_images, tmp_path, init_from=str(tmp_path / "all"), val_size=0)
+    with pytest.raises(UserError, match=r"trained on \d+ of the 36 images of the data's val/") as e:
+        train(dataclasses.replace(config, data=str(data)), tmp_path / "x", log=lambda s: None)
+    assert "--val-size" not in str(e.value)  # the folder validates whatever it says
+
+
 def test_the_validation_check_knows_images_by_their_pixels_not_their_files(
     synthetic_images, tmp_path
 ):

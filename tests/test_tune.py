@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -113,6 +114,16 @@ def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):
         run_tune(_opts(real_jpegs, tmp_path, 1, val_size=0), log=lambda s: None)
     with pytest.raises(UserError, match="instead of a time budget"):
         run_tune(_opts(real_jpegs, tmp_path, 1, time_budget=60), log=lambda s: None)
+
+
+def test_tune_selects_on_the_datas_val_folder_under_val_size_0(synthetic_images, tmp_path):
+    data = tmp_path / "with-val"
+    shutil.copytree(synthetic_images / "train", data / "train")
+    shutil.copytree(synthetic_images / "test", data / "val")
+    opts = _small(synthetic_images, tmp_path, 1, epochs=1)
+    base = apply_overrides(opts.base, {"data": str(data), "val_size": 0}, where="test")
+    run_tune(dataclasses.replace(opts, base=base), log=lambda s: None)  # it was refused
+    assert (tmp_path / "tune" / "best-recipe.yaml").is_file()
 
 
 def test_epochs_are_searched_only_when_the_command_line_left_the_length_open():

@@ -62,11 +62,12 @@ def _source(run: str | Path | Result) -> str:
 
 
 def evaluate_model(
-    run: str | Path | Result, *, split: str = "val", data: str | None = None, tta: str = "none",
-    out: str | Path | None = None, device: str = "auto", log=print,
+    run: str | Path | Result, *, split: str | None = None, data: str | None = None,
+    tta: str = "none", out: str | Path | None = None, device: str = "auto", log=print,
 ) -> dict[str, Any]:  # fmt: skip
     """Score a run (its `best.pt`) or checkpoint on `split` of its own data, or on all of `data`;
-    writes the report (`<run>/eval-<split>/report.html`) and returns it as a dict: accuracy,
+    `split` None: as `cifarlab evaluate`, val where the run had a validation split, else test.
+    Writes the report (`<run>/eval-<split>/report.html`) and returns it as a dict: accuracy,
     per_class, confusion_matrix, calibration, most_confused, ..."""
     opts = EvalOptions(
         _source(run), split=split, data=data, tta=tta,

@@ -330,7 +330,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", **_RUN_OR_CHECKPOINT)
     p.add_argument("--split", choices=["val", "test"],
-                   help="which split to score (default: val; test for a run trained with --val-size 0)")  # fmt: skip
+                   help="which split to score (default: val where the run had one, held out or its data's val/ folder; else test)")  # fmt: skip
     p.add_argument("--data", type=_given,
                    help="evaluate on another data source (a labelled folder is scored whole)")  # fmt: skip
     p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],

@@ -7,7 +7,7 @@ from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, e
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.archive import is_archive
 from cifarlab.data.sources import load_labelled
-from cifarlab.data.splits import onto_classes, select_classes
+from cifarlab.data.splits import default_split, onto_classes, select_classes
 from cifarlab.errors import TooFewImages, UserError, data_changed
 from cifarlab.training_run import data_fingerprint
 
@@ -69,7 +69,7 @@ def load_eval_set(
         scored = load_source(*_source_args(config), config.classes).test
     if scored is None:
         other = "another folder: " if own_data else ""  # its own images trained the model
-        val = ", or use --split val" if config.val_size else ""  # val_size 0 held none out
+        val = ", or use --split val" if default_split(config) == "val" else ""
         raise UserError(
             f"--split test: {config.data} has no test split; pass --data with {other}a "
             f"<root>/test/<class>/ or plain <root>/<class>/ folder{val}"

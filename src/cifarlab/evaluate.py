@@ -22,6 +22,7 @@ from cifarlab.config import TrainConfig, apply_overrides, expand
 from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, printable
+from cifarlab.data.splits import default_split
 from cifarlab.errors import UserError
 from cifarlab.eval_set import load_eval_set, same_source
 from cifarlab.hardware import pick_device
@@ -30,12 +31,13 @@ from cifarlab.report import figures
 from cifarlab.report.html import write_report
 from cifarlab.rundir import check_not_a_run, check_out, json_text, read_metrics, temp_folder
 from cifarlab.tracking import log_report
+from cifarlab.training_run import image_digests
 
 
 @dataclass
 class EvalOptions:
     target: str  # run directory or checkpoint
-    split: str | None = "val"  # val | test; None: val, or test for a run that held none out
+    split: str | None = None  # val | test; None: `default_split`, val where the run had one
     data: str | None = None  # another data source than the run's
     tta: str = "none"  # none | flip | flip-translate, reported beside the plain figure
     ema: bool = False
@@ -112,8 +114,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     if Path(opts.target).is_dir() and ckpt_path.name != "best.pt":  # no epoch was chosen yet
         log(f"note: {opts.target} has no best.pt; scoring {ckpt_path.name}")
     ckpt = load_checkpoint(ckpt_path)
-    if opts.split is None:  # as a suite reports its runs: the lesson's protocol scores test
-        opts = replace(opts, split="val" if ckpt["config"].get("val_size", 1) else "test")
+    trained = apply_overrides(TrainConfig(), ckpt["config"], where=str(ckpt_path))
+    if opts.split is None:
+        opts = replace(opts, split=default_split(trained))
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:
@@ -121,8 +124,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     out = opts.out or ckpt_path.parent / _default_out(opts)
     check_out(out)  # before any work or file
     check_not_a_run(out, "evaluate writes its report", out / "eval")
-    trained_on = apply_overrides(TrainConfig(), ckpt["config"], where=str(ckpt_path)).data
-    check_outside_images(out, opts.data or trained_on)  # its PNGs would be read as a class
+    check_outside_images(out, opts.data or trained.data)  # its PNGs would be read as a class
     data, source = load_eval_set(
         ckpt, str(ckpt_path), split=opts.split, data=opts.data, on_bad_image=opts.on_bad_image
     )
@@ -130,7 +132,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(
             f"{ckpt_path}: the run has no validation split (val_size 0) to score; use --split test "
             "where its data has a test split, or --data a folder of <class>/ images"
-            if opts.split == "val" and (not opts.data or same_source(opts.data, trained_on))
+            if opts.split == "val" and (not opts.data or same_source(opts.data, trained.data))
             else f"{opts.data or source}: no images to score"
         )
     device = pick_device(opts.device, "--device cpu")
@@ -138,7 +140,14 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     report, probs, pc = _score(loaded, data, opts, device)
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
     report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
-                  split=opts.split, classes=classes, training=_training_entry(rows))  # fmt: skip
+                  split=opts.split, classes=classes, training=_training_entry(rows),
+                  trained_on_images=_trained_on(ckpt, data))  # fmt: skip
+    if report["trained_on_images"] is None:
+        log(f"note: {ckpt_path} keeps no train_digests, so whether its run trained on these "
+            "images is not checked")  # fmt: skip
+    elif report["trained_on_images"]:
+        log(f"warning: the run trained on {report['trained_on_images']} of these "
+            f"{len(data)} images: their accuracy is training accuracy, not held-out")  # fmt: skip
     note = _calibration_note(loaded.temperature, opts.split, rows)
     if note:
         report["calibration_note"] = note
@@ -150,6 +159,15 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     log_report(ckpt_path.parent, out, report, log)  # into the run's MLflow run, when it has one
     _summary(report, out, log)
     return report
+
+
+def _trained_on(ckpt: dict, data: ImageSet) -> int | None:
+    """How many of `data`'s images the run trained on, known by their pixels (`image_digests`,
+    whatever the files are called); None where the checkpoint keeps no `train_digests`."""
+    theirs = ckpt.get("train_digests")
+    if theirs is None:
+        return None
+    return int(np.isin(image_digests(data.images).numpy(), theirs.numpy()).sum())
 
 
 def _score(loaded, data: ImageSet, opts: EvalOptions, device) -> tuple[dict, np.ndarray, dict]:

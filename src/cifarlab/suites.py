@@ -274,7 +274,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             failed[run.name] = str(exc)
             continue
         try:  # the run's report, eval-<split>/
-            evaluate(EvalOptions(str(run_dir), split=_split(run), tta=config.tta), log=say)
+            evaluate(EvalOptions(str(run_dir), tta=config.tta), log=say)
         except UserError as exc:
             say(f"no report: {exc}")
     rows = summarise(suite, opts, failed)
@@ -297,18 +297,15 @@ def _refuse_unscored(jobs: list) -> None:
             )
 
 
-def _split(run: SuiteRun) -> str:
-    """What a run's report scores: validation, or test when there is no validation split."""
-    return "val" if run.config.val_size else "test"
-
-
 def _skipped(run: SuiteRun, run_dir: Path) -> str:
     """Why a job does not train now ("" when it does)."""
+    from cifarlab.data.splits import default_split
+
     if run.requires:
         return f"cannot start: needs {run.requires}"
     if (run_dir / DIVERGED).is_file():  # the same config and seed would diverge again
         return f"diverged earlier ({run_dir / DIVERGED}), skipped"
-    report = run_dir / f"eval-{_split(run)}" / "report.json"  # written last: a complete report
+    report = run_dir / f"eval-{default_split(run.config)}" / "report.json"  # written last: complete
     result = run_dir / "result.json"
     # a report older than the run's end scored weights from before it (an evaluate mid-run)
     if result.is_file() and report.is_file() and report.stat().st_mtime >= result.stat().st_mtime:

@@ -345,6 +345,12 @@ def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
         seen = seen[~np.isin(seen, image_digests(splits.train.images).numpy())]
     if not len(seen):
         return ""
+    harm = "they would inflate validation accuracy and pick best.pt"
+    if splits.val_folder:  # validates on the folder whatever --val-size says
+        return (
+            f"its run trained on {len(seen)} of the {len(val)} images of the data's val/ folder: "
+            f"{harm}; start from a run that did not train on them"
+        )
     try:
         them = apply_overrides(TrainConfig(), ckpt["config"], where="--init-from")
     except UserError:
@@ -355,8 +361,8 @@ def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
         same = f"hold out the same ({_split_flags(them)}), "
     return (
         f"its run trained on {len(seen)} of the {len(val)} images this run holds out for "
-        f"validation ({_split_flags(config)}): they would inflate validation accuracy and pick "
-        f"best.pt; {same}train with --val-size 0, or start from a run that held these images out"
+        f"validation ({_split_flags(config)}): {harm}; {same}train with --val-size 0, or start "
+        "from a run that held these images out"
     )
 
 

@@ -27,7 +27,7 @@ from cifarlab.config import (
     with_epochs,
 )
 from cifarlab.data.sources import check_outside_images
-from cifarlab.data.splits import check_sizes, load_splits
+from cifarlab.data.splits import check_sizes, default_split, load_splits
 from cifarlab.errors import Interrupted, TrainingFailed, UserError, import_extra
 from cifarlab.rundir import (
     RunDirTaken,
@@ -130,8 +130,11 @@ def _say_elsewhere(done: list, opts: TuneOptions, log) -> None:
 
 def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     """The config trials search around, checked before anything is stored; the folders made."""
-    if opts.base.val_size == 0:
-        raise UserError("tune selects trials on validation accuracy: --val-size must be > 0")
+    if default_split(opts.base) == "test":  # val_size 0 and no val/ folder: nothing to select on
+        raise UserError(
+            f"tune selects trials on validation accuracy: {opts.base.data} has no val/ folder, "
+            "so --val-size must be > 0"
+        )
     if opts.base.time_budget:
         raise UserError(
             "tune runs every trial for a number of epochs (searched, or fixed by --epochs/--budget): "

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cifarlab.config import TrainConfig, data_root, split_seed
+from cifarlab.config import DATASETS, TrainConfig, data_root, expand, split_seed
 from cifarlab.data.sources import ImageSet, load_source
 from cifarlab.errors import TooFewImages, UserError
 
@@ -116,6 +116,20 @@ def load_splits(config: TrainConfig) -> Splits:
     return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
 
 
+def default_split(config: TrainConfig) -> str:
+    """What `config`'s run is scored on unless told: "val" where it had a validation split, held
+    out (`val_size`) or its data's val/ folder (as `load_splits` draws it), else "test". Data
+    that is gone gives "test": the command scoring it then says so."""
+    if config.val_size:
+        return "val"
+    if config.data in DATASETS or not expand(config.data).exists():  # no val/ folder to find
+        return "test"
+    source = load_source(
+        config.data, data_root(config), config.image_size, config.on_bad_image, config.classes
+    )
+    return "test" if source.val is None else "val"
+
+
 def check_sizes(config: TrainConfig, splits: Splits) -> None:
     """What training needs: a held-out image of each class (a temperature is fitted on them), a
     training image of each class (one never seen is never predicted) and a batch's worth."""
@@ -128,12 +142,15 @@ def check_sizes(config: TrainConfig, splits: Splits) -> None:
     counts = np.bincount(splits.train.labels, minlength=classes)
     unseen = [c for c, n in zip(splits.classes, counts, strict=True) if not n]
     if unseen:
-        cut = f"--subset {config.subset} keeps {config.subset}, " if config.subset else ""
-        held = "the data's val/ folder" if splits.val_folder else f"--val-size {config.val_size}"
+        if splits.val_folder:  # a val/ folder takes nothing out of train/: --subset did it
+            why, fix = f"--subset {config.subset} keeps {train}", "raise --subset or drop it"
+        else:
+            cut = f"--subset {config.subset} keeps {config.subset}, " if config.subset else ""
+            why = f"{cut}--val-size {config.val_size} holds out {len(splits.val)}, leaving {train}"
+            fix = "lower --val-size" + (", or raise --subset or drop it" if config.subset else "")
         raise TooFewImages(
             f"the training split holds no image of {len(unseen)} of the {classes} classes "
-            f"({', '.join(unseen[:5])}{' ...' * (len(unseen) > 5)}; {cut}{held} holds out "
-            f"{len(splits.val)}, leaving {train}); lower --val-size, or raise --subset or drop it"
+            f"({', '.join(unseen[:5])}{' ...' * (len(unseen) > 5)}; {why}); {fix}"
         )
     if train < config.batch_size:
         raise TooFewImages(
