@@ -60,7 +60,12 @@ _RUN_FLAGS = [
     ("--lr", float, "peak learning rate (default: the recipe's)"),
     ("--seed", int, "seed of the split (unless split_seed is set), the init and the batches"),
     ("--subset", int, "keep a stratified subset of N training images"),
-    ("--val-size", int, "validation images held out from train (0: train on all)"),
+    (
+        "--val-size",
+        int,
+        "validation images held out from train (0: train on all; unused where "
+        "the data has a val/ folder)",
+    ),
     ("--classes", str, "train on these classes only, comma-separated"),
 ]
 

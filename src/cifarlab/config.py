@@ -53,7 +53,7 @@ class TrainConfig:
     data_root: str = _key("", runtime=True)  # where torchvision datasets and caches live
     # ("" = $CIFARLAB_DATA or ~/.cache/cifarlab)
     image_size: int = _key(32, 8, 1024)  # pixels, square
-    val_size: int = _key(5000, 0)  # images held out from train
+    val_size: int = _key(5000, 0)  # images held out from train (unused beside a val/ folder)
     subset: int = _key(0, 0)  # keep N training images (0 = all)
     classes: list[str] = field(default_factory=list)  # train on these classes only ([] = all)
     on_bad_image: str = _one_of("error", "skip")
