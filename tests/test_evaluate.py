@@ -774,3 +774,29 @@ def test_evaluate_scores_in_the_precision_the_run_trained_in(synthetic_images, t
     assert loaded.hardware.amp_dtype == torch.bfloat16
     report = evaluate(EvalOptions(str(tmp_path / "run")), log=lambda s: None)
     assert report["accuracy"] == pytest.approx(result.final_val_acc, abs=1e-4)  # 5 decimals kept
+
+
+def test_odd_class_names_survive_the_csv_html_json_and_figures(tmp_path, capsys):
+    """Commas, quotes, edge spaces, HTML and `$` (mathtext) in class names: quoted in the CSV
+    files, escaped in the report, whole in predict's JSON; `--classes` takes them as in CSV."""
+    import html
+
+    names = ["a,b", 'say "hi"', " lead", "café<b>&", "$\\frac$"]
+    data = _pngs(tmp_path / "src", classes=names, per_class=6)
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=10)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    out = tmp_path / "ev"
+    gallery = '"a,b"," lead",$\\frac$'
+    assert main(["evaluate", str(tmp_path / "run"), "--out", str(out), "--classes", gallery]) == 0
+    with open(out / "per_class.csv", newline="") as f:
+        assert sorted(row["class"] for row in csv.DictReader(f)) == sorted(names)
+    page = (out / "report.html").read_text()
+    assert html.escape("café<b>&") in page and "café<b>&" not in page
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    capsys.readouterr()
+    assert (
+        main(["predict", str(tmp_path / "run"), str(data / "a,b"), "--json", "--top-k", "5"]) == 0
+    )
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 6 and {c["class"] for c in rows[0]["top_k"]} == set(names)

@@ -215,3 +215,27 @@ def test_a_data_root_beside_a_split_layout_is_fine_and_beside_a_wrapper_is_not(t
     with pytest.raises(UserError, match=f"--out {wrapped / 'runs' / 'a'} is inside {wrapped}"):
         sources.check_outside_images(wrapped / "runs" / "a", str(wrapped))
     assert sorted(p.name for p in wrapped.iterdir()) == ["pets"]
+
+
+def test_a_class_folder_name_with_a_newline_or_tab_is_refused_at_load(tmp_path, data_root):
+    for odd in ("two\nlines", "tab\there"):
+        src = _folder(tmp_path / odd.split()[0], classes=("cat", odd))
+        with pytest.raises(UserError, match="control character") as err:
+            load_source(str(src), data_root, 8)
+        assert len(str(err.value).splitlines()) == 1 and repr(odd) in str(err.value)
+
+
+ODD_NAMES = ("a,b", 'say "hi"', " lead", "trail ", "café<b>&", "$\\frac$")
+
+
+def test_odd_class_names_are_selected_by_a_csv_quoted_list(tmp_path, data_root):
+    src = _folder(tmp_path / "d", classes=(*ODD_NAMES, "trail"), per_class=4)
+    given = '"a,b", "say ""hi"""," lead","trail ",café<b>&, $\\frac$'
+    config = make_config(data=str(src), data_root=str(data_root), classes=given, val_size=7)
+    assert config.classes == list(ODD_NAMES)
+    assert load_splits(config).train.classes == list(ODD_NAMES)
+    unquoted = make_config(data=str(src), data_root=str(data_root), classes="a,b", val_size=7)
+    with pytest.raises(UserError, match="unknown classes.*double quotes"):
+        load_splits(unquoted)
+    with pytest.raises(UserError, match="must be names"):
+        make_config(classes='"a,b, c')

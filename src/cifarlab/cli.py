@@ -66,7 +66,7 @@ _RUN_FLAGS = [
         "validation images held out from train (0: train on all; unused where "
         "the data has a val/ folder)",
     ),
-    ("--classes", str, "train on these classes only, comma-separated"),
+    ("--classes", str, 'train on these classes only, comma-separated (as in CSV: "a,b" is one)'),
 ]
 
 
@@ -216,7 +216,11 @@ def cmd_recipes(_args) -> int:
 def cmd_evaluate(args) -> int:
     from cifarlab.evaluate import EvalOptions, evaluate
 
-    classes = [c.strip() for c in (args.classes or "").split(",") if c.strip()] or None
+    classes = cfg.parse_names(args.classes or "")
+    if classes is None:
+        raise UserError(
+            f"--classes {args.classes}: a stray double quote; quote whole names, as in CSV"
+        )
     evaluate(EvalOptions(
         args.model, args.split, args.data, args.tta, args.ema, args.out, classes, args.device,
         on_bad_image=args.on_bad_image,
@@ -343,7 +347,7 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--out", type=_path,
                    help="output folder (default RUN_DIR/eval-<split>; with --data, eval-<split>-<data name>)")  # fmt: skip
-    p.add_argument("--classes", help="classes for the mistakes gallery, comma-separated")
+    p.add_argument("--classes", help="classes for the mistakes gallery, comma-separated, as in CSV")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--on-bad-image", choices=["error", "skip"],
                    help="unreadable or non-image files: stop (error) or leave them out (skip); "

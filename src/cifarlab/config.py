@@ -246,14 +246,14 @@ def _checked(key: str, value: Any, where: str) -> Any:
         if hi is not None and value > hi:
             raise UserError(f"{where}: '{key}' must be <= {hi}, got {value}")
     elif kind == list[str]:
-        bad = f"{where}: '{key}' must be names (a,b or [a, b]), got {value!r}"
+        bad = f"{where}: '{key}' must be names (a,b or [a, b]; quoted \"b,c\" keeps its comma), got {value!r}"
         if isinstance(value, str) and value.strip().startswith("["):
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
                 raise UserError(bad) from None
         if isinstance(value, str):
-            names = [v.strip() for v in value.split(",") if v.strip()]
+            names = parse_names(value)
             value = names if names or not value.strip() else value  # ",," names none: refused
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
             raise UserError(bad)
@@ -270,6 +270,28 @@ def _checked(key: str, value: Any, where: str) -> Any:
                 f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}"
             )
     return value
+
+
+# one item of a comma-separated list: a name in double quotes ("" for a quote) keeps commas and
+# spaces at its ends, as in CSV; an unquoted one is stripped
+_LIST_ITEM = r'\s*(?:"(?:[^"]|"")*"|[^,"]*)\s*'
+
+
+def parse_names(text: str) -> list[str] | None:
+    """`a, "b,c", " d"` -> ["a", "b,c", " d"]; empty items dropped; None for stray quotes."""
+    if not re.fullmatch(rf"{_LIST_ITEM}(,{_LIST_ITEM})*", text):
+        return None
+    items = [m.strip() for m in re.findall(rf"(?:^|,)({_LIST_ITEM})", text)]
+    return [i[1:-1].replace('""', '"') if i.startswith('"') else i for i in items if i]
+
+
+def quoting_hint(names: list[str]) -> str:
+    """For an unknown-class error: how to give the names a plain comma list cannot."""
+    if any("," in n or '"' in n or n != n.strip() for n in names):
+        return (
+            "; give a name holding a comma, a quote or edge spaces in double quotes: '\"a,b\",cat'"
+        )
+    return ""
 
 
 def name_multipliers(items: list[str], where: str = "lr_mults") -> dict[str, float]:

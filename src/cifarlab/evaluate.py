@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, apply_overrides, expand
+from cifarlab.config import TrainConfig, apply_overrides, expand, quoting_hint
 from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, printable
@@ -120,7 +120,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:
-        raise UserError(f"--classes: unknown classes {unknown}; the model knows {classes}")
+        raise UserError(
+            f"--classes: unknown classes {unknown}; the model knows {classes}{quoting_hint(classes)}"
+        )
     out = opts.out or ckpt_path.parent / _default_out(opts)
     check_out(out)  # before any work or file
     check_not_a_run(out, "evaluate writes its report", out / "eval")

@@ -281,5 +281,8 @@ def run_predict(
                 ranked = [{"class": c, "prob": round(q, 6)} for c, q in top]
                 print(json_text({"path": printable(str(f)), "top_k": ranked}, indent=None))
             else:
-                print(f"{_one_line(f):<{width}}  " + "  ".join(f"{c} {q:.1%}" for c, q in top))
+                print(
+                    f"{_one_line(f):<{width}}  "
+                    + "  ".join(f"{_one_line(c)} {q:.1%}" for c, q in top)
+                )
     return 1 if failed else 0

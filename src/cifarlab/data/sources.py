@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePath
@@ -345,7 +346,20 @@ def load_source(
         cache.ensure_writable(root)
         data = _decode_folder(path, root, key, size, on_bad)
     _check_same_classes(src, data, classes)
+    _check_class_names(src, data)
     return data
+
+
+def _check_class_names(src: str, data: SourceData) -> None:
+    """Class names go into one-line outputs (predict, logs, errors, figure labels): a newline,
+    tab or escape code in one would break the line or drive the terminal, so it is refused."""
+    for ds in (data.train, data.val, data.test):
+        for name in ds.classes if ds else ():
+            if any(unicodedata.category(c) == "Cc" for c in name):
+                raise UserError(
+                    f"--data {src}: class folder {name!r} has a control character (newline, tab) "
+                    "in its name; rename the folder"
+                )
 
 
 def _decode_folder(path: Path, root: Path, key: str, size: int, on_bad: str) -> SourceData:

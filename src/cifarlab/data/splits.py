@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cifarlab.config import DATASETS, TrainConfig, data_root, expand, split_seed
+from cifarlab.config import DATASETS, TrainConfig, data_root, expand, quoting_hint, split_seed
 from cifarlab.data.sources import ImageSet, load_source
 from cifarlab.errors import TooFewImages, UserError
 
@@ -48,7 +48,8 @@ def select_classes(ds: ImageSet, wanted: list[str]) -> ImageSet:
         raise UserError(f"classes: {wanted} is fewer than two classes; a classifier needs two")
     unknown = [c for c in wanted if c not in ds.classes]
     if unknown:
-        raise UserError(f"classes: unknown classes {unknown}; the data has {ds.classes}")
+        hint = quoting_hint(ds.classes)
+        raise UserError(f"classes: unknown classes {unknown}; the data has {ds.classes}{hint}")
     index = np.asarray([wanted.index(c) if c in wanted else -1 for c in ds.classes], dtype=np.int64)
     out = ds.take(np.flatnonzero(index[ds.labels] >= 0))
     return ImageSet(out.images, index[out.labels], list(wanted), out.paths)

@@ -14,6 +14,10 @@ from matplotlib.ticker import MaxNLocator
 
 from cifarlab.rundir import replaced_when_complete
 
+# class and run names are folder names: a `$` in one is text, not mathtext (`$\frac$` stopped
+# the drawing with a parse error)
+matplotlib.rcParams["text.parse_math"] = False
+
 GRID_LIMIT = 20  # above this many classes a full confusion grid is unreadable
 
 
