@@ -207,6 +207,21 @@ def test_timm_weights_come_from_a_file_body_kept_head_fresh(tmp_path):
 
 
 @needs_timm
+def test_timm_weights_of_a_lightning_checkpoint_or_a_compiled_model_load(tmp_path):
+    """timm stripped `_orig_mod.` itself, but a LightningModule's `model.` was "84 tensors
+    missing"."""
+    import timm
+
+    torch.manual_seed(6)
+    original = timm.create_model("resnet10t").state_dict()
+    wrapped = {"model._orig_mod." + k: v for k, v in original.items()}
+    torch.save({"state_dict": wrapped, "epoch": 3, "global_step": 90}, tmp_path / "l.ckpt")
+    model = build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / "l.ckpt"))
+    assert torch.equal(model.state_dict()["conv1.0.weight"], original["conv1.0.weight"])
+    assert "state_dict" not in model.pretrained_cfg  # no second copy of the weights kept
+
+
+@needs_timm
 def test_a_timm_weights_file_of_another_model_is_refused(tmp_path):
     import timm
 

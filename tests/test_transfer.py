@@ -157,6 +157,27 @@ def test_weights_wrapped_under_state_dict_or_model_or_saved_from_dataparallel_lo
         build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / "list.pth"))
 
 
+def test_weights_of_a_compiled_model_or_a_lightning_checkpoint_load(tmp_path):
+    """`_orig_mod.` (torch.compile) and `model.` (a LightningModule's attribute) were "122
+    missing"; a prefix only some keys carry is no wrapper and stays."""
+    from torchvision import models
+
+    torch.manual_seed(2)
+    original = models.resnet18(weights=None).state_dict()
+    compiled = {"_orig_mod." + k: v for k, v in original.items()}
+    lightning = {"state_dict": {"model." + k: v for k, v in original.items()}, "epoch": 3,
+                 "global_step": 90, "pytorch-lightning_version": "2.4.0", "optimizer_states": []}  # fmt: skip
+    for name, saved in {"compiled.pt": compiled, "lightning.ckpt": lightning}.items():
+        torch.save(saved, tmp_path / name)
+        net = build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / name))
+        key = "layer4.1.conv2.weight"
+        assert torch.equal(net.state_dict()[key], original[key]), name
+    partly = {("model." + k if k.startswith("layer") else k): v for k, v in original.items()}
+    torch.save(partly, tmp_path / "partly.pt")
+    with pytest.raises(UserError, match=r"unexpected, e\.g\. model\.layer1"):
+        build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / "partly.pt"))
+
+
 def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):
     empty = tmp_path / "empty.pth"
     empty.touch()

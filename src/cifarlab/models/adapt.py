@@ -34,7 +34,7 @@ def weights_file(weights: str, named: bool) -> Path | None:
 
 def load_state_file(path: Path) -> dict:
     """A state dict from a local file, also one wrapped under a `state_dict` or `model` key (our
-    checkpoints, many training scripts') or saved from DataParallel (every key `module.`...)."""
+    checkpoints, many training scripts', PyTorch Lightning's), its keys `unwrapped`."""
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file")
     state = read_tensors(path, f"--weights {path}", "state dict")
@@ -44,9 +44,20 @@ def load_state_file(path: Path) -> dict:
             "torch.save(model.state_dict(), FILE)"
         )
     inner = [v for k, v in state.items() if k in ("state_dict", "model") and isinstance(v, dict)]
-    state = inner[0] if len(inner) == 1 else state
-    if state and all(str(k).startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return unwrapped(inner[0] if len(inner) == 1 else state)
+
+
+# what wraps a model's keys: DataParallel/DDP, torch.compile, a LightningModule's `self.model`
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def unwrapped(state: dict) -> dict:
+    """`state` without the wrapper prefixes that every one of its keys carries, in any nesting
+    (`model._orig_mod.conv1.weight` -> `conv1.weight`); a prefix only some keys carry is kept."""
+    while state and (
+        wrap := next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), "")
+    ):
+        state = {k.removeprefix(wrap): v for k, v in state.items()}
     return state
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from cifarlab.errors import UserError, import_extra
-from cifarlab.models.adapt import BackboneOptions, with_stem
+from cifarlab.models.adapt import BackboneOptions, unwrapped, with_stem
 
 
 def _timm():
@@ -51,13 +51,14 @@ def timm_backbone(
 
 
 def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Module:
-    """timm loads the file with the model's own checkpoint filter (a new head when the class
-    count differs); it only warns on keys that do not fit, so we check them ourselves."""
+    """timm reads the file (safetensors too) and loads it, keys `unwrapped`, with the model's
+    own checkpoint filter (a new head when the class count differs); it only warns on keys that
+    do not fit, so we check them ourselves."""
     timm = _timm()
     try:
-        saved = set(timm.models.load_state_dict(str(path)))
+        state = unwrapped(timm.models.load_state_dict(str(path)))
         net = timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+            name, pretrained=True, pretrained_cfg_overlay={"state_dict": state},
             num_classes=num_classes, **kwargs,
         )  # fmt: skip
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -65,8 +66,9 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
         raise UserError(
             f"--weights {path}: does not fit timm:{name} ({lines[-1][:200] if lines else exc})"
         ) from None
+    net.pretrained_cfg.pop("state_dict", None)  # the model would keep a copy of the weights
     head = next(n for n, m in net.named_modules() if m is net.get_classifier())
-    missing = [k for k in net.state_dict() if k not in saved and not k.startswith(head + ".")]
+    missing = [k for k in net.state_dict() if k not in state and not k.startswith(head + ".")]
     if missing:
         raise UserError(
             f"--weights {path}: does not fit timm:{name} ({len(missing)} tensors missing, "
