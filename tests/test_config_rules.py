@@ -190,6 +190,46 @@ def test_suite_run_names_must_be_unique(tmp_path):
         )
 
 
+VAL = {"data": "x", "val_size": 100}  # lesson-cnn holds out none: scored on a test split
+
+
+def test_a_recipe_renamed_run_clashing_with_another_says_so_and_how_to_fix(tmp_path):
+    """It said only "run names must be unique; repeated: lesson-cnn", of a file without two."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "runs:\n  - {name: seed-cnn, recipe: seed-cnn}\n  - {name: lesson-cnn, recipe: fast}\n"
+    )
+    opts = SuiteOptions(tmp_path / "out", overrides=VAL, recipe="lesson-cnn")
+    with pytest.raises(
+        UserError,
+        match=r"repeated: lesson-cnn \(run seed-cnn is lesson-cnn under --recipe\); copy the suite file",
+    ):
+        run_suite(str(path), opts, log=lambda s: None)
+
+
+def test_a_folder_in_the_way_of_a_recipe_renamed_run_is_named_before_anything_trains(tmp_path):
+    """Other files in it were a "cannot start" after the runs before it, advising --resume,
+    which a suite does not take; another run's folder did not say why that name was used."""
+    opts = SuiteOptions(tmp_path / "out", overrides=VAL, recipe="lesson-cnn")
+    (tmp_path / "out" / "lesson-cnn").mkdir(parents=True)
+    (tmp_path / "out" / "lesson-cnn" / "notes.txt").write_text("mine")
+    with pytest.raises(
+        UserError,
+        match=r"run seed-cnn is lesson-cnn under --recipe, and .*lesson-cnn already holds other files \(notes.txt\); move them away, or choose a new --out",
+    ) as err:
+        run_suite("exercise-1", opts, log=lambda s: None)
+    assert "--resume" not in str(err.value)
+    (tmp_path / "out" / "lesson-cnn" / "notes.txt").rename(
+        tmp_path / "out" / "lesson-cnn" / "config.yaml"
+    )
+    (tmp_path / "out" / "lesson-cnn" / "config.yaml").write_text("lr: 0.05\n")
+    with pytest.raises(
+        UserError,
+        match=r"run seed-cnn is lesson-cnn under --recipe, and .* holds a run with another config",
+    ):
+        run_suite("exercise-1", opts, log=lambda s: None)
+
+
 def test_cli_version_debug_after_subcommand_and_shared_flags(capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])

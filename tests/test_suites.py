@@ -186,6 +186,19 @@ def test_a_run_named_after_its_recipe_takes_the_name_of_the_recipe_that_replaces
     assert not (opts.out / "seed-cnn").exists()
 
 
+def test_only_takes_a_runs_name_under_recipe_or_its_name_in_the_suite_file(real_jpegs, tmp_path):
+    """`--only seed-cnn --recipe lesson-cnn` was refused: "no such run ...; runs: lesson-cnn"."""
+    overrides = {**TINY, "data": str(real_jpegs), "data_root": str(tmp_path / "d"), "width": 0.25}
+    opts = SuiteOptions(tmp_path / "out", epochs=1, overrides=overrides, recipe="lesson-cnn")
+    with pytest.raises(UserError, match=r"--only nope: .*; runs: lesson-cnn \(or seed-cnn\)$"):
+        run_suite("exercise-1", dataclasses.replace(opts, only="nope"), log=lambda s: None)
+    messages = []
+    for only in ("seed-cnn", "lesson-cnn"):
+        rows = run_suite("exercise-1", dataclasses.replace(opts, only=only), log=messages.append)
+        assert [r["run"] for r in rows] == ["lesson-cnn"] and rows[0]["seeds"] == 1
+    assert any("[lesson-cnn] finished earlier" in m for m in messages), messages
+
+
 def test_suite_killed_mid_run_finishes_without_repeating_runs(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SUITE)

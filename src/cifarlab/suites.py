@@ -27,8 +27,10 @@ from cifarlab.errors import Interrupted, TrainingFailed, UserError
 from cifarlab.report import REPORT_FILES
 from cifarlab.rundir import (
     RUN_FILES,
+    RunDirTaken,
     RunLock,
     check_not_a_run,
+    claim_run_dir,
     is_number,
     prepare_run_dir,
     read_metrics,
@@ -149,7 +151,7 @@ def load_suite(
             f"--weights: no run of suite {path.stem} starts from pretrained weights; drop --weights"
         )
     names = [r.name for r in runs]
-    _check_run_names(names, path)
+    _check_run_names(runs, path)
     reference = str(spec.get("reference", names[0]))
     reference = {r.was: r.name for r in runs}.get(reference, reference)
     if reference not in names:
@@ -167,19 +169,32 @@ def _recipe(name: str, where: str) -> TrainConfig:
         raise UserError(f"{where}: {exc}") from None
 
 
-def _check_run_names(names: list[str], path: Path) -> None:
+def _check_run_names(runs: list[SuiteRun], path: Path) -> None:
     """Each run has a folder of its own in --out, under one seed and under several."""
+    names = [r.name for r in runs]
     twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}")
     seeded = [
         (n, m) for n in names for m in names if re.fullmatch(rf"{re.escape(m)}-seed[0-9]+", n)
     ]
+    clash = {*twice, *(seeded[0] if seeded else ())}
+    renamed = [_called(r) for r in runs if r.name != r.was and r.name in clash]
+    fix = (  # not the suite file's names: --recipe's rename clashed
+        f" ({renamed[0]}); copy the suite file, rename one of those runs and pass the copy"
+        if renamed
+        else ""
+    )
+    if twice:
+        raise UserError(f"{path}: run names must be unique; repeated: {', '.join(twice)}{fix}")
     if seeded:  # under several --seeds, run m trains into m-seed<N>/: that run's folder
         n, m = seeded[0]
         raise UserError(
-            f"{path}: run name {n!r} is the folder of run {m!r} under several --seeds; pick another name"
+            f"{path}: run name {n!r} is the folder of run {m!r} under several --seeds{fix or '; pick another name'}"
         )
+
+
+def _called(run: SuiteRun) -> str:
+    """A run as messages name it: with its name in the suite file where --recipe renamed it."""
+    return run.name if run.name == run.was else f"run {run.was} is {run.name} under --recipe"
 
 
 def _run_name(name: Any, where: str) -> str:
@@ -225,17 +240,14 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.train import train
 
     suite = load_suite(name, opts.overrides, opts.epochs, opts.budget, opts.recipe)
-    if opts.only and opts.only not in [r.name for r in suite.runs]:
-        raise UserError(
-            f"--only {opts.only}: no such run in suite {suite.name}; runs: {', '.join(r.name for r in suite.runs)}"
-        )
+    only = _only(suite, opts.only)
     every = []  # (run, its folder, its config) per seed; a bad seed is said before --out is made
     for run in suite.runs:
         for seed in opts.seeds:  # MLflow files every run under the suite's name
             named = {"seed": seed, "experiment": run.config.experiment or suite.name}
             config = apply_overrides(run.config, named, where="--seeds")
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
-    jobs = [job for job in every if not opts.only or job[0].name == opts.only]
+    jobs = [job for job in every if not only or job[0].name == only]
     _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
@@ -281,6 +293,20 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     write_suite_report(suite, rows, opts.out)
     log(f"results: {opts.out / 'results.md'}")
     return rows
+
+
+def _only(suite: Suite, only: str | None) -> str | None:
+    """The run `--only` names: by its name, or by its name in the suite file where --recipe
+    renamed it (`seed-cnn`, run as `lesson-cnn`)."""
+    if only is None:
+        return None
+    found = [r.name for r in suite.runs if r.name == only] or [
+        r.name for r in suite.runs if r.was == only
+    ]
+    if found:
+        return found[0]
+    names = [r.name if r.name == r.was else f"{r.name} (or {r.was})" for r in suite.runs]
+    raise UserError(f"--only {only}: no such run in suite {suite.name}; runs: {', '.join(names)}")
 
 
 def _refuse_unscored(jobs: list) -> None:
@@ -339,17 +365,29 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
 
 
 def _refuse_stale(jobs: list) -> None:
-    """A run directory already in --out must hold this very run (the same resolved config)."""
+    """A run directory already in --out must hold this very run (the same resolved config), or
+    nothing that `train` would refuse (other files)."""
     from cifarlab.train import saved_config
 
-    for _run, run_dir, wanted in jobs:
+    for run, run_dir, wanted in jobs:
         saved, _ = saved_config(run_dir)
         differ = saved and config_changes(saved, wanted)
+        why = "" if run.name == run.was else f"{_called(run)}, and "
         if differ:
             raise UserError(
-                f"{run_dir} holds a run with another config ({', '.join(differ[:4])}); "
+                f"{why}{run_dir} holds a run with another config ({', '.join(differ[:4])}); "
                 "choose a new --out, or delete that run directory to retrain it"
             )
+        try:
+            if saved is None:
+                claim_run_dir(run_dir, resume=False)
+        except RunDirTaken as exc:  # its wording says --resume, which a suite does not take
+            raise UserError(
+                f"{why}{run_dir} already holds {exc.what} ({exc.shown}); move them away, or "
+                "choose a new --out"
+            ) from None
+        except UserError:  # being trained: said when its turn comes, as for a run with a config
+            pass
 
 
 def summarise(suite: Suite, opts: SuiteOptions, failed: dict[str, str]) -> list[dict]:
