@@ -208,3 +208,42 @@ def test_a_run_with_a_relative_cache_folder_never_decodes_into_another_working_d
     monkeypatch.chdir(tmp_path / "b")
     assert cifarlab.evaluate_model(result, device="cpu", log=None)["num_images"] == 6
     assert list((tmp_path / "b").iterdir()) == []
+
+
+def test_classifier_says_what_a_missing_file_a_folder_and_junk_bytes_are(
+    trained, synthetic_images, tmp_path, monkeypatch
+):
+    """Each said "not a regular file (a dangling link, pipe or device?)", or named the bytes by
+    a BytesIO's repr; a folder is refused (one class per image given), `~` is the home folder."""
+    model = cifarlab.load_model(trained[0])
+    with pytest.raises(UserError, match="nope.jpg: no such file"):
+        model.predict([tmp_path / "nope.jpg"])
+    with pytest.raises(UserError, match="a folder; give its image files"):
+        model.predict([str(synthetic_images / "test" / "red")])
+    with pytest.raises(UserError, match="the given bytes: not a readable image") as err:
+        model.predict(b"junk")
+    assert "BytesIO" not in str(err.value)
+    with pytest.raises(UserError, match="batch_size=0"):
+        cifarlab.load_model(trained[0], batch_size=0)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "red.png").write_bytes((synthetic_images / "test" / "red" / "000.png").read_bytes())
+    assert model.predict("~/red.png") == model.predict(tmp_path / "red.png")
+
+
+def test_train_model_takes_a_dict_and_its_result_agrees_with_result_json(
+    synthetic_images, tmp_path
+):
+    """A dict is `recipe`'s arguments (it was an AttributeError); without a validation split
+    the val accuracies are None as result.json's nulls (they were NaN); seconds are rounded as
+    result.json's are with a final TTA pass too."""
+    base = {"epochs": 1, "data": str(synthetic_images), "data_root": str(tmp_path / "d"),
+            "width": 0.25, "batch_size": 8, "device": "cpu", "threads": 1, "progress": False}  # fmt: skip
+    for val_size, tta in ((0, "none"), (6, "flip")):
+        out = tmp_path / f"run{val_size}"
+        result = cifarlab.train_model({**base, "val_size": val_size, "tta": tta}, out, log=None)
+        saved = json.loads((out / "result.json").read_text())
+        assert result.to_dict() == saved  # NaN != None: they disagreed
+        assert (result.best_val_acc is None) == (saved["final_val_acc"] is None) == (not val_size)
+        assert result.seconds == round(result.seconds, 2)
+    with pytest.raises(UserError, match="config of type int"):
+        cifarlab.train_model(3, tmp_path / "x", log=None)

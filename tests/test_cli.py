@@ -295,3 +295,46 @@ def test_a_quoted_tilde_in_a_path_flag_means_the_home_folder(tmp_path, monkeypat
     monkeypatch.setenv("HOME", str(tmp_path))
     args = build_parser().parse_args(["train", "--out", "~/runs/a"])
     assert args.out == tmp_path / "runs" / "a"
+
+
+def test_a_quoted_tilde_names_a_run_in_every_command_that_takes_one(
+    capsys, synthetic_images, tmp_path, monkeypatch
+):
+    """`~` is expanded where runs and checkpoints are resolved (`resolve_checkpoint`): evaluate,
+    predict, export, calibrate, load_model and load_checkpoint said "no such run directory"; a
+    str and a run folder are what load_checkpoint takes too (docs/lesson.md's snippet)."""
+    import cifarlab
+    from cifarlab.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, _, err = _cli(
+        capsys, "train", "--out", "~/runs/t1", "--data", str(synthetic_images), "--data-root",
+        str(tmp_path / "d"), "--epochs", "1", "--batch-size", "8", "--val-size", "6",
+        "--set", "width=0.25", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    image = str(synthetic_images / "test" / "red" / "000.png")
+    for args in (["evaluate", "~/runs/t1"], ["predict", "~/runs/t1", image],
+                 ["export", "~/runs/t1", "--format", "safetensors"], ["calibrate", "~/runs/t1"]):  # fmt: skip
+        code, _, err = _cli(capsys, *args)
+        assert code == 0, (args, err)
+    run = tmp_path / "runs" / "t1"
+    assert (run / "eval-val" / "report.json").is_file() and (run / "model.safetensors").is_file()
+    assert len(cifarlab.load_model("~/runs/t1").predict([image])) == 1
+    for given in ("~/runs/t1/best.pt", str(run), run):
+        assert load_checkpoint(given)["classes"] == ["blue", "green", "red"]
+
+
+def test_predict_names_the_flag_below_one(capsys, tmp_path):
+    for flag in ("--top-k", "--batch-size"):
+        code, _, err = _cli(capsys, "predict", str(tmp_path), str(tmp_path), flag, "0")
+        _assert_one_line_error(code, err, f"{flag} 0: give a whole number >= 1")
+        assert ({"--top-k", "--batch-size"} - {flag}).pop() not in err  # said "--top-k and ..."
+
+
+def test_train_into_a_folder_of_other_files_advises_another_out_not_resume(capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "out"), "--data", str(tmp_path))
+    _assert_one_line_error(code, err, "other files (keep.txt)", "pick a new --out, or remove")
+    assert "--resume" not in err

@@ -422,6 +422,7 @@ def test_a_subset_run_whose_data_shrank_says_the_data_changed_not_its_subset(tmp
         code = main([words[0], str(tmp_path / "run"), *words[1:]])
         err = capsys.readouterr().err
         assert code == 2 and "data changed" in err and "subset=20" in err
+        assert "lower it" not in err  # a new run's fix, not this one's
         assert "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "ev").exists()
 

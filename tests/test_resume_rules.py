@@ -183,7 +183,7 @@ def test_val_size_zero_trains_on_everything_and_reports_test_accuracy(synthetic_
     result = train(
         _config(synthetic_images, tmp_path, val_size=0), tmp_path / "run", log=messages.append
     )
-    assert result.test_acc is not None and math.isnan(result.best_val_acc)
+    assert result.test_acc is not None and result.best_val_acc is None  # as result.json has it
     assert any("no model selection, best.pt is the last epoch's weights" in m for m in messages)
     assert any("test acc of best.pt" in m for m in messages)
     best, last = (load_checkpoint(tmp_path / "run" / n)["model"] for n in ("best.pt", "last.pt"))
@@ -480,7 +480,7 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_val_size_zero_writes_strict_json_and_a_resume_reads_its_nulls_back_as_nan(
+def test_val_size_zero_writes_strict_json_and_a_resume_reads_its_nulls_back_as_none(
     synthetic_images, tmp_path
 ):
     run = tmp_path / "run"
@@ -489,7 +489,7 @@ def test_val_size_zero_writes_strict_json_and_a_resume_reads_its_nulls_back_as_n
     assert saved["best_val_acc"] is None and saved["final_val_acc"] is None
     assert set(saved) == {*RESULT_NUMBERS, *RESULT_OPTIONAL, "epochs"}  # what read_result checks
     again = train(None, run, resume=True, log=QUIET)  # finished: read back, not trained again
-    assert math.isnan(again.best_val_acc) and math.isnan(again.final_val_acc)
+    assert again.best_val_acc is None and again.final_val_acc is None
     assert again.test_acc == saved["test_acc"]
 
 

@@ -72,12 +72,14 @@ def test_a_lock_of_a_killed_holder_is_taken_whatever_pid_the_file_names(tmp_path
 
 @pytest.mark.parametrize("name", [*RUN_FILES, "notes.txt", "eval-val"])
 def test_a_directory_holding_a_run_or_anything_else_is_refused_without_resume(tmp_path, name):
+    """Only a run is advised --resume: other files hold nothing to continue."""
     run = tmp_path / "run"
     run.mkdir()
     (run / name).mkdir() if name == "eval-val" else (run / name).write_text("x")
-    with pytest.raises(
-        UserError, match=rf"\({name}\); add --resume to continue it or pick a new --out"
-    ):
+    fix = "add --resume to continue it or pick a new --out"
+    if name not in RUN_FILES:
+        fix = "pick a new --out, or remove them"
+    with pytest.raises(UserError, match=rf"\({name}\); {fix}"):
         claim_run_dir(run, resume=False)
     claim_run_dir(run, resume=True)
 

@@ -55,6 +55,12 @@ def test_val_size_zero_with_a_class_subset_and_subset(tmp_path, data_root):
     assert len(splits.train) == 10 and len(splits.val) == 0 and splits.classes == ["dog", "emu"]
 
 
+def test_a_subset_larger_than_the_data_says_how_to_fix_it(tmp_path, data_root):
+    src = _pngs(tmp_path / "d" / "train", per_class=6).parent
+    with pytest.raises(UserError, match="subset=20 is larger than the 12 training images; lower"):
+        load_splits(make_config(data=str(src), data_root=str(data_root), subset=20))
+
+
 @pytest.mark.parametrize("name", ["val", "valid"])
 def test_val_folder_beside_train_is_the_val_split_and_val_size_is_ignored(
     tmp_path, data_root, name

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifarlab.config import TrainConfig, apply_overrides, load_recipe, validate_config, with_length
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    expand,
+    load_recipe,
+    validate_config,
+    with_length,
+)
 from cifarlab.data.images import BadImage, decode_image, image_array
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
@@ -44,13 +51,21 @@ def recipe(
 
 
 def train_model(
-    config: TrainConfig | str, out: str | Path, *, resume: bool = False, log=print
+    config: TrainConfig | str | dict[str, Any], out: str | Path, *, resume: bool = False, log=print
 ) -> Result:
-    """Train `config` (or a recipe name) into the run directory `out`; the `Result` holds the
-    accuracies, `history` (one dict per epoch, as metrics.csv), `run_dir` and `checkpoint`.
-    With `resume`, an interrupted run in `out` continues (a finished one is returned as is)."""
+    """Train `config` (a recipe name, or a dict of `recipe`'s arguments) into the run directory
+    `out`; the `Result` holds the accuracies, `history` (one dict per epoch, as metrics.csv),
+    `run_dir` and `checkpoint`. With `resume`, an interrupted run in `out` continues (a finished
+    one is returned as is)."""
     if isinstance(config, str):
         config = recipe(config)
+    elif isinstance(config, dict):  # {"name": "fast-cpu", "epochs": 2, "model": "cnn"}
+        config = recipe(**config)
+    elif not isinstance(config, TrainConfig):
+        raise UserError(
+            f"train_model: config of type {type(config).__name__}; give a TrainConfig "
+            "(cifarlab.recipe(...)), a recipe name or a dict of config keys"
+        )
     try:
         return train(config, Path(out), resume=resume, log=log or (lambda s: None))
     except RunDirTaken as exc:
@@ -91,6 +106,8 @@ class Classifier:
     RGB or RGBA, each resized to the model's input as training files were (`decode_image`)."""
 
     def __init__(self, predictor, batch_size: int = 256):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"load_model: batch_size={batch_size!r}; give a whole number >= 1")
         self.predictor, self.batch_size = predictor, batch_size
         self.classes: list[str] = list(predictor.classes)
         self.image_size: int = predictor.size
@@ -118,9 +135,13 @@ class Classifier:
 
     def _array(self, image: ImageLike) -> np.ndarray:
         size = self.image_size
+        if isinstance(image, str | Path) and expand(image).is_dir():  # one class per image given
+            raise UserError(
+                f"{image}: a folder; give its image files (`cifarlab predict` takes folders)"
+            )
         if isinstance(image, str | Path | bytes):
             try:
-                return decode_image(Path(image) if isinstance(image, str) else image, size)
+                return decode_image(image if isinstance(image, bytes) else expand(image), size)
             except BadImage as exc:
                 raise UserError(str(exc)) from None
         if isinstance(image, Image.Image):

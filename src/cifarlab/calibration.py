@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.checkpoint import atomic_save, load_checkpoint, resolve_checkpoint
+from cifarlab.config import expand
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.errors import UserError
 from cifarlab.eval_set import load_eval_set
@@ -109,7 +110,7 @@ def calibrate_run(
     """Each of the run's checkpoints gets the temperature of its own weights, fitted on the
     validation split (`val`: already in memory) and written atomically; returns that of the
     checkpoint predict uses (best.pt, else last.pt)."""
-    run_dir = Path(run_dir)
+    run_dir = expand(run_dir)
     resolve_checkpoint(run_dir)  # one line for a missing path, or a run without checkpoints
     present = [run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()]
     if run_dir.is_file():

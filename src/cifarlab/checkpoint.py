@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 
 import torch
 
+from cifarlab.config import expand
 from cifarlab.errors import TrainingFailed, UserError, first_line
 from cifarlab.rundir import is_number, replaced_when_complete
 
@@ -118,11 +119,13 @@ def damaged_way_out(path: Path) -> str:
 EXPORTED = (".onnx", ".pt2", ".safetensors", ".ts")
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint dict, its tensors on the CPU; files that would run code on load, and those
-    whose entries do not fit `ENTRIES`, are refused."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint dict (of a file, or of a run directory's as `resolve_checkpoint` picks it),
+    its tensors on the CPU; files that would run code on load, and those whose entries do not
+    fit `ENTRIES`, are refused."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{path}: not a regular file; give a checkpoint or its run directory")
     if path.suffix.lower() in EXPORTED:  # not damaged: a model for predict, without a run's state
         raise UserError(
             f"{path}: an exported model ({path.suffix}), which is for `cifarlab predict`; "
@@ -210,8 +213,9 @@ def non_finite(state: dict) -> str | None:
 
 
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
-    """A run directory means its `best.pt` (else `last.pt`); a file is taken as it is."""
-    path = Path(path_or_run)
+    """A run directory means its `best.pt` (else `last.pt`); a file is taken as it is; `~` is
+    expanded, as for every path a user gives."""
+    path = expand(path_or_run)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():

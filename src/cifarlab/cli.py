@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import signal
@@ -158,7 +157,7 @@ def cmd_train(args) -> int:
 
 def _result_line(result) -> str:
     parts = []
-    if not math.isnan(result.best_val_acc):
+    if result.best_val_acc is not None:
         tta = "" if result.tta_val_acc is None else f" ({result.tta_val_acc:.2%} with TTA)"
         parts.append(
             f"best val acc {result.best_val_acc:.2%}, final {result.final_val_acc:.2%}{tta}"

@@ -17,7 +17,12 @@ class ConfigChanged(UserError):
 
 class TooFewImages(UserError):
     """The data holds fewer images than the config asks of it: for a run's own config, a sign
-    that its data changed since the run trained."""
+    that its data changed since the run trained, said with `detail` (without the `fix` a new
+    run would take)."""
+
+    def __init__(self, detail: str, fix: str = ""):
+        super().__init__(f"{detail}; {fix}" if fix else detail)
+        self.detail = detail
 
 
 class UnreadableFile(UserError):

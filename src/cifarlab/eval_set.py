@@ -53,7 +53,7 @@ def load_eval_set(
         except TooFewImages as exc:  # enough for the run's own config when it trained
             if not own_data:
                 raise
-            raise data_changed(where, f"{config.data}: {exc}", way_out) from None
+            raise data_changed(where, f"{config.data}: {exc.detail}", way_out) from None
         # a split held out of changed data mixes in images the run trained on (in-sample scores
         # and temperature); a checkpoint without a fingerprint passes
         theirs = ckpt.get("data_fingerprint")

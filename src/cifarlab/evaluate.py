@@ -111,7 +111,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     if opts.tta not in TTA_VIEWS:
         raise UserError(f"tta {opts.tta!r}: give one of {', '.join(TTA_VIEWS)}")
     ckpt_path = resolve_checkpoint(opts.target)
-    if Path(opts.target).is_dir() and ckpt_path.name != "best.pt":  # no epoch was chosen yet
+    if expand(opts.target).is_dir() and ckpt_path.name != "best.pt":  # no epoch was chosen yet
         log(f"note: {opts.target} has no best.pt; scoring {ckpt_path.name}")
     ckpt = load_checkpoint(ckpt_path)
     trained = apply_overrides(TrainConfig(), ckpt["config"], where=str(ckpt_path))

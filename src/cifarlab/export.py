@@ -13,6 +13,7 @@ from torch import nn
 
 from cifarlab import rundir
 from cifarlab.checkpoint import EXPORTED, load_checkpoint, resolve_checkpoint
+from cifarlab.config import expand
 from cifarlab.errors import UserError, import_extra
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.models.torchvision_nets import ARCHS
@@ -67,7 +68,7 @@ def format_of(fmt: str | None, out: Path | None) -> str:
 def default_output(model: str, fmt: str) -> Path:
     """RUN_DIR/model.<suffix>, or the checkpoint's name with the format's suffix."""
     suffix = FORMATS.get(fmt, "." + fmt)
-    src = Path(model)
+    src = expand(model)
     return src / f"model{suffix}" if src.is_dir() else src.with_suffix(suffix)
 
 

@@ -19,6 +19,7 @@ from cifarlab.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
+from cifarlab.config import expand
 from cifarlab.data.images import (
     NOT_AN_IMAGE_NAME,
     BadImage,
@@ -243,18 +244,20 @@ _READERS = (OnnxPredictor, Pt2Predictor, SafetensorsPredictor, TorchScriptPredic
 PREDICTORS = dict(zip(EXPORTED, _READERS, strict=True))
 
 
-def load_predictor(model: str):
-    if not Path(model).exists():
+def load_predictor(model: str | Path):
+    path = expand(model)
+    if not path.exists():
         raise UserError(f"{model}: no such run directory, checkpoint or exported model")
-    return PREDICTORS.get(Path(model).suffix.lower(), Predictor)(model)
+    return PREDICTORS.get(path.suffix.lower(), Predictor)(str(path))
 
 
 def run_predict(
     model: str, paths: list[str], top_k: int = 3, as_json: bool = False, batch_size: int = 256
 ) -> int:
     """Prints one line per image; returns 0, or 1 when some files could not be read."""
-    if top_k < 1 or batch_size < 1:
-        raise UserError("--top-k and --batch-size must be >= 1")
+    for flag, value in (("--top-k", top_k), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: give a whole number >= 1")
     predictor = load_predictor(model)
     k = min(top_k, len(predictor.classes))
     files, skipped = image_files(paths)

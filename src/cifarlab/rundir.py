@@ -176,10 +176,12 @@ class RunDirTaken(UserError):
         super().__init__(self.worded())
 
     def worded(self, resume: str = "add --resume", out: str = "--out") -> str:
-        return (
-            f"{out} {self.run_dir} already holds {self.what} ({self.shown}); "
+        fix = (  # other files are no run: there is nothing to resume
             f"{resume} to continue it or pick a new {out}"
+            if self.what == "a run"
+            else f"pick a new {out}, or remove them"
         )
+        return f"{out} {self.run_dir} already holds {self.what} ({self.shown}); {fix}"
 
 
 def check_out(out: Path, folder: bool = True) -> None:
@@ -288,9 +290,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 # result.json's entries, those of `train.Result` it holds: a number each (NaN written as null,
-# strict JSON having no NaN), or, for the optional ones, also null where there is none
-RESULT_NUMBERS = ("best_val_acc", "final_val_acc", "seconds", "images_per_s")
-RESULT_OPTIONAL = ("tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc")
+# strict JSON having no NaN), or, for the optional ones, also null where there is none (the
+# val accuracies without a validation split)
+RESULT_NUMBERS = ("seconds", "images_per_s")
+RESULT_OPTIONAL = (
+    "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
+)  # fmt: skip
 
 
 def json_text(value: Any, indent: int | None = 1) -> str:
@@ -316,17 +321,13 @@ def is_number(v: Any) -> bool:
 
 def read_result(run_dir: Path) -> dict | None:
     """`run_dir/result.json`, or None where it is missing, does not parse (cut short) or holds
-    other than `train.Result`'s entries (edited, or another file): all count as damaged. A null
-    of a number that is always there reads back as NaN (no validation split: no val accuracy)."""
+    other than `train.Result`'s entries (edited, or another file): all count as damaged."""
     try:
         saved = json.loads((run_dir / "result.json").read_text())
     except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     if not isinstance(saved, dict):
         return None
-    for key in RESULT_NUMBERS:
-        if saved.get(key, 0) is None:
-            saved[key] = math.nan
     fits = (
         all(is_number(saved.get(k)) for k in RESULT_NUMBERS)
         and isinstance(saved.get("epochs"), int)

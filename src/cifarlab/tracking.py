@@ -89,7 +89,8 @@ class TensorBoardTracker:
 
     def finish(self, result: Any) -> None:
         for key in ("best_val_acc", "final_val_acc"):
-            self.writer.add_scalar(key, getattr(result, key), result.epochs)
+            if getattr(result, key) is not None:  # no validation split: no val accuracy
+                self.writer.add_scalar(key, getattr(result, key), result.epochs)
         self.writer.file_writer.add_summary(self.end)  # the run ended well
 
     def close(self, error: BaseException | None) -> None:

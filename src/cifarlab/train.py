@@ -79,8 +79,8 @@ RESUME_WAY_OUT = "restore the data, or train a new --out"
 @dataclass
 class Result:
     run_dir: Path
-    best_val_acc: float
-    final_val_acc: float
+    best_val_acc: float | None  # None without a validation split (val_size 0), as in result.json
+    final_val_acc: float | None
     epochs: int
     seconds: float  # wall time of the training epochs, evaluation included
     images_per_s: float  # training throughput of the last epoch
@@ -204,7 +204,9 @@ def _build(config: TrainConfig, log, d, resumed: Path | None) -> TrainingRun:
     except TooFewImages as exc:
         if resumed is None:
             raise
-        raise data_changed(f"--resume {resumed}", f"{config.data}: {exc}", RESUME_WAY_OUT) from None
+        raise data_changed(
+            f"--resume {resumed}", f"{config.data}: {exc.detail}", RESUME_WAY_OUT
+        ) from None
     except UnreadableFile as exc:
         if resumed is None:
             raise
@@ -649,8 +651,8 @@ def _finish(run: TrainingRun, history: list[dict], saver: Checkpointer, log, sto
     _stop_if_asked(stop, saver, ending)
     finals = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     result = Result(
-        run_dir, saver.best if finals else float("nan"), finals[-1] if finals else float("nan"),
-        c.epochs, seconds, history[-1]["images_per_s"] if history else 0.0, history, tta_acc, test_acc, test_tta,
+        run_dir, saver.best if finals else None, finals[-1] if finals else None,
+        c.epochs, round(seconds, 2), history[-1]["images_per_s"] if history else 0.0, history, tta_acc, test_acc, test_tta,
         None if finals else _best_test(history, log),
     )  # fmt: skip
     if run.dist.main:

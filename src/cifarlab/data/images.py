@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import warnings
 from pathlib import Path, PurePath
 
@@ -42,10 +44,15 @@ def visible_entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if not is_junk(p.relative_to(folder)))
 
 
+_IN_MEMORY = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def decode_image(source: Path | bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB. Grayscale, palette and RGBA become RGB (alpha on white)."""
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    name = "the given bytes" if isinstance(source, bytes) else str(source)
     if not isinstance(source, bytes) and not Path(source).is_file():  # opening a pipe would wait
+        if not os.path.lexists(source):
+            raise BadImage(f"{name}: no such file")
         raise BadImage(f"{name}: not a regular file (a dangling link, pipe or device?)")
     if not (source if isinstance(source, bytes) else Path(source).stat().st_size):
         raise BadImage(f"{name}: the file is empty (0 bytes)")
@@ -57,7 +64,8 @@ def decode_image(source: Path | bytes, size: int) -> np.ndarray:
             img.load()  # decode now, so a truncated file fails here and not later
             return image_array(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"{name}: not a readable image ({first_line(exc)})") from None
+        said = _IN_MEMORY.sub("", first_line(exc))  # Pillow names bytes by the BytesIO's repr
+        raise BadImage(f"{name}: not a readable image ({said})") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"{name}: image too large ({exc})") from None
 

@@ -107,7 +107,8 @@ def load_splits(config: TrainConfig) -> Splits:
     if config.subset:
         if config.subset > len(train):
             raise TooFewImages(
-                f"subset={config.subset} is larger than the {len(train)} training images"
+                f"subset={config.subset} is larger than the {len(train)} training images",
+                f"lower it to {len(train)} or less, or give 0 for all of them",
             )
         train = train.take(stratified_pick(train.labels, config.subset, seed))
     val_folder = val is not None
