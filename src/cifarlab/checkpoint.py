@@ -14,9 +14,8 @@ from typing import Any, get_type_hints
 
 import torch
 
-from cifarlab.config import expand
 from cifarlab.errors import TrainingFailed, UserError, first_line
-from cifarlab.rundir import is_number, replaced_when_complete
+from cifarlab.rundir import expand, is_number, replaced_when_complete
 
 
 @dataclass(frozen=True)

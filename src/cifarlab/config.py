@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from cifarlab.errors import UserError
-from cifarlab.rundir import replaced_when_complete
+from cifarlab.rundir import expand, replaced_when_complete
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 DATASETS = ("cifar10", "cifar100")  # the names `data` takes for torchvision's sets; else a path
@@ -178,11 +178,6 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = get_type_hints(TrainConfig)
-
-
-def expand(path: str | Path) -> Path:
-    """`path` with `~` expanded; `~nosuchuser` stays as written (`Path.expanduser` raises)."""
-    return Path(os.path.expanduser(path))
 
 
 def default_data_root() -> Path:

@@ -22,6 +22,12 @@ try:
 except ImportError:  # Windows: the `filelock` package instead
     fcntl = None
 
+
+def expand(path: str | Path) -> Path:
+    """`path` with `~` expanded; `~nosuchuser` stays as written (`Path.expanduser` raises)."""
+    return Path(os.path.expanduser(path))
+
+
 METRICS_FIELDS = [
     "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
     "test_loss", "test_acc",  # NaN when the data has no test split; never used to select
