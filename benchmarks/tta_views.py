@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
-    data, _ = load_eval_set(ckpt, str(path))
+    data, *_ = load_eval_set(ckpt, str(path))
     loaded = load_model(ckpt, torch.device("cpu"))
     images = to_device_uint8(data.images, torch.device("cpu"))
     labels = torch.from_numpy(data.labels).long()

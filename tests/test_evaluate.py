@@ -449,7 +449,7 @@ def test_a_report_on_other_data_gets_its_own_default_folder(tiny_run, tmp_path):
     other = _pngs(tmp_path / "held out!", per_class=3, seed=1)
     report = evaluate(EvalOptions(str(run), data=str(other)), log=lambda s: None)
     assert (run / "eval-val" / "report.json").read_text() == own  # not replaced
-    saved = json.loads((run / "eval-val-held_out" / "report.json").read_text())
+    saved = json.loads((run / "eval-all-held_out" / "report.json").read_text())
     assert saved["num_images"] == report["num_images"] == 6
     evaluate(EvalOptions(str(run), data=str(other), out=tmp_path / "ev"), log=lambda s: None)
     assert (tmp_path / "ev" / "report.json").is_file()  # --out still wins
@@ -458,6 +458,50 @@ def test_a_report_on_other_data_gets_its_own_default_folder(tiny_run, tmp_path):
     assert again["num_images"] == 8  # its train/ alone: the run's own held-out split, as it was
     assert (run / "eval-val" / "report.json").read_text() == own  # still not replaced
     assert (run / f"eval-val-{Path(own_data).name}" / "report.json").is_file()
+
+
+def test_another_folder_is_scored_whole_never_cut_by_the_runs_subset_or_val_size(
+    tiny_run, tmp_path
+):
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # val_size 8: it carved 8 out of train/
+
+    def score(data, **kw):
+        report = evaluate(EvalOptions(str(run), data=str(data), **kw), log=lambda s: None)
+        return report["num_images"], report["split"]
+
+    _pngs(tmp_path / "both" / "train", per_class=10)
+    _pngs(tmp_path / "both" / "test", per_class=3, seed=1)
+    assert score(tmp_path / "both") == (6, "test")  # its test/, not 8 out of its train/
+    assert json.loads((run / "eval-test-both" / "report.json").read_text())["split"] == "test"
+    _pngs(tmp_path / "trainonly" / "train", per_class=5)
+    assert score(tmp_path / "trainonly") == (10, "all")
+    assert score(_pngs(tmp_path / "plain", per_class=7)) == (14, "all")  # not "val"
+    assert (run / "eval-all-plain" / "report.json").is_file()
+    with pytest.raises(UserError, match="no val split") as err:  # asked for: not carved either
+        score(tmp_path / "both", split="val")
+    assert "\n" not in str(err.value)
+    _pngs(tmp_path / "odd" / "train", classes=("emu", "yak"), per_class=3)  # fewer than 8 images
+    with pytest.raises(UserError, match=r"does not know \(emu, yak\)") as err:
+        score(tmp_path / "odd")
+    assert "subset" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_each_evaluation_gets_its_own_default_folder_and_a_rerun_replaces_its_own(tmp_path):
+    data = _pngs(tmp_path / "src" / "train", per_class=12).parent
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=6, ema=True)  # fmt: skip
+    run = tmp_path / "run"
+    train(config, run, log=lambda s: None)
+    said = []
+    for target, ema in ((run, False), (run / "last.pt", False), (run, True), (run, False)):
+        evaluate(EvalOptions(str(target), ema=ema), log=said.append)
+    folders = {"eval-val": ("best.pt", False), "eval-val-last": ("last.pt", False),
+               "eval-val-ema": ("best.pt", True)}  # fmt: skip
+    assert sorted(p.name for p in run.glob("eval-*")) == sorted(folders)
+    for name, (checkpoint, ema) in folders.items():
+        report = json.loads((run / name / "report.json").read_text())
+        assert (Path(report["checkpoint"]).name, report["ema"]) == (checkpoint, ema)
+    assert said[-1] == f"report: {run / 'eval-val' / 'report.html'}"
 
 
 def test_a_run_without_best_pt_says_it_scores_last_pt(tiny_run, tmp_path):
@@ -801,3 +845,10 @@ def test_odd_class_names_survive_the_csv_html_json_and_figures(tmp_path, capsys)
     )
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 6 and {c["class"] for c in rows[0]["top_k"]} == set(names)
+
+
+def test_evaluate_help_says_classes_picks_the_gallery_not_the_data(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mistakes gallery" in text and "not filtered, unlike train --classes" in text

@@ -10,7 +10,6 @@ from PIL import Image
 from cifarlab.cli import main
 from cifarlab.config import DATASETS, absolute_data
 from cifarlab.data import cache, load_source, load_splits, sources
-from cifarlab.data.sources import load_labelled
 from cifarlab.errors import UserError
 from cifarlab.eval_set import _data_present
 from tests.conftest import make_config
@@ -163,15 +162,15 @@ def test_a_dataset_name_is_the_dataset_even_beside_a_folder_of_that_name(
     fake = sources.SourceData(train, test)
     monkeypatch.setattr(sources, "_load_cifar", lambda n, root, size: asked.append(n) or fake)
     assert load_source(name, data_root, 8) is fake
-    assert load_labelled(name, data_root, 8, "error", "test") is test  # not the folder's all
+    assert load_source(name, data_root, 8).test is test  # not the folder's all
     assert asked == [name, name] and absolute_data(name) == name
 
 
-def test_a_plain_folder_answers_every_split_from_the_cache_without_a_second_walk(
+def test_a_plain_folder_loaded_again_is_read_from_the_cache_without_a_second_walk(
     tmp_path, data_root, monkeypatch
 ):
     src = str(_folder(tmp_path / "d"))  # cat/ and dog/, 3 images each: one labelled set
-    assert len(load_labelled(src, data_root, 8, "error", "test")) == 6  # decoded and cached
+    assert len(load_source(src, data_root, 8).train) == 6  # decoded and cached
     walks = []
 
     def counted(module, name):
@@ -180,7 +179,7 @@ def test_a_plain_folder_answers_every_split_from_the_cache_without_a_second_walk
 
     counted(sources, "_load_folder")  # the layout walked and decoded
     counted(cache, "_folder_stamp")  # every file's stat, for the cache's key
-    assert len(load_labelled(src, data_root, 8, "error", "val")) == 6
+    assert len(load_source(src, data_root, 8).train) == 6
     assert walks == ["_folder_stamp"]  # the cache's key only
 
 

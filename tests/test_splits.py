@@ -169,7 +169,7 @@ def test_classes_are_selected_before_train_and_test_are_compared(tmp_path, data_
     assert splits.train.classes == splits.test.classes == ["cat", "dog"]
     ckpt = {"config": config.to_dict(), "classes": ["cat", "dog"]}
     for data in (str(tmp_path / "d"), None):  # another run's data, and the run's own
-        scored, _ = load_eval_set(ckpt, "run", split="test", data=data)
+        scored, *_ = load_eval_set(ckpt, "run", split="test", data=data)
         assert len(scored) == 8 and sorted(set(scored.labels)) == [0, 1]
     with pytest.raises(UserError, match="train and test classes differ among the selected"):
         load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root),

@@ -53,7 +53,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _load_val(ckpt: dict, path: Path, device: torch.device) -> ValSet:
     """The run's validation split, loaded again from the data its config names."""
-    data, _ = load_eval_set(ckpt, str(path), command="calibrate")
+    data, *_ = load_eval_set(ckpt, str(path), command="calibrate")
     if len(data) == 0:
         raise UserError(
             f"{path}: the run has no validation split (val_size 0) to fit a temperature on; "

@@ -338,15 +338,19 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", **_RUN_OR_CHECKPOINT)
     p.add_argument("--split", choices=["val", "test"],
-                   help="which split to score (default: val where the run had one, held out or its data's val/ folder; else test)")  # fmt: skip
+                   help="which split to score (default: val where the run had one, held out or its data's val/ folder; else test); "
+                   "with --data another source, its val/ or test/ folder (default: all of it, see --data)")  # fmt: skip
     p.add_argument("--data", type=_given,
-                   help="evaluate on another data source (a labelled folder is scored whole)")  # fmt: skip
+                   help="score another data source's labelled images whole, never cut by the run's --subset/--val-size: "
+                   "its test/ split, else all its images (a plain <class>/ folder); its classes must be among the run's")  # fmt: skip
     p.add_argument("--tta", nargs="?", const="flip", default="none", choices=["none", "flip", "flip-translate"],
                    help="also report test-time-augmented accuracy (flip, or flip-translate)")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--out", type=_path,
-                   help="output folder (default RUN_DIR/eval-<split>; with --data, eval-<split>-<data name>)")  # fmt: skip
-    p.add_argument("--classes", help="classes for the mistakes gallery, comma-separated, as in CSV")
+                   help="output folder (default RUN_DIR/eval-<split>, then -<checkpoint> other than best.pt, -ema, "
+                   "-<data name>: one folder per evaluation, replaced when it is run again)")  # fmt: skip
+    p.add_argument("--classes", help="classes shown in the mistakes gallery, comma-separated as in CSV (default: "
+                   "the two hardest); the scored data is not filtered, unlike train --classes")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--on-bad-image", choices=["error", "skip"],
                    help="unreadable or non-image files: stop (error) or leave them out (skip); "

@@ -3,10 +3,11 @@ again from its config, refused when that data is gone or changed since the run t
 
 from __future__ import annotations
 
+import numpy as np
+
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.archive import is_archive
-from cifarlab.data.sources import load_labelled
 from cifarlab.data.splits import default_split, onto_classes, select_classes
 from cifarlab.errors import TooFewImages, UserError, data_changed
 from cifarlab.training_run import data_fingerprint
@@ -25,14 +26,15 @@ def load_eval_set(
     ckpt: dict,
     where: str,
     *,
-    split: str = "val",
+    split: str | None = "val",
     data: str | None = None,
     on_bad_image: str | None = None,
     command: str = "evaluate",
-) -> tuple[ImageSet, str]:
-    """The images to score, labelled with the checkpoint's class indices, and their source.
-    Another source in `data` is scored whole (its test/ or val/ folder, or all of a plain
-    `<class>/` folder); the run's own data gives its held-out split for "val", its test/ for "test"."""
+) -> tuple[ImageSet, str, str]:
+    """The images to score, labelled with the checkpoint's class indices, their source and the
+    split scored. Another source in `data` is scored whole (`_other_data`), never carved by the
+    run's subset or val_size; the run's own data gives its held-out split for "val", its test/
+    for "test"."""
     way_out, no_data = WAYS_OUT[command]
     if data is None and "data" not in ckpt["config"]:  # the default would fill in cifar10
         raise UserError(f"checkpoint {where} has no config.data; {no_data}")
@@ -45,19 +47,19 @@ def load_eval_set(
     for key, value in (("data", data), ("on_bad_image", on_bad_image)):
         if value:  # as the command line says; else as the run was trained
             config = apply_overrides(config, {key: value}, where="--" + key.replace("_", "-"))
+    if not own_data:
+        scored, split = _other_data(config, split, list(ckpt["classes"]), where)
+        return scored, config.data, split
     # the run's own data, however spelt, gives its held-out split: whole, it holds training images
-    scored = None if own_data else load_labelled(*_source_args(config), split, ckpt["classes"])
-    if scored is None and split == "val":
+    if split == "val":
         try:
             splits = load_splits(config)
         except TooFewImages as exc:  # enough for the run's own config when it trained
-            if not own_data:
-                raise
             raise data_changed(where, f"{config.data}: {exc.detail}", way_out) from None
         # a split held out of changed data mixes in images the run trained on (in-sample scores
         # and temperature); a checkpoint without a fingerprint passes
         theirs = ckpt.get("data_fingerprint")
-        checked = own_data and not splits.val_folder and theirs is not None
+        checked = not splits.val_folder and theirs is not None
         if checked and theirs != data_fingerprint(splits):
             raise data_changed(
                 where,
@@ -65,18 +67,41 @@ def load_eval_set(
                 f"its validation split would include training images; {way_out}",
             )
         scored = splits.val
-    elif scored is None and own_data:
+    else:
         scored = load_source(*_source_args(config), config.classes).test
     if scored is None:
-        other = "another folder: " if own_data else ""  # its own images trained the model
         val = ", or use --split val" if default_split(config) == "val" else ""
         raise UserError(
-            f"--split test: {config.data} has no test split; pass --data with {other}a "
-            f"<root>/test/<class>/ or plain <root>/<class>/ folder{val}"
+            f"--split test: {config.data} has no test split; pass --data with another folder: "
+            f"a <root>/test/<class>/ or plain <root>/<class>/ folder{val}"
         )
-    if config.classes and own_data:  # the run's own data: the classes it was trained on
+    if config.classes:  # the run's own data: the classes it was trained on
         scored = select_classes(scored, [c for c in config.classes if c in scored.classes])
-    return onto_classes(scored, list(ckpt["classes"]), where), config.data
+    return onto_classes(scored, list(ckpt["classes"]), where), config.data, split
+
+
+def _other_data(
+    config: TrainConfig, split: str | None, classes: list[str], where: str
+) -> tuple[ImageSet, str]:
+    """All of another source's labelled images and the split that names them: a plain
+    `<class>/` folder whole ("all"); else the --split asked for, or without one its test/,
+    else all its images ("all"). Classes are checked against the model's (`onto_classes`)."""
+    src = load_source(*_source_args(config), classes)
+    if not src.plain and split:
+        scored = src.test if split == "test" else src.val
+        if scored is None:
+            raise UserError(
+                f"--split {split}: {config.data} has no {split} split ({split}/ folder); leave "
+                "out --split to score it whole (its test/, else all its images)"
+            )
+        return onto_classes(scored, classes, where), split
+    if not src.plain and src.test is not None:
+        return onto_classes(src.test, classes, where), "test"
+    parts = [onto_classes(s, classes, where) for s in (src.train, src.val) if s is not None]
+    return ImageSet(
+        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+        classes, [path for p in parts for path in p.paths],
+    ), "all"  # fmt: skip
 
 
 def same_source(a: str, b: str) -> bool:

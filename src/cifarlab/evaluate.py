@@ -38,7 +38,7 @@ from cifarlab.training_run import image_digests
 class EvalOptions:
     target: str  # run directory or checkpoint
     split: str | None = None  # val | test; None: `default_split`, val where the run had one
-    data: str | None = None  # another data source than the run's
+    data: str | None = None  # another data source than the run's, scored whole (`_other_data`)
     tta: str = "none"  # none | flip | flip-translate, reported beside the plain figure
     ema: bool = False
     out: Path | None = None
@@ -96,13 +96,20 @@ def _chosen_classes(opts: EvalOptions, classes: list[str], pc: dict) -> list[int
     return [classes.index(c) for c in opts.classes]
 
 
-def _default_out(opts: EvalOptions) -> str:
-    """`eval-<split>` for the run's own split; `eval-<split>-<data name>` for `--data`, so that
-    no default report replaces another's."""
-    if opts.data is None:
-        return f"eval-{opts.split}"
-    name = re.sub(r"[^\w.-]+", "_", expand(opts.data).resolve().name).strip("._")
-    return f"eval-{opts.split}-{name[:64] or 'data'}"
+def _default_out(opts: EvalOptions, ckpt_path: Path, split: str) -> str:
+    """`eval-<split>`, then what else was scored: `-<checkpoint>` other than best.pt, `-ema`,
+    `-<data name>` for `--data`; so two evaluations never share a default folder, and the same
+    one again replaces its own report."""
+    parts = [split] + [ckpt_path.stem] * (ckpt_path.name != "best.pt") + ["ema"] * opts.ema
+    if opts.data is not None:
+        parts.append(expand(opts.data).resolve().name[:64])
+    return "eval-" + "-".join(re.sub(r"[^\w.-]+", "_", p).strip("._") or "data" for p in parts)
+
+
+def _check_out(out: Path, src: str) -> None:
+    check_out(out)
+    check_not_a_run(out, "evaluate writes its report", out / "eval")
+    check_outside_images(out, src)  # its PNGs would be read as a class
 
 
 def evaluate(opts: EvalOptions, log=print) -> dict:
@@ -115,7 +122,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         log(f"note: {opts.target} has no best.pt; scoring {ckpt_path.name}")
     ckpt = load_checkpoint(ckpt_path)
     trained = apply_overrides(TrainConfig(), ckpt["config"], where=str(ckpt_path))
-    if opts.split is None:
+    own_data = opts.data is None or same_source(opts.data, trained.data)
+    if opts.split is None and own_data:  # another source's folders decide (`_other_data`)
         opts = replace(opts, split=default_split(trained))
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
@@ -123,18 +131,19 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         raise UserError(
             f"--classes: unknown classes {unknown}; the model knows {classes}{quoting_hint(classes)}"
         )
-    out = opts.out or ckpt_path.parent / _default_out(opts)
-    check_out(out)  # before any work or file
-    check_not_a_run(out, "evaluate writes its report", out / "eval")
-    check_outside_images(out, opts.data or trained.data)  # its PNGs would be read as a class
-    data, source = load_eval_set(
+    if opts.out:
+        _check_out(opts.out, opts.data or trained.data)  # before any work or file
+    data, source, split = load_eval_set(
         ckpt, str(ckpt_path), split=opts.split, data=opts.data, on_bad_image=opts.on_bad_image
     )
+    out = opts.out or ckpt_path.parent / _default_out(opts, ckpt_path, split)
+    if not opts.out:  # named for the split scored, known once the data is read
+        _check_out(out, opts.data or trained.data)
     if len(data) == 0:
         raise UserError(
             f"{ckpt_path}: the run has no validation split (val_size 0) to score; use --split test "
             "where its data has a test split, or --data a folder of <class>/ images"
-            if opts.split == "val" and (not opts.data or same_source(opts.data, trained.data))
+            if split == "val" and own_data
             else f"{opts.data or source}: no images to score"
         )
     device = pick_device(opts.device, "--device cpu")
@@ -142,7 +151,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     report, probs, pc = _score(loaded, data, opts, device)
     rows = read_metrics(ckpt_path.parent / "metrics.csv")
     report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
-                  split=opts.split, classes=classes, training=_training_entry(rows),
+                  split=split, classes=classes, training=_training_entry(rows),
                   trained_on_images=_trained_on(ckpt, data))  # fmt: skip
     if report["trained_on_images"] is None:
         log(f"note: {ckpt_path} keeps no train_digests, so whether its run trained on these "
@@ -150,7 +159,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     elif report["trained_on_images"]:
         log(f"warning: the run trained on {report['trained_on_images']} of these "
             f"{len(data)} images: their accuracy is training accuracy, not held-out")  # fmt: skip
-    note = _calibration_note(loaded.temperature, opts.split, rows)
+    note = _calibration_note(loaded.temperature, split, rows)
     if note:
         report["calibration_note"] = note
     groups = _gallery_groups(data, probs, classes, _chosen_classes(opts, classes, pc))
@@ -316,7 +325,8 @@ def _summary(report: dict, out: Path, log) -> None:
     )
     one_way = [f"{p['true']} -> {p['predicted']} ({p['count']})" for p in r["most_confused"][:3]]
     both = [f"{' <-> '.join(p['classes'])} ({p['count']})" for p in r["most_confused_pairs"][:3]]
-    log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {r['split']} images")
+    what = "images (all of the data)" if r["split"] == "all" else f"{r['split']} images"
+    log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {what}")
     log("hardest classes: " + ", ".join(f"{c} {pc[c]['accuracy']:.1%}" for c in hardest))
     log("most confused: " + (", ".join(one_way) or "none"))
     log("most confused pairs (both directions): " + (", ".join(both) or "none"))

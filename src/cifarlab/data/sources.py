@@ -389,14 +389,3 @@ def _as_members(text: str, extracted: Path, archive: Path) -> str:
     for inside in {str(extracted), printable(extracted)}:
         text = text.replace(inside + os.sep, f"{archive}: ").replace(inside, str(archive))
     return text
-
-
-def load_labelled(
-    src: str, root: Path, size: int, on_bad: str, split: str, classes: Sequence[str] = ()
-) -> ImageSet | None:
-    """Every image `src` holds for `split` ("val" or "test"): a plain `<class>/` folder whole,
-    else its test/ or val/ folder; None without one (`--split val` then holds out of train/)."""
-    data = load_source(src, root, size, on_bad, classes)
-    if data.plain:
-        return data.train
-    return data.test if split == "test" else data.val
