@@ -238,6 +238,7 @@ def test_images_the_run_trained_on_are_counted_and_warned_of(small_run, real_jpe
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert (report["num_images"], report["trained_on_images"]) == (600, 500)
     assert len(warned) == 1 and warned[0].startswith("warning") and "500 of these 600" in warned[0]
+    assert "trained on 500 of these 600 images" in (tmp_path / "ev" / "report.html").read_text()
     said = []
     own = evaluate(EvalOptions(str(small_run), out=tmp_path / "own"), log=said.append)
     assert own["trained_on_images"] == 0 and not any("trained on" in s for s in said)

@@ -141,7 +141,14 @@ def write_report(report: dict, config: dict, out: Path) -> Path:
         if (out / "curves.png").exists()
         else _note(r.get("curves_note", "no curves"))
     )
-    body = f"""<section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
+    trained = r.get("trained_on_images")
+    warning = ""
+    if trained:
+        warning = _note(
+            f"The run trained on {trained:,} of these {r['num_images']:,} images: their "
+            "accuracy is training accuracy, not held-out."
+        )
+    body = f"""{warning}<section><h2>Confusion matrix</h2>{_img(out / "confusion_matrix.png", "confusion matrix")}</section>
 <div class="two"><section><h2>Per-class accuracy</h2>{_img(out / "per_class.png", "per-class accuracy")}</section>
 <section><h2>Most confused pairs, both directions</h2>{table(["pair", "count", "first → second", "second → first", "share of both"], both)}
 <h2>Most confused, one direction</h2>{table(["true", "predicted", "count", "share of true"], pairs)}</section></div>
