@@ -204,4 +204,4 @@ def test_a_run_on_data_with_a_val_folder_says_val_size_is_not_used(tmp_path, dat
     messages = []
     train(config, tmp_path / "run", log=messages.append)
     line = next(m for m in messages if m.startswith("data:"))
-    assert "8 train / 4 val (its val/ folder; --val-size not used)" in line
+    assert "8 train / 4 val images (val: the data's val/ folder; --val-size not used)" in line

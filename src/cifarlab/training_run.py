@@ -115,9 +115,9 @@ def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -
     skipped = (
         f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" if splits.skipped else ""
     )
-    val = " (its val/ folder; --val-size not used)" if splits.val_folder else ""
-    sizes = f"{len(splits.train)} train / {len(splits.val)} val{val}{test}"
-    log(f"data: {config.data} — {sizes} images, {len(splits.classes)} classes{skipped}")
+    val = " (val: the data's val/ folder; --val-size not used)" if splits.val_folder else ""
+    sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
+    log(f"data: {config.data} — {sizes} images{val}, {len(splits.classes)} classes{skipped}")
     if not len(splits.val) and splits.test is None:
         log("note: no validation and no test split: no accuracy is measured while it trains; "
             "evaluate RUN --data FOLDER scores it after, or give --val-size N")  # fmt: skip
