@@ -213,6 +213,9 @@ def test_a_suite_killed_while_writing_its_report_never_leaves_files_of_two_table
 ):
     """A kill between two files left e.g. a new results.csv beside the earlier results.md."""
     import os
+    import time
+
+    from cifarlab.rundir import STALE_TEMP_SECONDS
 
     def curves(runs, panels, path):  # a stand-in PNG naming its runs: a table's own bytes
         path.write_text(f"{[r for r, _ in runs]} {panels}")
@@ -236,6 +239,10 @@ def test_a_suite_killed_while_writing_its_report_never_leaves_files_of_two_table
         assert whose, f"killed at step {step}: files of two tables {sorted(seen)}"
         if "index.html" in seen:  # index.html is there only beside all of its table's files
             assert seen == files[whose[0]], f"killed at step {step}: {sorted(seen)}"
+        old = time.time() - STALE_TEMP_SECONDS - 1  # a killed writer's leftovers, gone stale
+        for f in out.iterdir():
+            if f.name.startswith("."):
+                os.utime(f, (old, old))
         write_suite_report(SUITE, tables["new"], out)  # the next suite command: whole again
         assert sorted(f.name for f in out.iterdir()) == sorted(files["new"])  # no temporary
         assert {f.name: f.read_bytes() for f in out.iterdir()} == files["new"]
@@ -258,3 +265,11 @@ def test_every_curve_a_suite_draws_is_a_report_file_no_run_may_be_named():
     from cifarlab.report.suite import PANELS
 
     assert {f"curves_{key}.png" for key in PANELS} <= set(REPORT_FILES)
+
+
+def test_drawing_a_dollar_class_name_leaves_the_callers_mathtext_on(tmp_path):
+    import matplotlib
+    import numpy as np
+
+    figures.per_class(np.array([0.5, 0.7]), ["$\\frac$", "b"], tmp_path / "pc.png")
+    assert (tmp_path / "pc.png").stat().st_size and matplotlib.rcParams["text.parse_math"]

@@ -454,8 +454,9 @@ def test_resuming_without_metrics_rows_says_which_epochs_the_curves_lack(
         '{"best_val_acc": 0.5, "final_val_acc": 0.5, "epochs": true, "seconds": 1.0,'
         ' "images_per_s": 9.0, "test_acc": [1]}',
         "[1, 2]",
+        '{"epochs": 1, "seconds": 1.0, "images_per_s": 9.0}',  # Result's accuracies missing
     ],
-    ids=["cut-short", "empty-object", "string-accuracy", "wrong-types", "a-list"],
+    ids=["cut-short", "empty-object", "string-accuracy", "wrong-types", "a-list", "no-accuracies"],
 )
 def test_a_finished_run_whose_result_json_is_damaged_writes_it_again_on_resume(
     synthetic_images, tmp_path, capsys, damaged

@@ -209,7 +209,7 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write_in_the
     tmp_path,
 ):
     """Each kill mid-write left a hidden `.last.<pid>.tmp.pt` (a checkpoint's size) for good."""
-    from cifarlab.rundir import replaced_when_complete
+    from cifarlab.rundir import STALE_TEMP_SECONDS, replaced_when_complete, temp_folder
 
     code = (
         "import os, sys; from pathlib import Path\n"
@@ -219,15 +219,26 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write_in_the
         "    tmp.write_bytes(b'half'); os.kill(os.getpid(), 9)\n"
     )
     killed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False)
-    assert killed.returncode == -9 and len(list(tmp_path.iterdir())) == 2  # a file, a folder
+    left = list(tmp_path.iterdir())
+    assert killed.returncode == -9 and len(left) == 2  # a file, a folder
+    with replaced_when_complete(tmp_path / "last.pt") as tmp:  # just killed: might be another
+        tmp.write_bytes(b"whole")  # machine's live writer, so kept until it is stale
+    assert set(left) < set(tmp_path.iterdir())
+    old = time.time() - STALE_TEMP_SECONDS - 1
+    for path in left:
+        os.utime(path, (old, old))
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
-        (tmp_path / f".best.{live.pid}.tmp.pt").write_bytes(b"being written")
-        (tmp_path / ".notes.txt").write_text("the user's")
-        with replaced_when_complete(tmp_path / "result.json") as tmp:
-            tmp.write_text("{}")
+        for stale in (f".last.{live.pid}.tmp.pt", ".notes.2024.tmp", ".last.999.tmp.bak"):
+            (tmp_path / stale).write_bytes(b"a live writer's, or the user's")
+            os.utime(tmp_path / stale, (old, old))
+        with replaced_when_complete(tmp_path / "last.pt") as tmp:
+            tmp.write_bytes(b"whole")
+        (temp_folder(tmp_path / "eval-val") / "x.png").write_bytes(b"whole")
         live.kill()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".best.{live.pid}.tmp.pt",
-        ".notes.txt",
-        "result.json",
+        f".eval-val.{os.getpid()}.tmp",  # this process's own, being built
+        f".last.{live.pid}.tmp.pt",
+        ".last.999.tmp.bak",
+        ".notes.2024.tmp",
+        "last.pt",
     ]

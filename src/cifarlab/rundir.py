@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -299,6 +300,7 @@ def read_metrics(path: Path) -> list[dict]:
 # strict JSON having no NaN), or, for the optional ones, also null where there is none (the
 # val accuracies without a validation split)
 RESULT_NUMBERS = ("seconds", "images_per_s")
+RESULT_ALWAYS = ("best_val_acc", "final_val_acc")  # written by every run, null without validation
 RESULT_OPTIONAL = (
     "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
 )  # fmt: skip
@@ -340,6 +342,7 @@ def read_result(run_dir: Path) -> dict | None:
         and not isinstance(saved["epochs"], bool)
         and saved["epochs"] >= 0
         and all(saved.get(k) is None or is_number(saved[k]) for k in RESULT_OPTIONAL)
+        and all(k in saved for k in RESULT_ALWAYS)
     )
     return saved if fits else None
 
@@ -359,7 +362,7 @@ def replaced_when_complete(path: Path, exclusive: bool = False) -> Iterator[Path
     """A temporary path beside `path`, renamed onto it (durably) only if the write succeeded;
     `exclusive`: FileExistsError instead where `path` exists by then (another writer's)."""
     tmp = _temp_path(path)
-    remove_dead_temps(path.parent)
+    remove_dead_temps(path)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)  # its data on disk before the name points at it
@@ -381,37 +384,43 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
 
 
-# `_temp_path`'s names: `.<stem>.<pid>.tmp<suffix>`, a pid of 7 digits at most
-_TEMP = re.compile(r"\..+\.(\d{1,7})\.tmp(\.[^.]*)?")
+# A temporary file or folder untouched this long has no writer at work on it, on this machine or
+# on another one sharing the folder (whose pids mean nothing here)
+STALE_TEMP_SECONDS = 600
 
 
 def temp_folder(path: Path) -> Path:
     """An empty folder beside `path` to build it in, named as `replaced_when_complete`'s
-    temporary files, so that one a killed process left is removed by the next writer there."""
-    remove_dead_temps(path.parent)
+    temporary files, so that one a killed process left is removed by a later build of `path`."""
+    remove_dead_temps(path)
     tmp = _temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of this pid
     tmp.mkdir()
     return tmp
 
 
-def remove_dead_temps(folder: Path) -> None:
-    """Remove the temporary files and folders in `folder` (`_temp_path`'s names) whose process
-    is gone: a writer killed midway leaves one, a checkpoint's size for `last.pt`, per kill."""
+def remove_dead_temps(path: Path) -> None:
+    """Remove the temporary files and folders of `path` (`_temp_path`'s names, another pid) that
+    a killed writer left: its process gone here and untouched for STALE_TEMP_SECONDS. Without
+    this, each kill mid-write left one for good, a checkpoint's size for `last.pt`."""
     if os.name == "nt":  # os.kill(pid, 0) would end the process there
         return
+    name = re.compile(
+        re.escape(f".{path.stem[:64]}.") + r"(\d{1,7})" + re.escape(f".tmp{path.suffix[:16]}")
+    )
     try:
-        entries = list(folder.iterdir())
+        entries = [e for e in path.parent.iterdir() if name.fullmatch(e.name)]
     except OSError:
         return
     for entry in entries:
-        found = _TEMP.fullmatch(entry.name)
-        if found and not _alive(int(found[1])):
-            with contextlib.suppress(OSError):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        with contextlib.suppress(OSError):
+            pid = int(name.fullmatch(entry.name)[1])
+            if _alive(pid) or time.time() - entry.lstat().st_mtime < STALE_TEMP_SECONDS:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def _alive(pid: int) -> bool:

@@ -14,9 +14,9 @@ from matplotlib.ticker import MaxNLocator
 
 from cifarlab.rundir import replaced_when_complete
 
-# class and run names are folder names: a `$` in one is text, not mathtext (`$\frac$` stopped
-# the drawing with a parse error)
-matplotlib.rcParams["text.parse_math"] = False
+# class and run names are folder names: a `$` in one is text, not mathtext (which fails to parse
+# `$\frac$`); set for our figures only, not for the caller's process
+_plain_text = matplotlib.rc_context({"text.parse_math": False})
 
 GRID_LIMIT = 20  # above this many classes a full confusion grid is unreadable
 
@@ -28,6 +28,7 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+@_plain_text
 def confusion_matrix(cm: np.ndarray, classes: list[str], pairs: list[dict], path: Path) -> None:
     k = len(classes)
     if k > GRID_LIMIT:
@@ -60,6 +61,7 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], pairs: list[dict], path
     _save(fig, path)
 
 
+@_plain_text
 def per_class(accuracy: np.ndarray, classes: list[str], path: Path) -> None:
     order = np.argsort(accuracy)
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(classes) + 1.2))
@@ -72,6 +74,7 @@ def per_class(accuracy: np.ndarray, classes: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+@_plain_text
 def mistakes(groups: list[tuple[str, list[dict]]], path: Path) -> None:
     """One row per class: its most confidently wrong images (then a few correct ones), titled
     true / predicted / confidence; items with a `cam` get a second row, the Grad-CAM heat map of
@@ -106,6 +109,7 @@ def mistakes(groups: list[tuple[str, list[dict]]], path: Path) -> None:
     _save(fig, path)
 
 
+@_plain_text
 def reliability(calib: dict, path: Path, before: dict | None = None, temperature: float = 1.0):
     """The reliability diagram; with `before` (the uncalibrated probabilities) both, side by side."""
     panels = [(before, "Before (T = 1)"), (calib, f"After (T = {temperature:.2f})")]
@@ -124,6 +128,7 @@ def reliability(calib: dict, path: Path, before: dict | None = None, temperature
     _save(fig, path)
 
 
+@_plain_text
 def curves(rows: list[dict], path: Path) -> None:
     """One run's loss, accuracy (test, when recorded, is a record, not for selection) and
     learning rate per epoch."""
@@ -167,6 +172,7 @@ def _runs_panel(ax, runs: list[tuple], key: str, label: str) -> None:
                 transform=ax.transAxes)  # fmt: skip
 
 
+@_plain_text
 def runs_curves(
     runs: list[tuple[str, list[list[dict]]]], panels: list[tuple[str, str]], path: Path
 ) -> None:
@@ -177,6 +183,7 @@ def runs_curves(
     _save(fig, path)
 
 
+@_plain_text
 def mixup_examples(images: np.ndarray, names: list[str], alphas: list[float], path: Path) -> None:
     """Four pairs of `images` (uint8, NHWC; `names` their labels) mixed at each alpha, one row
     per alpha, titled with both labels and their weights."""
