@@ -114,7 +114,7 @@ def damaged_way_out(path: Path) -> str:
     return "restore it from a copy, or train it again"
 
 
-# what `cifarlab export` writes (and .ts, which it wrote): `predict.PREDICTORS` reads each
+# exported models (`cifarlab export`'s formats, and TorchScript's .ts): `predict.PREDICTORS` reads each
 EXPORTED = (".onnx", ".pt2", ".safetensors", ".ts")
 
 

@@ -76,8 +76,8 @@ def _link_refused(archive: Path, name: str, how: str = "") -> UserError:
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str:
-    """zipfile reads a name without the UTF-8 flag as cp437, but Info-ZIP and macOS write UTF-8
-    names without it (`chat_été/` became the class `chat_├⌐t├⌐`)."""
+    """The member's name: zipfile reads a name without the UTF-8 flag as cp437, but Info-ZIP and
+    macOS write UTF-8 names without it (read as cp437, `chat_été/` is `chat_├⌐t├⌐`)."""
     if info.flag_bits & 0x800:
         return info.filename
     try:
