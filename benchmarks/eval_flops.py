@@ -51,7 +51,9 @@ def main() -> None:
     print(f"  {flops / 1e9:.3f} GFLOP per image forward; {per_image * 1e3:.3f} ms per image")
     print(f"  {flops / per_image / 1e9:.0f} GFLOP/s reached (median of {args.rounds} batches)")
     total = flops * args.images
-    print(f"  {args.images} images: {total / 1e12:.2f} TFLOP, {per_image * args.images:.2f} s here;")
+    print(
+        f"  {args.images} images: {total / 1e12:.2f} TFLOP, {per_image * args.images:.2f} s here;"
+    )
     print(f"  2 s would need {total / 2 / 1e9:.0f} GFLOP/s")
 
 
