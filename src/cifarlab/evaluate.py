@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cifarlab import gradcam, metrics
+from cifarlab import gradcam, metrics, rundir
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
 from cifarlab.config import TrainConfig, apply_overrides, expand, quoting_hint
 from cifarlab.data import ImageSet
@@ -29,7 +27,6 @@ from cifarlab.hardware import pick_device
 from cifarlab.inference import TTA_VIEWS, load_model
 from cifarlab.report import figures
 from cifarlab.report.html import write_report
-from cifarlab.rundir import check_not_a_run, check_out, json_text, read_metrics, temp_folder
 from cifarlab.tracking import log_report
 from cifarlab.training_run import image_digests
 
@@ -107,8 +104,8 @@ def _default_out(opts: EvalOptions, ckpt_path: Path, split: str) -> str:
 
 
 def _check_out(out: Path, src: str) -> None:
-    check_out(out)
-    check_not_a_run(out, "evaluate writes its report", out / "eval")
+    rundir.check_out(out)
+    rundir.check_not_a_run(out, "evaluate writes its report", out / "eval")
     check_outside_images(out, src)  # its PNGs would be read as a class
 
 
@@ -149,7 +146,7 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     device = pick_device(opts.device, "--device cpu")
     loaded = load_model(ckpt, device, opts.ema)
     report, probs, pc = _score(loaded, data, opts, device)
-    rows = read_metrics(ckpt_path.parent / "metrics.csv")
+    rows = rundir.read_metrics(ckpt_path.parent / "metrics.csv")
     report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
                   split=split, classes=classes, training=_training_entry(rows),
                   trained_on_images=_trained_on(ckpt, data))  # fmt: skip
@@ -235,17 +232,12 @@ def _report_folder(out: Path):
     and a stopped or failed write leaves `out` as it was, saying so in one line."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        part = temp_folder(out)
+        part = rundir.temp_folder(out)
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create it ({exc.strerror})") from None
-    try:
-        yield part
-        out.mkdir(exist_ok=True)
-        (out / "report.json").unlink(missing_ok=True)
-        if not (part / "curves.png").exists():  # no metrics.csv now: an earlier run's curves go
-            (out / "curves.png").unlink(missing_ok=True)
-        for f in sorted(part.iterdir(), key=lambda f: f.name == "report.json"):
-            os.replace(f, out / f.name)
+    try:  # curves.png removed too: without metrics.csv now none replaces an earlier run's
+        with rundir.moved_in_when_complete(part, out, "report.json", ["curves.png"]):
+            yield part
     except OSError as exc:  # a full disk: one line and exit 2, not a PNG writer's traceback
         raise UserError(
             f"--out {out}: could not write the report ({exc.strerror or exc}); "
@@ -254,8 +246,6 @@ def _report_folder(out: Path):
     except (KeyboardInterrupt, SystemExit):
         print(f"evaluate stopped; {_left(out)}", file=sys.stderr)
         raise
-    finally:
-        shutil.rmtree(part, ignore_errors=True)
 
 
 def _left(out: Path) -> str:
@@ -314,7 +304,7 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
         figures.curves(rows, out / "curves.png")
     else:
         report["curves_note"] = "no metrics.csv beside the checkpoint, so no training curves"
-    (out / "report.json").write_text(json_text(report))
+    (out / "report.json").write_text(rundir.json_text(report))
 
 
 def _summary(report: dict, out: Path, log) -> None:

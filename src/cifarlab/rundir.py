@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -397,6 +397,26 @@ def temp_folder(path: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of this pid
     tmp.mkdir()
     return tmp
+
+
+@contextmanager
+def moved_in_when_complete(
+    part: Path, out: Path, last: str, remove: Iterable[str] = ()
+) -> Iterator[Path]:
+    """`part` (a `temp_folder`) to write files into; once all are written, `last` and the names
+    in `remove` are deleted from `out`, then the new files moved in, `last` at the end: `out`
+    never shows `last` beside another write's files. `part` goes in any case."""
+    try:
+        yield part
+        out.mkdir(exist_ok=True)
+        for name in (last, *remove):
+            (out / name).unlink(missing_ok=True)
+        fsync_dir(out)  # no new file named before every old one is gone
+        for f in sorted(part.iterdir(), key=lambda f: f.name == last):
+            os.replace(f, out / f.name)
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
 
 
 def remove_dead_temps(path: Path) -> None:

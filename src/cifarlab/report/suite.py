@@ -6,25 +6,16 @@ from __future__ import annotations
 import csv
 import html
 import math
-import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from cifarlab.report import REPORT_FILES, figures
+from cifarlab.report import PANELS, REPORT_FILES, figures
 from cifarlab.report.html import CSS, PAGE, Raw, cards, table
-from cifarlab.rundir import fsync_dir, replaced_when_complete, temp_folder
+from cifarlab.rundir import moved_in_when_complete, replaced_when_complete, temp_folder
 
-# Each PNG is one graph with every run on it (Exercises 2.4 and 4.3), drawn only when some run
-# recorded its column; curves.png shows the accuracies and the training loss together.
-PANELS = {
-    "test_acc": ("test accuracy", "Test accuracy per epoch, all runs (a record: best.pt is chosen on validation)"),
-    "val_acc": ("validation accuracy", "Validation accuracy per epoch, all runs"),
-    "train_loss": ("training loss", "Training loss per epoch, all runs"),
-}  # fmt: skip
 NO_VAL_TEST = "Test accuracy per epoch, all runs (no validation split: best.pt is the last epoch's)"
 
 
@@ -102,21 +93,12 @@ def _cells(r: dict, shown: list[Column]) -> list[str]:
 
 
 def write_suite_report(suite, rows: list[dict], out: Path) -> None:
-    """The report built in a temporary folder, then swapped in: the earlier report's files
-    removed (index.html first), the new ones moved in (index.html last). So `out` never holds
-    files of two tables, nor a figure not drawn now, and index.html only beside all of its
-    table's files; a suite stopped in between leaves part of one, which its next run rewrites."""
+    """The report written into a temporary folder, then swapped in with index.html last: `out`
+    never holds files of two tables, nor a figure not drawn now; a suite stopped in between
+    leaves part of one, which its next run rewrites."""
     part = temp_folder(out / "results")
-    try:
+    with moved_in_when_complete(part, out, "index.html", REPORT_FILES):
         _write_files(suite, rows, out, part)
-        for name in REPORT_FILES:
-            (out / name).unlink(missing_ok=True)
-        fsync_dir(out)  # no new file named before every old one is gone
-        for f in sorted(part.iterdir(), key=lambda f: f.name == "index.html"):
-            os.replace(f, out / f.name)
-        fsync_dir(out)
-    finally:
-        shutil.rmtree(part, ignore_errors=True)
 
 
 def _write_files(suite, rows: list[dict], out: Path, part: Path) -> None:
