@@ -301,9 +301,7 @@ def read_metrics(path: Path) -> list[dict]:
 # val accuracies without a validation split)
 RESULT_NUMBERS = ("seconds", "images_per_s")
 RESULT_ALWAYS = ("best_val_acc", "final_val_acc")  # written by every run, null without validation
-RESULT_OPTIONAL = (
-    "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
-)  # fmt: skip
+RESULT_OPTIONAL = (*RESULT_ALWAYS, "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc")
 
 
 def json_text(value: Any, indent: int | None = 1) -> str:

@@ -17,13 +17,10 @@ from typing import Any
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import Interrupted, import_extra
-from cifarlab.rundir import RECORD_FILES
+from cifarlab.rundir import RECORD_FILES, RESULT_OPTIONAL
 
 MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
 DEFAULT_EXPERIMENT = "cifarlab"
-RESULT_METRICS = (
-    "best_val_acc", "final_val_acc", "tta_val_acc", "test_acc", "test_tta_acc", "best_test_acc",
-)  # fmt: skip
 
 
 class Trackers(list):
@@ -148,7 +145,7 @@ class MLflowTracker:
         _log_metrics(self.client, self.run_id, values, row["epoch"])
 
     def finish(self, result: Any) -> None:
-        values = {k: getattr(result, k) for k in RESULT_METRICS}
+        values = {k: getattr(result, k) for k in RESULT_OPTIONAL}  # its accuracies
         _log_metrics(self.client, self.run_id, values, result.epochs)
         for name in RECORD_FILES:
             if (self.run_dir / name).is_file():
