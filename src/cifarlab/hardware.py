@@ -224,9 +224,7 @@ def inference_hardware(device: torch.device, amp: str = "auto") -> Hardware:
     config resolved it) where this device runs it, else training's rule for the device; and
     training's memory format. In bf16 either moves a logit enough to flip an image now and then,
     so this is what makes evaluate reproduce training's own figures."""
-    bf16_here = device.type == "cpu" or (
-        device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    )
+    bf16_here = device.type == "cpu" or _auto_amp(device, None, None)[0] == "bf16"
     runs_here = (
         amp == "off" or (amp == "bf16" and bf16_here) or (amp == "fp16" and device.type == "cuda")
     )
