@@ -247,3 +247,5 @@ def test_train_model_takes_a_dict_and_its_result_agrees_with_result_json(
         assert result.seconds == round(result.seconds, 2)
     with pytest.raises(UserError, match="config of type int"):
         cifarlab.train_model(3, tmp_path / "x", log=None)
+    with pytest.raises(UserError, match="unknown config key '1'"):  # it was a raw TypeError
+        cifarlab.train_model({1: 2}, tmp_path / "x", log=None)

@@ -428,6 +428,22 @@ def test_a_subset_run_whose_data_shrank_says_the_data_changed_not_its_subset(tmp
     assert not (tmp_path / "ev").exists()
 
 
+def test_a_run_whose_data_shrank_below_its_val_size_says_the_data_changed_not_to_lower_it(
+    tmp_path, capsys
+):
+    """A new run's fix ("lower --val-size") is no way out for a run's own split."""
+    data = _pngs(tmp_path / "src" / "train", per_class=8).parent
+    config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
+                         batch_size=8, val_size=6)  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    shutil.rmtree(data / "train")
+    _pngs(data / "train", per_class=3)  # 6 images: none left to train on beside val_size 6
+    for words in (["evaluate", "--out", str(tmp_path / "ev")], ["calibrate"]):
+        assert main([words[0], str(tmp_path / "run"), *words[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "data changed" in err and "val_size=6" in err and "--val-size" not in err
+
+
 def test_a_run_whose_data_moved_names_that_data_not_a_flag(tiny_run, tmp_path):
     from cifarlab.checkpoint import atomic_save, load_checkpoint
 

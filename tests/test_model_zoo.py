@@ -214,11 +214,24 @@ def test_timm_weights_of_a_lightning_checkpoint_or_a_compiled_model_load(tmp_pat
 
     torch.manual_seed(6)
     original = timm.create_model("resnet10t").state_dict()
-    wrapped = {"model._orig_mod." + k: v for k, v in original.items()}
-    torch.save({"state_dict": wrapped, "epoch": 3, "global_step": 90}, tmp_path / "l.ckpt")
-    model = build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / "l.ckpt"))
-    assert torch.equal(model.state_dict()["conv1.0.weight"], original["conv1.0.weight"])
-    assert "state_dict" not in model.pretrained_cfg  # no second copy of the weights kept
+    for attribute in ("model", "net"):  # a LightningModule's `self.net` was "84 missing" too
+        wrapped = {f"{attribute}._orig_mod." + k: v for k, v in original.items()}
+        torch.save({"state_dict": wrapped, "epoch": 3, "global_step": 90}, tmp_path / "l.ckpt")
+        model = build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / "l.ckpt"))
+        assert torch.equal(model.state_dict()["conv1.0.weight"], original["conv1.0.weight"])
+        assert "state_dict" not in model.pretrained_cfg  # no second copy of the weights kept
+
+
+@needs_timm
+def test_a_timm_weights_file_without_tensors_names_the_file(tmp_path):
+    """A state dict holding no tensors fell through to timm's lookup of its own weights online."""
+    torch.save({}, tmp_path / "nothing.pth")
+    (tmp_path / "zero.pth").touch()
+    for file in ("nothing.pth", "zero.pth"):
+        with pytest.raises(
+            UserError, match=f"--weights .*{file}: (holds no tensors|not a readable)"
+        ):
+            build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / file))
 
 
 @needs_timm

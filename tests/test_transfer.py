@@ -159,7 +159,8 @@ def test_weights_wrapped_under_state_dict_or_model_or_saved_from_dataparallel_lo
 
 def test_weights_of_a_compiled_model_or_a_lightning_checkpoint_load(tmp_path):
     """`_orig_mod.` (torch.compile) and `model.` (a LightningModule's attribute) were "122
-    missing"; a prefix only some keys carry is no wrapper and stays."""
+    missing", and `net.` (another attribute name) still was; a prefix only some keys carry is no
+    wrapper and stays."""
     from torchvision import models
 
     torch.manual_seed(2)
@@ -167,7 +168,12 @@ def test_weights_of_a_compiled_model_or_a_lightning_checkpoint_load(tmp_path):
     compiled = {"_orig_mod." + k: v for k, v in original.items()}
     lightning = {"state_dict": {"model." + k: v for k, v in original.items()}, "epoch": 3,
                  "global_step": 90, "pytorch-lightning_version": "2.4.0", "optimizer_states": []}  # fmt: skip
-    for name, saved in {"compiled.pt": compiled, "lightning.ckpt": lightning}.items():
+    net = {"state_dict": {"net." + k: v for k, v in original.items()}, "epoch": 3}
+    for name, saved in {
+        "compiled.pt": compiled,
+        "lightning.ckpt": lightning,
+        "net.ckpt": net,
+    }.items():
         torch.save(saved, tmp_path / name)
         net = build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / name))
         key = "layer4.1.conv2.weight"
@@ -176,6 +182,18 @@ def test_weights_of_a_compiled_model_or_a_lightning_checkpoint_load(tmp_path):
     torch.save(partly, tmp_path / "partly.pt")
     with pytest.raises(UserError, match=r"unexpected, e\.g\. model\.layer1"):
         build_model(ModelArgs("tv:resnet18", 10), weights=str(tmp_path / "partly.pt"))
+
+
+def test_unwrapping_stops_at_the_models_own_keys():
+    """A net keeping its body under `self.model` lost that prefix too: `model.` was removed
+    whenever every key carried it."""
+    from cifarlab.models.adapt import unwrapped
+
+    own = {"model.conv.weight": 1, "model.fc.weight": 2}
+    assert unwrapped(own, own.keys()) == own
+    assert unwrapped({"module." + k: v for k, v in own.items()}, own.keys()) == own
+    other = {"a.conv.weight": 1, "a.b": 2}
+    assert unwrapped(other, own.keys()) == other  # no removal fits: as given, named as saved
 
 
 def test_an_empty_or_code_running_weights_file_is_one_line(tmp_path):

@@ -60,11 +60,11 @@ def train_model(
     if isinstance(config, str):
         config = recipe(config)
     elif isinstance(config, dict):  # {"name": "fast-cpu", "epochs": 2, "model": "cnn"}
-        config = recipe(**config)
+        config = recipe(**{str(k): v for k, v in config.items()})  # {1: 2}: an unknown key
     elif not isinstance(config, TrainConfig):
         raise UserError(
             f"train_model: config of type {type(config).__name__}; give a TrainConfig "
-            "(cifarlab.recipe(...)), a recipe name or a dict of config keys"
+            "(cifarlab.recipe(...)), a recipe name or a dict of recipe()'s arguments"
         )
     try:
         return train(config, Path(out), resume=resume, log=log or (lambda s: None))

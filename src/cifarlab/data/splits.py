@@ -152,12 +152,13 @@ def check_sizes(config: TrainConfig, splits: Splits) -> None:
             fix = "lower --val-size" + (", or raise --subset or drop it" if config.subset else "")
         raise TooFewImages(
             f"the training split holds no image of {len(unseen)} of the {classes} classes "
-            f"({', '.join(unseen[:5])}{' ...' * (len(unseen) > 5)}; {why}); {fix}"
+            f"({', '.join(unseen[:5])}{' ...' * (len(unseen) > 5)}; {why})",
+            fix,
         )
     if train < config.batch_size:
         raise TooFewImages(
-            f"batch_size={config.batch_size} is larger than the {train} training images; "
-            f"give --batch-size {train} or less, or train on more images"
+            f"batch_size={config.batch_size} is larger than the {train} training images",
+            f"give --batch-size {train} or less, or train on more images",
         )
 
 
@@ -166,8 +167,8 @@ def hold_out(train: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
     rest is kept in `train`'s own arrays (`ImageSet.take_in_place`): `train` is used up."""
     if n >= len(train):
         raise TooFewImages(
-            f"val_size={n} leaves no training images out of {len(train)}; "
-            "lower --val-size or use more data"
+            f"val_size={n} leaves no training images out of {len(train)}",
+            "lower --val-size or use more data",
         )
     val_idx = stratified_pick(train.labels, n, seed)
     val = train.take(val_idx)

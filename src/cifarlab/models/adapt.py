@@ -34,7 +34,7 @@ def weights_file(weights: str, named: bool) -> Path | None:
 
 def load_state_file(path: Path) -> dict:
     """A state dict from a local file, also one wrapped under a `state_dict` or `model` key (our
-    checkpoints, many training scripts', PyTorch Lightning's), its keys `unwrapped`."""
+    checkpoints, many training scripts', PyTorch Lightning's)."""
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file")
     state = read_tensors(path, f"--weights {path}", "state dict")
@@ -44,21 +44,21 @@ def load_state_file(path: Path) -> dict:
             "torch.save(model.state_dict(), FILE)"
         )
     inner = [v for k, v in state.items() if k in ("state_dict", "model") and isinstance(v, dict)]
-    return unwrapped(inner[0] if len(inner) == 1 else state)
+    return inner[0] if len(inner) == 1 else state
 
 
-# what wraps a model's keys: DataParallel/DDP, torch.compile, a LightningModule's `self.model`
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-
-
-def unwrapped(state: dict) -> dict:
-    """`state` without the wrapper prefixes that every one of its keys carries, in any nesting
-    (`model._orig_mod.conv1.weight` -> `conv1.weight`); a prefix only some keys carry is kept."""
-    while state and (
-        wrap := next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), "")
-    ):
-        state = {k.removeprefix(wrap): v for k, v in state.items()}
-    return state
+def unwrapped(state: dict, wanted) -> dict:
+    """`state` without the prefixes that all its keys carry, removed one at a time until a key is
+    one of the model's (`wanted`): a wrapper's (`module.` of DataParallel, `_orig_mod.` of
+    torch.compile, a LightningModule's attribute: `model.`, `net.`), never the model's own; as
+    given when no removal makes a key fit."""
+    bare = state
+    while bare and not wanted & bare.keys():
+        wrap = str(next(iter(bare))).partition(".")[0] + "."
+        if not all(str(k).startswith(wrap) for k in bare):
+            return state
+        bare = {k.removeprefix(wrap): v for k, v in bare.items()}
+    return bare
 
 
 def replace_head(net: nn.Module, num_classes: int, where: str) -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from cifarlab.errors import UserError, import_extra
+from cifarlab.errors import UserError, first_line, import_extra
 from cifarlab.models.adapt import BackboneOptions, unwrapped, with_stem
 
 
@@ -55,8 +56,17 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
     own checkpoint filter (a new head when the class count differs); it only warns on keys that
     do not fit, so we check them ourselves."""
     timm = _timm()
+    with torch.device("meta"):  # the model's keys, without its weights
+        ours = timm.create_model(name, num_classes=num_classes, **kwargs).state_dict()
     try:
-        state = unwrapped(timm.models.load_state_dict(str(path)))
+        state = unwrapped(timm.models.load_state_dict(str(path)), ours.keys())
+    except Exception as exc:  # EOFError, SafetensorError, UnpicklingError, ...: no state dict
+        raise UserError(
+            f"--weights {path}: not a readable state dict ({first_line(exc)})"
+        ) from None
+    if not state:  # timm would look its own weights up online instead
+        raise UserError(f"--weights {path}: holds no tensors; give a model's state dict")
+    try:
         net = timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay={"state_dict": state},
             num_classes=num_classes, **kwargs,
@@ -68,7 +78,7 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
         ) from None
     net.pretrained_cfg.pop("state_dict", None)  # the model would keep a copy of the weights
     head = next(n for n, m in net.named_modules() if m is net.get_classifier())
-    missing = [k for k in net.state_dict() if k not in state and not k.startswith(head + ".")]
+    missing = [k for k in ours if k not in state and not k.startswith(head + ".")]
     if missing:
         raise UserError(
             f"--weights {path}: does not fit timm:{name} ({len(missing)} tensors missing, "

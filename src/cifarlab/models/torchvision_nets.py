@@ -16,6 +16,7 @@ from cifarlab.models.adapt import (
     cifar_stem,
     load_state_file,
     replace_head,
+    unwrapped,
     weights_file,
     with_stem,
 )
@@ -96,6 +97,7 @@ def _imagenet_state_dict(arch: str, opts: BackboneOptions) -> dict | None:
 
 def _load(net: nn.Module, arch: str, state: dict, weights: str) -> None:
     ours = net.state_dict()
+    state = unwrapped(state, ours.keys())
     if arch.startswith("vit_"):  # ImageNet position embeddings resampled to the side built for
         from torchvision.models.vision_transformer import interpolate_embeddings
 
