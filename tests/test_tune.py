@@ -455,3 +455,18 @@ def test_a_failed_write_of_best_recipe_keeps_the_one_before(
         write_best_recipe(opts, opts.base, study.best_trial, "s")
     monkeypatch.undo()
     assert path.read_text() == before and [p.name for p in path.parent.glob(".*tmp*")] == []
+
+
+def test_a_study_store_failing_without_a_message_is_still_one_line(monkeypatch, tmp_path):
+    """An error with an empty message (an EOFError from a cut file) is named by its type."""
+    import optuna
+
+    from cifarlab.errors import UserError
+    from cifarlab.tune import _open_study
+
+    def fails(**kwargs):
+        raise EOFError
+
+    monkeypatch.setattr(optuna, "create_study", fails)
+    with pytest.raises(UserError, match=r"cannot be opened \(EOFError\)"):
+        _open_study("s", f"sqlite:///{tmp_path}/study.db", default=tmp_path / "study.db")

@@ -28,7 +28,7 @@ from cifarlab.config import (
 )
 from cifarlab.data.sources import check_outside_images
 from cifarlab.data.splits import check_sizes, default_split, load_splits
-from cifarlab.errors import Interrupted, TrainingFailed, UserError, import_extra
+from cifarlab.errors import Interrupted, TrainingFailed, UserError, first_line, import_extra
 from cifarlab.rundir import (
     RunDirTaken,
     check_not_a_run,
@@ -183,7 +183,7 @@ def _open_study(name: str, url: str, default: Path | None = None):
     except Exception as exc:  # optuna's, SQLAlchemy's and the driver's errors alike
         while exc.__cause__ is not None:  # optuna's wrapper says only "during the commit"
             exc = exc.__cause__
-        why = str(exc).splitlines()[0]
+        why = first_line(exc)
         if default:  # no --storage was given: the file is --out's, damaged or not a database
             raise UserError(
                 f"--out: its study database {default} cannot be opened ({why}); restore it, or "
