@@ -190,6 +190,29 @@ def test_train_model_into_an_existing_run_says_resume_true_not_the_cli_flag(trai
     assert "--resume" not in str(err.value) and "--out" not in str(err.value)
 
 
+def test_train_model_stopped_by_ctrl_c_says_resume_true_not_the_cli_flag(
+    synthetic_images, tmp_path
+):
+    """A notebook's interrupt was told "Resume with: cifarlab train --out ... --resume"."""
+    import signal
+
+    from cifarlab.errors import Interrupted
+
+    config = cifarlab.recipe(
+        "seed-cnn", epochs=2, data=str(synthetic_images), data_root=str(tmp_path / "d"),
+        batch_size=8, val_size=6, device="cpu", threads=1, progress=False,
+    )  # fmt: skip
+
+    def stop_after_epoch_1(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            os.kill(os.getpid(), signal.SIGINT)  # what a notebook's interrupt sends
+
+    with pytest.raises(Interrupted, match=r"Resume with: train_model\(config, out, resume=True\)"):
+        cifarlab.train_model(config, tmp_path / "run", log=stop_after_epoch_1)
+    result = cifarlab.train_model(config, tmp_path / "run", resume=True, log=None)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
 def test_a_run_with_a_relative_cache_folder_never_decodes_into_another_working_directory(
     tmp_path, monkeypatch
 ):

@@ -12,6 +12,7 @@ import torch
 from cifarlab.checkpoint import atomic_save, load_checkpoint
 from cifarlab.errors import UserError
 from cifarlab.rundir import RunLock
+from tests.conftest import files_limited_to
 
 # what load_checkpoint requires beside the weights (`checkpoint.ENTRIES`)
 REST = {"config": {"model": "cnn"}, "classes": ["a", "b"], "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -196,3 +197,13 @@ def test_a_truncated_last_pt_on_resume_is_one_line_with_the_way_out(
     assert "\n" not in err and "Traceback" not in err, err
     assert "last.pt: not a complete checkpoint, the file is truncated" in err
     assert f"--init-from {run / 'best.pt'}" in err and "is)" not in err
+
+
+def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    """torch.save raised its RuntimeError ("unexpected pos"): a traceback from train and calibrate."""
+    path = tmp_path / "last.pt"
+    atomic_save({"model": {"w": torch.arange(5)}, **REST}, path)
+    with files_limited_to(100_000), pytest.raises(UserError, match="last.pt: cannot write it"):
+        atomic_save({"model": {"w": torch.zeros(1_000_000)}, **REST}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(5))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

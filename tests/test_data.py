@@ -302,6 +302,19 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
         load_source("cifar10", tmp_path, 32)
 
 
+@pytest.mark.parametrize("kind", ["folder", "archive"])
+def test_torchvisions_cifar_folder_given_as_data_says_to_give_cifar10(tmp_path, kind):
+    """It was "no class folders found; expected <root>/train/<class>/*.jpg": no way forward."""
+    _tiny_cifar10(tmp_path)
+    src = tmp_path / "cifar10" / "cifar-10-batches-py"
+    if kind == "archive":
+        with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(src, arcname=src.name)
+        src = tmp_path / "cifar-10-python.tar.gz"
+    with pytest.raises(UserError, match="CIFAR batches, not class folders; give --data cifar10"):
+        load_source(str(src), tmp_path / "root", 32)
+
+
 def test_offline_cifar_download_names_where_to_put_it(tmp_path, monkeypatch):
     def offline(url, root, **k):
         Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching

@@ -1,6 +1,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -375,6 +377,19 @@ def test_sigterm_during_an_export_leaves_no_temporary_file(runs, tmp_path, monke
         main(["export", str(run_dirs["cnn"]), "--out", str(tmp_path / "m.onnx")])
     assert stop.value.code == 143 and list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main put the default back
+
+
+def test_a_pt2_export_on_a_full_disk_is_one_line_not_an_abort(runs, tmp_path):
+    """torch's .pt2 file writer printed a traceback, then aborted the process (exit 134)."""
+    run_dirs, _ = runs
+    out = tmp_path / "m.pt2"
+    code = f"""import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+from cifarlab.cli import main
+sys.exit(main(["export", {str(run_dirs["cnn"])!r}, "--out", {str(out)!r}]))"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "m.pt2: cannot write it" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_each_exported_suffix_goes_to_its_reader_from_the_one_list(tmp_path):

@@ -338,6 +338,15 @@ def test_unquoted_numbers_in_a_suite_read_as_their_text(tmp_path):
     assert suite.runs[0].name == "0.1" and suite.runs[0].changes == "0.5"
 
 
+def test_a_runs_recipe_file_is_found_beside_the_suite_file_from_any_folder(tmp_path, monkeypatch):
+    """As a recipe's `base:` file is: `cifarlab suite my/s.yaml` said "r.yaml does not exist"."""
+    (tmp_path / "my").mkdir()
+    (tmp_path / "my" / "r.yaml").write_text("base: fast\nlr: 0.5\n")
+    (tmp_path / "my" / "s.yaml").write_text("runs:\n  - {name: a, recipe: r.yaml}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_suite("my/s.yaml", {"data": "x"}).runs[0].config.lr == 0.5
+
+
 def test_an_unquoted_number_as_a_runs_recipe_is_a_recipe_name_not_a_traceback(tmp_path, capsys):
     """`recipe: 5` passed the type check as text and reached `load_recipe` as an int."""
     path = tmp_path / "s.yaml"

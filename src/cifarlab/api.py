@@ -28,7 +28,7 @@ from cifarlab.config import (
     with_length,
 )
 from cifarlab.data.images import BadImage, decode_image, image_array
-from cifarlab.errors import UserError
+from cifarlab.errors import Interrupted, UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.predict import load_predictor
 from cifarlab.rundir import RunDirTaken
@@ -70,6 +70,10 @@ def train_model(
         return train(config, Path(out), resume=resume, log=log or (lambda s: None))
     except RunDirTaken as exc:
         raise UserError(exc.worded(resume="pass resume=True", out="out")) from None
+    except Interrupted as exc:  # train's hint is the command line's
+        said, cli, _ = str(exc).partition(" Resume with:")
+        hint = " Resume with: train_model(config, out, resume=True)" if cli else ""
+        raise Interrupted(said + hint, exc.exit_code) from None
 
 
 def _source(run: str | Path | Result) -> str:

@@ -41,8 +41,17 @@ class ModelArgs:
 def atomic_save(obj: Any, path: Path) -> None:
     """Write `obj` so that `path` holds either the old file or the complete new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replaced_when_complete(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with replaced_when_complete(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as exc:  # torch raises RuntimeError over a failed write
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(
+            f"{path}: cannot write it ({cause.strerror or cause}); free space, then run the "
+            "command again (train: with --resume)"
+        ) from None
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")

@@ -4,6 +4,7 @@ metadata of each format are in docs/guide.md (`cifarlab export`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -150,7 +151,9 @@ def _write(fmt: str, loaded: LoadedModel, meta: dict, out: Path, force: bool) ->
             _export_onnx(net, example, tmp, meta)
         else:
             program = torch.export.export(net, (example,), dynamic_shapes=(_batch_dim(),))
-            torch.export.save(program, tmp, extra_files={"cifarlab.json": json.dumps(meta)})
+            packed = io.BytesIO()  # torch's file writer aborts the process when a write fails
+            torch.export.save(program, packed, extra_files={"cifarlab.json": json.dumps(meta)})
+            tmp.write_bytes(packed.getvalue())
 
 
 def _batch_dim() -> dict:

@@ -20,6 +20,7 @@ from cifarlab.config import (
     load_recipe,
     named_yaml,
     read_yaml_mapping,
+    resolve_base,
     validate_config,
     with_length,
 )
@@ -138,7 +139,7 @@ def load_suite(
             recipe, carried = r.get("recipe"), dict(sets)
         if not recipe:
             raise UserError(f"{where}: no 'recipe' given")
-        start = _recipe(recipe_for_all or recipe, "--recipe" if recipe_for_all else where)
+        start = _recipe(recipe_for_all or recipe, where, None if recipe_for_all else path)
         renamed = _run_name(start.recipe, "--recipe") if recipe_for_all and name == recipe else name
         config = with_length(apply_overrides(start, carried, where=where), epochs, budget)
         config = apply_overrides(config, base, where="command line")
@@ -161,12 +162,14 @@ def load_suite(
     )
 
 
-def _recipe(name: str, where: str) -> TrainConfig:
-    """`load_recipe`, a refusal naming the run (or --recipe) that asked for it."""
+def _recipe(name: str, where: str, suite: Path | None) -> TrainConfig:
+    """`load_recipe`, a refusal naming the run that asked for it (`suite` None: --recipe's). A
+    suite's run reads a recipe file beside the suite first (as a recipe's `base:`), else the cwd's."""
+    beside = resolve_base(suite, name) if suite else name
     try:
-        return load_recipe(name)
+        return load_recipe(beside if Path(beside).is_file() else name)
     except UserError as exc:
-        raise UserError(f"{where}: {exc}") from None
+        raise UserError(f"{where if suite else '--recipe'}: {exc}") from None
 
 
 def _check_run_names(runs: list[SuiteRun], path: Path) -> None:

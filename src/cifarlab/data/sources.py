@@ -237,8 +237,12 @@ def _list_class_folder(
     entries = _visible(folder)
     names = sorted(p.name for p in entries if p.is_dir())
     if not names:
+        cifar = {"batches.meta", "meta"} & {p.name for p in entries}  # cifar-10-batches-py/, 100's
         raise UserError(
-            f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
+            f"{folder}: torchvision's CIFAR batches, not class folders; give --data cifar10 (or "
+            "cifar100) with this folder moved into <--data-root>/cifar10/ (or cifar100/)"
+            if cifar
+            else f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )  # one class is fine to score; training needs two (`splits.load_splits`)
     files, labels, kept = [], [], []
     skipped = [f"{printable(p)}: a file, not a class folder; make it a folder of images or remove it"
