@@ -103,6 +103,11 @@ def test_an_out_holding_a_trial_of_another_study_is_refused_without_suggesting_r
     err = capsys.readouterr().err
     assert "already holds trial-000" in err and "--resume" not in err and "Traceback" not in err
     assert (old_trial / "last.pt").read_bytes() == b"an earlier study's trial"
+    # refused before a trial began: the new study holds no failed trial
+    (name,) = optuna.get_all_study_names(f"sqlite:///{tmp_path / 'new.db'}")
+    assert (
+        optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'new.db'}").trials == []
+    )
 
 
 def test_tune_refuses_what_it_cannot_select_on(real_jpegs, tmp_path):

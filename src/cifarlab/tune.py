@@ -91,6 +91,8 @@ def run_tune(opts: TuneOptions, log=print):
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
     _say_elsewhere(done, opts, log)
     _say_search(base, opts, log)
+    if _trial_dir(opts, len(study.trials)).exists():  # another study's: refused before a trial
+        raise _taken(opts, _trial_dir(opts, len(study.trials)))
     if len(done) < opts.trials:
         objective = partial(_trial, base=base, opts=opts, log=log)
         study.optimize(
@@ -115,6 +117,13 @@ RUN_DIR = "run_dir"  # a trial's user attribute: the folder it trained in
 
 def _trial_dir(opts: TuneOptions, number: int) -> Path:
     return opts.out / f"trial-{number:03d}"
+
+
+def _taken(opts: TuneOptions, run_dir: Path) -> UserError:
+    return UserError(
+        f"--out {opts.out} already holds {run_dir.name}, from another study or --storage; "
+        f"pick a new --out for this study, or move {run_dir} away"
+    )
 
 
 def _say_elsewhere(done: list, opts: TuneOptions, log) -> None:
@@ -243,10 +252,7 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
             exc.exit_code,
         ) from None
     except RunDirTaken:  # not resumable: a trial continues under a new number
-        raise UserError(
-            f"--out {opts.out} already holds {run_dir.name}, from another study or --storage; "
-            f"pick a new --out for this study, or move {run_dir} away"
-        ) from None
+        raise _taken(opts, run_dir) from None
     except TrainingFailed as exc:  # diverged (an lr too high, say): the study goes on
         log(f"trial {trial.number}: {str(exc).split(';')[0]}; pruned")
         raise optuna.TrialPruned() from None
