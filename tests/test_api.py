@@ -272,3 +272,5 @@ def test_train_model_takes_a_dict_and_its_result_agrees_with_result_json(
         cifarlab.train_model(3, tmp_path / "x", log=None)
     with pytest.raises(UserError, match="unknown config key '1'"):  # it was a raw TypeError
         cifarlab.train_model({1: 2}, tmp_path / "x", log=None)
+    with pytest.raises(UserError, match="out is empty"):  # it trained into the working folder
+        cifarlab.train_model({**base, "val_size": 6}, "", log=None)

@@ -66,6 +66,8 @@ def train_model(
             f"train_model: config of type {type(config).__name__}; give a TrainConfig "
             "(cifarlab.recipe(...)), a recipe name or a dict of recipe()'s arguments"
         )
+    if str(out) == "":  # as the command line's empty --out: never the working folder unasked
+        raise UserError("train_model: out is empty; give the run directory, e.g. 'runs/fast2'")
     try:
         return train(config, Path(out), resume=resume, log=log or (lambda s: None))
     except RunDirTaken as exc:
