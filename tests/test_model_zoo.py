@@ -235,6 +235,35 @@ def test_a_timm_weights_file_without_tensors_names_the_file(tmp_path):
 
 
 @needs_timm
+def test_timm_weights_load_into_a_model_that_reads_a_tensor_while_it_is_built(
+    tmp_path, monkeypatch
+):
+    """Older timm (1.0.15) builds ViT, DeiT, Swin and ConvNeXt reading tensors' values
+    (`torch.linspace(...).item()`), which the meta device has not: `weights: FILE` raised its
+    RuntimeError; their keys come from a build on the CPU."""
+    import timm
+
+    torch.manual_seed(7)
+    original = timm.create_model("resnet10t").state_dict()
+    torch.save({"state_dict": {"net." + k: v for k, v in original.items()}}, tmp_path / "w.pth")
+    create = timm.create_model
+
+    def reads_a_value(*args, **kwargs):
+        torch.linspace(0, 0.1, 4)[1].item()  # as timm 1.0.15's stochastic depth rule
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", reads_a_value)
+    torch.manual_seed(0)
+    model = build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / "w.pth"))
+    head = model.state_dict()["fc.weight"]
+    assert torch.equal(model.state_dict()["conv1.0.weight"], original["conv1.0.weight"])
+    monkeypatch.undo()
+    torch.manual_seed(0)  # the CPU build leaves the random state as it was: the same new head
+    again = build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / "w.pth"))
+    assert torch.equal(again.state_dict()["fc.weight"], head)
+
+
+@needs_timm
 def test_a_timm_weights_file_of_another_model_is_refused(tmp_path):
     import timm
 

@@ -56,10 +56,9 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
     own checkpoint filter (a new head when the class count differs); it only warns on keys that
     do not fit, so we check them ourselves."""
     timm = _timm()
-    with torch.device("meta"):  # the model's keys, without its weights
-        ours = timm.create_model(name, num_classes=num_classes, **kwargs).state_dict()
+    ours = _keys(timm, name, num_classes, kwargs)
     try:
-        state = unwrapped(timm.models.load_state_dict(str(path)), ours.keys())
+        state = unwrapped(timm.models.load_state_dict(str(path)), ours)
     except Exception as exc:  # EOFError, SafetensorError, UnpicklingError, ...: no state dict
         raise UserError(
             f"--weights {path}: not a readable state dict ({first_line(exc)})"
@@ -85,3 +84,15 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
             f"e.g. {missing[0]})"
         )
     return net
+
+
+def _keys(timm, name: str, num_classes: int, kwargs: dict) -> list[str]:
+    """The model's state-dict keys from a build on the meta device (no weights), or on the CPU
+    where building reads a tensor's value, which older timm does (1.0.15: ViT, DeiT, Swin,
+    ConvNeXt, PVT), the random state kept as it was."""
+    try:
+        with torch.device("meta"):
+            return list(timm.create_model(name, num_classes=num_classes, **kwargs).state_dict())
+    except RuntimeError:  # NotImplementedError too: "Cannot copy out of meta tensor"
+        with torch.random.fork_rng(devices=[]):
+            return list(timm.create_model(name, num_classes=num_classes, **kwargs).state_dict())
