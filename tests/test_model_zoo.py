@@ -227,11 +227,25 @@ def test_a_timm_weights_file_without_tensors_names_the_file(tmp_path):
     """A state dict holding no tensors fell through to timm's lookup of its own weights online."""
     torch.save({}, tmp_path / "nothing.pth")
     (tmp_path / "zero.pth").touch()
-    for file in ("nothing.pth", "zero.pth"):
-        with pytest.raises(
-            UserError, match=f"--weights .*{file}: (holds no tensors|not a readable)"
-        ):
+    for file, said in (("nothing.pth", "holds no tensors"), ("zero.pth", "not a readable")):
+        with pytest.raises(UserError, match=f"--weights .*{file}: {said}"):
             build_model(ModelArgs("timm:resnet10t", 3), weights=str(tmp_path / file))
+
+
+@needs_timm
+def test_timm_weights_load_into_a_model_with_two_heads(tmp_path):
+    """LeViT's classifier is a pair (head, distillation head): finding the head raised
+    StopIteration."""
+    import timm
+
+    torch.manual_seed(7)
+    original = timm.create_model("levit_128s").state_dict()
+    torch.save(original, tmp_path / "levit.pth")
+    args = ModelArgs("timm:levit_128s", 3, stem="imagenet", input_size=224)
+    loaded = build_model(args, weights=str(tmp_path / "levit.pth"))[1].state_dict()
+    assert loaded["head.linear.weight"].shape[0] == loaded["head_dist.linear.weight"].shape[0] == 3
+    body = [k for k in original if not k.startswith(("head.", "head_dist."))]
+    assert body and all(torch.equal(loaded[k], original[k]) for k in body)
 
 
 @needs_timm

@@ -229,7 +229,7 @@ def _calibration_note(temperature: float, split: str, rows: list[dict]) -> str |
 def _report_folder(out: Path):
     """A temporary sibling of `out` to write the report into, moved into `out` file by file with
     `report.json` last (removed first): a folder without `report.json` is an incomplete report,
-    and a stopped or failed write leaves `out` as it was, saying so in one line."""
+    and a stopped or failed write says in one line what `out` then holds."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         part = rundir.temp_folder(out)
@@ -241,7 +241,7 @@ def _report_folder(out: Path):
     except OSError as exc:  # a full disk: one line and exit 2, not a PNG writer's traceback
         raise UserError(
             f"--out {out}: could not write the report ({exc.strerror or exc}); "
-            f"{_left(out)}; free space and evaluate again"
+            f"{_left(out)}; free space (or make it writable) and evaluate again"
         ) from None
     except (KeyboardInterrupt, SystemExit):
         print(f"evaluate stopped; {_left(out)}", file=sys.stderr)

@@ -76,8 +76,10 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> nn.Modu
             f"--weights {path}: does not fit timm:{name} ({lines[-1][:200] if lines else exc})"
         ) from None
     net.pretrained_cfg.pop("state_dict", None)  # the model would keep a copy of the weights
-    head = next(n for n, m in net.named_modules() if m is net.get_classifier())
-    missing = [k for k in ours if k not in state and not k.startswith(head + ".")]
+    heads = net.get_classifier()  # LeViT, EfficientFormer: (head, distillation head)
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    new = tuple(n + "." for n, m in net.named_modules() if any(m is h for h in heads))
+    missing = [k for k in ours if k not in state and not k.startswith(new)]
     if missing:
         raise UserError(
             f"--weights {path}: does not fit timm:{name} ({len(missing)} tensors missing, "
