@@ -165,6 +165,27 @@ def test_the_plan_is_corrected_once_after_the_first_epoch_past_half_the_budget(m
     assert plan.correct(run, 6, 4.0, 0.1, 1.0, said.append) is None  # once only
 
 
+def test_the_plan_is_not_corrected_on_an_epoch_before_the_pace_settles(monkeypatch):
+    """Epochs that train the whitening bias step slower than the rest: a correction on one of
+    them planned every later step at that pace, and a 2-minute run ended 8% early."""
+    import types
+
+    import cifarlab.budget as budget
+    from cifarlab.training_run import settling_epoch
+
+    config = make_config(epochs=9, time_budget=900.0, tta="none", whitening=True)
+    config = with_steps(dataclasses.replace(config, whiten_bias_epochs=6), 90, 10)
+    settle = settling_epoch(config)
+    assert settle == 6
+    run = types.SimpleNamespace(config=config, batches=[None] * 10, val_labels=[0] * 100)
+    plan = budget.Plan(900.0, started=0.0, n_test=0)
+    clock = [500.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    assert plan.correct(run, settle - 1, 8.0, 0.1, 1.0, lambda s: None) is None
+    clock[0] = 600.0
+    assert plan.correct(run, settle, 8.0, 0.1, 1.0, lambda s: None) is not None
+
+
 def test_a_plan_far_shorter_than_the_budget_is_corrected_halfway_through_itself(monkeypatch):
     import types
 

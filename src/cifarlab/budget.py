@@ -154,10 +154,10 @@ def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
 
 @dataclass
 class Plan:
-    """A budgeted run's length, corrected once, after the first epoch to end past half the
-    budget or half the planned run, whichever comes first, to that epoch's pace: a machine's
-    pace drifts over a long run (`seed-cnn` in 60 minutes ended 5.8% early on its first epoch's
-    pace), and a probe slowed by other work plans a run that would end long before the budget."""
+    """A budgeted run's length, corrected once to the pace of the first epoch that ends past
+    half the budget or half the planned run, whichever comes first, and runs at the pace the
+    rest will (`settling_epoch` or later): a machine's pace drifts over a long run, and a probe
+    slowed by other work plans a run that would end long before the budget."""
 
     time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
@@ -171,6 +171,8 @@ class Plan:
         steps fit the time left; else None (the plan stands within a step, or the run ends)."""
         spent = time.perf_counter() - self.started
         if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
+            return None
+        if epoch < settling_epoch(run.config):  # its steps cost more than the rest will
             return None
         self.corrected = True
         c, n = run.config, len(run.batches)
