@@ -172,7 +172,7 @@ class Plan:
         spent = time.perf_counter() - self.started
         if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
             return None
-        if epoch < settling_epoch(run.config):  # its steps cost more than the rest will
+        if epoch < settling_epoch(run.config):  # its steps cost other than the rest will
             return None
         self.corrected = True
         c, n = run.config, len(run.batches)
