@@ -315,6 +315,20 @@ def test_torchvisions_cifar_folder_given_as_data_says_to_give_cifar10(tmp_path, 
         load_source(str(src), tmp_path / "root", 32)
 
 
+def test_cifar_in_torchvisions_own_layout_under_the_data_root_is_found(tmp_path, monkeypatch):
+    """`<data-root>/cifar-10-batches-py`, where torchvision's `CIFAR10(root)` keeps it, was not
+    looked at: offline an error, online a second download."""
+    rows = _tiny_cifar10(tmp_path / "tmp")
+    (tmp_path / "tmp" / "cifar10" / "cifar-10-batches-py").rename(tmp_path / "cifar-10-batches-py")
+
+    def offline(url, root, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
+    data = load_source("cifar10", tmp_path, 32)
+    assert np.array_equal(data.train.images, rows.reshape(30, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
 def test_offline_cifar_download_names_where_to_put_it(tmp_path, monkeypatch):
     def offline(url, root, **k):
         Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching

@@ -83,6 +83,8 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
 
     ds = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     folder = root / ds.base_folder
+    if not folder.is_dir() and (root.parent / ds.base_folder).is_dir():
+        folder = root.parent / ds.base_folder  # torchvision's own layout: <data-root>/<folder>
     if not folder.is_dir():
         missing = [d for d in (root, *root.parents) if not d.exists()]  # what a download makes
         try:
@@ -240,7 +242,7 @@ def _list_class_folder(
         cifar = {"batches.meta", "meta"} & {p.name for p in entries}  # cifar-10-batches-py/, 100's
         raise UserError(
             f"{folder}: torchvision's CIFAR batches, not class folders; give --data cifar10 (or "
-            "cifar100) with this folder moved into <--data-root>/cifar10/ (or cifar100/)"
+            f"cifar100) with --data-root the folder holding {folder.name}/ (an archive: extracted)"
             if cifar
             else f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )  # one class is fine to score; training needs two (`splits.load_splits`)
