@@ -128,6 +128,17 @@ def test_classifier_gives_one_answer_for_a_file_and_every_in_memory_form_of_it(
     assert len(top) == 2 and top[0][1] >= top[1][1] and top[0][0] in model.classes
 
 
+def test_a_float_pil_image_is_read_as_floats_in_0_1_as_arrays_are(trained, synthetic_images):
+    """A mode F image (32-bit floats) went through PIL's conversion, which clips it to 0 or 1
+    of 255: black."""
+    model = cifarlab.load_model(trained[0])
+    grey = Image.open(synthetic_images / "test" / "green" / "000.png").convert("L")
+    floats = Image.fromarray(np.asarray(grey, np.float32) / 255.0, "F")
+    assert np.allclose(model.probabilities(floats), model.probabilities(grey), atol=1e-6)
+    with pytest.raises(UserError, match="float image with values .*: give floats in 0..1"):
+        model.probabilities(Image.fromarray(np.asarray(grey, np.float32), "F"))
+
+
 def test_classifier_resizes_any_size_as_training_files_were(trained, synthetic_images, tmp_path):
     model = cifarlab.load_model(trained[0].run_dir)  # a run directory works as well as a Result
     big = Image.open(synthetic_images / "test" / "red" / "001.png").convert("RGB").resize((96, 80))

@@ -150,13 +150,15 @@ class Classifier:
                 return decode_image(image if isinstance(image, bytes) else expand(image), size)
             except BadImage as exc:
                 raise UserError(str(exc)) from None
-        if isinstance(image, Image.Image):
+        if isinstance(image, Image.Image) and image.mode != "F":  # F: floats, read as arrays
             return image_array(image, size)
         return image_array(Image.fromarray(_uint8_hwc(image)), size)
 
 
 def _uint8_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """An array (HWC) or tensor (CHW) image as uint8 HWC (HW for grey), for PIL."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         if image.is_floating_point():  # numpy has no bf16
