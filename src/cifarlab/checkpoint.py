@@ -49,8 +49,8 @@ def atomic_save(obj: Any, path: Path) -> None:
         if not isinstance(cause, OSError):
             raise
         raise UserError(
-            f"{path}: cannot write it ({cause.strerror or cause}); free space, then run the "
-            "command again (train: with --resume)"
+            f"{path}: cannot write it ({cause.strerror or cause}); free space (or make it "
+            "writable), then run the command again (train: with --resume)"
         ) from None
 
 

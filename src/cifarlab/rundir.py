@@ -427,13 +427,12 @@ def remove_dead_temps(path: Path) -> None:
         re.escape(f".{path.stem[:64]}.") + r"(\d{1,7})" + re.escape(f".tmp{path.suffix[:16]}")
     )
     try:
-        entries = [e for e in path.parent.iterdir() if name.fullmatch(e.name)]
+        found = [(e, m) for e in path.parent.iterdir() if (m := name.fullmatch(e.name))]
     except OSError:
         return
-    for entry in entries:
+    for entry, match in found:
         with contextlib.suppress(OSError):
-            pid = int(name.fullmatch(entry.name)[1])
-            if _alive(pid) or time.time() - entry.lstat().st_mtime < STALE_TEMP_SECONDS:
+            if _alive(int(match[1])) or time.time() - entry.lstat().st_mtime < STALE_TEMP_SECONDS:
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)

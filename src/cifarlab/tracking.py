@@ -17,7 +17,7 @@ from typing import Any
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import Interrupted, import_extra
-from cifarlab.rundir import RECORD_FILES, RESULT_OPTIONAL
+from cifarlab.rundir import RECORD_FILES, RESULT_ALWAYS, RESULT_OPTIONAL
 
 MLFLOW_LINK = "mlflow.json"  # in the run directory: which store and MLflow run it logs to
 DEFAULT_EXPERIMENT = "cifarlab"
@@ -85,7 +85,7 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def finish(self, result: Any) -> None:
-        for key in ("best_val_acc", "final_val_acc"):
+        for key in RESULT_ALWAYS:
             if getattr(result, key) is not None:  # no validation split: no val accuracy
                 self.writer.add_scalar(key, getattr(result, key), result.epochs)
         self.writer.file_writer.add_summary(self.end)  # the run ended well

@@ -91,8 +91,9 @@ def run_tune(opts: TuneOptions, log=print):
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
     _say_elsewhere(done, opts, log)
     _say_search(base, opts, log)
-    if _trial_dir(opts, len(study.trials)).exists():  # another study's: refused before a trial
-        raise _taken(opts, _trial_dir(opts, len(study.trials)))
+    upcoming = _trial_dir(opts, len(study.trials))
+    if upcoming.exists():  # another study's: refused before a trial
+        raise _taken(opts, upcoming)
     if len(done) < opts.trials:
         objective = partial(_trial, base=base, opts=opts, log=log)
         study.optimize(
