@@ -86,9 +86,13 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
         return 0.5 if trains[-1] else 0.4
 
     monkeypatch.setattr(budget, "_step_seconds", fake_step)
-    timings = budget.measure(run)
+    timings = budget.measure(run, timed=0.0)
     assert trains == [True, False] * 4  # alternating: 1 warm-up + 3 timed steps each
     assert (timings.step, timings.settled) == (0.5, 0.4)
+    trains.clear()  # cheap steps are timed until each phase has 2 s timed: 0.4 s x 5
+    assert budget.measure(run).step == 0.5 and trains == [True, False] * 6
+    trains.clear()
+    assert budget.measure(run, timed=100.0, most=4) and trains == [True, False] * 5
     trains.clear()  # a pace that rules the run out stops the probe at its first timed step
     assert budget.measure(run, too_slow=lambda seconds: seconds > 0.45) is None
     assert trains == [True, False, True]
@@ -136,7 +140,7 @@ def test_the_probe_times_the_runs_own_step_with_its_optimiser_ema_and_lookahead(
     torch.manual_seed(3)
     expected = torch.rand(2)
     torch.manual_seed(3)
-    budget.measure(run, steps=2, warmup=1)
+    budget.measure(run, steps=2, warmup=1, timed=0.0)
     assert calls == {"train_step": 3, "muon": 3, "ema": 3}  # the run's Muon and EMA, no stand-in
     for part, state in (("model", run.model.state_dict()), ("ema", run.ema.state_dict())):
         assert all(torch.equal(v, state[k]) for k, v in built[part].items()), part  # put back
@@ -204,8 +208,10 @@ def test_a_plan_far_shorter_than_the_budget_is_corrected_halfway_through_itself(
 
 def test_the_final_passes_count_tta_calibration_and_test():
     fast = load_recipe("fast")  # flip-translate: 4 views
-    assert final_images(fast, n_val=1000, n_test=0) == 4 * 1000 + 2 * 1000
-    assert final_images(fast, n_val=1000, n_test=500) == 6000 + 500 * 5
+    assert final_images(fast, n_val=1000, n_test=0) == 4 * 1000 + 1000  # one fit: best.pt's
+    assert final_images(fast, n_val=1000, n_test=500) == 5000 + 500 * 5
+    ema = dataclasses.replace(fast, ema=True)  # the weights and the EMA weights
+    assert final_images(ema, n_val=1000, n_test=0) == 4 * 1000 + 2 * 1000
 
 
 def test_a_fractional_length_keeps_the_schedules_shape():

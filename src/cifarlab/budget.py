@@ -39,11 +39,14 @@ class Timings:
     # fastnet's steps are ~10% cheaper once its whitening bias stops; a frozen backbone's dearer
 
 
-def measure(run, steps: int = 3, warmup: int = 1, too_slow=None) -> Timings | None:
+def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 2.0,
+            most: int = 10) -> Timings | None:  # fmt: skip
     """Median seconds of the run's own step in its first epoch and, when that changes
-    (`settling_epoch`), from then on; and the evaluation cost. `run` and the global random state
-    are put back as they were after. None as soon as `too_slow(seconds)` holds for a first-epoch
-    step: a pace that rules the run out needs no more steps to know it."""
+    (`settling_epoch`), from then on; and the evaluation cost. At least `steps` steps per phase
+    after `warmup`, and more, up to `most`, until each phase has `timed` seconds timed: a cheap
+    step's median of three is at the mercy of one step still warming up. `run` and the global
+    random state are put back as they were after. None as soon as `too_slow(seconds)` holds for
+    a first-epoch step: a pace that rules the run out needs no more steps to know it."""
     built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     run.step_model = run.model  # eager: compiling here would time the compilation
@@ -51,20 +54,26 @@ def measure(run, steps: int = 3, warmup: int = 1, too_slow=None) -> Timings | No
     batches = itertools.chain.from_iterable(map(run.batches.epoch, itertools.repeat(0)))
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
-    times, val_image = {epoch: [] for epoch in phases}, None
-    # the phases alternate, so that the machine's drift hits both alike
-    for k, (i, epoch) in enumerate(itertools.product(range(warmup + steps), phases)):
-        _set_flags(run, flags)
-        run.model.train()
-        set_trainable(run.model, run.config, run.fixed, epoch)
-        seconds = _step_seconds(run, batches, k + 1)
-        if i < warmup:
-            continue
-        times[epoch].append(seconds)
-        if epoch == 0 and too_slow is not None and too_slow(seconds):
-            break
-    else:
-        val_image = _val_image_seconds(run)
+    times, k, slow = {epoch: [] for epoch in phases}, 0, False
+
+    def enough() -> bool:
+        n = len(times[0])
+        return n >= steps and (n >= most or min(map(sum, times.values())) >= timed)
+
+    while not (slow or enough()):  # the phases alternate, so that drift hits both alike
+        for epoch in phases:
+            _set_flags(run, flags)
+            run.model.train()
+            set_trainable(run.model, run.config, run.fixed, epoch)
+            k += 1
+            seconds = _step_seconds(run, batches, k)
+            if k <= warmup * len(phases):
+                continue
+            times[epoch].append(seconds)
+            if epoch == 0 and too_slow is not None and too_slow(seconds):
+                slow = True
+                break
+    val_image = None if slow else _val_image_seconds(run)
     restore(run, built)
     run.step_model = step_model
     _set_flags(run, flags)
@@ -145,10 +154,13 @@ def early_steps(shape: TrainConfig, steps_per_epoch: int):
 
 
 def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
-    """Image-views evaluated after the last epoch: the TTA pass, the temperature fits (best.pt
-    and last.pt, twice with EMA) and the test pass (plain and with TTA)."""
+    """Image-views evaluated after the last epoch: the TTA pass, the temperature fits and the
+    test pass (plain and with TTA). The fits pass over the validation split once per weights
+    that the last validation did not score: best.pt's, where it is not last.pt's (without EMA),
+    and a checkpoint's weights and EMA weights (with EMA; last.pt's are best.pt's as a run with
+    a decaying schedule usually ends)."""
     views = TTA_VIEWS[c.tta] if c.tta != "none" else 0
-    calibration = 2 * (2 if c.ema else 1) * n_val
+    calibration = (2 if c.ema else 1) * n_val
     return n_val * views + calibration + n_test * (1 + views)
 
 
