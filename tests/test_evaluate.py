@@ -864,6 +864,24 @@ def test_odd_class_names_survive_the_csv_html_json_and_figures(tmp_path, capsys)
     assert len(rows) == 6 and {c["class"] for c in rows[0]["top_k"]} == set(names)
 
 
+def test_the_summary_quotes_class_names_holding_commas_as_classes_takes_them():
+    """The line "hardest classes: a,b 0.0%, x y 50.0%" read as classes a, b and x y."""
+    from cifarlab.evaluate import _summary
+
+    per_class = {"a,b": 0.0, 'say "hi"': 0.25, "x y": 0.5, "café": 1.0}
+    report = {
+        "per_class": {c: {"support": 4, "accuracy": a} for c, a in per_class.items()},
+        "tta_accuracy": None, "split": "val", "accuracy": 0.4375, "num_images": 16,
+        "most_confused": [{"true": "a,b", "predicted": "x y", "count": 3}],
+        "most_confused_pairs": [{"classes": ["a,b", 'say "hi"'], "count": 2}],
+    }  # fmt: skip
+    lines = []
+    _summary(report, Path("ev"), lines.append)
+    assert lines[1] == 'hardest classes: "a,b" 0.0%, "say ""hi""" 25.0%, x y 50.0%'
+    assert lines[2] == 'most confused: "a,b" -> x y (3)'
+    assert lines[3] == 'most confused pairs (both directions): "a,b" <-> "say ""hi""" (2)'
+
+
 def test_evaluate_help_says_classes_picks_the_gallery_not_the_data(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])

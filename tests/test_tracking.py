@@ -3,12 +3,19 @@ back through TensorBoard's own loader; tiny runs on the synthetic colour images.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
-from cifarlab.config import TrainConfig, apply_overrides, read_yaml_mapping, validate_config
+from cifarlab.config import (
+    TrainConfig,
+    apply_overrides,
+    parse_names,
+    read_yaml_mapping,
+    validate_config,
+)
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.rundir import read_metrics
@@ -100,6 +107,15 @@ def test_tensorboard_events_hold_the_config_as_hparams_beside_the_epoch_scalars(
     assert data.hparams["epochs"].number_value == 1
     assert any(v.tag == metadata.SESSION_END_INFO_TAG for v in values)
     assert {"val_acc", "train_loss", "best_val_acc"} <= {v.tag for v in values}
+
+
+def test_class_names_with_commas_and_quotes_read_back_from_the_params_one_name_each():
+    """Lists were joined with "," alone: classes a,b and cat read back as a, b and cat."""
+    names = ["a,b", 'say "hi"', "café", "x y"]
+    params = flat_params(make_config(classes=names))
+    assert next(csv.reader([params["classes"]])) == names
+    assert parse_names(params["classes"]) == names  # as --classes takes them
+    assert flat_params(make_config(classes=["cat", "dog"]))["classes"] == "cat,dog"
 
 
 def test_a_tracking_uri_without_tracking_is_refused_with_the_fix():

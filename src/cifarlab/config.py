@@ -280,9 +280,17 @@ def parse_names(text: str) -> list[str] | None:
     return [i[1:-1].replace('""', '"') if i.startswith('"') else i for i in items if i]
 
 
+def quoted_name(name: str) -> str:
+    """`name` as `parse_names` reads it back: in double quotes (doubled inside) when it holds a
+    comma, a quote or edge spaces, so a comma-separated list of names stays readable."""
+    if "," in name or '"' in name or name != name.strip():
+        return '"' + name.replace('"', '""') + '"'
+    return name
+
+
 def quoting_hint(names: list[str]) -> str:
     """For an unknown-class error: how to give the names a plain comma list cannot."""
-    if any("," in n or '"' in n or n != n.strip() for n in names):
+    if any(quoted_name(n) != n for n in names):
         return (
             "; give a name holding a comma, a quote or edge spaces in double quotes: '\"a,b\",cat'"
         )

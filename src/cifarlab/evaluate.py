@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cifarlab import gradcam, metrics, rundir
 from cifarlab.checkpoint import load_checkpoint, resolve_checkpoint
-from cifarlab.config import TrainConfig, apply_overrides, expand, quoting_hint
+from cifarlab.config import TrainConfig, apply_overrides, expand, quoted_name, quoting_hint
 from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, printable
@@ -308,16 +308,20 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
 
 
 def _summary(report: dict, out: Path, log) -> None:
-    pc, r = report["per_class"], report
+    pc, r, q = report["per_class"], report, quoted_name  # "a,b" quoted in these comma lists
     hardest = sorted((c for c in pc if pc[c]["support"]), key=lambda c: pc[c]["accuracy"])[:3]
     tta = (
         f" (with {r['tta']} TTA: {r['tta_accuracy']:.2%})" if r["tta_accuracy"] is not None else ""
     )
-    one_way = [f"{p['true']} -> {p['predicted']} ({p['count']})" for p in r["most_confused"][:3]]
-    both = [f"{' <-> '.join(p['classes'])} ({p['count']})" for p in r["most_confused_pairs"][:3]]
+    one_way = [
+        f"{q(p['true'])} -> {q(p['predicted'])} ({p['count']})" for p in r["most_confused"][:3]
+    ]
+    both = [
+        f"{' <-> '.join(map(q, p['classes']))} ({p['count']})" for p in r["most_confused_pairs"][:3]
+    ]
     what = "images (all of the data)" if r["split"] == "all" else f"{r['split']} images"
     log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {what}")
-    log("hardest classes: " + ", ".join(f"{c} {pc[c]['accuracy']:.1%}" for c in hardest))
+    log("hardest classes: " + ", ".join(f"{q(c)} {pc[c]['accuracy']:.1%}" for c in hardest))
     log("most confused: " + (", ".join(one_way) or "none"))
     log("most confused pairs (both directions): " + (", ".join(both) or "none"))
     if "expected_calibration_error_before" in r:

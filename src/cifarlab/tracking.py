@@ -8,6 +8,8 @@ run, so a resumed run and a later evaluation log into the same one.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import time
@@ -50,10 +52,15 @@ def open_trackers(config: TrainConfig, run_dir: Path, enabled: bool = True) -> I
 
 
 def flat_params(config: TrainConfig) -> dict[str, str | int | float | bool]:
-    """The config as flat scalars: lists become comma-separated strings."""
-    return {
-        k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in config.to_dict().items()
-    }
+    """The config as flat scalars: lists become one CSV row (`"a,b",cat`), so a class name
+    holding a comma or a quote reads back as one name, as `--classes` takes it."""
+    return {k: _csv_row(v) if isinstance(v, list) else v for k, v in config.to_dict().items()}
+
+
+def _csv_row(items: list) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="").writerow(items)
+    return text.getvalue()
 
 
 EPOCH_SCALARS = (
