@@ -1,8 +1,10 @@
 """The decoded-array cache is never served for a source that has changed since it was written."""
 
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +128,7 @@ def test_an_image_rewritten_inside_a_linked_class_folder_is_read_again(tmp_path)
 def test_folder_key_survives_a_dangling_symlink(tmp_path):
     _write_image(tmp_path / "cat" / "a.png", 1)
     (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "missing.png")
-    assert len(cache.source_key(tmp_path, 32, "error")) == 33  # <source>-<version>
+    assert re.fullmatch(r"v\d+-[0-9a-f]{16}-[0-9a-f]{16}", cache.source_key(tmp_path, 32, "error"))
 
 
 def test_a_new_version_of_a_source_replaces_its_old_cache_and_others_stay(tmp_path):
@@ -137,13 +139,39 @@ def test_a_new_version_of_a_source_replaces_its_old_cache_and_others_stay(tmp_pa
         _write_image(src / "dog" / "2.png", 2)
         load_source(str(src), root, 8)
     legacy = [root / "arrays" / f"{'0' * 20}{s}" for s in (".npz", ".sha256")]
-    for p in [*legacy, root / "extracted" / ("1" * 20)]:
+    unused = [*legacy, root / "extracted" / ("1" * 20), root / "arrays" / "v1-ab-cd.npz"]
+    for p in [*unused, root / "arrays" / "v99-ab-cd.npz"]:
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("from an older FORMAT")
+        p.write_text("another FORMAT's")
+    month_ago = time.time() - cache.UNUSED_S - 60
+    for p in unused:  # read by no install for longer than UNUSED_S; v99 was, just now
+        os.utime(p, (month_ago, month_ago))
     old_key = cache.source_key(a, 8, "error")  # a writer killed while caching it left this:
     (root / "arrays" / f".{old_key}.4242.tmp.npz").write_bytes(b"half of an .npz")
     _write_image(a / "dog" / "3.png", 3)  # a's new version
     assert len(load_source(str(a), root, 8).train) == 3
     left = sorted(p.name for p in (root / "arrays").iterdir())
-    keys = sorted(f"{cache.source_key(src, 8, 'error')}.npz" for src in (a, b))
-    assert left == keys and not (root / "extracted" / ("1" * 20)).exists()
+    keys = [f"{cache.source_key(src, 8, 'error')}.npz" for src in (a, b)]
+    assert left == sorted([*keys, "v99-ab-cd.npz"])  # another install's, read a minute ago
+    assert not (root / "extracted" / ("1" * 20)).exists()
+
+
+def test_two_versions_sharing_a_data_root_keep_their_caches_side_by_side(tmp_path, monkeypatch):
+    """Each install's FORMAT removed the other's cache file as stale, so two versions sharing
+    $CIFARLAB_DATA rebuilt the cache over each other on every run."""
+    root, src = tmp_path / "root", tmp_path / "d"
+    _write_image(src / "cat" / "1.png", 1)
+    _write_image(src / "dog" / "2.png", 2)
+    load_source(str(src), root, 8)
+    month_ago = time.time() - cache.UNUSED_S - 60
+    os.utime(next((root / "arrays").glob("*.npz")), (month_ago, month_ago))
+    load_source(str(src), root, 8)  # read now: still in use, so kept
+    monkeypatch.setattr(cache, "FORMAT", cache.FORMAT + 1)  # the other install
+    load_source(str(src), root, 8)
+    assert len(list((root / "arrays").glob("*.npz"))) == 2
+    rebuilt = []
+    monkeypatch.setattr(cache, "save", lambda *args: rebuilt.append(args))
+    for fmt in (cache.FORMAT - 1, cache.FORMAT, cache.FORMAT - 1):
+        monkeypatch.setattr(cache, "FORMAT", fmt)
+        assert len(load_source(str(src), root, 8).train) == 2
+    assert rebuilt == []  # each read its own cache file

@@ -1,5 +1,7 @@
 """The decoded-array cache: one .npz per (source files, image size), checked as it is read;
-reading it back is tens of times faster than decoding the images again."""
+reading it back is tens of times faster than decoding the images again. Its names begin with
+the FORMAT (`v8-...`), so installs of different cifarlab versions sharing one --data-root each
+keep their own files beside the other's instead of rebuilding them over each other in turn."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 from cifarlab.rundir import replaced_when_complete
 
-FORMAT = 7  # raised whenever the cached layout, the decoding or the key changes
+FORMAT = 8  # raised whenever the cached layout, the decoding or the key changes
+UNUSED_S = 30 * 86400  # another FORMAT's file read by no install for this long is removed
 
 
 def _stat(path: str) -> os.stat_result:
@@ -51,16 +54,16 @@ def _folder_stamp(root: Path) -> str:
 
 
 def source_key(path: Path, size: int, on_bad: str) -> str:
-    """`<source>-<version>`: the source is the path, image size and `on_bad`; the version changes
-    whenever the source may have (a folder's any file path, size or mtime; an archive's size,
-    mtime, inode or ctime: a replaced archive with the same size and mtime) or FORMAT does."""
+    """`v<FORMAT>-<source>-<version>`: the source is the path, image size and `on_bad`; the
+    version changes whenever the source may have (a folder's any file path, size or mtime; an
+    archive's size, mtime, inode or ctime: a replaced archive with the same size and mtime)."""
     path = path.resolve()
     if path.is_dir():
         stamp = _folder_stamp(path)
     else:
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-    return f"{_digest([os.fsencode(path).hex(), size, on_bad])}-{_digest([FORMAT, stamp])}"
+    return f"v{FORMAT}-{_digest([os.fsencode(path).hex(), size, on_bad])}-{_digest(stamp)}"
 
 
 def _digest(parts: list) -> str:
@@ -69,16 +72,19 @@ def _digest(parts: list) -> str:
 
 def _remove_stale(root: Path, key: str) -> None:
     """Once a source's new version is cached, its older versions' arrays and extracted copies
-    (each the size of the data set) go, as do files of a FORMAT before this naming."""
-    source = key.split("-")[0]
-    older = [*(root / "arrays").glob(f"{source}-*"), *(root / "extracted").glob(f"{source}-*")]
-    older += (root / "arrays").glob(f".{source}-*.tmp.npz")  # a killed writer's temporary file
-    older = [p for p in older if p.name.lstrip(".").split(".")[0] != key]  # its own stay
-    legacy = [*(root / "arrays").glob("*"), *(root / "extracted").glob("*")]
-    older += [p for p in legacy if re.fullmatch(r"[0-9a-f]{20}(\.npz|\.sha256)?", p.name)]
-    for old in older:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    (each the size of the data set) go, with a killed writer's temporary file. Another FORMAT's
+    files (another install's, or this one's before an upgrade) go once unused for UNUSED_S:
+    `load` marks each file it reads as used."""
+    fmt, source = key.split("-")[:2]
+    for old in [*root.glob("arrays/*"), *root.glob("extracted/*")]:
+        name = old.name.lstrip(".")  # a temporary file: .<key>.<pid>.tmp.npz
+        with contextlib.suppress(OSError):  # gone meanwhile: another process removed it
+            if name.startswith(f"{fmt}-"):
+                stale = name.startswith(f"{fmt}-{source}-") and name.split(".")[0] != key
+            else:
+                stale = time.time() - old.lstat().st_mtime > UNUSED_S
+            if stale:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def ensure_writable(root: Path) -> None:
@@ -140,7 +146,10 @@ def load(root: Path, key: str) -> SourceData | None:
                 return ds
 
             skipped, plain = z["skipped"].tolist(), bool(z["plain"])
-            return SourceData(split("train"), split("test"), skipped, split("val"), plain)
+            data = SourceData(split("train"), split("test"), skipped, split("val"), plain)
+        with contextlib.suppress(OSError):  # used now: kept while any install reads it
+            os.utime(npz)
+        return data
     except (OSError, ValueError, KeyError, EOFError, MemoryError, zipfile.BadZipFile) as exc:
         print(f"warning: cache file {npz} is damaged ({exc}); rebuilding it", file=sys.stderr)
         return None
