@@ -475,3 +475,93 @@ def test_a_study_store_failing_without_a_message_is_still_one_line(monkeypatch, 
     monkeypatch.setattr(optuna, "create_study", fails)
     with pytest.raises(UserError, match=r"cannot be opened \(EOFError\)"):
         _open_study("s", f"sqlite:///{tmp_path}/study.db", default=tmp_path / "study.db")
+
+
+def test_trials_a_killed_tune_left_running_are_marked_failed_when_the_study_continues(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """A kill as optuna made a trial (before its first heartbeat) left it RUNNING for good; one
+    killed later stayed RUNNING until a trial started 90 s after its last heartbeat."""
+    from datetime import datetime, timedelta
+
+    from cifarlab.tune import RUN_DIR, _open_study
+
+    _fake_trainer(monkeypatch, stop_first=False)
+    run_tune(_small(synthetic_images, tmp_path, 1), log=lambda s: None)
+    study = _open_study("s", f"sqlite:///{tmp_path / 'study.db'}")
+    never_beat, beat, live = study.ask(), study.ask(), study.ask()
+    for trial in (beat, live):  # trials that began training
+        trial.set_user_attr(RUN_DIR, str(tmp_path / f"trial-{trial.number:03d}"))
+        study._storage.record_heartbeat(trial._trial_id)
+    long_ago = 150  # past the grace of 90 s
+    with sqlite3.connect(tmp_path / "study.db") as db:  # what a kill that long ago leaves
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', ?)",
+                   (f"-{long_ago} seconds",))  # fmt: skip
+        db.execute("UPDATE trials SET datetime_start = ? WHERE number = ?",
+                   (datetime.now() - timedelta(seconds=long_ago), never_beat.number))  # fmt: skip
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now') WHERE trial_id = ?",
+                   (live._trial_id,))  # fmt: skip
+    messages = []
+    done = run_tune(_small(synthetic_images, tmp_path, 2), log=messages.append)
+    states = {t.number: t.state.name for t in done.trials}
+    assert states[never_beat.number] == states[beat.number] == "FAIL"
+    assert states[live.number] == "RUNNING"  # another tune's, beating: left alone
+    assert list(states.values()).count("COMPLETE") == 2
+    note = f"note: trial {never_beat.number}, {beat.number} left running by a tune that was killed"
+    assert any(m.startswith(note) for m in messages), messages
+
+
+def test_sigterm_before_training_takes_it_fails_the_trial_and_says_how_to_continue(
+    synthetic_images, tmp_path, monkeypatch, capsys
+):
+    """The command's SIGTERM handler exits through a SystemExit, which optuna lets by: the
+    trial stayed RUNNING and the command ended without a word."""
+    import os
+
+    from cifarlab.cli import main
+
+    def train(config, run_dir, **kw):  # SIGTERM as the trial's data loads
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("cifarlab.train.train", train)
+    assert main(_tune_args(synthetic_images, tmp_path, "t")) == 143
+    assert "stopped during trial 0; run the same tune command" in capsys.readouterr().err
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 't' / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # its settings go first
+
+
+@pytest.mark.parametrize("read_only", ["study.db", "--out"])
+def test_a_read_only_study_database_says_to_make_it_writable_or_choose_another_out(
+    synthetic_images, tmp_path, monkeypatch, capsys, read_only
+):
+    """It said "cannot be opened (attempt to write a readonly database); restore it, or move it
+    away", as for a damaged file."""
+    import os
+    from pathlib import Path
+
+    from cifarlab.cli import main
+
+    _fake_trainer(monkeypatch, stop_first=False)
+    assert main(_tune_args(synthetic_images, tmp_path, "t")) == 0
+    denied = tmp_path / "t" / ("study.db" if read_only == "study.db" else "")
+    real_access = os.access  # root ignores mode bits: deny as a read-only mount would
+    monkeypatch.setattr(os, "access", lambda p, m: real_access(p, m) and Path(p) != denied)
+    capsys.readouterr()
+    assert main(_tune_args(synthetic_images, tmp_path, "t", "--trials", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "writable" in err and "--out" in err and "restore" not in err
+
+
+def test_a_study_database_sqlite_opens_read_only_says_to_make_it_writable(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """SQLite's own refusal ("attempt to write a readonly database"), where the file system
+    allows writing but SQLite opens it read-only."""
+    _fake_trainer(monkeypatch, stop_first=False)
+    run_tune(_small(synthetic_images, tmp_path, 1), log=lambda s: None)
+    url = f"sqlite:///file:{tmp_path / 'study.db'}?mode=ro&uri=true"
+    opts = dataclasses.replace(_small(synthetic_images, tmp_path, 2), storage=url)
+    fix = r"readonly database\); make it writable, or choose another --storage"
+    with pytest.raises(UserError, match=fix):
+        run_tune(opts, log=lambda s: None)

@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()  # inside: a closed pipe shows here, not at interpreter exit
                 return code
             except Exception as exc:  # a stop rewrapped by a library (torch's exporter)
-                if _STOPPED and not isinstance(exc, UserError):
+                if _STOPPED and not isinstance(exc, UserError | Interrupted):
                     raise (SystemExit(143) if _STOPPED[0] == 143 else KeyboardInterrupt) from None
                 raise
     except BrokenPipeError:

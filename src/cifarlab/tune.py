@@ -5,8 +5,10 @@ a killed trial's heartbeat goes stale and it is retried."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,7 @@ def run_tune(opts: TuneOptions, log=print):
     with removed_if_unstarted(opts.out, created):  # a study that cannot open leaves no --out
         study = _open_study(name, opts.storage, opts.out / "study.db" if default else None)
         _same_settings(study, base, opts)
+    _fail_stopped_trials(study, log)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = [t for t in study.trials if t.state in finished]
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
@@ -114,6 +117,30 @@ def run_tune(opts: TuneOptions, log=print):
 
 
 RUN_DIR = "run_dir"  # a trial's user attribute: the folder it trained in
+GRACE_SECONDS = 90  # a RUNNING trial without a heartbeat for this long is a stopped tune's
+
+
+def _fail_stopped_trials(study, log) -> None:
+    """Mark failed the trials a killed tune left RUNNING, so that others run in their place:
+    those whose heartbeat is older than GRACE_SECONDS (optuna's check, which queues their
+    settings again; it runs only as a trial starts), and those that never stored their RUN_DIR,
+    killed as optuna made them: optuna keeps a trial that never beat RUNNING for good."""
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    running = {t.number: t for t in study.get_trials(states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        fail_stale_trials(study)
+    cutoff = datetime.now() - timedelta(seconds=GRACE_SECONDS)
+    for t in running.values():
+        if RUN_DIR not in t.user_attrs and t.datetime_start < cutoff:
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    failed = [t.number for t in study.get_trials(states=(TrialState.FAIL,)) if t.number in running]
+    if failed:
+        log(f"note: trial {', '.join(map(str, failed))} left running by a tune that was killed: "
+            "marked failed, others run in its place")  # fmt: skip
 
 
 def _trial_dir(opts: TuneOptions, number: int) -> Path:
@@ -179,12 +206,16 @@ def _open_study(name: str, url: str, default: Path | None = None):
             raise ValueError(
                 "in memory: lost when the command ends; name a file, e.g. sqlite:///study.db"
             )
+        if parsed.get_backend_name() == "sqlite":  # SQLite opens it read-only, then every write
+            db = Path(parsed.database)  # fails; its journal goes into the folder
+            for path in (db, db.parent):
+                if path.exists() and not os.access(path, os.W_OK):
+                    raise PermissionError(f"{path} is read-only")
         with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
             warnings.simplefilter("ignore", ExperimentalWarning)
             retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
-            storage = RDBStorage(
-                url, heartbeat_interval=30, grace_period=90, heartbeat_stale_trial_callback=retry
-            )
+            storage = RDBStorage(url, heartbeat_interval=30, grace_period=GRACE_SECONDS,
+                                 heartbeat_stale_trial_callback=retry)  # fmt: skip
         study = optuna.create_study(
             study_name=name, storage=storage, direction="maximize", load_if_exists=True,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
@@ -194,6 +225,12 @@ def _open_study(name: str, url: str, default: Path | None = None):
         while exc.__cause__ is not None:  # optuna's wrapper says only "during the commit"
             exc = exc.__cause__
         why = first_line(exc)
+        if isinstance(exc, PermissionError) or "readonly" in why:  # SQLite's "...readonly database"
+            what = f"--out: its study database {default}" if default else f"--storage {url}: it"
+            raise UserError(
+                f"{what} cannot be written ({why}); make it writable, or choose another "
+                + ("--out" if default else "--storage")
+            ) from None
         if default:  # no --storage was given: the file is --out's, damaged or not a database
             raise UserError(
                 f"--out: its study database {default} cannot be opened ({why}); restore it, or "
@@ -244,13 +281,15 @@ def _trial(trial, base: TrainConfig, opts: TuneOptions, log) -> float:
     try:
         say = lambda s: log(f"  [trial {trial.number}] {s}")  # noqa: E731
         return train(config, run_dir, log=say, on_epoch=report).best_val_acc
-    except Interrupted as exc:
-        # its settings go first when the study continues (train's --resume hint does not)
+    except (Interrupted, SystemExit) as exc:  # SystemExit: SIGTERM before training took it
+        # its settings go first when the study continues (train's --resume hint does not); an
+        # Interrupted fails the trial (a SystemExit passed optuna by and left it RUNNING)
         trial.study.enqueue_trial(trial.params)
+        kept = f" ({run_dir} kept)" if run_dir.exists() else ""
         raise Interrupted(
-            f"stopped during trial {trial.number} ({run_dir} kept); run the same tune command "
-            "to continue the study: the stopped trial runs again under a new number",
-            exc.exit_code,
+            f"stopped during trial {trial.number}{kept}; run the same tune command to continue "
+            "the study: the stopped trial runs again under a new number",
+            getattr(exc, "exit_code", 143),
         ) from None
     except RunDirTaken:  # not resumable: a trial continues under a new number
         raise _taken(opts, run_dir) from None
