@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from cifarlab.budget import Timings, final_images, plan_steps
+from cifarlab.budget import MIN_STEP_SECONDS, Timings, final_images, plan_steps
 from cifarlab.checkpoint import load_checkpoint
 from cifarlab.config import (
     TrainConfig,
@@ -42,6 +42,14 @@ def test_a_week_of_sub_second_epochs_is_planned_to_its_end():
         assert plan_steps(0.01, 0.1, 3000.0, 20, 5.0, later, first) == _every_length(
             0.01, 0.1, 3000.0, 20, 5.0, later or 0.01, first or (lambda e: 20 * e)
         )
+
+
+@pytest.mark.parametrize("step", [0.0, 1e-12])
+def test_a_step_timed_at_zero_plans_a_bounded_run_not_a_division_by_zero(step):
+    """A coarse timer reads a fast step as 0 s: it divided by zero, or planned ~1e13 steps."""
+    for per_epoch in (0.0, 0.1):  # an evaluated image timed at 0 s too, or not
+        steps = plan_steps(step, per_epoch, 60.0, 10, 0.0)
+        assert 1 <= steps <= 60.0 / MIN_STEP_SECONDS
 
 
 def _every_length(step, per_epoch, seconds, steps_per_epoch, final, later, first):

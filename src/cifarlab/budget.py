@@ -111,6 +111,11 @@ def _step_seconds(run, batches, global_step: int) -> float:
     return time.perf_counter() - t0
 
 
+# the least a step is taken to cost: a coarse timer reads 0 s, which divided by zero or planned
+# without end; a step's forward, backward and update launch dozens of kernels, each microseconds
+MIN_STEP_SECONDS = 1e-4
+
+
 def plan_steps(
     step: float, per_epoch: float, seconds_left: float, steps_per_epoch: int, final: float,
     later: float | None = None, first_steps=None,
@@ -119,7 +124,7 @@ def plan_steps(
     (validation, saving) and the `final` passes fit in `seconds_left`; at least one. A step
     takes `step` seconds, or `later` seconds after the first `first_steps(epochs)` steps of a
     run of that many epochs (by default all steps take `step`)."""
-    later = later or step
+    step, later = max(step, MIN_STEP_SECONDS), max(later or step, MIN_STEP_SECONDS)
 
     def fit(epochs: int) -> int:  # the most steps of a run `epochs` long that fit, up to its all
         room = seconds_left - final - epochs * per_epoch
