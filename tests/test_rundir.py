@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -236,9 +237,57 @@ def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write_in_the
         (temp_folder(tmp_path / "eval-val") / "x.png").write_bytes(b"whole")
         live.kill()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f".eval-val.{os.getpid()}.tmp",  # this process's own, being built
+        f".eval-val.{os.getpid()}-{threading.get_native_id()}.tmp",  # this process's own
         f".last.{live.pid}.tmp.pt",
         ".last.999.tmp.bak",
         ".notes.2024.tmp",
         "last.pt",
     ]
+
+
+def test_two_threads_writing_one_target_keep_temporaries_of_their_own(tmp_path):
+    """Temporaries were named by the process id alone: a second thread's `temp_folder` removed
+    the first's folder mid-write, and its `replaced_when_complete` the first's file (two
+    `evaluate` calls of the API into one folder, from threads)."""
+    from cifarlab.rundir import replaced_when_complete, temp_folder
+
+    def other_thread(work):
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+
+    def write_file():
+        with replaced_when_complete(tmp_path / "report.json") as tmp:
+            tmp.write_text("other thread")
+
+    part = temp_folder(tmp_path / "eval-val")
+    (part / "report.json").write_text("this thread")
+    other_thread(lambda: (temp_folder(tmp_path / "eval-val") / "report.json").write_text("other"))
+    assert (part / "report.json").read_text() == "this thread"
+    with replaced_when_complete(tmp_path / "report.json") as tmp:
+        tmp.write_text("this thread")
+        other_thread(write_file)
+    assert (tmp_path / "report.json").read_text() == "this thread"
+
+
+def test_a_reports_files_are_on_disk_before_its_last_file_names_it_complete(tmp_path, monkeypatch):
+    """evaluate writes per_class.csv, predictions.csv and report.json plainly, then moves them in
+    with report.json last; they were not synced, so after a power cut report.json (or a file
+    beside it) could be empty though the folder read as a complete report."""
+    from cifarlab.rundir import moved_in_when_complete, temp_folder
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(os.fstat(fd).st_ino) or real_fsync(fd)
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: events.append((os.stat(a).st_ino, b)) or real_replace(a, b)
+    )
+    out = tmp_path / "eval-val"
+    with moved_in_when_complete(temp_folder(out), out, "report.json") as part:
+        for name in ("per_class.csv", "predictions.csv", "report.json"):
+            (part / name).write_text(name)
+    moves = [(i, e) for i, e in enumerate(events) if isinstance(e, tuple)]
+    assert [Path(b).name for _, (_, b) in moves][-1] == "report.json" and len(moves) == 3
+    for i, (inode, _) in moves:
+        assert inode in events[:i]

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -363,11 +364,7 @@ def replaced_when_complete(path: Path, exclusive: bool = False) -> Iterator[Path
     remove_dead_temps(path)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)  # its data on disk before the name points at it
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)  # its data on disk before the name points at it
         if exclusive:
             _link(tmp, path)
         else:
@@ -378,8 +375,11 @@ def replaced_when_complete(path: Path, exclusive: bool = False) -> Iterator[Path
 
 
 def _temp_path(path: Path) -> Path:
-    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit
-    return path.with_name(f".{path.stem[:64]}.{os.getpid()}.tmp{path.suffix[:16]}")
+    # suffix last (torch.export.save wants .pt2); stem cut to stay within the name length limit;
+    # the thread's id too: two threads of one process (API calls) writing one target must not
+    # share (or remove) one temporary
+    ids = f"{os.getpid()}-{threading.get_native_id()}"
+    return path.with_name(f".{path.stem[:64]}.{ids}.tmp{path.suffix[:16]}")
 
 
 # A temporary file or folder untouched this long has no writer at work on it, on this machine or
@@ -392,7 +392,7 @@ def temp_folder(path: Path) -> Path:
     temporary files, so that one a killed process left is removed by a later build of `path`."""
     remove_dead_temps(path)
     tmp = _temp_path(path)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of this pid
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process (or thread) of these ids
     tmp.mkdir()
     return tmp
 
@@ -411,6 +411,7 @@ def moved_in_when_complete(
             (out / name).unlink(missing_ok=True)
         fsync_dir(out)  # no new file named before every old one is gone
         for f in sorted(part.iterdir(), key=lambda f: f.name == last):
+            fsync_file(f)  # on disk before `last` can name the set complete
             os.replace(f, out / f.name)
         fsync_dir(out)
     finally:
@@ -423,9 +424,8 @@ def remove_dead_temps(path: Path) -> None:
     this, each kill mid-write left one for good, a checkpoint's size for `last.pt`."""
     if os.name == "nt":  # os.kill(pid, 0) would end the process there
         return
-    name = re.compile(
-        re.escape(f".{path.stem[:64]}.") + r"(\d{1,7})" + re.escape(f".tmp{path.suffix[:16]}")
-    )
+    ids = r"(\d{1,7})(?:-\d{1,10})?"  # the pid, then the thread's id
+    name = re.compile(re.escape(f".{path.stem[:64]}.") + ids + re.escape(f".tmp{path.suffix[:16]}"))
     try:
         found = [(e, m) for e in path.parent.iterdir() if (m := name.fullmatch(e.name))]
     except OSError:
@@ -461,12 +461,16 @@ def _link(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def fsync_file(path: Path) -> None:
+    """Put `path`'s data on disk (before a rename makes it count)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside `folder` durable (Windows cannot open a folder, nor needs to)."""
-    if os.name == "nt":
-        return
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if os.name != "nt":
+        fsync_file(folder)
