@@ -77,7 +77,7 @@ def _remove_stale(root: Path, key: str) -> None:
     `load` marks each file it reads as used."""
     fmt, source = key.split("-")[:2]
     for old in [*root.glob("arrays/*"), *root.glob("extracted/*")]:
-        name = old.name.lstrip(".")  # a temporary file: .<key>.<pid>.tmp.npz
+        name = old.name.lstrip(".")  # a temporary file: .<key>.<pid>-<tid>.tmp.npz
         with contextlib.suppress(OSError):  # gone meanwhile: another process removed it
             if name.startswith(f"{fmt}-"):
                 stale = name.startswith(f"{fmt}-{source}-") and name.split(".")[0] != key
