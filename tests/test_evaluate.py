@@ -371,9 +371,10 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
 
 
 def test_a_val_size_0_run_with_a_val_folder_is_scored_on_it_by_default_in_cli_and_api(
-    tmp_path, capsys
+    tmp_path, capsys, monkeypatch
 ):
     import cifarlab
+    import cifarlab.data.cache as cache
 
     data = _pngs(tmp_path / "src" / "train", per_class=10).parent
     _pngs(data / "val", per_class=3, seed=1)
@@ -381,14 +382,19 @@ def test_a_val_size_0_run_with_a_val_folder_is_scored_on_it_by_default_in_cli_an
     config = make_config(data=str(data), data_root=str(tmp_path / "cache"), epochs=1,
                          batch_size=8, val_size=0)  # fmt: skip
     train(config, tmp_path / "run", log=lambda s: None)
+    reads, load = [], cache.load
+    monkeypatch.setattr(cache, "load", lambda *a: reads.append(a) or load(*a))
     assert main(["evaluate", str(tmp_path / "run")]) == 0  # it scored test
     report = json.loads((tmp_path / "run" / "eval-val" / "report.json").read_text())
     assert (report["split"], report["num_images"]) == ("val", 6)
+    assert len(reads) == 1  # the data read once: it also told whether the run had a val/ folder
     api = cifarlab.evaluate_model(tmp_path / "run", out=tmp_path / "api", log=None)
     assert (api["split"], api["num_images"]) == ("val", 6)
     shutil.rmtree(data / "val")  # decided from the data, as the run drew its splits
+    reads.clear()
     api = cifarlab.evaluate_model(tmp_path / "run", out=tmp_path / "api2", log=None)
     assert (api["split"], api["num_images"]) == ("test", 8)  # the API refused: no val split
+    assert len(reads) == 1
 
 
 def test_the_runs_own_val_split_is_refused_once_its_data_changed(tmp_path):

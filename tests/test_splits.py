@@ -77,19 +77,49 @@ def test_val_folder_beside_train_is_the_val_split_and_val_size_is_ignored(
     assert np.bincount(splits.val.labels).tolist() == [3, 3]
 
 
-def test_the_default_split_is_val_wherever_the_run_had_one_held_out_or_a_val_folder(
-    tmp_path, data_root
+@pytest.mark.parametrize(
+    ("val_size", "val_folder", "asked", "scored"),
+    [
+        (2, False, None, ("val", 2)),  # held out of train/
+        (2, True, None, ("val", 6)),  # its val/ folder: val_size not used
+        (0, True, None, ("val", 6)),
+        (0, False, None, ("test", 4)),  # no validation split: test
+        (0, True, "test", ("test", 4)),  # --split as asked
+        (0, False, "val", ("val", 0)),  # evaluate then says it has none
+    ],
+)
+def test_the_default_split_is_val_wherever_the_run_had_one_and_the_data_is_read_once(
+    tmp_path, data_root, monkeypatch, val_size, val_folder, asked, scored
 ):
+    import cifarlab.data.cache as cache
+    from cifarlab.eval_set import load_eval_set
+
     src = _pngs(tmp_path / "d" / "train", per_class=4).parent
     _pngs(src / "test", per_class=2, seed=2)
+    if val_folder:
+        _pngs(src / "val", per_class=3, seed=1)
+    config = make_config(data=str(src), data_root=str(data_root), val_size=val_size)
+    load_source(str(src), data_root, 32)  # cached: every read of it after this is a cache.load
+    reads, load = [], cache.load
+    monkeypatch.setattr(cache, "load", lambda *a: reads.append(a) or load(*a))
+    ckpt = {"config": config.to_dict(), "classes": ["cat", "dog"]}
+    data, _, split = load_eval_set(ckpt, "run", split=asked)
+    assert (split, len(data)) == scored
+    assert len(reads) == 1  # the split is chosen from the data it then scores
+    assert asked or default_split(config, val_folder) == split
 
-    def split(val_size: int) -> str:
-        return default_split(make_config(data=str(src), data_root=str(data_root), val_size=val_size))  # fmt: skip
 
-    assert (split(0), split(2)) == ("test", "val")
-    _pngs(src / "val", per_class=2, seed=1)
-    assert (split(0), split(2)) == ("val", "val")  # val_size 0 scored test: it has val/
-    assert default_split(make_config(data=str(tmp_path / "gone"), val_size=0)) == "test"
+def test_a_missing_test_split_points_to_val_only_where_the_run_had_one(tmp_path, data_root):
+    from cifarlab.eval_set import load_eval_set
+
+    src = _pngs(tmp_path / "d" / "train", per_class=4).parent
+    ckpt = {"config": make_config(data=str(src), data_root=str(data_root), val_size=0).to_dict(),
+            "classes": ["cat", "dog"]}  # fmt: skip
+    with pytest.raises(UserError, match=r"has no test split; pass --data .*folder$"):
+        load_eval_set(ckpt, "run", split=None)  # no val/ either: nothing to point to
+    _pngs(src / "val", per_class=3, seed=1)
+    with pytest.raises(UserError, match=r"has no test split; .*, or use --split val$"):
+        load_eval_set(ckpt, "run", split="test")
 
 
 def test_a_class_cut_by_subset_beside_a_val_folder_is_not_blamed_on_val_size(tmp_path, data_root):

@@ -484,11 +484,31 @@ def test_a_report_older_than_the_runs_end_is_scored_again(tmp_path):
 
     from cifarlab.suites import _skipped
 
-    run = SimpleNamespace(requires="", config=SimpleNamespace(val_size=10))
+    run = SimpleNamespace(requires="")
     (tmp_path / "eval-val").mkdir()
     (tmp_path / "eval-val" / "report.json").write_text("{}")  # an evaluate while it trained
     (tmp_path / "result.json").write_text("{}")
     os.utime(tmp_path / "eval-val" / "report.json", (1e9, 1e9))
-    assert _skipped(run, tmp_path) == ""  # trained on after that report: evaluated again
+    assert _skipped(run, tmp_path, "val") == ""  # trained on after that report: evaluated again
     (tmp_path / "eval-val" / "report.json").write_text("{}")
-    assert "finished earlier" in _skipped(run, tmp_path)
+    assert "finished earlier" in _skipped(run, tmp_path, "val")
+    assert _skipped(run, tmp_path, "test") == ""  # its report is eval-test/: none yet
+
+
+@pytest.mark.parametrize("val_folder", [True, False])
+def test_a_val_size_0_run_is_scored_on_its_datas_val_folder_if_any_and_then_skipped(
+    synthetic_images, tmp_path, val_folder
+):
+    data = shutil.copytree(synthetic_images, tmp_path / "data")
+    if val_folder:
+        write_synthetic_folder(data / "val", per_class=4)
+    (tmp_path / "s.yaml").write_text("runs:\n  - {name: plain, recipe: fast}\n")
+    overrides = {**TINY, "data": str(data), "data_root": str(tmp_path / "d"), "val_size": 0,
+                 "subset": 0, "batch_size": 12}  # fmt: skip
+    opts = SuiteOptions(tmp_path / "out", epochs=1, overrides=overrides)
+    run_suite(str(tmp_path / "s.yaml"), opts, log=lambda s: None)
+    split = "val" if val_folder else "test"
+    assert [p.name for p in (opts.out / "plain").glob("eval-*")] == [f"eval-{split}"]
+    messages = []
+    run_suite(str(tmp_path / "s.yaml"), opts, log=messages.append)
+    assert any("[plain] finished earlier" in m for m in messages), messages

@@ -34,7 +34,7 @@ def load_eval_set(
     """The images to score, labelled with the checkpoint's class indices, their source and the
     split scored. Another source in `data` is scored whole (`_other_data`), never carved by the
     run's subset or val_size; the run's own data gives its held-out split for "val", its test/
-    for "test"."""
+    for "test", and for None the `default_split` of the data as loaded."""
     way_out, no_data = WAYS_OUT[command]
     if data is None and "data" not in ckpt["config"]:  # the default would fill in cifar10
         raise UserError(f"checkpoint {where} has no config.data; {no_data}")
@@ -51,9 +51,12 @@ def load_eval_set(
         scored, split = _other_data(config, split, list(ckpt["classes"]), where)
         return scored, config.data, split
     # the run's own data, however spelt, gives its held-out split: whole, it holds training images
+    source = load_source(*_source_args(config), config.classes)  # read once: also says what None is
+    default = default_split(config, source.val is not None)
+    split = split or default
     if split == "val":
         try:
-            splits = load_splits(config)
+            splits = load_splits(config, source)
         except TooFewImages as exc:  # enough for the run's own config when it trained
             raise data_changed(where, f"{config.data}: {exc.detail}", way_out) from None
         # a split held out of changed data mixes in images the run trained on (in-sample scores
@@ -68,9 +71,9 @@ def load_eval_set(
             )
         scored = splits.val
     else:
-        scored = load_source(*_source_args(config), config.classes).test
+        scored = source.test
     if scored is None:
-        val = ", or use --split val" if default_split(config) == "val" else ""
+        val = ", or use --split val" if default == "val" else ""
         raise UserError(
             f"--split test: {config.data} has no test split; pass --data with another folder: "
             f"a <root>/test/<class>/ or plain <root>/<class>/ folder{val}"

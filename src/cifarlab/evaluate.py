@@ -7,7 +7,7 @@ import csv
 import math
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,6 @@ from cifarlab.config import TrainConfig, apply_overrides, expand, quoted_name, q
 from cifarlab.data import ImageSet
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import check_outside_images, printable
-from cifarlab.data.splits import default_split
 from cifarlab.errors import UserError
 from cifarlab.eval_set import load_eval_set, same_source
 from cifarlab.hardware import pick_device
@@ -34,7 +33,7 @@ from cifarlab.training_run import image_digests
 @dataclass
 class EvalOptions:
     target: str  # run directory or checkpoint
-    split: str | None = None  # val | test; None: `default_split`, val where the run had one
+    split: str | None = None  # val | test; None: val where the run had one (`load_eval_set`)
     data: str | None = None  # another data source than the run's, scored whole (`_other_data`)
     tta: str = "none"  # none | flip | flip-translate, reported beside the plain figure
     ema: bool = False
@@ -120,8 +119,6 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     ckpt = load_checkpoint(ckpt_path)
     trained = apply_overrides(TrainConfig(), ckpt["config"], where=str(ckpt_path))
     own_data = opts.data is None or same_source(opts.data, trained.data)
-    if opts.split is None and own_data:  # another source's folders decide (`_other_data`)
-        opts = replace(opts, split=default_split(trained))
     classes = list(ckpt["classes"])
     unknown = [c for c in opts.classes or [] if c not in classes]
     if unknown:

@@ -238,6 +238,7 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.data.sources import check_outside_images
+    from cifarlab.data.splits import default_split
     from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.report.suite import write_suite_report
     from cifarlab.train import train
@@ -251,7 +252,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             config = apply_overrides(run.config, named, where="--seeds")
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
     jobs = [job for job in every if not only or job[0].name == only]
-    _refuse_unscored(jobs)
+    val_folders = _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
     for root, data in {(data_root(config), config.data) for _, _, config in jobs}:
@@ -263,7 +264,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
     for run, run_dir, config in jobs:
-        skipped = _skipped(run, run_dir)
+        skipped = _skipped(run, run_dir, default_split(config, val_folders.get(config.data, False)))
         if skipped:
             log(f"[{run_dir.name}] {skipped}")
             continue
@@ -312,29 +313,31 @@ def _only(suite: Suite, only: str | None) -> str | None:
     raise UserError(f"--only {only}: no such run in suite {suite.name}; runs: {', '.join(names)}")
 
 
-def _refuse_unscored(jobs: list) -> None:
-    """Runs without a validation split are compared on test, so their data must have one."""
+def _refuse_unscored(jobs: list) -> dict[str, bool]:
+    """Runs without a validation split are compared on test, so their data must have one.
+    Returns whether each such run's data has a val/ folder (then val is theirs after all)."""
     from cifarlab.data import load_splits
 
+    val_folders = {}
     for config in {c.data: c for _, _, c in jobs if not c.val_size}.values():
         splits = load_splits(config)
+        val_folders[config.data] = splits.val_folder
         if not len(splits.val) and splits.test is None:
             raise UserError(
                 f"--val-size 0: {config.data} has no test split, so the runs would have no "
                 "accuracy to compare; give --val-size N (e.g. 5000), or --data with a "
                 "test/<class>/ folder beside train/"
             )
+    return val_folders
 
 
-def _skipped(run: SuiteRun, run_dir: Path) -> str:
-    """Why a job does not train now ("" when it does)."""
-    from cifarlab.data.splits import default_split
-
+def _skipped(run: SuiteRun, run_dir: Path, split: str) -> str:
+    """Why a job does not train now ("" when it does); `split`: the one its report scores."""
     if run.requires:
         return f"cannot start: needs {run.requires}"
     if (run_dir / DIVERGED).is_file():  # the same config and seed would diverge again
         return f"diverged earlier ({run_dir / DIVERGED}), skipped"
-    report = run_dir / f"eval-{default_split(run.config)}" / "report.json"  # written last: complete
+    report = run_dir / f"eval-{split}" / "report.json"  # written last: complete
     result = run_dir / "result.json"
     # a report older than the run's end scored weights from before it (an evaluate mid-run)
     if result.is_file() and report.is_file() and report.stat().st_mtime >= result.stat().st_mtime:

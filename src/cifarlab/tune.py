@@ -167,11 +167,6 @@ def _say_elsewhere(done: list, opts: TuneOptions, log) -> None:
 
 def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
     """The config trials search around, checked before anything is stored; the folders made."""
-    if default_split(opts.base) == "test":  # val_size 0 and no val/ folder: nothing to select on
-        raise UserError(
-            f"tune selects trials on validation accuracy: {opts.base.data} has no val/ folder, "
-            "so --val-size must be > 0"
-        )
     if opts.base.time_budget:
         raise UserError(
             "tune runs every trial for a number of epochs (searched, or fixed by --epochs/--budget): "
@@ -181,6 +176,11 @@ def _checked_base(opts: TuneOptions) -> tuple[TrainConfig, list[Path]]:
         raise UserError("--trials must be >= 1")
     base = validate_config(opts.base, "command line")
     splits = load_splits(base)
+    if default_split(base, splits.val_folder) == "test":  # val_size 0, no val/: no selection
+        raise UserError(
+            f"tune selects trials on validation accuracy: {base.data} has no val/ folder, "
+            "so --val-size must be > 0"
+        )
     check_sizes(base, splits)
     if base.init_from:  # every trial would be refused
         from cifarlab.training_run import init_from_checkpoint

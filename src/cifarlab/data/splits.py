@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cifarlab.config import DATASETS, TrainConfig, data_root, expand, quoting_hint, split_seed
-from cifarlab.data.sources import ImageSet, load_source
+from cifarlab.config import TrainConfig, data_root, quoting_hint, split_seed
+from cifarlab.data.sources import ImageSet, SourceData, load_source
 from cifarlab.errors import TooFewImages, UserError
 
 
@@ -83,11 +83,13 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.round(6).tolist(), std.round(6).tolist()
 
 
-def load_splits(config: TrainConfig) -> Splits:
-    """Train, val and test of `config.data`, filtered to `config.classes`, train cut to `subset`;
-    val is the data's val/ folder if any (`val_size` ignored), else `val_size` held out of train."""
-    root = data_root(config)
-    source = load_source(config.data, root, config.image_size, config.on_bad_image, config.classes)
+def load_splits(config: TrainConfig, source: SourceData | None = None) -> Splits:
+    """Train, val and test of `config.data` (`source` where the caller loaded it already),
+    filtered to `config.classes`, train cut to `subset`; val is the data's val/ folder if any
+    (`val_size` ignored), else `val_size` held out of train."""
+    source = source or load_source(
+        config.data, data_root(config), config.image_size, config.on_bad_image, config.classes
+    )
     if source.train is None:
         raise UserError(
             f"--data {config.data}: no train/ folder beside test/ or val/; training and a held-out "
@@ -118,18 +120,11 @@ def load_splits(config: TrainConfig) -> Splits:
     return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
 
 
-def default_split(config: TrainConfig) -> str:
+def default_split(config: TrainConfig, val_folder: bool) -> str:
     """What `config`'s run is scored on unless told: "val" where it had a validation split, held
-    out (`val_size`) or its data's val/ folder (as `load_splits` draws it), else "test". Data
-    that is gone gives "test": the command scoring it then says so."""
-    if config.val_size:
-        return "val"
-    if config.data in DATASETS or not expand(config.data).exists():  # no val/ folder to find
-        return "test"
-    source = load_source(
-        config.data, data_root(config), config.image_size, config.on_bad_image, config.classes
-    )
-    return "test" if source.val is None else "val"
+    out (`val_size`) or its data's val/ folder (`val_folder`, from the data already loaded),
+    else "test"."""
+    return "val" if config.val_size or val_folder else "test"
 
 
 def check_sizes(config: TrainConfig, splits: Splits) -> None:
