@@ -251,6 +251,7 @@ def test_a_suite_stopped_mid_run_says_to_run_the_suite_again(tmp_path, monkeypat
                           f"cifarlab train --out {run_dir} --resume", 130)  # fmt: skip
 
     monkeypatch.setattr("cifarlab.train.train", stopped)
+    monkeypatch.setattr("cifarlab.suites._refuse_bad_data", lambda jobs: {})  # data "x"
     with pytest.raises(
         Interrupted,
         match=r"no-cutmix: stopped at epoch 1 step 3; saved .*last.pt; run the same suite",
@@ -269,6 +270,7 @@ def test_a_divergence_cut_short_while_recorded_leaves_no_diverged_txt(tmp_path, 
         raise TrainingFailed("diverged: non-finite loss at epoch 1 step 3; the last good ...")
 
     monkeypatch.setattr("cifarlab.train.train", diverges)
+    monkeypatch.setattr("cifarlab.suites._refuse_bad_data", lambda jobs: {})  # data "x"
     disk_full_midway(monkeypatch, "diverged")
     opts = SuiteOptions(tmp_path / "o", overrides={"data": "x"})
     with pytest.raises(OSError, match="No space left"):
@@ -453,6 +455,30 @@ def test_val_size_zero_on_data_without_a_test_split_is_refused_before_any_run_tr
     err = capsys.readouterr().err
     assert code == 2 and "no test split" in err and "--val-size" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--val-size", "36"], "val_size=36 leaves no training images out of 36"),
+        (["--subset", "30", "--val-size", "6", "--batch-size", "50"], "batch_size=50 is larger"),
+        (["--subset", "300", "--val-size", "6"], "subset=300 is larger than the 36"),
+        (["--val-size", "2"], "--val-size 2 holds out fewer images than the 3 classes"),
+        (["--data", "no-such-folder"], "no-such-folder: no such file or folder"),
+    ],
+)
+def test_data_too_small_or_missing_for_every_run_is_refused_before_the_suite_starts(
+    synthetic_images, tmp_path, capsys, flags, needle
+):
+    """A learner's --val-size, --subset or --data that no run can train with: one line and exit 2,
+    no --out (it was exit 1, each run "cannot start", a table of empty rows left in --out)."""
+    out = tmp_path / "o"
+    argv = ["suite", "exercise-2", "--data", str(synthetic_images), "--out", str(out)]
+    argv += ["--data-root", str(tmp_path / "d"), "--epochs", "1", "--batch-size", "8", *flags]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "cannot start" not in captured.out and not out.exists()
 
 
 def test_an_out_among_the_class_folders_is_refused_before_it_is_made(

@@ -252,13 +252,13 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
             config = apply_overrides(run.config, named, where="--seeds")
             every.append((run, _run_dir(opts.out, run, seed, opts.seeds), config))
     jobs = [job for job in every if not only or job[0].name == only]
-    val_folders = _refuse_unscored(jobs)
     for data in {config.data for _, _, config in jobs}:  # every run's folder would be refused
         check_outside_images(opts.out, data)
     for root, data in {(data_root(config), config.data) for _, _, config in jobs}:
         check_outside_images(root, data, "--data-root")  # every run's cache too
     check_not_a_run(opts.out, "a suite writes its runs and tables", f"{opts.out.resolve()}-suite")
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
+    val_folders = _refuse_bad_data(jobs)
     _adopt_renamed(every, opts.out)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
@@ -313,22 +313,51 @@ def _only(suite: Suite, only: str | None) -> str | None:
     raise UserError(f"--only {only}: no such run in suite {suite.name}; runs: {', '.join(names)}")
 
 
-def _refuse_unscored(jobs: list) -> dict[str, bool]:
-    """Runs without a validation split are compared on test, so their data must have one.
-    Returns whether each such run's data has a val/ folder (then val is theirs after all)."""
+def _refuse_bad_data(jobs: list) -> dict[str, bool]:
+    """Bad data on the command line (a missing --data, a --val-size or --subset larger than the
+    data, a batch larger than the training split) is refused before --out is made: when no run's
+    data would load, the suite is bad input, not a table of runs that "cannot start" (exit 1).
+    A problem of some runs only (a `classes` in one run's `set`) is said in their rows. Runs
+    without a validation split are compared on test, so their data must have one. Nothing is
+    refused for data that does not load when every run finished earlier: the tables are
+    written again from their files. Returns whether each run's data without --val-size has a
+    val/ folder (then val is theirs after all)."""
     from cifarlab.data import load_splits
+    from cifarlab.data.splits import check_sizes, default_split
 
-    val_folders = {}
-    for config in {c.data: c for _, _, c in jobs if not c.val_size}.values():
-        splits = load_splits(config)
-        val_folders[config.data] = splits.val_folder
+    errors, val_folders = [], {}
+    for config in {_data_key(c): c for _, _, c in jobs}.values():  # sizes do not depend on seeds
+        try:
+            splits = load_splits(config)
+        except UserError as exc:
+            errors.append(exc)
+            continue
+        if not config.val_size:
+            val_folders[config.data] = splits.val_folder
         if not len(splits.val) and splits.test is None:
             raise UserError(
                 f"--val-size 0: {config.data} has no test split, so the runs would have no "
                 "accuracy to compare; give --val-size N (e.g. 5000), or --data with a "
                 "test/<class>/ folder beside train/"
             )
+        try:
+            check_sizes(config, splits)
+        except UserError as exc:
+            errors.append(exc)
+    if not errors or len(errors) < len({_data_key(c) for _, _, c in jobs}):
+        return val_folders
+    split = lambda c: default_split(c, val_folders.get(c.data, False))  # noqa: E731
+    if not all(_skipped(run, run_dir, split(c)) for run, run_dir, c in jobs):
+        raise errors[0]
     return val_folders
+
+
+def _data_key(config: TrainConfig) -> tuple:
+    """What `load_splits` and `check_sizes` read of a config, but the seed: a stratified split's
+    class counts are the same under every seed."""
+    classes = tuple(config.classes or ())
+    return (config.data, str(data_root(config)), config.image_size, config.on_bad_image, classes,
+            config.subset, config.val_size, config.batch_size)  # fmt: skip
 
 
 def _skipped(run: SuiteRun, run_dir: Path, split: str) -> str:
