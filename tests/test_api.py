@@ -50,8 +50,26 @@ def test_quickstart_example_trains_evaluates_and_classifies(
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     assert summary["classes"] == 10 and summary["classified"] == 3
     report = json.loads((tmp_path / "run" / "eval-val" / "report.json").read_text())
-    assert report["num_images"] == 50 and report["accuracy"] == summary["val_accuracy"]
-    assert (tmp_path / "run" / "eval-val" / "report.html").is_file()
+    assert report["num_images"] == 50 and report["accuracy"] == summary["accuracy"]
+    assert summary["split"] == "val" and (tmp_path / "run" / "eval-val" / "report.html").is_file()
+
+
+def test_quickstart_example_under_the_lessons_val_size_0_scores_the_test_split(
+    synthetic_images, tmp_path, monkeypatch, capsys
+):
+    """No validation split: the example reports test accuracy (it asked for split="val" and
+    ended in a UserError traceback after training)."""
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "data-root"))
+    summary = _quickstart().main(
+        ["--data", str(synthetic_images), "--out", str(tmp_path / "run"), "--epochs", "1",
+         "--val-size", "0", "--set", "width=0.25", "--set", "batch_size=12"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "epoch 1: train loss" in printed and "test acc" in printed and "nan" not in printed
+    report = json.loads((tmp_path / "run" / "eval-test" / "report.json").read_text())
+    assert summary["split"] == "test" and report["num_images"] == 12
+    assert summary["accuracy"] == report["accuracy"] == pytest.approx(summary["test_acc"])
+    assert summary["best_val_acc"] is None and summary["classified"] == 3
 
 
 def test_import_cifarlab_loads_torch_only_when_the_api_is_used():
