@@ -238,3 +238,26 @@ def test_odd_class_names_are_selected_by_a_csv_quoted_list(tmp_path, data_root):
         load_splits(unquoted)
     with pytest.raises(UserError, match="must be names"):
         make_config(classes='"a,b, c')
+
+
+def test_split_folders_named_in_any_case_are_the_splits_not_classes(tmp_path, data_root):
+    """`Train/` and `Test/` alone were read as two classes, Train and Test; `test` beside
+    `train/` in another case, or `validation/`, was never read."""
+    src = tmp_path / "d"
+    _folder(src / "Train", per_class=4)
+    _folder(src / "TEST", per_class=2)
+    _folder(src / "validation", per_class=1)
+    data = load_source(str(src), data_root, 8)
+    assert data.train.classes == ["cat", "dog"] and len(data.train) == 8
+    assert len(data.test) == 4 and len(data.val) == 2 and not data.plain
+
+
+@pytest.mark.parametrize(("near", "name"), [("testing", "test/"), ("Training", "train/")])
+def test_a_folder_named_like_a_split_but_none_is_refused_naming_the_split(
+    tmp_path, data_root, near, name
+):
+    src = tmp_path / "d"
+    _folder(src / "train")
+    _folder(src / near)
+    with pytest.raises(UserError, match=f"{near}: not a split folder .*rename it {name}"):
+        load_source(str(src), data_root, 8)

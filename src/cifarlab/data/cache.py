@@ -1,6 +1,6 @@
 """The decoded-array cache: one .npz per (source files, image size), checked as it is read;
 reading it back is tens of times faster than decoding the images again. Its names begin with
-the FORMAT (`v8-...`), so installs of different cifarlab versions sharing one --data-root each
+the FORMAT (`v9-...`), so installs of different cifarlab versions sharing one --data-root each
 keep their own files beside the other's instead of rebuilding them over each other in turn."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
 from cifarlab.rundir import replaced_when_complete
 
-FORMAT = 8  # raised whenever the cached layout, the decoding or the key changes
+FORMAT = 9  # raised whenever the cached layout, the decoding (which folders are splits) or the key changes
 UNUSED_S = 30 * 86400  # another FORMAT's file read by no install for this long is removed
 
 

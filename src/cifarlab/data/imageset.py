@@ -41,6 +41,6 @@ class SourceData:
     train: ImageSet | None  # None for a folder holding only test/ (or val/): scored, not trained on
     test: ImageSet | None
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images left out
-    # a val/ or valid/ folder beside train/: the validation split instead of a held-out slice
+    # a val/, valid/ or validation/ folder beside train/: the validation split instead of a held-out slice
     val: ImageSet | None = None
     plain: bool = False  # a plain `<class>/` folder: `train` is all of one labelled set

@@ -157,15 +157,30 @@ def _text(name) -> str:
 # --- class folders and archives --------------------------------------------------------------
 
 
-SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+# Named like a split folder but none of them: beside train/ nothing read them, and `Training/`
+# with `Testing/` alone trained a two-class model. Each maps to the name to give it.
+NEAR_SPLITS = {"training": "train/", "testing": "test/", "tests": "test/", "eval": "val/ or test/",
+               "evaluation": "val/ or test/", "validate": "val/"}  # fmt: skip
 DOCS = {"README", "LICENSE", "LICENCE"}
 DOC_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml"}
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
+    """`root`'s split folders, named in any case (`Test/`, as Windows or macOS may spell it: read
+    as a class called Test beside Train, or not at all beside train/); a folder named like a
+    split but none of them (`testing/`) is refused, naming the name to give it."""
     found = {}
+    folders = sorted(p for p in _visible(root) if p.is_dir())
+    near = [p for p in folders if p.name.lower() in NEAR_SPLITS]
+    if near:
+        raise UserError(
+            f"{near[0]}: not a split folder cifarlab reads; rename it "
+            f"{NEAR_SPLITS[near[0].name.lower()]} (split folders: train/, val/ or valid/ or "
+            "validation/, test/; any case)"
+        )
     for split, names in SPLIT_FOLDERS.items():
-        dirs = [root / n for n in names if (root / n).is_dir()]
+        dirs = [p for p in folders if p.name.lower() in names]
         if len(dirs) > 1:
             raise UserError(
                 f"{root}: both {' and '.join(d.name + '/' for d in dirs)} hold {split} images; keep one"
