@@ -166,15 +166,15 @@ def test_the_plan_is_corrected_once_after_the_first_epoch_past_half_the_budget(m
     clock = [400.0]
     monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
     said = []
-    assert plan.correct(run, 3, 2.0, 0.1, 1.0, said.append) is None  # before half the budget
+    assert plan.correct(run, 40, 2.0, 0.001, 1.0, said.append) is None  # before half the budget
     clock[0] = 500.0  # 5 epochs took 500 s, the last at 8 s a step: slower than planned
-    corrected = plan.correct(run, 4, 8.0, 0.1, 1.0, said.append)
+    corrected = plan.correct(run, 50, 8.0, 0.001, 1.0, said.append)
     final = 0.001 * budget.final_images(config, 100, 0)
     assert corrected.train_steps == 50 + budget.plan_steps(8.0, 1.0, 400.0, 10, final) < 180
     assert corrected.epochs == -(-corrected.train_steps // 10)
     assert said[0].startswith("time budget: epoch 5 ran at 8.000 s/step")
     clock[0] = 700.0
-    assert plan.correct(run, 6, 4.0, 0.1, 1.0, said.append) is None  # once only
+    assert plan.correct(run, 70, 4.0, 0.001, 1.0, said.append) is None  # once only
 
 
 def test_the_plan_is_not_corrected_on_an_epoch_before_the_pace_settles(monkeypatch):
@@ -193,9 +193,9 @@ def test_the_plan_is_not_corrected_on_an_epoch_before_the_pace_settles(monkeypat
     plan = budget.Plan(900.0, started=0.0, n_test=0)
     clock = [500.0]
     monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
-    assert plan.correct(run, settle - 1, 8.0, 0.1, 1.0, lambda s: None) is None
+    assert plan.correct(run, settle * 10, 8.0, 0.001, 1.0, lambda s: None) is None
     clock[0] = 600.0
-    assert plan.correct(run, settle, 8.0, 0.1, 1.0, lambda s: None) is not None
+    assert plan.correct(run, settle * 10 + 10, 8.0, 0.001, 1.0, lambda s: None) is not None
 
 
 def test_a_plan_far_shorter_than_the_budget_is_corrected_halfway_through_itself(monkeypatch):
@@ -208,9 +208,9 @@ def test_a_plan_far_shorter_than_the_budget_is_corrected_halfway_through_itself(
     plan = budget.Plan(900.0, started=0.0, n_test=0, planned_end=200.0)  # a probe slowed 4x
     clock = [90.0]
     monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
-    assert plan.correct(run, 2, 0.5, 0.1, 1.0, lambda s: None) is None  # before half the plan
+    assert plan.correct(run, 30, 0.5, 0.001, 1.0, lambda s: None) is None  # before half the plan
     clock[0] = 120.0  # 4 epochs in 120 s, at 0.5 s a step: the rest of the budget fits more
-    corrected = plan.correct(run, 3, 0.5, 0.1, 1.0, lambda s: None)
+    corrected = plan.correct(run, 40, 0.5, 0.001, 1.0, lambda s: None)
     assert corrected is not None and corrected.train_steps > 80 * 5
 
 
@@ -438,6 +438,67 @@ def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time
     assert not any("; trying " in m for m in messages), messages
     assert any("at width 1; kept, as timing a narrower one" in m for m in messages), messages
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["width_halvings"] == 0
+
+
+def test_a_run_ending_within_its_epoch_is_corrected_on_the_steps_it_has_taken(monkeypatch):
+    import types
+
+    import cifarlab.budget as budget
+
+    config = with_steps(make_config(epochs=1, time_budget=120.0, tta="none"), 60, 100)
+    run = types.SimpleNamespace(config=config, batches=[None] * 100, val_labels=[0] * 100)
+    plan = budget.Plan(120.0, started=0.0, n_test=0, planned_end=110.0, val_image=0.001)
+    clock = [50.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    assert not plan.due(run, 30)  # before half the plan
+    clock[0] = 60.0
+    assert plan.due(run, 30) and not plan.due(run, 2)  # two steps are too few to time
+    longer = types.SimpleNamespace(config=with_steps(config, 160, 100), batches=run.batches)
+    assert not plan.due(longer, 30)  # an epoch's end comes first and corrects there
+    said = []  # 30 steps at 0.3 s each, far faster than planned: the rest fits over 2 epochs
+    corrected = plan.correct(run, 30, 0.3, 0.001, 0.1, said.append)
+    final = 0.001 * budget.final_images(config, 100, 0)
+    assert corrected.train_steps == budget.plan_steps(0.3, 0.1, 60.0 + 30 * 0.3, 100, final)
+    assert corrected.train_steps > 200 and corrected.epochs == 3
+    assert said[0].startswith("time budget: 30 steps of epoch 1 ran at 0.300 s/step")
+    assert not plan.due(run, 40)  # once only
+
+
+def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_crash(
+    synthetic_images, tmp_path, monkeypatch
+):
+    import cifarlab.budget as budget
+
+    class Killed(BaseException):
+        pass
+
+    real_fit = budget.fit_to_budget
+
+    def fit_late(run, started, log, at_least=0.0):  # a plan whose budget is all but spent
+        plan = real_fit(run, started, log, at_least)
+        plan.started -= plan.time_budget
+        return plan
+
+    def killed_once(config, path):
+        if config.train_steps == 3 and not killed:
+            killed.append(path)
+            raise Killed  # after last.pt, before config.yaml
+        save_config(config, path)
+
+    killed, said = [], []
+    monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=1.5, val_image=0.001))
+    monkeypatch.setattr("cifarlab.train.fit_to_budget", fit_late)
+    monkeypatch.setattr("cifarlab.train.save_config", killed_once)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=10, batch_size=2, val_size=6, time_budget=20.0)  # fmt: skip
+    with pytest.raises(Killed):
+        train(config, tmp_path / "run", log=said.append)
+    assert any(s.startswith("time budget: 3 steps of epoch 1 ran at") for s in said), said
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (ckpt["epoch"], ckpt["next_step"], ckpt["config"]["train_steps"]) == (0, 3, 3)
+    result = train(config, tmp_path / "run", resume=True, log=lambda s: None)
+    assert result.epochs == 1 and len(result.history) == 1
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 3
 
 
 def test_a_crash_between_a_corrections_checkpoint_and_its_config_yaml_resumes(

@@ -174,36 +174,51 @@ class Plan:
     """A budgeted run's length, corrected once to the pace of the first epoch that ends past
     half the budget or half the planned run, whichever comes first, and runs at the pace the
     rest will (`settling_epoch` or later): a machine's pace drifts over a long run, and a probe
-    slowed by other work plans a run that would end long before the budget."""
+    slowed by other work plans a run that would end long before the budget. A run whose last
+    epoch starts before that point is corrected within it, on the steps it has taken."""
 
     time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
     n_test: int
     planned_end: float = math.inf  # seconds after `started` the plan expects the run to end
     corrected: bool = False
+    val_image: float = 0.0  # the probe's seconds per evaluated image, for a mid-epoch correction
 
-    def correct(self, run, epoch: int, step: float, val_seconds: float, per_epoch: float,
+    def due(self, run, done: int) -> bool:
+        """Whether to correct after `done` steps in the middle of an epoch: the run ends in
+        this epoch, past half the budget or the planned run, without a correction so far."""
+        n = len(run.batches)
+        spent = time.perf_counter() - self.started
+        return (
+            not self.corrected and done % n >= 3 and total_steps(run.config, n) <= done - done % n + n
+            and spent >= min(self.time_budget, self.planned_end) / 2
+        )  # fmt: skip
+
+    def correct(self, run, done: int, step: float, val_image: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
-        """The first time past half the budget or the planned run, the config whose remaining
-        steps fit the time left; else None (the plan stands within a step, or the run ends)."""
+        """The first time past half the budget or the planned run, after `done` steps at `step`
+        seconds each, the config whose remaining steps fit the time left (each epoch's end
+        costing `per_epoch` seconds, an evaluated image `val_image`); else None (the plan
+        stands within a step, or the run ends)."""
         spent = time.perf_counter() - self.started
         if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
             return None
-        if epoch < settling_epoch(run.config):  # its steps cost other than the rest will
+        c, n = run.config, len(run.batches)
+        if (done - 1) // n < settling_epoch(c):  # its steps cost other than the rest will
             return None
         self.corrected = True
-        c, n = run.config, len(run.batches)
-        done, total, n_val = (epoch + 1) * n, total_steps(c, n), len(run.val_labels)
+        epoch, into = divmod(done, n)
+        total, n_val = total_steps(c, n), len(run.val_labels)
         if total <= done:
             return None
-        scored = n_val + self.n_test  # each epoch scores validation and test (a record)
-        val_image = val_seconds / scored if scored else 0.0
         final = val_image * final_images(c, n_val, self.n_test)
-        new_total = done + plan_steps(step, per_epoch, self.time_budget - spent, n, final)
+        left = self.time_budget - spent + into * step  # from the start of the current epoch
+        new_total = max(done, done - into + plan_steps(step, per_epoch, left, n, final))
         if abs(new_total - total) <= 1:
             return None
+        ran = f"epoch {epoch}" if into == 0 else f"{into} steps of epoch {epoch + 1}"
         log(
-            f"time budget: epoch {epoch + 1} ran at {step:.3f} s/step; {new_total} steps instead "
+            f"time budget: {ran} ran at {step:.3f} s/step; {new_total} steps instead "
             f"of {total} ({new_total / n:.2f} epochs) end the run on time"
         )
         return dataclasses.replace(c, train_steps=new_total, epochs=math.ceil(new_total / n))
@@ -248,4 +263,5 @@ def fit_to_budget(run, started: float, log, at_least: float = 0.0) -> Plan | Non
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
     retarget(run, planned)
-    return Plan(c.time_budget, started, n_test, c.time_budget - left + expected)
+    return Plan(c.time_budget, started, n_test, c.time_budget - left + expected, False,
+                timings.val_image)  # fmt: skip

@@ -68,6 +68,7 @@ from cifarlab.training_run import (
     apply_freeze,
     build_run,
     checkpoint_state,
+    epoch_steps,
     restore,
     retarget,
     total_steps,
@@ -180,10 +181,12 @@ def train(
         tracker.start(run.config, history)  # resolved: input size, precision, length
         while epoch < run.config.epochs:  # a time budget's correction may change the count
             t_epoch = time.perf_counter()
-            stats = train_one_epoch(run, epoch, step, stats, stop, saver, log)
+            stats = train_one_epoch(run, epoch, step, stats, stop, saver, log, plan)
             row = _end_epoch(run, epoch, stats, saver, log)
             if plan is not None:
-                _correct_plan(run, plan, epoch, stats, row, t_epoch, saver, log)
+                ended = (row["seconds"], time.perf_counter() - t_epoch)
+                steps = epoch_steps(run.config, len(run.batches), epoch)
+                _correct_plan(run, plan, epoch, steps, stats, saver, log, ended)
             history.append(row)
             tracker.log_epoch(row)
             step, stats, epoch = 0, EpochStats(), epoch + 1
@@ -246,24 +249,31 @@ def _fit_to_budget(
 
 
 def _correct_plan(
-    run, plan, epoch: int, stats: EpochStats, row: dict, t_epoch: float, saver, log
-) -> None:
-    """`Plan.correct` after `epoch`: a changed length goes to the run, last.pt and config.yaml.
+    run, plan, epoch: int, steps: int, stats: EpochStats, saver, log,
+    ended: tuple[float, float] | None = None,
+) -> None:  # fmt: skip
+    """`Plan.correct` after `steps` steps of `epoch`: at its end, `ended` = (seconds when its
+    evaluation ended, when it was saved) after it started, or within the run's last epoch
+    (the probe's evaluation cost). A changed length goes to the run, last.pt and config.yaml.
     The old config.yaml is removed first: a crash before the new one is written leaves none,
     which `--resume` reads as last.pt's config, not a stale one it would take for an edit."""
-    seconds, n = time.perf_counter() - t_epoch, len(run.batches)
-    steps = min(n, total_steps(run.config, n) - epoch * n)
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
-    val_seconds = row["seconds"] - stats.seconds
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
-    corrected = plan.correct(run, epoch, pace, val_seconds, seconds - stats.seconds, log)
+    scored = len(run.val_labels) + plan.n_test  # each epoch scores validation and test
+    val_image, per_epoch = plan.val_image, plan.val_image * scored
+    if ended is not None:
+        per_epoch = ended[1] - stats.seconds
+        val_image = (ended[0] - stats.seconds) / scored if scored else 0.0
+    done = epoch * len(run.batches) + steps
+    corrected = plan.correct(run, done, pace, val_image, per_epoch, log)
     if corrected is None:
         return
     retarget(run, corrected)
     if run.dist.main:
         (saver.run_dir / "config.yaml").unlink(missing_ok=True)
-    saver.save(checkpoint_state(run, epoch + 1), end_of_epoch=False)
+    at = (epoch + 1, 0, None) if ended is not None else (epoch, steps, dataclasses.asdict(stats))
+    saver.save(checkpoint_state(run, *at), end_of_epoch=False)
     if run.dist.main:
         save_config(run.config, saver.run_dir / "config.yaml")
 
@@ -401,10 +411,10 @@ def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
 
 
 def train_one_epoch(
-    run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log
+    run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log, plan=None
 ) -> EpochStats:
     c, n = run.config, len(run.batches)
-    last_step = min(n, total_steps(c, n) - epoch * n)  # a step-limited run ends mid-epoch
+    last_step = epoch_steps(c, n, epoch)  # a step-limited run ends mid-epoch
     run.model.train()
     apply_freeze(run, epoch, log)
     if stats.lr is None:  # the schedule's lr, whatever the first group's multiplier
@@ -420,8 +430,11 @@ def train_one_epoch(
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
-    batches = itertools.islice(run.batches.epoch(epoch, start_step), max(0, last_step - start_step))
-    for step, (x, y, rand) in enumerate(batches, start=start_step):
+    batches = run.batches.epoch(epoch, start_step)
+    for step in itertools.count(start_step):
+        if step >= last_step:  # a time budget's correction may move it
+            break
+        x, y, rand = next(batches)
         loss, logits = train_step(run, x, y, rand)
         checked = (step + 1) % check_every == 0 or step == last_step - 1
         why = _diverging(run, loss) if checked else ""
@@ -449,8 +462,12 @@ def train_one_epoch(
         if stop.received is not None or save_now:
             _sync(stats, loss_sum, correct, t0)
             _save_mid_epoch(run, epoch, step + 1, stats, saver, stop, bar)
+        if plan is not None and plan.due(run, epoch * n + step + 1):
+            _sync(stats, loss_sum, correct, t0)
+            _correct_plan(run, plan, epoch, step + 1, stats, saver, log)
+            last_step = epoch_steps(run.config, n, epoch)
     bar.close()
-    if epoch == c.epochs - 1:
+    if epoch == run.config.epochs - 1:
         phases.mark("last step done")
     _sync(stats, loss_sum, correct, t0)
     stats.loss_sum, stats.correct, stats.seen = all_sum(

@@ -192,6 +192,11 @@ def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return config.train_steps or config.epochs * steps_per_epoch
 
 
+def epoch_steps(config: TrainConfig, steps_per_epoch: int, epoch: int) -> int:
+    """The steps `epoch` takes: all, or fewer where the run's steps end in it."""
+    return min(steps_per_epoch, total_steps(config, steps_per_epoch) - epoch * steps_per_epoch)
+
+
 def resolve_input_size(config: TrainConfig, device: torch.device, log) -> TrainConfig:
     """`stem: imagenet` with `input_size: 0` means 224 on CUDA, 64 on the CPU (224 is ~12x slower)."""
     if config.stem != "imagenet" or config.input_size:
