@@ -186,11 +186,13 @@ class Plan:
 
     def due(self, run, done: int) -> bool:
         """Whether to correct after `done` steps in the middle of an epoch: the run ends in
-        this epoch, past half the budget or the planned run, without a correction so far."""
-        n = len(run.batches)
+        this epoch, past half the budget or the planned run, at the settled pace, not compiled
+        (compilation is not the pace), without a correction so far."""
+        c, n = run.config, len(run.batches)
         spent = time.perf_counter() - self.started
         return (
-            not self.corrected and done % n >= 3 and total_steps(run.config, n) <= done - done % n + n
+            not self.corrected and not c.compile and done % n >= 3
+            and total_steps(c, n) <= done - done % n + n and done // n >= settling_epoch(c)
             and spent >= min(self.time_budget, self.planned_end) / 2
         )  # fmt: skip
 
