@@ -456,7 +456,9 @@ def test_a_run_ending_within_its_epoch_is_corrected_on_the_steps_it_has_taken(mo
     longer = types.SimpleNamespace(config=with_steps(config, 160, 100), batches=run.batches)
     assert not plan.due(longer, 30)  # an epoch's end comes first and corrects there
     for other in (dict(compile=True), dict(whitening=True, whiten_bias_epochs=1)):
-        unsettled = types.SimpleNamespace(config=dataclasses.replace(config, **other), batches=run.batches)
+        unsettled = types.SimpleNamespace(
+            config=dataclasses.replace(config, **other), batches=run.batches
+        )
         assert not plan.due(unsettled, 30), other  # its pace is not the rest's: asked no more
     said = []  # 30 steps at 0.3 s each, far faster than planned: the rest fits over 2 epochs
     corrected = plan.correct(run, 30, 0.3, 0.001, 0.1, said.append)
