@@ -506,6 +506,41 @@ def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_crash(
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 3
 
 
+def test_a_correction_within_an_epoch_shows_the_new_epoch_count_on_the_progress_bar(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """The bar said "epoch 1/1" for the rest of an epoch whose correction made the run 2 long."""
+    from tqdm.auto import tqdm
+
+    import cifarlab.budget as budget
+
+    shown = []
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            shown.append(kwargs["desc"])
+
+        def set_description(self, desc=None, refresh=True):
+            shown.append(desc)
+
+    def correct(plan, run, done, *args):  # after 3 steps: 20 steps, 2 epochs of 15
+        if plan.corrected:
+            return None
+        plan.corrected = True
+        return dataclasses.replace(run.config, train_steps=20, epochs=2)
+
+    monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=1.5, val_image=0.001))
+    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done == 3)
+    monkeypatch.setattr(budget.Plan, "correct", correct)
+    monkeypatch.setattr("cifarlab.train.tqdm", Bar)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=10, batch_size=2, val_size=6, time_budget=20.0,
+                         on_nan="skip")  # fmt: skip
+    result = train(config, tmp_path / "run", log=lambda s: None)
+    assert result.epochs == 2 and shown == ["epoch 1/1", "epoch 1/2", "epoch 2/2"]
+
+
 def test_a_crash_between_a_corrections_checkpoint_and_its_config_yaml_resumes(
     synthetic_images, tmp_path, monkeypatch
 ):

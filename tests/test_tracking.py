@@ -110,8 +110,9 @@ def test_tensorboard_events_hold_the_config_as_hparams_beside_the_epoch_scalars(
 
 
 def test_class_names_with_commas_and_quotes_read_back_from_the_params_one_name_each():
-    """Lists were joined with "," alone: classes a,b and cat read back as a, b and cat."""
-    names = ["a,b", 'say "hi"', "café", "x y"]
+    """Lists were joined with "," alone: classes a,b and cat read back as a, b and cat; a name
+    with edge spaces (a folder named "cat ") lost them."""
+    names = ["a,b", 'say "hi"', "café", "x y", " cat ", "dog "]
     params = flat_params(make_config(classes=names))
     assert next(csv.reader([params["classes"]])) == names
     assert parse_names(params["classes"]) == names  # as --classes takes them

@@ -8,8 +8,6 @@ run, so a resumed run and a later evaluation log into the same one.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import time
@@ -17,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cifarlab.config import TrainConfig
+from cifarlab.config import TrainConfig, quoted_name
 from cifarlab.errors import Interrupted, import_extra
 from cifarlab.rundir import RECORD_FILES, RESULT_ALWAYS, RESULT_OPTIONAL
 
@@ -52,15 +50,13 @@ def open_trackers(config: TrainConfig, run_dir: Path, enabled: bool = True) -> I
 
 
 def flat_params(config: TrainConfig) -> dict[str, str | int | float | bool]:
-    """The config as flat scalars: lists become one CSV row (`"a,b",cat`), so a class name
-    holding a comma or a quote reads back as one name, as `--classes` takes it."""
-    return {k: _csv_row(v) if isinstance(v, list) else v for k, v in config.to_dict().items()}
-
-
-def _csv_row(items: list) -> str:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="").writerow(items)
-    return text.getvalue()
+    """The config as flat scalars: lists become one comma-separated row (`"a,b",cat`), so a
+    class name holding a comma, a quote or edge spaces reads back as one name, as `--classes`
+    takes it."""
+    return {
+        k: ",".join(quoted_name(str(i)) for i in v) if isinstance(v, list) else v
+        for k, v in config.to_dict().items()
+    }
 
 
 EPOCH_SCALARS = (

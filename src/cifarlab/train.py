@@ -466,6 +466,7 @@ def train_one_epoch(
             _sync(stats, loss_sum, correct, t0)
             _correct_plan(run, plan, epoch, step + 1, stats, saver, log)
             last_step = epoch_steps(run.config, n, epoch)
+            bar.set_description(f"epoch {epoch + 1}/{run.config.epochs}")
     bar.close()
     if epoch == run.config.epochs - 1:
         phases.mark("last step done")
