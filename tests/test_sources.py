@@ -261,3 +261,16 @@ def test_a_folder_named_like_a_split_but_none_is_refused_naming_the_split(
     _folder(src / near)
     with pytest.raises(UserError, match=f"{near}: not a split folder .*rename it {name}"):
         load_source(str(src), data_root, 8)
+
+
+def test_a_split_like_name_alone_is_a_class_or_a_wrapper_and_two_of_them_are_refused(
+    tmp_path, data_root
+):
+    wrapped = _folder(tmp_path / "w" / "training")  # an archive's one top folder
+    assert load_source(str(wrapped.parent), data_root, 8).train.classes == ["cat", "dog"]
+    flat = _folder(tmp_path / "f", classes=("cat", "eval"))  # a class that happens to be named so
+    assert load_source(str(flat), data_root, 8).train.classes == ["cat", "eval"]
+    _folder(tmp_path / "two" / "Training")
+    _folder(tmp_path / "two" / "Testing")  # the splits by other names: not two classes
+    with pytest.raises(UserError, match="Testing: not a split folder .*rename it test/"):
+        load_source(str(tmp_path / "two"), data_root, 8)

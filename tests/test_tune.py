@@ -507,7 +507,7 @@ def test_trials_a_killed_tune_left_running_are_marked_failed_when_the_study_cont
     assert states[never_beat.number] == states[beat.number] == "FAIL"
     assert states[live.number] == "RUNNING"  # another tune's, beating: left alone
     assert list(states.values()).count("COMPLETE") == 2
-    note = f"note: trial {never_beat.number}, {beat.number} left running by a tune that was killed"
+    note = f"note: trials {never_beat.number}, {beat.number} left running by a tune that was killed"
     assert any(m.startswith(note) for m in messages), messages
 
 

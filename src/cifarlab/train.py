@@ -264,7 +264,7 @@ def _correct_plan(
     val_image, per_epoch = plan.val_image, plan.val_image * scored
     if ended is not None:
         per_epoch = ended[1] - stats.seconds
-        val_image = (ended[0] - stats.seconds) / scored if scored else 0.0
+        val_image = max(0.0, ended[0] - stats.seconds) / scored if scored else 0.0  # rounded
     done = epoch * len(run.batches) + steps
     corrected = plan.correct(run, done, pace, val_image, per_epoch, log)
     if corrected is None:

@@ -139,8 +139,9 @@ def _fail_stopped_trials(study, log) -> None:
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     failed = [t.number for t in study.get_trials(states=(TrialState.FAIL,)) if t.number in running]
     if failed:
-        log(f"note: trial {', '.join(map(str, failed))} left running by a tune that was killed: "
-            "marked failed, others run in its place")  # fmt: skip
+        trials, its = ("trials", "their") if len(failed) > 1 else ("trial", "its")
+        log(f"note: {trials} {', '.join(map(str, failed))} left running by a tune that was "
+            f"killed: marked failed, others run in {its} place")  # fmt: skip
 
 
 def _trial_dir(opts: TuneOptions, number: int) -> Path:

@@ -169,11 +169,13 @@ DOC_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml"}
 def _split_folders(root: Path) -> dict[str, Path]:
     """`root`'s split folders, named in any case (`Test/`, as Windows or macOS may spell it: read
     as a class called Test beside Train, or not at all beside train/); a folder named like a
-    split but none of them (`testing/`) is refused, naming the name to give it."""
+    split but none of them (`testing/`) beside a split folder or another such is refused, naming
+    the name to give it (alone it is a class, `eval`, or a wrapper around the class folders)."""
     found = {}
     folders = sorted(p for p in _visible(root) if p.is_dir())
     near = [p for p in folders if p.name.lower() in NEAR_SPLITS]
-    if near:
+    splits = [p for p in folders if any(p.name.lower() in n for n in SPLIT_FOLDERS.values())]
+    if near and (splits or len(near) > 1):
         raise UserError(
             f"{near[0]}: not a split folder cifarlab reads; rename it "
             f"{NEAR_SPLITS[near[0].name.lower()]} (split folders: train/, val/ or valid/ or "
