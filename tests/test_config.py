@@ -138,6 +138,26 @@ def test_a_recipe_or_suite_path_that_is_a_folder_says_so_not_that_it_is_missing(
     assert not (tmp_path / "o").exists()
 
 
+def test_a_shipped_name_given_with_yaml_that_is_no_file_names_the_shipped_one(
+    tmp_path, capsys, monkeypatch
+):
+    from cifarlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, name in (
+        (["suite", "exercise-2.yaml", "--data", "x"], "exercise-2"),
+        (["train", "--recipe", "fast.yaml", "--data", "x"], "fast"),
+        (["suite", "exercise-2", "--recipe", "seed-cnn.yml", "--data", "x"], "seed-cnn"),
+    ):
+        assert main([*argv, "--out", "o"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "does not exist" in err and f"give its name: {name}" in err, err
+        assert len(err.splitlines()) == 1
+    assert main(["suite", "mine.yaml", "--data", "x", "--out", "o"]) == 2  # no shipped suite mine
+    assert "give its name" not in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_recipe_file_that_names_another_recipe_is_refused_with_base_as_the_hint(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("recipe: seed-cnn\nepochs: 2\n")  # trained the defaults, logged seed-cnn

@@ -527,6 +527,25 @@ def test_each_evaluation_gets_its_own_default_folder_and_a_rerun_replaces_its_ow
     assert said[-1] == f"report: {run / 'eval-val' / 'report.html'}"
 
 
+def test_an_evaluation_with_another_tta_says_it_replaces_the_report_in_its_folder(
+    tiny_run, tmp_path
+):
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval-*"))
+    notes = {}
+    for tta in ("none", "none", "flip", "flip-translate", "none"):
+        said = []
+        evaluate(EvalOptions(str(run), tta=tta), log=said.append)
+        notes.setdefault(tta, []).append([s for s in said if "replaces it" in s])
+    assert [p.name for p in run.glob("eval-*")] == ["eval-val"]  # the plain figures, with TTA's
+    assert notes["none"][:2] == [[], []]  # the same evaluation again: nothing to say
+    assert "held this evaluation's report without TTA" in notes["flip"][0][0]
+    assert "adding the flip TTA accuracy" in notes["flip"][0][0]
+    assert "with flip TTA (" in notes["flip-translate"][0][0]
+    lost = notes["none"][2][0]
+    assert "with flip-translate TTA (" in lost and "replaces it without a TTA accuracy" in lost
+    assert json.loads((run / "eval-val" / "report.json").read_text())["tta"] == "none"
+
+
 def test_a_run_without_best_pt_says_it_scores_last_pt(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "best.pt").unlink()

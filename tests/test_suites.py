@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ SUITE = """
 description: two tiny runs
 reference: plain
 runs:
-  - {name: plain, recipe: fast, changes: no augmentation, set: {crop_padding: 0, flip: false, alt_flip: false}}
+  - {name: plain, recipe: fast, changes: "no augmentation, {epochs} epoch", set: {crop_padding: 0, flip: false, alt_flip: false}}
   - {name: flip, recipe: fast, changes: + flip, set: {crop_padding: 0}}
 """
 TINY = {
@@ -34,6 +35,25 @@ def test_every_shipped_suite_parses_into_valid_configs():
     for name in list_suites():
         suite = load_suite(name, {"data": "x"})
         assert suite.runs and suite.reference in [r.name for r in suite.runs]
+
+
+def test_a_runs_changes_give_the_length_it_trains_under_epochs_or_budget():
+    for name in list_suites():  # a length in `changes` is the run's, e.g. "{epochs} epochs"
+        for run in load_suite(name, {"data": "x"}, epochs=3).runs:
+            assert all(int(n) <= 3 for n in re.findall(r"(\d+) epoch", run.changes)), run.changes
+    one = load_suite("exercise-1", {"data": "x"}, epochs=2).runs[0]
+    assert one.changes.endswith(", 2 epochs") and "50" not in one.changes
+    staged = load_suite("exercise-4", {"data": "x"}, budget=0.1).runs[2]
+    assert staged.changes.endswith("only fc trains for 1 epochs, then all layers to epoch 3")
+    assert load_suite("exercise-1", {"data": "x"}).runs[0].changes.endswith(", 50 epochs")
+    speed = load_suite("speed-ingredients", {"data": "x"}, epochs=2).runs[0].changes
+    assert speed.startswith("fast-sgd over 2 epochs (0.5 of warm-up) +")
+
+
+def test_braces_in_changes_that_name_no_config_key_are_kept(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text('runs:\n  - {name: a, recipe: fast, changes: "{lr} x2 {nope} {}"}\n')
+    assert load_suite(str(path), {"data": "x"}).runs[0].changes == "1.66 x2 {nope} {}"
 
 
 def test_ablation_is_cumulative():
@@ -94,6 +114,7 @@ def test_suite_writes_table_plot_index_and_skips_finished_runs(finished, tmp_pat
     for name in ("results.csv", "results.md", "curves.png", "index.html"):
         assert (opts.out / name).is_file()
     assert "| flip | + flip |" in (opts.out / "results.md").read_text()
+    assert "| plain | no augmentation, 1 epoch |" in (opts.out / "results.md").read_text()
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"))
     messages = []
     run_suite(str(path), opts, log=messages.append)

@@ -348,7 +348,7 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     p.add_argument("--out", type=_path,
                    help="output folder (default RUN_DIR/eval-<split>, then -<checkpoint> other than best.pt, -ema, "
-                   "-<data name>: one folder per evaluation, replaced when it is run again)")  # fmt: skip
+                   "-<data name>: one folder per evaluation, replaced when it is run again; --tta adds its accuracy to that report)")  # fmt: skip
     p.add_argument("--classes", help="classes shown in the mistakes gallery, comma-separated as in CSV (default: "
                    "the two hardest); the scored data is not filtered, unlike train --classes")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -358,7 +358,9 @@ def named_yaml(name_or_file: str, folder: Path, kind: str, names) -> Path:
         if path.is_dir():  # "does not exist" would send the user looking for it
             raise UserError(f"{kind} file {path} is a folder; give the .yaml file inside it")
         if not path.is_file():
-            raise UserError(f"{kind} file {path} does not exist")
+            shipped = (folder / f"{path.stem}.yaml").is_file()  # "exercise-2.yaml"
+            hint = f"; for the shipped {kind}, give its name: {path.stem}" if shipped else ""
+            raise UserError(f"{kind} file {path} does not exist{hint}")
         return path
     shipped = folder / f"{name_or_file}.yaml"
     if not shipped.is_file():

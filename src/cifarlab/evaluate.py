@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import re
 import sys
@@ -102,6 +103,20 @@ def _default_out(opts: EvalOptions, ckpt_path: Path, split: str) -> str:
     return "eval-" + "-".join(re.sub(r"[^\w.-]+", "_", p).strip("._") or "data" for p in parts)
 
 
+def _say_replaced(out: Path, tta: str, log) -> None:
+    """Evaluations with any --tta share their default folder (a TTA report is the plain one plus
+    its TTA accuracy); where this one replaces a report made with another, say so."""
+    with contextlib.suppress(OSError, ValueError, TypeError):  # no report, or not cifarlab's
+        old = json.loads((out / "report.json").read_text())
+        if not isinstance(old, dict) or old.get("tta", tta) == tta:
+            return
+        acc = old.get("tta_accuracy")
+        was = "without TTA" if acc is None else f"with {old['tta']} TTA ({acc:.2%})"
+        now = " without a TTA accuracy" if tta == "none" else f", adding the {tta} TTA accuracy"
+        log(f"note: {out} held this evaluation's report {was}; this one replaces it{now} (the "
+            "same plain figures): evaluations with any --tta share the folder")  # fmt: skip
+
+
 def _check_out(out: Path, src: str) -> None:
     rundir.check_out(out)
     rundir.check_not_a_run(out, "evaluate writes its report", out / "eval")
@@ -158,6 +173,8 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
         report["calibration_note"] = note
     groups = _gallery_groups(data, probs, classes, _chosen_classes(opts, classes, pc))
     report["gradcam"] = _add_gradcam(groups, loaded, classes)
+    if not opts.out:  # a --out may hold another checkpoint's report: only the default is known
+        _say_replaced(out, opts.tta, log)
     with _report_folder(out) as part:
         _write_files(report, data, probs, groups, rows, part)
         write_report(report, ckpt["config"], part)

@@ -1,6 +1,7 @@
 """Experiment suites (suites/*.yaml): runs trained one after another, resumable, summarised as
 a table, a plot and an index page. Each run is a `recipe`, `set` overrides and a one-line
 `changes` (with `cumulative: true`, on top of the run before); gains are over the `reference`.
+A config key in braces in `changes` (`{epochs} epochs`) reads the run's value as it trains.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.config import (
+    FIELDS,
     TrainConfig,
     apply_overrides,
     config_changes,
@@ -61,6 +63,13 @@ class SuiteRun:
     # its name in the suite file (a run named after its recipe takes --recipe's name): a folder
     # trained under that name is found and moved (`_adopt_renamed`)
     was: str
+
+    def __post_init__(self):  # "{epochs} epochs": the length --epochs/--budget left, not the file's
+        self.changes = re.sub(r"\{(\w+)\}", self._value, self.changes)
+
+    def _value(self, key: re.Match) -> str:
+        value = getattr(self.config, key[1]) if key[1] in FIELDS else key[0]
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
