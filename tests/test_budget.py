@@ -469,41 +469,56 @@ def test_a_run_ending_within_its_epoch_is_corrected_on_the_steps_it_has_taken(mo
     assert not plan.due(run, 40)  # once only
 
 
-def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_crash(
-    synthetic_images, tmp_path, monkeypatch
+@pytest.mark.parametrize("killed_writing", ["config.yaml", "last.pt"])
+def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_kill(
+    killed_writing, synthetic_images, tmp_path, monkeypatch
 ):
+    # corrected within epoch 1, the run has no last.pt yet: config.yaml is all it has, and a
+    # kill while the correction writes either file must leave a run --resume starts over
     import cifarlab.budget as budget
+    from cifarlab.checkpoint import Checkpointer
 
     class Killed(BaseException):
         pass
 
-    real_fit = budget.fit_to_budget
+    real_fit, real_save = budget.fit_to_budget, Checkpointer.save
 
     def fit_late(run, started, log, at_least=0.0):  # a plan whose budget is all but spent
         plan = real_fit(run, started, log, at_least)
         plan.started -= plan.time_budget
         return plan
 
-    def killed_once(config, path):
-        if config.train_steps == 3 and not killed:
-            killed.append(path)
-            raise Killed  # after last.pt, before config.yaml
+    def killed_config(config, path):
+        if config.train_steps == 3:
+            raise Killed  # as config.yaml is written, before it is renamed in
         save_config(config, path)
 
-    killed, said = [], []
+    def killed_checkpoint(self, state, *args, **kwargs):
+        raise Killed  # as last.pt is written, before it is renamed in
+
     monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=1.5, val_image=0.001))
     monkeypatch.setattr("cifarlab.train.fit_to_budget", fit_late)
-    monkeypatch.setattr("cifarlab.train.save_config", killed_once)
+    if killed_writing == "config.yaml":
+        monkeypatch.setattr("cifarlab.train.save_config", killed_config)
+    else:
+        monkeypatch.setattr(Checkpointer, "save", killed_checkpoint)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
                          width=0.25, epochs=10, batch_size=2, val_size=6, time_budget=20.0)  # fmt: skip
+    said = []
     with pytest.raises(Killed):
         train(config, tmp_path / "run", log=said.append)
     assert any(s.startswith("time budget: 3 steps of epoch 1 ran at") for s in said), said
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert (ckpt["epoch"], ckpt["next_step"], ckpt["config"]["train_steps"]) == (0, 3, 3)
-    result = train(config, tmp_path / "run", resume=True, log=lambda s: None)
-    assert result.epochs == 1 and len(result.history) == 1
+    assert not (tmp_path / "run" / "last.pt").exists()
+    kept = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert kept["time_budget"] == 20.0 and kept["data"] == str(synthetic_images)
+    monkeypatch.setattr("cifarlab.train.save_config", save_config)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    said.clear()
+    result = train(None, tmp_path / "run", resume=True, log=said.append)  # as `--resume` does
+    assert any("starting it over with its config" in s for s in said), said
+    assert result.epochs == 1 and len(result.history) == 1  # corrected again, ends in epoch 1
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 3
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["train_steps"] == 3
 
 
 def test_a_correction_within_an_epoch_shows_the_new_epoch_count_on_the_progress_bar(

@@ -255,8 +255,11 @@ def _correct_plan(
     """`Plan.correct` after `steps` steps of `epoch`: at its end, `ended` = (seconds when its
     evaluation ended, when it was saved) after it started, or within the run's last epoch
     (the probe's evaluation cost). A changed length goes to the run, last.pt and config.yaml.
-    The old config.yaml is removed first: a crash before the new one is written leaves none,
-    which `--resume` reads as last.pt's config, not a stale one it would take for an edit."""
+    Beside a last.pt the old config.yaml is removed first: a crash before the new one is written
+    leaves none, which `--resume` reads as last.pt's config, not a stale one it would take for
+    an edit. Before the first last.pt (a correction within epoch 1) config.yaml is all the run
+    has: the new one replaces it first, so that a crash while last.pt is written leaves a run
+    `--resume` starts over, not a folder holding no run."""
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
     pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
@@ -270,12 +273,15 @@ def _correct_plan(
     if corrected is None:
         return
     retarget(run, corrected)
-    if run.dist.main:
-        (saver.run_dir / "config.yaml").unlink(missing_ok=True)
+    first, written = not saver.last.exists(), saver.run_dir / "config.yaml"
+    if run.dist.main and first:
+        save_config(run.config, written)
+    elif run.dist.main:
+        written.unlink(missing_ok=True)
     at = (epoch + 1, 0, None) if ended is not None else (epoch, steps, dataclasses.asdict(stats))
     saver.save(checkpoint_state(run, *at), end_of_epoch=False)
-    if run.dist.main:
-        save_config(run.config, saver.run_dir / "config.yaml")
+    if run.dist.main and not first:
+        save_config(run.config, written)
 
 
 def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
