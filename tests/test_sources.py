@@ -252,6 +252,34 @@ def test_split_folders_named_in_any_case_are_the_splits_not_classes(tmp_path, da
     assert len(data.test) == 4 and len(data.val) == 2 and not data.plain
 
 
+@pytest.mark.parametrize("named", [("test",), ("Train", "val"), ("eval",), ("testing", "test")])
+def test_a_class_folder_named_like_a_split_is_a_class_of_the_plain_layout(
+    tmp_path, data_root, named
+):
+    """`<root>/<class>/` with a class called test (images in it, no class folders) was read as a
+    test split holding no class folders: 'no class folders found; expected ... <root>/<class>/',
+    the very layout given; eval/ or testing/ beside cat/ was refused as a misnamed split."""
+    src = _folder(tmp_path / "d", classes=("cat", "dog", *named), per_class=2)
+    data = load_source(str(src), data_root, 8)
+    assert data.plain and data.test is None and data.val is None
+    assert data.train.classes == sorted(["cat", "dog", *named])
+    assert len(data.train) == 2 * (2 + len(named))
+
+
+def test_a_split_folder_of_loose_images_beside_class_folders_says_to_sort_them(
+    tmp_path, data_root, capsys
+):
+    src = tmp_path / "d"
+    _folder(src / "train")
+    _folder(src, classes=("test",))  # test/*.png: no <class>/ folders in it
+    code = main(["train", "--data", str(src), "--data-root", str(data_root), "--out",
+                 str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{src / 'test'}: holds images, not <class>/ folders" in err and "test/<class>/" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("near", "name"), [("testing", "test/"), ("Training", "train/")])
 def test_a_folder_named_like_a_split_but_none_is_refused_naming_the_split(
     tmp_path, data_root, near, name

@@ -170,9 +170,15 @@ def _split_folders(root: Path) -> dict[str, Path]:
     """`root`'s split folders, named in any case (`Test/`, as Windows or macOS may spell it: read
     as a class called Test beside Train, or not at all beside train/); a folder named like a
     split but none of them (`testing/`) beside a split folder or another such is refused, naming
-    the name to give it (alone it is a class, `eval`, or a wrapper around the class folders)."""
+    the name to give it (alone it is a class, `eval`, or a wrapper around the class folders).
+    None where every folder so named holds images and no folders, beside other folders: classes
+    of a plain layout (`cat/`, `test/`; CIFAR-100 has a class called train). `train/` and `test/`
+    alone of loose images are splits without their class folders, not a two-class model."""
     found = {}
     folders = sorted(p for p in _visible(root) if p.is_dir())
+    named = [p for p in folders if p.name.lower() in NEAR_SPLITS or _split_of(p.name)]
+    if len(named) < len(folders) and all(map(_class_folder, named)):
+        return {}
     near = [p for p in folders if p.name.lower() in NEAR_SPLITS]
     splits = [p for p in folders if any(p.name.lower() in n for n in SPLIT_FOLDERS.values())]
     if near and (splits or len(near) > 1):
@@ -190,6 +196,18 @@ def _split_folders(root: Path) -> dict[str, Path]:
         if dirs:
             found[split] = dirs[0]
     return found
+
+
+def _split_of(name: str) -> str | None:
+    return next((split for split, names in SPLIT_FOLDERS.items() if name.lower() in names), None)
+
+
+def _class_folder(folder: Path) -> bool:
+    """A folder holding images and no folders: a class's, whatever its name."""
+    entries = _visible(folder)
+    return not any(p.is_dir() for p in entries) and any(
+        p.is_file() and is_image_name(p) for p in entries
+    )
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -261,6 +279,9 @@ def _list_class_folder(
             f"{folder}: torchvision's CIFAR batches, not class folders; give --data cifar10 (or "
             f"cifar100) with --data-root the folder holding {folder.name}/ (an archive: extracted)"
             if cifar
+            else f"{folder}: holds images, not <class>/ folders; move them into "
+            f"{folder.name}/<class>/ folders, one per class"
+            if _split_of(folder.name) and _class_folder(folder)
             else f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
         )  # one class is fine to score; training needs two (`splits.load_splits`)
     files, labels, kept = [], [], []
