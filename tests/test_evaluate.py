@@ -358,8 +358,12 @@ def test_a_run_without_a_validation_split_is_a_one_line_error_with_the_way_out(t
         UserError, match=r"no validation split \(val_size 0\).*--split test.*--data"
     ):
         evaluate(EvalOptions(str(tmp_path / "run"), "val", out=tmp_path / "ev"), log=lambda s: None)
-    with pytest.raises(UserError, match=r"no test split.*folder$"):  # not "use --split val"
+    with pytest.raises(UserError, match=r"no test split.*folder$") as err:  # not "--split val"
         evaluate(EvalOptions(str(tmp_path / "run")), log=lambda s: None)  # test: it held none out
+    assert "--split" not in str(err.value) and "val_size 0" in str(err.value)  # none was given
+    mine = EvalOptions(str(tmp_path / "run"), data=f"{data}/")  # the run's own data, whole
+    with pytest.raises(UserError, match=f"--data {data}/ is the data it trained on"):
+        evaluate(mine, log=lambda s: None)
     own = EvalOptions(str(tmp_path / "run"), "val", out=tmp_path / "ev", data=f"{data}/.")  # same
     with pytest.raises(UserError, match=r"no validation split \(val_size 0\)"):
         evaluate(own, log=lambda s: None)

@@ -53,7 +53,7 @@ def load_eval_set(
     # the run's own data, however spelt, gives its held-out split: whole, it holds training images
     source = load_source(*_source_args(config), config.classes)  # read once: also says what None is
     default = default_split(config, source.val is not None)
-    split = split or default
+    asked, split = split, split or default
     if split == "val":
         try:
             splits = load_splits(config, source)
@@ -72,10 +72,16 @@ def load_eval_set(
         scored = splits.val
     else:
         scored = source.test
-    if scored is None:
+    if scored is None:  # no test split: the default only where the run held out no val split
         val = ", or use --split val" if default == "val" else ""
+        why = f"--split test: {config.data}" if asked else (
+            f"{where}: the run held out no validation images (val_size 0) and {config.data}"
+        )  # fmt: skip
+        own = ""
+        if data:  # named on the command line: whole, it holds the images the run trained on
+            own = f" (--data {data} is the data it trained on: only its held-out part is scored)"
         raise UserError(
-            f"--split test: {config.data} has no test split; pass --data with another folder: "
+            f"{why} has no test split{own}; pass --data with another folder: "
             f"a <root>/test/<class>/ or plain <root>/<class>/ folder{val}"
         )
     if config.classes:  # the run's own data: the classes it was trained on
