@@ -347,7 +347,7 @@ def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
 
     # a step costs scale x width^2 s against an 80 s budget for 10 epochs of 3 steps: a first
     # step (or the whole probe) shows that under half of them fit until the width is narrow
-    def measure(run, too_slow=None):
+    def measure(run, too_slow=None, stopped=None):
         step = scale * model_width(run.config) ** 2
         if stops_early and too_slow and too_slow(step):
             return None
@@ -412,7 +412,7 @@ def test_an_explicit_length_replaces_the_recipes_time_budget():
 def test_a_budget_too_short_at_fit_widths_narrowest_names_that_width(
     synthetic_images, tmp_path, monkeypatch
 ):
-    def measure(run, too_slow=None):  # every width's first step is too slow
+    def measure(run, too_slow=None, stopped=None):  # every width's first step is too slow
         return None if too_slow and too_slow(0.4) else Timings(step=0.4, val_image=0.001)
 
     monkeypatch.setattr("cifarlab.budget.measure", measure)
@@ -430,7 +430,7 @@ def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time
     import time
 
     # each timing takes 2 s of a 6 s budget, and under half of the 10 epochs fit at width 1
-    def measure(run, too_slow=None):
+    def measure(run, too_slow=None, stopped=None):
         time.sleep(2.0)
         return Timings(step=0.3, val_image=0.0001)
 
@@ -483,8 +483,8 @@ def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_kill(
 
     real_fit, real_save = budget.fit_to_budget, Checkpointer.save
 
-    def fit_late(run, started, log, at_least=0.0):  # a plan whose budget is all but spent
-        plan = real_fit(run, started, log, at_least)
+    def fit_late(run, started, log, *args):  # a plan whose budget is all but spent
+        plan = real_fit(run, started, log, *args)
         plan.started -= plan.time_budget
         return plan
 
@@ -591,3 +591,33 @@ def test_a_crash_between_a_corrections_checkpoint_and_its_config_yaml_resumes(
     result = train(config, tmp_path / "run", resume=True, log=lambda s: None)
     assert result.epochs == 3
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 7
+
+
+def test_ctrl_c_during_the_probe_ends_it_at_that_step_not_after_the_whole_probe(
+    synthetic_images, tmp_path, monkeypatch
+):
+    # fast-cpu's probe on a CPU times 8 steps of 4 s: a Ctrl-C waited out all of them, and the
+    # plan of a run that would not start, before it stopped
+    import os
+    import signal
+
+    import cifarlab.budget as budget
+    from cifarlab.errors import Interrupted
+
+    steps, said = [], []
+
+    def step_seconds(run, batches, global_step):
+        steps.append(global_step)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return 0.01  # cheap: the whole probe would take 11 steps
+
+    monkeypatch.setattr(budget, "_step_seconds", step_seconds)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=10, batch_size=8, val_size=6, threads=1,
+                         time_budget=600.0, fit_width=True)  # fmt: skip
+    with pytest.raises(Interrupted, match="stopped before training started") as stop:
+        train(config, tmp_path / "run", log=said.append)
+    assert steps == [1, 2] and stop.value.exit_code == 130
+    assert not any("time budget" in s for s in said), said  # no plan, no narrower width tried
+    assert not (tmp_path / "run").exists()

@@ -40,13 +40,14 @@ class Timings:
 
 
 def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 2.0,
-            most: int = 10) -> Timings | None:  # fmt: skip
+            most: int = 10, stopped=None) -> Timings | None:  # fmt: skip
     """Median seconds of the run's own step in its first epoch and, when that changes
     (`settling_epoch`), from then on; and the evaluation cost. At least `steps` steps per phase
     after `warmup`, and more, up to `most`, until each phase has `timed` seconds timed: a cheap
     step's median of three is at the mercy of one step still warming up. `run` and the global
     random state are put back as they were after. None as soon as `too_slow(seconds)` holds for
-    a first-epoch step: a pace that rules the run out needs no more steps to know it."""
+    a first-epoch step: a pace that rules the run out needs no more steps to know it; and as
+    soon as `stopped()` holds after a step (Ctrl-C: the probe's steps would be thrown away)."""
     built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     run.step_model = run.model  # eager: compiling here would time the compilation
@@ -67,6 +68,9 @@ def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 
             set_trainable(run.model, run.config, run.fixed, epoch)
             k += 1
             seconds = _step_seconds(run, batches, k)
+            if stopped is not None and stopped():
+                slow = True
+                break
             if k <= warmup * len(phases):
                 continue
             times[epoch].append(seconds)
@@ -226,17 +230,17 @@ class Plan:
         return dataclasses.replace(c, train_steps=new_total, epochs=math.ceil(new_total / n))
 
 
-def fit_to_budget(run, started: float, log, at_least: float = 0.0) -> Plan | None:
+def fit_to_budget(run, started: float, log, at_least: float = 0.0, stopped=None) -> Plan | None:
     """Give `run` the `train_steps` that end it within `time_budget` seconds of `started` (a
     `time.perf_counter()` reading), timed on its own first steps; the `Plan` that corrects it.
     None, the run unchanged, when a first step shows that fewer than `at_least` epochs would
-    fit even with no evaluation at all."""
+    fit even with no evaluation at all, or `stopped()` holds (`measure`)."""
     c, n = run.config, len(run.batches)
 
     def too_slow(step: float) -> bool:  # one step's pace, with room for its noise
         return step * n * at_least > 1.25 * (c.time_budget - (time.perf_counter() - started))
 
-    timings = measure(run, too_slow=too_slow if at_least else None)
+    timings = measure(run, too_slow=too_slow if at_least else None, stopped=stopped)
     if timings is None:
         return None
     n_val, n_test = len(run.val_labels), len(run.splits.test or ())

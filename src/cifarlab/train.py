@@ -228,7 +228,8 @@ def _fit_to_budget(
         halvings = run.config.width_halvings
         narrower = config.fit_width and not config.train_steps and halvings < 2
         t = time.perf_counter()
-        plan = fit_to_budget(run, started, log, at_least=config.epochs / 2 if narrower else 0.0)
+        at_least = config.epochs / 2 if narrower else 0.0
+        plan = fit_to_budget(run, started, log, at_least, lambda: stop.received is not None)
         fitted = run.config.train_steps / len(run.batches)
         if stop.received is not None or (plan and (not narrower or 2 * fitted >= config.epochs)):
             return run, plan
