@@ -266,17 +266,23 @@ def test_a_class_folder_named_like_a_split_is_a_class_of_the_plain_layout(
     assert len(data.train) == 2 * (2 + len(named))
 
 
-def test_a_split_folder_of_loose_images_beside_class_folders_says_to_sort_them(
-    tmp_path, data_root, capsys
+@pytest.mark.parametrize(
+    ("per_class", "said"),
+    [(2, "holds images, not <class>/ folders; move them into test/<class>/"),
+     (0, "a split folder without <class>/ folders; fill it (test/<class>/*.jpg) or remove it")],
+)  # fmt: skip
+def test_a_split_folder_without_class_folders_says_how_to_fill_it(
+    tmp_path, data_root, capsys, per_class, said
 ):
+    # it said "expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg", the train/ given
     src = tmp_path / "d"
     _folder(src / "train")
-    _folder(src, classes=("test",))  # test/*.png: no <class>/ folders in it
+    _folder(src, classes=("test",), per_class=per_class)  # test/*.png, or test/ empty
     code = main(["train", "--data", str(src), "--data-root", str(data_root), "--out",
                  str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"{src / 'test'}: holds images, not <class>/ folders" in err and "test/<class>/" in err
+    assert f"error: {src / 'test'}: {said}" in err
     assert not (tmp_path / "run").exists()
 
 

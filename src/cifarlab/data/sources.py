@@ -273,17 +273,8 @@ def _list_class_folder(
     file drops that class), unless it documents the data (README, LICENSE, labels.csv)."""
     entries = _visible(folder)
     names = sorted(p.name for p in entries if p.is_dir())
-    if not names:
-        cifar = {"batches.meta", "meta"} & {p.name for p in entries}  # cifar-10-batches-py/, 100's
-        raise UserError(
-            f"{folder}: torchvision's CIFAR batches, not class folders; give --data cifar10 (or "
-            f"cifar100) with --data-root the folder holding {folder.name}/ (an archive: extracted)"
-            if cifar
-            else f"{folder}: holds images, not <class>/ folders; move them into "
-            f"{folder.name}/<class>/ folders, one per class"
-            if _split_of(folder.name) and _class_folder(folder)
-            else f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
-        )  # one class is fine to score; training needs two (`splits.load_splits`)
+    if not names:  # one class is fine to score; training needs two (`splits.load_splits`)
+        raise UserError(_no_class_folders(folder, entries))
     files, labels, kept = [], [], []
     skipped = [f"{printable(p)}: a file, not a class folder; make it a folder of images or remove it"
                for p in sorted(entries) if not (p.is_dir() or _documents(p))]  # fmt: skip
@@ -309,6 +300,26 @@ def _list_class_folder(
     if skipped and on_bad == "error":
         raise UnreadableFile(skipped[0], f"{SKIP_HINT} such files")
     return kept, files, labels, skipped
+
+
+def _no_class_folders(folder: Path, entries: list[Path]) -> str:
+    """Why `folder`, holding no folders, gives no classes, and what to do about it."""
+    if {"batches.meta", "meta"} & {p.name for p in entries}:  # cifar-10-batches-py/, 100's
+        return (
+            f"{folder}: torchvision's CIFAR batches, not class folders; give --data cifar10 (or "
+            f"cifar100) with --data-root the folder holding {folder.name}/ (an archive: extracted)"
+        )
+    if _split_of(folder.name) and _class_folder(folder):
+        return (
+            f"{folder}: holds images, not <class>/ folders; move them into "
+            f"{folder.name}/<class>/ folders, one per class"
+        )
+    if _split_of(folder.name):
+        return (
+            f"{folder}: a split folder without <class>/ folders; fill it "
+            f"({folder.name}/<class>/*.jpg) or remove it"
+        )
+    return f"{folder}: no class folders found; expected <root>/train/<class>/*.jpg or <root>/<class>/*.jpg"
 
 
 def _decode_all(
