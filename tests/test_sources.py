@@ -266,6 +266,14 @@ def test_a_class_folder_named_like_a_split_is_a_class_of_the_plain_layout(
     assert len(data.train) == 2 * (2 + len(named))
 
 
+def test_train_and_test_folders_of_loose_images_alone_are_splits_not_two_classes(
+    tmp_path, data_root
+):
+    src = _folder(tmp_path / "d", classes=("train", "test"), per_class=2)
+    with pytest.raises(UserError, match=r"train: holds images, not <class>/ folders"):
+        load_source(str(src), data_root, 8)
+
+
 @pytest.mark.parametrize(
     ("per_class", "said"),
     [(2, "holds images, not <class>/ folders; move them into test/<class>/"),
