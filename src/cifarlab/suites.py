@@ -33,6 +33,7 @@ from cifarlab.rundir import (
     RunDirTaken,
     RunLock,
     check_not_a_run,
+    check_out,
     claim_run_dir,
     is_number,
     prepare_run_dir,
@@ -267,6 +268,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         check_outside_images(root, data, "--data-root")  # every run's cache too
     check_not_a_run(opts.out, "a suite writes its runs and tables", f"{opts.out.resolve()}-suite")
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
+    check_out(opts.out)  # a file where --out goes: said before the data is read
     val_folders = _refuse_bad_data(jobs)
     _adopt_renamed(every, opts.out)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
