@@ -224,14 +224,16 @@ def test_hold_out_gives_what_copies_would_and_keeps_the_rest_in_the_sets_own_arr
     assert np.shares_memory(rest.images, data.images)  # no second copy of the training images
 
 
-def test_a_run_on_data_with_a_val_folder_says_val_size_is_not_used(tmp_path, data_root):
+@pytest.mark.parametrize("name", ["val", "Validation"])
+def test_a_run_on_data_with_a_val_folder_says_val_size_is_not_used(tmp_path, data_root, name):
+    """The line named val/ whatever the folder was called (valid/, Validation/)."""
     from cifarlab.train import train
 
     _pngs(tmp_path / "d" / "train", per_class=4)
-    _pngs(tmp_path / "d" / "val", per_class=2, seed=1)
+    _pngs(tmp_path / "d" / name, per_class=2, seed=1)
     config = make_config(data=str(tmp_path / "d"), data_root=str(data_root), val_size=3,
                          model="cnn", width=0.25, epochs=1, batch_size=4, tta="none")  # fmt: skip
     messages = []
     train(config, tmp_path / "run", log=messages.append)
     line = next(m for m in messages if m.startswith("data:"))
-    assert "8 train / 4 val images (val: the data's val/ folder; --val-size not used)" in line
+    assert f"8 train / 4 val images (val: the data's {name}/ folder; --val-size not used)" in line

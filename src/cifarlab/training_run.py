@@ -115,7 +115,8 @@ def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -
     skipped = (
         f", {len(splits.skipped)} skipped (listed in skipped_images.txt)" if splits.skipped else ""
     )
-    val = " (val: the data's val/ folder; --val-size not used)" if splits.val_folder else ""
+    folder = splits.val_folder
+    val = f" (val: the data's {folder}/ folder; --val-size not used)" if folder else ""
     sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
     log(f"data: {config.data} — {sizes} images{val}, {len(splits.classes)} classes{skipped}")
     if not len(splits.val) and splits.test is None:
@@ -353,7 +354,8 @@ def _trained_on_val(ckpt: dict, config: TrainConfig, splits: Splits) -> str:
     harm = "they would inflate validation accuracy and pick best.pt"
     if splits.val_folder:  # validates on the folder whatever --val-size says
         return (
-            f"its run trained on {len(seen)} of the {len(val)} images of the data's val/ folder: "
+            f"its run trained on {len(seen)} of the {len(val)} images of the data's "
+            f"{splits.val_folder}/ folder: "
             f"{harm}; start from a run that did not train on them"
         )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ class Splits:
     mean: list[float]  # per channel, in [0, 1], from the training split
     std: list[float]
     skipped: list[str] = field(default_factory=list)
-    val_folder: bool = False  # val came from the data's val/ folder; val_size was ignored
+    val_folder: str = ""  # the data's val folder (`Valid`) where val is it; val_size ignored
 
 
 def stratified_pick(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -113,14 +114,15 @@ def load_splits(config: TrainConfig, source: SourceData | None = None) -> Splits
                 f"lower it to {len(train)} or less, or give 0 for all of them",
             )
         train = train.take(stratified_pick(train.labels, config.subset, seed))
-    val_folder = val is not None
+    # its paths are relative to the folder holding the split folders: each begins with its name
+    val_folder = PurePath(source.val.paths[0]).parts[0] if source.val is not None else ""
     if not val_folder:
         train, val = hold_out(train, config.val_size, seed + 1)
     mean, std = channel_stats(train.images)
     return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
 
 
-def default_split(config: TrainConfig, val_folder: bool) -> str:
+def default_split(config: TrainConfig, val_folder: bool | str) -> str:
     """What `config`'s run is scored on unless told: "val" where it had a validation split, held
     out (`val_size`) or its data's val/ folder (`val_folder`, from the data already loaded),
     else "test"."""
