@@ -3,7 +3,10 @@
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -147,13 +150,40 @@ def test_a_new_version_of_a_source_replaces_its_old_cache_and_others_stay(tmp_pa
     for p in unused:  # read by no install for longer than UNUSED_S; v99 was, just now
         os.utime(p, (month_ago, month_ago))
     old_key = cache.source_key(a, 8, "error")  # a writer killed while caching it left this:
-    (root / "arrays" / f".{old_key}.4242.tmp.npz").write_bytes(b"half of an .npz")
+    killed = root / "arrays" / f".{old_key}.{_dead_pid()}-1.tmp.npz"
+    killed.write_bytes(b"half of an .npz")
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
     _write_image(a / "dog" / "3.png", 3)  # a's new version
     assert len(load_source(str(a), root, 8).train) == 3
     left = sorted(p.name for p in (root / "arrays").iterdir())
     keys = [f"{cache.source_key(src, 8, 'error')}.npz" for src in (a, b)]
     assert left == sorted([*keys, "v99-ab-cd.npz"])  # another install's, read a minute ago
     assert not (root / "extracted" / ("1" * 20)).exists()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_a_temporary_another_process_is_writing_is_left_alone(tmp_path):
+    """Caching a source's new version removed the temporary file (and the part folder) of a
+    process caching (extracting) another version of it at that moment, failing its write."""
+    root, src = tmp_path / "root", tmp_path / "d"
+    _write_image(src / "cat" / "1.png", 1)
+    _write_image(src / "dog" / "2.png", 2)
+    old_key = cache.source_key(src, 8, "error")
+    live = [
+        root / "arrays" / f".{old_key}.{os.getpid()}-{threading.get_native_id()}.tmp.npz",
+        root / "extracted" / f"{old_key}.part-x1y2",
+    ]
+    for p in live:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"being written")
+    _write_image(src / "dog" / "3.png", 3)  # the new version, cached now
+    assert len(load_source(str(src), root, 8).train) == 3
+    assert all(p.exists() for p in live)
 
 
 def test_two_versions_sharing_a_data_root_keep_their_caches_side_by_side(tmp_path, monkeypatch):

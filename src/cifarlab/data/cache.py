@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cifarlab.data.archive import PART
 from cifarlab.data.imageset import ImageSet, SourceData
 from cifarlab.errors import UserError
-from cifarlab.rundir import replaced_when_complete
+from cifarlab.rundir import remove_dead_temps, replaced_when_complete
 
 FORMAT = 9  # raised whenever the cached layout, the decoding (which folders are splits) or the key changes
 UNUSED_S = 30 * 86400  # another FORMAT's file read by no install for this long is removed
@@ -72,15 +73,19 @@ def _digest(parts: list) -> str:
 
 def _remove_stale(root: Path, key: str) -> None:
     """Once a source's new version is cached, its older versions' arrays and extracted copies
-    (each the size of the data set) go, with a killed writer's temporary file. Another FORMAT's
-    files (another install's, or this one's before an upgrade) go once unused for UNUSED_S:
-    `load` marks each file it reads as used."""
+    (each the size of the data set) go. Another FORMAT's files (another install's, or this one's
+    before an upgrade) go once unused for UNUSED_S: `load` marks each file it reads as used.
+    A temporary file or part folder may be another process's at work now (on another version of
+    the source): it goes once unused for UNUSED_S, or as a dead writer's (`remove_dead_temps`;
+    `archive` sweeps the part folders no process holds locked)."""
     fmt, source = key.split("-")[:2]
     for old in [*root.glob("arrays/*"), *root.glob("extracted/*")]:
-        name = old.name.lstrip(".")  # a temporary file: .<key>.<pid>-<tid>.tmp.npz
+        temporary = old.name.startswith(".") or PART in old.name
+        if old.name.startswith("."):  # .<key>.<pid>-<tid>.tmp.npz
+            remove_dead_temps(old.with_name(old.name[1:].split(".")[0] + ".npz"))
         with contextlib.suppress(OSError):  # gone meanwhile: another process removed it
-            if name.startswith(f"{fmt}-"):
-                stale = name.startswith(f"{fmt}-{source}-") and name.split(".")[0] != key
+            if old.name.startswith(f"{fmt}-") and not temporary:
+                stale = old.name.startswith(f"{fmt}-{source}-") and old.name.split(".")[0] != key
             else:
                 stale = time.time() - old.lstat().st_mtime > UNUSED_S
             if stale:
