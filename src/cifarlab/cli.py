@@ -107,12 +107,11 @@ def _config_from_args(args):
 def _recipe_settings(recipe: str) -> dict[str, Any]:
     """What `--recipe` asks of a resumed run: every key the recipe sets away from the defaults (a
     file of the same name with other contents is not taken for it), but its length."""
-    wanted, default = cfg.load_recipe(recipe), cfg.TrainConfig()
+    default = cfg.TrainConfig()
     return {
-        k: getattr(wanted, k)
-        for k, f in cfg.FIELDS.items()
-        if not {"runtime", "length"} & f.metadata.keys()
-        and (k == "recipe" or getattr(wanted, k) != getattr(default, k))
+        k: v
+        for k, v in cfg.run_settings(cfg.load_recipe(recipe)).items()
+        if k not in cfg.LENGTH_KEYS and (k == "recipe" or v != getattr(default, k))
     }
 
 

@@ -582,6 +582,11 @@ RUNTIME_KEYS = frozenset(k for k, f in FIELDS.items() if f.metadata.get("runtime
 LENGTH_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata.get("length"))
 
 
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What `config` computes: every key but the runtime ones, which a resumed run takes anew."""
+    return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS}
+
+
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
     """`config` trained for `epochs` (any time budget dropped), its epoch-based settings scaled
     in proportion: a shorter run keeps the schedule's shape and still anneals."""

@@ -25,12 +25,12 @@ from cifarlab.budget import Plan, fit_to_budget
 from cifarlab.calibration import ValSet, calibrate_run
 from cifarlab.checkpoint import Checkpointer, load_checkpoint
 from cifarlab.config import (
-    RUNTIME_KEYS,
     TrainConfig,
     apply_overrides,
     config_changes,
     model_width,
     read_yaml_mapping,
+    run_settings,
     save_config,
     validate_config,
 )
@@ -307,7 +307,7 @@ def _resolve(config, run_dir: Path, resume: bool, changes: dict, log):
     if ckpt is None:
         log(f"resume: {run_dir} has no last.pt yet; starting it over with its config")
         return wanted, None
-    return dataclasses.replace(saved, **{k: getattr(wanted, k) for k in RUNTIME_KEYS}), ckpt
+    return dataclasses.replace(wanted, **run_settings(saved)), ckpt
 
 
 def saved_config(run_dir: Path) -> tuple[TrainConfig | None, dict | None]:

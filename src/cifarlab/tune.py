@@ -16,15 +16,14 @@ from typing import Any
 import yaml
 
 from cifarlab.config import (
-    FIELDS,
     LENGTH_KEYS,
-    RUNTIME_KEYS,
     TrainConfig,
     apply_overrides,
     config_changes,
     read_yaml_mapping,
     recipe_path,
     resolve_base,
+    run_settings,
     validate_config,
     with_epochs,
 )
@@ -311,10 +310,9 @@ def _same_settings(study, base: TrainConfig, opts: TuneOptions) -> None:
     saved = study.user_attrs.get(SETTINGS)
     held = {"COMPLETE", "PRUNED", "RUNNING"}
     if saved is None or not any(t.state.name in held for t in study.trials):
-        settings = {k: v for k, v in named.to_dict().items() if k not in RUNTIME_KEYS}
-        study.set_user_attr(SETTINGS, {**settings, EPOCHS_SEARCHED: opts.search_epochs})
+        study.set_user_attr(SETTINGS, {**run_settings(named), EPOCHS_SEARCHED: opts.search_epochs})
         return
-    stored = {k: v for k, v in saved.items() if k in FIELDS and k not in RUNTIME_KEYS}
+    stored = {k: saved[k] for k in run_settings(named) if k in saved}
     changed = config_changes(
         apply_overrides(named, stored, where=f"study {study.study_name}"), named
     )
