@@ -173,46 +173,57 @@ def final_images(c: TrainConfig, n_val: int, n_test: int) -> int:
     return n_val * views + calibration + n_test * (1 + views)
 
 
+RECHECK = 1 / 8  # of the budget between checks of the pace after the first
+OFF = 0.05  # of the budget a projected end may miss by before a later check changes the length
+
+
 @dataclass
 class Plan:
-    """A budgeted run's length, corrected once to the pace of the first epoch that ends past
-    half the budget or half the planned run, whichever comes first, and runs at the pace the
-    rest will (`settling_epoch` or later): a machine's pace drifts over a long run, and a probe
+    """A budgeted run's length, corrected to the pace of the first epoch that ends past half
+    the budget or half the planned run, whichever comes first, and runs at the pace the rest
+    will (`settling_epoch` or later): a machine's pace drifts over a long run, and a probe
     slowed by other work plans a run that would end long before the budget. A run whose last
-    epoch starts before that point is corrected within it, on the steps it has taken."""
+    epoch starts before that point is corrected within it, on the steps it has taken. After
+    that the pace is checked again each `RECHECK` of the budget, and the length changed only
+    when the end it projects is more than `OFF` of the budget away: a machine that other work
+    slows (or frees) later in the run is followed without re-planning on noise."""
 
     time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
     n_test: int
     planned_end: float = math.inf  # seconds after `started` the plan expects the run to end
-    corrected: bool = False
+    checks: int = 0  # corrections considered so far
     val_image: float = 0.0  # the probe's seconds per evaluated image, for a mid-epoch correction
 
     def due(self, run, done: int) -> bool:
         """Whether to correct after `done` steps in the middle of an epoch: the run ends in
-        this epoch, past half the budget or the planned run, at the settled pace, not compiled
-        (compilation is not the pace), without a correction so far."""
+        this epoch, a check is due (`next_check`), at the settled pace, not compiled
+        (compilation is not the pace)."""
         c, n = run.config, len(run.batches)
-        spent = time.perf_counter() - self.started
         return (
-            not self.corrected and not c.compile and done % n >= 3
+            not c.compile and done % n >= 3
             and total_steps(c, n) <= done - done % n + n and done // n >= settling_epoch(c)
-            and spent >= min(self.time_budget, self.planned_end) / 2
+            and time.perf_counter() - self.started >= self.next_check()
         )  # fmt: skip
+
+    def next_check(self) -> float:
+        """Seconds after `started` from which the next correction is considered."""
+        first = min(self.time_budget, self.planned_end) / 2
+        return first + self.checks * RECHECK * self.time_budget
 
     def correct(self, run, done: int, step: float, val_image: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
-        """The first time past half the budget or the planned run, after `done` steps at `step`
-        seconds each, the config whose remaining steps fit the time left (each epoch's end
-        costing `per_epoch` seconds, an evaluated image `val_image`); else None (the plan
-        stands within a step, or the run ends)."""
+        """When a check is due (`next_check`), after `done` steps at `step` seconds each, the
+        config whose remaining steps fit the time left (each epoch's end costing `per_epoch`
+        seconds, an evaluated image `val_image`); else None (the plan stands within a step, or
+        after the first check within `OFF` of the budget, or the run ends)."""
         spent = time.perf_counter() - self.started
-        if self.corrected or spent < min(self.time_budget, self.planned_end) / 2:
+        if spent < self.next_check():
             return None
         c, n = run.config, len(run.batches)
         if (done - 1) // n < settling_epoch(c):  # its steps cost other than the rest will
             return None
-        self.corrected = True
+        first, self.checks = self.checks == 0, self.checks + 1
         epoch, into = divmod(done, n)
         total, n_val = total_steps(c, n), len(run.val_labels)
         if total <= done:
@@ -220,7 +231,9 @@ class Plan:
         final = val_image * final_images(c, n_val, self.n_test)
         left = self.time_budget - spent + into * step  # from the start of the current epoch
         new_total = max(done, done - into + plan_steps(step, per_epoch, left, n, final))
-        if abs(new_total - total) <= 1:
+        if abs(new_total - total) <= 1 or (
+            not first and abs(new_total - total) * step <= OFF * self.time_budget
+        ):
             return None
         ran = f"epoch {epoch}" if into == 0 else f"{into} steps of epoch {epoch + 1}"
         log(
@@ -269,5 +282,5 @@ def fit_to_budget(run, started: float, log, at_least: float = 0.0, stopped=None)
         f"({steps / n:.2f} epochs) fit, training ends about {expected / 60:.1f} min from now"
     )
     retarget(run, planned)
-    return Plan(c.time_budget, started, n_test, c.time_budget - left + expected, False,
+    return Plan(c.time_budget, started, n_test, c.time_budget - left + expected, 0,
                 timings.val_image)  # fmt: skip

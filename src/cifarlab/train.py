@@ -251,11 +251,12 @@ def _fit_to_budget(
 
 def _correct_plan(
     run, plan, epoch: int, steps: int, stats: EpochStats, saver, log,
-    ended: tuple[float, float] | None = None,
+    ended: tuple[float, float] | None = None, pace: float | None = None,
 ) -> None:  # fmt: skip
     """`Plan.correct` after `steps` steps of `epoch`: at its end, `ended` = (seconds when its
-    evaluation ended, when it was saved) after it started, or within the run's last epoch
-    (the probe's evaluation cost). A changed length goes to the run, last.pt and config.yaml.
+    evaluation ended, when it was saved) after it started, or within the run's last epoch at
+    `pace` seconds a step (the probe's evaluation cost). A changed length goes to the run,
+    last.pt and config.yaml.
     Beside a last.pt the old config.yaml is removed first: a crash before the new one is written
     leaves none, which `--resume` reads as last.pt's config, not a stale one it would take for
     an edit. Before the first last.pt (a correction within epoch 1) config.yaml is all the run
@@ -263,7 +264,8 @@ def _correct_plan(
     `--resume` starts over, not a folder holding no run."""
     if steps < 3 or run.config.compile:  # too few steps to time; compilation is not the pace
         return
-    pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
+    if pace is None:
+        pace = (stats.seconds - stats.first_step) / (steps - 1)  # the first step warms up
     scored = len(run.val_labels) + plan.n_test  # each epoch scores validation and test
     val_image, per_epoch = plan.val_image, plan.val_image * scored
     if ended is not None:
@@ -417,6 +419,14 @@ def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
     saver.best = ckpt["best_val_acc"]
 
 
+def _progress_bar(c: TrainConfig, epoch: int, start_step: int, last_step: int) -> tqdm:
+    return tqdm(
+        total=last_step, initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
+        disable=True if not c.progress else None, leave=False, unit="step", mininterval=1,
+        file=sys.stderr,
+    )  # fmt: skip
+
+
 def train_one_epoch(
     run, epoch: int, start_step: int, stats: EpochStats, stop, saver, log, plan=None
 ) -> EpochStats:
@@ -425,19 +435,16 @@ def train_one_epoch(
     run.model.train()
     apply_freeze(run, epoch, log)
     if stats.lr is None:  # the schedule's lr, whatever the first group's multiplier
-        group = run.optimizer.param_groups[0]
-        stats.lr = group["lr"] / group["lr_mult"]
+        stats.lr = run.optimizer.param_groups[0]["lr"] / run.optimizer.param_groups[0]["lr_mult"]
     # how often the loss is checked: each check waits for the device (a cost on CUDA)
     check_every = 1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
-    bar = tqdm(
-        total=n, initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}", disable=True if not c.progress else None,
-        leave=False, unit="step", mininterval=1, file=sys.stderr,
-    )  # fmt: skip
+    bar = _progress_bar(c, epoch, start_step, last_step)
     t0, cpu0 = time.perf_counter() - stats.seconds, time.process_time()
     loss_sum = torch.tensor(stats.loss_sum, device=run.hw.device)
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
     batches = run.batches.epoch(epoch, start_step)
+    marks = []  # when each step ended, for a correction within the epoch
     for step in itertools.count(start_step):
         if step >= last_step:  # a time budget's correction may move it
             break
@@ -469,10 +476,15 @@ def train_one_epoch(
         if stop.received is not None or save_now:
             _sync(stats, loss_sum, correct, t0)
             _save_mid_epoch(run, epoch, step + 1, stats, saver, stop, bar)
-        if plan is not None and plan.due(run, epoch * n + step + 1):
+        if plan is not None:
+            marks.append(time.perf_counter())
+        if plan is not None and len(marks) >= 3 and plan.due(run, epoch * n + step + 1):
             _sync(stats, loss_sum, correct, t0)
-            _correct_plan(run, plan, epoch, step + 1, stats, saver, log)
+            half = len(marks) // 2  # the epoch's later steps: its first ones still warm up
+            pace = (marks[-1] - marks[half]) / (len(marks) - 1 - half)
+            _correct_plan(run, plan, epoch, step + 1, stats, saver, log, pace=pace)
             last_step = epoch_steps(run.config, n, epoch)
+            bar.total = last_step
             bar.set_description(f"epoch {epoch + 1}/{run.config.epochs}")
     bar.close()
     if epoch == run.config.epochs - 1:
