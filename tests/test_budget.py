@@ -670,13 +670,14 @@ def test_a_correction_within_an_epoch_times_its_later_steps_not_its_warm_up(
     real_step, real_fit, taken = train_module.train_step, budget.fit_to_budget, []
     clock = [time.perf_counter()]
 
-    def warming_step(run, *args):  # the first three steps take 0.5 s, the rest 0.01 s
+    def warming_step(run, *args):  # 3 steps of 0.5 s, 6 of 0.01 s, then other work: 0.1 s
         taken.append(1)
-        clock[0] += 0.5 if len(taken) <= 3 else 0.01
+        clock[0] += 0.5 if len(taken) <= 3 else 0.01 if len(taken) <= 9 else 0.1
         return real_step(run, *args)
 
     timer = types.SimpleNamespace(perf_counter=lambda: clock[0], process_time=time.process_time)
-    monkeypatch.setattr(train_module, "time", timer)  # the loop's clock: only the steps advance it
+    monkeypatch.setattr(train_module, "time", timer)  # the run's clock: only the steps advance it
+    monkeypatch.setattr(budget, "time", timer)
 
     def fit_late(run, started, log, *args):  # a plan with 5 s of its budget left
         plan = real_fit(run, started, log, *args)
@@ -686,11 +687,17 @@ def test_a_correction_within_an_epoch_times_its_later_steps_not_its_warm_up(
     monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=0.05, val_image=0.001))
     monkeypatch.setattr(train_module, "train_step", warming_step)
     monkeypatch.setattr(train_module, "fit_to_budget", fit_late)
-    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done == 7 and not plan.checks)
+    monkeypatch.setattr(
+        budget.Plan, "due", lambda plan, run, done: (done, plan.checks) in {(7, 0), (13, 1)}
+    )
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         width=0.25, epochs=1, batch_size=2, val_size=6, lr=0.01, time_budget=60.0)  # fmt: skip
+                         width=0.25, epochs=1, batch_size=2, val_size=6, lr=0.01, time_budget=60.0,
+                         on_nan="skip")  # fmt: skip
     said = []
     train(config, tmp_path / "run", log=said.append)
     line = next(s for s in said if s.startswith("time budget: 7 steps of epoch 1 ran at"))
     pace = float(line.split(" ran at ")[1].split()[0])
     assert pace == pytest.approx(0.01), line  # not the whole epoch so far: (2 * 0.5 + 4 * 0.01) / 6
+    line = next(s for s in said if s.startswith("time budget: 13 steps of epoch 1 ran at"))
+    pace = float(line.split(" ran at ")[1].split()[0])
+    assert pace == pytest.approx(0.1), line  # since the last check, not the epoch's later half

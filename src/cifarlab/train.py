@@ -480,9 +480,12 @@ def train_one_epoch(
             marks.append(time.perf_counter())
         if plan is not None and len(marks) >= 3 and plan.due(run, epoch * n + step + 1):
             _sync(stats, loss_sum, correct, t0)
-            half = len(marks) // 2  # the epoch's later steps: its first ones still warm up
+            # the later half of the steps since the epoch began (its first ones still warm
+            # up) or since the last check (a pace that changed since is followed at once)
+            half = len(marks) // 2
             pace = (marks[-1] - marks[half]) / (len(marks) - 1 - half)
             _correct_plan(run, plan, epoch, step + 1, stats, saver, log, pace=pace)
+            marks = marks[-1:]
             last_step = epoch_steps(run.config, n, epoch)
             bar.total = last_step
             bar.set_description(f"epoch {epoch + 1}/{run.config.epochs}")
