@@ -578,13 +578,12 @@ def _run_rules(config: TrainConfig, world: int) -> Iterator[str]:
         yield f"batch_size={config.batch_size} must divide by the {world} processes (global batch)"
 
 
-RUNTIME_KEYS = frozenset(k for k, f in FIELDS.items() if f.metadata.get("runtime"))
 LENGTH_KEYS = tuple(k for k, f in FIELDS.items() if f.metadata.get("length"))
 
 
 def run_settings(config: TrainConfig) -> dict[str, Any]:
     """What `config` computes: every key but the runtime ones, which a resumed run takes anew."""
-    return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in config.to_dict().items() if not FIELDS[k].metadata.get("runtime")}
 
 
 def with_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
@@ -613,7 +612,7 @@ def with_steps(config: TrainConfig, steps: int, steps_per_epoch: int) -> TrainCo
 def smallest_chunk(config: TrainConfig, world: int = 1) -> tuple[int, int]:
     """(the per-process batch, the fewest images a `micro_batch` chunk of it holds: the last
     chunk may be the smaller); 0 chunks when each process forwards its batch whole."""
-    per_process, chunk = config.batch_size // max(1, world), config.micro_batch
+    per_process, chunk = config.batch_size // world, config.micro_batch
     if not 0 < chunk < per_process:
         return per_process, 0
     return per_process, per_process % chunk or chunk
@@ -682,7 +681,7 @@ def differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         dataclasses.replace(c, split_seed=split_seed(c), data=absolute_data(c.data))
         for c in (saved, wanted)
     )
-    differ = {k for k in FIELDS.keys() - RUNTIME_KEYS - left if getattr(old, k) != getattr(new, k)}
+    differ = {k for k, v in run_settings(old).items() if k not in left and v != getattr(new, k)}
     if "epochs" in differ:
         differ -= {k for k in differ if FIELDS[k].metadata.get("scaled")}
     return [k for k in FIELDS if k in differ]
