@@ -106,7 +106,7 @@ def _other_data(
         return onto_classes(scored, classes, where), split
     if not src.plain and src.test is not None:
         return onto_classes(src.test, classes, where), "test"
-    parts = [onto_classes(s, classes, where) for s in (src.train, src.val) if s is not None]
+    parts = [onto_classes(s, classes, where) for s in src.splits().values()]  # test/ is none
     return ImageSet(
         np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
         classes, [path for p in parts for path in p.paths],

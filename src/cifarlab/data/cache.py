@@ -163,9 +163,7 @@ def load(root: Path, key: str) -> SourceData | None:
 def save(root: Path, key: str, data: SourceData) -> None:
     npz = _file(root, key)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str), "plain": np.asarray(data.plain)}
-    for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
-        if ds is None:
-            continue
+    for name, ds in data.splits().items():
         arrays[f"{name}_images"] = ds.images
         arrays[f"{name}_labels"] = ds.labels
         arrays[f"{name}_classes"] = np.asarray(ds.classes, dtype=str)

@@ -365,15 +365,14 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"), plain)
 
 
-def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
-    """Every split folder holds the first's classes (of `classes`, when a selection is given)."""
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    named = [
-        (k, {c for c in ds.classes if not classes or c in classes})
-        for k, ds in splits.items()
-        if ds is not None
+def _check_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
+    """Every split folder holds the first's classes (of `classes`, when a selection is given).
+    Class names go into one-line outputs (predict, logs, errors, figure labels): a newline, tab
+    or escape code in one would break the line or drive the terminal, so it is refused."""
+    splits = data.splits()
+    (first, ref), *others = [
+        (k, {c for c in ds.classes if not classes or c in classes}) for k, ds in splits.items()
     ]
-    (first, ref), *others = named
     for name, have in others:
         if have != ref:
             among = " among the selected classes" if classes else ""
@@ -381,6 +380,12 @@ def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> N
                 f"--data {src}: {first} and {name} classes differ{among} (only in {first}: "
                 f"{sorted(ref - have)}, only in {name}: {sorted(have - ref)}); make both folders "
                 "hold the same class folders"
+            )
+    for name in (name for ds in splits.values() for name in ds.classes):
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise UserError(
+                f"--data {src}: class folder {name!r} has a control character (newline, tab) "
+                "in its name; rename the folder"
             )
 
 
@@ -400,21 +405,8 @@ def load_source(
     if data is None:
         cache.ensure_writable(root)
         data = _decode_folder(path, root, key, size, on_bad)
-    _check_same_classes(src, data, classes)
-    _check_class_names(src, data)
+    _check_classes(src, data, classes)
     return data
-
-
-def _check_class_names(src: str, data: SourceData) -> None:
-    """Class names go into one-line outputs (predict, logs, errors, figure labels): a newline,
-    tab or escape code in one would break the line or drive the terminal, so it is refused."""
-    for ds in (data.train, data.val, data.test):
-        for name in ds.classes if ds else ():
-            if any(unicodedata.category(c) == "Cc" for c in name):
-                raise UserError(
-                    f"--data {src}: class folder {name!r} has a control character (newline, tab) "
-                    "in its name; rename the folder"
-                )
 
 
 def _decode_folder(path: Path, root: Path, key: str, size: int, on_bad: str) -> SourceData:
