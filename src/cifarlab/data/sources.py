@@ -174,21 +174,20 @@ def _split_folders(root: Path) -> dict[str, Path]:
     None where every folder so named holds images and no folders, beside other folders: classes
     of a plain layout (`cat/`, `test/`; CIFAR-100 has a class called train). `train/` and `test/`
     alone of loose images are splits without their class folders, not a two-class model."""
-    found = {}
     folders = sorted(p for p in _visible(root) if p.is_dir())
-    named = [p for p in folders if p.name.lower() in NEAR_SPLITS or _split_of(p.name)]
-    if len(named) < len(folders) and all(map(_class_folder, named)):
-        return {}
     near = [p for p in folders if p.name.lower() in NEAR_SPLITS]
-    splits = [p for p in folders if any(p.name.lower() in n for n in SPLIT_FOLDERS.values())]
+    splits = [p for p in folders if _split_of(p.name)]
+    if len(near + splits) < len(folders) and all(map(_class_folder, near + splits)):
+        return {}
     if near and (splits or len(near) > 1):
         raise UserError(
             f"{near[0]}: not a split folder cifarlab reads; rename it "
             f"{NEAR_SPLITS[near[0].name.lower()]} (split folders: train/, val/ or valid/ or "
             "validation/, test/; any case)"
         )
+    found = {}
     for split, names in SPLIT_FOLDERS.items():
-        dirs = [p for p in folders if p.name.lower() in names]
+        dirs = [p for p in splits if p.name.lower() in names]
         if len(dirs) > 1:
             raise UserError(
                 f"{root}: both {' and '.join(d.name + '/' for d in dirs)} hold {split} images; keep one"
