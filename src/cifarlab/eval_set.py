@@ -121,7 +121,7 @@ def same_source(a: str, b: str) -> bool:
 def _data_present(src: str) -> bool:
     """A dataset name (downloaded when missing), a folder, or an archive file."""
     path = expand(src)
-    return src in DATASETS or path.is_dir() or (path.is_file() and is_archive(path))
+    return src in DATASETS or path.is_dir() or is_archive(path)
 
 
 def _source_args(config: TrainConfig) -> tuple:
