@@ -106,7 +106,7 @@ def _other_data(
         return onto_classes(scored, classes, where), split
     if not src.plain and src.test is not None:
         return onto_classes(src.test, classes, where), "test"
-    parts = [onto_classes(s, classes, where) for s in (src.train, src.val) if s is not None]
+    parts = [onto_classes(s, classes, where) for s in src.splits().values()]  # test/ is none
     return ImageSet(
         np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
         classes, [path for p in parts for path in p.paths],
@@ -121,7 +121,7 @@ def same_source(a: str, b: str) -> bool:
 def _data_present(src: str) -> bool:
     """A dataset name (downloaded when missing), a folder, or an archive file."""
     path = expand(src)
-    return src in DATASETS or path.is_dir() or (path.is_file() and is_archive(path))
+    return src in DATASETS or path.is_dir() or is_archive(path)
 
 
 def _source_args(config: TrainConfig) -> tuple:

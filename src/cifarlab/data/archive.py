@@ -206,8 +206,7 @@ def extract_archive(archive: Path, dest: Path) -> Path:
         why = first_line(exc).rstrip(":")  # tarfile lists each method it tried on lines below
         raise UserError(f"{archive}: cannot extract ({why}); is the file complete?") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         if held is not None:
             os.close(held)
     return dest

@@ -26,13 +26,6 @@ FORMAT = 9  # raised whenever the cached layout, the decoding (which folders are
 UNUSED_S = 30 * 86400  # another FORMAT's file read by no install for this long is removed
 
 
-def _stat(path: str) -> os.stat_result:
-    try:
-        return os.stat(path)
-    except OSError:
-        return os.lstat(path)  # a dangling symlink: its own stat, so a later fix changes the key
-
-
 def _folder_stamp(root: Path) -> str:
     """A digest of every (relative path, mode, size, mtime) below `root`, folders included, so
     that a file moved to another class folder (mv keeps size and mtime), two files swapping names
@@ -48,7 +41,8 @@ def _folder_stamp(root: Path) -> str:
         dirs.sort()
         for name in [*sorted(files), *dirs]:
             full = os.path.join(dirpath, name)
-            st = _stat(full)
+            # a dangling link by its own stat, so that a later fix changes the key
+            st = os.stat(full) if os.path.exists(full) else os.lstat(full)
             rel = os.fsencode(os.path.relpath(full, root))
             h.update(b"%s\0%d\0%d\0%d\n" % (rel, st.st_mode, st.st_size, st.st_mtime_ns))
     return h.hexdigest()
@@ -163,9 +157,7 @@ def load(root: Path, key: str) -> SourceData | None:
 def save(root: Path, key: str, data: SourceData) -> None:
     npz = _file(root, key)
     arrays = {"skipped": np.asarray(data.skipped, dtype=str), "plain": np.asarray(data.plain)}
-    for name, ds in (("train", data.train), ("test", data.test), ("val", data.val)):
-        if ds is None:
-            continue
+    for name, ds in data.splits().items():
         arrays[f"{name}_images"] = ds.images
         arrays[f"{name}_labels"] = ds.labels
         arrays[f"{name}_classes"] = np.asarray(ds.classes, dtype=str)

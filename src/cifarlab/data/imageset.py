@@ -44,3 +44,7 @@ class SourceData:
     # a val/, valid/ or validation/ folder beside train/: the validation split instead of a held-out slice
     val: ImageSet | None = None
     plain: bool = False  # a plain `<class>/` folder: `train` is all of one labelled set
+
+    def splits(self) -> dict[str, ImageSet]:
+        named = {"train": self.train, "val": self.val, "test": self.test}
+        return {name: ds for name, ds in named.items() if ds is not None}

@@ -174,21 +174,20 @@ def _split_folders(root: Path) -> dict[str, Path]:
     None where every folder so named holds images and no folders, beside other folders: classes
     of a plain layout (`cat/`, `test/`; CIFAR-100 has a class called train). `train/` and `test/`
     alone of loose images are splits without their class folders, not a two-class model."""
-    found = {}
     folders = sorted(p for p in _visible(root) if p.is_dir())
-    named = [p for p in folders if p.name.lower() in NEAR_SPLITS or _split_of(p.name)]
-    if len(named) < len(folders) and all(map(_class_folder, named)):
-        return {}
     near = [p for p in folders if p.name.lower() in NEAR_SPLITS]
-    splits = [p for p in folders if any(p.name.lower() in n for n in SPLIT_FOLDERS.values())]
+    splits = [p for p in folders if _split_of(p.name)]
+    if len(near + splits) < len(folders) and all(map(_class_folder, near + splits)):
+        return {}
     if near and (splits or len(near) > 1):
         raise UserError(
             f"{near[0]}: not a split folder cifarlab reads; rename it "
             f"{NEAR_SPLITS[near[0].name.lower()]} (split folders: train/, val/ or valid/ or "
             "validation/, test/; any case)"
         )
+    found = {}
     for split, names in SPLIT_FOLDERS.items():
-        dirs = [p for p in folders if p.name.lower() in names]
+        dirs = [p for p in splits if p.name.lower() in names]
         if len(dirs) > 1:
             raise UserError(
                 f"{root}: both {' and '.join(d.name + '/' for d in dirs)} hold {split} images; keep one"
@@ -365,15 +364,14 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"), plain)
 
 
-def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
-    """Every split folder holds the first's classes (of `classes`, when a selection is given)."""
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    named = [
-        (k, {c for c in ds.classes if not classes or c in classes})
-        for k, ds in splits.items()
-        if ds is not None
+def _check_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
+    """Every split folder holds the first's classes (of `classes`, when a selection is given).
+    Class names go into one-line outputs (predict, logs, errors, figure labels): a newline, tab
+    or escape code in one would break the line or drive the terminal, so it is refused."""
+    splits = data.splits()
+    (first, ref), *others = [
+        (k, {c for c in ds.classes if not classes or c in classes}) for k, ds in splits.items()
     ]
-    (first, ref), *others = named
     for name, have in others:
         if have != ref:
             among = " among the selected classes" if classes else ""
@@ -381,6 +379,12 @@ def _check_same_classes(src: str, data: SourceData, classes: Sequence[str]) -> N
                 f"--data {src}: {first} and {name} classes differ{among} (only in {first}: "
                 f"{sorted(ref - have)}, only in {name}: {sorted(have - ref)}); make both folders "
                 "hold the same class folders"
+            )
+    for name in (name for ds in splits.values() for name in ds.classes):
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise UserError(
+                f"--data {src}: class folder {name!r} has a control character (newline, tab) "
+                "in its name; rename the folder"
             )
 
 
@@ -400,21 +404,8 @@ def load_source(
     if data is None:
         cache.ensure_writable(root)
         data = _decode_folder(path, root, key, size, on_bad)
-    _check_same_classes(src, data, classes)
-    _check_class_names(src, data)
+    _check_classes(src, data, classes)
     return data
-
-
-def _check_class_names(src: str, data: SourceData) -> None:
-    """Class names go into one-line outputs (predict, logs, errors, figure labels): a newline,
-    tab or escape code in one would break the line or drive the terminal, so it is refused."""
-    for ds in (data.train, data.val, data.test):
-        for name in ds.classes if ds else ():
-            if any(unicodedata.category(c) == "Cc" for c in name):
-                raise UserError(
-                    f"--data {src}: class folder {name!r} has a control character (newline, tab) "
-                    "in its name; rename the folder"
-                )
 
 
 def _decode_folder(path: Path, root: Path, key: str, size: int, on_bad: str) -> SourceData:

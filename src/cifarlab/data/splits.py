@@ -123,9 +123,8 @@ def load_splits(config: TrainConfig, source: SourceData | None = None) -> Splits
 
 
 def default_split(config: TrainConfig, val_folder: bool | str) -> str:
-    """What `config`'s run is scored on unless told: "val" where it had a validation split, held
-    out (`val_size`) or its data's val/ folder (`val_folder`, from the data already loaded),
-    else "test"."""
+    """What a run is scored on unless told: "val" where it had a validation split, held out or
+    its data's val folder (`val_folder`, from the data already loaded), else "test"."""
     return "val" if config.val_size or val_folder else "test"
 
 
