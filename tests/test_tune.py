@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from functools import partial
 
 import optuna
 import pytest
@@ -419,6 +420,28 @@ def test_a_shared_storage_says_where_the_trials_of_another_out_are(
     assert f"best: trial 0 (its run in {tmp_path / 'a' / 'trial-000'})" in out
 
 
+def test_two_tunes_sharing_a_study_stop_at_its_trials_between_them(synthetic_images, tmp_path):
+    """Each counted only finished trials: with --trials 4, the tune whose trial ended while
+    the other's fourth ran started a fifth."""
+    args = _tune_args(synthetic_images, tmp_path, "t", "--epochs", "2", "--no-progress")
+    args[args.index("--trials") + 1] = "4"
+    args = [sys.executable, "-m", "cifarlab", *args, "--set", "threads=1"]
+    tune = partial(
+        subprocess.Popen, args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    tunes = [tune()]
+    deadline = time.time() + 60
+    while not (tmp_path / "t" / "trial-000").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the second starts as the first trains: the study is made once
+    tunes.append(tune())
+    said = [t.communicate(timeout=240)[0] for t in tunes]
+    assert [t.returncode for t in tunes] == [0, 0], said
+    storage = f"sqlite:///{tmp_path / 't' / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4, (states, said)
+
+
 @pytest.mark.parametrize("name", ["t?x", "t#1", "t%41", "a b é"])
 def test_the_default_study_lives_inside_an_out_named_with_url_characters(
     synthetic_images, tmp_path, monkeypatch, capsys, name
@@ -501,8 +524,8 @@ def test_trials_a_killed_tune_left_running_are_marked_failed_when_the_study_cont
                    (datetime.now() - timedelta(seconds=long_ago), never_beat.number))  # fmt: skip
         db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now') WHERE trial_id = ?",
                    (live._trial_id,))  # fmt: skip
-    messages = []
-    done = run_tune(_small(synthetic_images, tmp_path, 2), log=messages.append)
+    messages = []  # 3: the live trial counts toward --trials, as one more finished trial does
+    done = run_tune(_small(synthetic_images, tmp_path, 3), log=messages.append)
     states = {t.number: t.state.name for t in done.trials}
     assert states[never_beat.number] == states[beat.number] == "FAIL"
     assert states[live.number] == "RUNNING"  # another tune's, beating: left alone

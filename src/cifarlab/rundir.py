@@ -69,6 +69,12 @@ def _holder(lock: Path) -> int | None:
     return None
 
 
+def abandoned(run_dir: Path) -> bool:
+    """Whether `run_dir` holds the lock file of a process that died training it (no process
+    holds its `flock`; one that ended otherwise removed it)."""
+    return (run_dir / ".lock").is_file() and _holder(run_dir / ".lock") is None
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.fstat(fd).st_ino == os.stat(path).st_ino

@@ -32,6 +32,7 @@ from cifarlab.data.splits import check_sizes, default_split, load_splits
 from cifarlab.errors import Interrupted, TrainingFailed, UserError, first_line, import_extra
 from cifarlab.rundir import (
     RunDirTaken,
+    abandoned,
     check_not_a_run,
     prepare_run_dir,
     removed_if_unstarted,
@@ -88,19 +89,22 @@ def run_tune(opts: TuneOptions, log=print):
         study = _open_study(name, opts.storage, opts.out / "study.db" if default else None)
         _same_settings(study, base, opts)
     _fail_stopped_trials(study, log)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = [t for t in study.trials if t.state in finished]
-    log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished")
+    done = [t for t in study.trials if t.state.name in FINISHED]
+    running = _counted(study) - len(done)
+    running = f" ({running} running in another tune)" if running else ""
+    log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished{running}")
     _say_elsewhere(done, opts, log)
     _say_search(base, opts, log)
     upcoming = _trial_dir(opts, len(study.trials))
     if upcoming.exists():  # another study's: refused before a trial
         raise _taken(opts, upcoming)
-    if len(done) < opts.trials:
-        objective = partial(_trial, base=base, opts=opts, log=log)
-        study.optimize(
-            objective, callbacks=[optuna.study.MaxTrialsCallback(opts.trials, states=finished)]
-        )
+    if _counted(study) < opts.trials:
+
+        def enough(study, _trial) -> None:  # checked as each trial ends, before the next starts
+            if _counted(study) >= opts.trials:
+                study.stop()
+
+        study.optimize(partial(_trial, base=base, opts=opts, log=log), callbacks=[enough])
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise TrainingFailed(
             f"study '{name}': no trial completed (of {len(study.trials)}: diverged or pruned), so "
@@ -115,6 +119,7 @@ def run_tune(opts: TuneOptions, log=print):
     return study
 
 
+FINISHED = ("COMPLETE", "PRUNED")  # the states of a trial that counts as done
 RUN_DIR = "run_dir"  # a trial's user attribute: the folder it trained in
 GRACE_SECONDS = 90  # a RUNNING trial without a heartbeat for this long is a stopped tune's
 
@@ -141,6 +146,21 @@ def _fail_stopped_trials(study, log) -> None:
         trials, its = ("trials", "their") if len(failed) > 1 else ("trial", "its")
         log(f"note: {trials} {', '.join(map(str, failed))} left running by a tune that was "
             f"killed: marked failed, others run in {its} place")  # fmt: skip
+
+
+def _counted(study) -> int:
+    """The trials that count toward --trials: finished, or running in a tune that lives (this
+    or another process sharing the storage), so that tunes running side by side stop at
+    --trials between them. A running trial whose folder holds a lock no process holds was
+    left by a killed tune: it does not count (`_fail_stopped_trials` fails it in time and its
+    settings run again)."""
+
+    def counts(t) -> bool:
+        if t.state.name != "RUNNING":
+            return t.state.name in FINISHED
+        return RUN_DIR not in t.user_attrs or not abandoned(Path(t.user_attrs[RUN_DIR]))
+
+    return sum(map(counts, study.get_trials(deepcopy=False)))
 
 
 def _trial_dir(opts: TuneOptions, number: int) -> Path:
