@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 import shutil
 import signal
@@ -99,17 +100,19 @@ def test_list_and_unknown_suite(capsys):
 
 @pytest.fixture(scope="module")
 def finished(real_jpegs, tmp_path_factory):
-    """SUITE trained (1 epoch a run) into `<root>/out`: (its file, its options, its rows).
-    Tests that write into --out copy it first."""
+    """SUITE trained (1 epoch a run) into `<root>/out`: (its file, its options, its rows, what
+    it said). Tests that write into --out copy it first."""
     root = tmp_path_factory.mktemp("suite")
     (root / "s.yaml").write_text(SUITE)
     overrides = {**TINY, "data": str(real_jpegs), "data_root": str(root / "d")}
     opts = SuiteOptions(root / "out", epochs=1, overrides=overrides)
-    return root / "s.yaml", opts, run_suite(str(root / "s.yaml"), opts, log=lambda s: None)
+    messages = []
+    rows = run_suite(str(root / "s.yaml"), opts, log=messages.append)
+    return root / "s.yaml", opts, rows, messages
 
 
 def test_suite_writes_table_plot_index_and_skips_finished_runs(finished, tmp_path):
-    path, opts, rows = finished
+    path, opts, rows, _ = finished
     assert [r["run"] for r in rows] == ["plain", "flip"] and rows[0]["gain"] == 0.0
     for name in ("results.csv", "results.md", "curves.png", "index.html"):
         assert (opts.out / name).is_file()
@@ -127,10 +130,35 @@ def test_suite_writes_table_plot_index_and_skips_finished_runs(finished, tmp_pat
     assert (opts.out / "flip" / "eval-val" / "report.json").is_file()
 
 
+def test_a_suite_says_its_precision_decision_once_not_once_a_run(finished):
+    said = finished[3]
+    amp = [m for m in said if "amp: " in m]
+    assert amp == ["amp: auto -> fp32 (this CPU has no bf16 instructions)"], said
+    assert said.index(amp[0]) > said.index("[plain] training: no augmentation, 1 epoch")
+
+
+def test_a_rerun_of_a_finished_suite_writes_its_tables_without_reading_the_data(
+    finished, tmp_path, monkeypatch
+):
+    """Every run finished earlier: nothing reads the data (decoding a large set takes minutes)."""
+    path, opts, *_ = finished
+    opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"))
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("cifarlab.data.load_splits", unread)
+    monkeypatch.setattr("cifarlab.data.splits.load_splits", unread)
+    messages = []
+    rows = run_suite(str(path), opts, log=messages.append)
+    assert sum("finished earlier" in m for m in messages) == 2 and "best_val_acc" in rows[1]
+    assert (opts.out / "results.md").is_file()
+
+
 def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_again(
     finished, tmp_path
 ):
-    path, opts, _ = finished
+    path, opts, *_ = finished
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
     messages = []
     run_suite(str(path), dataclasses.replace(opts, only="plain"), log=messages.append)
@@ -154,7 +182,7 @@ def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_a
 def test_a_run_another_suite_renamed_first_is_not_an_error(finished, tmp_path, monkeypatch):
     from cifarlab import train
 
-    path, opts, _ = finished
+    path, opts, *_ = finished
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
     read = train.saved_config
 
@@ -172,7 +200,7 @@ def test_a_run_another_suite_renamed_first_is_not_an_error(finished, tmp_path, m
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_renamed_too(finished, tmp_path):
-    path, opts, _ = finished
+    path, opts, *_ = finished
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
     for file in (opts.out / "plain").iterdir():  # stopped in its first epoch: config.yaml alone
         if file.name != "config.yaml":
@@ -185,7 +213,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_renamed_too(finished, tmp_
 def test_a_run_another_process_trains_is_not_trained_again_under_its_new_name(finished, tmp_path):
     from cifarlab.rundir import RunLock
 
-    path, opts, _ = finished
+    path, opts, *_ = finished
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"), seeds=[0, 1])
     with RunLock(opts.out / "plain"), pytest.raises(UserError, match="plain is in use"):
         run_suite(str(path), dataclasses.replace(opts, only="plain"), log=lambda s: None)
@@ -300,7 +328,7 @@ def test_a_divergence_cut_short_while_recorded_leaves_no_diverged_txt(tmp_path, 
 
 
 def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(finished, tmp_path):
-    _path, opts, _rows = finished
+    _path, opts, *_ = finished
     shutil.copytree(opts.out / "plain", tmp_path / "o" / "plain")  # finished: skipped
     path = tmp_path / "s.yaml"
     path.write_text(
@@ -532,14 +560,17 @@ def test_a_report_older_than_the_runs_end_is_scored_again(tmp_path):
     from cifarlab.suites import _skipped
 
     run = SimpleNamespace(requires="")
+    result = {"seconds": 1.0, "images_per_s": 1.0, "epochs": 1, "final_val_acc": 0.5}
     (tmp_path / "eval-val").mkdir()
     (tmp_path / "eval-val" / "report.json").write_text("{}")  # an evaluate while it trained
-    (tmp_path / "result.json").write_text("{}")
+    (tmp_path / "result.json").write_text(json.dumps({**result, "best_val_acc": 0.5}))
     os.utime(tmp_path / "eval-val" / "report.json", (1e9, 1e9))
-    assert _skipped(run, tmp_path, "val") == ""  # trained on after that report: evaluated again
+    assert _skipped(run, tmp_path) == ""  # trained on after that report: evaluated again
     (tmp_path / "eval-val" / "report.json").write_text("{}")
-    assert "finished earlier" in _skipped(run, tmp_path, "val")
-    assert _skipped(run, tmp_path, "test") == ""  # its report is eval-test/: none yet
+    assert "finished earlier" in _skipped(run, tmp_path)
+    # without a validation split its report is eval-test/: none yet
+    (tmp_path / "result.json").write_text(json.dumps({**result, "best_val_acc": None}))
+    assert _skipped(run, tmp_path) == ""
 
 
 @pytest.mark.parametrize("val_folder", [True, False])

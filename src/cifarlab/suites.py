@@ -10,6 +10,7 @@ import math
 import re
 import statistics
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +249,6 @@ def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
 
 def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     from cifarlab.data.sources import check_outside_images
-    from cifarlab.data.splits import default_split
     from cifarlab.evaluate import EvalOptions, evaluate
     from cifarlab.report.suite import write_suite_report
     from cifarlab.train import train
@@ -269,17 +269,18 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     check_not_a_run(opts.out, "a suite writes its runs and tables", f"{opts.out.resolve()}-suite")
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     check_out(opts.out)  # a file where --out goes: said before the data is read
-    val_folders = _refuse_bad_data(jobs)
     _adopt_renamed(every, opts.out)
+    _refuse_bad_data(jobs)
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
+    said: set[str] = set()
     for run, run_dir, config in jobs:
-        skipped = _skipped(run, run_dir, default_split(config, val_folders.get(config.data, False)))
+        skipped = _skipped(run, run_dir)
         if skipped:
             log(f"[{run_dir.name}] {skipped}")
             continue
-        say = lambda s, n=run_dir.name: log(f"  [{n}] {s}")  # noqa: E731
+        say = partial(_say, log, f"  [{run_dir.name}] ", said)
         resuming = (run_dir / "last.pt").is_file()
         log(f"[{run_dir.name}] {'resuming' if resuming else 'training'}: {run.changes}")
         try:
@@ -310,6 +311,16 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     return rows
 
 
+def _say(log, prefix: str, said: set[str], line: str) -> None:
+    """A run's line, under its name; the precision decision (`amp: ...`) is the suite's, said
+    once (again only where a run decides otherwise)."""
+    if not line.startswith("amp: "):
+        log(prefix + line)
+    elif line not in said:
+        said.add(line)
+        log(line)
+
+
 def _only(suite: Suite, only: str | None) -> str | None:
     """The run `--only` names: by its name, or by its name in the suite file where --recipe
     renamed it (`seed-cnn`, run as `lesson-cnn`)."""
@@ -324,27 +335,30 @@ def _only(suite: Suite, only: str | None) -> str | None:
     raise UserError(f"--only {only}: no such run in suite {suite.name}; runs: {', '.join(names)}")
 
 
-def _refuse_bad_data(jobs: list) -> dict[str, bool]:
+def _refuse_bad_data(jobs: list) -> None:
     """Bad data on the command line (a missing --data, a --val-size or --subset larger than the
     data, a batch larger than the training split) is refused before --out is made: when no run's
     data would load, the suite is bad input, not a table of runs that "cannot start" (exit 1).
     A problem of some runs only (a `classes` in one run's `set`) is said in their rows. Runs
-    without a validation split are compared on test, so their data must have one. Nothing is
-    refused for data that does not load when every run finished earlier: the tables are
-    written again from their files. Returns whether each run's data without --val-size has a
-    val/ folder (then val is theirs after all)."""
+    without a validation split are compared on test, so their data must have one. Only the data
+    of runs that train now is read: that of a run that finished or diverged earlier counts as
+    good (it trained on it), so a rerun of a finished suite writes its tables without it."""
     from cifarlab.data import load_splits
-    from cifarlab.data.splits import check_sizes, default_split
+    from cifarlab.data.splits import check_sizes
 
-    errors, val_folders = [], {}
-    for config in {_data_key(c): c for _, _, c in jobs}.values():  # sizes do not depend on seeds
+    loaded, trained = {}, set()  # sizes do not depend on seeds: one load per `_data_key`
+    for run, run_dir, config in jobs:
+        if not _skipped(run, run_dir):
+            loaded.setdefault(_data_key(config), config)
+        elif not run.requires:
+            trained.add(_data_key(config))
+    errors = []
+    for config in loaded.values():
         try:
             splits = load_splits(config)
         except UserError as exc:
             errors.append(exc)
             continue
-        if not config.val_size:
-            val_folders[config.data] = splits.val_folder
         if not len(splits.val) and splits.test is None:
             raise UserError(
                 f"--val-size 0: {config.data} has no test split, so the runs would have no "
@@ -355,12 +369,8 @@ def _refuse_bad_data(jobs: list) -> dict[str, bool]:
             check_sizes(config, splits)
         except UserError as exc:
             errors.append(exc)
-    if not errors or len(errors) < len({_data_key(c) for _, _, c in jobs}):
-        return val_folders
-    split = lambda c: default_split(c, val_folders.get(c.data, False))  # noqa: E731
-    if not all(_skipped(run, run_dir, split(c)) for run, run_dir, c in jobs):
+    if errors and len(errors) == len(loaded) and trained <= loaded.keys():
         raise errors[0]
-    return val_folders
 
 
 def _data_key(config: TrainConfig) -> tuple:
@@ -371,16 +381,21 @@ def _data_key(config: TrainConfig) -> tuple:
             config.subset, config.val_size, config.batch_size)  # fmt: skip
 
 
-def _skipped(run: SuiteRun, run_dir: Path, split: str) -> str:
-    """Why a job does not train now ("" when it does); `split`: the one its report scores."""
+def _skipped(run: SuiteRun, run_dir: Path) -> str:
+    """Why a job does not train now ("" when it does). A finished run is scored on val where it
+    had a validation split (its result holds a val accuracy), else on test, as `evaluate`
+    chooses: no data is read to tell."""
     if run.requires:
         return f"cannot start: needs {run.requires}"
     if (run_dir / DIVERGED).is_file():  # the same config and seed would diverge again
         return f"diverged earlier ({run_dir / DIVERGED}), skipped"
+    result = read_result(run_dir)
+    if result is None:
+        return ""
+    split = "test" if result["best_val_acc"] is None else "val"
     report = run_dir / f"eval-{split}" / "report.json"  # written last: complete
-    result = run_dir / "result.json"
     # a report older than the run's end scored weights from before it (an evaluate mid-run)
-    if result.is_file() and report.is_file() and report.stat().st_mtime >= result.stat().st_mtime:
+    if report.is_file() and report.stat().st_mtime >= (run_dir / "result.json").stat().st_mtime:
         return "finished earlier with this config, skipped"
     return ""
 
