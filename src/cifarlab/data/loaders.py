@@ -1,5 +1,6 @@
 """Batch iterators: `DeviceBatches` (uint8 data on the device, augmented a batch at a time) and
-`TorchvisionBatches` (the lesson's per-sample `DataLoader`, kept for comparison).
+`TorchvisionBatches` (the lesson's PIL per sample in `DataLoader` workers: slower, kept for
+comparison).
 
 Every draw of step s of epoch e is seeded by (seed, e, s): a run resumed mid-epoch sees exactly
 the batches and augmentations the uninterrupted run saw.
@@ -139,8 +140,6 @@ def lesson_transform(config: TrainConfig, normalize: Normalize):
 
 
 class TorchvisionBatches:
-    """The lesson's pipeline: PIL per sample in DataLoader workers. Slower; kept to compare against."""
-
     def __init__(
         self, data: ImageSet, config: TrainConfig, device: torch.device, normalize: Normalize
     ):
