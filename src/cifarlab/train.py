@@ -419,6 +419,13 @@ def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
     saver.best = ckpt["best_val_acc"]
 
 
+def _pace(marks: list[float], warming: bool) -> float:
+    """Seconds per step between `marks` (when each step ended): since the last check, or over
+    the later half of the epoch's steps so far while `warming` (its first ones still warm up)."""
+    start = len(marks) // 2 if warming else 0
+    return (marks[-1] - marks[start]) / (len(marks) - 1 - start)
+
+
 def _progress_bar(c: TrainConfig, epoch: int, start_step: int, last_step: int) -> tqdm:
     return tqdm(
         total=last_step, initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
@@ -480,10 +487,7 @@ def train_one_epoch(
             marks.append(time.perf_counter())
         if plan is not None and len(marks) >= 3 and plan.due(run, epoch * n + step + 1):
             _sync(stats, loss_sum, correct, t0)
-            # the later half of the steps since the epoch began (its first ones still warm
-            # up) or since the last check (a pace that changed since is followed at once)
-            half = len(marks) // 2
-            pace = (marks[-1] - marks[half]) / (len(marks) - 1 - half)
+            pace = _pace(marks, warming=len(marks) == step + 1 - start_step)
             _correct_plan(run, plan, epoch, step + 1, stats, saver, log, pace=pace)
             marks = marks[-1:]
             last_step = epoch_steps(run.config, n, epoch)
