@@ -5,6 +5,7 @@ import re
 import time
 
 import pytest
+import torch
 import yaml
 
 from cifarlab.budget import MIN_STEP_SECONDS, Timings, final_images, plan_steps
@@ -701,3 +702,50 @@ def test_a_correction_within_an_epoch_times_its_later_steps_not_its_warm_up(
     line = next(s for s in said if s.startswith("time budget: 14 steps of epoch 1 ran at"))
     pace = float(line.split(" ran at ")[1].split()[0])
     assert pace == pytest.approx(0.52 / 7, abs=5e-4), line  # steps 8-14, not 9-14 (0.085)
+
+
+def test_a_run_lengthened_within_its_epoch_and_killed_after_resumes_to_the_same_weights(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """The correction stretches the schedule from a mid-epoch checkpoint: a run killed after it
+    and resumed ends with the weights of the run that was not killed."""
+    import cifarlab.budget as budget
+    import cifarlab.train as train_module
+
+    class Killed(BaseException):
+        pass
+
+    def correct(plan, run, done, *args):  # after 3 steps of a 12-step run: 20 steps
+        plan.checks += 1
+        return dataclasses.replace(run.config, train_steps=20, epochs=2)
+
+    real_step, taken = train_module.train_step, []
+
+    def killed_at_step_6(run, *args):
+        taken.append(1)
+        if kill and len(taken) == 6:
+            raise Killed
+        return real_step(run, *args)
+
+    monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=0.4, val_image=0.001))
+    monkeypatch.setattr(budget, "plan_steps", lambda *args: 12)  # whatever start-up took
+    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done == 3 and not plan.checks)
+    monkeypatch.setattr(budget.Plan, "correct", correct)
+    monkeypatch.setattr(train_module, "train_step", killed_at_step_6)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=10, batch_size=2, val_size=6, lr=0.02, time_budget=60.0,
+                         on_nan="skip", ema=True, lookahead=True)  # fmt: skip
+    kill = False
+    train(config, tmp_path / "whole", log=lambda s: None)
+    kill = True
+    taken.clear()
+    with pytest.raises(Killed):
+        train(config, tmp_path / "killed", log=lambda s: None)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["next_step"] == 3  # the correction's
+    kill = False
+    train(None, tmp_path / "killed", resume=True, log=lambda s: None)
+    whole, resumed = (load_checkpoint(tmp_path / r / "last.pt") for r in ("whole", "killed"))
+    assert whole["config"]["train_steps"] == resumed["config"]["train_steps"] == 20
+    for part in ("model", "ema"):
+        for k, v in whole[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
