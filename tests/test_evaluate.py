@@ -662,6 +662,23 @@ def test_predict_prints_one_line_and_strict_json_per_image_whatever_the_names(
     json.dumps(rows).encode("utf-8")  # no lone surrogates left
 
 
+def test_predict_quotes_class_names_holding_commas_or_edge_spaces(tiny_run, tmp_path, capsys):
+    import torch
+
+    from cifarlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    ckpt["classes"] = ["cat, dog", ' say "hi"']
+    torch.save(ckpt, tmp_path / "named.pt")
+    image = _pngs(tmp_path / "img", classes=("x",), per_class=1) / "x" / "0.png"
+    assert main(["predict", str(tmp_path / "named.pt"), str(image), "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '"cat, dog" ' in out and '" say ""hi""" ' in out, out
+    assert main(["predict", str(tmp_path / "named.pt"), str(image), "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)["top_k"]
+    assert sorted(r["class"] for r in ranked) == [' say "hi"', "cat, dog"]  # as they are
+
+
 def test_scoring_runs_as_training_scored_precision_and_memory_format(monkeypatch):
     """evaluate and predict reproduce training's own figures: in bf16 the memory format alone
     moves logits (here up to 2e-4, enough to flip an image now and then)."""

@@ -1,6 +1,7 @@
 """The precision rule: bf16 where the machine's matrix units make it pay, fp32 elsewhere."""
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -73,6 +74,30 @@ def test_the_bf16_timing_is_kept_per_machine_so_the_choice_does_not_flip(monkeyp
         (tmp_path / "root" / "hardware.json").write_text("{damaged")
         bf16_speedup.cache_clear()
         assert bf16_speedup() == 0.9  # a damaged file is timed over, not an error
+    finally:
+        bf16_speedup.cache_clear()
+
+
+def test_a_timing_that_cannot_be_kept_is_said_not_kept(monkeypatch, tmp_path):
+    import errno
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("cifarlab.hardware.time_bf16_speedup", lambda: 1.7)
+    monkeypatch.setattr("cifarlab.hardware.replaced_when_complete", read_only)
+    monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "root"))
+    bf16_speedup.cache_clear()
+    try:
+        amp, reason = choose_amp("auto", CPU, NO_AMX)  # a read-only data root: no error
+        assert amp == "bf16" and "kept in" not in reason
+        assert f"not kept ({tmp_path / 'root' / 'hardware.json'}: read-only file system)" in reason
+        monkeypatch.undo()  # writable again: kept, and said so
+        monkeypatch.setattr("cifarlab.hardware.time_bf16_speedup", lambda: 1.7)
+        monkeypatch.setenv("CIFARLAB_DATA", str(tmp_path / "root"))
+        bf16_speedup.cache_clear()
+        assert "timed once, kept in" in choose_amp("auto", CPU, NO_AMX)[1]
+        assert (tmp_path / "root" / "hardware.json").is_file()
     finally:
         bf16_speedup.cache_clear()
 

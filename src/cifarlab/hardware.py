@@ -164,13 +164,18 @@ def _auto_amp(device: torch.device, flags: set[str] | None, speedup) -> tuple[st
     if "avx512_bf16" not in flags:
         return "off", "this CPU has no bf16 instructions"
     ratio = (speedup or bf16_speedup)()
+    path = default_data_root() / KEPT
+    kept = f"timed once, kept in {path}"
+    if str(path) in _NOT_KEPT:
+        kept = f"not kept ({path}: {_NOT_KEPT[str(path)]}), so each run times it again"
     return "bf16" if ratio >= BF16_PAYS else "off", (
         f"no AMX, but AVX512-BF16: a fastnet training step timed {ratio:.2f}x as fast in bf16 "
-        f"as in fp32 on this CPU; timed once, kept in {default_data_root() / KEPT}"
+        f"as in fp32 on this CPU; {kept}"
     )
 
 
 KEPT = "hardware.json"  # in the default data root: this machine's bf16 timing, by CPU
+_NOT_KEPT: dict[str, str] = {}  # a `KEPT` path this process could not write -> why
 
 
 @functools.cache
@@ -188,12 +193,13 @@ def bf16_speedup() -> float:
     if isinstance(kept.get(key), float):
         return kept[key]
     ratio = time_bf16_speedup()
-    try:  # where it cannot be kept (a read-only home), each process times for itself
+    try:  # where it cannot be kept (a read-only data root), each process times for itself
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_when_complete(path) as tmp:
             tmp.write_text(json.dumps({**kept, key: ratio}, indent=1))
-    except OSError:
-        pass
+        _NOT_KEPT.pop(str(path), None)
+    except OSError as exc:
+        _NOT_KEPT[str(path)] = (exc.strerror or str(exc)).lower()
     return ratio
 
 

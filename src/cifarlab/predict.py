@@ -19,7 +19,7 @@ from cifarlab.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from cifarlab.config import expand
+from cifarlab.config import expand, quoted_name
 from cifarlab.data.images import (
     NOT_AN_IMAGE_NAME,
     BadImage,
@@ -286,6 +286,6 @@ def run_predict(
             else:
                 print(
                     f"{_one_line(f):<{width}}  "
-                    + "  ".join(f"{_one_line(c)} {q:.1%}" for c, q in top)
+                    + "  ".join(f"{quoted_name(_one_line(c))} {q:.1%}" for c, q in top)
                 )
     return 1 if failed else 0
