@@ -326,11 +326,9 @@ def _only(suite: Suite, only: str | None) -> str | None:
     renamed it (`seed-cnn`, run as `lesson-cnn`)."""
     if only is None:
         return None
-    found = [r.name for r in suite.runs if r.name == only] or [
-        r.name for r in suite.runs if r.was == only
-    ]
-    if found:
-        return found[0]
+    for run in sorted(suite.runs, key=lambda r: r.name != only):  # a run of that name first
+        if only in (run.name, run.was):
+            return run.name
     names = [r.name if r.name == r.was else f"{r.name} (or {r.was})" for r in suite.runs]
     raise UserError(f"--only {only}: no such run in suite {suite.name}; runs: {', '.join(names)}")
 

@@ -221,14 +221,14 @@ def _open_study(name: str, url: str, default: Path | None = None):
     # our lines say what its [I ...] lines do, and a failed trial's error is ours to say, once
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        parsed = make_url(url)  # SQLite without a file is a database in memory
-        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-            raise ValueError(
-                "in memory: lost when the command ends; name a file, e.g. sqlite:///study.db"
-            )
-        if parsed.get_backend_name() == "sqlite":  # SQLite opens it read-only, then every write
-            db = Path(parsed.database)  # fails; its journal goes into the folder
-            for path in (db, db.parent):
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database in (None, "", ":memory:"):  # SQLite without a file: in memory
+                raise ValueError(
+                    "in memory: lost when the command ends; name a file, e.g. sqlite:///study.db"
+                )
+            db = Path(parsed.database)  # SQLite opens it read-only, then every write fails;
+            for path in (db, db.parent):  # its journal goes into the folder
                 if path.exists() and not os.access(path, os.W_OK):
                     raise PermissionError(f"{path} is read-only")
         with warnings.catch_warnings():  # the heartbeat's retry callback is marked experimental
