@@ -140,9 +140,12 @@ def test_a_suite_says_its_precision_decision_once_not_once_a_run(finished):
 def test_a_rerun_of_a_finished_suite_writes_its_tables_without_reading_the_data(
     finished, tmp_path, monkeypatch
 ):
-    """Every run finished earlier: nothing reads the data (decoding a large set takes minutes)."""
-    path, opts, *_ = finished
+    """Every run finished earlier: nothing reads the data (decoding a large set takes minutes),
+    and Mixup examples drawn from it before are kept."""
+    _path, opts, *_ = finished
     opts = dataclasses.replace(opts, out=shutil.copytree(opts.out, tmp_path / "out"))
+    (opts.out / "mixup_examples.png").write_bytes(b"drawn before")
+    (tmp_path / "s.yaml").write_text("examples: mixup\n" + SUITE)  # its runs are the same
 
     def unread(*args, **kwargs):
         raise AssertionError("the data was read")
@@ -150,9 +153,10 @@ def test_a_rerun_of_a_finished_suite_writes_its_tables_without_reading_the_data(
     monkeypatch.setattr("cifarlab.data.load_splits", unread)
     monkeypatch.setattr("cifarlab.data.splits.load_splits", unread)
     messages = []
-    rows = run_suite(str(path), opts, log=messages.append)
+    rows = run_suite(str(tmp_path / "s.yaml"), opts, log=messages.append)
     assert sum("finished earlier" in m for m in messages) == 2 and "best_val_acc" in rows[1]
-    assert (opts.out / "results.md").is_file()
+    assert (opts.out / "mixup_examples.png").read_bytes() == b"drawn before"
+    assert "mixup_examples.png" in (opts.out / "index.html").read_text()
 
 
 def test_more_seeds_keep_the_run_trained_under_one_seed_instead_of_training_it_again(

@@ -119,7 +119,7 @@ def load_suite(
         raise UserError(
             f"{path}: unknown suite keys {sorted(unknown)}; valid: runs, {', '.join(_SUITE_TYPES)}"
         )
-    _check_types(spec, _SUITE_TYPES, str(path))
+    spec = _typed(spec, _SUITE_TYPES, str(path))
     runs_spec = spec.get("runs")
     if not (
         isinstance(runs_spec, list) and runs_spec and all(isinstance(r, dict) for r in runs_spec)
@@ -133,8 +133,7 @@ def load_suite(
         if not set(r) <= _RUN_KEYS or "name" not in r:
             raise UserError(f"{where}: needs 'name' and only {sorted(_RUN_KEYS)}; got {sorted(r)}")
         name = _run_name(r["name"], where)
-        _check_types(r, _RUN_TYPES, where)
-        r = {k: str(v) if k in _RUN_TYPES and is_number(v) else v for k, v in r.items()}
+        r = _typed(r, _RUN_TYPES, where)
         sets = r.get("set") or {}
         if not isinstance(sets, dict):
             raise UserError(f"{where}: 'set' must be a mapping of config keys")
@@ -164,13 +163,11 @@ def load_suite(
         )
     names = [r.name for r in runs]
     _check_run_names(runs, path)
-    reference = str(spec.get("reference", names[0]))
+    reference = spec.get("reference", names[0])
     reference = {r.was: r.name for r in runs}.get(reference, reference)
     if reference not in names:
         raise UserError(f"{path}: reference '{reference}' is not one of the runs {names}")
-    return Suite(
-        path.stem, str(spec.get("description", "")), reference, runs, str(spec.get("examples", ""))
-    )
+    return Suite(path.stem, spec.get("description", ""), reference, runs, spec.get("examples", ""))
 
 
 def _recipe(name: str, where: str, suite: Path | None) -> TrainConfig:
@@ -234,13 +231,15 @@ def _run_name(name: Any, where: str) -> str:
     return name
 
 
-def _check_types(spec: dict, types: dict[str, tuple[type, str]], where: str) -> None:
-    """Each key present holds its kind of value: `cumulative: "false"` is a string, not false."""
+def _typed(spec: dict, types: dict[str, tuple[type, str]], where: str) -> dict:
+    """`spec`, each key present holding its kind of value (`cumulative: "false"` is a string,
+    not false); an unquoted number where text goes is read as its text."""
     for key, (kind, words) in types.items():
         if key in spec and not (
             isinstance(spec[key], kind) or (kind is str and is_number(spec[key]))
         ):
             raise UserError(f"{where}: '{key}' must be {words}, got {spec[key]!r}")
+    return {k: str(v) if k in types and is_number(v) else v for k, v in spec.items()}
 
 
 def _run_dir(out: Path, run: SuiteRun, seed: int, seeds: list[int]) -> Path:
@@ -274,13 +273,14 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     prepare_run_dir(opts.out, need_bytes=0)  # one line for a file, or a place it cannot write
     log(f"suite {suite.name}: {suite.description}")
     failed: dict[str, str] = {}
-    said: set[str] = set()
+    once: set[str] = set()
+    trained = False  # no run trains now: the figure drawn from the data is kept
     for run, run_dir, config in jobs:
         skipped = _skipped(run, run_dir)
         if skipped:
             log(f"[{run_dir.name}] {skipped}")
             continue
-        say = partial(_say, log, f"  [{run_dir.name}] ", said)
+        say, trained = partial(_say, log, f"  [{run_dir.name}] ", once), True
         resuming = (run_dir / "last.pt").is_file()
         log(f"[{run_dir.name}] {'resuming' if resuming else 'training'}: {run.changes}")
         try:
@@ -306,18 +306,18 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
         except UserError as exc:
             say(f"no report: {exc}")
     rows = summarise(suite, opts, failed)
-    write_suite_report(suite, rows, opts.out)
+    write_suite_report(suite, rows, opts.out, redraw=trained)
     log(f"results: {opts.out / 'results.md'}")
     return rows
 
 
-def _say(log, prefix: str, said: set[str], line: str) -> None:
+def _say(log, prefix: str, once: set[str], line: str) -> None:
     """A run's line, under its name; the precision decision (`amp: ...`) is the suite's, said
     once (again only where a run decides otherwise)."""
     if not line.startswith("amp: "):
         log(prefix + line)
-    elif line not in said:
-        said.add(line)
+    elif line not in once:
+        once.add(line)
         log(line)
 
 

@@ -12,8 +12,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from cifarlab.rundir import replaced_when_complete
-
 # class and run names are folder names: a `$` in one is text, not mathtext (which fails to parse
 # `$\frac$`); set for our figures only, not for the caller's process
 _plain_text = matplotlib.rc_context({"text.parse_math": False})
@@ -22,9 +20,9 @@ GRID_LIMIT = 20  # above this many classes a full confusion grid is unreadable
 
 
 def _save(fig, path: Path) -> None:
+    """Into the temporary folder of a report, moved into place whole (`moved_in_when_complete`)."""
     fig.tight_layout()
-    with replaced_when_complete(path) as tmp:  # a kill mid-write leaves the earlier figure whole
-        fig.savefig(tmp, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

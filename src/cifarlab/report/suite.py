@@ -7,6 +7,7 @@ import csv
 import html
 import math
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from urllib.parse import quote
 
 from cifarlab.report import PANELS, REPORT_FILES, figures
 from cifarlab.report.html import CSS, PAGE, Raw, cards, table
-from cifarlab.rundir import moved_in_when_complete, replaced_when_complete, temp_folder
+from cifarlab.rundir import moved_in_when_complete, temp_folder
 
 NO_VAL_TEST = "Test accuracy per epoch, all runs (no validation split: best.pt is the last epoch's)"
 
@@ -92,34 +93,35 @@ def _cells(r: dict, shown: list[Column]) -> list[str]:
     return [c.cell(r) for c in shown]
 
 
-def write_suite_report(suite, rows: list[dict], out: Path) -> None:
+def write_suite_report(suite, rows: list[dict], out: Path, redraw: bool = True) -> None:
     """The report written into a temporary folder, then swapped in with index.html last: `out`
     never holds files of two tables, nor a figure not drawn now; a suite stopped in between
-    leaves part of one, which its next run rewrites."""
+    leaves part of one, which its next run rewrites. Unless `redraw`, the Mixup examples in
+    `out` are kept: drawing them reads the data."""
     part = temp_folder(out / "results")
     with moved_in_when_complete(part, out, "index.html", REPORT_FILES):
-        _write_files(suite, rows, out, part)
+        _write_files(suite, rows, out, part, redraw)
 
 
-def _write_files(suite, rows: list[dict], out: Path, part: Path) -> None:
-    with replaced_when_complete(part / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+def _write_files(suite, rows: list[dict], out: Path, part: Path, redraw: bool) -> None:
+    with open(part / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[c.key for c in columns(rows)], extrasaction="ignore")
         w.writeheader()  # floats to 6 places: differences of accuracies read -0.05499999999999999
         w.writerows(
             {k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows
         )
-    with replaced_when_complete(part / "results.md") as tmp:
-        tmp.write_text(_markdown(suite, rows))
+    (part / "results.md").write_text(_markdown(suite, rows))
     runs = [(r["run"], r.get("histories") or []) for r in rows]
     recorded = _recorded(rows)
     for key in recorded:
         figures.runs_curves(runs, [(key, PANELS[key][0])], part / f"curves_{key}.png")
     if recorded:
         figures.runs_curves(runs, [(k, PANELS[k][0]) for k in recorded], part / "curves.png")
-    if suite.examples == "mixup":
+    if suite.examples == "mixup" and not redraw and (out / "mixup_examples.png").is_file():
+        shutil.copyfile(out / "mixup_examples.png", part / "mixup_examples.png")
+    elif suite.examples == "mixup":
         mixup_examples(suite, part / "mixup_examples.png")
-    with replaced_when_complete(part / "index.html") as tmp:
-        tmp.write_text(_index(suite, rows, out, part))
+    (part / "index.html").write_text(_index(suite, rows, out, part))
 
 
 def mixup_examples(suite, path: Path) -> None:
