@@ -80,7 +80,7 @@ def default_storage(out: Path) -> str:
 
 
 def run_tune(opts: TuneOptions, log=print):
-    optuna = import_extra("optuna", "tune", "tune (Optuna)")
+    import_extra("optuna", "tune", "tune (Optuna)")
     default = opts.storage is None
     opts = dataclasses.replace(opts, storage=opts.storage or default_storage(opts.out))
     base, created = _checked_base(opts)
@@ -90,22 +90,22 @@ def run_tune(opts: TuneOptions, log=print):
         _same_settings(study, base, opts)
     _fail_stopped_trials(study, log)
     done = [t for t in study.trials if t.state.name in FINISHED]
-    running = _counted(study) - len(done)
-    running = f" ({running} running in another tune)" if running else ""
+    counted = _counted(study)
+    running = f" ({counted - len(done)} running in another tune)" if counted > len(done) else ""
     log(f"study '{name}' in {opts.storage}: {len(done)} of {opts.trials} trials finished{running}")
     _say_elsewhere(done, opts, log)
     _say_search(base, opts, log)
     upcoming = _trial_dir(opts, len(study.trials))
     if upcoming.exists():  # another study's: refused before a trial
         raise _taken(opts, upcoming)
-    if _counted(study) < opts.trials:
+    if counted < opts.trials:
 
         def enough(study, _trial) -> None:  # checked as each trial ends, before the next starts
             if _counted(study) >= opts.trials:
                 study.stop()
 
         study.optimize(partial(_trial, base=base, opts=opts, log=log), callbacks=[enough])
-    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
         raise TrainingFailed(
             f"study '{name}': no trial completed (of {len(study.trials)}: diverged or pruned), so "
             "there is no best recipe; search around a lower --lr or muon_lr, or run more --trials"
