@@ -103,6 +103,8 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
     assert budget.measure(run).step == 0.5 and trains == [True, False] * 6
     trains.clear()
     assert budget.measure(run, timed=100.0, most=4) and trains == [True, False] * 5
+    trains.clear()  # steps whose warm-up alone took the probe's share of a short budget
+    assert budget.measure(run, within=0.8) and trains == [True, False] * 2
     trains.clear()  # a pace that rules the run out stops the probe at its first timed step
     assert budget.measure(run, too_slow=lambda seconds: seconds > 0.45) is None
     assert trains == [True, False, True]
@@ -372,7 +374,7 @@ def test_fit_width_halves_the_width_while_under_half_the_epochs_fit(
 
     # a step costs scale x width^2 s against an 80 s budget for 10 epochs of 3 steps: a first
     # step (or the whole probe) shows that under half of them fit until the width is narrow
-    def measure(run, too_slow=None, stopped=None):
+    def measure(run, too_slow=None, stopped=None, **_):
         step = scale * model_width(run.config) ** 2
         if stops_early and too_slow and too_slow(step):
             return None
@@ -437,16 +439,43 @@ def test_an_explicit_length_replaces_the_recipes_time_budget():
 def test_a_budget_too_short_at_fit_widths_narrowest_names_that_width(
     synthetic_images, tmp_path, monkeypatch
 ):
-    def measure(run, too_slow=None, stopped=None):  # every width's first step is too slow
-        return None if too_slow and too_slow(0.4) else Timings(step=0.4, val_image=0.001)
+    def measure(run, too_slow=None, stopped=None, **_):  # every width's first step is too slow
+        return None if too_slow and too_slow(100.0) else Timings(step=100.0, val_image=0.001)
 
     monkeypatch.setattr("cifarlab.budget.measure", measure)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=0.3, threads=1,
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=60.0, threads=1,
                          fit_width=True)  # fmt: skip
     with pytest.raises(UserError, match=r"too short for this run here at width 0\.25: "):
         train(config, tmp_path / "run", log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_spent_timing_one_width_is_refused_before_timing_a_narrower_one(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """`fast-cpu --subset 3000 --time-budget 60s` timed three widths under load and refused
+    after 185 s."""
+    import types
+
+    clock = [time.perf_counter()]
+    timer = types.SimpleNamespace(perf_counter=lambda: clock[0], process_time=time.process_time)
+    timed = []
+
+    def measure(run, too_slow=None, stopped=None, **_):  # 40 s a width, each too slow
+        clock[0] += 40.0
+        timed.append(model_width(run.config))
+        return None if too_slow and too_slow(100.0) else Timings(step=100.0, val_image=0.001)
+
+    monkeypatch.setattr("cifarlab.budget.measure", measure)
+    monkeypatch.setattr("cifarlab.train.time", timer)
+    monkeypatch.setattr("cifarlab.budget.time", timer)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=60.0, threads=1,
+                         fit_width=True)  # fmt: skip
+    with pytest.raises(UserError, match=r"at width 1, and the 20 s left cannot time a narrower"):
+        train(config, tmp_path / "run", log=lambda s: None)
+    assert timed == [1.0] and not (tmp_path / "run").exists()
 
 
 def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time_left(
@@ -455,7 +484,7 @@ def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time
     import time
 
     # each timing takes 2 s of a 6 s budget, and under half of the 10 epochs fit at width 1
-    def measure(run, too_slow=None, stopped=None):
+    def measure(run, too_slow=None, stopped=None, **_):
         time.sleep(2.0)
         return Timings(step=0.3, val_image=0.0001)
 

@@ -40,11 +40,13 @@ class Timings:
 
 
 def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 2.0,
-            most: int = 10, stopped=None) -> Timings | None:  # fmt: skip
+            most: int = 10, stopped=None, within: float = math.inf) -> Timings | None:  # fmt: skip
     """Median seconds of the run's own step in its first epoch and, when that changes
     (`settling_epoch`), from then on; and the evaluation cost. At least `steps` steps per phase
     after `warmup`, and more, up to `most`, until each phase has `timed` seconds timed: a cheap
-    step's median of three is at the mercy of one step still warming up. `run` and the global
+    step's median of three is at the mercy of one step still warming up; but one timed step
+    each once the probe's steps took `within` seconds (a short budget of dear steps would go
+    to the probe). `run` and the global
     random state are put back as they were after. None as soon as `too_slow(seconds)` holds for
     a first-epoch step: a pace that rules the run out needs no more steps to know it; and as
     soon as `stopped()` holds after a step (Ctrl-C: the probe's steps would be thrown away)."""
@@ -55,10 +57,12 @@ def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 
     batches = itertools.chain.from_iterable(map(run.batches.epoch, itertools.repeat(0)))
     settle = settling_epoch(run.config)
     phases = [0, settle] if settle else [0]
-    times, k, slow = {epoch: [] for epoch in phases}, 0, False
+    times, k, slow, spent = {epoch: [] for epoch in phases}, 0, False, 0.0
 
     def enough() -> bool:
         n = len(times[0])
+        if n and spent >= within:
+            return True
         return n >= steps and (n >= most or min(map(sum, times.values())) >= timed)
 
     while not (slow or enough()):  # the phases alternate, so that drift hits both alike
@@ -68,6 +72,7 @@ def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 
             set_trainable(run.model, run.config, run.fixed, epoch)
             k += 1
             seconds = _step_seconds(run, batches, k)
+            spent += seconds
             if stopped is not None and stopped():
                 slow = True
                 break
@@ -253,7 +258,9 @@ def fit_to_budget(run, started: float, log, at_least: float = 0.0, stopped=None)
     def too_slow(step: float) -> bool:  # one step's pace, with room for its noise
         return step * n * at_least > 1.25 * (c.time_budget - (time.perf_counter() - started))
 
-    timings = measure(run, too_slow=too_slow if at_least else None, stopped=stopped)
+    timings = measure(
+        run, too_slow=too_slow if at_least else None, stopped=stopped, within=c.time_budget / 10
+    )
     if timings is None:
         return None
     n_val, n_test = len(run.val_labels), len(run.splits.test or ())

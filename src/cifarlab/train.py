@@ -223,7 +223,8 @@ def _fit_to_budget(
     """`fit_to_budget`; with `fit_width`, while under half of `config.epochs` fit, rebuilt at half
     the width (at most twice) on the same splits: a narrower net that runs nearly all of its
     schedule beats a wider one cut short (docs/benchmarks.md, `fast-cpu`). Not when timing the
-    narrower net would take over half the time left, nor for a config already planned."""
+    narrower net would take over half the time left, nor for a config already planned; refused
+    when nothing fits and the time left is shorter than the last timing took."""
     while True:
         halvings = run.config.width_halvings
         narrower = config.fit_width and not config.train_steps and halvings < 2
@@ -236,6 +237,13 @@ def _fit_to_budget(
         fit = f"{fitted:.2f} of" if plan is not None else "under half of"
         width, now = model_width(run.config), time.perf_counter()
         probe, left = now - t, config.time_budget - (now - started)
+        if plan is None and probe > left:  # nothing fits here, and the time left cannot tell
+            raise UserError(
+                f"--time-budget {config.time_budget:g}s is too short for this run here: under half "
+                f"of its {config.epochs} epochs fit at width {width:g}, and the {max(0, left):.0f} s "
+                f"left cannot time a narrower one (timing this one took {probe:.0f} s); give "
+                f"--time-budget {math.ceil(4 * (now - started))}s or more"
+            )
         if plan is not None and 2 * probe > left:
             log(
                 f"time budget: {fit} {config.epochs} epochs fit at width {width:g}; kept, as "
