@@ -108,6 +108,8 @@ def test_the_probe_times_fastnet_as_it_trains_first_and_once_its_whitening_bias_
     trains.clear()  # a pace that rules the run out stops the probe at its first timed step
     assert budget.measure(run, too_slow=lambda seconds: seconds > 0.45) is None
     assert trains == [True, False, True]
+    trains.clear()  # a warm-up step twice as slow as that: at once
+    assert budget.measure(run, too_slow=lambda seconds: seconds > 0.2) is None and trains == [True]
     first = budget.early_steps(config, 12)
     assert first(6) == 24 and first(3) == 12  # 2 of 6 epochs, shaped as the run is: 1 of 3
 

@@ -46,10 +46,10 @@ def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 
     after `warmup`, and more, up to `most`, until each phase has `timed` seconds timed: a cheap
     step's median of three is at the mercy of one step still warming up; but one timed step
     each once the probe's steps took `within` seconds (a short budget of dear steps would go
-    to the probe). `run` and the global
-    random state are put back as they were after. None as soon as `too_slow(seconds)` holds for
-    a first-epoch step: a pace that rules the run out needs no more steps to know it; and as
-    soon as `stopped()` holds after a step (Ctrl-C: the probe's steps would be thrown away)."""
+    to the probe). `run` and the global random state are put back as they were after. None as
+    soon as `too_slow(seconds)` holds for a first-epoch step (half a warm-up step's seconds):
+    a pace that rules the run out needs no more steps to know it; and as soon as `stopped()`
+    holds after a step (Ctrl-C: the probe's steps would be thrown away)."""
     built, rng = copy.deepcopy(checkpoint_state(run, 0)), torch.get_rng_state()
     step_model, flags = run.step_model, [p.requires_grad for p in run.model.parameters()]
     run.step_model = run.model  # eager: compiling here would time the compilation
@@ -76,10 +76,15 @@ def measure(run, steps: int = 3, warmup: int = 1, too_slow=None, timed: float = 
             if stopped is not None and stopped():
                 slow = True
                 break
-            if k <= warmup * len(phases):
-                continue
-            times[epoch].append(seconds)
-            if epoch == 0 and too_slow is not None and too_slow(seconds):
+            warming = k <= warmup * len(phases)
+            if not warming:
+                times[epoch].append(seconds)
+            # a warm-up step costs more than the rest: it rules out only a pace twice as slow
+            if (
+                epoch == 0
+                and too_slow is not None
+                and too_slow(seconds / 2 if warming else seconds)
+            ):
                 slow = True
                 break
     val_image = None if slow else _val_image_seconds(run)
