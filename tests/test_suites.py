@@ -557,6 +557,23 @@ def test_an_out_holding_a_training_run_is_refused_before_anything_is_written(
     assert [p.name for p in run.iterdir()] == ["metrics.csv"]
 
 
+def test_an_out_holding_another_suites_tables_is_refused_before_anything_is_written(
+    synthetic_images, tmp_path, capsys
+):
+    """exercise-3 into exercise-2's --out replaced exercise-2's results.md, results.csv and
+    index.html with its own, the runs of both suites mixed in one folder."""
+    out = tmp_path / "ex"
+    out.mkdir()
+    table = "# Suite `exercise-2`\n\n| run |\n"
+    (out / "results.md").write_text(table)
+    argv = ["suite", "exercise-3", "--data", str(synthetic_images), "--val-size", "6"]
+    assert main([*argv, "--epochs", "1", "--batch-size", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds suite exercise-2's runs and tables" in err and "exercise-3" in err
+    assert [p.name for p in out.iterdir()] == ["results.md"]
+    assert (out / "results.md").read_text() == table
+
+
 def test_a_report_older_than_the_runs_end_is_scored_again(tmp_path):
     import os
     from types import SimpleNamespace

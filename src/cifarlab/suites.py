@@ -266,6 +266,7 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
     for root, data in {(data_root(config), config.data) for _, _, config in jobs}:
         check_outside_images(root, data, "--data-root")  # every run's cache too
     check_not_a_run(opts.out, "a suite writes its runs and tables", f"{opts.out.resolve()}-suite")
+    _refuse_another_suite(opts.out, suite.name)
     _refuse_stale(every)  # all of them: the table shows every run found in --out, not only --only's
     check_out(opts.out)  # a file where --out goes: said before the data is read
     _adopt_renamed(every, opts.out)
@@ -421,6 +422,21 @@ def _adopt_renamed(jobs: list, out: Path) -> None:
                 except UserError:
                     if other.is_dir():
                         raise  # in use (it would be trained twice); else another suite moved it
+
+
+def _refuse_another_suite(out: Path, name: str) -> None:
+    """An --out holding another suite's tables (its results.md names it): this suite's tables
+    would replace them, and its runs would sit among the other's."""
+    try:
+        first = (out / "results.md").read_text(encoding="utf-8").partition("\n")[0]
+    except (OSError, ValueError):  # none yet (or unreadable: nothing of a suite's to keep)
+        return
+    other = re.fullmatch(r"# Suite `(.+)`", first)
+    if other and other[1] != name:
+        raise UserError(
+            f"--out {out} holds suite {other[1]}'s runs and tables; give suite {name} a folder "
+            f"of its own, e.g. --out {out.resolve().parent / name}"
+        )
 
 
 def _refuse_stale(jobs: list) -> None:
