@@ -340,6 +340,16 @@ def test_offline_cifar_download_names_where_to_put_it(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no empty folders left by the failed download
 
 
+def test_a_file_as_data_root_for_cifar_says_so_not_that_the_download_failed(tmp_path):
+    """It said "could not be downloaded (NotADirectoryError); put torchvision's folder under
+    FILE/cifar10", which cannot be done."""
+    root = tmp_path / "afile"
+    root.write_text("")
+    with pytest.raises(UserError, match=r"--data-root .*afile: not a writable folder \(it is a"):
+        load_source("cifar10", root, 32)
+    assert root.read_text() == ""
+
+
 def test_corrupt_jpeg_is_an_error_naming_it_or_skipped_and_listed(real_jpegs, tmp_path, data_root):
     src = tmp_path / "d"
     shutil.copytree(real_jpegs, src)

@@ -87,6 +87,7 @@ def _load_cifar(name: str, root: Path, size: int) -> SourceData:
         folder = root.parent / ds.base_folder  # torchvision's own layout: <data-root>/<folder>
     if not folder.is_dir():
         missing = [d for d in (root, *root.parents) if not d.exists()]  # what a download makes
+        cache.ensure_writable(root.parent)  # a file as --data-root: not "could not be downloaded"
         try:
             download_and_extract_archive(ds.url, str(root), filename=ds.filename, md5=ds.tgz_md5)
         except Exception as exc:
