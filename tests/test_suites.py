@@ -350,6 +350,28 @@ def test_a_run_that_cannot_start_is_reported_and_the_suite_goes_on(finished, tmp
     assert "cannot start" in (tmp_path / "o" / "results.md").read_text()
 
 
+def test_a_run_another_process_is_training_is_no_result_in_the_table_and_exit_1(
+    finished, tmp_path, capsys
+):
+    """A second `suite` on the same --out while the first trains a run: that run "cannot start"
+    here, and its metrics.csv so far was tabulated as its result, with exit 0."""
+    from cifarlab.cli import main
+    from cifarlab.rundir import RunLock
+
+    path, opts, *_ = finished
+    out = shutil.copytree(opts.out, tmp_path / "out")
+    (out / "flip" / "result.json").unlink()  # unfinished: its next suite resumes it
+    argv = ["suite", str(path), "--out", str(out), "--epochs", "1"]
+    argv += ["--data", opts.overrides["data"], "--data-root", opts.overrides["data_root"]]
+    for key, value in TINY.items():
+        argv += ["--set", f"{key}={value}"]
+    with RunLock(out / "flip"):  # as the process training it holds it
+        assert main(argv) == 1
+    assert "1 run(s) could not start: flip" in capsys.readouterr().err
+    table = (out / "results.md").read_text()
+    assert "| flip | + flip | cannot start: " in table and "is in use by" in table
+
+
 def test_a_run_that_diverges_is_shown_as_diverged_and_the_suite_goes_on(real_jpegs, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(SUITE.replace("set: {crop_padding: 0}}", "set: {crop_padding: 0, lr: 1.0e+4}}"))

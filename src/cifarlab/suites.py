@@ -482,13 +482,13 @@ def summarise(suite: Suite, opts: SuiteOptions, failed: dict[str, str]) -> list[
         }
         if run.requires and not histories:
             row["status"] = f"not started: needs {run.requires}"
-        elif run.name in failed and not histories:
+        elif run.name in failed:  # a history it has is no result (another process trains it)
             row["status"] = f"cannot start: {failed[run.name]}"
         diverged = [(seed, d / DIVERGED) for seed, d in dirs.items() if (d / DIVERGED).is_file()]
         if diverged:  # no accuracy of a diverged run: its first diverged seed's words instead
             seed, path = diverged[0]
             row["status"] = path.read_text().strip() + (f" (seed {seed})" if len(dirs) > 1 else "")
-        elif histories:
+        elif histories and run.name not in failed:
             row.update(
                 _over_epochs(histories, "val_acc", "val"),
                 **_over_epochs(histories, "test_acc", "test"),
