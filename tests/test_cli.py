@@ -250,6 +250,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_working_directory(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat"]
 
 
+@pytest.mark.parametrize(
+    "words",
+    [["evaluate", ""], ["predict", "", "x.png"], ["predict", "run", "x.png", ""],
+     ["export", ""], ["calibrate", ""], ["suite", "", "--data", "d", "--out", "o"]],
+)  # fmt: skip
+def test_an_empty_positional_path_is_refused_not_taken_for_the_working_directory(
+    capsys, tmp_path, monkeypatch, words
+):
+    """`cifarlab predict RUN "$IMG"` with IMG unset classified every image under the working
+    directory (exit 1 on its first non-image); `evaluate ""` looked for a run in it."""
+    write_synthetic_folder(tmp_path / "cat")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, *words)
+    assert code == 2 and "empty; give a value" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("inside", ["run", "red/run", "train/run"])
 def test_an_out_among_the_datas_class_folders_is_refused_before_it_is_made(
     capsys, tmp_path, inside

@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _RUN_OR_CHECKPOINT = {
+    "type": _given,
     "metavar": "RUN_DIR|CHECKPOINT",
     "help": "a run directory (its best.pt) or a checkpoint",
 }
@@ -359,17 +360,20 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
 def _predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
+        type=_given,
         metavar="RUN_DIR|CHECKPOINT|FILE.onnx|FILE.pt2|FILE.safetensors",
         help="a run, a checkpoint or an exported model",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("paths", nargs="+", type=_given, metavar="PATH", help="image files or folders")
     p.add_argument("--top-k", type=int, default=3, help="classes shown per image")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
 
 
 def _suite_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", metavar="NAME|FILE", help="a shipped suite or a suite YAML")
+    p.add_argument(
+        "name", nargs="?", type=_given, metavar="NAME|FILE", help="a shipped suite or a suite YAML"
+    )
     p.add_argument("--list", action="store_true", help="list the shipped suites")
     p.add_argument(
         "--out", type=_path, help="suite folder: one run directory per run, and the tables"
@@ -397,6 +401,7 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
 def _calibrate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run",
+        type=_given,
         metavar="RUN_DIR|CHECKPOINT",
         help="a run directory (both checkpoints) or one checkpoint",
     )
