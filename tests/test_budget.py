@@ -182,8 +182,29 @@ def test_the_plan_is_corrected_after_the_first_epoch_past_half_the_budget(monkey
     run.config = corrected
     clock[0] = 550.0  # before the next check, an eighth of the budget later
     assert plan.correct(run, 55, 2.0, 0.001, 1.0, said.append) is None
-    clock[0] = 600.0  # on the plan's pace: within 5% of the budget, the length stands
-    assert plan.correct(run, 62, 8.0, 0.001, 1.0, said.append) is None and len(said) == 1
+    clock[0] = 620.0  # on the plan's pace: within 5% of the budget, the length stands
+    assert plan.correct(run, 64, 8.0, 0.001, 1.0, said.append) is None and len(said) == 1
+    assert plan.checks == 2
+
+
+def test_a_late_check_is_followed_by_the_next_an_eighth_of_the_budget_later(monkeypatch):
+    """A first check at the end of a long epoch, well past half the budget: the checks due on
+    the schedule since came one every two steps of the next epoch, each timed on those two."""
+    import types
+
+    import cifarlab.budget as budget
+
+    config = with_steps(make_config(epochs=9, time_budget=900.0, tta="none"), 180, 10)
+    run = types.SimpleNamespace(config=config, batches=[None] * 10, val_labels=[0] * 100)
+    plan = budget.Plan(900.0, started=0.0, n_test=0)
+    clock = [700.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    run.config = plan.correct(run, 70, 10.0, 0.001, 1.0, lambda s: None)  # 7 epochs, 10 s/step
+    assert run.config is not None and plan.checks == 1
+    clock[0] = 705.0  # two steps into the next epoch, one of them fast
+    assert plan.correct(run, 72, 5.0, 0.001, 1.0, lambda s: None) is None and plan.checks == 1
+    clock[0] = 700.0 + 900 / 8
+    assert plan.due(run, 84)
 
 
 def test_a_run_that_slows_after_its_correction_is_corrected_again(monkeypatch):
@@ -523,7 +544,7 @@ def test_a_run_ending_within_its_epoch_is_corrected_on_the_steps_it_has_taken(mo
     assert corrected.train_steps > 200 and corrected.epochs == 3
     assert said[0].startswith("time budget: 30 steps of epoch 1 ran at 0.300 s/step")
     assert not plan.due(run, 40)  # the next check comes an eighth of the budget later
-    clock[0] = 70.0
+    clock[0] = 75.0
     assert plan.due(run, 40)
 
 
@@ -722,6 +743,7 @@ def test_a_correction_within_an_epoch_times_its_later_steps_not_its_warm_up(
     monkeypatch.setattr(
         budget.Plan, "due", lambda plan, run, done: (done, plan.checks) in {(7, 0), (14, 1)}
     )
+    monkeypatch.setattr(budget.Plan, "next_check", lambda plan: 0.0)  # as `due` says
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
                          width=0.25, epochs=1, batch_size=2, val_size=6, lr=0.01, time_budget=60.0,
                          on_nan="skip")  # fmt: skip
@@ -780,3 +802,46 @@ def test_a_run_lengthened_within_its_epoch_and_killed_after_resumes_to_the_same_
     for part in ("model", "ema"):
         for k, v in whole[part].items():
             assert torch.equal(v, resumed[part][k]), (part, k)
+
+
+def test_a_later_check_within_an_epoch_does_not_time_the_corrections_own_save(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """The steps since a correction within the epoch were timed from before its checkpoint was
+    written: a 3 s save over six 0.1 s steps read as 0.6 s a step."""
+    import types
+
+    import cifarlab.budget as budget
+    import cifarlab.checkpoint as checkpoint
+    import cifarlab.train as train_module
+
+    real_step, real_save, paces = train_module.train_step, checkpoint.Checkpointer.save, []
+    clock = [time.perf_counter()]
+
+    def step(run, *args):
+        clock[0] += 0.1
+        return real_step(run, *args)
+
+    def slow_save(saver, state, *args, end_of_epoch=True, **kwargs):
+        clock[0] += 0.0 if end_of_epoch else 3.0
+        return real_save(saver, state, *args, end_of_epoch=end_of_epoch, **kwargs)
+
+    def correct(plan, run, done, pace, *args):  # after 4 of 12 steps: 14
+        paces.append(pace)
+        plan.checks += 1
+        return dataclasses.replace(run.config, train_steps=14) if done == 4 else None
+
+    timer = types.SimpleNamespace(perf_counter=lambda: clock[0], process_time=time.process_time)
+    monkeypatch.setattr(train_module, "time", timer)
+    monkeypatch.setattr(budget, "time", timer)
+    monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=0.1, val_image=0.001))
+    monkeypatch.setattr(budget, "plan_steps", lambda *args: 12)
+    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done in (4, 10))
+    monkeypatch.setattr(budget.Plan, "correct", correct)
+    monkeypatch.setattr(train_module, "train_step", step)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", slow_save)
+    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
+                         width=0.25, epochs=1, batch_size=2, val_size=6, lr=0.01, time_budget=60.0,
+                         on_nan="skip")  # fmt: skip
+    train(config, tmp_path / "run", log=lambda s: None)
+    assert paces[:2] == [pytest.approx(0.1), pytest.approx(0.1)]  # steps 3-4, then 5-10

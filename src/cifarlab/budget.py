@@ -196,7 +196,9 @@ class Plan:
     epoch starts before that point is corrected within it, on the steps it has taken. After
     that the pace is checked again each `RECHECK` of the budget, and the length changed only
     when the end it projects is more than `OFF` of the budget away: a machine that other work
-    slows (or frees) later in the run is followed without re-planning on noise."""
+    slows (or frees) later in the run is followed without re-planning on noise. Each check
+    comes `RECHECK` after the one before, wherever that fell: one that comes late (at the end
+    of a long epoch) is not followed by checks every few steps, each on a few steps' noise."""
 
     time_budget: float  # seconds
     started: float  # time.perf_counter() when the run started
@@ -204,6 +206,7 @@ class Plan:
     planned_end: float = math.inf  # seconds after `started` the plan expects the run to end
     checks: int = 0  # corrections considered so far
     val_image: float = 0.0  # the probe's seconds per evaluated image, for a mid-epoch correction
+    checked: float = 0.0  # seconds after `started` of the last correction considered
 
     def due(self, run, done: int) -> bool:
         """Whether to correct after `done` steps in the middle of an epoch: the run ends in
@@ -218,8 +221,9 @@ class Plan:
 
     def next_check(self) -> float:
         """Seconds after `started` from which the next correction is considered."""
-        first = min(self.time_budget, self.planned_end) / 2
-        return first + self.checks * RECHECK * self.time_budget
+        if not self.checks:
+            return min(self.time_budget, self.planned_end) / 2
+        return self.checked + RECHECK * self.time_budget
 
     def correct(self, run, done: int, step: float, val_image: float, per_epoch: float,
                 log) -> TrainConfig | None:  # fmt: skip
@@ -233,7 +237,7 @@ class Plan:
         c, n = run.config, len(run.batches)
         if (done - 1) // n < settling_epoch(c):  # its steps cost other than the rest will
             return None
-        first, self.checks = self.checks == 0, self.checks + 1
+        first, self.checks, self.checked = self.checks == 0, self.checks + 1, spent
         epoch, into = divmod(done, n)
         total, n_val = total_steps(c, n), len(run.val_labels)
         if total <= done:
