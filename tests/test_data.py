@@ -376,7 +376,7 @@ def test_train_and_test_with_different_classes_is_an_error(tmp_path, data_root):
     _tiny_folder(tmp_path / "d" / "train", classes=("cat", "dog"))
     _tiny_folder(tmp_path / "d" / "test", classes=("cat", "emu"))
     with pytest.raises(UserError, match="train and test classes differ"):
-        load_source(str(tmp_path / "d"), data_root, 32)
+        load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root)))
 
 
 def test_tar_with_path_traversal_is_refused(tmp_path, data_root):

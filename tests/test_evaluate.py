@@ -13,7 +13,7 @@ from cifarlab.cli import main
 from cifarlab.errors import UserError
 from cifarlab.evaluate import EvalOptions, evaluate
 from cifarlab.train import train
-from tests.conftest import copy_run, make_config, read_only_folder
+from tests.conftest import copy_run, make_config, read_only_folder, write_synthetic_folder
 
 FILES = ["report.json", "confusion_matrix.png", "per_class.png", "per_class.csv", "mistakes.png",
          "calibration.png", "curves.png", "report.html"]  # fmt: skip
@@ -582,6 +582,76 @@ def test_a_subset_of_the_models_classes_is_scored_on_its_indices(tiny_run, tmp_p
     ]
     cat = (tmp_path / "ev-test" / "per_class.csv").read_text().splitlines()[1].split(",")
     assert cat[0] == "cat" and cat[1] == cat[3] == cat[4] == "" and cat[5] == "0"
+
+
+def test_a_test_folder_of_some_of_the_models_classes_is_scored_beside_any_train_folder(
+    tiny_run, tmp_path
+):
+    import tarfile
+
+    _pngs(tmp_path / "d" / "train", classes=("cat",))  # not the run's: its classes do not matter
+    _pngs(tmp_path / "d" / "test", classes=("dog",), per_class=3)
+    archive = tmp_path / "d.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "d", arcname="d")
+    for data in (tmp_path / "d", archive):
+        lines = []
+        opts = EvalOptions(str(tiny_run), data=str(data), out=tmp_path / f"ev-{data.name}")
+        report = evaluate(opts, log=lines.append)
+        assert report["split"] == "test" and report["num_images"] == 3
+        assert report["per_class"]["cat"] == {"precision": 0.0, "recall": None, "f1": None,
+                                              "accuracy": None, "support": 0}  # fmt: skip
+        assert [x for x in lines if x.startswith("accuracy ")] == [
+            f"accuracy {report['accuracy']:.2%} on 3 test images (1 of 2 classes has images)"
+        ]
+
+
+def test_a_run_whose_val_and_test_folders_lack_classes_trains_evaluates_and_calibrates(tmp_path):
+    import warnings
+
+    from cifarlab.calibration import calibrate_run
+
+    write_synthetic_folder(tmp_path / "d" / "train", per_class=6)
+    write_synthetic_folder(tmp_path / "d" / "val", classes=("red", "green"), per_class=2)
+    write_synthetic_folder(tmp_path / "d" / "test", classes=("red", "blue"), per_class=2)
+    base = {"data": str(tmp_path / "d"), "data_root": str(tmp_path / "cache"), "epochs": 1,
+            "batch_size": 6}  # fmt: skip
+    lines = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 0/0 anywhere
+        train(make_config(**base), tmp_path / "run", log=lines.append)
+        val = evaluate(EvalOptions(str(tmp_path / "run")), log=lines.append)
+        test = evaluate(EvalOptions(str(tmp_path / "run"), split="test"), log=lines.append)
+        calibrate_run(tmp_path / "run", log=lines.append)
+        # trained on two classes, one of them absent from test/: scored, not "fewer than two"
+        train(make_config(**base, classes=["blue", "green"]), tmp_path / "two", log=lines.append)
+        two = evaluate(EvalOptions(str(tmp_path / "two"), split="test"), log=lines.append)
+    data = [x for x in lines if x.startswith("data: ")]
+    assert len(data) == 2 and data[0].endswith(
+        "3 classes, val: 2 of 3 classes have images, test: 2 of 3 classes have images"
+    )
+    assert data[1].endswith(
+        "2 classes, val: 1 of 2 classes has images, test: 1 of 2 classes has images"
+    )
+    assert val["per_class"]["blue"]["support"] == 0 and val["num_images"] == 4
+    assert test["per_class"]["green"]["accuracy"] is None and test["num_images"] == 4
+    assert two["classes"] == ["blue", "green"] and two["per_class"]["blue"]["support"] == 2
+    assert "(2 of 3 classes have images)" in next(x for x in lines if "on 4 test images" in x)
+    table = (tmp_path / "run" / "eval-test" / "report.html").read_text()
+    assert "n/a (no images)" in table and "nan%" not in table
+
+
+def test_the_confusion_figure_marks_a_class_without_images_not_zero_shares(tmp_path, monkeypatch):
+    from cifarlab.report import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    cm = np.array([[3, 1, 0], [0, 0, 0], [0, 2, 2]])
+    figures.confusion_matrix(cm, ["a", "b", "c"], [], tmp_path / "cm.png")
+    _counts, shares = saved[0].axes
+    assert [t.get_text() for t in shares.get_yticklabels()] == ["a", "b (no images)", "c"]
+    cells = [t.get_text() for t in shares.texts]
+    assert cells[:3] == ["0.75", "0.25", "0.00"] and cells[3:6] == ["–"] * 3
 
 
 def test_a_stray_file_in_the_scored_folder_can_be_left_out_from_evaluate(tiny_run, tmp_path):

@@ -11,6 +11,7 @@ from cifarlab.data.imageset import ImageSet
 from cifarlab.data.splits import (
     channel_stats,
     check_sizes,
+    classes_note,
     default_split,
     hold_out,
     onto_classes,
@@ -145,11 +146,45 @@ def test_val_folder_comes_back_from_the_cache_without_decoding(tmp_path, data_ro
     assert second.val.paths == first.val.paths and second.val.classes == ["cat", "dog"]
 
 
-def test_val_folder_with_other_classes_than_train_is_an_error(tmp_path, data_root):
+def test_val_folder_with_a_class_train_lacks_is_an_error(tmp_path, data_root):
+    _pngs(tmp_path / "d" / "Train", classes=("cat", "dog"))
+    _pngs(tmp_path / "d" / "valid", classes=("cat", "emu"))
+    with pytest.raises(UserError, match=r"train and val classes differ \(only in val: \['emu'\]\); "
+                       r"a model trained on Train/ never predicts them: add those class folders "
+                       r"to Train/ or remove them from valid/$"):  # fmt: skip
+        load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root)))
+
+
+def test_val_and_test_folders_holding_some_of_trains_classes_are_on_its_indices(
+    tmp_path, data_root
+):
+    _pngs(tmp_path / "d" / "train", classes=("cat", "dog", "emu"))
+    _pngs(tmp_path / "d" / "val", classes=("dog",))
+    _pngs(tmp_path / "d" / "test", classes=("cat", "emu"), per_class=2)
+    splits = load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root)))
+    assert splits.val.classes == splits.test.classes == ["cat", "dog", "emu"]
+    assert splits.val.labels.tolist() == [1] * 4 and splits.test.labels.tolist() == [0, 0, 2, 2]
+    assert classes_note(splits.val, "val") == ", val: 1 of 3 classes has images"
+    assert classes_note(splits.test, "test") == ", test: 2 of 3 classes have images"
+    assert classes_note(splits.train, "train") == ""
+    picked = load_splits(
+        make_config(data=str(tmp_path / "d"), data_root=str(data_root), classes=["emu", "dog"])
+    )
+    assert picked.test.classes == ["emu", "dog"] and picked.test.labels.tolist() == [0, 0]
+    assert picked.val.labels.tolist() == [1] * 4
+
+
+def test_a_class_train_lacks_is_refused_only_when_the_selection_keeps_it(tmp_path, data_root):
     _pngs(tmp_path / "d" / "train", classes=("cat", "dog"))
-    _pngs(tmp_path / "d" / "val", classes=("cat", "emu"))
-    with pytest.raises(UserError, match=r"train and val classes differ .*only in val: \['emu'\]"):
-        load_source(str(tmp_path / "d"), data_root, 32)
+    _pngs(tmp_path / "d" / "test", classes=("cat", "dog", "emu"), per_class=2)
+    config = make_config(data=str(tmp_path / "d"), data_root=str(data_root), val_size=2,
+                         classes=["dog", "cat"])  # fmt: skip
+    assert load_splits(config).test.labels.tolist() == [1, 1, 0, 0]  # emu: dropped
+    with pytest.raises(
+        UserError, match=r"differ among the selected classes \(only in test: \['emu'"
+    ):
+        load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root),
+                                classes=["cat", "emu"]))  # fmt: skip
 
 
 def test_both_val_and_valid_folders_is_an_error(tmp_path, data_root):
@@ -201,9 +236,10 @@ def test_classes_are_selected_before_train_and_test_are_compared(tmp_path, data_
     for data in (str(tmp_path / "d"), None):  # another run's data, and the run's own
         scored, *_ = load_eval_set(ckpt, "run", split="test", data=data)
         assert len(scored) == 8 and sorted(set(scored.labels)) == [0, 1]
-    with pytest.raises(UserError, match="train and test classes differ among the selected"):
-        load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root),
-                                classes=["cat", "emu"]))  # fmt: skip
+    # a selected class the test folder lacks has no images there: not an error
+    picked = load_splits(make_config(data=str(tmp_path / "d"), data_root=str(data_root),
+                                     val_size=2, classes=["cat", "emu"]))  # fmt: skip
+    assert picked.test.classes == ["cat", "emu"] and picked.test.labels.tolist() == [0] * 4
 
 
 def test_hold_out_gives_what_copies_would_and_keeps_the_rest_in_the_sets_own_array():

@@ -8,7 +8,7 @@ import numpy as np
 from cifarlab.config import DATASETS, TrainConfig, apply_overrides, data_root, expand
 from cifarlab.data import ImageSet, load_source, load_splits
 from cifarlab.data.archive import is_archive
-from cifarlab.data.splits import default_split, onto_classes, select_classes
+from cifarlab.data.splits import default_split, onto_classes
 from cifarlab.errors import TooFewImages, UserError, data_changed
 from cifarlab.training_run import data_fingerprint
 
@@ -51,7 +51,7 @@ def load_eval_set(
         scored, split = _other_data(config, split, list(ckpt["classes"]), where)
         return scored, config.data, split
     # the run's own data, however spelt, gives its held-out split: whole, it holds training images
-    source = load_source(*_source_args(config), config.classes)  # read once: also says what None is
+    source = load_source(*_source_args(config))  # read once: also says what None is
     default = default_split(config, source.val is not None)
     asked, split = split, split or default
     if split == "val":
@@ -84,8 +84,9 @@ def load_eval_set(
             f"{why} has no test split{own}; pass --data with another folder: "
             f"a <root>/test/<class>/ or plain <root>/<class>/ folder{val}"
         )
-    if config.classes:  # the run's own data: the classes it was trained on
-        scored = select_classes(scored, [c for c in config.classes if c in scored.classes])
+    if config.classes:  # the run's own data: the classes it was trained on, images of any
+        trained = [i for i, c in enumerate(scored.classes) if c in config.classes]
+        scored = scored.take(np.flatnonzero(np.isin(scored.labels, trained)))
     return onto_classes(scored, list(ckpt["classes"]), where), config.data, split
 
 
@@ -95,7 +96,7 @@ def _other_data(
     """All of another source's labelled images and the split that names them: a plain
     `<class>/` folder whole ("all"); else the --split asked for, or without one its test/,
     else all its images ("all"). Classes are checked against the model's (`onto_classes`)."""
-    src = load_source(*_source_args(config), classes)
+    src = load_source(*_source_args(config))
     if not src.plain and split:
         scored = src.test if split == "test" else src.val
         if scored is None:

@@ -334,7 +334,10 @@ def _summary(report: dict, out: Path, log) -> None:
         f"{' <-> '.join(map(q, p['classes']))} ({p['count']})" for p in r["most_confused_pairs"][:3]
     ]
     what = "images (all of the data)" if r["split"] == "all" else f"{r['split']} images"
-    log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {what}")
+    have = sum(1 for c in pc if pc[c]["support"])  # the others: no accuracy, not 0%
+    verb = "has" if have == 1 else "have"
+    some = f" ({have} of {len(pc)} classes {verb} images)" if have < len(pc) else ""
+    log(f"accuracy {r['accuracy']:.2%}{tta} on {r['num_images']} {what}{some}")
     log("hardest classes: " + ", ".join(f"{q(c)} {pc[c]['accuracy']:.1%}" for c in hardest))
     log("most confused: " + (", ".join(one_way) or "none"))
     log("most confused pairs (both directions): " + (", ".join(both) or "none"))

@@ -28,7 +28,7 @@ from cifarlab.config import (
 )
 from cifarlab.data import Splits, load_splits
 from cifarlab.data.loaders import DeviceBatches, TorchvisionBatches, to_device_uint8
-from cifarlab.data.splits import check_sizes
+from cifarlab.data.splits import check_sizes, classes_note
 from cifarlab.distributed import Dist
 from cifarlab.errors import UserError
 from cifarlab.hardware import AMP_NAMES, Hardware, setup_hardware
@@ -118,7 +118,9 @@ def build_run(config: TrainConfig, log, d: Dist, splits: Splits | None = None) -
     folder = splits.val_folder
     val = f" (val: the data's {folder}/ folder; --val-size not used)" if folder else ""
     sizes = f"{len(splits.train)} train / {len(splits.val)} val{test}"
-    log(f"data: {config.data} — {sizes} images{val}, {len(splits.classes)} classes{skipped}")
+    classes = f"{len(splits.classes)} classes" + classes_note(splits.val, "val")
+    classes += classes_note(splits.test, "test")  # a class without images in a split
+    log(f"data: {config.data} — {sizes} images{val}, {classes}{skipped}")
     if not len(splits.val) and splits.test is None:
         log("note: no validation and no test split: no accuracy is measured while it trains; "
             "evaluate RUN --data FOLDER scores it after, or give --val-size N")  # fmt: skip

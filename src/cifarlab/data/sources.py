@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import unicodedata
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePath
 from typing import ClassVar
@@ -365,23 +364,13 @@ def _load_folder(root: Path, size: int, on_bad: str) -> SourceData:
     return SourceData(splits.get("train"), splits.get("test"), skipped, splits.get("val"), plain)
 
 
-def _check_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
-    """Every split folder holds the first's classes (of `classes`, when a selection is given).
-    Class names go into one-line outputs (predict, logs, errors, figure labels): a newline, tab
-    or escape code in one would break the line or drive the terminal, so it is refused."""
-    splits = data.splits()
-    (first, ref), *others = [
-        (k, {c for c in ds.classes if not classes or c in classes}) for k, ds in splits.items()
-    ]
-    for name, have in others:
-        if have != ref:
-            among = " among the selected classes" if classes else ""
-            raise UserError(
-                f"--data {src}: {first} and {name} classes differ{among} (only in {first}: "
-                f"{sorted(ref - have)}, only in {name}: {sorted(have - ref)}); make both folders "
-                "hold the same class folders"
-            )
-    for name in (name for ds in splits.values() for name in ds.classes):
+def _check_class_names(src: str, data: SourceData) -> None:
+    """Class names go into one-line outputs (predict, logs, errors, figure labels): a newline, tab
+    or escape code in one would break the line or drive the terminal, so it is refused. How the
+    splits' classes relate is checked where it matters: training takes val/ and test/ holding
+    some of train/'s (`splits.load_splits`), evaluate data holding some of the model's
+    (`splits.onto_classes`)."""
+    for name in (name for ds in data.splits().values() for name in ds.classes):
         if any(unicodedata.category(c) == "Cc" for c in name):
             raise UserError(
                 f"--data {src}: class folder {name!r} has a control character (newline, tab) "
@@ -389,11 +378,9 @@ def _check_classes(src: str, data: SourceData, classes: Sequence[str]) -> None:
             )
 
 
-def load_source(
-    src: str, root: Path, size: int, on_bad: str = "error", classes: Sequence[str] = ()
-) -> SourceData:
-    """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode).
-    Its split folders must hold the same classes, or the same of `classes` when given."""
+def load_source(src: str, root: Path, size: int, on_bad: str = "error") -> SourceData:
+    """Resolve `--data SRC` and return its splits as uint8 arrays (cached after the first decode),
+    each split labelled with its own folders' classes."""
     if src in DATASETS:
         return _load_cifar(src, root / src, size)
     path = expand(src)
@@ -405,7 +392,7 @@ def load_source(
     if data is None:
         cache.ensure_writable(root)
         data = _decode_folder(path, root, key, size, on_bad)
-    _check_classes(src, data, classes)
+    _check_class_names(src, data)
     return data
 
 

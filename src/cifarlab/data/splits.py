@@ -57,16 +57,28 @@ def select_classes(ds: ImageSet, wanted: list[str]) -> ImageSet:
 
 
 def onto_classes(ds: ImageSet, classes: list[str], where: str) -> ImageSet:
-    """`ds` relabelled onto the indices of `classes` (a model's); any subset of them is fine."""
-    unknown = [c for c in ds.classes if c not in classes]
+    """`ds` relabelled onto the indices of `classes` (a model's); any subset of them is fine, and
+    so is a class of `ds` without images (a test/ set onto train/'s classes keeps them all)."""
+    unknown = [ds.classes[i] for i in np.unique(ds.labels) if ds.classes[i] not in classes]
     if unknown:
+        more = "..." if len(classes) > 5 else ""
         raise UserError(
-            f"{where} was trained on {len(classes)} classes ({', '.join(classes[:5])}...), "
+            f"{where} was trained on {len(classes)} classes ({', '.join(classes[:5])}{more}), "
             f"but the data has {len(unknown)} it does not know ({', '.join(unknown[:5])}); "
             "evaluate on class folders named like the model's"
         )
-    index = np.asarray([classes.index(c) for c in ds.classes], dtype=np.int64)
+    index = np.asarray([classes.index(c) if c in classes else -1 for c in ds.classes], np.int64)
     return ImageSet(ds.images, index[ds.labels], list(classes), ds.paths)
+
+
+def classes_note(ds: ImageSet | None, name: str) -> str:
+    """The data line's note (", test: 2 of 3 classes have images") where `ds`, not empty, has no
+    image of some of its classes: they are scored as having none (no accuracy), not 0%."""
+    if ds is None or not len(ds):
+        return ""
+    have = len(np.unique(ds.labels))
+    verb = "has" if have == 1 else "have"
+    return f", {name}: {have} of {len(ds.classes)} classes {verb} images" * (have < len(ds.classes))
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -89,7 +101,7 @@ def load_splits(config: TrainConfig, source: SourceData | None = None) -> Splits
     filtered to `config.classes`, train cut to `subset`; val is the data's val/ folder if any
     (`val_size` ignored), else `val_size` held out of train."""
     source = source or load_source(
-        config.data, data_root(config), config.image_size, config.on_bad_image, config.classes
+        config.data, data_root(config), config.image_size, config.on_bad_image
     )
     if source.train is None:
         raise UserError(
@@ -101,7 +113,10 @@ def load_splits(config: TrainConfig, source: SourceData | None = None) -> Splits
             f"--data {config.data}: only one class folder found: "
             f"{', '.join(source.train.classes) or 'none'}; need at least two to train"
         )
-    train, val, test = source.train, source.val, source.test
+    train = source.train
+    val, test = (
+        _onto_train(config, train, s, n) for s, n in ((source.val, "val"), (source.test, "test"))
+    )
     if config.classes:
         train, val, test = (
             None if ds is None else select_classes(ds, config.classes) for ds in (train, val, test)
@@ -120,6 +135,25 @@ def load_splits(config: TrainConfig, source: SourceData | None = None) -> Splits
         train, val = hold_out(train, config.val_size, seed + 1)
     mean, std = channel_stats(train.images)
     return Splits(train, val, test, train.classes, mean, std, source.skipped, val_folder)
+
+
+def _onto_train(config: TrainConfig, train: ImageSet, ds: ImageSet | None, name: str):
+    """A val/ or test/ folder holding train's classes or some of them (a small test set may have
+    no image of one), relabelled onto train's class indices: train's class list is the model's.
+    A class train lacks (of `config.classes`, when given) is refused: the model never predicts
+    it; one the selection drops anyway is kept, after train's."""
+    if ds is None:
+        return None
+    extra = [c for c in ds.classes if c not in train.classes]
+    if shown := [c for c in extra if not config.classes or c in config.classes]:
+        among = " among the selected classes" if config.classes else ""
+        train_dir, its_dir = (PurePath(s.paths[0]).parts[0] + "/" for s in (train, ds))
+        raise UserError(
+            f"--data {config.data}: train and {name} classes differ{among} (only in {name}: "
+            f"{shown}); a model trained on {train_dir} never predicts them: add those class "
+            f"folders to {train_dir} or remove them from {its_dir}"
+        )
+    return onto_classes(ds, [*train.classes, *extra], "")
 
 
 def default_split(config: TrainConfig, val_folder: bool | str) -> str:

@@ -38,7 +38,9 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], pairs: list[dict], path
         ax.set_title(f"Most confused pairs (of {k} classes)")
         _save(fig, path)
         return
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    empty = cm.sum(1) == 0  # a class with no images here: its shares are none, not 0
+    norm = np.where(empty[:, None], np.nan, cm / np.maximum(cm.sum(1, keepdims=True), 1))
+    rows = [f"{c} (no images)" if e else c for c, e in zip(classes, empty, strict=True)]
     side = 0.5 * k + 2.5
     fig, axes = plt.subplots(1, 2, figsize=(2 * side, side))
     for ax, data, title, fmt in (
@@ -47,14 +49,15 @@ def confusion_matrix(cm: np.ndarray, classes: list[str], pairs: list[dict], path
     ):
         ax.imshow(data, cmap="Blues")
         ax.set_xticks(range(k), classes, rotation=45, ha="right")
-        ax.set_yticks(range(k), classes)
+        ax.set_yticks(range(k), rows)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title)
-        high = data.max() * 0.6
+        high = np.nanmax(data) * 0.6
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=7,
+                text = "–" if np.isnan(data[i, j]) else format(data[i, j], fmt)
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if data[i, j] > high else "black")  # fmt: skip
     _save(fig, path)
 
