@@ -170,6 +170,21 @@ def test_ctrl_c_caught_and_rewrapped_inside_a_library_exits_130_without_a_traceb
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+def test_a_run_that_diverged_before_its_first_checkpoint_is_retried_with_a_lower_lr(
+    capsys, synthetic_images, tmp_path
+):
+    """Its config.yaml was kept, so the retry the error advises (a lower --lr, same --out) was
+    refused as a run to --resume, and --resume refused the changed lr."""
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(synthetic_images),
+            "--data-root", str(tmp_path / "d"), "--model", "cnn", "--epochs", "1",
+            "--batch-size", "8", "--val-size", "6", "--set", "width=0.25", "--no-progress"]  # fmt: skip
+    code, _, err = _cli(capsys, *argv, "--lr", "1e4")
+    assert code == 1 and "no checkpoint saved yet (lower --lr" in err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == []
+    code, out, err = _cli(capsys, *argv, "--lr", "0.01")
+    assert code == 0 and "done: " in out, err
+
+
 def test_profile_prints_start_up_and_end_phases_in_order(capsys, synthetic_images, tmp_path):
     code, out, _ = _cli(
         capsys, "train", "--out", str(tmp_path / "run"), "--data", str(synthetic_images),

@@ -16,7 +16,7 @@ from typing import Any
 import cifarlab
 from cifarlab import config as cfg
 from cifarlab import phases
-from cifarlab.errors import ConfigChanged, Interrupted, UserError, handling
+from cifarlab.errors import ConfigChanged, Interrupted, TrainingFailed, UserError, handling
 
 
 class _Help(argparse.HelpFormatter):
@@ -145,7 +145,14 @@ def cmd_train(args) -> int:
             "or --data to start one there"
         )
     else:
-        result = train(_config_from_args(args), args.out, resume=args.resume, started=args.started)
+        try:
+            result = train(
+                _config_from_args(args), args.out, resume=args.resume, started=args.started
+            )
+        except TrainingFailed:  # diverged before its first checkpoint: nothing trained is kept,
+            if not (args.out / "last.pt").exists():  # so the same command with the advised
+                (args.out / "config.yaml").unlink(missing_ok=True)  # lower --lr is no --resume
+            raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
         if args.profile:
