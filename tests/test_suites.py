@@ -137,6 +137,19 @@ def test_a_suite_says_its_precision_decision_once_not_once_a_run(finished):
     assert said.index(amp[0]) > said.index("[plain] training: no augmentation, 1 epoch")
 
 
+def test_a_run_deciding_its_precision_otherwise_says_it_under_its_name():
+    """Said once without a run's name, a second run's own `amp:` line (its `--set amp=bf16`)
+    read as the suite's decision changing for every run after it."""
+    from cifarlab.suites import _say
+
+    said, once = [], set()
+    for run, line in [("a", "amp: auto -> fp32 (no bf16)"), ("b", "amp: auto -> fp32 (no bf16)"),
+                      ("c", "amp: bf16 (set)"), ("d", "amp: auto -> fp32 (no bf16)"),
+                      ("e", "amp: bf16 (set)")]:  # fmt: skip
+        _say(said.append, f"  [{run}] ", once, line)
+    assert said == ["amp: auto -> fp32 (no bf16)", "  [c] amp: bf16 (set)", "  [e] amp: bf16 (set)"]
+
+
 def test_a_rerun_of_a_finished_suite_writes_its_tables_without_reading_the_data(
     finished, tmp_path, monkeypatch
 ):

@@ -534,6 +534,42 @@ def test_trials_a_killed_tune_left_running_are_marked_failed_when_the_study_cont
     assert any(m.startswith(note) for m in messages), messages
 
 
+def test_a_trial_of_a_tune_killed_while_this_one_ran_stops_counting_once_its_heartbeat_is_stale(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """Another machine's tune on the study, killed in its trial while this one trained: its
+    trial stayed RUNNING and counted toward --trials, so this tune stopped one trial short."""
+    from types import SimpleNamespace
+
+    from cifarlab.tune import RUN_DIR, _open_study
+
+    calls = []
+
+    def train(config, run_dir, **kw):
+        calls.append(run_dir)
+        if len(calls) == 1:  # its trial began (elsewhere: no lock file here) 150 s ago
+            other = _open_study("s", f"sqlite:///{tmp_path / 'study.db'}")
+            killed = other.ask()
+            killed.set_user_attr(RUN_DIR, str(tmp_path / "elsewhere" / "trial-001"))
+            other._storage.record_heartbeat(killed._trial_id)
+            with sqlite3.connect(tmp_path / "study.db") as db:
+                db.execute(
+                    "UPDATE trial_heartbeats SET heartbeat = datetime('now', '-150 seconds') "
+                    "WHERE trial_id = ?",
+                    (killed._trial_id,),
+                )
+        return SimpleNamespace(best_val_acc=0.5)
+
+    monkeypatch.setattr("cifarlab.train.train", train)
+    messages = []
+    done = run_tune(_small(synthetic_images, tmp_path, 2), log=messages.append)
+    states = [t.state.name for t in done.trials]
+    assert states.count("COMPLETE") == 2 and states[1] == "FAIL", (states, messages)
+    assert any(
+        m.startswith("note: trial 1 left running by a tune that was killed") for m in messages
+    )
+
+
 def test_sigterm_before_training_takes_it_fails_the_trial_and_says_how_to_continue(
     synthetic_images, tmp_path, monkeypatch, capsys
 ):

@@ -314,12 +314,14 @@ def run_suite(name: str, opts: SuiteOptions, log=print) -> list[dict]:
 
 def _say(log, prefix: str, once: set[str], line: str) -> None:
     """A run's line, under its name; the precision decision (`amp: ...`) is the suite's, said
-    once (again only where a run decides otherwise)."""
+    once, the first run's; a run that decides otherwise says its own, under its name."""
     if not line.startswith("amp: "):
         log(prefix + line)
-    elif line not in once:
+    elif not once:
         once.add(line)
         log(line)
+    elif line not in once:
+        log(prefix + line)
 
 
 def _only(suite: Suite, only: str | None) -> str | None:

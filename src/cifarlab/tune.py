@@ -101,6 +101,7 @@ def run_tune(opts: TuneOptions, log=print):
     if counted < opts.trials:
 
         def enough(study, _trial) -> None:  # checked as each trial ends, before the next starts
+            _fail_stopped_trials(study, log)  # a tune killed meanwhile: its trial counts no more
             if _counted(study) >= opts.trials:
                 study.stop()
 
