@@ -181,6 +181,9 @@ def test_a_run_that_diverged_before_its_first_checkpoint_is_retried_with_a_lower
     code, _, err = _cli(capsys, *argv, "--lr", "1e4")
     assert code == 1 and "no checkpoint saved yet (lower --lr" in err
     assert [p.name for p in (tmp_path / "run").iterdir()] == []
+    code, _, err = _cli(capsys, *argv, "--lr", "1e4", "--resume")  # --resume keeps its config
+    assert code == 1 and [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
+    (tmp_path / "run" / "config.yaml").unlink()
     code, out, err = _cli(capsys, *argv, "--lr", "0.01")
     assert code == 0 and "done: " in out, err
 

@@ -149,9 +149,11 @@ def cmd_train(args) -> int:
             result = train(
                 _config_from_args(args), args.out, resume=args.resume, started=args.started
             )
-        except TrainingFailed:  # diverged before its first checkpoint: nothing trained is kept,
-            if not (args.out / "last.pt").exists():  # so the same command with the advised
-                (args.out / "config.yaml").unlink(missing_ok=True)  # lower --lr is no --resume
+        except TrainingFailed:
+            # a new run diverged before its first checkpoint: nothing trained is kept, so the
+            # same command with the advised lower --lr trains anew (a resumed one keeps its own)
+            if not args.resume and not (args.out / "last.pt").exists():
+                (args.out / "config.yaml").unlink(missing_ok=True)
             raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         print(f"done: {_result_line(result)}; run in {result.run_dir}")
