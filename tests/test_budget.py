@@ -568,7 +568,7 @@ def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_kill(
         return plan
 
     def killed_config(config, path):
-        if config.train_steps == 3:
+        if config.train_steps == 5:
             raise Killed  # as config.yaml is written, before it is renamed in
         save_config(config, path)
 
@@ -582,11 +582,11 @@ def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_kill(
     else:
         monkeypatch.setattr(Checkpointer, "save", killed_checkpoint)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         width=0.25, epochs=10, batch_size=2, val_size=6, time_budget=20.0)  # fmt: skip
+                         width=0.25, epochs=10, batch_size=2, val_size=6, lr=0.01, time_budget=20.0)  # fmt: skip
     said = []
     with pytest.raises(Killed):
         train(config, tmp_path / "run", log=said.append)
-    assert any(s.startswith("time budget: 3 steps of epoch 1 ran at") for s in said), said
+    assert any(s.startswith("time budget: 5 steps of epoch 1 ran at") for s in said), said
     assert not (tmp_path / "run" / "last.pt").exists()
     kept = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert kept["time_budget"] == 20.0 and kept["data"] == str(synthetic_images)
@@ -596,8 +596,8 @@ def test_a_run_corrected_within_its_epoch_ends_there_and_resumes_after_a_kill(
     result = train(None, tmp_path / "run", resume=True, log=said.append)  # as `--resume` does
     assert any("starting it over with its config" in s for s in said), said
     assert result.epochs == 1 and len(result.history) == 1  # corrected again, ends in epoch 1
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 3
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["train_steps"] == 3
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train_steps"] == 5
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["train_steps"] == 5
 
 
 def test_a_correction_within_an_epoch_shows_the_new_epoch_count_on_the_progress_bar(
@@ -625,18 +625,18 @@ def test_a_correction_within_an_epoch_shows_the_new_epoch_count_on_the_progress_
             super().close()
             self.total = None
 
-    def correct(plan, run, done, *args):  # after 3 steps: 20 steps, 2 epochs of 15
+    def correct(plan, run, done, *args):  # after 5 steps: 20 steps, 2 epochs of 15
         if plan.checks:
             return None
         plan.checks = 1
         return dataclasses.replace(run.config, train_steps=20, epochs=2)
 
     monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=1.5, val_image=0.001))
-    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done == 3)
+    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done >= 5 and not plan.checks)
     monkeypatch.setattr(budget.Plan, "correct", correct)
     monkeypatch.setattr("cifarlab.train.tqdm", Bar)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         width=0.25, epochs=10, batch_size=2, val_size=6, time_budget=20.0,
+                         width=0.25, epochs=10, batch_size=2, val_size=6, lr=0.01, time_budget=20.0,
                          on_nan="skip")  # fmt: skip
     result = train(config, tmp_path / "run", log=lambda s: None)
     assert result.epochs == 2 and shown == ["epoch 1/1", "epoch 1/2", "epoch 2/2"]
@@ -768,7 +768,7 @@ def test_a_run_lengthened_within_its_epoch_and_killed_after_resumes_to_the_same_
     class Killed(BaseException):
         pass
 
-    def correct(plan, run, done, *args):  # after 3 steps of a 12-step run: 20 steps
+    def correct(plan, run, done, *args):  # after 5 steps of a 12-step run: 20 steps
         plan.checks += 1
         return dataclasses.replace(run.config, train_steps=20, epochs=2)
 
@@ -782,7 +782,7 @@ def test_a_run_lengthened_within_its_epoch_and_killed_after_resumes_to_the_same_
 
     monkeypatch.setattr(budget, "measure", lambda run, **_: Timings(step=0.4, val_image=0.001))
     monkeypatch.setattr(budget, "plan_steps", lambda *args: 12)  # whatever start-up took
-    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done == 3 and not plan.checks)
+    monkeypatch.setattr(budget.Plan, "due", lambda plan, run, done: done == 5 and not plan.checks)
     monkeypatch.setattr(budget.Plan, "correct", correct)
     monkeypatch.setattr(train_module, "train_step", killed_at_step_6)
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
@@ -794,7 +794,7 @@ def test_a_run_lengthened_within_its_epoch_and_killed_after_resumes_to_the_same_
     taken.clear()
     with pytest.raises(Killed):
         train(config, tmp_path / "killed", log=lambda s: None)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["next_step"] == 3  # the correction's
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["next_step"] == 5  # the correction's
     kill = False
     train(None, tmp_path / "killed", resume=True, log=lambda s: None)
     whole, resumed = (load_checkpoint(tmp_path / r / "last.pt") for r in ("whole", "killed"))
@@ -845,3 +845,30 @@ def test_a_later_check_within_an_epoch_does_not_time_the_corrections_own_save(
                          on_nan="skip")  # fmt: skip
     train(config, tmp_path / "run", log=lambda s: None)
     assert paces[:2] == [pytest.approx(0.1), pytest.approx(0.1)]  # steps 3-4, then 5-10
+
+
+def test_the_pace_within_an_epoch_is_read_where_the_device_was_synced(monkeypatch):
+    """On CUDA the loss is read every 50 steps, and skipped batches leave no mark: the pace is
+    time over the steps between marks (the host's clock between reads would time its queue),
+    from two steps timed at least, the epoch's first half left out."""
+    import types
+
+    import cifarlab.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    pace = train_module._Pace()
+    for step in (50, 100, 150, 250):  # step 200's read was skipped
+        clock[0] = step * 0.1 if step < 150 else 15 + (step - 150) * 0.05
+        pace.mark(step)
+    assert not pace.ready()  # the later half of four marks is one interval
+    clock[0] += 2.5
+    pace.mark(300)
+    assert pace.ready() and pace.seconds() == pytest.approx(0.05)  # from step 150 on
+    pace.restart(300)
+    clock[0] += 1.0
+    pace.mark(310)
+    assert not pace.ready()
+    clock[0] += 1.0
+    pace.mark(320)
+    assert pace.ready() and pace.seconds() == pytest.approx(0.1)  # since the check

@@ -427,11 +427,29 @@ def _restore_checked(run: TrainingRun, ckpt: dict, saver: Checkpointer) -> None:
     saver.best = ckpt["best_val_acc"]
 
 
-def _pace(marks: list[float], warming: bool) -> float:
-    """Seconds per step between `marks` (when each step ended): since the last check, or over
-    the later half of the epoch's steps so far while `warming` (its first ones still warm up)."""
-    start = len(marks) // 2 if warming else 0
-    return (marks[-1] - marks[start]) / (len(marks) - 1 - start)
+class _Pace:
+    """When steps ended, for a time budget's check within an epoch: marked where the loss is
+    read (each step on the CPU, each `check_every` on CUDA), so that a mark is when the device
+    finished that step, not how far ahead the host has queued steps."""
+
+    def __init__(self):
+        self.marks, self.fresh = [], True  # fresh: from the epoch's start
+
+    def mark(self, step: int) -> None:  # after step `step`, counted from 1
+        self.marks.append((step, time.perf_counter()))
+
+    def ready(self) -> bool:  # two steps timed at least, the epoch's warm-up half left out
+        return len(self.marks) >= (5 if self.fresh else 3)
+
+    def seconds(self) -> float:
+        """Per step since the last check, or over the later half of the epoch's steps so far
+        while fresh (its first ones still warm up)."""
+        (s0, t0), (s1, t1) = self.marks[len(self.marks) // 2 if self.fresh else 0], self.marks[-1]
+        return (t1 - t0) / (s1 - s0)
+
+    def restart(self, step: int) -> None:  # after a check: its checkpoint is no step's cost
+        self.marks, self.fresh = [], False
+        self.mark(step)
 
 
 def _progress_bar(c: TrainConfig, epoch: int, start_step: int, last_step: int) -> tqdm:
@@ -459,7 +477,7 @@ def train_one_epoch(
     correct = torch.tensor(stats.correct, device=run.hw.device)
     eta = _Eta(run, epoch, start_step, log)
     batches = run.batches.epoch(epoch, start_step)
-    marks = []  # when each step ended, for a correction within the epoch
+    pace = _Pace()
     for step in itertools.count(start_step):
         if step >= last_step:  # a time budget's correction may move it
             break
@@ -491,13 +509,12 @@ def train_one_epoch(
         if stop.received is not None or save_now:
             _sync(stats, loss_sum, correct, t0)
             _save_mid_epoch(run, epoch, step + 1, stats, saver, stop, bar)
-        if plan is not None:
-            marks.append(time.perf_counter())
-        if plan is not None and len(marks) >= 3 and plan.due(run, epoch * n + step + 1):
+        if plan is not None and checked:
+            pace.mark(step + 1)
+        if plan is not None and pace.ready() and plan.due(run, epoch * n + step + 1):
             _sync(stats, loss_sum, correct, t0)
-            pace = _pace(marks, warming=len(marks) == step + 1 - start_step)
-            _correct_plan(run, plan, epoch, step + 1, stats, saver, log, pace=pace)
-            marks = [time.perf_counter()]  # after its checkpoint: not a step's cost
+            _correct_plan(run, plan, epoch, step + 1, stats, saver, log, pace=pace.seconds())
+            pace.restart(step + 1)
             last_step = epoch_steps(run.config, n, epoch)
             bar.total = last_step
             bar.set_description(f"epoch {epoch + 1}/{run.config.epochs}")
