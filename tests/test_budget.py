@@ -459,34 +459,16 @@ def test_an_explicit_length_replaces_the_recipes_time_budget():
     assert with_length(fast_cpu, None, 0.5).time_budget == 0
 
 
-def test_a_budget_too_short_at_fit_widths_narrowest_names_that_width(
-    synthetic_images, tmp_path, monkeypatch
-):
-    def measure(run, too_slow=None, stopped=None, **_):  # every width's first step is too slow
-        return None if too_slow and too_slow(100.0) else Timings(step=100.0, val_image=0.001)
-
-    monkeypatch.setattr("cifarlab.budget.measure", measure)
-    config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
-                         epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=60.0, threads=1,
-                         fit_width=True)  # fmt: skip
-    with pytest.raises(UserError, match=r"too short for this run here at width 0\.25: "):
-        train(config, tmp_path / "run", log=lambda s: None)
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_budget_spent_timing_one_width_is_refused_before_timing_a_narrower_one(
-    synthetic_images, tmp_path, monkeypatch
-):
-    """`fast-cpu --subset 3000 --time-budget 60s` timed three widths under load and refused
-    after 185 s."""
+def _refused_at_every_width(synthetic_images, tmp_path, monkeypatch, per_width: float):
+    """A `fit_width` run of 60 s whose first step is too slow at every width, each timing taking
+    `per_width` seconds of a clock only the timings move: its error and the widths timed."""
     import types
 
-    clock = [time.perf_counter()]
+    clock, timed = [time.perf_counter()], []
     timer = types.SimpleNamespace(perf_counter=lambda: clock[0], process_time=time.process_time)
-    timed = []
 
-    def measure(run, too_slow=None, stopped=None, **_):  # 40 s a width, each too slow
-        clock[0] += 40.0
+    def measure(run, too_slow=None, stopped=None, **_):
+        clock[0] += per_width
         timed.append(model_width(run.config))
         return None if too_slow and too_slow(100.0) else Timings(step=100.0, val_image=0.001)
 
@@ -496,9 +478,26 @@ def test_a_budget_spent_timing_one_width_is_refused_before_timing_a_narrower_one
     config = make_config(data=str(synthetic_images), data_root=str(tmp_path / "d"), model="cnn",
                          epochs=10, batch_size=8, val_size=6, lr=0.02, time_budget=60.0, threads=1,
                          fit_width=True)  # fmt: skip
-    with pytest.raises(UserError, match=r"at width 1, and the 20 s left cannot time a narrower"):
+    with pytest.raises(UserError) as refused:
         train(config, tmp_path / "run", log=lambda s: None)
-    assert timed == [1.0] and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()
+    return str(refused.value), timed
+
+
+def test_a_budget_too_short_at_fit_widths_narrowest_names_that_width(
+    synthetic_images, tmp_path, monkeypatch
+):
+    error, timed = _refused_at_every_width(synthetic_images, tmp_path, monkeypatch, 0.0)
+    assert "too short for this run here at width 0.25: " in error and timed == [1.0, 0.5, 0.25]
+
+
+def test_a_budget_spent_timing_one_width_is_refused_before_timing_a_narrower_one(
+    synthetic_images, tmp_path, monkeypatch
+):
+    """`fast-cpu --subset 3000 --time-budget 60s` timed three widths under load and refused
+    after 185 s."""
+    error, timed = _refused_at_every_width(synthetic_images, tmp_path, monkeypatch, 40.0)
+    assert "at width 1, and the 20 s left cannot time a narrower one" in error and timed == [1.0]
 
 
 def test_fit_width_keeps_the_width_when_timing_a_narrower_one_would_eat_the_time_left(
