@@ -372,3 +372,13 @@ def test_train_into_a_folder_of_other_files_advises_another_out_not_resume(capsy
     code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "out"), "--data", str(tmp_path))
     _assert_one_line_error(code, err, "other files (keep.txt)", "pick a new --out, or remove")
     assert "--resume" not in err
+
+
+def test_an_error_about_a_file_named_with_a_newline_is_one_line(capsys, tmp_path):
+    data = write_synthetic_folder(tmp_path / "d", per_class=4)
+    (data / "red" / "new\nline.png").write_bytes(b"not a png")
+    code, _, err = _cli(
+        capsys, "train", "--out", str(tmp_path / "r"), "--data", str(data),
+        "--data-root", str(tmp_path / "root"),
+    )  # fmt: skip
+    _assert_one_line_error(code, err, "new\\nline.png: not a readable image")

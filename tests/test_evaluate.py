@@ -1003,3 +1003,11 @@ def test_evaluate_help_says_classes_picks_the_gallery_not_the_data(capsys):
         main(["evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "mistakes gallery" in text and "not filtered, unlike train --classes" in text
+
+
+def test_predict_says_a_bad_file_named_with_a_newline_on_one_line(tiny_run, tmp_path, capsys):
+    folder = _pngs(tmp_path / "imgs", per_class=1)
+    (folder / "cat" / "new\nline.png").write_bytes(b"not a png")
+    assert main(["predict", str(tiny_run), str(folder)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "new\\nline.png: not a readable image" in errors[0], errors

@@ -16,7 +16,14 @@ from typing import Any
 import cifarlab
 from cifarlab import config as cfg
 from cifarlab import phases
-from cifarlab.errors import ConfigChanged, Interrupted, TrainingFailed, UserError, handling
+from cifarlab.errors import (
+    ConfigChanged,
+    Interrupted,
+    TrainingFailed,
+    UserError,
+    handling,
+    one_line,
+)
 
 
 class _Help(argparse.HelpFormatter):
@@ -525,14 +532,15 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # the reader of our output went away (`| head`): stop quietly, as Unix tools do
     except (Interrupted, KeyboardInterrupt) as exc:
         newline = "\n" if sys.stderr.isatty() else ""  # a terminal shows ^C where the cursor was
-        print(f"{newline}{exc if isinstance(exc, Interrupted) else 'interrupted'}", file=sys.stderr)
+        said = one_line(str(exc)) if isinstance(exc, Interrupted) else "interrupted"
+        print(f"{newline}{said}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     except Exception as exc:
         if not hasattr(exc, "exit_code"):  # a bug: its traceback
             raise
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)  # one line, whatever a path holds
         return exc.exit_code
 
 

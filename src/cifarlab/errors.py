@@ -82,3 +82,13 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of `exc`'s message, else its type name (an EOFError has none)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """`text` with control and other unprintable characters escaped (a newline as \\n), so a file
+    name holding one cannot split a message or send codes to the terminal. Lone surrogates (bytes
+    of a name that are not UTF-8) stay for the stream's own backslashreplace."""
+    return "".join(
+        c if c.isprintable() or "\ud800" <= c <= "\udfff" else c.encode("unicode_escape").decode()
+        for c in text
+    )

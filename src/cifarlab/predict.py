@@ -29,7 +29,7 @@ from cifarlab.data.images import (
 )
 from cifarlab.data.loaders import to_device_uint8
 from cifarlab.data.sources import printable
-from cifarlab.errors import UserError, first_line, import_extra
+from cifarlab.errors import UserError, first_line, import_extra, one_line
 from cifarlab.hardware import pick_device
 from cifarlab.inference import LoadedModel, load_model
 from cifarlab.rundir import json_text
@@ -274,7 +274,7 @@ def run_predict(
                 chunk.append(f)
             except BadImage as exc:
                 failed += 1
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: {one_line(str(exc))}", file=sys.stderr)
         if not chunk:
             continue
         probs = predictor.probabilities(np.stack(images), batch_size)
