@@ -1011,3 +1011,20 @@ def test_predict_says_a_bad_file_named_with_a_newline_on_one_line(tiny_run, tmp_
     assert main(["predict", str(tiny_run), str(folder)]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and "new\\nline.png: not a readable image" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("", "it is empty"), ("\x00\xff garbage\n", "it has no epoch column"),
+     ("epoch,train_loss\nx,y\n", "no row of numbers with an epoch from 1")],
+)  # fmt: skip
+def test_a_metrics_csv_that_does_not_parse_is_said_unread_not_missing(
+    tiny_run, tmp_path, capsys, text, why
+):
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "metrics.csv").write_text(text)
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "ev")]) == 0
+    notes = [s for s in capsys.readouterr().out.splitlines() if "metrics.csv" in s]
+    said = f"metrics.csv beside the checkpoint could not be read ({why}), so no training curves"
+    assert notes == [f"note: {said}"]
+    assert said in (tmp_path / "ev" / "report.html").read_text()

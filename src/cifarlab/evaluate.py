@@ -162,6 +162,10 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
                   split=split, classes=classes, training=_training_entry(rows),
                   trained_on_images=_trained_on(ckpt, data))  # fmt: skip
+    if not rows:  # no curves: the file missing, or there but not parsing, said apart
+        report["curves_note"] = rundir.metrics_unread(ckpt_path.parent / "metrics.csv") + (
+            ", so no training curves"
+        )
     if report["trained_on_images"] is None:
         log(f"note: {ckpt_path} keeps no train_digests, so whether its run trained on these "
             "images is not checked")  # fmt: skip
@@ -314,10 +318,8 @@ def _write_files(report, data, probs, groups, rows, out: Path) -> None:
         report["calibration"], out / "calibration.png", report.get("calibration_before"),
         report["temperature"],
     )  # fmt: skip
-    if rows:
+    if rows:  # else `curves_note` says why there are none
         figures.curves(rows, out / "curves.png")
-    else:
-        report["curves_note"] = "no metrics.csv beside the checkpoint, so no training curves"
     (out / "report.json").write_text(rundir.json_text(report))
 
 

@@ -303,6 +303,21 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def metrics_unread(path: Path) -> str:
+    """Why `read_metrics(path)` gave no rows, in a few words for a report's note: the file is
+    missing, or there but holding no row that parses (empty, no epoch column, or none a number)."""
+    if not path.exists():
+        return f"no {path.name} beside the checkpoint"
+    try:
+        with open(path, newline="", errors="replace") as f:
+            header = next(csv.reader(f), None)
+        why = ("it is empty" if not header else "it has no epoch column" if "epoch" not in header
+               else "no row of numbers with an epoch from 1")  # fmt: skip
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+    return f"{path.name} beside the checkpoint could not be read ({why})"
+
+
 # result.json's entries, those of `train.Result` it holds: a number each (NaN written as null,
 # strict JSON having no NaN), or, for the optional ones, also null where there is none (the
 # val accuracies without a validation split)
