@@ -294,6 +294,21 @@ def test_plain_class_folder_is_scored_whole_under_either_split(tiny_run, tmp_pat
     assert report["num_images"] == 14 and np.asarray(report["confusion_matrix"]).sum() == 14
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_split_asked_of_a_plain_class_folder_is_said_to_be_scored_whole(
+    tiny_run, tmp_path, capsys, split
+):
+    plain = _pngs(tmp_path / "plain", per_class=7)
+    argv = ["evaluate", str(tiny_run), "--data", str(plain), "--split", split]
+    assert main([*argv, "--out", str(tmp_path / "ev")]) == 0
+    said = [s for s in capsys.readouterr().out.splitlines() if "--split" in s]
+    assert said == [
+        f"note: --split {split}: {plain} is a plain <class>/ folder (no val/ or test/ folder), "
+        "so all 14 of its images are scored"
+    ]
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["split"] == "all"
+
+
 def test_test_folder_without_train_is_scored_whole(tiny_run, tmp_path):
     _pngs(tmp_path / "d" / "test", per_class=6)
     assert _score(tiny_run, tmp_path / "d", "test", tmp_path)["num_images"] == 12

@@ -162,6 +162,9 @@ def evaluate(opts: EvalOptions, log=print) -> dict:
     report.update(checkpoint=printable(ckpt_path), ema=opts.ema, data=printable(source),
                   split=split, classes=classes, training=_training_entry(rows),
                   trained_on_images=_trained_on(ckpt, data))  # fmt: skip
+    if opts.split and split == "all":  # a plain folder has no split to pick: it is scored whole
+        log(f"note: --split {opts.split}: {source} is a plain <class>/ folder (no val/ or test/ "
+            f"folder), so all {len(data)} of its images are scored")  # fmt: skip
     if not rows:  # no curves: the file missing, or there but not parsing, said apart
         report["curves_note"] = rundir.metrics_unread(ckpt_path.parent / "metrics.csv") + (
             ", so no training curves"
