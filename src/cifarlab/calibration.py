@@ -100,10 +100,6 @@ def _equal(x: dict | None, y: dict | None) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k].to(x[k].device)) for k in x)
 
 
-def _same_weights(a: dict, b: dict) -> bool:
-    return _equal(a["model"], b["model"]) and _equal(a.get("ema"), b.get("ema"))
-
-
 def calibrate_run(
     run_dir: Path | str, log=print, device: str = "auto", val: ValSet | None = None
 ) -> float:
@@ -121,7 +117,8 @@ def calibrate_run(
     with rewrite_lock(present[0].parent):
         for path in present:
             ckpt = load_checkpoint(path)
-            if first is not None and _same_weights(ckpt, first):  # last.pt == best.pt: one fit
+            # last.pt == best.pt: one fit
+            if first and all(_equal(ckpt.get(k), first.get(k)) for k in ("model", "ema")):
                 ckpt.update({k: v for k, v in first.items() if k.startswith("temperature")})
                 log(
                     f"{path.name}: temperature {ckpt['temperature']:.3f} "

@@ -42,15 +42,15 @@ class Deployable(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def metadata(ckpt: dict, loaded: LoadedModel) -> dict:
+def metadata(loaded: LoadedModel) -> dict:
     """What predict and a plain torchvision user need beside the network (docs/guide.md)."""
     builder = ARCHS.get(loaded.args.name)  # tv-* models: how to rebuild them with torchvision
     tv = {"builder": builder, "stem": loaded.args.stem, "input_size": loaded.args.input_size}
     return {
         "classes": list(loaded.classes),
         "image_size": loaded.args.image_size,
-        "mean": list(ckpt["mean"]),
-        "std": list(ckpt["std"]),
+        "mean": list(loaded.normalize.mean),
+        "std": list(loaded.normalize.std),
         "temperature": loaded.temperature,
         "model": loaded.args.name,
         "model_args": loaded.args.to_dict(),
@@ -127,10 +127,9 @@ def export_model(target: str, fmt: str, out: Path, force: bool = False) -> Path:
         check_out(
             sidecar(out), source, force, label=f"--out {out}: its metadata file {sidecar(out)}"
         )
-    ckpt = load_checkpoint(source)
-    loaded = load_model(ckpt)
+    loaded = load_model(load_checkpoint(source))
     try:
-        _write(fmt, loaded, metadata(ckpt, loaded), out, force)
+        _write(fmt, loaded, metadata(loaded), out, force)
     except FileExistsError as exc:  # made by another process since `check_out`
         raise UserError(
             f"{exc.filename2 or exc.filename} was written by another process meanwhile; add "

@@ -12,13 +12,7 @@ import numpy as np
 import torch
 
 from cifarlab.augment import Normalize
-from cifarlab.checkpoint import (
-    ENTRIES,
-    EXPORTED,
-    check_entries,
-    load_checkpoint,
-    resolve_checkpoint,
-)
+from cifarlab.checkpoint import ENTRIES, EXPORTED, check_entries, load_checkpoint
 from cifarlab.config import expand, quoted_name
 from cifarlab.data.images import (
     NOT_AN_IMAGE_NAME,
@@ -65,7 +59,7 @@ class Predictor:
 
     def __init__(self, model_path: str, device: str = "auto"):
         self.device = pick_device(device, "device='cpu'")
-        self.loaded = load_model(load_checkpoint(resolve_checkpoint(model_path)), self.device)
+        self.loaded = load_model(load_checkpoint(model_path), self.device)
         self.classes, self.size = self.loaded.classes, self.loaded.args.image_size
         self.temperature = self.loaded.temperature
 
