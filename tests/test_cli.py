@@ -382,3 +382,18 @@ def test_an_error_about_a_file_named_with_a_newline_is_one_line(capsys, tmp_path
         "--data-root", str(tmp_path / "root"),
     )  # fmt: skip
     _assert_one_line_error(code, err, "new\\nline.png: not a readable image")
+
+
+def test_predict_given_a_safetensors_exports_json_names_its_weights_file(capsys, tmp_path):
+    image = (
+        write_synthetic_folder(tmp_path / "d", classes=("red",), per_class=1) / "red" / "000.png"
+    )
+    (tmp_path / "exp.safetensors").write_bytes(b"weights")
+    (tmp_path / "exp.json").write_text('{"classes": ["red"]}\n')
+    code, _, err = _cli(capsys, "predict", str(tmp_path / "exp.json"), str(image))
+    _assert_one_line_error(
+        code,
+        err,
+        f"{tmp_path / 'exp.json'}: the metadata of the safetensors export exp.safetensors",
+        "give `cifarlab predict` the exp.safetensors beside it",
+    )

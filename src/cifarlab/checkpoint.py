@@ -139,6 +139,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: an exported model ({path.suffix}), which is for `cifarlab predict`; "
             "give a run directory or its checkpoint (best.pt, last.pt) instead"
         )
+    weights = path.with_suffix(".safetensors")
+    if path.suffix.lower() == ".json" and weights.is_file():  # `export.sidecar`: its metadata
+        raise UserError(
+            f"{path}: the metadata of the safetensors export {weights.name}, not a model; give "
+            f"`cifarlab predict` the {weights.name} beside it"
+        )
     ckpt = read_tensors(path, str(path), "checkpoint", damaged_way_out(path))
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a cifarlab checkpoint (no model weights and config inside)")
