@@ -153,8 +153,7 @@ def _check_class_count(scored: int, classes: list[str], where) -> None:
 
 def _one_line(path: Path) -> str:
     """A file name as one line of text: undecodable bytes and control characters escaped."""
-    text = printable(str(path))
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return one_line(printable(str(path)))
 
 
 class OnnxPredictor(_ExportedPredictor):
