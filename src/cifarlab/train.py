@@ -468,7 +468,8 @@ def train_one_epoch(
     run.model.train()
     apply_freeze(run, epoch, log)
     if stats.lr is None:  # the schedule's lr, whatever the first group's multiplier
-        stats.lr = run.optimizer.param_groups[0]["lr"] / run.optimizer.param_groups[0]["lr_mult"]
+        group = run.optimizer.param_groups[0]
+        stats.lr = group["lr"] / group["lr_mult"]
     # how often the loss is checked: each check waits for the device (a cost on CUDA)
     check_every = 1 if run.hw.device.type == "cpu" or c.on_nan == "skip" else 50
     bar = _progress_bar(c, epoch, start_step, last_step)
